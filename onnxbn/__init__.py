@@ -1,0 +1,39 @@
+"""onnxbn: add batch normalization to a pretrained ONNX network without changing what it computes.
+
+The public API is re-exported here and imported lazily, so `import onnxbn` (and the
+command line) stays fast and torch is loaded only by the functions that need it.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_API = {
+    "export_vgg": "onnxbn.export",
+    "collect_stats": "onnxbn.stats",
+    "merge_stats": "onnxbn.stats",
+    "load_stats": "onnxbn.stats",
+    "select_points": "onnxbn.graph",
+    "insert_bn": "onnxbn.insert",
+    "compare": "onnxbn.compare",
+    "fold_bn": "onnxbn.fold",
+    "to_torch": "onnxbn.torch_import",
+    "write_back": "onnxbn.torch_import",
+    "finetune": "onnxbn.finetune",
+    "evaluate": "onnxbn.finetune",
+    "UserError": "onnxbn.errors",
+}
+
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str):
+    if name in _API:
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'onnxbn' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

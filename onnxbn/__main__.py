@@ -1,0 +1,3 @@
+from onnxbn.cli import main
+
+raise SystemExit(main())
