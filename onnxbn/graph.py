@@ -156,6 +156,18 @@ def opset_version(model: onnx.ModelProto) -> int:
     return 1
 
 
+MIN_OPSET = 9
+
+
+def require_opset(model: onnx.ModelProto) -> int:
+    """The model's opset, or a UserError when it is older than onnxbn supports."""
+    opset = opset_version(model)
+    if opset < MIN_OPSET:
+        raise UserError(f"the model uses opset {opset}; onnxbn needs {MIN_OPSET} or later: convert it with "
+                        f"onnx.version_converter.convert_version(model, 13)")
+    return opset
+
+
 def metadata(model: onnx.ModelProto) -> dict[str, str]:
     return {p.key: p.value for p in model.metadata_props}
 

@@ -1,0 +1,326 @@
+"""Calibration and training data: image folders, .npz arrays, numpy arrays.
+
+An image folder with class sub-folders (ImageNet layout) gives labels from the
+folder names, sorted; a folder of loose images gives none. A `.npz` holds `x`
+(N, C, H, W float, already preprocessed) and optionally `y` (N integers); an
+uncompressed `.npz` (`np.savez`) is memory-mapped, so its size does not matter.
+
+Preprocessing presets, at the model's input size S (224 for VGG):
+  imagenet      RGB, resize the short side to round(S*256/224), centre crop S, /255,
+                subtract mean (0.485, 0.456, 0.406), divide by std (0.229, 0.224, 0.225);
+  caffe-squash  the 2017 notebook's: RGB squashed to S x S, 0..255, subtract
+                (123.68, 116.779, 103.939), channels reversed to BGR.
+Images of any mode (L, LA, P, RGBA, CMYK, I;16, ...) are converted to RGB; 16-bit
+images are scaled to 8 bits first.
+
+Images are decoded in worker processes a bounded number of batches ahead of the
+consumer, so decoding overlaps inference and memory does not grow with the data.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import multiprocessing
+import os
+import zipfile
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from onnxbn.errors import UserError
+
+PRESETS = ("imagenet", "caffe-squash")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".jfif")
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+CAFFE_MEAN_RGB = np.array([123.68, 116.779, 103.939], dtype=np.float32)
+
+
+# ----------------------------------------------------------------------------- preprocessing
+
+def _to_rgb(img):
+    from PIL import Image
+
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        scale = 255.0 / (65535.0 if img.mode.startswith("I;16") else max(float(np.asarray(img).max()), 1.0))
+        img = Image.fromarray(np.clip(np.asarray(img, dtype=np.float64) * scale, 0, 255).astype(np.uint8))
+    elif img.mode == "F":
+        img = Image.fromarray(np.clip(np.asarray(img), 0, 255).astype(np.uint8))
+    elif img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def preprocess(img, preset: str, size: int) -> np.ndarray:
+    """One PIL image -> float32 (3, size, size) under `preset`."""
+    from PIL import Image
+
+    img = _to_rgb(img)
+    if preset == "imagenet":
+        short = round(size * 256 / 224)
+        w, h = img.size
+        scale = short / min(w, h)
+        img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
+        w, h = img.size
+        left, top = (w - size) // 2, (h - size) // 2
+        img = img.crop((left, top, left + size, top + size))
+        arr = (np.asarray(img, dtype=np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+    elif preset == "caffe-squash":
+        img = img.resize((size, size), Image.BILINEAR)
+        arr = (np.asarray(img, dtype=np.float32) - CAFFE_MEAN_RGB)[:, :, ::-1]
+    else:
+        raise UserError(f"unknown preset {preset!r}: use one of {', '.join(PRESETS)}")
+    return np.ascontiguousarray(arr.transpose(2, 0, 1), dtype=np.float32)
+
+
+def decode_batch(paths: Sequence[str], preset: str, size: int) -> tuple[np.ndarray, list[bool], list[str]]:
+    """Decode and preprocess `paths`: (images that decoded, ok mask, error messages)."""
+    from PIL import Image
+
+    arrays, ok, errors = [], [], []
+    for path in paths:
+        try:
+            with Image.open(path) as img:
+                img.load()
+                arrays.append(preprocess(img, preset, size))
+            ok.append(True)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            ok.append(False)
+            errors.append(f"{path}: {type(exc).__name__}: {exc}")
+    x = np.stack(arrays) if arrays else np.zeros((0, 3, size, size), np.float32)
+    return x, ok, errors
+
+
+# ----------------------------------------------------------------------------- npz
+
+def _mmap_npz(path: Path, key: str) -> np.ndarray | None:
+    """Memory-map member `key` of an uncompressed .npz, or None when it is compressed."""
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo(f"{key}.npy")
+        if info.compress_type != zipfile.ZIP_STORED:
+            return None
+        with open(path, "rb") as fh:
+            fh.seek(info.header_offset)
+            local = fh.read(30)
+            name_len = int.from_bytes(local[26:28], "little")
+            extra_len = int.from_bytes(local[28:30], "little")
+            start = info.header_offset + 30 + name_len + extra_len
+            fh.seek(start)
+            version = np.lib.format.read_magic(fh)
+            shape, fortran, dtype = np.lib.format._read_array_header(fh, version)
+            offset = fh.tell()
+    if dtype.hasobject:
+        raise UserError(f"{path}: '{key}' holds Python objects; store numbers only")
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
+
+
+def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            keys = set(npz.files)
+            if "x" not in keys:
+                raise UserError(f"{path}: no array 'x' in the .npz (found: {', '.join(sorted(keys)) or 'nothing'}); "
+                                "store inputs as x=(N,C,H,W) float32")
+            x = _mmap_npz(path, "x")
+            if x is None:
+                x = npz["x"]
+            y = npz["y"] if "y" in keys else None
+    except UserError:
+        raise
+    except Exception as exc:
+        raise UserError(f"{path}: not a readable .npz ({type(exc).__name__}: {exc})") from exc
+    return x, y
+
+
+# ----------------------------------------------------------------------------- datasets
+
+@dataclass
+class Dataset:
+    """Inputs (image files or an array) and optional integer labels, in a fixed order."""
+
+    description: str
+    files: list[str] | None = None
+    array: np.ndarray | None = None
+    index: np.ndarray | None = None
+    labels: np.ndarray | None = None
+    classes: list[str] | None = None
+    preset: str | None = None
+    size: int = 224
+    skipped: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.files) if self.files is not None else len(self.index)
+
+    @property
+    def is_images(self) -> bool:
+        return self.files is not None
+
+    def batches(self, batch_size: int, workers: int = 0, strict: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+        """(x float32, y or None) batches in order; unreadable images are skipped and
+        recorded in `self.skipped` (or fail with `strict`)."""
+        if batch_size < 1:
+            raise UserError(f"--batch-size must be at least 1 (got {batch_size})")
+        if not self.is_images:
+            for start in range(0, len(self.index), batch_size):
+                rows = self.index[start:start + batch_size]
+                x = np.asarray(self.array[rows], dtype=np.float32)  # reads only these rows of a memmap
+                y = None if self.labels is None else self.labels[start:start + batch_size]
+                yield x, y
+            return
+        chunks = [(s, self.files[s:s + batch_size]) for s in range(0, len(self.files), batch_size)]
+        for start, (x, ok, errors) in _decode_in_order(chunks, self.preset, self.size, workers):
+            if errors:
+                if strict:
+                    raise UserError(f"cannot read image {errors[0]} (drop --strict to skip unreadable images)")
+                self.skipped.extend(errors)
+            y = None
+            if self.labels is not None:
+                y = self.labels[start:start + len(ok)][np.array(ok, dtype=bool)]
+            if len(x):
+                yield x, y
+
+
+def _decode_in_order(chunks, preset, size, workers):
+    if workers <= 0 or len(chunks) <= 1:
+        for start, paths in chunks:
+            yield start, decode_batch(paths, preset, size)
+        return
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    ahead = 2 * workers  # bounded read-ahead: memory stays flat however large the folder
+    with cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as pool:
+        pending: deque = deque()
+        todo = iter(chunks)
+        try:
+            for start, paths in todo:
+                pending.append((start, pool.submit(decode_batch, paths, preset, size)))
+                if len(pending) >= ahead:
+                    break
+            while pending:
+                start, future = pending.popleft()
+                result = future.result()
+                nxt = next(todo, None)
+                if nxt is not None:
+                    pending.append((nxt[0], pool.submit(decode_batch, nxt[1], preset, size)))
+                yield start, result
+        finally:
+            for _, future in pending:
+                future.cancel()
+
+
+def default_workers() -> int:
+    return max(1, min(8, (os.cpu_count() or 1)))
+
+
+def _list_images(root: Path) -> tuple[list[str], np.ndarray | None, list[str] | None]:
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    def images_under(folder: Path, recursive: bool) -> list[str]:
+        found = folder.rglob("*") if recursive else folder.iterdir()
+        return sorted(str(p) for p in found if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+                      and not p.name.startswith("."))
+    per_class = [(d.name, images_under(d, True)) for d in subdirs]
+    per_class = [(name, files) for name, files in per_class if files]
+    if per_class:
+        classes = [name for name, _ in per_class]
+        files = [f for _, fs in per_class for f in fs]
+        labels = np.concatenate([np.full(len(fs), i, dtype=np.int64) for i, (_, fs) in enumerate(per_class)])
+        return files, labels, classes
+    return images_under(root, False), None, None
+
+
+def balanced_sample(labels: np.ndarray | None, n_items: int, limit: int, seed: int) -> np.ndarray:
+    """Indices of a seeded random sample of `limit` items, spread evenly over classes.
+
+    Classes take turns in a seeded order, each giving its next not-yet-taken item in
+    a seeded shuffle, until `limit` items are taken. Returned sorted.
+    """
+    rng = np.random.default_rng(seed)
+    if labels is None:
+        return np.sort(rng.permutation(n_items)[:limit])
+    queues = [rng.permutation(np.flatnonzero(labels == c)) for c in rng.permutation(np.unique(labels))]
+    taken, depth = [], 0
+    while len(taken) < limit:
+        row = [q[depth] for q in queues if depth < len(q)]
+        if not row:
+            break
+        taken.extend(row[: limit - len(taken)])
+        depth += 1
+    return np.sort(np.array(taken, dtype=np.int64))
+
+
+def parse_shard(shard: str | tuple[int, int] | None) -> tuple[int, int]:
+    if shard is None:
+        return 0, 1
+    if isinstance(shard, tuple):
+        index, count = shard
+    else:
+        try:
+            index, count = (int(v) for v in shard.split("/"))
+        except ValueError:
+            raise UserError(f"--shard {shard!r}: write it as I/N, e.g. 0/4") from None
+    if not (count >= 1 and 0 <= index < count):
+        raise UserError(f"--shard {index}/{count}: need 0 <= I < N")
+    return index, count
+
+
+def open_data(data, *, preset: str | None = None, size: int = 224, limit: int | None = None,
+              seed: int = 0, shard: str | tuple[int, int] | None = None) -> Dataset:
+    """A Dataset from a folder, a .npz path or a numpy array (x) / (x, y) tuple.
+
+    `limit` takes a seeded, class-balanced random sample; `shard` "I/N" then keeps
+    every N-th item starting at I, so N shards partition the (limited) data.
+    """
+    if isinstance(data, Dataset):
+        return data
+    labels = classes = files = array = None
+    if isinstance(data, tuple):
+        array, labels = data
+        description = "array"
+    elif isinstance(data, np.ndarray):
+        array, description = data, "array"
+    else:
+        path = Path(data)
+        description = str(path)
+        if path.is_dir():
+            files, labels, classes = _list_images(path)
+            if not files:
+                raise UserError(f"{path}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)}, "
+                                "in class sub-folders or directly in the folder)")
+            if preset is None:
+                preset = "imagenet"
+            if preset not in PRESETS:
+                raise UserError(f"unknown preset {preset!r}: use one of {', '.join(PRESETS)}")
+        elif path.suffix.lower() == ".npz" and path.is_file():
+            array, labels = _load_npz(path)
+        elif not path.exists():
+            raise UserError(f"{path}: no such file or folder")
+        else:
+            raise UserError(f"{path}: data must be an image folder or a .npz with x (and y)")
+    if array is not None:
+        if array.ndim < 2 or array.dtype.kind not in "fiu":
+            raise UserError(f"{description}: x must be a numeric array (N, C, ...), got {array.dtype} {array.shape}")
+        if labels is not None:
+            labels = np.asarray(labels)
+            if labels.shape != (len(array),) or labels.dtype.kind not in "iu":
+                raise UserError(f"{description}: y must be N integers matching x (got {labels.dtype} {labels.shape} for {len(array)} inputs)")
+            labels = labels.astype(np.int64)
+        if len(array) == 0:
+            raise UserError(f"{description}: x holds no samples")
+    n = len(files) if files is not None else len(array)
+    order = np.arange(n)
+    if limit is not None:
+        if limit < 1:
+            raise UserError(f"--limit must be at least 1 (got {limit})")
+        order = balanced_sample(labels, n, min(limit, n), seed)
+    index, count = parse_shard(shard)
+    order = order[index::count]
+    if len(order) == 0:
+        raise UserError(f"{description}: shard {index}/{count} is empty ({n} items); use fewer shards")
+    if files is not None:
+        files = [files[i] for i in order]
+    if labels is not None:
+        labels = labels[order]
+    return Dataset(description, files=files, array=array, index=None if files is not None else order,
+                   labels=labels, classes=classes, preset=preset, size=size)

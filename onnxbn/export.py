@@ -1,0 +1,153 @@
+"""Export a torch VGG to ONNX, verified against torch before it is returned.
+
+Uses torch's TorchScript exporter (`dynamo=False`) on purpose: it needs no onnxscript,
+keeps the readable `/features/features.0/Conv` node names, and never folds or
+rewrites layers behind our back (the dynamo path with optimize=True folds BN into
+Conv). The batch axis is dynamic. After export, onnxruntime and torch run the same
+seeded input and must agree to 1e-5 relative (max |ort - torch| / max |torch|).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from onnxbn.errors import UserError
+from onnxbn.graph import with_metadata
+
+log = logging.getLogger("onnxbn")
+EXPORT_TOLERANCE = 1e-5
+
+
+def load_state_dict(path: str | os.PathLike) -> dict:
+    """A torchvision-style state_dict from a local .pth, never unpickling code."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such weights file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path}: not a plain torch state_dict (only tensors are loaded, never code): {first[:160]}") from exc
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path}: expected a dict of tensors (a torchvision state_dict)")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _load_weights(model, state: dict, source: str) -> None:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} key(s) e.g. {missing[0]!r}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} key(s) e.g. {unexpected[0]!r}")
+        raise UserError(f"{source}: does not match this VGG ({'; '.join(parts)}); is it the right architecture (vgg11/13/16/19, no _bn)?")
+    for key, value in expected.items():
+        if tuple(state[key].shape) != tuple(value.shape):
+            raise UserError(f"{source}: {key} has shape {tuple(state[key].shape)}, this VGG expects {tuple(value.shape)}")
+    model.load_state_dict({k: v.float() for k, v in state.items()})
+
+
+def _verify(model, proto: onnx.ModelProto, image_size: int) -> float:
+    import torch
+
+    from onnxbn.runtime import make_session
+
+    x = np.random.default_rng(0).standard_normal((2, 3, image_size, image_size)).astype(np.float32)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x)).numpy()
+    got = make_session(proto, "cpu").run(None, {"input": x})[0]
+    error = float(np.abs(got - expected).max() / max(np.abs(expected).max(), 1e-30))
+    if not error <= EXPORT_TOLERANCE:
+        raise RuntimeError(f"export check failed: onnxruntime differs from torch by {error:.3g} relative "
+                           f"(limit {EXPORT_TOLERANCE}); please report this with your torch/onnxruntime versions")
+    return error
+
+
+def _materialize_shared_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Give every layer its own bias again.
+
+    The TorchScript exporter deduplicates identical initializers (torchvision's
+    zero biases) and feeds them through Identity nodes. Each such Identity becomes
+    an initializer of its own, so every layer's parameters are separate tensors that
+    fine-tuning can change independently.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    inits = {t.name: t for t in out.graph.initializer}
+    kept = []
+    for node in out.graph.node:
+        if node.op_type == "Identity" and node.input[0] in inits:
+            copy = out.graph.initializer.add()
+            copy.CopyFrom(inits[node.input[0]])
+            copy.name = node.output[0]
+        else:
+            kept.append(node)
+    del out.graph.node[:]
+    out.graph.node.extend(kept)
+    used = {i for n in kept for i in n.input}
+    live = [t for t in out.graph.initializer if t.name in used]
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(live)
+    return out
+
+
+def export_vgg(arch: str = "vgg16", weights: str | os.PathLike | None = None, opset: int = 17,
+               image_size: int = 224, seed: int = 0) -> onnx.ModelProto:
+    """ONNX VGG (vgg11/13/16/19) with weights from a local torchvision .pth, or random.
+
+    Random weights (no `weights`) follow torchvision's init, log a warning and are
+    marked `onnxbn.weights=random` in metadata_props. The expected preprocessing
+    (`onnxbn.preset=imagenet`) is recorded too.
+    """
+    import torch
+
+    from onnxbn.models.vgg import CONFIGS, vgg
+
+    if arch not in CONFIGS:
+        raise UserError(f"unknown architecture {arch!r}: choose one of {', '.join(CONFIGS)}")
+    if not 7 <= opset <= onnx.defs.onnx_opset_version():
+        raise UserError(f"--opset {opset} is out of range: use 7..{onnx.defs.onnx_opset_version()}")
+    if weights is None:
+        model = vgg(arch, seed=seed)
+        log.warning("no --weights given: %s has RANDOM weights (torchvision init, seed %d); "
+                    "statistics and fine-tuning will be meaningless for real images", arch, seed)
+        provenance = "random"
+    else:
+        state = load_state_dict(weights)
+        classes = state.get("classifier.6.weight", torch.empty(1000, 1)).shape[0]
+        model = vgg(arch, num_classes=classes, seed=seed)
+        _load_weights(model, state, str(weights))
+        digest = hashlib.sha256(Path(weights).read_bytes()).hexdigest()[:16]
+        provenance = f"{Path(weights).name} sha256:{digest}"
+    model.eval()
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        torch.onnx.export(model, (torch.zeros(1, 3, image_size, image_size),), buffer, dynamo=False,
+                          opset_version=opset, input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    proto = _materialize_shared_initializers(onnx.load_from_string(buffer.getvalue()))
+    error = _verify(model, proto, image_size)
+    return with_metadata(proto, {
+        "onnxbn.arch": arch,
+        "onnxbn.weights": provenance,
+        "onnxbn.preset": "imagenet",
+        "onnxbn.export": f"torch {torch.__version__} torchscript exporter, opset {opset}, "
+                         f"onnxruntime check {error:.2e} relative",
+    })

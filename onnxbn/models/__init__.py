@@ -1,0 +1,1 @@
+"""Model definitions onnxbn can export itself."""

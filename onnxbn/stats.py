@@ -1,0 +1,338 @@
+"""Per-channel mean and variance of chosen tensors, computed inside onnxruntime.
+
+For each selected tensor x (N, C, ...) the model is augmented with a small reduction
+subgraph, and only per-channel vectors leave the runtime:
+
+    r     = Reshape(x, [0, 0, -1])                       (N, C, S), S = prod(spatial)
+    m_nc  = ReduceMean(r, axis 2)                        float32, per sample and channel
+    q_nc  = ReduceSumSquare(r - m_nc, axis 2)            float32, centred: well conditioned
+    mean  = mean_n(m_nc)                                 float64 from here on
+    M2    = sum_n(q_nc) + S * sum_n((m_nc - mean)^2)     (Chan's formula over the N rows)
+
+with count n = N * S. The model's own outputs are pruned away, so a stats pass
+costs about one forward pass. On the host, batches (and shards, and resumed
+runs) merge with Chan's parallel formula in float64:
+
+    n = na + nb,  d = mean_b - mean_a,  mean = mean_a + d * nb / n,
+    M2 = M2a + M2b + d^2 * na * nb / n,   var = M2 / n  (population variance).
+
+Stats file (`.npz`, readable with numpy alone): `tensors` (names, in order), and for
+the i-th tensor `count_i` (int64), `mean_i`, `var_i`, `m2_i` (float64, one value per
+channel), plus `meta`, a JSON string with the provenance (format, model_sha256,
+selector, samples, preset, shard, onnxbn version).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxbn.data import open_data, parse_shard
+from onnxbn.errors import UserError
+from onnxbn.graph import (Point, atomic_path, graph_inputs, load_model, metadata, model_sha256,
+                          refuse_overwrite, require_opset, select_points, tensor_shape, unique_name)
+
+FORMAT = "onnxbn-stats/1"
+STATS_PREFIX = "onnxbn_stats"
+
+
+# ----------------------------------------------------------------------------- accumulation
+
+@dataclass
+class ChannelMoments:
+    """Running (count, mean, M2) of one tensor's channels, merged with Chan's formula."""
+
+    count: int = 0
+    mean: np.ndarray | None = None
+    m2: np.ndarray | None = None
+
+    def merge(self, count: int, mean: np.ndarray, m2: np.ndarray) -> None:
+        mean = np.asarray(mean, dtype=np.float64)
+        m2 = np.asarray(m2, dtype=np.float64)
+        if count == 0:
+            return
+        if self.count == 0:
+            self.count, self.mean, self.m2 = int(count), mean.copy(), m2.copy()
+            return
+        if mean.shape != self.mean.shape:
+            raise UserError(f"channel count changed from {self.mean.size} to {mean.size} between batches")
+        total = self.count + count
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (count / total)
+        self.m2 = self.m2 + m2 + delta * delta * (self.count * count / total)
+        self.count = total
+
+    @property
+    def var(self) -> np.ndarray:
+        return self.m2 / self.count
+
+
+@dataclass
+class Stats:
+    """Per-channel statistics of named tensors, with provenance."""
+
+    moments: dict[str, ChannelMoments]
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def tensors(self) -> list[str]:
+        return list(self.moments)
+
+    def mean(self, name: str) -> np.ndarray:
+        return self.moments[name].mean
+
+    def var(self, name: str) -> np.ndarray:
+        return self.moments[name].var
+
+    def save(self, path: str | os.PathLike, inputs=(), force: bool = False) -> Path:
+        """Write the stats file atomically (see the module docstring for its layout)."""
+        path = Path(path)
+        refuse_overwrite(path, inputs, force)
+        arrays: dict[str, np.ndarray] = {"tensors": np.array(self.tensors, dtype=str),
+                                         "meta": np.array(json.dumps(self.meta, sort_keys=True))}
+        for i, m in enumerate(self.moments.values()):
+            arrays[f"count_{i}"] = np.array(m.count, dtype=np.int64)
+            arrays[f"mean_{i}"] = m.mean
+            arrays[f"var_{i}"] = m.var
+            arrays[f"m2_{i}"] = m.m2
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, **arrays)
+        return path
+
+
+def load_stats(stats: str | os.PathLike | Stats) -> Stats:
+    """Read a stats file written by `onnxbn stats` (or pass a Stats through)."""
+    if isinstance(stats, Stats):
+        return stats
+    path = Path(stats)
+    if not path.is_file():
+        raise UserError(f"{path}: no such stats file")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            meta = json.loads(str(npz["meta"]))
+            if meta.get("format") != FORMAT:
+                raise UserError(f"{path}: not an onnxbn stats file (format {meta.get('format')!r})")
+            moments = {}
+            for i, name in enumerate(npz["tensors"].tolist()):
+                moments[name] = ChannelMoments(int(npz[f"count_{i}"]), npz[f"mean_{i}"].astype(np.float64),
+                                               npz[f"m2_{i}"].astype(np.float64))
+    except UserError:
+        raise
+    except Exception as exc:
+        raise UserError(f"{path}: not a readable onnxbn stats file ({type(exc).__name__}); write it with `onnxbn stats`") from exc
+    return Stats(moments, meta)
+
+
+def merge_stats(parts: list[str | os.PathLike | Stats]) -> Stats:
+    """One Stats from several (shards of one run): same model, tensors and preset required."""
+    loaded = [load_stats(p) for p in parts]
+    if not loaded:
+        raise UserError("no stats files to merge")
+    first = loaded[0]
+    for other, source in zip(loaded[1:], parts[1:]):
+        for key in ("model_sha256", "selector", "preset"):
+            if other.meta.get(key) != first.meta.get(key):
+                raise UserError(f"{source}: its {key} ({other.meta.get(key)!r}) differs from {parts[0]}'s "
+                                f"({first.meta.get(key)!r}); merge only shards of the same model and settings")
+        if other.tensors != first.tensors:
+            raise UserError(f"{source}: holds other tensors than {parts[0]}; merge only shards of one selector")
+    moments = {name: ChannelMoments() for name in first.tensors}
+    for part in loaded:
+        for name, m in part.moments.items():
+            moments[name].merge(m.count, m.mean, m.m2)
+    meta = dict(first.meta)
+    meta["samples"] = sum(int(p.meta.get("samples", 0)) for p in loaded)
+    meta["shard"] = "merged " + ",".join(str(p.meta.get("shard", "?")) for p in loaded)
+    return Stats(moments, meta)
+
+
+# ----------------------------------------------------------------------------- graph augmentation
+
+def _reduce(op: str, x: str, axes: list[int], keepdims: int, out: str, opset: int, nodes: list, inits: list,
+            taken: set[str]) -> None:
+    """Append a Reduce* node, with axes as attribute or input depending on the opset."""
+    axes_as_input = opset >= 18 or (op == "ReduceSum" and opset >= 13)
+    if axes_as_input:
+        axes_name = unique_name(f"{out}/axes", taken)
+        inits.append(numpy_helper.from_array(np.array(axes, dtype=np.int64), axes_name))
+        nodes.append(helper.make_node(op, [x, axes_name], [out], name=out, keepdims=keepdims))
+    else:
+        nodes.append(helper.make_node(op, [x], [out], name=out, axes=axes, keepdims=keepdims))
+
+
+def _prune_to_outputs(graph: onnx.GraphProto) -> None:
+    """Drop nodes (and initializers) no graph output depends on."""
+    needed = {o.name for o in graph.output}
+    keep = []
+    for node in reversed(list(graph.node)):
+        if any(o in needed for o in node.output):
+            keep.append(node)
+            needed.update(i for i in node.input if i)
+            for attr in node.attribute:  # subgraphs may read outer-scope names
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    needed.update(i for n in attr.g.node for i in n.input)
+    del graph.node[:]
+    graph.node.extend(reversed(keep))
+    live = [t for t in graph.initializer if t.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(live)
+
+
+def augment_for_stats(model: onnx.ModelProto, points: list[Point]) -> onnx.ModelProto:
+    """A copy of `model` whose only outputs are, per point i, `onnxbn_stats/i/{mean,m2,shape}`.
+
+    mean (1, C, 1) and m2 (C,) are float64 per-batch moments over every axis but 1
+    (see the module docstring); shape is the (N, C, S) shape they were taken over.
+    Nodes the stats do not need (the classifier head, the model outputs) are pruned.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    opset = require_opset(out)
+    taken = {n for node in graph.node for n in list(node.output) + list(node.input)} | {t.name for t in graph.initializer}
+    nodes: list = []
+    inits: list = []
+    shape3 = unique_name(f"{STATS_PREFIX}/shape3", taken)
+    inits.append(numpy_helper.from_array(np.array([0, 0, -1], dtype=np.int64), shape3))
+    del graph.output[:]
+    for i, point in enumerate(points):
+        name, p = point.tensor, f"{STATS_PREFIX}/{i}"
+        f32, r, m_nc, d, q_nc = (f"{p}/float", f"{p}/nc_s", f"{p}/m_nc", f"{p}/centred", f"{p}/q_nc")
+        m64, q64, mean, dm = f"{p}/m_nc64", f"{p}/q_nc64", f"{p}/mean", f"{p}/dm"
+        q_sum, between, s_count, m2, shape = f"{p}/q_sum", f"{p}/between", f"{p}/s", f"{p}/m2", f"{p}/shape"
+        if point.dtype == "float":
+            f32 = name
+        else:  # float16/bfloat16/double: accumulate in float32, then float64
+            nodes.append(helper.make_node("Cast", [name], [f32], name=f32, to=TensorProto.FLOAT))
+        nodes += [
+            helper.make_node("Reshape", [f32, shape3], [r], name=r),
+            helper.make_node("Shape", [r], [shape], name=shape),
+        ]
+        _reduce("ReduceMean", r, [2], 1, m_nc, opset, nodes, inits, taken)
+        nodes.append(helper.make_node("Sub", [r, m_nc], [d], name=d))
+        _reduce("ReduceSumSquare", d, [2], 1, q_nc, opset, nodes, inits, taken)
+        nodes += [helper.make_node("Cast", [m_nc], [m64], name=m64, to=TensorProto.DOUBLE),
+                  helper.make_node("Cast", [q_nc], [q64], name=q64, to=TensorProto.DOUBLE)]
+        _reduce("ReduceMean", m64, [0], 1, mean, opset, nodes, inits, taken)
+        nodes.append(helper.make_node("Sub", [m64, mean], [dm], name=dm))
+        _reduce("ReduceSum", q64, [0, 2], 0, q_sum, opset, nodes, inits, taken)
+        _reduce("ReduceSumSquare", dm, [0, 2], 0, between, opset, nodes, inits, taken)
+        # S as float64, from the shape: Gather(shape, 2) -> Cast
+        idx2 = unique_name(f"{p}/idx2", taken)
+        inits.append(numpy_helper.from_array(np.array(2, dtype=np.int64), idx2))
+        nodes += [
+            helper.make_node("Gather", [shape, idx2], [f"{p}/s_int"], name=f"{p}/s_int", axis=0),
+            helper.make_node("Cast", [f"{p}/s_int"], [s_count], name=s_count, to=TensorProto.DOUBLE),
+            helper.make_node("Mul", [between, s_count], [f"{p}/between_s"], name=f"{p}/between_s"),
+            helper.make_node("Add", [q_sum, f"{p}/between_s"], [m2], name=m2),
+        ]
+        graph.output.extend([helper.make_tensor_value_info(mean, TensorProto.DOUBLE, None),
+                             helper.make_tensor_value_info(m2, TensorProto.DOUBLE, None),
+                             helper.make_tensor_value_info(shape, TensorProto.INT64, None)])
+    graph.node.extend(nodes)
+    graph.initializer.extend(inits)
+    _prune_to_outputs(graph)
+    return out
+
+
+# ----------------------------------------------------------------------------- runner
+
+def model_input(model: onnx.ModelProto) -> tuple[str, np.dtype, list]:
+    """(name, numpy dtype, shape) of the model's single run-time input."""
+    inputs = graph_inputs(model)
+    if len(inputs) != 1:
+        raise UserError(f"the model has {len(inputs)} run-time inputs ({', '.join(i.name for i in inputs)}); "
+                        "onnxbn feeds data to single-input models")
+    vi = inputs[0]
+    dtype = helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
+    return vi.name, dtype, tensor_shape(vi.type) or []
+
+
+def image_size_for(model: onnx.ModelProto) -> int:
+    """The spatial size a model expects (its input's H when fixed, else 224)."""
+    _, _, shape = model_input(model)
+    if len(shape) == 4 and isinstance(shape[2], int) and shape[2] > 0:
+        return shape[2]
+    return 224
+
+
+def check_batch_shape(x: np.ndarray, shape: list, source: str) -> None:
+    expected = shape[1:]
+    if len(x.shape) != len(shape) or any(isinstance(e, int) and e > 0 and e != g for e, g in zip(expected, x.shape[1:])):
+        raise UserError(f"{source}: inputs have shape {tuple(x.shape[1:])} per sample, the model expects "
+                        f"{tuple(e if isinstance(e, int) and e > 0 else '?' for e in expected)}")
+
+
+def open_model_data(model: onnx.ModelProto, data, *, preset=None, limit=None, seed=0, shard=None):
+    """open_data with the preset and image size taken from the model when not given."""
+    return open_data(data, preset=preset or metadata(model).get("onnxbn.preset") or "imagenet",
+                     size=image_size_for(model), limit=limit, seed=seed, shard=shard)
+
+
+def progress(total: int, desc: str, unit: str = "img"):
+    """A tqdm bar on a terminal, silent in logs and pipes."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=None, leave=False, dynamic_ncols=True)
+
+
+def collect_stats(model, data, after="dense", batch_size: int = 32, limit: int | None = None, device: str = "auto",
+                  workers: int | None = None, seed: int = 0, shard=None, preset: str | None = None,
+                  strict: bool = False) -> Stats:
+    """Per-channel mean and population variance of the tensors `after` selects, over `data`.
+
+    `model`: path or ModelProto; `data`: image folder, .npz, or numpy array (N, C, H, W);
+    `limit`: a seeded class-balanced sample; `shard`: "I/N". See the module docstring.
+    """
+    from onnxbn.data import default_workers
+    from onnxbn.runtime import make_session, session_provider
+
+    proto = load_model(model)
+    points: list[Point] = select_points(proto, after)
+    dataset = open_model_data(proto, data, preset=preset, limit=limit, seed=seed, shard=shard)
+    input_name, input_dtype, input_shape = model_input(proto)
+    session = make_session(augment_for_stats(proto, points), device)
+    fetch = [f"{STATS_PREFIX}/{i}/{k}" for i in range(len(points)) for k in ("mean", "m2", "shape")]
+    moments = {p.tensor: ChannelMoments() for p in points}
+    seen = 0
+    started = time.perf_counter()
+    with progress(len(dataset), "stats") as bar:
+        workers = default_workers() if workers is None else workers
+        for batch, (x, _) in enumerate(dataset.batches(batch_size, workers, strict=strict)):
+            check_batch_shape(x, input_shape, dataset.description)
+            values = session.run(fetch, {input_name: x.astype(input_dtype, copy=False)})
+            for i, p in enumerate(points):
+                mean, m2, shape = values[3 * i: 3 * i + 3]
+                if not (np.isfinite(mean).all() and np.isfinite(m2).all()):
+                    raise UserError(f"tensor {p.tensor!r} has NaN or Inf values in batch {batch} "
+                                    f"(samples {seen}..{seen + len(x) - 1}); check the inputs; no stats written")
+                moments[p.tensor].merge(int(shape[0] * shape[2]), mean.reshape(-1), m2.reshape(-1))
+            seen += len(x)
+            bar.update(len(x))
+    if seen == 0:
+        raise UserError(f"{dataset.description}: no image could be read; nothing to gather statistics from")
+    index, count = parse_shard(shard)
+    meta = {
+        "format": FORMAT,
+        "model_sha256": model_sha256(proto),
+        "selector": after if isinstance(after, str) else ",".join(after),
+        "samples": seen,
+        "skipped": len(dataset.skipped),
+        "preset": dataset.preset if dataset.is_images else "array",
+        "limit": limit,
+        "seed": seed,
+        "shard": f"{index}/{count}",
+        "provider": session_provider(session),
+        "seconds": round(time.perf_counter() - started, 3),
+        "onnxbn": __import__("onnxbn").__version__,
+        "skipped_files": dataset.skipped[:20],
+    }
+    return Stats(moments, meta)
