@@ -2,6 +2,9 @@
 
 The public API is re-exported here and imported lazily, so `import onnxbn` (and the
 command line) stays fast and torch is loaded only by the functions that need it.
+Module names differ from the functions they export (check.compare,
+training.finetune): importing a submodule binds its name on the package, which
+would otherwise shadow the function.
 """
 
 from __future__ import annotations
@@ -17,12 +20,12 @@ _API = {
     "load_stats": "onnxbn.stats",
     "select_points": "onnxbn.graph",
     "insert_bn": "onnxbn.insert",
-    "compare": "onnxbn.compare",
+    "compare": "onnxbn.check",
     "fold_bn": "onnxbn.fold",
     "to_torch": "onnxbn.torch_import",
     "write_back": "onnxbn.torch_import",
-    "finetune": "onnxbn.finetune",
-    "evaluate": "onnxbn.finetune",
+    "finetune": "onnxbn.training",
+    "evaluate": "onnxbn.training",
     "UserError": "onnxbn.errors",
 }
 

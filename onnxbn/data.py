@@ -110,7 +110,8 @@ def _mmap_npz(path: Path, key: str) -> np.ndarray | None:
             start = info.header_offset + 30 + name_len + extra_len
             fh.seek(start)
             version = np.lib.format.read_magic(fh)
-            shape, fortran, dtype = np.lib.format._read_array_header(fh, version)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read_header(fh)
             offset = fh.tell()
     if dtype.hasobject:
         raise UserError(f"{path}: '{key}' holds Python objects; store numbers only")

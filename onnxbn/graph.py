@@ -172,14 +172,19 @@ def metadata(model: onnx.ModelProto) -> dict[str, str]:
     return {p.key: p.value for p in model.metadata_props}
 
 
+def set_metadata(model: onnx.ModelProto, entries: dict[str, str]) -> None:
+    """Set `entries` in metadata_props in place (existing keys replaced); for fresh copies."""
+    merged = metadata(model) | {k: str(v) for k, v in entries.items()}
+    del model.metadata_props[:]
+    for key, value in merged.items():
+        model.metadata_props.add(key=key, value=value)
+
+
 def with_metadata(model: onnx.ModelProto, entries: dict[str, str]) -> onnx.ModelProto:
     """A copy of `model` with `entries` set in metadata_props (existing keys replaced)."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    merged = metadata(model) | {k: str(v) for k, v in entries.items()}
-    del out.metadata_props[:]
-    for key, value in merged.items():
-        out.metadata_props.add(key=key, value=value)
+    set_metadata(out, entries)
     return out
 
 
@@ -206,14 +211,39 @@ def consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
     return table
 
 
+def skeleton(model: onnx.ModelProto, keep_elements: int = 64) -> onnx.ModelProto:
+    """A copy of `model` without the data of large initializers (dims and types kept).
+
+    Shape inference only needs the shapes of weights, plus the values of small
+    tensors such as Reshape targets; skipping the data makes it fast on VGG-size models.
+    """
+    graph, light = model.graph, onnx.ModelProto()
+    for field_name in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(light, field_name, getattr(model, field_name))
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    g = light.graph
+    g.name = graph.name
+    g.node.extend(graph.node)
+    g.input.extend(graph.input)
+    g.output.extend(graph.output)
+    g.value_info.extend(graph.value_info)
+    for t in graph.initializer:
+        if int(np.prod(t.dims)) <= keep_elements:
+            g.initializer.append(t)
+        else:
+            stub = g.initializer.add(name=t.name, data_type=t.data_type)
+            stub.dims.extend(t.dims)
+    return light
+
+
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Shape inference, tolerant of models onnx cannot fully infer."""
+    """Shape inference on the model's skeleton, tolerant of models onnx cannot fully infer."""
+    light = skeleton(model)
     try:
-        if model.ByteSize() < PROTOBUF_LIMIT:
-            return onnx.shape_inference.infer_shapes(model, data_prop=True)
+        return onnx.shape_inference.infer_shapes(light, data_prop=True)
     except Exception:
-        pass
-    return model
+        return light
 
 
 def value_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:

@@ -26,7 +26,7 @@ from onnx import helper, numpy_helper
 
 from onnxbn.errors import UserError
 from onnxbn.graph import (graph_inputs, load_model, model_sha256, producers, require_opset, tensor_shape,
-                          unique_name, value_types, with_metadata)
+                          set_metadata, unique_name, value_types)
 from onnxbn.stats import Stats, load_stats
 
 BN_SUFFIX = "/onnxbn_bn"
@@ -111,7 +111,7 @@ def insert_bn(model, stats, eps: float = 1e-5) -> onnx.ModelProto:
     del graph.node[:]
     graph.node.extend(ordered)
     dead = dead_channels(stats)
-    return with_metadata(out, {"onnxbn.insert": json.dumps({
+    set_metadata(out, {"onnxbn.insert": json.dumps({
         "bn_inserted": len(stats.moments),
         "eps": eps,
         "selector": stats.meta.get("selector"),
@@ -119,3 +119,4 @@ def insert_bn(model, stats, eps: float = 1e-5) -> onnx.ModelProto:
         "stats_model_sha256": stats.meta.get("model_sha256"),
         "dead_channels": sum(dead.values()),
     })})
+    return out

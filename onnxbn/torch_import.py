@@ -583,13 +583,20 @@ class _Importer:
             results.append(self._lift(v) if isinstance(v, torch.Tensor) else v)
         self.graph.output(results[0] if len(results) == 1 else tuple(results))
         gm = fx.GraphModule(self.root, self.graph, class_name="OnnxGraphModule")
-        gm.onnx_names = dict(self.onnx_names)
-        gm.onnx_tensors = dict(self.onnx_tensors)
-        gm.onnx_inputs = inputs
-        gm.onnx_outputs = [vi.name for vi in g.output]
-        gm.onnx_opset = self.opset
-        gm.onnx_structure = _structure_key(self.model)
+        _attach(gm, {"onnx_names": dict(self.onnx_names), "onnx_tensors": dict(self.onnx_tensors),
+                     "onnx_inputs": inputs, "onnx_outputs": [vi.name for vi in g.output],
+                     "onnx_opset": self.opset, "onnx_structure": _structure_key(self.model)})
         return gm
+
+
+_PRESERVED = getattr(fx.graph_module, "_USER_PRESERVED_ATTRIBUTES_KEY", "_user_preserved_attributes")
+
+
+def _attach(gm: fx.GraphModule, info: dict[str, Any]) -> None:
+    """Set the onnx_* attributes so that they survive copy.deepcopy (and torch.save)."""
+    for k, v in info.items():
+        setattr(gm, k, v)
+    gm.meta.setdefault(_PRESERVED, {}).update(info)
 
 
 # ============================================================================ converters
@@ -1103,5 +1110,6 @@ def split_at(module: fx.GraphModule, node: str) -> tuple[fx.GraphModule, fx.Grap
     prefix = fx.GraphModule(module, pre, class_name="OnnxPrefix")
     suffix = fx.GraphModule(module, suf, class_name="OnnxSuffix")
     for gm in (prefix, suffix):
-        gm.onnx_names = {p: o for p, o in names.items() if p in dict(gm.named_modules())}
+        mods = dict(gm.named_modules())
+        _attach(gm, {"onnx_names": {p: o for p, o in names.items() if p in mods}})
     return prefix, suffix

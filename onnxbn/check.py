@@ -1,0 +1,252 @@
+"""Numerical equivalence of two models on the same inputs, through onnxruntime.
+
+Per output, over all samples, with a = reference and b = candidate (in float64):
+    max_abs_error     max |a - b|
+    max_rel_error     max |a - b| / max(|a|, floor), floor = rms(a) of the batch, so
+                      near-zero values are measured against the output's scale
+    mean_abs_error    mean |a - b|
+    cosine_similarity <a, b> / (|a| |b|) over the whole output
+    top1/top5         for (N, classes) outputs: share of samples whose top-1 class
+                      (top-5 set) is the same
+An element passes when |a - b| <= atol + rtol * |a| (NaN/Inf must match); the
+comparison passes when every element of every output does. `layerwise` runs the
+first batch with every tensor name the two graphs share exposed and names the
+first one, in the reference's topological order, that fails the same rule.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from onnxbn.errors import UserError
+from onnxbn.graph import graph_inputs, load_model, value_types
+from onnxbn.stats import check_batch_shape, model_input, open_model_data, progress
+
+
+@dataclass
+class OutputMetrics:
+    """Streaming error metrics of one output."""
+
+    elements: int = 0
+    violations: int = 0
+    max_abs_error: float = 0.0
+    max_rel_error: float = 0.0
+    sum_abs_error: float = 0.0
+    dot: float = 0.0
+    norm_a: float = 0.0
+    norm_b: float = 0.0
+    rows: int = 0
+    top1_same: int = 0
+    top5_same: int = 0
+    has_classes: bool = False
+
+    def update(self, a: np.ndarray, b: np.ndarray, atol: float, rtol: float) -> None:
+        if a.shape != b.shape:
+            raise UserError(f"output shapes differ: reference {a.shape}, candidate {b.shape}")
+        a = a.astype(np.float64)
+        b = b.astype(np.float64)
+        diff = np.abs(a - b)
+        both_nonfinite = ~np.isfinite(a) & ~np.isfinite(b) & ((a == b) | (np.isnan(a) & np.isnan(b)))
+        diff = np.where(both_nonfinite, 0.0, diff)
+        diff = np.where(np.isnan(diff), np.inf, diff)
+        finite_a = np.where(np.isfinite(a), a, 0.0)
+        floor = math.sqrt(float(np.mean(finite_a * finite_a))) if a.size else 0.0
+        self.elements += a.size
+        self.violations += int(np.count_nonzero(~(diff <= atol + rtol * np.abs(finite_a))))
+        if a.size:
+            self.max_abs_error = max(self.max_abs_error, float(diff.max()))
+            denom = np.maximum(np.abs(finite_a), floor if floor > 0 else 1e-30)
+            self.max_rel_error = max(self.max_rel_error, float((diff / denom).max()))
+        self.sum_abs_error += float(diff[np.isfinite(diff)].sum())
+        fb = np.where(np.isfinite(b), b, 0.0)
+        self.dot += float((finite_a * fb).sum())
+        self.norm_a += float((finite_a * finite_a).sum())
+        self.norm_b += float((fb * fb).sum())
+        if a.ndim == 2 and a.shape[1] >= 2:
+            self.has_classes = True
+            self.rows += a.shape[0]
+            self.top1_same += int(np.count_nonzero(a.argmax(1) == b.argmax(1)))
+            if a.shape[1] > 5:
+                ta = np.sort(np.argpartition(-a, 5, axis=1)[:, :5], axis=1)
+                tb = np.sort(np.argpartition(-b, 5, axis=1)[:, :5], axis=1)
+                self.top5_same += int(np.count_nonzero((ta == tb).all(axis=1)))
+            else:
+                self.top5_same += a.shape[0]
+
+    @property
+    def passed(self) -> bool:
+        return self.violations == 0
+
+    def to_dict(self) -> dict:
+        cos = self.dot / math.sqrt(self.norm_a * self.norm_b) if self.norm_a > 0 and self.norm_b > 0 else \
+            (1.0 if self.norm_a == self.norm_b else 0.0)
+        out = {"passed": self.passed, "elements": self.elements, "violations": self.violations,
+               "max_abs_error": self.max_abs_error, "max_rel_error": self.max_rel_error,
+               "mean_abs_error": self.sum_abs_error / max(self.elements, 1), "cosine_similarity": cos}
+        if self.has_classes:
+            out["top1_agreement"] = self.top1_same / self.rows
+            out["top5_agreement"] = self.top5_same / self.rows
+        return out
+
+
+@dataclass
+class Report:
+    """The result of `compare`: `.passed`, per-output metrics, `.to_dict()`, table, JUnit."""
+
+    outputs: dict[str, OutputMetrics]
+    atol: float
+    rtol: float
+    samples: int
+    inputs: str
+    provider: str
+    reference: str = ""
+    candidate: str = ""
+    layerwise: dict | None = None
+    skipped_inputs: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(m.passed for m in self.outputs.values())
+
+    def to_dict(self) -> dict:
+        d = {"passed": self.passed, "reference": self.reference, "candidate": self.candidate,
+             "atol": self.atol, "rtol": self.rtol, "samples": self.samples, "inputs": self.inputs,
+             "provider": self.provider, "outputs": {k: m.to_dict() for k, m in self.outputs.items()}}
+        if self.layerwise is not None:
+            d["layerwise"] = self.layerwise
+        if self.skipped_inputs:
+            d["skipped_inputs"] = self.skipped_inputs
+        return d
+
+    def table(self) -> str:
+        rows = [("output", "max abs", "max rel", "mean abs", "cosine", "top-1", "top-5", "result")]
+        for name, m in self.outputs.items():
+            d = m.to_dict()
+            rows.append((name, f"{d['max_abs_error']:.3g}", f"{d['max_rel_error']:.3g}", f"{d['mean_abs_error']:.3g}",
+                         f"{d['cosine_similarity']:.9f}", f"{d['top1_agreement']:.2%}" if "top1_agreement" in d else "-",
+                         f"{d['top5_agreement']:.2%}" if "top5_agreement" in d else "-",
+                         "PASS" if m.passed else f"FAIL ({m.violations} of {m.elements})"))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        verdict = "PASS" if self.passed else "FAIL"
+        lines.append(f"{verdict}: {self.samples} samples ({self.inputs}), |a-b| <= {self.atol:g} + {self.rtol:g}*|a|, "
+                     f"onnxruntime on {self.provider}")
+        if self.layerwise is not None:
+            first = self.layerwise.get("first_divergence")
+            lines.append(f"layerwise: {self.layerwise['compared']} shared tensors compared; "
+                         + (f"first divergence at {first['tensor']!r} (max abs {first['max_abs_error']:.3g})"
+                            if first else "none diverges"))
+        return "\n".join(lines)
+
+    def junit(self) -> str:
+        suite = ET.Element("testsuite", name="onnxbn.check", tests=str(len(self.outputs)),
+                           failures=str(sum(not m.passed for m in self.outputs.values())))
+        for name, m in self.outputs.items():
+            case = ET.SubElement(suite, "testcase", classname="onnxbn.check", name=name)
+            if not m.passed:
+                failure = ET.SubElement(case, "failure", message=f"{m.violations} of {m.elements} elements outside tolerance")
+                failure.text = json.dumps(m.to_dict(), indent=1)
+        return ET.tostring(suite, encoding="unicode")
+
+
+def random_inputs(model: onnx.ModelProto, count: int, seed: int = 0) -> np.ndarray:
+    """`count` seeded standard-normal inputs of the model's input shape."""
+    _, dtype, shape = model_input(model)
+    dims = shape[1:]
+    if not shape or any(not (isinstance(d, int) and d > 0) for d in dims):
+        raise UserError(f"the model's input shape {shape} is not fixed past the batch axis; give --data instead of --random")
+    if count < 1:
+        raise UserError(f"--random must be at least 1 (got {count})")
+    return np.random.default_rng(seed).standard_normal((count, *dims)).astype(dtype)
+
+
+def _expose(model: onnx.ModelProto, names: list[str], types: dict) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    existing = {o.name for o in out.graph.output}
+    for name in names:
+        if name not in existing:
+            out.graph.output.append(helper.make_tensor_value_info(name, types[name].tensor_type.elem_type, None))
+    return out
+
+
+def _layerwise(ref: onnx.ModelProto, cand: onnx.ModelProto, x: np.ndarray, feed_name: str, atol, rtol, device):
+    from onnxbn.runtime import make_session
+
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+    ref_types, cand_types = value_types(ref), value_types(cand)
+    cand_outputs = {o for n in cand.graph.node for o in n.output}
+    names = [o for n in ref.graph.node for o in n.output
+             if o in cand_outputs and o in ref_types and o in cand_types
+             and ref_types[o].tensor_type.elem_type in floats]
+    if not names:
+        return {"compared": 0, "first_divergence": None, "tensors": []}
+    a_vals = make_session(_expose(ref, names, ref_types), device).run(names, {feed_name: x})
+    b_vals = make_session(_expose(cand, names, cand_types), device).run(names, {feed_name: x})
+    tensors, first = [], None
+    for name, a, b in zip(names, a_vals, b_vals):
+        m = OutputMetrics()
+        if a.shape != b.shape:
+            entry = {"tensor": name, "passed": False, "max_abs_error": math.inf, "reason": f"shape {a.shape} vs {b.shape}"}
+        else:
+            m.update(a, b, atol, rtol)
+            entry = {"tensor": name, "passed": m.passed, "max_abs_error": m.max_abs_error, "max_rel_error": m.max_rel_error}
+        tensors.append(entry)
+        if first is None and not entry["passed"]:
+            first = entry
+    return {"compared": len(names), "first_divergence": first, "tensors": tensors}
+
+
+def compare(reference, candidate, data=None, atol: float = 1e-5, rtol: float = 1e-5, batch_size: int = 32,
+            device: str = "auto", layerwise: bool = False, random: int | None = None, seed: int = 0,
+            limit: int | None = None, workers: int = 0) -> Report:
+    """Run both models on the same inputs and report how far apart their outputs are.
+
+    `reference`/`candidate`: paths or ModelProtos with the same input and outputs;
+    `data`: image folder, .npz, array, or None with `random` = N seeded normal inputs.
+    """
+    from onnxbn.runtime import make_session, session_provider
+
+    ref, cand = load_model(reference), load_model(candidate)
+    if atol < 0 or rtol < 0:
+        raise UserError("--atol and --rtol must not be negative")
+    feed_name, dtype, shape = model_input(ref)
+    if [i.name for i in graph_inputs(cand)] != [feed_name]:
+        raise UserError(f"the candidate's inputs {[i.name for i in graph_inputs(cand)]} differ from the reference's [{feed_name!r}]")
+    out_names = [o.name for o in ref.graph.output]
+    missing = [n for n in out_names if n not in {o.name for o in cand.graph.output}]
+    if missing:
+        raise UserError(f"the candidate has no output {missing[0]!r}; compare models with the same outputs")
+    if data is None:
+        data, description = random_inputs(ref, random if random is not None else 8, seed), f"random N(0,1), seed {seed}"
+    else:
+        description = str(data) if isinstance(data, (str, os.PathLike)) else "array"
+    dataset = open_model_data(ref, data, limit=limit, seed=seed)
+    s_ref, s_cand = make_session(ref, device), make_session(cand, device)
+    metrics = {n: OutputMetrics() for n in out_names}
+    samples, first_batch = 0, None
+    with progress(len(dataset), "check") as bar:
+        for x, _ in dataset.batches(batch_size, workers):
+            check_batch_shape(x, shape, dataset.description)
+            x = x.astype(dtype, copy=False)
+            first_batch = x if first_batch is None else first_batch
+            for name, a, b in zip(out_names, s_ref.run(out_names, {feed_name: x}), s_cand.run(out_names, {feed_name: x})):
+                metrics[name].update(a, b, atol, rtol)
+            samples += len(x)
+            bar.update(len(x))
+    report = Report(metrics, atol, rtol, samples, description, session_provider(s_cand),
+                    reference=str(reference) if not isinstance(reference, onnx.ModelProto) else "<model>",
+                    candidate=str(candidate) if not isinstance(candidate, onnx.ModelProto) else "<model>",
+                    skipped_inputs=dataset.skipped)
+    if layerwise and first_batch is not None:
+        report.layerwise = _layerwise(ref, cand, first_batch, feed_name, atol, rtol, device)
+    return report

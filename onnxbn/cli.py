@@ -1,0 +1,221 @@
+"""The `onnxbn` command line: one small function per subcommand, its docstring is its help.
+
+Exit codes: 0 success, 1 a check found a difference, 2 bad input or usage (one line
+on stderr saying what and how to fix it; --debug shows the traceback), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from onnxbn.errors import UserError
+
+log = logging.getLogger("onnxbn")
+COMMANDS: dict[str, tuple] = {}
+
+
+def arg(*names, **options):
+    return names, options
+
+
+def command(*arguments):
+    """Register `cmd_<name>` as subcommand <name> with these arguments (lists are flattened)."""
+    flat = []
+    for a in arguments:
+        flat.extend(a if isinstance(a, list) else [a])
+
+    def register(fn):
+        COMMANDS[fn.__name__.removeprefix("cmd_").replace("_", "-")] = (fn, flat)
+        return fn
+    return register
+
+
+# ----------------------------------------------------------------------------- shared argument groups
+
+OUTPUT = [arg("-o", "--output", required=True, help="output path (written atomically)"),
+          arg("--force", action="store_true", help="allow the output to replace an input file")]
+DEVICE = [arg("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run (default: auto)")]
+DATA_READING = [
+    arg("--batch-size", type=int, default=32, help="samples per batch (default: 32)"),
+    arg("--limit", type=int, help="use a seeded, class-balanced random sample of N items"),
+    arg("--seed", type=int, default=0, help="seed for --limit and --random (default: 0)"),
+    arg("--preset", choices=["imagenet", "caffe-squash"], help="image preprocessing (default: from the model's metadata)"),
+    arg("--workers", type=int, help="image decoding processes (default: the core count, at most 8; 0 = in-process)"),
+]
+SELECTOR = arg("--after", default="dense",
+               help="where BN goes: dense (default), conv, relu, linear, or tensor names, comma separated")
+
+
+def _write_json(path: str, payload: dict, inputs=()) -> None:
+    from onnxbn.graph import atomic_path, refuse_overwrite
+
+    refuse_overwrite(path, inputs)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+
+
+# ----------------------------------------------------------------------------- commands
+
+@command(arg("arch", choices=["vgg11", "vgg13", "vgg16", "vgg19"], help="architecture"),
+         arg("--weights", help="local torchvision state_dict (.pth); random weights without it"),
+         arg("--opset", type=int, default=17, help="ONNX opset (default: 17)"),
+         arg("--image-size", type=int, default=224, help="input height and width (default: 224)"),
+         OUTPUT)
+def cmd_export(args) -> int:
+    """Export a torchvision-layout VGG to ONNX, checked against torch (dynamic batch axis)."""
+    from onnxbn.export import export_vgg
+    from onnxbn.graph import refuse_overwrite, save_model
+
+    refuse_overwrite(args.output, [args.weights] if args.weights else [], args.force)
+    model = export_vgg(args.arch, weights=args.weights, opset=args.opset, image_size=args.image_size)
+    save_model(model, args.output, inputs=[args.weights] if args.weights else [], force=args.force)
+    log.info("wrote %s (%s, %.1f MB)", args.output, args.arch, Path(args.output).stat().st_size / 1e6)
+    return 0
+
+
+@command(arg("model", help="ONNX model"), SELECTOR, arg("--json", action="store_true", help="print JSON"))
+def cmd_points(args) -> int:
+    """List the tensors a selector picks: producer op, channel count and shape."""
+    from onnxbn.graph import load_model, select_points
+
+    points = select_points(load_model(args.model), args.after)
+    if args.json:
+        print(json.dumps([p.to_dict() for p in points], indent=2))
+        return 0
+    rows = [("tensor", "producer", "channels", "shape")]
+    rows += [(p.tensor, p.producer_op, str(p.channels or "?"), "x".join(str(d or "?") for d in p.shape or []))
+             for p in points]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    return 0
+
+
+@command(arg("model", help="ONNX model"), arg("--data", required=True, help="image folder or .npz (x, optional y)"),
+         SELECTOR, DATA_READING, DEVICE,
+         arg("--shard", help="process shard I of N (I/N) of the data; combine with `onnxbn merge`"),
+         arg("--strict", action="store_true", help="fail on an unreadable image instead of skipping it"),
+         OUTPUT)
+def cmd_stats(args) -> int:
+    """Gather per-channel mean and variance of the selected tensors over a calibration set."""
+    from onnxbn.graph import refuse_overwrite
+    from onnxbn.insert import dead_channels
+    from onnxbn.stats import collect_stats
+
+    refuse_overwrite(args.output, [args.model, args.data], args.force)
+    stats = collect_stats(args.model, args.data, after=args.after, batch_size=args.batch_size, limit=args.limit,
+                          device=args.device, workers=args.workers, seed=args.seed, shard=args.shard,
+                          preset=args.preset, strict=args.strict)
+    stats.save(args.output, inputs=[args.model, args.data], force=args.force)
+    meta, dead = stats.meta, dead_channels(stats)
+    log.info("%d tensors, %d samples in %.1fs on %s; %d dead channels; wrote %s", len(stats.tensors), meta["samples"],
+             meta["seconds"], meta["provider"], sum(dead.values()), args.output)
+    if meta["skipped"]:
+        log.warning("skipped %d unreadable image(s), e.g. %s", meta["skipped"], meta["skipped_files"][0])
+    return 0
+
+
+@command(arg("stats", nargs="+", help="stats files (shards of one run)"), OUTPUT)
+def cmd_merge(args) -> int:
+    """Merge stats files from shards of one run (Chan's formula, float64)."""
+    from onnxbn.stats import merge_stats
+
+    merged = merge_stats(args.stats)
+    merged.save(args.output, inputs=args.stats, force=args.force)
+    log.info("merged %d files, %d samples; wrote %s", len(args.stats), merged.meta["samples"], args.output)
+    return 0
+
+
+@command(arg("model", help="ONNX model"), arg("--stats", required=True, help="stats file from `onnxbn stats`"),
+         arg("--eps", type=float, default=1e-5, help="BatchNormalization epsilon (default: 1e-5)"), OUTPUT)
+def cmd_insert(args) -> int:
+    """Splice identity BatchNormalization nodes at the tensors in the stats file."""
+    from onnxbn.graph import refuse_overwrite, save_model
+    from onnxbn.insert import dead_channels, insert_bn
+    from onnxbn.stats import load_stats
+
+    refuse_overwrite(args.output, [args.model, args.stats], args.force)
+    stats = load_stats(args.stats)
+    model = insert_bn(args.model, stats, eps=args.eps)
+    save_model(model, args.output, inputs=[args.model, args.stats], force=args.force)
+    for name, dead in dead_channels(stats).items():
+        log.info("  BN after %s: %d channels, %d dead (zero variance)", name, stats.mean(name).size, dead)
+    log.info("inserted %d BatchNormalization nodes; wrote %s", len(stats.tensors), args.output)
+    return 0
+
+
+@command(arg("reference", help="reference ONNX model"), arg("candidate", help="candidate ONNX model"),
+         arg("--data", help="image folder or .npz of inputs"),
+         arg("--random", type=int, help="N seeded normal inputs instead of --data (default: 8)"),
+         arg("--atol", type=float, default=1e-5, help="absolute tolerance (default: 1e-5)"),
+         arg("--rtol", type=float, default=1e-5, help="relative tolerance (default: 1e-5)"),
+         arg("--layerwise", action="store_true", help="also compare every shared tensor and name the first divergence"),
+         arg("--report", help="write the report as JSON here"), arg("--junit", help="write a JUnit XML report here"),
+         DATA_READING, DEVICE)
+def cmd_check(args) -> int:
+    """Check that two models compute the same outputs: exit 0 pass, 1 mismatch, 2 error."""
+    from onnxbn.check import compare
+    from onnxbn.graph import atomic_path, refuse_overwrite
+
+    if args.data is not None and args.random is not None:
+        raise UserError("give either --data or --random, not both")
+    inputs = [args.reference, args.candidate, args.data]
+    for out in (args.report, args.junit):
+        if out:
+            refuse_overwrite(out, inputs)
+    report = compare(args.reference, args.candidate, data=args.data, atol=args.atol, rtol=args.rtol,
+                     batch_size=args.batch_size, device=args.device, layerwise=args.layerwise, random=args.random,
+                     seed=args.seed, limit=args.limit, workers=args.workers or 0)
+    print(report.table())
+    if args.report:
+        _write_json(args.report, report.to_dict(), inputs)
+    if args.junit:
+        with atomic_path(args.junit) as tmp:
+            tmp.write_text(report.junit() + "\n")
+    return 0 if report.passed else 1
+
+
+# ----------------------------------------------------------------------------- entry point
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="onnxbn", description=__doc__.splitlines()[0].rstrip("."),
+                                     epilog="Run `onnxbn COMMAND --help` for a command's options.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (fn, arguments) in COMMANDS.items():
+        doc = (fn.__doc__ or "").strip()
+        p = sub.add_parser(name, help=doc.splitlines()[0], description=doc,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        for names, options in arguments:
+            p.add_argument(*names, **options)
+        p.set_defaults(run=fn)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("onnxbn: %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.WARNING if args.quiet else logging.INFO)
+    log.propagate = False
+    try:
+        return args.run(args)
+    except UserError as exc:
+        if args.debug:
+            raise
+        print(f"onnxbn: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("onnxbn: interrupted; no output was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""Statistics: in-graph reductions, Chan merging, shards, data sampling and preprocessing."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import helper
+
+import onnxbn
+from onnxbn.data import balanced_sample, open_data, preprocess
+from onnxbn.graph import select_points
+from onnxbn.runtime import make_session
+from onnxbn.stats import ChannelMoments, augment_for_stats, load_stats, merge_stats
+
+from conftest import small_cnn, write_images
+
+
+def exposed_values(model, names, x):
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for name in names:
+        m.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    return make_session(m, "cpu").run(names, {"input": x})
+
+
+@given(data=st.lists(st.floats(-1e3, 1e3, allow_nan=False, width=64), min_size=2, max_size=60),
+       cuts=st.lists(st.integers(1, 59), max_size=6), order_seed=st.integers(0, 2**16))
+@settings(max_examples=150, deadline=None)
+def test_chan_merge_equals_single_pass(data, cuts, order_seed):
+    x = np.array(data).reshape(-1, 1)
+    bounds = sorted({c for c in cuts if c < len(x)})
+    parts = np.split(x, bounds)
+    rng = np.random.default_rng(order_seed)
+    acc = ChannelMoments()
+    for i in rng.permutation(len(parts)):
+        p = parts[i]
+        if len(p):
+            acc.merge(len(p), p.mean(axis=0), ((p - p.mean(axis=0)) ** 2).sum(axis=0))
+    assert acc.count == len(x)
+    np.testing.assert_allclose(acc.mean, x.mean(axis=0), rtol=1e-12, atol=1e-9)
+    np.testing.assert_allclose(acc.var, x.var(axis=0), rtol=1e-10, atol=1e-7)
+
+
+@pytest.mark.parametrize("opset", [9, 11, 13, 17, 18, 21])
+@pytest.mark.parametrize("selector", ["relu", "linear", "dense", "conv"])
+def test_stats_match_numpy(opset, selector, cnn_inputs):
+    model = small_cnn(opset)
+    stats = onnxbn.collect_stats(model, cnn_inputs, after=selector, batch_size=5)
+    values = exposed_values(model, stats.tensors, cnn_inputs)
+    for name, v in zip(stats.tensors, values):
+        v = v.astype(np.float64)
+        axes = (0,) + tuple(range(2, v.ndim))
+        np.testing.assert_allclose(stats.mean(name), v.mean(axis=axes), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(stats.var(name), v.var(axis=axes), rtol=1e-6, atol=1e-7)
+        assert stats.moments[name].count == v.size // v.shape[1]
+
+
+def test_selectors_pick_the_documented_tensors(cnn):
+    names = lambda sel: [p.tensor for p in select_points(cnn, sel)]  # noqa: E731
+    assert names("dense") == ["h1", "h2"]          # activations after the hidden Gemms, not the classifier
+    assert names("conv") == ["r1", "r2"]
+    assert names("relu") == ["r1", "r2", "h1", "h2"]
+    assert names("linear") == ["c1", "c2", "g1", "g2"]  # the logits are a graph output
+    assert names("c2, g1") == ["c2", "g1"]
+    point = select_points(cnn, "relu")[0]
+    assert (point.producer_op, point.channels, point.shape) == ("Relu", 4, ["N", 4, 8, 8])
+
+
+def test_augmented_graph_fetches_only_channel_vectors(cnn):
+    points = select_points(cnn, "dense")
+    augmented = augment_for_stats(cnn, points)
+    outputs = [o.name for o in augmented.graph.output]
+    assert "logits" not in outputs and len(outputs) == 3 * len(points)
+    assert "fc3" not in {n.name for n in augmented.graph.node}  # the classifier is pruned away
+    x = np.random.default_rng(0).standard_normal((6, 3, 8, 8)).astype(np.float32)
+    values = make_session(augmented, "cpu").run(None, {"input": x})
+    assert all(v.size <= 16 for v in values)
+
+
+def test_shards_merge_to_a_single_run(cnn, cnn_inputs, tmp_path):
+    whole = onnxbn.collect_stats(cnn, cnn_inputs, after="relu", batch_size=4)
+    parts = []
+    for i in range(3):
+        part = onnxbn.collect_stats(cnn, cnn_inputs, after="relu", batch_size=4, shard=f"{i}/3")
+        parts.append(part.save(tmp_path / f"s{i}.npz"))
+    merged = merge_stats(parts)
+    assert merged.meta["samples"] == len(cnn_inputs)
+    for name in whole.tensors:
+        np.testing.assert_allclose(merged.mean(name), whole.mean(name), rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(merged.var(name), whole.var(name), rtol=1e-12, atol=1e-14)
+
+
+def test_stats_file_is_plain_numpy(cnn, cnn_inputs, tmp_path):
+    stats = onnxbn.collect_stats(cnn, cnn_inputs, after="dense")
+    path = stats.save(tmp_path / "stats.npz")
+    with np.load(path) as npz:
+        assert list(npz["tensors"]) == ["h1", "h2"]
+        np.testing.assert_array_equal(npz["var_0"], stats.var("h1"))
+        np.testing.assert_allclose(npz["m2_0"] / npz["count_0"], npz["var_0"])
+    again = load_stats(path)
+    assert again.meta["selector"] == "dense" and again.meta["samples"] == 24
+    assert again.meta["model_sha256"] == stats.meta["model_sha256"]
+
+
+def test_limit_is_seeded_and_class_balanced():
+    labels = np.repeat(np.arange(10), [50, 50, 50, 50, 50, 50, 50, 50, 50, 3])
+    picked = balanced_sample(labels, len(labels), 40, seed=0)
+    counts = np.bincount(labels[picked], minlength=10)
+    assert counts.sum() == 40 and counts.min() >= 3 and counts.max() <= 5
+    assert not np.array_equal(picked, np.arange(40))
+    np.testing.assert_array_equal(picked, balanced_sample(labels, len(labels), 40, seed=0))
+    assert not np.array_equal(picked, balanced_sample(labels, len(labels), 40, seed=1))
+
+
+def test_image_folder_limit_spans_classes(tmp_path):
+    write_images(tmp_path, n_per_class=5, classes=("a", "b", "c", "d"), fmt="PNG")
+    data = open_data(tmp_path, preset="imagenet", size=16, limit=4, seed=0)
+    assert sorted(data.labels.tolist()) == [0, 1, 2, 3]
+    assert data.classes == ["a", "b", "c", "d"]
+    x, y = next(data.batches(8, workers=0))
+    assert x.shape == (4, 3, 16, 16) and x.dtype == np.float32
+
+
+def test_presets_compute_the_documented_values():
+    from PIL import Image
+
+    img = Image.new("RGB", (300, 200), (255, 128, 0))
+    x = preprocess(img, "imagenet", 224)
+    assert x.shape == (3, 224, 224)
+    np.testing.assert_allclose(x[:, 100, 100], (np.array([1.0, 128 / 255, 0.0]) - [0.485, 0.456, 0.406])
+                               / [0.229, 0.224, 0.225], rtol=1e-6)
+    y = preprocess(img, "caffe-squash", 224)
+    np.testing.assert_allclose(y[:, 5, 5], [0 - 103.939, 128 - 116.779, 255 - 123.68], rtol=1e-6)  # BGR
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "P", "CMYK", "I;16", "I", "F", "1"])
+def test_any_image_mode_becomes_rgb(mode, tmp_path):
+    from PIL import Image
+
+    base = Image.new("RGB", (20, 20), (200, 100, 50)).convert(mode if mode not in ("I;16", "I", "F") else "L")
+    if mode in ("I;16", "I", "F"):
+        base = Image.fromarray((np.asarray(base, dtype=np.float64) * (257 if mode != "F" else 1)).astype(
+            {"I;16": np.uint16, "I": np.int32, "F": np.float32}[mode]))
+    x = preprocess(base, "imagenet", 8)
+    assert x.shape == (3, 8, 8) and np.isfinite(x).all()
+    if mode in ("L", "I;16", "I"):
+        # grey ~121: the same value in all channels before normalisation
+        raw = x.transpose(1, 2, 0) * [0.229, 0.224, 0.225] + [0.485, 0.456, 0.406]
+        assert np.ptp(raw[4, 4]) < 2 / 255
+
+
+def test_decoding_in_workers_equals_in_process(tmp_path):
+    write_images(tmp_path, n_per_class=6, fmt="JPEG")
+    data = open_data(tmp_path, preset="imagenet", size=32)
+    inline = np.concatenate([x for x, _ in data.batches(4, workers=0)])
+    pooled = np.concatenate([x for x, _ in data.batches(4, workers=2)])
+    np.testing.assert_array_equal(inline, pooled)
+
+
+def test_corrupt_images_are_skipped_and_counted(tmp_path, cnn):
+    write_images(tmp_path, n_per_class=3, fmt="PNG", size=(8, 8))
+    (tmp_path / "cat" / "broken.png").write_bytes(b"\x89PNG not really")
+    stats = onnxbn.collect_stats(cnn, tmp_path, after="dense", workers=0)
+    assert stats.meta["samples"] == 6 and stats.meta["skipped"] == 1
+    assert "broken.png" in stats.meta["skipped_files"][0]
+
+
+def test_uncompressed_npz_is_memory_mapped(tmp_path):
+    x = np.random.default_rng(0).standard_normal((10, 3, 4, 4)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x, y=np.arange(10))
+    data = open_data(tmp_path / "d.npz")
+    assert isinstance(data.array, np.memmap)
+    np.testing.assert_array_equal(np.concatenate([b for b, _ in data.batches(3)]), x)
+    np.savez_compressed(tmp_path / "c.npz", x=x)
+    np.testing.assert_array_equal(open_data(tmp_path / "c.npz").array, x)
