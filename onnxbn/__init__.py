@@ -22,6 +22,7 @@ _API = {
     "insert_bn": "onnxbn.insert",
     "compare": "onnxbn.check",
     "fold_bn": "onnxbn.fold",
+    "explain_fold": "onnxbn.fold",
     "to_torch": "onnxbn.torch_import",
     "write_back": "onnxbn.torch_import",
     "finetune": "onnxbn.training",

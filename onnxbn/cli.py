@@ -179,6 +179,47 @@ def cmd_check(args) -> int:
     return 0 if report.passed else 1
 
 
+@command(arg("model", help="ONNX model with BatchNormalization nodes"),
+         arg("--data", help="verify on these inputs (image folder or .npz) instead of --random"),
+         arg("--random", type=int, help="verify on N seeded normal inputs (default: 8)"),
+         arg("--atol", type=float, default=1e-5, help="absolute tolerance of the verification (default: 1e-5)"),
+         arg("--rtol", type=float, default=1e-5, help="relative tolerance of the verification (default: 1e-5)"),
+         arg("--json", action="store_true", help="print the per-BN decisions and the check as JSON"),
+         DATA_READING, DEVICE, OUTPUT)
+def cmd_fold(args) -> int:
+    """Fold BatchNormalization into neighbouring Conv/Gemm layers for deployment, verified.
+
+    The folded model is compared with the input through onnxruntime and written only
+    when every output is within tolerance (exit 1 otherwise)."""
+    from onnxbn.check import compare
+    from onnxbn.fold import fold_with_decisions
+    from onnxbn.graph import load_model, refuse_overwrite, save_model
+
+    if args.data is not None and args.random is not None:
+        raise UserError("give either --data or --random, not both")
+    refuse_overwrite(args.output, [args.model, args.data], args.force)
+    model = load_model(args.model)
+    folded, decisions = fold_with_decisions(model)
+    report = compare(model, folded, data=args.data, atol=args.atol, rtol=args.rtol, batch_size=args.batch_size,
+                     device=args.device, random=args.random, seed=args.seed, limit=args.limit,
+                     workers=args.workers or 0)
+    if args.json:
+        print(json.dumps({"decisions": decisions, "check": report.to_dict()}, indent=2))
+    else:
+        for d in decisions:
+            print(f"{d['bn']}: " + (f"folded into {d['into']} ({d['direction']})" if d["action"] == "folded"
+                                    else f"kept: {d['reason']}"))
+        print(report.table())
+    if not report.passed:
+        log.error("the folded model differs from the input beyond tolerance; nothing written")
+        return 1
+    save_model(folded, args.output, inputs=[args.model, args.data], force=args.force)
+    kept = sum(d["action"] == "kept" for d in decisions)
+    log.info("folded %d of %d BatchNormalization nodes (%d kept); wrote %s", len(decisions) - kept, len(decisions),
+             kept, args.output)
+    return 0
+
+
 # ----------------------------------------------------------------------------- entry point
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxbn.graph import producers, tensor_shape, unique_name, value_types, with_metadata
+from onnxbn.graph import load_model, producers, tensor_shape, unique_name, value_types, with_metadata
 
 FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
 # Ops a BN output may pass through on its way to the layer it folds forward into.
@@ -450,8 +450,9 @@ def _remove_bn(g: _Graph, bn: onnx.NodeProto) -> None:
     g.touched.update(bn.input[1:])
 
 
-def _fold(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[dict]]:
-    """The folded copy of `model` and one explanation per BN node, in graph order."""
+def fold_with_decisions(model) -> tuple[onnx.ModelProto, list[dict]]:
+    """The folded copy of `model` (path or ModelProto) and one decision per BN node, in graph order."""
+    model = load_model(model)
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = _Graph(out, value_types(model))
@@ -481,10 +482,10 @@ def fold_bn(model: onnx.ModelProto) -> onnx.ModelProto:
     The input is not modified. Node names, graph output names, opset and metadata are kept;
     metadata_props gains `onnxbn.fold` ("folded K of N BN", plus the BN kept and why).
     """
-    return _fold(model)[0]
+    return fold_with_decisions(model)[0]
 
 
 def explain_fold(model: onnx.ModelProto) -> list[dict]:
     """One entry per BN node, in graph order: {"bn", "action": "folded"|"kept", "into",
     "direction": "backward"|"forward"|None, "reason"}, exactly as `fold_bn` decides."""
-    return _fold(model)[1]
+    return fold_with_decisions(model)[1]

@@ -1,0 +1,203 @@
+"""The command line: the happy path on a small model, and every bad input -> exit 2, one line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import onnx
+import pytest
+
+from onnxbn.cli import main
+
+from conftest import small_cnn, write_images
+
+
+@pytest.fixture
+def files(tmp_path, cnn, cnn_inputs):
+    onnx.save(cnn, str(tmp_path / "model.onnx"))
+    np.savez(tmp_path / "data.npz", x=cnn_inputs, y=np.arange(len(cnn_inputs)) % 10)
+    return tmp_path
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_points_table_and_json(files, capsys):
+    code, out, _ = run(capsys, "points", files / "model.onnx", "--after", "relu")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].split() == ["tensor", "producer", "channels", "shape"]
+    assert lines[1].split() == ["r1", "Relu", "4", "Nx4x8x8"]
+    code, out, _ = run(capsys, "points", files / "model.onnx", "--json")
+    assert [p["tensor"] for p in json.loads(out)] == ["h1", "h2"]
+
+
+def test_stats_insert_check_round_trip(files, capsys):
+    model, data = files / "model.onnx", files / "data.npz"
+    assert run(capsys, "stats", model, "--data", data, "--after", "relu", "--batch-size", "5", "-o", files / "s.npz")[0] == 0
+    assert run(capsys, "insert", model, "--stats", files / "s.npz", "-o", files / "bn.onnx")[0] == 0
+    code, out, _ = run(capsys, "check", model, files / "bn.onnx", "--data", data, "--report", files / "r.json",
+                       "--junit", files / "r.xml", "--layerwise")
+    assert code == 0 and "PASS" in out.splitlines()[-2]
+    report = json.loads((files / "r.json").read_text())
+    assert report["passed"] and report["samples"] == 24
+    assert report["outputs"]["logits"]["max_rel_error"] <= 1e-6
+    assert report["outputs"]["logits"]["top1_agreement"] == 1.0
+    assert report["layerwise"]["first_divergence"] is None and report["layerwise"]["compared"] >= 10
+    suite = ET.parse(files / "r.xml").getroot()
+    assert suite.get("tests") == "1" and suite.get("failures") == "0"
+    bn = onnx.load(str(files / "bn.onnx"))
+    assert sum(n.op_type == "BatchNormalization" for n in bn.graph.node) == 4
+
+
+def test_check_random_inputs_and_mismatch_exit_code(files, capsys):
+    other = small_cnn(seed=5)
+    onnx.save(other, str(files / "other.onnx"))
+    assert run(capsys, "check", files / "model.onnx", files / "model.onnx", "--random", "4")[0] == 0
+    code, out, _ = run(capsys, "check", files / "model.onnx", files / "other.onnx", "--random", "4")
+    assert code == 1 and "FAIL" in out
+
+
+def test_merge_of_shards(files, capsys):
+    model, data = files / "model.onnx", files / "data.npz"
+    for i in range(2):
+        assert run(capsys, "stats", model, "--data", data, "--shard", f"{i}/2", "-o", files / f"s{i}.npz")[0] == 0
+    assert run(capsys, "stats", model, "--data", data, "-o", files / "all.npz")[0] == 0
+    assert run(capsys, "merge", files / "s0.npz", files / "s1.npz", "-o", files / "m.npz")[0] == 0
+    with np.load(files / "m.npz") as merged, np.load(files / "all.npz") as whole:
+        np.testing.assert_allclose(merged["var_1"], whole["var_1"], rtol=1e-12)
+        assert int(merged["count_1"]) == int(whole["count_1"]) == 24
+
+
+def bad_inputs(tmp):
+    """(name, argv, words the message must contain)."""
+    model = tmp / "model.onnx"
+    (tmp / "notonnx.onnx").write_text("hello, I am text\n")
+    (tmp / "truncated.onnx").write_bytes(model.read_bytes()[: model.stat().st_size // 2])
+    other = small_cnn(seed=9)
+    onnx.save(other, str(tmp / "other.onnx"))
+    main(["-q", "stats", str(tmp / "other.onnx"), "--data", str(tmp / "data.npz"), "-o", str(tmp / "other_stats.npz")])
+    (tmp / "empty").mkdir()
+    np.savez(tmp / "nox.npz", y=np.arange(3))
+    np.savez(tmp / "wrongshape.npz", x=np.zeros((2, 3, 5, 5), np.float32))
+    no_dense = onnx.helper.make_model(onnx.helper.make_graph(
+        [onnx.helper.make_node("Relu", ["input"], ["y"], name="r")], "g",
+        [onnx.helper.make_tensor_value_info("input", 1, ["N", 3, 8, 8])],
+        [onnx.helper.make_tensor_value_info("y", 1, ["N", 3, 8, 8])]), opset_imports=[onnx.helper.make_opsetid("", 17)])
+    onnx.save(no_dense, str(tmp / "nodense.onnx"))
+    data = str(tmp / "data.npz")
+    return [
+        ("not onnx", ["points", tmp / "notonnx.onnx"], "not a readable ONNX model"),
+        ("truncated", ["points", tmp / "truncated.onnx"], "not a readable ONNX model"),
+        ("missing model", ["points", tmp / "nope.onnx"], "no such model file"),
+        ("stats of another model", ["insert", model, "--stats", tmp / "other_stats.npz", "-o", tmp / "o.onnx"],
+         "different model"),
+        ("stats file is not stats", ["insert", model, "--stats", tmp / "data.npz", "-o", tmp / "o.onnx"],
+         "not a readable onnxbn stats file"),
+        ("empty folder", ["stats", model, "--data", tmp / "empty", "-o", tmp / "s.npz"], "no images found"),
+        ("selector matches nothing", ["stats", tmp / "nodense.onnx", "--data", data, "-o", tmp / "s.npz"],
+         "matches no tensor"),
+        ("unknown tensor", ["points", model, "--after", "nothere"], "not in the model"),
+        ("output is input", ["stats", model, "--data", data, "-o", data], "also an input"),
+        ("insert over its input", ["insert", model, "--stats", tmp / "other_stats.npz", "-o", model], "also an input"),
+        ("npz without x", ["stats", model, "--data", tmp / "nox.npz", "-o", tmp / "s.npz"], "no array 'x'"),
+        ("wrong input shape", ["stats", model, "--data", tmp / "wrongshape.npz", "-o", tmp / "s.npz"], "expects"),
+        ("bad shard", ["stats", model, "--data", data, "--shard", "3/2", "-o", tmp / "s.npz"], "--shard"),
+        ("bad batch size", ["stats", model, "--data", data, "--batch-size", "0", "-o", tmp / "s.npz"], "--batch-size"),
+        ("merge across models", ["merge", tmp / "other_stats.npz", tmp / "model_stats.npz", "-o", tmp / "m.npz"],
+         "differs"),
+        ("check with different inputs", ["check", model, tmp / "nodense.onnx", "--random", "2"], "output"),
+        ("missing weights", ["export", "vgg11", "--weights", tmp / "none.pth", "-o", tmp / "v.onnx"], "no such weights file"),
+    ]
+
+
+def test_bad_inputs_exit_2_with_one_line(files, capsys):
+    main(["-q", "stats", str(files / "model.onnx"), "--data", str(files / "data.npz"), "-o", str(files / "model_stats.npz")])
+    cases = bad_inputs(files)
+    capsys.readouterr()
+    before = sorted(p.name for p in files.iterdir())
+    for name, argv, words in cases:
+        code, _, err = run(capsys, *argv)
+        assert code == 2, name
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("onnxbn: error: "), (name, err)
+        assert words in lines[0], (name, lines[0])
+        assert "Traceback" not in err
+    assert sorted(p.name for p in files.iterdir()) == before  # nothing half-written
+
+
+def test_real_process_exit_code_and_no_traceback(tmp_path):
+    (tmp_path / "x.onnx").write_text("garbage")
+    proc = subprocess.run([sys.executable, "-m", "onnxbn", "points", str(tmp_path / "x.onnx")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
+
+
+def test_corrupt_weights_file_is_refused_not_run(tmp_path, capsys):
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (exec, ("open('PWNED', 'w').write('x')",))
+
+    (tmp_path / "evil.pth").write_bytes(pickle.dumps({"features.0.weight": Evil()}))
+    code, _, err = run(capsys, "export", "vgg11", "--weights", tmp_path / "evil.pth", "-o", tmp_path / "v.onnx")
+    assert code == 2 and "never code" in err
+    assert not (tmp_path / "PWNED").exists() and not (tmp_path / "v.onnx").exists()
+
+
+def test_image_folder_stats_from_cli(tmp_path, capsys):
+    onnx.save(small_cnn(size=16), str(tmp_path / "m.onnx"))
+    write_images(tmp_path / "imgs", n_per_class=4)
+    code, _, err = run(capsys, "stats", tmp_path / "m.onnx", "--data", tmp_path / "imgs", "--after", "conv",
+                       "--workers", "2", "--batch-size", "3", "-o", tmp_path / "s.npz")
+    assert code == 0, err
+    with np.load(tmp_path / "s.npz") as npz:
+        meta = json.loads(str(npz["meta"]))
+        assert meta["samples"] == 8 and meta["preset"] == "imagenet" and meta["selector"] == "conv"
+
+
+def test_fold_verifies_reports_and_writes(files, capsys):
+    model, data = files / "model.onnx", files / "data.npz"
+    run(capsys, "stats", model, "--data", data, "--after", "relu", "-o", files / "s.npz")
+    run(capsys, "insert", model, "--stats", files / "s.npz", "-o", files / "bn.onnx")
+    code, out, _ = run(capsys, "fold", files / "bn.onnx", "--data", data, "-o", files / "deploy.onnx")
+    assert code == 0
+    lines = out.splitlines()
+    # r1 feeds a MaxPool then a padded Conv: kept; the rest fold forward into the next layer
+    assert "relu1/onnxbn_bn: kept" in lines[0] and "MaxPool" in lines[0]
+    assert [line.split(":")[1].split()[0] for line in lines[1:4]] == ["folded"] * 3
+    deploy = onnx.load(str(files / "deploy.onnx"))
+    assert sum(n.op_type == "BatchNormalization" for n in deploy.graph.node) == 1
+    code, out, _ = run(capsys, "check", files / "bn.onnx", files / "deploy.onnx", "--data", data)
+    assert code == 0
+
+
+def test_fold_refuses_to_write_a_wrong_model(files, capsys, monkeypatch):
+    import onnxbn.fold
+
+    model, data = files / "model.onnx", files / "data.npz"
+    run(capsys, "stats", model, "--data", data, "--after", "dense", "-o", files / "s.npz")
+    run(capsys, "insert", model, "--stats", files / "s.npz", "-o", files / "bn.onnx")
+    real = onnxbn.fold.fold_with_decisions
+
+    def broken(m):
+        folded, decisions = real(m)
+        for t in folded.graph.initializer:
+            if t.name == "f3.w":
+                arr = onnx.numpy_helper.to_array(t) * 1.01
+                t.CopyFrom(onnx.numpy_helper.from_array(arr.astype(np.float32), t.name))
+        return folded, decisions
+
+    monkeypatch.setattr(onnxbn.fold, "fold_with_decisions", broken)
+    code, out, err = run(capsys, "fold", files / "bn.onnx", "--random", "4", "-o", files / "deploy.onnx")
+    assert code == 1 and "FAIL" in out and "nothing written" in err
+    assert not (files / "deploy.onnx").exists()
