@@ -1,0 +1,731 @@
+"""onnxbn.torch_import: ONNX -> torch.fx import, write-back, split.
+
+Every op is checked against onnxruntime on small models built with onnx.helper, at
+several opsets; the round trip (train in torch, write back, run in onnxruntime) and
+training parity with a hand-written torch network are checked on values.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+from onnxbn.errors import UserError
+from onnxbn.runtime import make_session
+from onnxbn.torch_import import OnnxDropout, split_at, to_torch, write_back
+
+F32 = TensorProto.FLOAT
+RTOL = 1e-5
+
+
+def _ir(opset: int) -> int:
+    return 8 if opset <= 18 else 9 if opset <= 20 else 10
+
+
+def _model(nodes, inputs, outputs, inits=(), opset=13, ir=None, name="g"):
+    """inputs/outputs: (name, shape, elem_type) or names (float, unknown shape)."""
+    def vi(spec):
+        if isinstance(spec, str):
+            return helper.make_tensor_value_info(spec, F32, None)
+        n, shape, *t = spec
+        return helper.make_tensor_value_info(n, t[0] if t else F32, shape)
+    inits = [numpy_helper.from_array(np.asarray(v), k) for k, v in dict(inits).items()]
+    graph = helper.make_graph(nodes, name, [vi(i) for i in inputs], [vi(o) for o in outputs], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
+                              ir_version=_ir(opset) if ir is None else ir)
+    return model
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-12)) if a.size else 0.0
+
+
+def _ort(model, feeds):
+    sess = make_session(model, device="cpu", threads=1)
+    return sess.run(None, feeds)
+
+
+def _torch(module, feeds, order):
+    with torch.no_grad():
+        out = module.eval()(*[torch.from_numpy(feeds[n].copy()) for n in order])
+    out = list(out) if isinstance(out, tuple) else [out]
+    return [o.numpy() for o in out]
+
+
+def _check(model, feeds, tol=RTOL):
+    module = to_torch(model)
+    order = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
+    ref = _ort(model, feeds)
+    got = _torch(module, feeds, order)
+    assert len(ref) == len(got)
+    for r, g in zip(ref, got):
+        assert r.dtype == g.dtype
+        assert _rel(g, r) <= tol, _rel(g, r)
+    return module
+
+
+def _rand(*shape, seed=0, scale=1.0):
+    return (np.random.default_rng(seed).standard_normal(shape) * scale).astype(np.float32)
+
+
+# ============================================================================ single ops
+
+def _conv_cases():
+    w = _rand(4, 3, 3, 3, seed=1, scale=0.3)
+    b = _rand(4, seed=2)
+    x = _rand(2, 3, 9, 8, seed=3)
+    cases = []
+    for opset in (9, 11, 13, 17, 21):
+        cases.append((f"conv_sym_{opset}", opset, dict(pads=[1, 1, 1, 1]), w, b, x))
+    cases += [
+        ("conv_asym", 13, dict(pads=[0, 1, 2, 0], strides=[2, 1]), w, b, x),
+        ("conv_same_upper_s2", 13, dict(auto_pad="SAME_UPPER", strides=[2, 2]), w, b, x),
+        ("conv_same_lower_s2", 11, dict(auto_pad="SAME_LOWER", strides=[2, 2]), w, b, x),
+        ("conv_same_upper_even_k", 17, dict(auto_pad="SAME_UPPER"), _rand(4, 3, 2, 2, seed=4), None, x),
+        ("conv_valid", 13, dict(auto_pad="VALID", strides=[2, 2]), w, b, x),
+        ("conv_dilated_nobias", 13, dict(dilations=[2, 2], pads=[2, 2, 2, 2]), w, None, x),
+        ("conv_group", 13, dict(group=2), _rand(4, 2, 3, 3, seed=5), b, _rand(2, 4, 7, 7, seed=6)),
+        ("conv1d", 13, dict(pads=[1, 1]), _rand(4, 3, 3, seed=7), b, _rand(2, 3, 10, seed=8)),
+        ("conv3d", 18, dict(pads=[1, 1, 1, 1, 1, 1]), _rand(2, 3, 3, 3, 3, seed=9), None, _rand(1, 3, 5, 4, 6, seed=10)),
+    ]
+    return cases
+
+
+@pytest.mark.parametrize("case", _conv_cases(), ids=lambda c: c[0])
+def test_conv(case):
+    _, opset, attrs, w, b, x = case
+    inits = {"W": w} | ({"B": b} if b is not None else {})
+    node = helper.make_node("Conv", ["x", "W"] + (["B"] if b is not None else []), ["y"], name="conv0", **attrs)
+    model = _model([node], [("x", list(x.shape))], ["y"], inits, opset)
+    module = _check(model, {"x": x})
+    conv = module.get_submodule("conv0")
+    assert isinstance(conv, nn.modules.conv._ConvNd)
+    assert isinstance(conv.weight, nn.Parameter) and conv.weight.requires_grad
+    assert module.onnx_tensors["conv0.weight"] == "W"
+
+
+def test_conv_dynamic_same_padding_and_functional_weight():
+    x = _rand(2, 3, 9, 8)
+    w = _rand(4, 3, 3, 3, seed=1)
+    # SAME with stride 2 and unknown spatial size: padding computed at run time
+    node = helper.make_node("Conv", ["x", "W"], ["y"], name="c", auto_pad="SAME_UPPER", strides=[2, 2])
+    model = _model([node], [("x", ["N", 3, "H", "W"])], ["y"], {"W": w}, 13)
+    module = _check(model, {"x": x})
+    _check(model, {"x": _rand(1, 3, 11, 6, seed=5)})
+    assert isinstance(module.get_submodule("c"), nn.Conv2d)
+    # weight fed at run time: functional convolution with asymmetric pads
+    node = helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 0, 0, 2])
+    model = _model([node], [("x", [2, 3, 9, 8]), ("w", [4, 3, 3, 3])], ["y"], opset=13)
+    _check(model, {"x": x, "w": w})
+
+
+def _pool_cases():
+    x = _rand(2, 3, 9, 10, seed=11)
+    cases = []
+    for op in ("MaxPool", "AveragePool"):
+        cases += [
+            (op, 9, dict(kernel_shape=[2, 2], strides=[2, 2]), x),
+            (op, 9, dict(kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1]), x),
+            (op, 11, dict(kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1), x),
+            (op, 13, dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1], ceil_mode=1), x),
+            (op, 13, dict(kernel_shape=[3, 2], strides=[2, 2], pads=[0, 1, 2, 0]), x),
+            (op, 17, dict(kernel_shape=[3, 3], strides=[2, 2], auto_pad="SAME_UPPER"), x),
+            (op, 17, dict(kernel_shape=[3, 3], strides=[2, 2], auto_pad="SAME_LOWER"), x),
+            (op, 21, dict(kernel_shape=[2, 2], strides=[2, 2], auto_pad="VALID"), x),
+            (op, 13, dict(kernel_shape=[3], strides=[2], pads=[1, 1]), _rand(2, 3, 11, seed=12)),
+            (op, 13, dict(kernel_shape=[2, 2, 2], strides=[2, 2, 2]), _rand(1, 2, 4, 5, 6, seed=13)),
+        ]
+    cases += [
+        ("MaxPool", 11, dict(kernel_shape=[2, 2], dilations=[2, 2], strides=[1, 1]), x),
+        ("MaxPool", 12, dict(kernel_shape=[3, 3], dilations=[2, 1], strides=[2, 2], ceil_mode=1, pads=[1, 0, 1, 0]), x),
+        ("MaxPool", 11, dict(kernel_shape=[2, 2], storage_order=1), x),
+        ("AveragePool", 13, dict(kernel_shape=[3, 3], pads=[1, 1, 1, 1], count_include_pad=1), x),
+        ("AveragePool", 13, dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1], count_include_pad=1,
+                                 ceil_mode=1), x),
+        ("AveragePool", 13, dict(kernel_shape=[3, 2], pads=[2, 0, 0, 1], count_include_pad=1), x),
+        ("AveragePool", 19, dict(kernel_shape=[2, 2], dilations=[2, 2], pads=[1, 1, 1, 1]), x),
+    ]
+    return cases
+
+
+@pytest.mark.parametrize("case", _pool_cases(), ids=lambda c: f"{c[0]}_{c[1]}_{sorted(c[2].items())}")
+def test_pool(case):
+    op, opset, attrs, x = case
+    model = _model([helper.make_node(op, ["x"], ["y"], **attrs)], [("x", list(x.shape))], ["y"], opset=opset)
+    _check(model, {"x": x})
+    # the same with unknown spatial sizes (run-time padding)
+    model = _model([helper.make_node(op, ["x"], ["y"], **attrs)], [("x", ["N", x.shape[1]] + ["?"] * (x.ndim - 2))],
+                   ["y"], opset=opset)
+    _check(model, {"x": x})
+
+
+@pytest.mark.parametrize("op", ["GlobalAveragePool", "GlobalMaxPool"])
+def test_global_pool(op):
+    x = _rand(2, 3, 5, 4)
+    _check(_model([helper.make_node(op, ["x"], ["y"])], [("x", [2, 3, 5, 4])], ["y"], opset=13), {"x": x})
+
+
+@pytest.mark.parametrize("opset", [9, 11, 13, 17, 21])
+def test_gemm_linear(opset):
+    w, c = _rand(5, 6, seed=1), _rand(5, seed=2)
+    node = helper.make_node("Gemm", ["x", "W", "C"], ["y"], name="fc", transB=1)
+    module = _check(_model([node], [("x", ["N", 6])], ["y"], {"W": w, "C": c}, opset), {"x": _rand(3, 6)})
+    fc = module.get_submodule("fc")
+    assert isinstance(fc, nn.Linear) and isinstance(fc.weight, nn.Parameter) and fc.weight.requires_grad
+    assert fc.bias.requires_grad and module.onnx_tensors == {"fc.weight": "W", "fc.bias": "C"}
+
+
+@pytest.mark.parametrize("attrs,cshape", [
+    (dict(transA=1, alpha=0.5, beta=2.0), [1, 5]),
+    (dict(alpha=1.5), None),
+    (dict(transB=1, beta=0.25), []),
+    (dict(transB=0), [4, 5]),
+])
+def test_gemm_general(attrs, cshape):
+    ta, tb = attrs.get("transA", 0), attrs.get("transB", 0)
+    a = _rand(*((6, 4) if ta else (4, 6)), seed=3)
+    w = _rand(*((5, 6) if tb else (6, 5)), seed=4)
+    inits = {"W": w}
+    ins = ["a", "W"]
+    if cshape is not None:
+        inits["C"] = _rand(*cshape, seed=5) if cshape else np.array(0.7, np.float32)
+        ins.append("C")
+    model = _model([helper.make_node("Gemm", ins, ["y"], name="g", **attrs)], [("a", list(a.shape))], ["y"], inits, 13)
+    module = _check(model, {"a": a})
+    assert isinstance(module.get_submodule("g").weight, nn.Parameter)
+    # everything fed at run time: functional path
+    feeds = {"a": a, "w": w} | ({"c": inits["C"]} if cshape is not None else {})
+    model = _model([helper.make_node("Gemm", ["a", "w"] + (["c"] if cshape is not None else []), ["y"], **attrs)],
+                   [(k, list(v.shape)) for k, v in feeds.items()], ["y"], opset=11)
+    _check(model, feeds)
+
+
+def test_matmul_and_bias():
+    w, b = _rand(6, 5, seed=1), _rand(5, seed=2)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"),
+             helper.make_node("Add", ["h", "B"], ["y"], name="bias"),
+             helper.make_node("MatMul", ["y", "z"], ["o"], name="mm2")]
+    model = _model(nodes, [("x", ["N", 3, 6]), ("z", [5, 2])], ["o"], {"W": w, "B": b}, 13)
+    module = _check(model, {"x": _rand(2, 3, 6), "z": _rand(5, 2, seed=9)})
+    assert isinstance(module.get_submodule("mm").weight, nn.Parameter)
+    assert isinstance(module.get_submodule("bias").weight, nn.Parameter)
+    assert module.onnx_tensors == {"mm.weight": "W", "bias.weight": "B"}
+
+
+@pytest.mark.parametrize("opset", [9, 13, 14])
+@pytest.mark.parametrize("op", ["Add", "Sub", "Mul", "Div"])
+def test_binary(op, opset):
+    k = (np.abs(_rand(1, 3, 1, 1, seed=4)) + 0.5).astype(np.float32)
+    nodes = [helper.make_node(op, ["x", "y"], ["t"]), helper.make_node(op, ["K", "t"], ["u"], name="const")]
+    model = _model(nodes, [("x", [2, 3, 4, 5]), ("y", [5])], ["u"], {"K": k}, opset)
+    module = _check(model, {"x": _rand(2, 3, 4, 5), "y": np.abs(_rand(5, seed=2)) + 0.5})
+    assert not list(module.parameters())  # a constant operand is not a layer weight
+    model = _model([helper.make_node(op, ["x", "y"], ["z"])], [("x", [3], TensorProto.INT32), ("y", [3], TensorProto.INT32)],
+                   [("z", [3], TensorProto.INT32)], opset=opset)
+    _check(model, {"x": np.array([7, -7, 9], np.int32), "y": np.array([2, 2, -4], np.int32)})
+
+
+def test_sum_and_activations():
+    for opset in (9, 13, 21):
+        nodes = [helper.make_node("Sum", ["a", "b", "c"], ["s"]),
+                 helper.make_node("Relu", ["s"], ["r"]),
+                 helper.make_node("LeakyRelu", ["s"], ["l"], alpha=0.2),
+                 helper.make_node("LeakyRelu", ["s"], ["l2"]),
+                 helper.make_node("Sigmoid", ["s"], ["g"]),
+                 helper.make_node("Tanh", ["s"], ["t"]),
+                 helper.make_node("Sum", ["a"], ["one"])]
+        feeds = {n: _rand(2, 3, 4, seed=i) for i, n in enumerate("abc")}
+        _check(_model(nodes, [(n, [2, 3, 4]) for n in "abc"], ["r", "l", "l2", "g", "t", "one"], opset=opset), feeds)
+
+
+@pytest.mark.parametrize("opset,inputs,attrs", [
+    (9, [], dict(min=-0.5, max=0.7)),
+    (9, [], dict(max=0.2)),
+    (11, ["lo"], {}),
+    (13, ["lo", "hi"], {}),
+    (13, ["", "hi"], {}),
+    (13, [], {}),
+])
+def test_clip(opset, inputs, attrs):
+    inits = {"lo": np.array(-0.3, np.float32), "hi": np.array(0.4, np.float32)}
+    node = helper.make_node("Clip", ["x"] + inputs, ["y"], **attrs)
+    _check(_model([node], [("x", [3, 4])], ["y"], {k: v for k, v in inits.items() if k in inputs}, opset),
+           {"x": _rand(3, 4)})
+
+
+@pytest.mark.parametrize("opset", [9, 11, 13, 18])
+@pytest.mark.parametrize("op", ["Softmax", "LogSoftmax"])
+@pytest.mark.parametrize("axis", [None, 0, 1, -1, 2])
+def test_softmax(op, opset, axis):
+    attrs = {} if axis is None else {"axis": axis}
+    model = _model([helper.make_node(op, ["x"], ["y"], **attrs)], [("x", [2, 3, 4])], ["y"], opset=opset)
+    _check(model, {"x": _rand(2, 3, 4)})
+
+
+@pytest.mark.parametrize("opset,axis", [(9, 0), (9, 1), (9, 2), (9, 4), (13, 3), (13, -1), (13, -3), (21, 1), (21, -4)])
+def test_flatten(opset, axis):
+    model = _model([helper.make_node("Flatten", ["x"], ["y"], axis=axis)], [("x", ["N", 3, 4, 5])], ["y"], opset=opset)
+    _check(model, {"x": _rand(2, 3, 4, 5)})
+    _check(model, {"x": _rand(3, 3, 4, 5)})
+
+
+@pytest.mark.parametrize("opset,shape,allowzero", [
+    (9, [0, -1], 0), (13, [0, -1], 0), (13, [-1, 12], 0), (14, [0, 3, -1], 0), (14, [2, 0, 30], 1), (21, [0, 5, 4, 3], 0),
+])
+def test_reshape(opset, shape, allowzero):
+    attrs = {"allowzero": allowzero} if opset >= 14 else {}
+    nodes = [helper.make_node("Reshape", ["x", "shape"], ["y"], **attrs)]
+    x = _rand(2, 3, 4, 5) if not allowzero else _rand(2, 0, 3, 4, 5).reshape(2, 0, 60)
+    if allowzero:
+        x = np.zeros((2, 0, 30), np.float32)
+    model = _model(nodes, [("x", ["N"] + list(x.shape[1:]))], ["y"], {"shape": np.array(shape, np.int64)}, opset)
+    module = _check(model, {"x": x})
+    if not allowzero:
+        _check(model, {"x": _rand(*([4] + list(x.shape[1:])))})
+    assert "shape" not in str(module.code) or "_onnx_constants" not in str(module.code)  # resolved at import
+
+
+def test_reshape_shape_from_constant_and_dynamic_shape():
+    nodes = [helper.make_node("Constant", [], ["s"], value=numpy_helper.from_array(np.array([0, -1], np.int64))),
+             helper.make_node("Reshape", ["x", "s"], ["y"]),
+             helper.make_node("Reshape", ["x", "t"], ["z"])]
+    model = _model(nodes, [("x", ["N", 3, 4]), ("t", [2], TensorProto.INT64)], ["y", "z"], opset=13)
+    _check(model, {"x": _rand(5, 3, 4), "t": np.array([-1, 4], np.int64)})
+
+
+def test_transpose_concat_identity_constant():
+    for opset in (9, 13, 21):
+        nodes = [helper.make_node("Transpose", ["x"], ["t"], perm=[0, 2, 1]),
+                 helper.make_node("Transpose", ["x"], ["r"]),
+                 helper.make_node("Constant", [], ["k"], value=numpy_helper.from_array(_rand(2, 4, 2, seed=3))),
+                 helper.make_node("Concat", ["t", "k", "K"], ["c"], axis=-1 if opset >= 11 else 2),
+                 helper.make_node("Identity", ["c"], ["y"])]
+        feeds = {"x": _rand(2, 3, 4)}
+        _check(_model(nodes, [("x", [2, 3, 4])], ["y", "r"], {"K": _rand(2, 4, 1, seed=4)}, opset), feeds)
+    nodes = [helper.make_node("Constant", [], ["a"], value_float=1.5),
+             helper.make_node("Constant", [], ["b"], value_floats=[1.0, 2.0]),
+             helper.make_node("Constant", [], ["i"], value_ints=[2, 1]),
+             helper.make_node("Add", ["x", "a"], ["xa"]), helper.make_node("Mul", ["xa", "b"], ["y"]),
+             helper.make_node("Identity", ["i"], ["j"])]
+    _check(_model(nodes, [("x", [3, 2])], ["y", ("j", [2], TensorProto.INT64)], opset=13), {"x": _rand(3, 2)})
+
+
+def test_constant_of_shape():
+    value = numpy_helper.from_array(np.array([2.5], np.float32))
+    nodes = [helper.make_node("Constant", [], ["s"], value=numpy_helper.from_array(np.array([2, 3], np.int64))),
+             helper.make_node("ConstantOfShape", ["s"], ["c"], value=value),
+             helper.make_node("Add", ["x", "c"], ["y"]),
+             helper.make_node("ConstantOfShape", ["t"], ["z"]),
+             helper.make_node("ConstantOfShape", ["t"], ["zi"], value=numpy_helper.from_array(np.array([7], np.int64)))]
+    model = _model(nodes, [("x", [2, 3]), ("t", [3], TensorProto.INT64)],
+                   ["y", "z", ("zi", None, TensorProto.INT64)], opset=9)
+    _check(model, {"x": _rand(2, 3), "t": np.array([1, 2, 2], np.int64)})
+
+
+@pytest.mark.parametrize("opset", [9, 11, 13, 21])
+def test_squeeze_unsqueeze(opset):
+    axes_u, axes_s = [0, -1] if opset >= 11 else [0, 4], [1, -1] if opset >= 11 else [1, 4]
+    if opset >= 13:
+        nodes = [helper.make_node("Unsqueeze", ["x", "au"], ["u"]), helper.make_node("Squeeze", ["u", "as"], ["s"]),
+                 helper.make_node("Squeeze", ["u"], ["all"])]
+        inits = {"au": np.array(axes_u, np.int64), "as": np.array(axes_s, np.int64)}
+    else:
+        nodes = [helper.make_node("Unsqueeze", ["x"], ["u"], axes=axes_u), helper.make_node("Squeeze", ["u"], ["s"], axes=axes_s),
+                 helper.make_node("Squeeze", ["u"], ["all"])]
+        inits = {}
+    _check(_model(nodes, [("x", [1, 3, 4])], ["u", "s", "all"], inits, opset), {"x": _rand(1, 3, 4)})
+
+
+@pytest.mark.parametrize("mode", ["constant", "reflect", "edge"])
+@pytest.mark.parametrize("opset", [9, 11, 13, 18, 21])
+def test_pad(mode, opset):
+    pads = [0, 1, 2, 1, 0, 0, 1, 3]
+    x = _rand(2, 3, 4, 5)
+    if opset < 11:
+        node = helper.make_node("Pad", ["x"], ["y"], mode=mode, pads=pads, value=0.5)
+        inits = {}
+    else:
+        node = helper.make_node("Pad", ["x", "pads", "v"], ["y"], mode=mode)
+        inits = {"pads": np.array(pads, np.int64), "v": np.array(0.5, np.float32)}
+    _check(_model([node], [("x", list(x.shape))], ["y"], inits, opset), {"x": x})
+    if opset >= 18:  # axes input, negative pads (crop)
+        node = helper.make_node("Pad", ["x", "pads", "", "axes"], ["y"], mode=mode)
+        inits = {"pads": np.array([1, -1, 2, 1], np.int64), "axes": np.array([-1, 2], np.int64)}
+        if mode != "constant":
+            inits["pads"] = np.array([1, 0, 2, 1], np.int64)
+        _check(_model([node], [("x", list(x.shape))], ["y"], inits, opset), {"x": x})
+
+
+@pytest.mark.parametrize("size", [3, 5])
+def test_lrn(size):
+    node = helper.make_node("LRN", ["x"], ["y"], size=size, alpha=0.001, beta=0.75, bias=2.0)
+    _check(_model([node], [("x", [2, 7, 4, 3])], ["y"], opset=13), {"x": _rand(2, 7, 4, 3, scale=3.0)})
+
+
+def test_lrn_even_size_against_the_spec():
+    """onnxruntime refuses even sizes; the spec's window is [c - 1, c + 2] for size 4."""
+    x = _rand(2, 7, 3, 2, scale=3.0)
+    node = helper.make_node("LRN", ["x"], ["y"], size=4, alpha=0.01, beta=0.5, bias=1.5)
+    got = _torch(to_torch(_model([node], [("x", list(x.shape))], ["y"], opset=13)), {"x": x}, ["x"])[0]
+    sq = np.zeros_like(x)
+    for c in range(7):
+        sq[:, c] = (x[:, max(0, c - 1):min(7, c + 3)] ** 2).sum(axis=1)
+    assert _rel(got, x / (1.5 + 0.01 / 4 * sq) ** 0.5) <= RTOL
+
+
+@pytest.mark.parametrize("opset", [9, 12, 13, 22])
+def test_dropout(opset):
+    x = _rand(8, 64)
+    if opset >= 12:
+        node = helper.make_node("Dropout", ["x", "r"], ["y", "mask"], name="drop")
+        model = _model([node], [("x", [8, 64])], ["y", ("mask", None, TensorProto.BOOL)],
+                       {"r": np.array(0.3, np.float32)}, opset)
+    else:
+        node = helper.make_node("Dropout", ["x"], ["y"], name="drop", ratio=0.3)
+        model = _model([node], [("x", [8, 64])], ["y"], opset=opset)
+    module = _check(model, {"x": x})
+    drop = module.get_submodule("drop")
+    assert isinstance(drop, nn.Dropout) and drop.p == pytest.approx(0.3)
+    module.train()
+    torch.manual_seed(0)
+    t = torch.from_numpy(x)
+    first, second = module(t), module(t)
+    if opset >= 12:
+        first, second = first[0], second[0]
+    assert not torch.equal(first, second)
+    assert (first == 0).float().mean().item() == pytest.approx(0.3, abs=0.1)
+    module.eval()
+    a, b = module(t), module(t)
+    if opset >= 12:
+        assert torch.all(a[1])
+        a, b = a[0], b[0]
+    assert torch.equal(a, b) and torch.equal(a, t)
+
+
+@pytest.mark.parametrize("opset,rank", [(9, 4), (14, 4), (15, 2), (15, 3), (21, 5), (9, 2)])
+def test_batchnorm(opset, rank):
+    c = 3
+    shape = [2, c, 4, 5, 3][:rank]
+    inits = {"s": _rand(c, seed=1), "b": _rand(c, seed=2), "m": _rand(c, seed=3), "v": np.abs(_rand(c, seed=4)) + 0.1}
+    node = helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["y"], name="bn", epsilon=1e-3, momentum=0.8)
+    module = _check(_model([node], [("x", ["N"] + shape[1:])], ["y"], inits, opset), {"x": _rand(*shape, seed=5)})
+    bn = module.get_submodule("bn")
+    expect = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[rank]
+    assert type(bn) is expect
+    assert bn.momentum == pytest.approx(0.2) and bn.eps == pytest.approx(1e-3)
+    np.testing.assert_array_equal(bn.running_mean.numpy(), inits["m"])
+    np.testing.assert_array_equal(bn.running_var.numpy(), inits["v"])
+    assert isinstance(bn.weight, nn.Parameter) and isinstance(bn.bias, nn.Parameter)
+    # scale/B/mean/var fed at run time: functional, inference semantics
+    model = _model([helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["y"])],
+                   [("x", shape)] + [(k, [c]) for k in "sbmv"], ["y"], opset=opset)
+    _check(model, {"x": _rand(*shape, seed=5)} | inits)
+
+
+def test_batchnorm_default_momentum_is_torch_0_1():
+    inits = {k: np.ones(3, np.float32) for k in "sbmv"}
+    node = helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["y"], name="bn")
+    module = to_torch(_model([node], [("x", ["N", 3, 4, 4])], ["y"], inits, 13))
+    assert isinstance(module.bn, nn.BatchNorm2d)
+    assert module.bn.momentum == pytest.approx(0.1) and module.bn.eps == pytest.approx(1e-5)
+
+
+# ============================================================================ errors
+
+def test_unsupported_op_names_op_opset_node():
+    nodes = [helper.make_node("Relu", ["x"], ["r"]),
+             helper.make_node("Resize", ["r", "", "scales"], ["y"], name="foo")]
+    model = _model(nodes, [("x", [1, 1, 2, 2])], ["y"], {"scales": np.array([1, 1, 2, 2], np.float32)}, 17)
+    with pytest.raises(UserError, match=r"cannot import node 'foo' \(Resize, opset 17\): op not supported"):
+        to_torch(model)
+
+
+def test_unsupported_attribute_and_output():
+    node = helper.make_node("MaxPool", ["x"], ["y", "idx"], name="mp", kernel_shape=[2, 2])
+    model = _model([node], [("x", [1, 1, 4, 4])], ["y", ("idx", None, TensorProto.INT64)], opset=12)
+    with pytest.raises(UserError, match=r"'mp' \(MaxPool, opset 12\): the Indices output"):
+        to_torch(model)
+    node = helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["y"], name="bnt", training_mode=1)
+    inits = {k: np.ones(2, np.float32) for k in "sbmv"}
+    with pytest.raises(UserError, match=r"'bnt' \(BatchNormalization, opset 15\): training_mode=1"):
+        to_torch(_model([node], [("x", [2, 2])], ["y"], inits, 15))
+    node = helper.make_node("Relu", ["x"], ["y"], name="r", domain="com.example")
+    model = _model([node], [("x", [2])], ["y"], opset=13)
+    model.opset_import.append(helper.make_opsetid("com.example", 1))
+    with pytest.raises(UserError, match="domain 'com.example'"):
+        to_torch(model)
+
+
+def test_missing_file_is_user_error(tmp_path):
+    with pytest.raises(UserError):
+        to_torch(tmp_path / "nope.onnx")
+
+
+# ============================================================================ VGG-like graph
+
+def _vgg_like(opset=13, seed=0, ir=None, inits_as_inputs=False):
+    rng = np.random.default_rng(seed)
+
+    def r(*s, scale=0.2):
+        return (rng.standard_normal(s) * scale).astype(np.float32)
+    inits = {
+        "c1.w": r(8, 3, 3, 3), "c1.b": r(8), "c2.w": r(8, 8, 3, 3), "c2.b": r(8),
+        "bn.scale": (1 + r(8)).astype(np.float32), "bn.B": r(8), "bn.mean": r(8), "bn.var": (np.abs(r(8)) + 0.5).astype(np.float32),
+        "c3.w": r(16, 8, 3, 3),
+        "fc1.w": r(32, 16 * 4 * 4, scale=0.05), "fc1.b": r(32), "fc2.w": r(10, 32), "fc2.b": r(10),
+        "fc3.w": r(32, 10) if opset >= 11 else r(10, 32), "shape": np.array([0, -1], np.int64),
+    }
+    drop = [helper.make_node("Dropout", ["a5"], ["d5"], name="drop", ratio=0.5)] if opset < 12 else \
+        [helper.make_node("Dropout", ["a5", "ratio"], ["d5"], name="drop")]
+    if opset >= 12:
+        inits["ratio"] = np.array(0.5, np.float32)
+    bn_attrs = {"spatial": 1} if opset < 9 else {}
+    nodes = [
+        helper.make_node("Conv", ["x", "c1.w", "c1.b"], ["a1"], name="features/conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["a1"], ["r1"], name="features/relu1"),
+        helper.make_node("Conv", ["r1", "c2.w", "c2.b"], ["a2"], name="features/conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["a2", "bn.scale", "bn.B", "bn.mean", "bn.var"], ["n2"],
+                         name="features/bn2", momentum=0.9, **bn_attrs),
+        helper.make_node("Relu", ["n2"], ["r2"], name="features/relu2"),
+        helper.make_node("MaxPool", ["r2"], ["p2"], name="features/pool2", kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Conv", ["p2", "c3.w"], ["a3"], name="features/conv3", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["a3"], ["r3"], name="features/relu3"),
+        helper.make_node("MaxPool", ["r3"], ["p3"], name="features/pool3", kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Reshape", ["p3", "shape"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "fc1.w", "fc1.b"], ["a5"], name="classifier/fc1", transB=1),
+        *drop,
+        helper.make_node("Relu", ["d5"], ["r5"], name="classifier/relu1"),
+        helper.make_node("Gemm", ["r5", "fc2.w", "fc2.b"], ["logits"], name="classifier/fc2", transB=1),
+        # no bias; Gemm's C is optional from opset 11 only
+        helper.make_node("Gemm", ["logits", "fc3.w"], ["proj"], name="classifier/fc3", transB=1) if opset >= 11 else
+        helper.make_node("MatMul", ["logits", "fc3.w"], ["proj"], name="classifier/fc3"),
+    ]
+    model = _model(nodes, [("x", ["N", 3, 16, 16])], [("logits", ["N", 10]), ("proj", ["N", 32])], inits, opset, ir=ir)
+    if inits_as_inputs:
+        for t in model.graph.initializer:
+            model.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    model.metadata_props.add(key="author", value="tests")
+    model.producer_name = "onnxbn-tests"
+    return model
+
+
+@pytest.mark.parametrize("opset", [9, 11, 13, 17, 21])
+def test_vgg_like_matches_onnxruntime_dynamic_batch(opset):
+    model = _vgg_like(opset)
+    module = to_torch(model)
+    for batch in (1, 5):
+        x = _rand(batch, 3, 16, 16, seed=batch)
+        ref = _ort(model, {"x": x})
+        got = _torch(module, {"x": x}, ["x"])
+        assert [_rel(g, r) <= RTOL for g, r in zip(got, ref)] == [True, True]
+    assert module.onnx_names["features_conv1"] == "features/conv1"
+    assert module.onnx_names["classifier_fc2"] == "classifier/fc2"
+    assert isinstance(module.features_bn2, nn.BatchNorm2d) and module.features_bn2.momentum == pytest.approx(0.1)
+    assert isinstance(module.classifier_fc1, nn.Linear) and isinstance(module.drop, nn.Dropout)
+    params = dict(module.named_parameters())
+    for key in ("features_conv1.weight", "features_conv2.bias", "classifier_fc1.weight", "classifier_fc3.weight"):
+        assert params[key].requires_grad
+    assert module.features_conv3.bias is None
+    assert getattr(module.classifier_fc3, "bias", None) is None
+    assert "_onnx_constants" not in module.code  # the Reshape shape was resolved at import
+
+
+def test_ir3_initializers_listed_as_inputs():
+    model = _vgg_like(8, ir=3, inits_as_inputs=True)
+    assert len(model.graph.input) > 1
+    module = to_torch(model)
+    assert module.onnx_inputs == ["x"]
+    x = _rand(3, 3, 16, 16)
+    ref = _ort(model, {"x": x})
+    got = _torch(module, {"x": x}, ["x"])
+    assert all(_rel(g, r) <= RTOL for g, r in zip(got, ref))
+
+
+def test_names_sanitised_unique_deterministic():
+    nodes = [helper.make_node("Relu", ["x"], ["a"], name="1 odd/name:0"),
+             helper.make_node("Dropout", ["a"], ["b"], name="forward"),
+             helper.make_node("Dropout", ["b"], ["c"], name="forward"),
+             helper.make_node("Dropout", ["c"], ["d"], name=""),
+             helper.make_node("Dropout", ["d"], ["e"], name="class")]
+    model = _model(nodes, [("x", [2])], ["e"], opset=11)
+    m1, m2 = to_torch(model), to_torch(model)
+    assert m1.onnx_names == m2.onnx_names
+    assert m1.onnx_names == {"forward_": "forward", "forward__1": "forward", "dropout_3": "", "class_": "class"}
+    copied = copy.deepcopy(m1)
+    assert copied.onnx_tensors == m1.onnx_tensors and copied.onnx_names == m1.onnx_names
+
+
+# ============================================================================ write-back
+
+def _sgd_step(module, seed=0, lr=0.05):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(6, 3, 16, 16, generator=g)
+    y = torch.randint(0, 10, (6,), generator=g)
+    module.train()
+    torch.manual_seed(seed)
+    opt = torch.optim.SGD(module.parameters(), lr=lr)
+    logits, proj = module(x)
+    loss = nn.functional.cross_entropy(logits, y) + proj.pow(2).mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    module.eval()
+
+
+@pytest.mark.parametrize("opset", [9, 13, 21])
+def test_write_back_round_trip(opset, tmp_path):
+    model = _vgg_like(opset)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    module = to_torch(path)
+    bn_mean_before = module.features_bn2.running_mean.clone()
+    _sgd_step(module)
+    assert not torch.equal(bn_mean_before, module.features_bn2.running_mean)
+    out = write_back(module, path)
+    # onnxruntime on the written model == torch eval output
+    x = _rand(4, 3, 16, 16, seed=7)
+    got = _torch(module, {"x": x}, ["x"])
+    ref = _ort(out, {"x": x})
+    assert all(_rel(g, r) <= RTOL for g, r in zip(got, ref))
+    before = _ort(model, {"x": x})
+    assert _rel(before[0], ref[0]) > 1e-3  # the weights really changed
+    # same nodes, names, opset, metadata (plus provenance), same initializer set and dtypes
+    assert [(n.op_type, n.name) for n in out.graph.node] == [(n.op_type, n.name) for n in model.graph.node]
+    assert [(n.input, n.output) for n in out.graph.node] == [(n.input, n.output) for n in model.graph.node]
+    assert list(out.opset_import) == list(model.opset_import) and out.ir_version == model.ir_version
+    assert out.producer_name == model.producer_name
+    meta = {p.key: p.value for p in out.metadata_props}
+    assert meta["author"] == "tests"
+    info = json.loads(meta["onnxbn.write_back"])
+    assert info["tensors"] == len(module.onnx_tensors) == 14  # conv w+b x2, conv w, BN 4, fc1 w+b, fc2 w+b, fc3 w
+    assert info["changed"] == 14
+    old = {t.name: t for t in model.graph.initializer}
+    new = {t.name: t for t in out.graph.initializer}
+    assert list(old) == list(new)
+    assert all(old[k].data_type == new[k].data_type and list(old[k].dims) == list(new[k].dims) for k in old)
+    np.testing.assert_array_equal(numpy_helper.to_array(new["bn.mean"]), module.features_bn2.running_mean.numpy())
+    np.testing.assert_array_equal(numpy_helper.to_array(new["shape"]), numpy_helper.to_array(old["shape"]))
+    assert [i.name for i in out.graph.input] == [i.name for i in model.graph.input]
+
+
+def test_write_back_untrained_is_identity_and_checks_shapes():
+    model = _vgg_like(13)
+    module = to_torch(model)
+    out = write_back(module, model)
+    for a, b in zip(model.graph.initializer, out.graph.initializer):
+        np.testing.assert_array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))
+    assert json.loads({p.key: p.value for p in out.metadata_props}["onnxbn.write_back"]) == {"tensors": 14, "changed": 0}
+    module.classifier_fc1.bias = nn.Parameter(torch.zeros(31))
+    with pytest.raises(UserError, match="shape"):
+        write_back(module, model)
+    other = _vgg_like(11)
+    with pytest.raises(UserError, match="different model"):
+        write_back(to_torch(model), other)
+
+
+def test_write_back_ir3_and_float16_dtype():
+    model = _vgg_like(8, ir=3, inits_as_inputs=True)
+    module = to_torch(model)
+    _sgd_step(module)
+    out = write_back(module, model)
+    x = _rand(2, 3, 16, 16)
+    assert all(_rel(g, r) <= RTOL for g, r in zip(_torch(module, {"x": x}, ["x"]), _ort(out, {"x": x})))
+    # a float16 initializer keeps its dtype
+    w = _rand(4, 6).astype(np.float16)
+    node = helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")
+    m16 = _model([node], [("x", [2, 4], TensorProto.FLOAT16)], [("y", [2, 6], TensorProto.FLOAT16)], {"W": w}, 13)
+    mod16 = to_torch(m16)
+    with torch.no_grad():
+        mod16.mm.weight.mul_(2)
+    out16 = write_back(mod16, m16)
+    assert out16.graph.initializer[0].data_type == TensorProto.FLOAT16
+    np.testing.assert_array_equal(numpy_helper.to_array(out16.graph.initializer[0]), w * 2)
+
+
+def test_split_at_prefix_suffix():
+    model = _vgg_like(13)
+    module = to_torch(model).eval()
+    prefix, suffix = split_at(module, "features/pool3")
+    x = torch.from_numpy(_rand(3, 3, 16, 16))
+    with torch.no_grad():
+        feats = prefix(x)
+        out = suffix(*(feats if isinstance(feats, tuple) else (feats,)))
+        ref = module(x)
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+    assert feats.shape == (3, 16, 4, 4)
+    assert suffix.classifier_fc1.weight is module.classifier_fc1.weight
+    assert "features_conv1" not in dict(suffix.named_modules())
+    with pytest.raises(UserError):
+        split_at(module, "nope")
+
+
+# ============================================================================ training parity
+
+class _Hand(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4 * 8 * 8, 5)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(torch.relu(self.bn(self.conv(x))), 1))
+
+
+def _export_by_hand(net: _Hand) -> onnx.ModelProto:
+    sd = {k: v.detach().numpy() for k, v in net.state_dict().items() if k != "bn.num_batches_tracked"}
+    nodes = [helper.make_node("Conv", ["x", "conv.weight", "conv.bias"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var"],
+                              ["b"], name="bn", momentum=0.9, epsilon=1e-5),
+             helper.make_node("Relu", ["b"], ["r"], name="relu"),
+             helper.make_node("Flatten", ["r"], ["f"], name="flat"),
+             helper.make_node("Gemm", ["f", "fc.weight", "fc.bias"], ["y"], name="fc", transB=1)]
+    return _model(nodes, [("x", ["N", 3, 8, 8])], [("y", ["N", 5])], sd, 13)
+
+
+def test_training_parity_with_hand_written_module():
+    torch.manual_seed(0)
+    hand = _Hand()
+    with torch.no_grad():
+        hand.bn.running_mean.uniform_(-0.5, 0.5)
+        hand.bn.running_var.uniform_(0.5, 1.5)
+        hand.bn.weight.uniform_(0.5, 1.5)
+    model = _export_by_hand(hand)
+    imported = to_torch(model)
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 5, (8,), generator=g)) for _ in range(5)]
+    curves = []
+    for net in (hand, imported):
+        net.train()
+        opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+        losses = []
+        for x, y in data:
+            loss = nn.functional.cross_entropy(net(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        curves.append(np.array(losses))
+    assert curves[0][0] != curves[0][-1]
+    np.testing.assert_allclose(curves[1], curves[0], rtol=1e-5)
+    np.testing.assert_allclose(imported.bn.running_mean.numpy(), hand.bn.running_mean.numpy(), rtol=1e-5, atol=1e-7)
+    # and the written-back ONNX model computes what the hand-written module computes
+    hand.eval()
+    out = write_back(imported, model)
+    x = data[0][0].numpy()
+    with torch.no_grad():
+        ref = hand(data[0][0]).numpy()
+    assert _rel(_ort(out, {"x": x})[0], ref) <= RTOL
+
+
+def test_dropout_module_type():
+    assert issubclass(OnnxDropout, nn.Dropout)
