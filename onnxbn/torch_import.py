@@ -508,7 +508,8 @@ class _Importer:
         if not self._dynamic((args, kwargs)):
             with torch.no_grad():
                 return fn(*args, **kwargs)
-        n = self.graph.call_function(fn, self._lift(args), self._lift(kwargs))
+        hint = _sanitize(self.node.name, self.node.op_type.lower())
+        n = self.graph.create_node("call_function", fn, self._lift(args), self._lift(kwargs), name=hint)
         n.meta["onnx_node"] = self.node.name
         return n
 
@@ -914,14 +915,15 @@ def _bn_op(ctx: _Importer, a: dict):
         ctx.fail("training_mode=1 is not supported")
     if ctx.opset < 9 and not int(a.get("spatial", 1)):
         ctx.fail("spatial=0 is not supported")
-    eps = float(a.get("epsilon", 1e-5))
-    momentum = float(a.get("momentum", 0.9))
+    # attributes are float32: 0.9f -> 0.10000002; keep the decimal the exporter meant
+    eps = float(f"{float(a.get('epsilon', 1e-5)):.7g}")
+    momentum = float(f"{float(a.get('momentum', 0.9)):.7g}")
     names = list(node.input[1:5])
     if all(ctx.is_weight(n) for n in names):
         scale, bias = ctx.param(names[0]), ctx.param(names[1])
         rank = ctx.rank(node.input[0])
         cls = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}.get(rank, _BatchNormAnyD)
-        mod = cls(scale.shape[0], eps=eps, momentum=1.0 - momentum, device="meta")
+        mod = cls(scale.shape[0], eps=eps, momentum=float(f"{1.0 - momentum:.7g}"), device="meta")
         mod.weight, mod.bias = scale, bias
         mod.running_mean = _to_tensor(ctx.inits[names[2]])
         mod.running_var = _to_tensor(ctx.inits[names[3]])

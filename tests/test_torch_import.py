@@ -555,11 +555,17 @@ def test_names_sanitised_unique_deterministic():
              helper.make_node("Dropout", ["a"], ["b"], name="forward"),
              helper.make_node("Dropout", ["b"], ["c"], name="forward"),
              helper.make_node("Dropout", ["c"], ["d"], name=""),
-             helper.make_node("Dropout", ["d"], ["e"], name="class")]
-    model = _model(nodes, [("x", [2])], ["e"], opset=11)
+             helper.make_node("Dropout", ["d"], ["e"], name="class"),
+             helper.make_node("Relu", ["e"], ["f"], name="torch"),
+             helper.make_node("Sigmoid", ["f"], ["g"], name="self"),
+             helper.make_node("Tanh", ["g"], ["h"], name="operator")]
+    model = _model(nodes, [("x", [2])], ["h"], opset=11)
+    got = _torch(to_torch(model), {"x": np.array([-1.0, 2.0], np.float32)}, ["x"])[0]
+    np.testing.assert_allclose(got, np.tanh(1 / (1 + np.exp(-np.array([0.0, 2.0])))), rtol=1e-6)
     m1, m2 = to_torch(model), to_torch(model)
     assert m1.onnx_names == m2.onnx_names
     assert m1.onnx_names == {"forward_": "forward", "forward__1": "forward", "dropout_3": "", "class_": "class"}
+    assert "torch.nn.functional.relu(" in m1.code
     copied = copy.deepcopy(m1)
     assert copied.onnx_tensors == m1.onnx_tensors and copied.onnx_names == m1.onnx_names
 
