@@ -179,6 +179,62 @@ def cmd_check(args) -> int:
     return 0 if report.passed else 1
 
 
+@command(arg("model", help="ONNX model (typically with BN from `onnxbn insert`)"),
+         arg("--train", required=True, help="labelled training data: image folder with class folders, or .npz with x, y"),
+         arg("--val", help="labelled validation data"),
+         arg("--epochs", type=int, default=1, help="epochs (default: 1, as the notebook)"),
+         arg("--lr", type=float, default=1e-5, help="learning rate (default: 1e-5, the notebook's)"),
+         arg("--optimizer", choices=["adam", "sgd"], default="adam", help="optimizer (default: adam)"),
+         arg("--batch-size", type=int, default=64, help="samples per step (default: 64)"),
+         arg("--freeze-through", default="auto",
+             help="last frozen ONNX node (default: auto = the last convolution block's output)"),
+         arg("--cache", help="feature cache folder, reused when model and data are unchanged (default: temporary)"),
+         arg("--bf16", action="store_true", help="bfloat16 autocast for the trained part (off by default)"),
+         arg("--limit", type=int, help="train on a seeded, class-balanced sample of N items"),
+         arg("--seed", type=int, default=0, help="seed for shuffling, dropout and --limit (default: 0)"),
+         arg("--workers", type=int, default=0, help="image decoding processes (default: 0, in-process)"),
+         DEVICE, OUTPUT)
+def cmd_finetune(args) -> int:
+    """Fine-tune the layers after the frozen convolution blocks on cached features, write the weights back.
+
+    Writes the model and, next to it, OUTPUT.log.json with per-epoch train/val loss and accuracy."""
+    from onnxbn.graph import refuse_overwrite, save_model
+    from onnxbn.training import finetune
+
+    log_path = args.output + ".log.json"
+    inputs = [args.model, args.train, args.val]
+    refuse_overwrite(args.output, inputs, args.force)
+    refuse_overwrite(log_path, inputs, args.force)
+    result = finetune(args.model, args.train, args.val, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                      freeze_through=args.freeze_through, cache=args.cache, device=args.device, seed=args.seed,
+                      optimizer=args.optimizer, bf16=args.bf16, workers=args.workers, limit=args.limit)
+    save_model(result.model, args.output, inputs=inputs, force=args.force)
+    _write_json(log_path, result.log, inputs)
+    before, after = result.log["val_before"], result.log["val_after"]
+    if before and after:
+        log.info("val loss %.4f -> %.4f, accuracy %.4f -> %.4f", before["loss"], after["loss"], before["accuracy"],
+                 after["accuracy"])
+    log.info("trained %d parameters after %s in %.1fs; wrote %s and %s", result.log["trainable_parameters"],
+             result.log["freeze_through"], result.log["seconds"], args.output, log_path)
+    return 0
+
+
+@command(arg("model", help="ONNX model"), arg("--data", required=True, help="labelled data (class folders or .npz with y)"),
+         arg("--json", action="store_true", help="print JSON"), DATA_READING, DEVICE)
+def cmd_eval(args) -> int:
+    """Cross-entropy loss and top-1/top-5 accuracy through onnxruntime."""
+    from onnxbn.training import evaluate
+
+    result = evaluate(args.model, args.data, batch_size=args.batch_size, device=args.device, limit=args.limit,
+                      seed=args.seed, workers=args.workers or 0)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"loss {result['loss']:.4f}  top-1 {result['top1']:.2%}  top-5 {result['top5']:.2%}  "
+              f"({result['samples']} samples, onnxruntime on {result['provider']})")
+    return 0
+
+
 @command(arg("model", help="ONNX model with BatchNormalization nodes"),
          arg("--data", help="verify on these inputs (image folder or .npz) instead of --random"),
          arg("--random", type=int, help="verify on N seeded normal inputs (default: 8)"),

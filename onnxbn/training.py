@@ -1,0 +1,396 @@
+"""Fine-tuning an ONNX model in torch on cached features, and evaluation through onnxruntime.
+
+The notebook's trick: everything up to the last convolution block is frozen, so it
+runs once over the data and its outputs go to a memory-mapped feature cache; the
+epochs then train only the rest (the dense layers and their new BN) on those
+features. The model is imported with `to_torch`, cut with `split_at`, trained with
+Adam (by default) on cross-entropy, and the trained tensors are written back into
+the original ONNX graph with `write_back`, which is then checked against the torch
+module in eval mode through onnxruntime (<= 1e-5 relative, else it fails).
+
+Feature cache layout: `CACHE/<key>/{features.npy, labels.npy, meta.json}`, where the
+key hashes the model's graph and weights, the cut node, the data (file names, sizes
+and times, or array bytes) and the preprocessing; a finished entry is renamed into
+place atomically, so a killed run never leaves a half cache that a later run trusts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from onnxbn.errors import UserError
+from onnxbn.graph import ACTIVATIONS, load_model, model_sha256, tensor_shape, value_types
+from onnxbn.stats import check_batch_shape, model_input, open_model_data, progress
+
+log = logging.getLogger("onnxbn")
+DENSE_OPS = {"Gemm", "MatMul"}
+# Ops between the last convolution block and the first dense layer (VGG: avgpool, Flatten).
+_HEAD_PASSTHROUGH = {"Flatten", "Reshape", "Dropout", "Identity", "AveragePool", "GlobalAveragePool",
+                     "MaxPool", "GlobalMaxPool", "BatchNormalization"} | ACTIVATIONS
+
+
+# ----------------------------------------------------------------------------- the split
+
+def default_freeze_node(model: onnx.ModelProto) -> str:
+    """The node whose output is the last convolution block's: the last spatial (rank >= 3)
+    tensor on the way from the first dense layer back to the convolutions."""
+    graph = model.graph
+    inits = {t.name for t in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+    first_dense = next((n for n in graph.node if n.op_type in DENSE_OPS and any(i in inits for i in n.input[:2])), None)
+    if first_dense is None:
+        raise UserError("the model has no dense (Gemm/MatMul) layer to fine-tune; give --freeze-through NODE")
+    types = value_types(model)
+    tensor = first_dense.input[0]
+    while tensor in producers:
+        node = producers[tensor]
+        shape = tensor_shape(types.get(tensor))
+        if shape is not None and len(shape) >= 3:
+            return node.name
+        if node.op_type not in _HEAD_PASSTHROUGH:
+            break
+        tensor = node.input[0]
+    raise UserError(f"no convolution block found before the first dense layer {first_dense.name!r}; "
+                    "give --freeze-through NODE (an ONNX node name)")
+
+
+# ----------------------------------------------------------------------------- feature cache
+
+def _data_fingerprint(dataset) -> str:
+    h = hashlib.sha256()
+    if dataset.is_images:
+        for f in dataset.files:
+            st = os.stat(f)
+            h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        h.update(f"{dataset.preset}/{dataset.size}".encode())
+    else:
+        h.update(np.ascontiguousarray(dataset.index).tobytes())
+        for start in range(0, len(dataset.index), 1024):
+            h.update(np.ascontiguousarray(dataset.array[dataset.index[start:start + 1024]]).tobytes())
+    if dataset.labels is not None:
+        h.update(np.ascontiguousarray(dataset.labels).tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class Features:
+    """Cached prefix outputs (memory-mapped) and their labels."""
+
+    x: np.ndarray
+    y: np.ndarray
+    hit: bool
+    path: Path | None
+
+
+def _run_prefix(prefix, dataset, folder: Path, batch_size: int, device, workers: int, desc: str, shape):
+    import torch
+
+    n = len(dataset)
+    features = labels = None
+    written = 0
+    with progress(n, desc) as bar, torch.no_grad():
+        for x, y in dataset.batches(batch_size, workers):
+            check_batch_shape(x, shape, dataset.description)
+            out = prefix(torch.from_numpy(x).to(device))
+            if isinstance(out, (tuple, list)):
+                raise UserError("the frozen part passes several tensors to the rest; choose a --freeze-through node "
+                                "whose output alone feeds the layers after it")
+            out = out.float().cpu().numpy()
+            if features is None:
+                features = np.lib.format.open_memmap(folder / "features.npy", mode="w+", dtype=np.float32,
+                                                     shape=(n, *out.shape[1:]))
+                labels = np.lib.format.open_memmap(folder / "labels.npy", mode="w+", dtype=np.int64, shape=(n,))
+            features[written:written + len(out)] = out
+            labels[written:written + len(out)] = y
+            written += len(out)
+            bar.update(len(x))
+    if features is None:
+        raise UserError(f"{dataset.description}: no sample could be read")
+    features.flush()
+    labels.flush()
+    (folder / "meta.json").write_text(json.dumps({"samples": written, "shape": list(features.shape[1:]),
+                                                  "skipped": dataset.skipped[:20]}))
+    return written
+
+
+def cached_features(prefix, dataset, key: str, cache_dir: Path, batch_size: int, device, workers: int,
+                    desc: str, shape) -> Features:
+    """The prefix's outputs over `dataset`, from `cache_dir/key` or computed into it."""
+    entry = cache_dir / key
+    if not (entry / "meta.json").is_file():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{key[:12]}.", dir=cache_dir))
+        try:
+            _run_prefix(prefix, dataset, staging, batch_size, device, workers, desc, shape)
+            try:
+                os.replace(staging, entry)
+            except OSError:  # another run finished the same entry first
+                shutil.rmtree(staging, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        hit = False
+    else:
+        hit = True
+        log.info("feature cache hit: %s", entry)
+    samples = json.loads((entry / "meta.json").read_text())["samples"]
+    x = np.load(entry / "features.npy", mmap_mode="r")[:samples]
+    y = np.load(entry / "labels.npy", mmap_mode="r")[:samples]
+    return Features(x, np.asarray(y), hit, entry)
+
+
+# ----------------------------------------------------------------------------- training
+
+@dataclass
+class FinetuneResult:
+    """The fine-tuned ONNX model and the run's log (per-epoch metrics, cache use, timings)."""
+
+    model: onnx.ModelProto
+    log: dict = field(default_factory=dict)
+
+
+def _torch_device(device: str):
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: torch sees no CUDA device here; use --device cpu or auto")
+    if device not in ("cpu", "cuda"):
+        raise UserError(f"unknown device {device!r}: use auto, cpu or cuda")
+    return torch.device(device)
+
+
+def _ends_in(model: onnx.ModelProto) -> str:
+    """'probs' when the output is a Softmax, 'logprobs' for LogSoftmax, else 'logits'."""
+    out = model.graph.output[0].name
+    producer = next((n for n in model.graph.node if out in n.output), None)
+    return {"Softmax": "probs", "LogSoftmax": "logprobs"}.get(producer.op_type if producer else "", "logits")
+
+
+def _log_probs(output, kind: str):
+    import torch
+
+    if kind == "probs":
+        return torch.log(output.clamp_min(1e-30))
+    if kind == "logprobs":
+        return output
+    return torch.log_softmax(output, dim=1)
+
+
+def _check_labels(y: np.ndarray, classes: int, source: str) -> None:
+    if len(y) and (y.min() < 0 or y.max() >= classes):
+        raise UserError(f"{source}: labels span {y.min()}..{y.max()} but the model has {classes} outputs; "
+                        "the data's classes must map to the model's output units")
+
+
+def _evaluate_suffix(suffix, feats: Features, batch_size: int, device, kind: str) -> dict:
+    import torch
+
+    suffix.eval()
+    loss = correct = correct5 = 0.0
+    with torch.no_grad():
+        for start in range(0, len(feats.y), batch_size):
+            x = torch.from_numpy(np.array(feats.x[start:start + batch_size])).to(device)  # copy off the memmap
+            y = torch.from_numpy(np.array(feats.y[start:start + batch_size])).to(device)
+            lp = _log_probs(suffix(x), kind).float()
+            loss += float(torch.nn.functional.nll_loss(lp, y, reduction="sum"))
+            top = lp.topk(min(5, lp.shape[1]), dim=1).indices
+            correct += float((top[:, 0] == y).sum())
+            correct5 += float((top == y[:, None]).any(dim=1).sum())
+    n = max(len(feats.y), 1)
+    return {"loss": loss / n, "accuracy": correct / n, "top5": correct5 / n}
+
+
+def finetune(model, train, val=None, *, epochs: int = 1, lr: float = 1e-5, batch_size: int = 64,
+             freeze_through: str = "auto", cache: str | os.PathLike | None = None, device: str = "auto",
+             seed: int = 0, optimizer: str = "adam", bf16: bool = False, workers: int = 0,
+             limit: int | None = None) -> FinetuneResult:
+    """Fine-tune `model` past its frozen convolution blocks on labelled `train` data.
+
+    `model`: path or ModelProto; `train`/`val`: image folder with class folders, .npz
+    with x and y, or an (x, y) tuple. Returns the model with the trained weights (and
+    BN running statistics) written back, and a log with per-epoch train/val metrics.
+    """
+    import torch
+
+    from onnxbn.torch_import import split_at, to_torch, write_back
+
+    if epochs < 0 or batch_size < 1 or not lr > 0:
+        raise UserError("--epochs must be >= 0, --batch-size >= 1 and --lr > 0")
+    if optimizer not in ("adam", "sgd"):
+        raise UserError(f"unknown optimizer {optimizer!r}: use adam or sgd")
+    started = time.perf_counter()
+    proto = load_model(model)
+    dev = _torch_device(device)
+    torch.manual_seed(seed)
+    node = default_freeze_node(proto) if freeze_through == "auto" else freeze_through
+    if node not in {n.name for n in proto.graph.node}:
+        raise UserError(f"--freeze-through {node!r}: no ONNX node has that name")
+    module = to_torch(proto).to(dev)
+    prefix, suffix = split_at(module, node)
+    module.requires_grad_(False)
+    trainable = list(suffix.parameters())
+    for p in trainable:
+        p.requires_grad_(True)
+    prefix.eval()
+    _, _, input_shape = model_input(proto)
+    classes = tensor_shape(proto.graph.output[0].type)
+    classes = classes[1] if classes and len(classes) == 2 and isinstance(classes[1], int) else None
+    kind = _ends_in(proto)
+
+    digest = model_sha256(proto)
+    temp = None
+    if cache is None:
+        temp = tempfile.TemporaryDirectory(prefix="onnxbn-features-")
+        cache_dir = Path(temp.name)
+    else:
+        cache_dir = Path(cache)
+    try:
+        sets = {}
+        for split, data in (("train", train), ("val", val)):
+            if data is None:
+                continue
+            dataset = open_model_data(proto, data, limit=limit if split == "train" else None, seed=seed)
+            if dataset.labels is None:
+                raise UserError(f"{dataset.description}: {split} data needs labels (class folders, or y in the .npz)")
+            key = hashlib.sha256(f"{digest}\0{node}\0{_data_fingerprint(dataset)}".encode()).hexdigest()[:32]
+            sets[split] = cached_features(prefix, dataset, key, cache_dir, batch_size, dev, workers,
+                                          f"features ({split})", input_shape)
+            if classes:
+                _check_labels(sets[split].y, classes, dataset.description)
+        result_log = _train(suffix, trainable, sets, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+                            device=dev, kind=kind, optimizer=optimizer, bf16=bf16)
+    finally:
+        if temp is not None:
+            temp.cleanup()
+    module.eval()
+    written = write_back(module, proto)
+    gate = _gate(module, written, dev, sets.get("val") or sets["train"], input_shape, proto)
+    result_log.update({
+        "freeze_through": node,
+        "trainable_parameters": int(sum(p.numel() for p in trainable)),
+        "cache": {k: {"hit": f.hit, "samples": int(len(f.y)), "shape": list(f.x.shape[1:])} for k, f in sets.items()},
+        "device": str(dev), "lr": lr, "epochs": epochs, "batch_size": batch_size, "optimizer": optimizer,
+        "seed": seed, "write_back_check": gate, "seconds": round(time.perf_counter() - started, 3),
+    })
+    return FinetuneResult(written, result_log)
+
+
+def _train(suffix, trainable, sets, *, epochs, lr, batch_size, seed, device, kind, optimizer, bf16) -> dict:
+    import torch
+
+    train = sets["train"]
+    opt = (torch.optim.Adam(trainable, lr=lr) if optimizer == "adam"
+           else torch.optim.SGD(trainable, lr=lr, momentum=0.9))
+    generator = np.random.default_rng(seed)
+    history = []
+    before = _evaluate_suffix(suffix, sets["val"], batch_size, device, kind) if "val" in sets else None
+    autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16
+                else contextlib.nullcontext())
+    for epoch in range(1, epochs + 1):
+        suffix.train()
+        order = generator.permutation(len(train.y))
+        total = correct = 0.0
+        started = time.perf_counter()
+        with progress(len(order), f"epoch {epoch}/{epochs}") as bar:
+            for start in range(0, len(order), batch_size):
+                rows = np.sort(order[start:start + batch_size])
+                x = torch.from_numpy(train.x[rows]).to(device)  # fancy indexing copies off the memmap
+                y = torch.from_numpy(train.y[rows]).to(device)
+                with autocast:
+                    lp = _log_probs(suffix(x), kind).float()
+                    loss = torch.nn.functional.nll_loss(lp, y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += float(loss.detach()) * len(rows)
+                correct += float((lp.argmax(1) == y).sum())
+                bar.update(len(rows))
+                bar.set_postfix(loss=f"{total / (start + len(rows)):.4f}")
+        entry = {"epoch": epoch, "train_loss": total / len(order), "train_accuracy": correct / len(order),
+                 "seconds": round(time.perf_counter() - started, 3)}
+        if "val" in sets:
+            v = _evaluate_suffix(suffix, sets["val"], batch_size, device, kind)
+            entry.update(val_loss=v["loss"], val_accuracy=v["accuracy"], val_top5=v["top5"])
+        history.append(entry)
+        log.info("epoch %d/%d: " + ", ".join(f"{k} {v:.4f}" for k, v in entry.items() if k not in ("epoch", "seconds")),
+                 epoch, epochs)
+    after = _evaluate_suffix(suffix, sets["val"], batch_size, device, kind) if "val" in sets else None
+    return {"history": history, "val_before": before, "val_after": after}
+
+
+def _gate(module, written: onnx.ModelProto, device, feats: Features, input_shape, proto, samples: int = 4) -> dict:
+    """onnxruntime on the written model vs the torch module in eval mode, <= 1e-5 relative."""
+    import torch
+
+    from onnxbn.runtime import make_session
+
+    dims = [d if isinstance(d, int) and d > 0 else None for d in input_shape[1:]]
+    if any(d is None for d in dims):
+        return {"checked": False, "reason": "input shape is not fixed"}
+    name, dtype, _ = model_input(proto)
+    x = np.random.default_rng(0).standard_normal((samples, *dims)).astype(dtype)
+    with torch.no_grad():
+        expected = module(torch.from_numpy(x).to(device))
+        expected = (expected[0] if isinstance(expected, tuple) else expected).float().cpu().numpy()
+    got = make_session(written, "cpu").run(None, {name: x})[0].astype(np.float32)
+    error = float(np.abs(got - expected).max() / max(np.abs(expected).max(), 1e-30))
+    if not error <= 1e-5:
+        raise RuntimeError(f"write-back check failed: onnxruntime on the written model differs from torch by "
+                           f"{error:.3g} relative (limit 1e-5)")
+    return {"checked": True, "max_rel_error": error}
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def evaluate(model, data, batch_size: int = 32, device: str = "auto", limit: int | None = None, seed: int = 0,
+             workers: int = 0) -> dict:
+    """Cross-entropy loss and top-1/top-5 accuracy of `model` on labelled `data`, through onnxruntime.
+
+    Models ending in Softmax (probabilities) or LogSoftmax are handled; otherwise the
+    output is taken as logits.
+    """
+    from onnxbn.runtime import make_session, session_provider
+
+    proto = load_model(model)
+    dataset = open_model_data(proto, data, limit=limit, seed=seed)
+    if dataset.labels is None:
+        raise UserError(f"{dataset.description}: evaluation needs labels (class folders, or y in the .npz)")
+    name, dtype, shape = model_input(proto)
+    session = make_session(proto, device)
+    out_name = proto.graph.output[0].name
+    kind = _ends_in(proto)
+    loss = top1 = top5 = n = 0.0
+    with progress(len(dataset), "eval") as bar:
+        for x, y in dataset.batches(batch_size, workers):
+            check_batch_shape(x, shape, dataset.description)
+            out = session.run([out_name], {name: x.astype(dtype, copy=False)})[0].astype(np.float64)
+            _check_labels(y, out.shape[1], dataset.description)
+            if kind == "probs":
+                lp = np.log(np.clip(out, 1e-30, None))
+            elif kind == "logprobs":
+                lp = out
+            else:
+                shifted = out - out.max(axis=1, keepdims=True)
+                lp = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+            loss -= float(lp[np.arange(len(y)), y].sum())
+            order = np.argsort(-lp, axis=1)[:, :5]
+            top1 += float((order[:, 0] == y).sum())
+            top5 += float((order == y[:, None]).any(axis=1).sum())
+            n += len(y)
+            bar.update(len(x))
+    return {"samples": int(n), "loss": loss / n, "top1": top1 / n, "top5": top5 / n,
+            "provider": session_provider(session)}

@@ -1,0 +1,132 @@
+"""Fine-tuning on cached features, write-back, evaluation."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+import onnxbn
+from onnxbn.cli import main
+from onnxbn.runtime import make_session
+from onnxbn.training import default_freeze_node
+
+from conftest import small_cnn
+
+
+def labelled(n=48, seed=0, size=8):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, 3, size, size)).astype(np.float32), rng.integers(0, 10, n)
+
+
+def init(model, name):
+    return next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name == name)
+
+
+def exposed(model, name, x):
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    m.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    return make_session(m, "cpu").run([name], {"input": x})[0]
+
+
+def test_finetune_small_model(tmp_path):
+    x, y = labelled()
+    model = small_cnn()
+    bn = onnxbn.insert_bn(model, onnxbn.collect_stats(model, x, after="dense"))
+    result = onnxbn.finetune(bn, (x, y), (x[:16], y[:16]), epochs=3, lr=1e-3, batch_size=16, cache=tmp_path)
+    out = result.model
+    assert [(n.op_type, n.name) for n in out.graph.node] == [(n.op_type, n.name) for n in bn.graph.node]
+    assert result.log["freeze_through"] == "relu2"
+    for frozen in ("c1.w", "c1.b", "c2.w", "c2.b"):
+        np.testing.assert_array_equal(init(out, frozen), init(bn, frozen))
+    for trained in ("f1.w", "f2.w", "f3.w"):
+        assert not np.array_equal(init(out, trained), init(bn, trained))
+    assert len(result.log["history"]) == 3
+    assert result.log["val_after"]["loss"] < result.log["val_before"]["loss"]  # 16 memorisable samples
+    assert result.log["write_back_check"]["max_rel_error"] <= 1e-5
+    assert result.log["cache"]["train"]["hit"] is False
+    again = onnxbn.finetune(bn, (x, y), (x[:16], y[:16]), epochs=1, lr=1e-3, batch_size=16, cache=tmp_path)
+    assert again.log["cache"]["train"]["hit"] is True and again.log["cache"]["val"]["hit"] is True
+
+
+def test_bn_running_stats_follow_torch_momentum(tmp_path):
+    x, y = labelled(n=32)
+    model = small_cnn()
+    bn = onnxbn.insert_bn(model, onnxbn.collect_stats(model, x[:8], after="dense"))
+    bn_node = next(n for n in bn.graph.node if n.op_type == "BatchNormalization")
+    old_mean, old_var = init(bn, bn_node.input[3]), init(bn, bn_node.input[4])
+    # one step on one batch of all 32 samples: the first BN sees relu(fc1(...)) of the frozen features
+    out = onnxbn.finetune(bn, (x, y), epochs=1, lr=1e-3, batch_size=32, optimizer="sgd").model
+    h = exposed(model, "h1", x).astype(np.float64)
+    np.testing.assert_allclose(init(out, bn_node.input[3]), 0.9 * old_mean + 0.1 * h.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(init(out, bn_node.input[4]), 0.9 * old_var + 0.1 * h.var(0, ddof=1), rtol=1e-5, atol=1e-6)
+
+
+def test_freeze_node_explicit_and_bad(tmp_path):
+    x, y = labelled(n=16)
+    model = small_cnn()
+    out = onnxbn.finetune(model, (x, y), epochs=1, lr=1e-3, batch_size=8, freeze_through="relu3").model
+    np.testing.assert_array_equal(init(out, "f1.w"), init(model, "f1.w"))
+    assert not np.array_equal(init(out, "f2.w"), init(model, "f2.w"))
+    with pytest.raises(onnxbn.UserError, match="no ONNX node"):
+        onnxbn.finetune(model, (x, y), freeze_through="nope")
+    with pytest.raises(onnxbn.UserError, match="labels span"):
+        onnxbn.finetune(model, (x, y + 100))
+
+
+def test_evaluate_logits_and_softmax_models():
+    x, y = labelled(n=20)
+    model = small_cnn()
+    result = onnxbn.evaluate(model, (x, y))
+    logits = make_session(model, "cpu").run(None, {"input": x})[0].astype(np.float64)
+    lp = logits - logits.max(1, keepdims=True)
+    lp -= np.log(np.exp(lp).sum(1, keepdims=True))
+    assert result["loss"] == pytest.approx(-lp[np.arange(20), y].mean(), rel=1e-9)
+    assert result["top1"] == pytest.approx(np.mean(lp.argmax(1) == y))
+    soft = onnx.ModelProto()
+    soft.CopyFrom(model)
+    soft.graph.node[-1].output[0] = "pre"
+    soft.graph.node.append(helper.make_node("Softmax", ["pre"], ["logits"], name="softmax", axis=1))
+    assert onnxbn.evaluate(soft, (x, y))["loss"] == pytest.approx(result["loss"], rel=1e-5)
+
+
+def test_cli_finetune_and_eval(tmp_path, capsys):
+    x, y = labelled()
+    np.savez(tmp_path / "train.npz", x=x, y=y)
+    onnx.save(small_cnn(), str(tmp_path / "m.onnx"))
+    code = main(["finetune", str(tmp_path / "m.onnx"), "--train", str(tmp_path / "train.npz"), "--val",
+                 str(tmp_path / "train.npz"), "--epochs", "2", "--lr", "1e-3", "-o", str(tmp_path / "ft.onnx")])
+    assert code == 0
+    log = json.loads((tmp_path / "ft.onnx.log.json").read_text())
+    assert [e["epoch"] for e in log["history"]] == [1, 2] and "val_loss" in log["history"][0]
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "ft.onnx"), "--data", str(tmp_path / "train.npz"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["samples"] == 48 and result["loss"] == pytest.approx(log["val_after"]["loss"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_finetune_full_vgg16(vgg16, tmp_path):
+    model = onnx.load(str(vgg16))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((6, 3, 224, 224)).astype(np.float32)
+    y = rng.integers(0, 1000, 6)
+    bn = onnxbn.insert_bn(model, onnxbn.collect_stats(model, x, after="dense"))
+    assert default_freeze_node(bn) == "/avgpool/AveragePool"
+    result = onnxbn.finetune(bn, (x, y), epochs=1, lr=1e-4, batch_size=6, cache=tmp_path)
+    out = result.model
+    assert [(n.op_type, n.name) for n in out.graph.node] == [(n.op_type, n.name) for n in bn.graph.node]
+    for name in ("features.0.weight", "features.28.weight", "features.28.bias"):
+        np.testing.assert_array_equal(init(out, name), init(bn, name))
+    for name in ("classifier.0.weight", "classifier.6.weight"):
+        assert not np.array_equal(init(out, name), init(bn, name))
+    assert result.log["cache"]["train"]["shape"] == [512, 7, 7]
+    assert result.log["write_back_check"]["max_rel_error"] <= 1e-5
+    first_bn = next(n for n in bn.graph.node if n.op_type == "BatchNormalization")
+    h = exposed(model, first_bn.output[0], x).astype(np.float64)
+    np.testing.assert_allclose(init(out, first_bn.input[3]), 0.9 * init(bn, first_bn.input[3]) + 0.1 * h.mean(0),
+                               rtol=1e-4, atol=1e-6)
