@@ -1077,9 +1077,10 @@ def split_at(module: fx.GraphModule, node: str) -> tuple[fx.GraphModule, fx.Grap
     if names is None:
         raise UserError("this module was not made by onnxbn.to_torch")
     nodes = list(module.graph.nodes)
-    owner = [n for n in nodes if n.meta.get("onnx_node") == node]
+    owner = [n for n in nodes if node and n.meta.get("onnx_node") == node]
     if not owner:
-        raise UserError(f"no node named {node!r} in the module (ONNX node names: see module.onnx_names)")
+        raise UserError(f"no computing node named {node!r} in the module (nodes folded at import, such as "
+                        "Constant or Identity, cannot be split at; ONNX node names: see module.onnx_names)")
     cut = max(nodes.index(n) for n in owner)
     prefix_nodes = [n for n in nodes[:cut + 1] if n.op != "get_attr"]
     prefix_set = set(prefix_nodes)
