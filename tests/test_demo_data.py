@@ -146,8 +146,8 @@ def test_bundled_model_has_no_batchnorm_and_readable_names():
 
 
 def test_bundled_model_classifies_source_val(session):
-    # seed 1001 is the training script's val split; 600 images keep the test fast
+    # 600 images from the training script's val seed (1001); measured 0.895 on these
     x, y = make_task("source", 600, 1001)
     logits = session.run(["logits"], {"input": to_model_input(x)})[0]
     acc = float((logits.argmax(1) == y).mean())
-    assert acc > 0.6, acc  # chance is 0.1; the model card reports the measured accuracy
+    assert acc > 0.6, acc  # chance is 0.1; models/README.md reports 0.891 on the full val split
