@@ -1,15 +1,17 @@
 """Per-channel mean and variance of chosen tensors, computed inside onnxruntime.
 
-For each selected tensor x (N, C, ...) the model is augmented with a small reduction
-subgraph, and only per-channel vectors leave the runtime:
+For each selected tensor x (N, C, ..., W) the model is augmented with a small
+reduction subgraph, and only per-channel vectors leave the runtime. A "row" is
+one run of W values along the last axis:
 
-    r     = Reshape(x, [0, 0, -1])                       (N, C, S), S = prod(spatial)
-    m_nc  = ReduceMean(r, axis 2)                        float32, per sample and channel
-    q_nc  = ReduceSumSquare(r - m_nc, axis 2)            float32, centred: well conditioned
-    mean  = mean_n(m_nc)                                 float64 from here on
-    M2    = sum_n(q_nc) + S * sum_n((m_nc - mean)^2)     (Chan's formula over the N rows)
+    m_r   = ReduceMean(x, last axis)                     float32 over W values only
+    q_r   = ReduceSumSquare(x - m_r, last axis)          float32, centred: well conditioned
+    mean  = mean over the rows of each channel of m_r    float64 from here on
+    M2    = sum_r q_r + W * sum_r (m_r - mean)^2         (Chan's formula over equal rows)
 
-with count n = N * S. The model's own outputs are pruned away, so a stats pass
+with count n = N * prod(spatial). Float32 sums stay short (W values) and all long
+sums are float64, so the result matches a float64 pass to ~1e-7 relative.
+(N, C) tensors, and tensors of unknown rank, go to float64 before any sum. The model's own outputs are pruned away, so a stats pass
 costs about one forward pass. On the host, batches (and shards, and resumed
 runs) merge with Chan's parallel formula in float64:
 
@@ -187,11 +189,12 @@ def _prune_to_outputs(graph: onnx.GraphProto) -> None:
 
 
 def augment_for_stats(model: onnx.ModelProto, points: list[Point]) -> onnx.ModelProto:
-    """A copy of `model` whose only outputs are, per point i, `onnxbn_stats/i/{mean,m2,shape}`.
+    """A copy of `model` whose only outputs are, per point i, `onnxbn_stats/i/{mean,m2,count}`.
 
     mean (1, C, 1) and m2 (C,) are float64 per-batch moments over every axis but 1
-    (see the module docstring); shape is the (N, C, S) shape they were taken over.
-    Nodes the stats do not need (the classifier head, the model outputs) are pruned.
+    (see the module docstring); count is the number of elements of the tensor, so
+    each channel's count is count / C. Nodes the stats do not need (the classifier
+    head, the model outputs) are pruned.
     """
     out = onnx.ModelProto()
     out.CopyFrom(model)
@@ -200,43 +203,51 @@ def augment_for_stats(model: onnx.ModelProto, points: list[Point]) -> onnx.Model
     taken = {n for node in graph.node for n in list(node.output) + list(node.input)} | {t.name for t in graph.initializer}
     nodes: list = []
     inits: list = []
-    shape3 = unique_name(f"{STATS_PREFIX}/shape3", taken)
-    inits.append(numpy_helper.from_array(np.array([0, 0, -1], dtype=np.int64), shape3))
+
+    def constant(base: str, values) -> str:
+        name = unique_name(f"{STATS_PREFIX}/{base}", taken)
+        inits.append(numpy_helper.from_array(np.array(values, dtype=np.int64), name))
+        return name
+
+    rows_shape, nc_rows = constant("shape_rows", [0, 0, -1, 1]), constant("shape_nc", [0, 0, -1])
     del graph.output[:]
     for i, point in enumerate(points):
-        name, p = point.tensor, f"{STATS_PREFIX}/{i}"
-        f32, r, m_nc, d, q_nc = (f"{p}/float", f"{p}/nc_s", f"{p}/m_nc", f"{p}/centred", f"{p}/q_nc")
-        m64, q64, mean, dm = f"{p}/m_nc64", f"{p}/q_nc64", f"{p}/mean", f"{p}/dm"
-        q_sum, between, s_count, m2, shape = f"{p}/q_sum", f"{p}/between", f"{p}/s", f"{p}/m2", f"{p}/shape"
-        if point.dtype == "float":
-            f32 = name
-        else:  # float16/bfloat16/double: accumulate in float32, then float64
-            nodes.append(helper.make_node("Cast", [name], [f32], name=f32, to=TensorProto.FLOAT))
+        p = f"{STATS_PREFIX}/{i}"
+        x = point.tensor
+        rank = len(point.shape) if point.shape is not None else None
+        if rank is not None and rank >= 3:
+            # rows along the last axis, reduced in float32 (a few hundred values each)
+            if point.dtype != "float":
+                nodes.append(helper.make_node("Cast", [x], [f"{p}/float"], name=f"{p}/float", to=TensorProto.FLOAT))
+                x = f"{p}/float"
+        else:
+            # (N, C) or unknown rank: every value is its own row, all in float64
+            nodes += [helper.make_node("Cast", [x], [f"{p}/double"], name=f"{p}/double", to=TensorProto.DOUBLE),
+                      helper.make_node("Reshape", [f"{p}/double", rows_shape], [f"{p}/rows"], name=f"{p}/rows")]
+            x, rank = f"{p}/rows", 4
+        last = rank - 1  # a positive axis: opsets before 11 take no negative axes
+        _reduce("ReduceMean", x, [last], 1, f"{p}/row_mean", opset, nodes, inits, taken)
+        nodes.append(helper.make_node("Sub", [x, f"{p}/row_mean"], [f"{p}/centred"], name=f"{p}/centred"))
+        _reduce("ReduceSumSquare", f"{p}/centred", [last], 1, f"{p}/row_m2", opset, nodes, inits, taken)
+        for part in ("row_mean", "row_m2"):
+            nodes += [helper.make_node("Cast", [f"{p}/{part}"], [f"{p}/{part}64"], name=f"{p}/{part}64", to=TensorProto.DOUBLE),
+                      helper.make_node("Reshape", [f"{p}/{part}64", nc_rows], [f"{p}/{part}_nc"], name=f"{p}/{part}_nc")]
+        _reduce("ReduceMean", f"{p}/row_mean_nc", [0, 2], 1, f"{p}/mean", opset, nodes, inits, taken)
+        nodes.append(helper.make_node("Sub", [f"{p}/row_mean_nc", f"{p}/mean"], [f"{p}/spread"], name=f"{p}/spread"))
+        _reduce("ReduceSum", f"{p}/row_m2_nc", [0, 2], 0, f"{p}/within", opset, nodes, inits, taken)
+        _reduce("ReduceSumSquare", f"{p}/spread", [0, 2], 0, f"{p}/between", opset, nodes, inits, taken)
+        # row length W = Size(x) / Size(row_mean), so M2 = within + W * between
         nodes += [
-            helper.make_node("Reshape", [f32, shape3], [r], name=r),
-            helper.make_node("Shape", [r], [shape], name=shape),
+            helper.make_node("Size", [x], [f"{p}/count"], name=f"{p}/count"),
+            helper.make_node("Size", [f"{p}/row_mean"], [f"{p}/rows_count"], name=f"{p}/rows_count"),
+            helper.make_node("Div", [f"{p}/count", f"{p}/rows_count"], [f"{p}/row_len"], name=f"{p}/row_len"),
+            helper.make_node("Cast", [f"{p}/row_len"], [f"{p}/row_len64"], name=f"{p}/row_len64", to=TensorProto.DOUBLE),
+            helper.make_node("Mul", [f"{p}/between", f"{p}/row_len64"], [f"{p}/between_w"], name=f"{p}/between_w"),
+            helper.make_node("Add", [f"{p}/within", f"{p}/between_w"], [f"{p}/m2"], name=f"{p}/m2"),
         ]
-        _reduce("ReduceMean", r, [2], 1, m_nc, opset, nodes, inits, taken)
-        nodes.append(helper.make_node("Sub", [r, m_nc], [d], name=d))
-        _reduce("ReduceSumSquare", d, [2], 1, q_nc, opset, nodes, inits, taken)
-        nodes += [helper.make_node("Cast", [m_nc], [m64], name=m64, to=TensorProto.DOUBLE),
-                  helper.make_node("Cast", [q_nc], [q64], name=q64, to=TensorProto.DOUBLE)]
-        _reduce("ReduceMean", m64, [0], 1, mean, opset, nodes, inits, taken)
-        nodes.append(helper.make_node("Sub", [m64, mean], [dm], name=dm))
-        _reduce("ReduceSum", q64, [0, 2], 0, q_sum, opset, nodes, inits, taken)
-        _reduce("ReduceSumSquare", dm, [0, 2], 0, between, opset, nodes, inits, taken)
-        # S as float64, from the shape: Gather(shape, 2) -> Cast
-        idx2 = unique_name(f"{p}/idx2", taken)
-        inits.append(numpy_helper.from_array(np.array(2, dtype=np.int64), idx2))
-        nodes += [
-            helper.make_node("Gather", [shape, idx2], [f"{p}/s_int"], name=f"{p}/s_int", axis=0),
-            helper.make_node("Cast", [f"{p}/s_int"], [s_count], name=s_count, to=TensorProto.DOUBLE),
-            helper.make_node("Mul", [between, s_count], [f"{p}/between_s"], name=f"{p}/between_s"),
-            helper.make_node("Add", [q_sum, f"{p}/between_s"], [m2], name=m2),
-        ]
-        graph.output.extend([helper.make_tensor_value_info(mean, TensorProto.DOUBLE, None),
-                             helper.make_tensor_value_info(m2, TensorProto.DOUBLE, None),
-                             helper.make_tensor_value_info(shape, TensorProto.INT64, None)])
+        graph.output.extend([helper.make_tensor_value_info(f"{p}/mean", TensorProto.DOUBLE, None),
+                             helper.make_tensor_value_info(f"{p}/m2", TensorProto.DOUBLE, None),
+                             helper.make_tensor_value_info(f"{p}/count", TensorProto.INT64, None)])
     graph.node.extend(nodes)
     graph.initializer.extend(inits)
     _prune_to_outputs(graph)
@@ -300,7 +311,7 @@ def collect_stats(model, data, after="dense", batch_size: int = 32, limit: int |
     dataset = open_model_data(proto, data, preset=preset, limit=limit, seed=seed, shard=shard)
     input_name, input_dtype, input_shape = model_input(proto)
     session = make_session(augment_for_stats(proto, points), device)
-    fetch = [f"{STATS_PREFIX}/{i}/{k}" for i in range(len(points)) for k in ("mean", "m2", "shape")]
+    fetch = [f"{STATS_PREFIX}/{i}/{k}" for i in range(len(points)) for k in ("mean", "m2", "count")]
     moments = {p.tensor: ChannelMoments() for p in points}
     seen = 0
     started = time.perf_counter()
@@ -310,11 +321,11 @@ def collect_stats(model, data, after="dense", batch_size: int = 32, limit: int |
             check_batch_shape(x, input_shape, dataset.description)
             values = session.run(fetch, {input_name: x.astype(input_dtype, copy=False)})
             for i, p in enumerate(points):
-                mean, m2, shape = values[3 * i: 3 * i + 3]
+                mean, m2, count = values[3 * i: 3 * i + 3]
                 if not (np.isfinite(mean).all() and np.isfinite(m2).all()):
                     raise UserError(f"tensor {p.tensor!r} has NaN or Inf values in batch {batch} "
                                     f"(samples {seen}..{seen + len(x) - 1}); check the inputs; no stats written")
-                moments[p.tensor].merge(int(shape[0] * shape[2]), mean.reshape(-1), m2.reshape(-1))
+                moments[p.tensor].merge(int(count) // mean.size, mean.reshape(-1), m2.reshape(-1))
             seen += len(x)
             bar.update(len(x))
     if seen == 0:
