@@ -1,5 +1,7 @@
 """Export a torch VGG to ONNX, verified against torch before it is returned.
 
+Dropout layers are kept (as inference-mode Dropout nodes, the identity at run time)
+so that fine-tuning the imported graph trains with dropout, as the original VGG did.
 Uses torch's TorchScript exporter (`dynamo=False`) on purpose: it needs no onnxscript,
 keeps the readable `/features/features.0/Conv` node names, and never folds or
 rewrites layers behind our back (the dynamo path with optimize=True folds BN into
@@ -107,6 +109,26 @@ def _materialize_shared_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
+def _inference_dropout(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Keep the Dropout layers, in inference form.
+
+    Exported from train mode (so the layers are not dropped), a Dropout carries a
+    constant training_mode=True input and a mask output; removing both makes it the
+    identity at inference while `to_torch` still trains it as nn.Dropout.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for node in out.graph.node:
+        if node.op_type == "Dropout":
+            del node.input[2:]
+            del node.output[1:]
+    used = {i for n in out.graph.node for i in n.input} | {o.name for o in out.graph.output}
+    live = [n for n in out.graph.node if n.op_type != "Constant" or n.output[0] in used]
+    del out.graph.node[:]
+    out.graph.node.extend(live)
+    return out
+
+
 def export_vgg(arch: str = "vgg16", weights: str | os.PathLike | None = None, opset: int = 17,
                image_size: int = 224, seed: int = 0) -> onnx.ModelProto:
     """ONNX VGG (vgg11/13/16/19) with weights from a local torchvision .pth, or random.
@@ -123,6 +145,8 @@ def export_vgg(arch: str = "vgg16", weights: str | os.PathLike | None = None, op
         raise UserError(f"unknown architecture {arch!r}: choose one of {', '.join(CONFIGS)}")
     if not 7 <= opset <= onnx.defs.onnx_opset_version():
         raise UserError(f"--opset {opset} is out of range: use 7..{onnx.defs.onnx_opset_version()}")
+    if image_size < 32 or image_size % 224:
+        raise UserError(f"--image-size {image_size}: VGG's 7x7 average pool exports only for multiples of 224")
     if weights is None:
         model = vgg(arch, seed=seed)
         log.warning("no --weights given: %s has RANDOM weights (torchvision init, seed %d); "
@@ -135,14 +159,16 @@ def export_vgg(arch: str = "vgg16", weights: str | os.PathLike | None = None, op
         _load_weights(model, state, str(weights))
         digest = hashlib.sha256(Path(weights).read_bytes()).hexdigest()[:16]
         provenance = f"{Path(weights).name} sha256:{digest}"
-    model.eval()
     buffer = io.BytesIO()
+    model.train()  # so Dropout is exported (made inference-only below); VGG has no BN to mind
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
         torch.onnx.export(model, (torch.zeros(1, 3, image_size, image_size),), buffer, dynamo=False,
                           opset_version=opset, input_names=["input"], output_names=["logits"],
+                          training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False,
                           dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
-    proto = _materialize_shared_initializers(onnx.load_from_string(buffer.getvalue()))
+    model.eval()
+    proto = _inference_dropout(_materialize_shared_initializers(onnx.load_from_string(buffer.getvalue())))
     error = _verify(model, proto, image_size)
     return with_metadata(proto, {
         "onnxbn.arch": arch,
