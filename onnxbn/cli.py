@@ -43,7 +43,7 @@ DATA_READING = [
     arg("--batch-size", type=int, default=32, help="samples per batch (default: 32)"),
     arg("--limit", type=int, help="use a seeded, class-balanced random sample of N items"),
     arg("--seed", type=int, default=0, help="seed for --limit and --random (default: 0)"),
-    arg("--preset", choices=["imagenet", "caffe-squash"], help="image preprocessing (default: from the model's metadata)"),
+    arg("--preset", choices=["imagenet", "imagenet-squash", "caffe-squash"], help="image preprocessing (default: from the model's metadata)"),
     arg("--workers", type=int, help="image decoding processes (default: the core count, at most 8; 0 = in-process)"),
 ]
 SELECTOR = arg("--after", default="dense",

@@ -8,6 +8,8 @@ uncompressed `.npz` (`np.savez`) is memory-mapped, so its size does not matter.
 Preprocessing presets, at the model's input size S (224 for VGG):
   imagenet      RGB, resize the short side to round(S*256/224), centre crop S, /255,
                 subtract mean (0.485, 0.456, 0.406), divide by std (0.229, 0.224, 0.225);
+  imagenet-squash  RGB squashed to S x S, then as imagenet (/255, mean, std); for
+                models trained on images already at their input size;
   caffe-squash  the 2017 notebook's: RGB squashed to S x S, 0..255, subtract
                 (123.68, 116.779, 103.939), channels reversed to BGR.
 Images of any mode (L, LA, P, RGBA, CMYK, I;16, ...) are converted to RGB; 16-bit
@@ -32,7 +34,7 @@ import numpy as np
 
 from onnxbn.errors import UserError
 
-PRESETS = ("imagenet", "caffe-squash")
+PRESETS = ("imagenet", "imagenet-squash", "caffe-squash")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".jfif")
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -67,6 +69,9 @@ def preprocess(img, preset: str, size: int) -> np.ndarray:
         w, h = img.size
         left, top = (w - size) // 2, (h - size) // 2
         img = img.crop((left, top, left + size, top + size))
+        arr = (np.asarray(img, dtype=np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+    elif preset == "imagenet-squash":
+        img = img.resize((size, size), Image.BILINEAR) if img.size != (size, size) else img
         arr = (np.asarray(img, dtype=np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
     elif preset == "caffe-squash":
         img = img.resize((size, size), Image.BILINEAR)
