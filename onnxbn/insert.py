@@ -92,6 +92,8 @@ def insert_bn(model, stats, eps: float = 1e-5) -> onnx.ModelProto:
         for key in ("scale", "B", "mean", "var"):
             pname = unique_name(f"{node_name}.{key}", taken)
             graph.initializer.append(numpy_helper.from_array(params[key], pname))
+            if out.ir_version < 4:  # IR 3: every initializer must also be a graph input
+                graph.input.append(helper.make_tensor_value_info(pname, elem, params[key].shape))
             param_names.append(pname)
         if tensor in input_names:
             bn_out = unique_name(f"{tensor}/bn", taken)
