@@ -88,12 +88,24 @@ class _Graph:
         self.overridable = {i.name for i in graph.input} if self.model.ir_version >= 4 else set()
 
     def constant(self, name: str) -> onnx.TensorProto | None:
-        """The tensor behind `name` when it is fixed: an initializer or a Constant node's value."""
+        """The tensor behind `name` when it is fixed: an initializer, a Constant node's value
+        (value, value_float or value_floats), or a ConstantOfShape of a fixed shape."""
         if name in self.initializers and name not in self.overridable:
             return self.initializers[name]
         node = self.producers.get(name)
         if node is not None and node.op_type == "Constant":
-            return next((a.t for a in node.attribute if a.name == "value"), None)
+            for a in node.attribute:
+                if a.name == "value":
+                    return a.t
+                if a.name in ("value_float", "value_floats"):
+                    return numpy_helper.from_array(np.array(onnx.helper.get_attribute_value(a), np.float32), name)
+        if node is not None and node.op_type == "ConstantOfShape" and node.input:
+            shape = self.constant(node.input[0])
+            if shape is None:
+                return None
+            fill = next((a.t for a in node.attribute if a.name == "value"), None)
+            fill = numpy_helper.to_array(fill).reshape(-1) if fill is not None else np.zeros(1, np.float32)
+            return numpy_helper.from_array(np.full(numpy_helper.to_array(shape).astype(np.int64), fill[0]), name)
         return None
 
     def array(self, name: str) -> np.ndarray:
@@ -145,8 +157,12 @@ class _Graph:
             kept_info = [v for v in field if v.name not in dead]
             del field[:]
             field.extend(kept_info)
-        for node in [n for n in self.graph.node if n.op_type == "Constant" and n.output[0] in dead]:
+        for node in [n for n in self.graph.node if n.op_type in ("Constant", "ConstantOfShape") and n.output[0] in dead]:
             self.graph.node.remove(node)
+            if node.op_type == "ConstantOfShape":  # its shape input may be dead now too
+                self.touched.update(node.input)
+                self.prune()
+                return
 
 
 # ----------------------------------------------------------------------------- weight layout
