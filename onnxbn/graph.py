@@ -329,7 +329,8 @@ def select_points(model: onnx.ModelProto, after: str | Iterable[str] = "dense") 
     conv:   the activation output after each Conv;
     relu:   every Relu output;
     linear: every Conv/ConvTranspose/Gemm/MatMul output (with its bias Add), pre-activation,
-            except the model's final outputs;
+            except the last layer's (with no linear layer after it: the classifier, also
+            when a Softmax follows it) and the model's final outputs;
     or explicit tensor names (a list, or a comma separated string).
     """
     graph = model.graph
@@ -346,7 +347,8 @@ def select_points(model: onnx.ModelProto, after: str | Iterable[str] = "dense") 
                 if node.op_type == "MatMul" and node.input[1] not in inits:
                     continue  # attention-style MatMul of two activations, not a layer
                 out = _linear_output(node, cons, inits)
-                if out not in outputs:
+                # the last layer (the classifier, even when a Softmax follows it) gets no BN
+                if out not in outputs and _is_hidden_linear(node, cons, LINEAR_OPS):
                     names.append(out)
             elif after in ("dense", "conv"):
                 ops = {"Gemm", "MatMul"} if after == "dense" else {"Conv"}
