@@ -237,6 +237,12 @@ def compare(reference, candidate, data=None, atol: float = 1e-5, rtol: float = 1
     else:
         description = str(data) if isinstance(data, (str, os.PathLike)) else "array"
     dataset = open_model_data(ref, data, limit=limit, seed=seed)
+    fixed = shape[0] if shape and isinstance(shape[0], int) and shape[0] > 0 else None
+    if fixed is not None:  # the model only takes batches of exactly this size
+        if len(dataset) % fixed:
+            raise UserError(f"the model's batch size is fixed at {fixed} and {len(dataset)} samples do not fill whole "
+                            f"batches; give a multiple of {fixed} samples (--limit, --random)")
+        batch_size = fixed
     s_ref, s_cand = make_session(ref, device), make_session(cand, device)
     metrics = {n: OutputMetrics() for n in out_names}
     samples, first_batch = 0, None
