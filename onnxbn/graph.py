@@ -131,9 +131,11 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, inputs: Iterable
             tmp.write_bytes(model.SerializeToString())
         return path
     data_name = path.name + ".data"
+    staged_model = onnx.ModelProto()  # onnx.save_model moves the weights out of the proto it is given
+    staged_model.CopyFrom(model)
     with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as tmpdir:
         staged = Path(tmpdir) / path.name
-        onnx.save_model(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
+        onnx.save_model(staged_model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=data_name, size_threshold=1024)
         os.replace(Path(tmpdir) / data_name, path.parent / data_name)
         os.replace(staged, path)
