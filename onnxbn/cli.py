@@ -276,6 +276,26 @@ def cmd_fold(args) -> int:
     return 0
 
 
+@command(arg("--out", default="demo-out", help="folder for the report, models and data (default: demo-out)"),
+         arg("--epochs", type=int, default=6, help="fine-tuning epochs per variant (default: 6)"),
+         arg("--model", help="another single-input classifier ending in a Gemm (default: models/demo_vgg.onnx)"),
+         arg("--seed", type=int, default=0, help="seed for data, initialisation and shuffling (default: 0)"))
+def cmd_demo(args) -> int:
+    """Run the whole procedure on the bundled model and write a report (report.md, report.json, pictures)."""
+    from onnxbn.demo import run_demo
+
+    report = run_demo(args.out, model=args.model, epochs=args.epochs, seed=args.seed)
+    ident, fold = report["identity"], report["fold"]
+    print(f"identity BN: max rel error {ident['max_rel_error']:.3g}, top-1 agreement {ident['top1_agreement']:.2%} "
+          f"(the notebook's BN: {report['notebook_mistake']['max_rel_error']:.3g})")
+    for name, v in report["finetune"].items():
+        print(f"fine-tune {name:>12}: val loss {v['val_loss_before']:.4f} -> {v['val_loss']:.4f}, "
+              f"accuracy {v['val_accuracy_before']:.2%} -> {v['val_accuracy']:.2%}")
+    print(f"fold {fold['model']}: {fold['bn_before']} BN -> {fold['bn_remaining']}, max rel error {fold['max_rel_error']:.3g}")
+    print(f"report: {Path(args.out) / 'report.md'} ({report['seconds']:.0f} s)")
+    return 0 if ident["passed"] and fold["passed"] else 1
+
+
 # ----------------------------------------------------------------------------- entry point
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,7 +9,8 @@ the original ONNX graph with `write_back`, which is then checked against the tor
 module in eval mode through onnxruntime (<= 1e-5 relative, else it fails).
 
 Feature cache layout: `CACHE/<key>/{features.npy, labels.npy, meta.json}`, where the
-key hashes the model's graph and weights, the cut node, the data (file names, sizes
+key hashes the frozen part (its code and tensors, so models that differ only
+after the cut share features), the data (file names, sizes
 and times, or array bytes) and the preprocessing; a finished entry is renamed into
 place atomically, so a killed run never leaves a half cache that a later run trusts.
 """
@@ -31,7 +32,7 @@ import numpy as np
 import onnx
 
 from onnxbn.errors import UserError
-from onnxbn.graph import ACTIVATIONS, load_model, model_sha256, tensor_shape, value_types
+from onnxbn.graph import ACTIVATIONS, load_model, tensor_shape, value_types
 from onnxbn.stats import check_batch_shape, model_input, open_model_data, progress
 
 log = logging.getLogger("onnxbn")
@@ -67,6 +68,15 @@ def default_freeze_node(model: onnx.ModelProto) -> str:
 
 
 # ----------------------------------------------------------------------------- feature cache
+
+def _prefix_fingerprint(prefix) -> str:
+    """Hash of what the frozen part computes: its generated code and every tensor it holds."""
+    h = hashlib.sha256(prefix.code.encode())
+    for name, tensor in sorted(prefix.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
 
 def _data_fingerprint(dataset) -> str:
     h = hashlib.sha256()
@@ -251,7 +261,7 @@ def finetune(model, train, val=None, *, epochs: int = 1, lr: float = 1e-5, batch
     classes = classes[1] if classes and len(classes) == 2 and isinstance(classes[1], int) else None
     kind = _ends_in(proto)
 
-    digest = model_sha256(proto)
+    digest = _prefix_fingerprint(prefix)
     temp = None
     if cache is None:
         temp = tempfile.TemporaryDirectory(prefix="onnxbn-features-")
@@ -326,7 +336,8 @@ def _train(suffix, trainable, sets, *, epochs, lr, batch_size, seed, device, kin
             v = _evaluate_suffix(suffix, sets["val"], batch_size, device, kind)
             entry.update(val_loss=v["loss"], val_accuracy=v["accuracy"], val_top5=v["top5"])
         history.append(entry)
-        log.info("epoch %d/%d: " + ", ".join(f"{k} {v:.4f}" for k, v in entry.items() if k not in ("epoch", "seconds")),
+        log.info("epoch %d/%d: " + ", ".join(f"{k} {entry[k]:.4f}" for k in
+                                             ("train_loss", "train_accuracy", "val_loss", "val_accuracy") if k in entry),
                  epoch, epochs)
     after = _evaluate_suffix(suffix, sets["val"], batch_size, device, kind) if "val" in sets else None
     return {"history": history, "val_before": before, "val_after": after}

@@ -51,6 +51,15 @@ def test_finetune_small_model(tmp_path):
     assert result.log["cache"]["train"]["hit"] is False
     again = onnxbn.finetune(bn, (x, y), (x[:16], y[:16]), epochs=1, lr=1e-3, batch_size=16, cache=tmp_path)
     assert again.log["cache"]["train"]["hit"] is True and again.log["cache"]["val"]["hit"] is True
+    # the model without BN has the same frozen part (the BN sit after the cut): same features
+    plain = onnxbn.finetune(model, (x, y), epochs=1, lr=1e-3, batch_size=16, cache=tmp_path)
+    assert plain.log["cache"]["train"]["hit"] is True
+    changed = onnx.ModelProto()
+    changed.CopyFrom(model)
+    for t in changed.graph.initializer:
+        if t.name == "c2.b":
+            t.CopyFrom(numpy_helper.from_array(init(model, "c2.b") + 1, "c2.b"))
+    assert onnxbn.finetune(changed, (x, y), epochs=1, lr=1e-3, cache=tmp_path).log["cache"]["train"]["hit"] is False
 
 
 def test_bn_running_stats_follow_torch_momentum(tmp_path):
