@@ -12,8 +12,9 @@ Per output, over all samples, with a = reference and b = candidate (in float64):
                       (top-5 set) is the same
 An element passes when |a - b| <= atol + rtol * |a| (NaN/Inf must match); the
 comparison passes when every element of every output does. `layerwise` runs the
-first batch with every tensor name the two graphs share exposed and names the
-first one, in the reference's topological order, that fails the same rule.
+first few samples (LAYERWISE_SAMPLES) with every tensor name the two graphs share
+exposed and names the first one, in the reference's topological order, that
+fails the same rule.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from onnx import helper
 from onnxbn.errors import UserError
 from onnxbn.graph import graph_inputs, load_model, value_types
 from onnxbn.stats import check_batch_shape, model_input, open_model_data, progress
+
+LAYERWISE_SAMPLES = 4  # every intermediate tensor is held at once: keep the batch small
 
 
 @dataclass
@@ -260,5 +263,5 @@ def compare(reference, candidate, data=None, atol: float = 1e-5, rtol: float = 1
                     candidate=str(candidate) if not isinstance(candidate, onnx.ModelProto) else "<model>",
                     skipped_inputs=dataset.skipped)
     if layerwise and first_batch is not None:
-        report.layerwise = _layerwise(ref, cand, first_batch, feed_name, atol, rtol, device)
+        report.layerwise = _layerwise(ref, cand, first_batch[:LAYERWISE_SAMPLES], feed_name, atol, rtol, device)
     return report
