@@ -31,7 +31,7 @@ from onnx import helper
 
 from onnxbn.errors import UserError
 from onnxbn.graph import graph_inputs, load_model, value_types
-from onnxbn.stats import check_batch_shape, model_input, open_model_data, progress
+from onnxbn.stats import check_batch_shape, fit_batch_size, model_input, open_model_data, progress
 
 LAYERWISE_SAMPLES = 4  # every intermediate tensor is held at once: keep the batch small
 
@@ -240,12 +240,7 @@ def compare(reference, candidate, data=None, atol: float = 1e-5, rtol: float = 1
     else:
         description = str(data) if isinstance(data, (str, os.PathLike)) else "array"
     dataset = open_model_data(ref, data, limit=limit, seed=seed)
-    fixed = shape[0] if shape and isinstance(shape[0], int) and shape[0] > 0 else None
-    if fixed is not None:  # the model only takes batches of exactly this size
-        if len(dataset) % fixed:
-            raise UserError(f"the model's batch size is fixed at {fixed} and {len(dataset)} samples do not fill whole "
-                            f"batches; give a multiple of {fixed} samples (--limit, --random)")
-        batch_size = fixed
+    batch_size = fit_batch_size(shape, batch_size, len(dataset))
     s_ref, s_cand = make_session(ref, device), make_session(cand, device)
     metrics = {n: OutputMetrics() for n in out_names}
     samples, first_batch = 0, None

@@ -99,18 +99,38 @@ def cmd_points(args) -> int:
          SELECTOR, DATA_READING, DEVICE,
          arg("--shard", help="process shard I of N (I/N) of the data; combine with `onnxbn merge`"),
          arg("--strict", action="store_true", help="fail on an unreadable image instead of skipping it"),
+         arg("--resume", action="store_true", help="continue an interrupted run from OUTPUT.checkpoint.npz"),
+         arg("--checkpoint-every", type=float, default=60.0, metavar="SECONDS",
+             help="save the accumulated state this often (default: 60; 0 = every batch)"),
          OUTPUT)
 def cmd_stats(args) -> int:
-    """Gather per-channel mean and variance of the selected tensors over a calibration set."""
+    """Gather per-channel mean and variance of the selected tensors over a calibration set.
+
+    The run saves its state to OUTPUT.checkpoint.npz as it goes (removed on success);
+    after an interruption, the same command with --resume continues where it stopped
+    and gives the same result. Under torchrun, every rank takes a shard of the data
+    and rank 0 writes the merged file."""
+    from onnxbn import distributed
     from onnxbn.graph import refuse_overwrite
     from onnxbn.insert import dead_channels
     from onnxbn.stats import collect_stats
 
+    rank, ranks = distributed.world()
     refuse_overwrite(args.output, [args.model, args.data], args.force)
+    checkpoint = Path(args.output + ".checkpoint.npz" if ranks == 1 else f"{args.output}.checkpoint.rank{rank}.npz")
+    if args.resume and not checkpoint.is_file():
+        raise UserError(f"--resume: no checkpoint {checkpoint} to continue from; run without --resume")
+    if not args.resume and checkpoint.is_file():
+        raise UserError(f"{checkpoint} exists from an interrupted run: add --resume to continue it, or delete it")
     stats = collect_stats(args.model, args.data, after=args.after, batch_size=args.batch_size, limit=args.limit,
                           device=args.device, workers=args.workers, seed=args.seed, shard=args.shard,
-                          preset=args.preset, strict=args.strict)
-    stats.save(args.output, inputs=[args.model, args.data], force=args.force)
+                          preset=args.preset, strict=args.strict, checkpoint=checkpoint, resume=args.resume,
+                          checkpoint_every=args.checkpoint_every)
+    if rank == 0:
+        stats.save(args.output, inputs=[args.model, args.data], force=args.force)
+    checkpoint.unlink(missing_ok=True)
+    if rank != 0:
+        return 0
     meta, dead = stats.meta, dead_channels(stats)
     log.info("%d tensors, %d samples in %.1fs on %s; %d dead channels; wrote %s", len(stats.tensors), meta["samples"],
              meta["seconds"], meta["provider"], sum(dead.values()), args.output)

@@ -22,6 +22,7 @@ consumer, so decoding overlaps inference and memory does not grow with the data.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import hashlib
 import multiprocessing
 import os
 import zipfile
@@ -156,6 +157,7 @@ class Dataset:
     preset: str | None = None
     size: int = 224
     skipped: list[str] = field(default_factory=list)
+    consumed: int = 0
 
     def __len__(self) -> int:
         return len(self.files) if self.files is not None else len(self.index)
@@ -164,29 +166,51 @@ class Dataset:
     def is_images(self) -> bool:
         return self.files is not None
 
-    def batches(self, batch_size: int, workers: int = 0, strict: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
-        """(x float32, y or None) batches in order; unreadable images are skipped and
-        recorded in `self.skipped` (or fail with `strict`)."""
+    def batches(self, batch_size: int, workers: int = 0, strict: bool = False,
+                start: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+        """(x float32, y or None) batches in order, from item `start` on; unreadable images
+        are skipped and recorded in `self.skipped` (or fail with `strict`). After each
+        batch, `self.consumed` is the number of items read so far (skipped ones included),
+        the offset to resume from."""
         if batch_size < 1:
             raise UserError(f"--batch-size must be at least 1 (got {batch_size})")
+        self.consumed = start
         if not self.is_images:
-            for start in range(0, len(self.index), batch_size):
-                rows = self.index[start:start + batch_size]
+            for begin in range(start, len(self.index), batch_size):
+                rows = self.index[begin:begin + batch_size]
                 x = np.asarray(self.array[rows], dtype=np.float32)  # reads only these rows of a memmap
-                y = None if self.labels is None else self.labels[start:start + batch_size]
+                y = None if self.labels is None else self.labels[begin:begin + batch_size]
+                self.consumed = begin + len(rows)
                 yield x, y
             return
-        chunks = [(s, self.files[s:s + batch_size]) for s in range(0, len(self.files), batch_size)]
-        for start, (x, ok, errors) in _decode_in_order(chunks, self.preset, self.size, workers):
+        chunks = [(b, self.files[b:b + batch_size]) for b in range(start, len(self.files), batch_size)]
+        for begin, (x, ok, errors) in _decode_in_order(chunks, self.preset, self.size, workers):
             if errors:
                 if strict:
                     raise UserError(f"cannot read image {errors[0]} (drop --strict to skip unreadable images)")
                 self.skipped.extend(errors)
             y = None
             if self.labels is not None:
-                y = self.labels[start:start + len(ok)][np.array(ok, dtype=bool)]
+                y = self.labels[begin:begin + len(ok)][np.array(ok, dtype=bool)]
+            self.consumed = begin + len(ok)
             if len(x):
                 yield x, y
+
+    def fingerprint(self) -> str:
+        """Hash of the inputs (file names, sizes and times, or array bytes), labels and preprocessing."""
+        h = hashlib.sha256()
+        if self.is_images:
+            for f in self.files:
+                st = os.stat(f)
+                h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            h.update(f"{self.preset}/{self.size}".encode())
+        else:
+            h.update(np.ascontiguousarray(self.index).tobytes())
+            for begin in range(0, len(self.index), 1024):
+                h.update(np.ascontiguousarray(self.array[self.index[begin:begin + 1024]]).tobytes())
+        if self.labels is not None:
+            h.update(np.ascontiguousarray(self.labels).tobytes())
+        return h.hexdigest()
 
 
 def _decode_in_order(chunks, preset, size, workers):

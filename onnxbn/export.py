@@ -65,22 +65,6 @@ def _load_weights(model, state: dict, source: str) -> None:
     model.load_state_dict({k: v.float() for k, v in state.items()})
 
 
-def _verify(model, proto: onnx.ModelProto, image_size: int) -> float:
-    import torch
-
-    from onnxbn.runtime import make_session
-
-    x = np.random.default_rng(0).standard_normal((2, 3, image_size, image_size)).astype(np.float32)
-    with torch.no_grad():
-        expected = model(torch.from_numpy(x)).numpy()
-    got = make_session(proto, "cpu").run(None, {"input": x})[0]
-    error = float(np.abs(got - expected).max() / max(np.abs(expected).max(), 1e-30))
-    if not error <= EXPORT_TOLERANCE:
-        raise RuntimeError(f"export check failed: onnxruntime differs from torch by {error:.3g} relative "
-                           f"(limit {EXPORT_TOLERANCE}); please report this with your torch/onnxruntime versions")
-    return error
-
-
 def _materialize_shared_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
     """Give every layer its own bias again.
 
@@ -159,21 +143,41 @@ def export_vgg(arch: str = "vgg16", weights: str | os.PathLike | None = None, op
         _load_weights(model, state, str(weights))
         digest = hashlib.sha256(Path(weights).read_bytes()).hexdigest()[:16]
         provenance = f"{Path(weights).name} sha256:{digest}"
+    return export_module(model, (3, image_size, image_size), opset,
+                         {"onnxbn.arch": arch, "onnxbn.weights": provenance, "onnxbn.preset": "imagenet"})
+
+
+def export_module(model, sample_shape: tuple[int, ...], opset: int = 17, metadata: dict | None = None) -> onnx.ModelProto:
+    """ONNX of a torch classifier without BN layers (input `input`, output `logits`, dynamic batch).
+
+    Exported from train mode so Dropout survives (made inference-only afterwards),
+    then checked: onnxruntime and torch (eval) on the same seeded input must agree
+    to EXPORT_TOLERANCE relative (max |ort - torch| / max |torch|), else RuntimeError.
+    """
+    import torch
+
+    from onnxbn.runtime import make_session
+
+    if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise UserError("the module has BatchNorm layers: export it in eval mode with torch.onnx.export directly")
     buffer = io.BytesIO()
-    model.train()  # so Dropout is exported (made inference-only below); VGG has no BN to mind
+    model.train()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-        torch.onnx.export(model, (torch.zeros(1, 3, image_size, image_size),), buffer, dynamo=False,
+        torch.onnx.export(model, (torch.zeros(1, *sample_shape),), buffer, dynamo=False,
                           opset_version=opset, input_names=["input"], output_names=["logits"],
                           training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False,
                           dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
     model.eval()
     proto = _inference_dropout(_materialize_shared_initializers(onnx.load_from_string(buffer.getvalue())))
-    error = _verify(model, proto, image_size)
-    return with_metadata(proto, {
-        "onnxbn.arch": arch,
-        "onnxbn.weights": provenance,
-        "onnxbn.preset": "imagenet",
+    x = np.random.default_rng(0).standard_normal((2, *sample_shape)).astype(np.float32)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x)).numpy()
+    got = make_session(proto, "cpu").run(None, {"input": x})[0]
+    error = float(np.abs(got - expected).max() / max(np.abs(expected).max(), 1e-30))
+    if not error <= EXPORT_TOLERANCE:
+        raise RuntimeError(f"export check failed: onnxruntime differs from torch by {error:.3g} relative "
+                           f"(limit {EXPORT_TOLERANCE}); please report this with your torch/onnxruntime versions")
+    return with_metadata(proto, (metadata or {}) | {
         "onnxbn.export": f"torch {torch.__version__} torchscript exporter, opset {opset}, "
-                         f"onnxruntime check {error:.2e} relative",
-    })
+                         f"onnxruntime check {error:.2e} relative"})

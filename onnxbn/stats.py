@@ -184,8 +184,12 @@ def _prune_to_outputs(graph: onnx.GraphProto) -> None:
     del graph.node[:]
     graph.node.extend(reversed(keep))
     live = [t for t in graph.initializer if t.name in needed]
+    dropped = {t.name for t in graph.initializer} - {t.name for t in live}
     del graph.initializer[:]
     graph.initializer.extend(live)
+    inputs = [i for i in graph.input if i.name not in dropped]  # IR < 4 lists initializers as inputs too
+    del graph.input[:]
+    graph.input.extend(inputs)
 
 
 def augment_for_stats(model: onnx.ModelProto, points: list[Point]) -> onnx.ModelProto:
@@ -267,6 +271,17 @@ def model_input(model: onnx.ModelProto) -> tuple[str, np.dtype, list]:
     return vi.name, dtype, tensor_shape(vi.type) or []
 
 
+def fit_batch_size(input_shape: list, batch_size: int, samples: int) -> int:
+    """`batch_size`, or the model's own when its batch axis is fixed (then `samples` must fill whole batches)."""
+    fixed = input_shape[0] if input_shape and isinstance(input_shape[0], int) and input_shape[0] > 0 else None
+    if fixed is None:
+        return batch_size
+    if samples % fixed:
+        raise UserError(f"the model's batch size is fixed at {fixed} and {samples} samples do not fill whole "
+                        f"batches; give a multiple of {fixed} samples (--limit, --random)")
+    return fixed
+
+
 def image_size_for(model: onnx.ModelProto) -> int:
     """The spatial size a model expects (its input's H when fixed, else 224)."""
     _, _, shape = model_input(model)
@@ -295,55 +310,102 @@ def progress(total: int, desc: str, unit: str = "img"):
     return tqdm(total=total, desc=desc, unit=unit, disable=None, leave=False, dynamic_ncols=True)
 
 
+def _checkpoint_state(path: Path | None, identity: dict) -> tuple[dict[str, ChannelMoments], int, int, list]:
+    """(moments, items consumed, samples, skipped files) from a checkpoint of this exact run, else empty."""
+    if path is None or not path.is_file():
+        return {}, 0, 0, []
+    saved = load_stats(path)
+    if saved.meta.get("checkpoint") != identity:
+        raise UserError(f"{path}: this checkpoint is from a run with other settings (model, data, selector, "
+                        "batch size, limit or shard); delete it or drop --resume")
+    return saved.moments, int(saved.meta["consumed"]), int(saved.meta["samples"]), list(saved.meta["skipped_all"])
+
+
 def collect_stats(model, data, after="dense", batch_size: int = 32, limit: int | None = None, device: str = "auto",
                   workers: int | None = None, seed: int = 0, shard=None, preset: str | None = None,
-                  strict: bool = False) -> Stats:
+                  strict: bool = False, checkpoint: str | os.PathLike | None = None, resume: bool = False,
+                  checkpoint_every: float = 60.0) -> Stats:
     """Per-channel mean and population variance of the tensors `after` selects, over `data`.
 
     `model`: path or ModelProto; `data`: image folder, .npz, or numpy array (N, C, H, W);
-    `limit`: a seeded class-balanced sample; `shard`: "I/N". See the module docstring.
+    `limit`: a seeded class-balanced sample; `shard`: "I/N". With `checkpoint`, the
+    accumulated state is saved there every `checkpoint_every` seconds, and `resume`
+    continues from it with a bit-identical result. Under torchrun each rank takes a
+    shard and the ranks' moments are merged (every rank returns the whole).
+    See the module docstring.
     """
+    from onnxbn import distributed
     from onnxbn.data import default_workers
     from onnxbn.runtime import make_session, session_provider
 
+    rank, ranks = distributed.world()
+    if ranks > 1:
+        if shard is not None:
+            raise UserError("use either --shard or torchrun, not both: under torchrun each rank is a shard")
+        shard = (rank, ranks)
     proto = load_model(model)
     points: list[Point] = select_points(proto, after)
     dataset = open_model_data(proto, data, preset=preset, limit=limit, seed=seed, shard=shard)
     input_name, input_dtype, input_shape = model_input(proto)
     session = make_session(augment_for_stats(proto, points), device)
     fetch = [f"{STATS_PREFIX}/{i}/{k}" for i in range(len(points)) for k in ("mean", "m2", "count")]
-    moments = {p.tensor: ChannelMoments() for p in points}
-    seen = 0
-    started = time.perf_counter()
+    batch_size = fit_batch_size(input_shape, batch_size, len(dataset))
+    index, count = parse_shard(shard)
+    selector = after if isinstance(after, str) else ",".join(after)
+    checkpoint = Path(checkpoint) if checkpoint is not None else None
+    identity = {"model_sha256": model_sha256(proto), "selector": selector, "tensors": [p.tensor for p in points],
+                "data": dataset.fingerprint() if checkpoint else None, "batch_size": batch_size, "limit": limit,
+                "seed": seed, "shard": f"{index}/{count}"}
+    moments, start, seen, skipped = _checkpoint_state(checkpoint if resume else None, identity)
+    moments = moments or {p.tensor: ChannelMoments() for p in points}
+    dataset.skipped.extend(skipped)
+    started = last_saved = time.perf_counter()
+
+    def save_checkpoint() -> None:
+        Stats(moments, {"format": FORMAT, "checkpoint": identity, "consumed": dataset.consumed, "samples": seen,
+                        "skipped_all": dataset.skipped}).save(checkpoint)
+
     with progress(len(dataset), "stats") as bar:
+        bar.update(start)
         workers = default_workers() if workers is None else workers
-        for batch, (x, _) in enumerate(dataset.batches(batch_size, workers, strict=strict)):
+        for x, _ in dataset.batches(batch_size, workers, strict=strict, start=start):
             check_batch_shape(x, input_shape, dataset.description)
             values = session.run(fetch, {input_name: x.astype(input_dtype, copy=False)})
             for i, p in enumerate(points):
-                mean, m2, count = values[3 * i: 3 * i + 3]
+                mean, m2, n = values[3 * i: 3 * i + 3]
                 if not (np.isfinite(mean).all() and np.isfinite(m2).all()):
-                    raise UserError(f"tensor {p.tensor!r} has NaN or Inf values in batch {batch} "
-                                    f"(samples {seen}..{seen + len(x) - 1}); check the inputs; no stats written")
-                moments[p.tensor].merge(int(count) // mean.size, mean.reshape(-1), m2.reshape(-1))
+                    raise UserError(f"tensor {p.tensor!r} has NaN or Inf values in the batch of samples "
+                                    f"{seen}..{seen + len(x) - 1}; check the inputs; no stats written")
+                moments[p.tensor].merge(int(n) // mean.size, mean.reshape(-1), m2.reshape(-1))
             seen += len(x)
-            bar.update(len(x))
+            bar.update(dataset.consumed - bar.n)
+            if checkpoint is not None and time.perf_counter() - last_saved >= checkpoint_every:
+                save_checkpoint()
+                last_saved = time.perf_counter()
+    parts = distributed.gather((moments, seen, dataset.skipped))
+    if ranks > 1:
+        moments = {p.tensor: ChannelMoments() for p in points}
+        for part, _, _ in parts:
+            for name, m in part.items():
+                moments[name].merge(m.count, m.mean, m.m2)
+        seen, skipped_all = sum(p[1] for p in parts), [f for p in parts for f in p[2]]
+    else:
+        skipped_all = dataset.skipped
     if seen == 0:
         raise UserError(f"{dataset.description}: no image could be read; nothing to gather statistics from")
-    index, count = parse_shard(shard)
     meta = {
         "format": FORMAT,
-        "model_sha256": model_sha256(proto),
-        "selector": after if isinstance(after, str) else ",".join(after),
+        "model_sha256": identity["model_sha256"],
+        "selector": selector,
         "samples": seen,
-        "skipped": len(dataset.skipped),
+        "skipped": len(skipped_all),
         "preset": dataset.preset if dataset.is_images else "array",
         "limit": limit,
         "seed": seed,
-        "shard": f"{index}/{count}",
+        "shard": f"{index}/{count}" if ranks == 1 else f"torchrun x{ranks}",
         "provider": session_provider(session),
         "seconds": round(time.perf_counter() - started, 3),
         "onnxbn": __import__("onnxbn").__version__,
-        "skipped_files": dataset.skipped[:20],
+        "skipped_files": skipped_all[:20],
     }
     return Stats(moments, meta)

@@ -78,22 +78,6 @@ def _prefix_fingerprint(prefix) -> str:
     return h.hexdigest()
 
 
-def _data_fingerprint(dataset) -> str:
-    h = hashlib.sha256()
-    if dataset.is_images:
-        for f in dataset.files:
-            st = os.stat(f)
-            h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        h.update(f"{dataset.preset}/{dataset.size}".encode())
-    else:
-        h.update(np.ascontiguousarray(dataset.index).tobytes())
-        for start in range(0, len(dataset.index), 1024):
-            h.update(np.ascontiguousarray(dataset.array[dataset.index[start:start + 1024]]).tobytes())
-    if dataset.labels is not None:
-        h.update(np.ascontiguousarray(dataset.labels).tobytes())
-    return h.hexdigest()
-
-
 @dataclass
 class Features:
     """Cached prefix outputs (memory-mapped) and their labels."""
@@ -276,7 +260,7 @@ def finetune(model, train, val=None, *, epochs: int = 1, lr: float = 1e-5, batch
             dataset = open_model_data(proto, data, limit=limit if split == "train" else None, seed=seed)
             if dataset.labels is None:
                 raise UserError(f"{dataset.description}: {split} data needs labels (class folders, or y in the .npz)")
-            key = hashlib.sha256(f"{digest}\0{node}\0{_data_fingerprint(dataset)}".encode()).hexdigest()[:32]
+            key = hashlib.sha256(f"{digest}\0{node}\0{dataset.fingerprint()}".encode()).hexdigest()[:32]
             sets[split] = cached_features(prefix, dataset, key, cache_dir, batch_size, dev, workers,
                                           f"features ({split})", input_shape)
             if classes:

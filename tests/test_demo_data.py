@@ -126,7 +126,7 @@ def test_bundled_model_metadata(session):
     meta = session.get_modelmeta().custom_metadata_map
     for key in ("onnxbn.preset", "onnxbn.weights", "onnxbn.source_task", "onnxbn.classes"):
         assert key in meta, key
-    assert meta["onnxbn.preset"] == "imagenet-normalized"
+    assert meta["onnxbn.preset"] == "imagenet-squash"
     assert meta["onnxbn.weights"] == "demo"
     assert json.loads(meta["onnxbn.classes"]) == CLASSES["source"]
     (inp,) = session.get_inputs()

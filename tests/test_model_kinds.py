@@ -210,9 +210,6 @@ def test_ir3_initializers_listed_as_inputs():
     assert [e["action"] for e in explain_fold(result["with_bn"])] == ["folded"] * 4
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="stats.py _prune_to_outputs drops the classifier's initializers but not their IR 3 "
-                          "graph-input entries, so onnxruntime asks for 'fc2.W' and 'fc2.b' as run-time inputs")
 @pytest.mark.parametrize("selector", ["relu", "linear", "dense"])
 def test_ir3_stats_with_a_pruned_head(selector):
     check_ir3(pipeline(ir3_net(), inputs_for([3, 8, 8]), selector, kept_after_fold=0))
@@ -329,14 +326,16 @@ def test_fixed_batch_refuses_a_partial_last_batch():
         compare(model, model, data=inputs_for([3, 8, 8], count=10), device="cpu")
 
 
-@pytest.mark.xfail(strict=True, reason="stats.py feeds --batch-size rows to a fixed-batch model: onnxruntime's "
-                                       "InvalidArgument escapes instead of a UserError (or batches of the fixed size)")
 def test_fixed_batch_stats_with_the_default_batch_size():
+    """A fixed batch of 4 is used whatever --batch-size says; 10 samples cannot fill it."""
     model = small_net(13, batch=4)
-    try:
-        collect_stats(model, inputs_for([3, 8, 8], count=12), after="relu", device="cpu", workers=0)
-    except UserError:
-        pass
+    x = inputs_for([3, 8, 8], count=12)
+    stats = collect_stats(model, x, after="relu", device="cpu", workers=0)
+    reference = collect_stats(model, x, after="relu", device="cpu", workers=0, batch_size=4)
+    for name in stats.tensors:
+        np.testing.assert_array_equal(stats.var(name), reference.var(name))
+    with pytest.raises(UserError, match="fixed at 4"):
+        collect_stats(model, x[:10], after="relu", device="cpu", workers=0)
 
 
 # ----------------------------------------------------------------------------- float16

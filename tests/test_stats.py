@@ -176,3 +176,59 @@ def test_uncompressed_npz_is_memory_mapped(tmp_path):
     np.testing.assert_array_equal(np.concatenate([b for b, _ in data.batches(3)]), x)
     np.savez_compressed(tmp_path / "c.npz", x=x)
     np.testing.assert_array_equal(open_data(tmp_path / "c.npz").array, x)
+
+
+def _stats_cmd(model, data, out, *extra):
+    import sys
+
+    return [sys.executable, "-m", "onnxbn", "-q", "stats", str(model), "--data", str(data), "--after", "relu",
+            "--batch-size", "2", "--workers", "0", "-o", str(out), *extra]
+
+
+def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):
+    """A stats run killed mid-way continues with --resume to the same bits."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    model = small_cnn(size=32)
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    x = np.random.default_rng(7).standard_normal((3000, 3, 32, 32)).astype(np.float32)
+    np.savez(tmp_path / "x.npz", x=x)
+    whole = subprocess.run(_stats_cmd(tmp_path / "m.onnx", tmp_path / "x.npz", tmp_path / "whole.npz"),
+                           capture_output=True, text=True, timeout=300)
+    assert whole.returncode == 0, whole.stderr
+    out = tmp_path / "part.npz"
+    checkpoint = tmp_path / "part.npz.checkpoint.npz"
+    proc = subprocess.Popen(_stats_cmd(tmp_path / "m.onnx", tmp_path / "x.npz", out, "--checkpoint-every", "0"))
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if checkpoint.is_file():
+            progress_made = load_stats(checkpoint).meta["consumed"]
+            if progress_made >= 200:
+                break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists(), "a killed run must not leave an output file"
+    stopped_at = load_stats(checkpoint).meta["consumed"]
+    assert 0 < stopped_at < 3000
+    refused = subprocess.run(_stats_cmd(tmp_path / "m.onnx", tmp_path / "x.npz", out), capture_output=True, text=True)
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+    resumed = subprocess.run(_stats_cmd(tmp_path / "m.onnx", tmp_path / "x.npz", out, "--resume"),
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert not checkpoint.exists()
+    a, b = load_stats(tmp_path / "whole.npz"), load_stats(out)
+    assert a.meta["samples"] == b.meta["samples"] == 3000
+    for name in a.tensors:
+        np.testing.assert_allclose(b.mean(name), a.mean(name), rtol=1e-12, atol=0)
+        np.testing.assert_allclose(b.var(name), a.var(name), rtol=1e-12, atol=0)
+
+
+def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path, cnn, cnn_inputs):
+    path = tmp_path / "c.npz"
+    onnxbn.collect_stats(cnn, cnn_inputs, after="relu", batch_size=4, checkpoint=path, checkpoint_every=0)
+    with pytest.raises(onnxbn.UserError, match="other settings"):
+        onnxbn.collect_stats(cnn, cnn_inputs, after="relu", batch_size=8, checkpoint=path, resume=True)
