@@ -210,6 +210,8 @@ def cmd_check(args) -> int:
              help="last frozen ONNX node (default: auto = the last convolution block's output)"),
          arg("--cache", help="feature cache folder, reused when model and data are unchanged (default: temporary)"),
          arg("--bf16", action="store_true", help="bfloat16 autocast for the trained part (off by default)"),
+         arg("--dropout", type=float, help="override the model's dropout rate while training (0 = off)"),
+         arg("--sync-bn", action="store_true", help="under torchrun: BN normalises with global-batch statistics"),
          arg("--limit", type=int, help="train on a seeded, class-balanced sample of N items"),
          arg("--seed", type=int, default=0, help="seed for shuffling, dropout and --limit (default: 0)"),
          arg("--workers", type=int, default=0, help="image decoding processes (default: 0, in-process)"),
@@ -217,7 +219,10 @@ def cmd_check(args) -> int:
 def cmd_finetune(args) -> int:
     """Fine-tune the layers after the frozen convolution blocks on cached features, write the weights back.
 
-    Writes the model and, next to it, OUTPUT.log.json with per-epoch train/val loss and accuracy."""
+    Writes the model and, next to it, OUTPUT.log.json with per-epoch train/val loss and accuracy.
+    Under `torchrun --nproc_per_node K`, trains with DistributedDataParallel (gloo on
+    CPU, nccl on GPU); --batch-size is the global batch; rank 0 writes the files."""
+    from onnxbn import distributed
     from onnxbn.graph import refuse_overwrite, save_model
     from onnxbn.training import finetune
 
@@ -227,7 +232,10 @@ def cmd_finetune(args) -> int:
     refuse_overwrite(log_path, inputs, args.force)
     result = finetune(args.model, args.train, args.val, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                       freeze_through=args.freeze_through, cache=args.cache, device=args.device, seed=args.seed,
-                      optimizer=args.optimizer, bf16=args.bf16, workers=args.workers, limit=args.limit)
+                      optimizer=args.optimizer, bf16=args.bf16, workers=args.workers, limit=args.limit,
+                      dropout=args.dropout, sync_bn=args.sync_bn)
+    if not distributed.is_main():
+        return 0
     save_model(result.model, args.output, inputs=inputs, force=args.force)
     _write_json(log_path, result.log, inputs)
     before, after = result.log["val_before"], result.log["val_after"]

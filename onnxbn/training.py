@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from onnxbn import distributed
 from onnxbn.errors import UserError
 from onnxbn.graph import ACTIVATIONS, load_model, tensor_shape, value_types
 from onnxbn.stats import check_batch_shape, model_input, open_model_data, progress
@@ -156,15 +157,16 @@ class FinetuneResult:
 
 
 def _torch_device(device: str):
+    """cuda (this rank's GPU under torchrun) when asked for or available, else cpu."""
     import torch
 
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"unknown device {device!r}: use auto, cpu or cuda")
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: torch sees no CUDA device here; use --device cpu or auto")
-    if device not in ("cpu", "cuda"):
-        raise UserError(f"unknown device {device!r}: use auto, cpu or cuda")
-    return torch.device(device)
+    if device == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def _ends_in(model: onnx.ModelProto) -> str:
@@ -204,19 +206,24 @@ def _evaluate_suffix(suffix, feats: Features, batch_size: int, device, kind: str
             top = lp.topk(min(5, lp.shape[1]), dim=1).indices
             correct += float((top[:, 0] == y).sum())
             correct5 += float((top == y[:, None]).any(dim=1).sum())
-    n = max(len(feats.y), 1)
+    loss, correct, correct5, n = distributed.all_sum([loss, correct, correct5, float(len(feats.y))])
+    n = max(n, 1.0)
     return {"loss": loss / n, "accuracy": correct / n, "top5": correct5 / n}
 
 
 def finetune(model, train, val=None, *, epochs: int = 1, lr: float = 1e-5, batch_size: int = 64,
              freeze_through: str = "auto", cache: str | os.PathLike | None = None, device: str = "auto",
              seed: int = 0, optimizer: str = "adam", bf16: bool = False, workers: int = 0,
-             limit: int | None = None) -> FinetuneResult:
+             limit: int | None = None, dropout: float | None = None, sync_bn: bool = False) -> FinetuneResult:
     """Fine-tune `model` past its frozen convolution blocks on labelled `train` data.
 
     `model`: path or ModelProto; `train`/`val`: image folder with class folders, .npz
     with x and y, or an (x, y) tuple. Returns the model with the trained weights (and
     BN running statistics) written back, and a log with per-epoch train/val metrics.
+    `dropout` overrides every Dropout rate while training; `sync_bn` normalises BN
+    with the statistics of the global batch. Under torchrun: DistributedDataParallel,
+    each rank caches and trains on its shard of the data (items rank::ranks) with
+    batch_size / ranks samples per step, the same number of steps on every rank.
     """
     import torch
 
@@ -228,12 +235,23 @@ def finetune(model, train, val=None, *, epochs: int = 1, lr: float = 1e-5, batch
         raise UserError(f"unknown optimizer {optimizer!r}: use adam or sgd")
     started = time.perf_counter()
     proto = load_model(model)
+    rank, ranks = distributed.world()
+    if batch_size % ranks:
+        raise UserError(f"--batch-size {batch_size} (the global batch) must be a multiple of the {ranks} ranks")
+    if dropout is not None and not 0 <= dropout < 1:
+        raise UserError(f"--dropout must be in [0, 1) (got {dropout})")
     dev = _torch_device(device)
-    torch.manual_seed(seed)
+    torch.manual_seed(seed + rank)
     node = default_freeze_node(proto) if freeze_through == "auto" else freeze_through
     if node not in {n.name for n in proto.graph.node}:
         raise UserError(f"--freeze-through {node!r}: no ONNX node has that name")
     module = to_torch(proto).to(dev)
+    if dropout is not None:
+        for m in module.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = dropout
+    if sync_bn:
+        distributed.convert_sync_batchnorm(module)
     prefix, suffix = split_at(module, node)
     module.requires_grad_(False)
     trainable = list(suffix.parameters())
@@ -257,7 +275,8 @@ def finetune(model, train, val=None, *, epochs: int = 1, lr: float = 1e-5, batch
         for split, data in (("train", train), ("val", val)):
             if data is None:
                 continue
-            dataset = open_model_data(proto, data, limit=limit if split == "train" else None, seed=seed)
+            dataset = open_model_data(proto, data, limit=limit if split == "train" else None, seed=seed,
+                                      shard=(rank, ranks) if ranks > 1 else None)
             if dataset.labels is None:
                 raise UserError(f"{dataset.description}: {split} data needs labels (class folders, or y in the .npz)")
             key = hashlib.sha256(f"{digest}\0{node}\0{dataset.fingerprint()}".encode()).hexdigest()[:32]
@@ -265,69 +284,80 @@ def finetune(model, train, val=None, *, epochs: int = 1, lr: float = 1e-5, batch
                                           f"features ({split})", input_shape)
             if classes:
                 _check_labels(sets[split].y, classes, dataset.description)
-        result_log = _train(suffix, trainable, sets, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
-                            device=dev, kind=kind, optimizer=optimizer, bf16=bf16)
+        result_log = _train(suffix, trainable, sets, epochs=epochs, lr=lr, batch_size=batch_size // ranks,
+                            seed=seed, device=dev, kind=kind, optimizer=optimizer, bf16=bf16)
     finally:
         if temp is not None:
             temp.cleanup()
     module.eval()
     written = write_back(module, proto)
-    gate = _gate(module, written, dev, sets.get("val") or sets["train"], input_shape, proto)
+    gate = _gate(module, written, dev, input_shape, proto) if rank == 0 else {"checked": False, "reason": "rank > 0"}
     result_log.update({
         "freeze_through": node,
         "trainable_parameters": int(sum(p.numel() for p in trainable)),
         "cache": {k: {"hit": f.hit, "samples": int(len(f.y)), "shape": list(f.x.shape[1:])} for k, f in sets.items()},
         "device": str(dev), "lr": lr, "epochs": epochs, "batch_size": batch_size, "optimizer": optimizer,
-        "seed": seed, "write_back_check": gate, "seconds": round(time.perf_counter() - started, 3),
+        "seed": seed, "ranks": ranks, "dropout": dropout, "sync_bn": sync_bn, "write_back_check": gate, "seconds": round(time.perf_counter() - started, 3),
     })
     return FinetuneResult(written, result_log)
 
 
 def _train(suffix, trainable, sets, *, epochs, lr, batch_size, seed, device, kind, optimizer, bf16) -> dict:
+    """Epochs over the cached features; `batch_size` is this rank's share of the global batch."""
     import torch
 
     train = sets["train"]
+    rank, ranks = distributed.world()
+    model = suffix
+    if ranks > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(suffix, device_ids=[device.index] if device.type == "cuda" else None)
     opt = (torch.optim.Adam(trainable, lr=lr) if optimizer == "adam"
            else torch.optim.SGD(trainable, lr=lr, momentum=0.9))
-    generator = np.random.default_rng(seed)
+    generator = np.random.default_rng([seed, rank])
+    steps = min(distributed.gather(-(-len(train.y) // batch_size)))  # every rank takes the same number of steps
     history = []
     before = _evaluate_suffix(suffix, sets["val"], batch_size, device, kind) if "val" in sets else None
     autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16
                 else contextlib.nullcontext())
     for epoch in range(1, epochs + 1):
-        suffix.train()
+        model.train()
         order = generator.permutation(len(train.y))
-        total = correct = 0.0
+        total = correct = seen = 0.0
         started = time.perf_counter()
-        with progress(len(order), f"epoch {epoch}/{epochs}") as bar:
-            for start in range(0, len(order), batch_size):
-                rows = np.sort(order[start:start + batch_size])
+        with progress(min(len(order), steps * batch_size), f"epoch {epoch}/{epochs}") as bar:
+            for step in range(steps):
+                rows = np.sort(order[step * batch_size:(step + 1) * batch_size])
                 x = torch.from_numpy(train.x[rows]).to(device)  # fancy indexing copies off the memmap
                 y = torch.from_numpy(train.y[rows]).to(device)
                 with autocast:
-                    lp = _log_probs(suffix(x), kind).float()
+                    lp = _log_probs(model(x), kind).float()
                     loss = torch.nn.functional.nll_loss(lp, y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 total += float(loss.detach()) * len(rows)
                 correct += float((lp.argmax(1) == y).sum())
+                seen += len(rows)
                 bar.update(len(rows))
-                bar.set_postfix(loss=f"{total / (start + len(rows)):.4f}")
-        entry = {"epoch": epoch, "train_loss": total / len(order), "train_accuracy": correct / len(order),
+                bar.set_postfix(loss=f"{total / seen:.4f}")
+        total, correct, seen = distributed.all_sum([total, correct, seen])
+        entry = {"epoch": epoch, "train_loss": total / seen, "train_accuracy": correct / seen,
                  "seconds": round(time.perf_counter() - started, 3)}
         if "val" in sets:
             v = _evaluate_suffix(suffix, sets["val"], batch_size, device, kind)
             entry.update(val_loss=v["loss"], val_accuracy=v["accuracy"], val_top5=v["top5"])
         history.append(entry)
-        log.info("epoch %d/%d: " + ", ".join(f"{k} {entry[k]:.4f}" for k in
-                                             ("train_loss", "train_accuracy", "val_loss", "val_accuracy") if k in entry),
-                 epoch, epochs)
+        if rank == 0:
+            log.info("epoch %d/%d: " + ", ".join(f"{k} {entry[k]:.4f}" for k in
+                                                 ("train_loss", "train_accuracy", "val_loss", "val_accuracy") if k in entry),
+                     epoch, epochs)
     after = _evaluate_suffix(suffix, sets["val"], batch_size, device, kind) if "val" in sets else None
     return {"history": history, "val_before": before, "val_after": after}
 
 
-def _gate(module, written: onnx.ModelProto, device, feats: Features, input_shape, proto, samples: int = 4) -> dict:
+def _gate(module, written: onnx.ModelProto, device, input_shape, proto, samples: int = 4) -> dict:
     """onnxruntime on the written model vs the torch module in eval mode, <= 1e-5 relative."""
     import torch
 
