@@ -1,0 +1,67 @@
+"""GPU check: the same fine-tune step and statistics on CUDA and on the CPU must agree.
+
+Run on a machine with an NVIDIA GPU (tools/gpu_check.sh sets up the environment).
+Exits 0 when both agree within tolerance, 1 when they do not, 77 when there is no GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+
+def main() -> int:
+    import torch
+
+    import onnxbn
+    from onnxbn.runtime import cuda_available
+    from conftest import small_cnn
+
+    if not torch.cuda.is_available():
+        print("no CUDA device: nothing to check")
+        return 77
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 3, 8, 8)).astype(np.float32)
+    y = rng.integers(0, 10, 64)
+    model = small_cnn()
+    results = {"torch": torch.__version__, "device": torch.cuda.get_device_name(0),
+               "onnxruntime_cuda": cuda_available()}
+    stats_cpu = onnxbn.collect_stats(model, x, after="relu", device="cpu")
+    if cuda_available():
+        stats_gpu = onnxbn.collect_stats(model, x, after="relu", device="cuda")
+        results["stats_provider"] = stats_gpu.meta["provider"]
+        results["stats_max_rel_var_diff"] = max(
+            float(np.abs(stats_gpu.var(n) - stats_cpu.var(n)).max() / stats_cpu.var(n).max()) for n in stats_cpu.tensors)
+    bn = onnxbn.insert_bn(model, stats_cpu)
+    runs = {}
+    for device in ("cpu", "cuda"):
+        started = time.perf_counter()
+        runs[device] = onnxbn.finetune(bn, (x, y), epochs=2, lr=1e-2, batch_size=32, dropout=0.0, device=device,
+                                       optimizer="sgd")
+        results[f"finetune_seconds_{device}"] = round(time.perf_counter() - started, 2)
+    a = {t.name: onnx_array(t) for t in runs["cpu"].model.graph.initializer}
+    b = {t.name: onnx_array(t) for t in runs["cuda"].model.graph.initializer}
+    results["finetune_max_rel_weight_diff"] = max(
+        float(np.abs(a[k] - b[k]).max() / max(np.abs(a[k]).max(), 1e-12)) for k in a)
+    results["bf16_runs"] = bool(onnxbn.finetune(bn, (x, y), epochs=1, lr=1e-2, batch_size=32, device="cuda",
+                                                bf16=True).log["history"])
+    ok = results["finetune_max_rel_weight_diff"] <= 1e-4 and results.get("stats_max_rel_var_diff", 0) <= 1e-5
+    results["passed"] = ok
+    print(json.dumps(results, indent=2))
+    return 0 if ok else 1
+
+
+def onnx_array(tensor):
+    from onnx import numpy_helper
+
+    return numpy_helper.to_array(tensor)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
