@@ -65,7 +65,8 @@ class Profile:
     mem_selector: str = "relu"
     train_batch: int = 4
     train_steps: int = 2       # steps per contender per repetition
-    cache_samples: int = 32
+    cache_samples: int = 64
+    cache_batch: int = 16
     pipeline_images: int = 64
     jpeg_size: tuple[int, int] = (500, 375)
     latency_runs: dict = field(default_factory=lambda: {1: 8, 8: 3})
@@ -79,13 +80,15 @@ CONFIGS: dict[str, list] = {
 }
 
 PROFILES = {
-    "full": Profile("full", "VGG16 (onnxbn.export_vgg, random weights), 224x224", "vgg16", 224),
+    "full": Profile("full", "VGG16 (onnxbn.export_vgg, random weights), 224x224", "vgg16", 224, stats_batches=2,
+                    mem_images=4, cache_samples=32, cache_batch=16, pipeline_images=32,
+                    latency_runs={1: 5, 8: 2}, reps=2),
     "quick": Profile("quick", "VGG11-shaped, channels/4, 64x64, 256-unit dense layers (quick)", "vgg11", 64,
                      width_div=4, hidden=256, classes=100, batch=4, stats_batches=3, mem_images=8,
-                     train_batch=4, train_steps=2, cache_samples=32, pipeline_images=32, jpeg_size=(160, 120),
+                     train_batch=4, train_steps=2, cache_samples=32, cache_batch=8, pipeline_images=32, jpeg_size=(160, 120),
                      latency_runs={1: 10, 8: 5}, reps=3),
     "tiny": Profile("tiny", "2-conv miniature, 16x16 (smoke test)", "tiny", 16, hidden=32, classes=10, batch=4,
-                    stats_batches=2, mem_images=4, train_batch=4, train_steps=1, cache_samples=8,
+                    stats_batches=2, mem_images=4, train_batch=4, train_steps=1, cache_samples=8, cache_batch=4,
                     pipeline_images=8, jpeg_size=(40, 30), latency_runs={1: 3, 8: 2}, reps=1),
 }
 
@@ -621,15 +624,19 @@ def bench_feature_cache(ctx: Context) -> Result:
     cache = ctx.workdir / "feature-cache"
     shutil.rmtree(cache, ignore_errors=True)
     node = default_freeze_node(bn_model)
-    batch = p.batch
+    batch = p.cache_batch
     totals: list[float] = []
+    first_epochs: list[float] = []
 
     def run_cached():
+        # two epochs per call: the second is the steady state (the first also allocates Adam's
+        # state and warms autograd up, which the uncached path, reusing its module, does once)
         t = now()
-        result = onnxbn.finetune(bn_model, (x, y), epochs=1, batch_size=batch, cache=cache, device="cpu",
+        result = onnxbn.finetune(bn_model, (x, y), epochs=2, batch_size=batch, cache=cache, device="cpu",
                                  freeze_through=node, seed=0)
         totals.append(now() - t)
-        return result.log["history"][0]["seconds"]
+        first_epochs.append(result.log["history"][0]["seconds"])
+        return result.log["history"][-1]["seconds"]
 
     module = onnxbn.to_torch(bn_model)
     prefix, suffix = split_at(module, node)
@@ -668,6 +675,7 @@ def bench_feature_cache(ctx: Context) -> Result:
     run_cached()  # fills finetune's cache: later calls hit it
     first_total = now() - t
     totals.clear()
+    first_epochs.clear()
     run_uncached()  # warm-up
     raw = alternate({"cached": run_cached, "uncached": run_uncached}, ctx.reps, warmup=False)
     hit_total = median(totals)
@@ -675,11 +683,12 @@ def bench_feature_cache(ctx: Context) -> Result:
     rows = [row("finetune epoch on cached features", raw["cached"], "s", 1.0 / ratio, role="subject"),
             row("epoch through the full network", raw["uncached"], "s", 1.0, role="reference"),
             row("one-off feature caching (cached_features)", [caching], "s", caching / median(raw["uncached"])),
-            row("finetune call total (cache hit)", totals, "s", hit_total / median(raw["uncached"]))]
+            row("finetune first epoch (cold optimizer)", first_epochs, "s", median(first_epochs) / median(raw["uncached"])),
+            row("finetune call total, 2 epochs (cache hit)", totals, "s", hit_total / median(raw["uncached"]))]
     return Result("feature-cache", "cached epoch >= 10x faster", rows, ratio, ratio >= 10,
                   [f"{p.description}; {p.cache_samples} samples, batch {batch}, Adam on the part after "
                    f"{node!r}; cached epoch time from finetune's own log; caching timed on "
-                   "onnxbn.training.cached_features into a fresh folder"],
+                   "onnxbn.training.cached_features into a fresh folder; cached epoch = 2nd epoch of a finetune call"],
                   {"first_call_total_s": first_total, "freeze_through": node})
 
 
