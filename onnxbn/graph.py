@@ -49,6 +49,22 @@ def _check_external_locations(model: onnx.ModelProto, folder: Path) -> None:
             raise UserError(f"tensor {tensor.name!r}: external data {location!r} lies outside the model's folder; refusing to read it")
         if not target.is_file():
             raise UserError(f"tensor {tensor.name!r}: external data file {location!r} is missing next to the model")
+        _check_external_extent(tensor, location, target.stat().st_size)
+
+
+def _check_external_extent(tensor: onnx.TensorProto, location: str, file_size: int) -> None:
+    """Refuse declared offsets, lengths and shapes that the data file cannot hold (before any read)."""
+    entries = {e.key: e.value for e in tensor.external_data}
+    try:
+        offset, length = int(entries.get("offset", 0)), entries.get("length")
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (ValueError, TypeError, KeyError):
+        raise UserError(f"tensor {tensor.name!r}: malformed external data entry for {location!r}") from None
+    needed = int(np.prod([max(int(d), 0) for d in tensor.dims], dtype=object)) * itemsize
+    length = int(length) if length is not None else needed
+    if offset < 0 or offset + length > file_size or needed != length:
+        raise UserError(f"tensor {tensor.name!r}: declares {needed} bytes at offset {offset} (length {length}) "
+                        f"but {location!r} holds {file_size}; the model or its data file is damaged")
 
 
 def _all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:

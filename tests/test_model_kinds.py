@@ -464,3 +464,38 @@ def test_resnet_block_with_its_own_bn(selector):
         assert "2 consumers" in decisions["relu0/onnxbn_bn"]["reason"]
         assert "GlobalAveragePool" in decisions["relu_out/onnxbn_bn"]["reason"]
     assert {n.op_type for n in result["folded"].graph.node} >= {"Add", "GlobalAveragePool"}
+
+
+@pytest.mark.parametrize("entries,dims", [
+    ({"length": str(10**15)}, None),              # a length the file cannot hold
+    ({"offset": str(2**40)}, None),               # an offset past the end
+    ({}, [1 << 20, 1 << 20]),                     # a shape of 4 TiB with a small file behind it
+])
+def test_absurd_declared_sizes_are_refused_before_any_read(tmp_path, monkeypatch, entries, dims):
+    path = _with_location(tmp_path, "weights.bin")
+    os.replace(tmp_path / "secret.bin", tmp_path / "model" / "weights.bin")
+    model = onnx.load(path, load_external_data=False)
+    tensor = next(t for t in model.graph.initializer if t.name == "fc1.W")
+    for key, value in entries.items():
+        tensor.external_data.add(key=key, value=value)
+    if dims:
+        del tensor.dims[:]
+        tensor.dims.extend(dims)
+    with open(path, "wb") as fh:
+        fh.write(model.SerializeToString())
+
+    def no_read(*args, **kwargs):
+        raise AssertionError("external data was read")
+
+    monkeypatch.setattr(onnx, "load_external_data_for_model", no_read)
+    with pytest.raises(UserError, match="damaged"):
+        load_model(path)
+
+
+def test_a_well_formed_external_tensor_still_loads(tmp_path):
+    path = _with_location(tmp_path, "weights.bin")
+    os.replace(tmp_path / "secret.bin", tmp_path / "model" / "weights.bin")
+    loaded = load_model(path)
+    expected = next(t for t in small_net(13).graph.initializer if t.name == "fc1.W")
+    np.testing.assert_array_equal(numpy_helper.to_array(next(t for t in loaded.graph.initializer if t.name == "fc1.W")),
+                                  numpy_helper.to_array(expected))
