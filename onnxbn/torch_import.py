@@ -47,7 +47,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from onnxbn.errors import UserError
-from onnxbn.graph import load_model, opset_version, tensor_shape, value_types, with_metadata
+from onnxbn.graph import load_model, opset_version, tensor_shape, unique_name, value_types, with_metadata
 
 __all__ = ["to_torch", "write_back", "split_at", "SUPPORTED_OPS", "OnnxGemm", "OnnxMatMul",
            "OnnxElementwise", "OnnxDropout"]
@@ -382,14 +382,6 @@ def _sanitize(name: str, fallback: str) -> str:
     return s
 
 
-def _unique(base: str, taken: set[str]) -> str:
-    name, i = base, 1
-    while name in taken:
-        name, i = f"{base}_{i}", i + 1
-    taken.add(name)
-    return name
-
-
 def _structure_key(model: onnx.ModelProto) -> str:
     h = hashlib.sha256()
     for n in model.graph.node:
@@ -478,7 +470,7 @@ class _Importer:
     def tensor_node(self, t: torch.Tensor, hint: str = "c") -> fx.Node:
         key = id(t)
         if key not in self.const_nodes:
-            name = _unique(_sanitize(hint, "c"), self.const_names)
+            name = unique_name(_sanitize(hint, "c"), self.const_names)
             self.consts.register_buffer(name, t)
             self.const_nodes[key] = self.graph.get_attr(f"{_CONSTANTS}.{name}")
         return self.const_nodes[key]
@@ -515,7 +507,7 @@ class _Importer:
 
     def module(self, mod: nn.Module, *args, params: dict[str, str] | None = None,
                buffers: dict[str, str] | None = None) -> fx.Node:
-        path = _unique(_sanitize(self.node.name, f"{self.node.op_type.lower()}_{self.index}"), self.taken)
+        path = unique_name(_sanitize(self.node.name, f"{self.node.op_type.lower()}_{self.index}"), self.taken)
         self.root.add_module(path, mod)
         self.onnx_names[path] = self.node.name
         for attr, init in (params or {}).items():
@@ -551,7 +543,7 @@ class _Importer:
         for vi in g.input:
             if vi.name in self.inits:
                 continue
-            ph = self.graph.placeholder(_unique(_sanitize(vi.name, "input"), arg_names | self.taken))
+            ph = self.graph.placeholder(unique_name(_sanitize(vi.name, "input"), arg_names | self.taken))
             arg_names.add(ph.target)
             self.env[vi.name] = ph
             inputs.append(vi.name)

@@ -46,11 +46,8 @@ def test_torchrun_stats_equal_a_single_process(tmp_path):
         np.testing.assert_allclose(merged.var(name), single.var(name), rtol=1e-12, atol=1e-15)
 
 
-def test_torchrun_finetune_equals_one_process_with_the_same_global_batch(tmp_path):
-    """SyncBN on, dropout off, global batch = the whole set (so both see the same batches).
-
-    SGD: Adam divides by sqrt(v) and so turns float rounding in near-zero gradients
-    into visible differences; SGD keeps them at rounding level."""
+def bn_model_and_data(tmp_path):
+    """A small CNN with BN after its dense layers, 32 labelled samples; both saved in tmp_path."""
     model = small_cnn()
     rng = np.random.default_rng(3)
     x = rng.standard_normal((32, 3, 8, 8)).astype(np.float32)
@@ -58,6 +55,15 @@ def test_torchrun_finetune_equals_one_process_with_the_same_global_batch(tmp_pat
     bn = onnxbn.insert_bn(model, onnxbn.collect_stats(model, x, after="dense"))
     onnx.save(bn, str(tmp_path / "bn.onnx"))
     np.savez(tmp_path / "train.npz", x=x, y=y)
+    return bn, x, y
+
+
+def test_torchrun_finetune_equals_one_process_with_the_same_global_batch(tmp_path):
+    """SyncBN on, dropout off, global batch = the whole set (so both see the same batches).
+
+    SGD: Adam divides by sqrt(v) and so turns float rounding in near-zero gradients
+    into visible differences; SGD keeps them at rounding level."""
+    bn, x, y = bn_model_and_data(tmp_path)
     args = ["--train", tmp_path / "train.npz", "--epochs", "3", "--lr", "1e-2", "--batch-size", "32",
             "--dropout", "0", "--sync-bn", "--device", "cpu", "--optimizer", "sgd"]
     torchrun("finetune", tmp_path / "bn.onnx", *args, "-o", tmp_path / "ddp.onnx", cwd=tmp_path)
@@ -80,13 +86,7 @@ def test_torchrun_finetune_equals_one_process_with_the_same_global_batch(tmp_pat
 
 def test_without_sync_bn_ranks_normalise_with_their_own_half(tmp_path):
     """The control for the test above: plain BN under DDP sees 16 of the 32 samples."""
-    model = small_cnn()
-    rng = np.random.default_rng(3)
-    x = rng.standard_normal((32, 3, 8, 8)).astype(np.float32)
-    y = rng.integers(0, 10, 32)
-    bn = onnxbn.insert_bn(model, onnxbn.collect_stats(model, x, after="dense"))
-    onnx.save(bn, str(tmp_path / "bn.onnx"))
-    np.savez(tmp_path / "train.npz", x=x, y=y)
+    bn, x, y = bn_model_and_data(tmp_path)
     torchrun("finetune", tmp_path / "bn.onnx", "--train", tmp_path / "train.npz", "--epochs", "1", "--lr", "1e-2",
              "--batch-size", "32", "--dropout", "0", "--device", "cpu", "--optimizer", "sgd",
              "-o", tmp_path / "ddp.onnx", cwd=tmp_path)
