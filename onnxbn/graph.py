@@ -158,17 +158,18 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, inputs: Iterable
     return path
 
 
-def model_sha256(model: onnx.ModelProto) -> str:
+def model_sha256(model: onnx.ModelProto, weights: dict[str, np.ndarray] | None = None) -> str:
     """Hash of the model's graph and weights (metadata excluded), for provenance checks.
 
-    The graph without weight data is serialised; each initializer's bytes are hashed
-    where they lie, so a VGG16 is not serialised (and copied) a second time.
+    The graph without weight data is serialised, then every initializer's values
+    (taken from `weights`, the arrays of `detach_weights`, where given) are hashed.
     """
     h = hashlib.sha256()
     h.update(skeleton(model, keep_elements=0).graph.SerializeToString(deterministic=True))
     for t in model.graph.initializer:
+        array = weights[t.name] if weights is not None and t.name in weights else numpy_helper.to_array(t)
         h.update(t.name.encode() + b"\0")
-        h.update(t.raw_data if t.HasField("raw_data") else t.SerializeToString(deterministic=True))
+        h.update(np.ascontiguousarray(array).view(np.uint8) if array.dtype != object else str(array.tolist()).encode())
     return h.hexdigest()
 
 
@@ -236,30 +237,64 @@ def consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
     return table
 
 
+IN_MEMORY = "onnxbn:in-memory"  # external-data location of weights handed to onnxruntime as arrays
+_DETACHABLE = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.INT64,
+               onnx.TensorProto.INT32, onnx.TensorProto.INT8, onnx.TensorProto.UINT8}
+
+
+def empty_like(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A model with `model`'s header (IR, opsets, producer, functions, graph name) and an empty graph."""
+    out = onnx.ModelProto()
+    for field_name in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(out, field_name, getattr(model, field_name))
+    out.opset_import.extend(model.opset_import)
+    out.functions.extend(model.functions)
+    out.graph.name = model.graph.name
+    return out
+
+
+def _light_copy(model: onnx.ModelProto, stubbed) -> onnx.ModelProto:
+    """`model` with the initializers `stubbed(t)` picks reduced to name, type and dims."""
+    graph, light = model.graph, empty_like(model)
+    g = light.graph
+    g.node.extend(graph.node)
+    g.input.extend(graph.input)
+    g.output.extend(graph.output)
+    g.value_info.extend(graph.value_info)
+    for t in graph.initializer:
+        if stubbed(t):
+            stub = g.initializer.add(name=t.name, data_type=t.data_type)
+            stub.dims.extend(t.dims)
+        else:
+            g.initializer.append(t)
+    return light
+
+
 def skeleton(model: onnx.ModelProto, keep_elements: int = 64) -> onnx.ModelProto:
     """A copy of `model` without the data of large initializers (dims and types kept).
 
     Shape inference only needs the shapes of weights, plus the values of small
     tensors such as Reshape targets; skipping the data makes it fast on VGG-size models.
     """
-    graph, light = model.graph, onnx.ModelProto()
-    for field_name in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
-        setattr(light, field_name, getattr(model, field_name))
-    light.opset_import.extend(model.opset_import)
-    light.functions.extend(model.functions)
-    g = light.graph
-    g.name = graph.name
-    g.node.extend(graph.node)
-    g.input.extend(graph.input)
-    g.output.extend(graph.output)
-    g.value_info.extend(graph.value_info)
-    for t in graph.initializer:
-        if int(np.prod(t.dims)) <= keep_elements:
-            g.initializer.append(t)
-        else:
-            stub = g.initializer.add(name=t.name, data_type=t.data_type)
-            stub.dims.extend(t.dims)
-    return light
+    return _light_copy(model, lambda t: int(np.prod(t.dims)) > keep_elements)
+
+
+def detach_weights(model: onnx.ModelProto, keep_elements: int = 1024) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """(light model, arrays): the large initializers become in-memory external data.
+
+    onnxruntime takes the arrays as they are (`add_external_initializers`), so a
+    VGG16 is neither serialised nor parsed again to build a session.
+    """
+    picked = {t.name for t in model.graph.initializer
+              if int(np.prod(t.dims)) > keep_elements and t.data_type in _DETACHABLE
+              and t.data_location != onnx.TensorProto.EXTERNAL}
+    light = _light_copy(model, lambda t: t.name in picked)
+    for t in light.graph.initializer:
+        if t.name in picked:
+            t.data_location = onnx.TensorProto.EXTERNAL
+            t.external_data.add(key="location", value=IN_MEMORY)
+    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.name in picked}
+    return light, weights
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes.util
 import warnings
 
+import numpy as np
 import onnx
 
 from onnxbn.errors import UserError
@@ -38,20 +39,36 @@ def cuda_available() -> bool:
     return "CUDAExecutionProvider" in ort.get_available_providers() and _cuda_driver_present()
 
 
-def make_session(model: onnx.ModelProto | bytes | str, device: str = "auto", threads: int = 0):
+def make_session(model: onnx.ModelProto | bytes | str, device: str = "auto", threads: int = 0,
+                 weights: dict | None = None):
     """An InferenceSession for `model` on `device` ('auto', 'cpu' or 'cuda').
 
     'cuda' fails with a UserError when CUDA does not load; 'auto' falls back to the
-    CPU silently. `threads` > 0 caps onnxruntime's intra-op threads.
+    CPU silently. `threads` > 0 caps onnxruntime's intra-op threads. A ModelProto's
+    large weights go to onnxruntime as arrays (see graph.detach_weights); `weights`
+    supplies them for a model that is already detached.
     """
+    from onnxbn.graph import IN_MEMORY, detach_weights
+
     if device not in DEVICES:
         raise UserError(f"unknown device {device!r}: use one of {', '.join(DEVICES)}")
     ort = _ort()
-    payload = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
+    arrays: list = []
+    if isinstance(model, onnx.ModelProto):
+        if weights is None:
+            model, weights = detach_weights(model)
+        names = [t.name for t in model.graph.initializer
+                 if any(e.key == "location" and e.value == IN_MEMORY for e in t.external_data)]
+        arrays = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(weights[n])) for n in names]
+        if names:
+            options.add_external_initializers(names, arrays)
+        payload = model.SerializeToString()
+    else:
+        payload = model
     want_cuda = device == "cuda" or (device == "auto" and cuda_available())
     if device == "cuda" and not cuda_available():
         raise UserError("--device cuda: onnxruntime has no usable CUDA provider here; use --device cpu or auto")
@@ -69,6 +86,7 @@ def make_session(model: onnx.ModelProto | bytes | str, device: str = "auto", thr
         raise
     finally:
         ort.set_default_logger_severity(3)
+    session._onnxbn_weights = arrays  # onnxruntime reads the arrays in place: keep them alive
     if device == "cuda" and session_provider(session) != "cuda":
         raise UserError("--device cuda: the CUDA provider did not load (CUDA 12/13 + cuDNN 9 needed); use --device cpu")
     return session

@@ -38,7 +38,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxbn.data import open_data, parse_shard
 from onnxbn.errors import UserError
-from onnxbn.graph import (Point, atomic_path, graph_inputs, load_model, metadata, model_sha256,
+from onnxbn.graph import (Point, atomic_path, detach_weights, empty_like, graph_inputs, load_model, metadata, model_sha256,
                           refuse_overwrite, require_opset, select_points, tensor_shape, unique_name)
 
 FORMAT = "onnxbn-stats/1"
@@ -185,12 +185,7 @@ def _pruned_copy(model: onnx.ModelProto, wanted: set[str]) -> onnx.ModelProto:
             for attr in node.attribute:  # subgraphs may read outer-scope names
                 if attr.type == onnx.AttributeProto.GRAPH:
                     needed.update(i for n in attr.g.node for i in n.input)
-    out = onnx.ModelProto(ir_version=model.ir_version, producer_name=model.producer_name,
-                          producer_version=model.producer_version, domain=model.domain,
-                          model_version=model.model_version)
-    out.opset_import.extend(model.opset_import)
-    out.functions.extend(model.functions)
-    out.graph.name = graph.name
+    out = empty_like(model)
     out.graph.node.extend(reversed(keep))
     inits = {t.name for t in graph.initializer}
     out.graph.initializer.extend(t for t in graph.initializer if t.name in needed)
@@ -353,13 +348,14 @@ def collect_stats(model, data, after="dense", batch_size: int = 32, limit: int |
     points: list[Point] = select_points(proto, after)
     dataset = open_model_data(proto, data, preset=preset, limit=limit, seed=seed, shard=shard)
     input_name, input_dtype, input_shape = model_input(proto)
-    session = make_session(augment_for_stats(proto, points), device)
+    light, weights = detach_weights(proto)  # the weights reach onnxruntime as arrays, uncopied
+    session = make_session(augment_for_stats(light, points), device, weights=weights)
     fetch = [f"{STATS_PREFIX}/{i}/{k}" for i in range(len(points)) for k in ("mean", "m2", "count")]
     batch_size = fit_batch_size(input_shape, batch_size, len(dataset))
     index, count = parse_shard(shard)
     selector = after if isinstance(after, str) else ",".join(after)
     checkpoint = Path(checkpoint) if checkpoint is not None else None
-    identity = {"model_sha256": model_sha256(proto), "selector": selector, "tensors": [p.tensor for p in points],
+    identity = {"model_sha256": model_sha256(proto, weights), "selector": selector, "tensors": [p.tensor for p in points],
                 "data": dataset.fingerprint() if checkpoint else None, "batch_size": batch_size, "limit": limit,
                 "seed": seed, "shard": f"{index}/{count}"}
     moments, start, seen, skipped = _checkpoint_state(checkpoint if resume else None, identity)
