@@ -26,6 +26,7 @@ selector, samples, preset, shard, onnxbn version).
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import time
@@ -355,16 +356,23 @@ def collect_stats(model, data, after="dense", batch_size: int = 32, limit: int |
     index, count = parse_shard(shard)
     selector = after if isinstance(after, str) else ",".join(after)
     checkpoint = Path(checkpoint) if checkpoint is not None else None
-    identity = {"model_sha256": model_sha256(proto, weights), "selector": selector, "tensors": [p.tensor for p in points],
-                "data": dataset.fingerprint() if checkpoint else None, "batch_size": batch_size, "limit": limit,
-                "seed": seed, "shard": f"{index}/{count}"}
-    moments, start, seen, skipped = _checkpoint_state(checkpoint if resume else None, identity)
+    # The provenance hash (and the data fingerprint a checkpoint carries) are computed in a
+    # thread while the batches run (hashlib releases the GIL): they are needed only at the end,
+    # or when a checkpoint is written or resumed.
+    hashing = concurrent.futures.ThreadPoolExecutor(1)
+    pending = hashing.submit(lambda: {
+        "model_sha256": model_sha256(proto, weights), "selector": selector, "tensors": [p.tensor for p in points],
+        "data": dataset.fingerprint() if checkpoint else None, "batch_size": batch_size, "limit": limit,
+        "seed": seed, "shard": f"{index}/{count}"})
+    hashing.shutdown(wait=False)
+    identity = pending.result
+    moments, start, seen, skipped = _checkpoint_state(checkpoint if resume else None, identity() if resume else {})
     moments = moments or {p.tensor: ChannelMoments() for p in points}
     dataset.skipped.extend(skipped)
     started = last_saved = time.perf_counter()
 
     def save_checkpoint() -> None:
-        Stats(moments, {"format": FORMAT, "checkpoint": identity, "consumed": dataset.consumed, "samples": seen,
+        Stats(moments, {"format": FORMAT, "checkpoint": identity(), "consumed": dataset.consumed, "samples": seen,
                         "skipped_all": dataset.skipped}).save(checkpoint)
 
     with progress(len(dataset), "stats") as bar:
@@ -397,7 +405,7 @@ def collect_stats(model, data, after="dense", batch_size: int = 32, limit: int |
         raise UserError(f"{dataset.description}: no image could be read; nothing to gather statistics from")
     meta = {
         "format": FORMAT,
-        "model_sha256": identity["model_sha256"],
+        "model_sha256": identity()["model_sha256"],
         "selector": selector,
         "samples": seen,
         "skipped": len(skipped_all),

@@ -80,8 +80,8 @@ CONFIGS: dict[str, list] = {
 }
 
 PROFILES = {
-    "full": Profile("full", "VGG16 (onnxbn.export_vgg, random weights), 224x224", "vgg16", 224, stats_batches=2,
-                    mem_images=4, cache_samples=64, cache_batch=64, pipeline_images=32,
+    "full": Profile("full", "VGG16 (onnxbn.export_vgg, random weights), 224x224", "vgg16", 224, stats_batches=4,
+                    mem_images=16, cache_samples=64, cache_batch=64, pipeline_images=64,
                     latency_runs={1: 5, 8: 2}, reps=2),
     "quick": Profile("quick", "VGG11-shaped, channels/4, 64x64, 256-unit dense layers (quick)", "vgg11", 64,
                      width_div=4, hidden=256, classes=100, batch=4, stats_batches=3, mem_images=8,
