@@ -202,3 +202,19 @@ def test_fold_refuses_to_write_a_wrong_model(files, capsys, monkeypatch):
     code, out, err = run(capsys, "fold", files / "bn.onnx", "--random", "4", "-o", files / "deploy.onnx")
     assert code == 1 and "FAIL" in out and "nothing written" in err
     assert not (files / "deploy.onnx").exists()
+
+
+def test_nan_inputs_and_strict_images_exit_2_and_write_nothing(tmp_path, capsys):
+    onnx.save(small_cnn(), str(tmp_path / "m.onnx"))
+    x = np.random.default_rng(0).standard_normal((12, 3, 8, 8)).astype(np.float32)
+    x[9, 1, 2, 3] = np.nan
+    np.savez(tmp_path / "nan.npz", x=x)
+    code, _, err = run(capsys, "stats", tmp_path / "m.onnx", "--data", tmp_path / "nan.npz", "--after", "relu",
+                       "--batch-size", "4", "-o", tmp_path / "s.npz")
+    assert code == 2 and "'r1' has NaN or Inf" in err and "samples 8..11" in err
+    write_images(tmp_path / "imgs", n_per_class=2, size=(8, 8), fmt="PNG")
+    (tmp_path / "imgs" / "cat" / "zz_broken.png").write_bytes(b"not a png")
+    code, _, err = run(capsys, "stats", tmp_path / "m.onnx", "--data", tmp_path / "imgs", "--strict", "--workers", "0",
+                       "-o", tmp_path / "s.npz")
+    assert code == 2 and "zz_broken.png" in err and "--strict" in err
+    assert not (tmp_path / "s.npz").exists() and not list(tmp_path.glob("s.npz.*"))
