@@ -10,6 +10,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 import onnxbn
+import onnxbn.fold
 from onnxbn.cli import main
 from onnxbn.graph import metadata
 from onnxbn.runtime import make_session
@@ -82,6 +83,20 @@ def test_identity_insert_is_exact(vgg_model, vgg_inputs, selector, count):
     record = json.loads(metadata(bn_model)["onnxbn.insert"])
     assert record["bn_inserted"] == count and record["selector"] == selector
 
+    # fold for deployment: everything folds for dense/linear; for relu the BN before a
+    # padded Conv or a MaxPool stay, with the reason
+    folded, decisions = onnxbn.fold.fold_with_decisions(bn_model)
+    kept = [d for d in decisions if d["action"] == "kept"]
+    remaining = sum(n.op_type == "BatchNormalization" for n in folded.graph.node)
+    if selector == "relu":
+        assert len(kept) == 13 and remaining == 13
+        assert all("pad" in d["reason"] or "MaxPool" in d["reason"] for d in kept)
+    else:
+        assert kept == [] and remaining == 0
+        assert abs(folded.ByteSize() - vgg_model.ByteSize()) < 4096  # same weights, a little metadata
+    fold_report = onnxbn.compare(bn_model, folded, vgg_inputs[:8], batch_size=8)
+    assert fold_report.passed and fold_report.to_dict()["outputs"]["logits"]["max_rel_error"] <= 1e-5
+
 
 def test_notebook_mistake_is_caught(vgg_model, vgg_inputs, tmp_path):
     """The 2017 notebook set BN's gamma to the variance instead of sqrt(var + eps)."""
@@ -97,7 +112,7 @@ def test_notebook_mistake_is_caught(vgg_model, vgg_inputs, tmp_path):
     onnx.save(wrong, str(wrong_path))
     np.savez(tmp_path / "x.npz", x=vgg_inputs)
     code = main(["check", str(ref_path), str(wrong_path), "--data", str(tmp_path / "x.npz"),
-                 "--report", str(report_path), "--layerwise"])
+                 "--report", str(report_path), "--layerwise", "--batch-size", "8"])
     assert code == 1
     report = json.loads(report_path.read_text())
     logits = report["outputs"]["logits"]
