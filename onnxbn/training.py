@@ -86,7 +86,6 @@ class Features:
     x: np.ndarray
     y: np.ndarray
     hit: bool
-    path: Path | None
 
 
 def _run_prefix(prefix, dataset, folder: Path, batch_size: int, device, workers: int, desc: str, shape):
@@ -143,7 +142,7 @@ def cached_features(prefix, dataset, key: str, cache_dir: Path, batch_size: int,
     samples = json.loads((entry / "meta.json").read_text())["samples"]
     x = np.load(entry / "features.npy", mmap_mode="r")[:samples]
     y = np.load(entry / "labels.npy", mmap_mode="r")[:samples]
-    return Features(x, np.asarray(y), hit, entry)
+    return Features(x, np.asarray(y), hit)
 
 
 # ----------------------------------------------------------------------------- training
