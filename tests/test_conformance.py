@@ -15,7 +15,6 @@ import re
 import warnings
 
 import numpy as np
-import onnx
 import pytest
 import torch
 
