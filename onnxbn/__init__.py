@@ -18,7 +18,7 @@ _API = {
     "collect_stats": "onnxbn.stats",
     "merge_stats": "onnxbn.stats",
     "load_stats": "onnxbn.stats",
-    "select_points": "onnxbn.graph",
+    "select_points": "onnxbn.points",
     "insert_bn": "onnxbn.insert",
     "compare": "onnxbn.check",
     "fold_bn": "onnxbn.fold",

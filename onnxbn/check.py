@@ -30,8 +30,9 @@ import onnx
 from onnx import helper
 
 from onnxbn.errors import UserError
-from onnxbn.graph import graph_inputs, load_model, value_types
-from onnxbn.stats import check_batch_shape, fit_batch_size, model_input, open_model_data, progress
+from onnxbn.graph import FLOAT_TYPES, graph_inputs, value_types
+from onnxbn.modelio import load_model
+from onnxbn.runtime import fit_batch_size, make_session, model_input, open_model_data, run_batches, session_provider
 
 LAYERWISE_SAMPLES = 4  # every intermediate tensor is held at once: keep the batch small
 
@@ -189,14 +190,11 @@ def _expose(model: onnx.ModelProto, names: list[str], types: dict) -> onnx.Model
 
 
 def _layerwise(ref: onnx.ModelProto, cand: onnx.ModelProto, x: np.ndarray, feed_name: str, atol, rtol, device):
-    from onnxbn.runtime import make_session
-
-    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
     ref_types, cand_types = value_types(ref), value_types(cand)
     cand_outputs = {o for n in cand.graph.node for o in n.output}
     names = [o for n in ref.graph.node for o in n.output
              if o in cand_outputs and o in ref_types and o in cand_types
-             and ref_types[o].tensor_type.elem_type in floats]
+             and ref_types[o].tensor_type.elem_type in FLOAT_TYPES]
     if not names:
         return {"compared": 0, "first_divergence": None, "tensors": []}
     a_vals = make_session(_expose(ref, names, ref_types), device).run(names, {feed_name: x})
@@ -223,8 +221,6 @@ def compare(reference, candidate, data=None, atol: float = 1e-5, rtol: float = 1
     `reference`/`candidate`: paths or ModelProtos with the same input and outputs;
     `data`: image folder, .npz, array, or None with `random` = N seeded normal inputs.
     """
-    from onnxbn.runtime import make_session, session_provider
-
     ref, cand = load_model(reference), load_model(candidate)
     if atol < 0 or rtol < 0:
         raise UserError("--atol and --rtol must not be negative")
@@ -244,15 +240,11 @@ def compare(reference, candidate, data=None, atol: float = 1e-5, rtol: float = 1
     s_ref, s_cand = make_session(ref, device), make_session(cand, device)
     metrics = {n: OutputMetrics() for n in out_names}
     samples, first_batch = 0, None
-    with progress(len(dataset), "check") as bar:
-        for x, _ in dataset.batches(batch_size, workers):
-            check_batch_shape(x, shape, dataset.description)
-            x = x.astype(dtype, copy=False)
-            first_batch = x if first_batch is None else first_batch
-            for name, a, b in zip(out_names, s_ref.run(out_names, {feed_name: x}), s_cand.run(out_names, {feed_name: x})):
-                metrics[name].update(a, b, atol, rtol)
-            samples += len(x)
-            bar.update(len(x))
+    for x, _, a_vals in run_batches(s_ref, dataset, out_names, ref, batch_size, workers=workers, desc="check"):
+        first_batch = x if first_batch is None else first_batch
+        for name, a, b in zip(out_names, a_vals, s_cand.run(out_names, {feed_name: x})):
+            metrics[name].update(a, b, atol, rtol)
+        samples += len(x)
     report = Report(metrics, atol, rtol, samples, description, session_provider(s_cand),
                     reference=str(reference) if not isinstance(reference, onnx.ModelProto) else "<model>",
                     candidate=str(candidate) if not isinstance(candidate, onnx.ModelProto) else "<model>",

@@ -51,7 +51,7 @@ SELECTOR = arg("--after", default="dense",
 
 
 def _write_json(path: str, payload: dict, inputs=()) -> None:
-    from onnxbn.graph import atomic_path, refuse_overwrite
+    from onnxbn.modelio import atomic_path, refuse_overwrite
 
     refuse_overwrite(path, inputs)
     with atomic_path(path) as tmp:
@@ -68,7 +68,7 @@ def _write_json(path: str, payload: dict, inputs=()) -> None:
 def cmd_export(args) -> int:
     """Export a torchvision-layout VGG to ONNX, checked against torch (dynamic batch axis)."""
     from onnxbn.export import export_vgg
-    from onnxbn.graph import refuse_overwrite, save_model
+    from onnxbn.modelio import refuse_overwrite, save_model
 
     refuse_overwrite(args.output, [args.weights] if args.weights else [], args.force)
     model = export_vgg(args.arch, weights=args.weights, opset=args.opset, image_size=args.image_size)
@@ -80,7 +80,8 @@ def cmd_export(args) -> int:
 @command(arg("model", help="ONNX model"), SELECTOR, arg("--json", action="store_true", help="print JSON"))
 def cmd_points(args) -> int:
     """List the tensors a selector picks: producer op, channel count and shape."""
-    from onnxbn.graph import load_model, select_points
+    from onnxbn.modelio import load_model
+    from onnxbn.points import select_points
 
     points = select_points(load_model(args.model), args.after)
     if args.json:
@@ -111,7 +112,7 @@ def cmd_stats(args) -> int:
     and gives the same result. Under torchrun, every rank takes a shard of the data
     and rank 0 writes the merged file."""
     from onnxbn import distributed
-    from onnxbn.graph import refuse_overwrite
+    from onnxbn.modelio import refuse_overwrite
     from onnxbn.insert import dead_channels
     from onnxbn.stats import collect_stats
 
@@ -154,7 +155,7 @@ def cmd_merge(args) -> int:
          arg("--eps", type=float, default=1e-5, help="BatchNormalization epsilon (default: 1e-5)"), OUTPUT)
 def cmd_insert(args) -> int:
     """Splice identity BatchNormalization nodes at the tensors in the stats file."""
-    from onnxbn.graph import refuse_overwrite, save_model
+    from onnxbn.modelio import refuse_overwrite, save_model
     from onnxbn.insert import dead_channels, insert_bn
     from onnxbn.stats import load_stats
 
@@ -179,7 +180,7 @@ def cmd_insert(args) -> int:
 def cmd_check(args) -> int:
     """Check that two models compute the same outputs: exit 0 pass, 1 mismatch, 2 error."""
     from onnxbn.check import compare
-    from onnxbn.graph import atomic_path, refuse_overwrite
+    from onnxbn.modelio import atomic_path, refuse_overwrite
 
     if args.data is not None and args.random is not None:
         raise UserError("give either --data or --random, not both")
@@ -223,7 +224,7 @@ def cmd_finetune(args) -> int:
     Under `torchrun --nproc_per_node K`, trains with DistributedDataParallel (gloo on
     CPU, nccl on GPU); --batch-size is the global batch; rank 0 writes the files."""
     from onnxbn import distributed
-    from onnxbn.graph import refuse_overwrite, save_model
+    from onnxbn.modelio import refuse_overwrite, save_model
     from onnxbn.training import finetune
 
     log_path = args.output + ".log.json"
@@ -277,7 +278,7 @@ def cmd_fold(args) -> int:
     when every output is within tolerance (exit 1 otherwise)."""
     from onnxbn.check import compare
     from onnxbn.fold import fold_with_decisions
-    from onnxbn.graph import load_model, refuse_overwrite, save_model
+    from onnxbn.modelio import load_model, refuse_overwrite, save_model
 
     if args.data is not None and args.random is not None:
         raise UserError("give either --data or --random, not both")

@@ -21,7 +21,7 @@ from onnx import numpy_helper
 
 from onnxbn import demo_data
 from onnxbn.errors import UserError
-from onnxbn.graph import atomic_path, load_model, save_model
+from onnxbn.modelio import atomic_path, load_model, save_model
 
 log = logging.getLogger("onnxbn")
 BUNDLED = Path(__file__).resolve().parents[1] / "models" / "demo_vgg.onnx"

@@ -22,7 +22,8 @@ import numpy as np
 import onnx
 
 from onnxbn.errors import UserError
-from onnxbn.graph import with_metadata
+from onnxbn.graph import GraphIndex
+from onnxbn.modelio import with_metadata
 
 log = logging.getLogger("onnxbn")
 EXPORT_TOLERANCE = 1e-5
@@ -75,21 +76,15 @@ def _materialize_shared_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
     """
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    inits = {t.name: t for t in out.graph.initializer}
-    kept = []
-    for node in out.graph.node:
-        if node.op_type == "Identity" and node.input[0] in inits:
-            copy = out.graph.initializer.add()
-            copy.CopyFrom(inits[node.input[0]])
-            copy.name = node.output[0]
-        else:
-            kept.append(node)
-    del out.graph.node[:]
-    out.graph.node.extend(kept)
-    used = {i for n in kept for i in n.input}
-    live = [t for t in out.graph.initializer if t.name in used]
-    del out.graph.initializer[:]
-    out.graph.initializer.extend(live)
+    index = GraphIndex(out)
+    shared = set()
+    for node in [n for n in out.graph.node if n.op_type == "Identity" and n.input[0] in index.initializers]:
+        copy = out.graph.initializer.add()
+        copy.CopyFrom(index.initializers[node.input[0]])
+        copy.name = node.output[0]
+        out.graph.node.remove(node)
+        shared.add(node.input[0])
+    index.prune(shared)
     return out
 
 
@@ -102,14 +97,13 @@ def _inference_dropout(model: onnx.ModelProto) -> onnx.ModelProto:
     """
     out = onnx.ModelProto()
     out.CopyFrom(model)
+    dropped = set()
     for node in out.graph.node:
         if node.op_type == "Dropout":
+            dropped.update(node.input[2:])
             del node.input[2:]
             del node.output[1:]
-    used = {i for n in out.graph.node for i in n.input} | {o.name for o in out.graph.output}
-    live = [n for n in out.graph.node if n.op_type != "Constant" or n.output[0] in used]
-    del out.graph.node[:]
-    out.graph.node.extend(live)
+    GraphIndex(out).prune(dropped)
     return out
 
 
@@ -156,7 +150,7 @@ def export_module(model, sample_shape: tuple[int, ...], opset: int = 17, metadat
     """
     import torch
 
-    from onnxbn.runtime import make_session
+    from onnxbn.runtime import make_session, rel_error
 
     if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         raise UserError("the module has BatchNorm layers: export it in eval mode with torch.onnx.export directly")
@@ -174,7 +168,7 @@ def export_module(model, sample_shape: tuple[int, ...], opset: int = 17, metadat
     with torch.no_grad():
         expected = model(torch.from_numpy(x)).numpy()
     got = make_session(proto, "cpu").run(None, {"input": x})[0]
-    error = float(np.abs(got - expected).max() / max(np.abs(expected).max(), 1e-30))
+    error = rel_error(expected, got)
     if not error <= EXPORT_TOLERANCE:
         raise RuntimeError(f"export check failed: onnxruntime differs from torch by {error:.3g} relative "
                            f"(limit {EXPORT_TOLERANCE}); please report this with your torch/onnxruntime versions")

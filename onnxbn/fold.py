@@ -16,15 +16,14 @@ and `explain_fold` says why.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
-
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxbn.graph import load_model, producers, tensor_shape, unique_name, value_types, with_metadata
+from onnxbn.graph import FLOAT_TYPES, GraphIndex, tensor_shape, value_types
 
-FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
+from onnxbn.modelio import load_model, with_metadata
+
 # Ops a BN output may pass through on its way to the layer it folds forward into.
 PASSTHROUGH = {"Dropout", "Identity", "Flatten", "Reshape"}
 SHAPE_ONLY = {"Shape", "Size"}
@@ -33,94 +32,20 @@ BIAS_SLOT = 2  # Conv, ConvTranspose and Gemm keep their bias (C) in input 2
 
 # ----------------------------------------------------------------------------- graph view
 
-def _subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
-    for attr in node.attribute:
-        if attr.type == onnx.AttributeProto.GRAPH:
-            yield attr.g
-        elif attr.type == onnx.AttributeProto.GRAPHS:
-            yield from attr.graphs
-
-
-def _reads(node: onnx.NodeProto) -> list[str]:
-    """Every tensor name `node` reads, its subgraphs' reads included (one entry per read)."""
-    names = list(node.input)
-    for sub in _subgraphs(node):
-        for inner in sub.node:
-            names.extend(_reads(inner))
-    return [n for n in names if n]
-
-
-def _replace_reads(graph: onnx.GraphProto, old: str, new: str) -> None:
-    for node in graph.node:
-        for i, name in enumerate(node.input):
-            if name == old:
-                node.input[i] = new
-        for sub in _subgraphs(node):
-            _replace_reads(sub, old, new)
-
-
-class _Graph:
-    """The working copy's top-level graph and the lookups the planner needs."""
+class _Graph(GraphIndex):
+    """The working copy's graph index plus what folding needs: inferred types, float64 constants,
+    in-place weight writes, and the tensors that may have lost their last reader (`touched`)."""
 
     def __init__(self, model: onnx.ModelProto, types: dict[str, onnx.TypeProto]):
-        self.model = model
-        self.graph = model.graph
         self.types = types
-        self.touched: set[str] = set()  # tensors that may have lost their last reader
-        self.refresh()
-
-    def refresh(self) -> None:
-        graph = self.graph
-        self.producers = producers(graph)
-        self.consumers: dict[str, list[onnx.NodeProto]] = {}
-        self.read_count: dict[str, int] = {}
-        for node in graph.node:
-            reads = _reads(node)
-            for name in dict.fromkeys(reads):
-                self.consumers.setdefault(name, []).append(node)
-            for name in reads:
-                self.read_count[name] = self.read_count.get(name, 0) + 1
-        self.outputs = {o.name for o in graph.output}
-        for name in self.outputs:
-            self.read_count[name] = self.read_count.get(name, 0) + 1
-        self.initializers = {t.name: t for t in graph.initializer}
-        # From IR 4 on, an initializer also listed as a graph input is a default the caller may override.
-        self.overridable = {i.name for i in graph.input} if self.model.ir_version >= 4 else set()
-
-    def constant(self, name: str) -> onnx.TensorProto | None:
-        """The tensor behind `name` when it is fixed: an initializer, a Constant node's value
-        (value, value_float or value_floats), or a ConstantOfShape of a fixed shape."""
-        if name in self.initializers and name not in self.overridable:
-            return self.initializers[name]
-        node = self.producers.get(name)
-        if node is not None and node.op_type == "Constant":
-            for a in node.attribute:
-                if a.name == "value":
-                    return a.t
-                if a.name in ("value_float", "value_floats"):
-                    return numpy_helper.from_array(np.array(onnx.helper.get_attribute_value(a), np.float32), name)
-        if node is not None and node.op_type == "ConstantOfShape" and node.input:
-            shape = self.constant(node.input[0])
-            if shape is None:
-                return None
-            fill = next((a.t for a in node.attribute if a.name == "value"), None)
-            fill = numpy_helper.to_array(fill).reshape(-1) if fill is not None else np.zeros(1, np.float32)
-            return numpy_helper.from_array(np.full(numpy_helper.to_array(shape).astype(np.int64), fill[0]), name)
-        return None
+        self.touched: set[str] = set()
+        super().__init__(model)
 
     def array(self, name: str) -> np.ndarray:
-        return numpy_helper.to_array(self.constant(name)).astype(np.float64)
+        return self.constant_array(name).astype(np.float64)
 
     def shape(self, name: str) -> list | None:
         return tensor_shape(self.types.get(name))
-
-    def taken_names(self) -> set[str]:
-        graph = self.graph
-        names = {t.name for t in graph.initializer} | {v.name for v in [*graph.input, *graph.output]}
-        for node in graph.node:
-            names.update(node.input)
-            names.update(node.output)
-        return names
 
     def write(self, node: onnx.NodeProto, slot: int, value: np.ndarray, dtype: int, base: str) -> None:
         """Make `node.input[slot]` hold `value`: in place when only that slot reads the initializer,
@@ -132,37 +57,16 @@ class _Graph:
             tensor.name = name
             current.CopyFrom(tensor)
             return
-        tensor.name = unique_name(f"{name or base}_folded", self.taken_names())
-        self.graph.initializer.append(tensor)
-        if self.model.ir_version < 4:
-            self.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, dtype, value.shape))
+        new_name = self.add_initializer(tensor, f"{name or base}_folded")
         while len(node.input) <= slot:
             node.input.append("")
-        node.input[slot] = tensor.name
+        node.input[slot] = new_name
         self.touched.add(name)
 
     def drop_value_info(self, name: str) -> None:
         kept = [v for v in self.graph.value_info if v.name != name]
         del self.graph.value_info[:]
         self.graph.value_info.extend(kept)
-
-    def prune(self) -> None:
-        """Remove touched initializers and Constant nodes that nothing reads any more."""
-        self.refresh()
-        dead = {n for n in self.touched if n and not self.read_count.get(n)}
-        kept = [t for t in self.graph.initializer if t.name not in dead]
-        del self.graph.initializer[:]
-        self.graph.initializer.extend(kept)
-        for field in (self.graph.input, self.graph.value_info):
-            kept_info = [v for v in field if v.name not in dead]
-            del field[:]
-            field.extend(kept_info)
-        for node in [n for n in self.graph.node if n.op_type in ("Constant", "ConstantOfShape") and n.output[0] in dead]:
-            self.graph.node.remove(node)
-            if node.op_type == "ConstantOfShape":  # its shape input may be dead now too
-                self.touched.update(node.input)
-                self.prune()
-                return
 
 
 # ----------------------------------------------------------------------------- weight layout
@@ -460,7 +364,7 @@ def _remove_bn(g: _Graph, bn: onnx.NodeProto) -> None:
         producer.output[list(producer.output).index(x)] = y
         g.drop_value_info(x)
     else:
-        _replace_reads(g.graph, y, x)
+        g.replace_uses(y, x)
         g.drop_value_info(y)
     g.graph.node.remove(bn)
     g.touched.update(bn.input[1:])
@@ -481,7 +385,7 @@ def fold_with_decisions(model) -> tuple[onnx.ModelProto, list[dict]]:
             entry.update(action="folded", into=_label(plan.layer), direction=plan.direction, reason=None)
             _apply(g, bn, plan)
         report.append(entry)
-    g.prune()
+    g.prune(g.touched)
     return with_metadata(out, {"onnxbn.fold": _summary(report)}), report
 
 

@@ -14,6 +14,10 @@ and BN writes `<name>`, so every consumer reads the BN output, graph output name
 never change, and the original and the BN model share all tensor names (which lets
 `onnxbn check --layerwise` point at the exact layer of a bad splice). A graph input
 keeps its name; its consumers are rewired to the BN output instead.
+
+Parameters take the tensor's type; a float16/bfloat16 tensor whose statistics that type
+cannot hold (sigma > 256 in float16) gets a float32 BN between two Casts instead
+(metadata `float32_bn` counts them).
 """
 
 from __future__ import annotations
@@ -22,11 +26,11 @@ import json
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from onnxbn.errors import UserError
-from onnxbn.graph import (graph_inputs, load_model, model_sha256, producers, require_opset, tensor_shape,
-                          set_metadata, unique_name, value_types)
+from onnxbn.graph import GraphIndex, require_opset, tensor_shape, value_types
+from onnxbn.modelio import load_model, model_sha256, set_metadata
 from onnxbn.stats import Stats, load_stats
 
 BN_SUFFIX = "/onnxbn_bn"
@@ -40,6 +44,27 @@ def identity_bn_params(mean: np.ndarray, var: np.ndarray, eps: float, dtype: np.
             "mean": mean.astype(dtype), "var": var.astype(dtype)}
 
 
+def _identity_bn_nodes(index: GraphIndex, x: str, y: str, name: str, mean: np.ndarray, var: np.ndarray, eps: float,
+                       elem: int) -> list[onnx.NodeProto]:
+    """The nodes computing y = x through an identity BN named `name`, parameters added to the graph.
+
+    The parameters take the tensor's type. Where that type cannot hold them (float16 and
+    bfloat16 overflow past 65504 and ~3.4e38; var = sigma^2 overflows float16 once sigma > 256),
+    the BN runs in float32 between two Casts, so its parameters stay finite and exact:
+    x -> Cast(float) -> BN -> Cast(type of x) -> y.
+    """
+    params = identity_bn_params(mean, var, eps, helper.tensor_dtype_to_np_dtype(elem))
+    if all(np.isfinite(p.astype(np.float64)).all() for p in params.values()):
+        names = [index.add_initializer(params[k], f"{name}.{k}") for k in ("scale", "B", "mean", "var")]
+        return [helper.make_node("BatchNormalization", [x, *names], [y], name=name, epsilon=eps)]
+    params = identity_bn_params(mean, var, eps, np.dtype(np.float32))
+    names = [index.add_initializer(params[k], f"{name}.{k}") for k in ("scale", "B", "mean", "var")]
+    x32, y32 = index.unique_name(f"{x}/float"), index.unique_name(f"{y}/float")
+    return [helper.make_node("Cast", [x], [x32], name=index.unique_name(f"{name}/to_float"), to=onnx.TensorProto.FLOAT),
+            helper.make_node("BatchNormalization", [x32, *names], [y32], name=name, epsilon=eps),
+            helper.make_node("Cast", [y32], [y], name=index.unique_name(f"{name}/from_float"), to=elem)]
+
+
 def dead_channels(stats: Stats) -> dict[str, int]:
     """Number of zero-variance channels per tensor (dead ReLU units, constant features)."""
     return {name: int(np.count_nonzero(m.var == 0)) for name, m in stats.moments.items()}
@@ -50,9 +75,9 @@ def _check_stats_match(model: onnx.ModelProto, stats: Stats, types: dict) -> Non
     if digest and digest != model_sha256(model):
         raise UserError("the stats file was gathered on a different model (model_sha256 differs); "
                         "run `onnxbn stats` on this model first")
-    known = set(producers(model.graph)) | {i.name for i in graph_inputs(model)}
+    index = GraphIndex(model)
     for name, m in stats.moments.items():
-        if name not in known:
+        if not index.known_tensor(name):
             raise UserError(f"the stats name tensor {name!r}, which is not in this model; were they gathered on another model?")
         shape = tensor_shape(types.get(name))
         if shape and len(shape) > 1 and isinstance(shape[1], int) and shape[1] > 0 and shape[1] != m.mean.size:
@@ -78,37 +103,27 @@ def insert_bn(model, stats, eps: float = 1e-5) -> onnx.ModelProto:
     else:
         out = proto
     graph = out.graph
-    prods = producers(graph)
-    taken = {n for node in graph.node for n in list(node.input) + list(node.output)}
-    taken |= {t.name for t in graph.initializer} | {n.name for n in graph.node}
-    input_names = {i.name for i in graph.input}
+    index = GraphIndex(out)
     new_nodes: dict[int, list[onnx.NodeProto]] = {}  # BN nodes to put after a producer (by id)
     leading: list[onnx.NodeProto] = []          # BN nodes on graph inputs
+    widened = 0
     for tensor, m in stats.moments.items():
         elem = types[tensor].tensor_type.elem_type if tensor in types else onnx.TensorProto.FLOAT
-        dtype = helper.tensor_dtype_to_np_dtype(elem)
-        producer = prods.get(tensor)
+        producer = index.producers.get(tensor)
         base = (producer.name or tensor) if producer is not None else tensor
-        node_name = unique_name(base + BN_SUFFIX, taken)
-        params = identity_bn_params(m.mean, m.var, eps, dtype)
-        param_names = []
-        for key in ("scale", "B", "mean", "var"):
-            pname = unique_name(f"{node_name}.{key}", taken)
-            graph.initializer.append(numpy_helper.from_array(params[key], pname))
-            if out.ir_version < 4:  # IR 3: every initializer must also be a graph input
-                graph.input.append(helper.make_tensor_value_info(pname, elem, params[key].shape))
-            param_names.append(pname)
-        if tensor in input_names:
-            bn_out = unique_name(f"{tensor}/bn", taken)
-            for node in graph.node:
-                node.input[:] = [bn_out if i == tensor else i for i in node.input]
-            bn = helper.make_node("BatchNormalization", [tensor, *param_names], [bn_out], name=node_name, epsilon=eps)
-            leading.append(bn)
+        node_name = index.unique_name(base + BN_SUFFIX)
+        if producer is None:  # a graph input keeps its name; its readers read the BN output
+            x, y = tensor, index.unique_name(f"{tensor}/bn")
+            index.replace_uses(tensor, y)
         else:
-            pre = unique_name(f"{tensor}/pre_bn", taken)
-            producer.output[:] = [pre if o == tensor else o for o in producer.output]
-            bn = helper.make_node("BatchNormalization", [pre, *param_names], [tensor], name=node_name, epsilon=eps)
-            new_nodes[id(producer)] = new_nodes.get(id(producer), []) + [bn]
+            x, y = index.unique_name(f"{tensor}/pre_bn"), tensor
+            producer.output[:] = [x if o == tensor else o for o in producer.output]
+        nodes = _identity_bn_nodes(index, x, y, node_name, m.mean, m.var, eps, elem)
+        widened += len(nodes) > 1
+        if producer is None:
+            leading.extend(nodes)
+        else:
+            new_nodes.setdefault(id(producer), []).extend(nodes)
     ordered = list(leading)
     for node in graph.node:
         ordered.append(node)
@@ -123,5 +138,6 @@ def insert_bn(model, stats, eps: float = 1e-5) -> onnx.ModelProto:
         "stats_samples": stats.meta.get("samples"),
         "stats_model_sha256": stats.meta.get("model_sha256"),
         "dead_channels": sum(dead.values()),
+        "float32_bn": widened,
     })})
     return out

@@ -1,20 +1,33 @@
-"""onnxruntime sessions with a quiet, honest choice of execution provider.
+"""Running models: onnxruntime sessions, feeding a dataset through them, and the error measure.
 
-`device="auto"` uses CUDA when the CUDA execution provider actually loads and the
-CPU otherwise. On a machine without a GPU nothing is printed: onnxruntime-gpu's
-wall of library-load errors is silenced and the fallback is reported through
-`session_provider(session)` instead.
+`device="auto"` uses CUDA when the CUDA execution provider can load and the CPU
+otherwise. Whether it can is probed once, quietly, by loading onnxruntime's CUDA
+provider library with ctypes (which fails when CUDA or cuDNN is missing), so
+onnxruntime-gpu on a machine without a GPU never prints its wall of library-load
+errors, and onnxruntime's process-wide logger is left as the caller set it. The
+provider that ran is reported through `session_provider(session)`.
+
+`run_batches` is the one loop that feeds a dataset to a session (stats, check, eval):
+batches cast to the model's input type, checked against its input shape, with a
+progress bar. `rel_error(a, b) = max|a - b| / max|a|` is the one relative error.
 """
 
 from __future__ import annotations
 
+import ctypes
 import ctypes.util
+import functools
+import os
 import warnings
 
 import numpy as np
 import onnx
+from onnx import helper
 
+from onnxbn.data import open_data
 from onnxbn.errors import UserError
+from onnxbn.graph import graph_inputs, tensor_shape
+from onnxbn.modelio import IN_MEMORY, detach_weights, metadata
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -29,14 +42,23 @@ def _ort():
     return onnxruntime
 
 
-def _cuda_driver_present() -> bool:
-    return ctypes.util.find_library("cuda") is not None
+def _cuda_provider_loads(ort) -> bool:
+    """True when onnxruntime's CUDA provider library and everything it links (CUDA, cuDNN) load."""
+    capi = os.path.join(os.path.dirname(ort.__file__), "capi")
+    try:
+        ctypes.CDLL(os.path.join(capi, "libonnxruntime_providers_shared.so"), mode=ctypes.RTLD_GLOBAL)
+        ctypes.CDLL(os.path.join(capi, "libonnxruntime_providers_cuda.so"))
+    except OSError:
+        return False
+    return True
 
 
+@functools.cache
 def cuda_available() -> bool:
-    """True when onnxruntime offers CUDA and an NVIDIA driver is installed."""
+    """True when onnxruntime offers CUDA, an NVIDIA driver is installed and the CUDA provider loads."""
     ort = _ort()
-    return "CUDAExecutionProvider" in ort.get_available_providers() and _cuda_driver_present()
+    return ("CUDAExecutionProvider" in ort.get_available_providers() and ctypes.util.find_library("cuda") is not None
+            and _cuda_provider_loads(ort))
 
 
 def make_session(model: onnx.ModelProto | bytes | str, device: str = "auto", threads: int = 0,
@@ -48,8 +70,6 @@ def make_session(model: onnx.ModelProto | bytes | str, device: str = "auto", thr
     large weights go to onnxruntime as arrays (see graph.detach_weights); `weights`
     supplies them for a model that is already detached.
     """
-    from onnxbn.graph import IN_MEMORY, detach_weights
-
     if device not in DEVICES:
         raise UserError(f"unknown device {device!r}: use one of {', '.join(DEVICES)}")
     ort = _ort()
@@ -73,9 +93,6 @@ def make_session(model: onnx.ModelProto | bytes | str, device: str = "auto", thr
     if device == "cuda" and not cuda_available():
         raise UserError("--device cuda: onnxruntime has no usable CUDA provider here; use --device cpu or auto")
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if want_cuda else ["CPUExecutionProvider"]
-    # Warnings (e.g. "initializer also listed as input" in IR 3 models) are noise to a
-    # user; the CUDA library probe logs at ERROR when it fails, so silence it entirely.
-    ort.set_default_logger_severity(4 if want_cuda else 3)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -84,8 +101,6 @@ def make_session(model: onnx.ModelProto | bytes | str, device: str = "auto", thr
         if "INVALID_GRAPH" in str(exc) or "INVALID_PROTOBUF" in str(exc) or "NOT_IMPLEMENTED" in str(exc):
             raise UserError(f"onnxruntime cannot run this model: {str(exc).splitlines()[0]}") from exc
         raise
-    finally:
-        ort.set_default_logger_severity(3)
     session._onnxbn_weights = arrays  # onnxruntime reads the arrays in place: keep them alive
     if device == "cuda" and session_provider(session) != "cuda":
         raise UserError("--device cuda: the CUDA provider did not load (CUDA 12/13 + cuDNN 9 needed); use --device cpu")
@@ -95,3 +110,80 @@ def make_session(model: onnx.ModelProto | bytes | str, device: str = "auto", thr
 def session_provider(session) -> str:
     """'cuda' or 'cpu': the provider that runs the session's nodes."""
     return "cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+
+
+def rel_error(a: np.ndarray, b: np.ndarray) -> float:
+    """max |a - b| / max |a| in float64: the error relative to the reference's scale (0 when both are 0)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    diff = float(np.abs(a - b).max()) if a.size else 0.0
+    scale = float(np.abs(a).max()) if a.size else 0.0
+    return diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf"))
+
+
+# ----------------------------------------------------------------------------- feeding data
+
+def model_input(model: onnx.ModelProto) -> tuple[str, np.dtype, list]:
+    """(name, numpy dtype, shape) of the model's single run-time input."""
+    inputs = graph_inputs(model)
+    if len(inputs) != 1:
+        raise UserError(f"the model has {len(inputs)} run-time inputs ({', '.join(i.name for i in inputs)}); "
+                        "onnxbn feeds data to single-input models")
+    vi = inputs[0]
+    dtype = helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
+    return vi.name, dtype, tensor_shape(vi.type) or []
+
+
+def fit_batch_size(input_shape: list, batch_size: int, samples: int) -> int:
+    """`batch_size`, or the model's own when its batch axis is fixed (then `samples` must fill whole batches)."""
+    fixed = input_shape[0] if input_shape and isinstance(input_shape[0], int) and input_shape[0] > 0 else None
+    if fixed is None:
+        return batch_size
+    if samples % fixed:
+        raise UserError(f"the model's batch size is fixed at {fixed} and {samples} samples do not fill whole "
+                        f"batches; give a multiple of {fixed} samples (--limit, --random)")
+    return fixed
+
+
+def image_size_for(model: onnx.ModelProto) -> int:
+    """The spatial size a model expects (its input's H when fixed, else 224)."""
+    _, _, shape = model_input(model)
+    if len(shape) == 4 and isinstance(shape[2], int) and shape[2] > 0:
+        return shape[2]
+    return 224
+
+
+def check_batch_shape(x: np.ndarray, shape: list, source: str) -> None:
+    expected = shape[1:]
+    if len(x.shape) != len(shape) or any(isinstance(e, int) and e > 0 and e != g for e, g in zip(expected, x.shape[1:])):
+        raise UserError(f"{source}: inputs have shape {tuple(x.shape[1:])} per sample, the model expects "
+                        f"{tuple(e if isinstance(e, int) and e > 0 else '?' for e in expected)}")
+
+
+def open_model_data(model: onnx.ModelProto, data, *, preset=None, limit=None, seed=0, shard=None):
+    """open_data with the preset and image size taken from the model when not given."""
+    return open_data(data, preset=preset or metadata(model).get("onnxbn.preset") or "imagenet",
+                     size=image_size_for(model), limit=limit, seed=seed, shard=shard)
+
+
+def progress(total: int, desc: str, unit: str = "img"):
+    """A tqdm bar on a terminal, silent in logs and pipes."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=None, leave=False, dynamic_ncols=True)
+
+
+def run_batches(session, dataset, fetch: list[str], model: onnx.ModelProto, batch_size: int, *, workers: int = 0,
+                strict: bool = False, start: int = 0, desc: str = "run"):
+    """Feed `dataset` through `session` batch by batch; yield (x, y, outputs of `fetch`).
+
+    x is cast to the model's input type and checked against its input shape; the
+    progress bar counts items read (skipped ones included) from item `start` on.
+    """
+    name, dtype, shape = model_input(model)
+    with progress(len(dataset), desc) as bar:
+        bar.update(start)
+        for x, y in dataset.batches(batch_size, workers, strict=strict, start=start):
+            check_batch_shape(x, shape, dataset.description)
+            x = x.astype(dtype, copy=False)
+            yield x, y, session.run(fetch, {name: x})
+            bar.update(dataset.consumed - bar.n)

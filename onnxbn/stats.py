@@ -35,12 +35,14 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
-from onnxbn.data import open_data, parse_shard
+from onnxbn.data import parse_shard
 from onnxbn.errors import UserError
-from onnxbn.graph import (Point, atomic_path, detach_weights, empty_like, graph_inputs, load_model, metadata, model_sha256,
-                          refuse_overwrite, require_opset, select_points, tensor_shape, unique_name)
+from onnxbn.graph import GraphIndex, reads, require_opset
+from onnxbn.modelio import atomic_path, detach_weights, empty_like, load_model, model_sha256, refuse_overwrite
+from onnxbn.points import Point, select_points
+from onnxbn.runtime import fit_batch_size, make_session, model_input, open_model_data, run_batches, session_provider
 
 FORMAT = "onnxbn-stats/1"
 STATS_PREFIX = "onnxbn_stats"
@@ -159,16 +161,12 @@ def merge_stats(parts: list[str | os.PathLike | Stats]) -> Stats:
 
 # ----------------------------------------------------------------------------- graph augmentation
 
-def _reduce(op: str, x: str, axes: list[int], keepdims: int, out: str, opset: int, nodes: list, inits: list,
-            taken: set[str]) -> None:
-    """Append a Reduce* node, with axes as attribute or input depending on the opset."""
-    axes_as_input = opset >= 18 or (op == "ReduceSum" and opset >= 13)
-    if axes_as_input:
-        axes_name = unique_name(f"{out}/axes", taken)
-        inits.append(numpy_helper.from_array(np.array(axes, dtype=np.int64), axes_name))
-        nodes.append(helper.make_node(op, [x, axes_name], [out], name=out, keepdims=keepdims))
-    else:
-        nodes.append(helper.make_node(op, [x], [out], name=out, axes=axes, keepdims=keepdims))
+def _reduce(index: GraphIndex, op: str, x: str, axes: list[int], keepdims: int, out: str, opset: int) -> onnx.NodeProto:
+    """A Reduce* node, with axes as attribute or input depending on the opset."""
+    if opset >= 18 or (op == "ReduceSum" and opset >= 13):
+        axes_name = index.add_initializer(np.array(axes, dtype=np.int64), f"{out}/axes")
+        return helper.make_node(op, [x, axes_name], [out], name=out, keepdims=keepdims)
+    return helper.make_node(op, [x], [out], name=out, axes=axes, keepdims=keepdims)
 
 
 def _pruned_copy(model: onnx.ModelProto, wanted: set[str]) -> onnx.ModelProto:
@@ -178,16 +176,10 @@ def _pruned_copy(model: onnx.ModelProto, wanted: set[str]) -> onnx.ModelProto:
     (the classifier head) never are.
     """
     graph = model.graph
-    needed, keep = set(wanted), []
-    for node in reversed(graph.node):
-        if any(o in needed for o in node.output):
-            keep.append(node)
-            needed.update(i for i in node.input if i)
-            for attr in node.attribute:  # subgraphs may read outer-scope names
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    needed.update(i for n in attr.g.node for i in n.input)
+    keep = GraphIndex(model).ancestors(wanted)
+    needed = set(wanted) | {n for node in keep for n in reads(node)}
     out = empty_like(model)
-    out.graph.node.extend(reversed(keep))
+    out.graph.node.extend(keep)
     inits = {t.name for t in graph.initializer}
     out.graph.initializer.extend(t for t in graph.initializer if t.name in needed)
     # run-time inputs all stay (they are fed); IR < 4 also lists initializers as inputs
@@ -201,116 +193,68 @@ def augment_for_stats(model: onnx.ModelProto, points: list[Point]) -> onnx.Model
     mean (1, C, 1) and m2 (C,) are float64 per-batch moments over every axis but 1
     (see the module docstring); count is the number of elements of the tensor, so
     each channel's count is count / C. Nodes the stats do not need (the classifier
-    head, the model outputs) are left out.
+    head, the model outputs) are left out. Row reductions run in float32, or in float64
+    for a float64 tensor.
     """
     opset = require_opset(model)
     out = _pruned_copy(model, {p.tensor for p in points})
     graph = out.graph
-    taken = {n for node in model.graph.node for n in list(node.output) + list(node.input)}
-    taken |= {t.name for t in model.graph.initializer}
+    index = GraphIndex(out)
+    index.taken |= GraphIndex(model).taken  # the copy's new names must not collide with dropped ones
     nodes: list = []
-    inits: list = []
 
-    def constant(base: str, values) -> str:
-        name = unique_name(f"{STATS_PREFIX}/{base}", taken)
-        inits.append(numpy_helper.from_array(np.array(values, dtype=np.int64), name))
-        return name
+    def name(base: str) -> str:
+        return index.unique_name(f"{STATS_PREFIX}/{base}")
 
-    rows_shape, nc_rows = constant("shape_rows", [0, 0, -1, 1]), constant("shape_nc", [0, 0, -1])
+    def node(op: str, inputs: list[str], base: str, **attrs) -> str:
+        output = name(base)
+        nodes.append(helper.make_node(op, inputs, [output], name=output, **attrs))
+        return output
+
+    def reduce(op: str, x: str, axes: list[int], keepdims: int, base: str) -> str:
+        output = name(base)
+        nodes.append(_reduce(index, op, x, axes, keepdims, output, opset))
+        return output
+
+    rows_shape = index.add_initializer(np.array([0, 0, -1, 1], dtype=np.int64), f"{STATS_PREFIX}/shape_rows")
+    nc_rows = index.add_initializer(np.array([0, 0, -1], dtype=np.int64), f"{STATS_PREFIX}/shape_nc")
     del graph.output[:]
     for i, point in enumerate(points):
-        p = f"{STATS_PREFIX}/{i}"
+        p = f"{i}"
         x = point.tensor
         rank = len(point.shape) if point.shape is not None else None
         if rank is not None and rank >= 3:
-            # rows along the last axis, reduced in float32 (a few hundred values each)
-            if point.dtype != "float":
-                nodes.append(helper.make_node("Cast", [x], [f"{p}/float"], name=f"{p}/float", to=TensorProto.FLOAT))
-                x = f"{p}/float"
+            # rows along the last axis, reduced in float32 (a few hundred values each), float64 stays float64
+            if point.dtype not in ("float", "double"):
+                x = node("Cast", [x], f"{p}/float", to=TensorProto.FLOAT)
         else:
             # (N, C) or unknown rank: every value is its own row, all in float64
-            nodes += [helper.make_node("Cast", [x], [f"{p}/double"], name=f"{p}/double", to=TensorProto.DOUBLE),
-                      helper.make_node("Reshape", [f"{p}/double", rows_shape], [f"{p}/rows"], name=f"{p}/rows")]
-            x, rank = f"{p}/rows", 4
+            x = node("Reshape", [node("Cast", [x], f"{p}/double", to=TensorProto.DOUBLE), rows_shape], f"{p}/rows")
+            rank = 4
         last = rank - 1  # a positive axis: opsets before 11 take no negative axes
-        _reduce("ReduceMean", x, [last], 1, f"{p}/row_mean", opset, nodes, inits, taken)
-        nodes.append(helper.make_node("Sub", [x, f"{p}/row_mean"], [f"{p}/centred"], name=f"{p}/centred"))
-        _reduce("ReduceSumSquare", f"{p}/centred", [last], 1, f"{p}/row_m2", opset, nodes, inits, taken)
-        for part in ("row_mean", "row_m2"):
-            nodes += [helper.make_node("Cast", [f"{p}/{part}"], [f"{p}/{part}64"], name=f"{p}/{part}64", to=TensorProto.DOUBLE),
-                      helper.make_node("Reshape", [f"{p}/{part}64", nc_rows], [f"{p}/{part}_nc"], name=f"{p}/{part}_nc")]
-        _reduce("ReduceMean", f"{p}/row_mean_nc", [0, 2], 1, f"{p}/mean", opset, nodes, inits, taken)
-        nodes.append(helper.make_node("Sub", [f"{p}/row_mean_nc", f"{p}/mean"], [f"{p}/spread"], name=f"{p}/spread"))
-        _reduce("ReduceSum", f"{p}/row_m2_nc", [0, 2], 0, f"{p}/within", opset, nodes, inits, taken)
-        _reduce("ReduceSumSquare", f"{p}/spread", [0, 2], 0, f"{p}/between", opset, nodes, inits, taken)
+        row_mean = reduce("ReduceMean", x, [last], 1, f"{p}/row_mean")
+        centred = node("Sub", [x, row_mean], f"{p}/centred")
+        row_m2 = reduce("ReduceSumSquare", centred, [last], 1, f"{p}/row_m2")
+        row_mean_nc, row_m2_nc = (
+            node("Reshape", [node("Cast", [part], f"{p}/{label}64", to=TensorProto.DOUBLE), nc_rows], f"{p}/{label}_nc")
+            for part, label in ((row_mean, "row_mean"), (row_m2, "row_m2")))
+        mean = reduce("ReduceMean", row_mean_nc, [0, 2], 1, f"{p}/mean")
+        spread = node("Sub", [row_mean_nc, mean], f"{p}/spread")
+        within = reduce("ReduceSum", row_m2_nc, [0, 2], 0, f"{p}/within")
+        between = reduce("ReduceSumSquare", spread, [0, 2], 0, f"{p}/between")
         # row length W = Size(x) / Size(row_mean), so M2 = within + W * between
-        nodes += [
-            helper.make_node("Size", [x], [f"{p}/count"], name=f"{p}/count"),
-            helper.make_node("Size", [f"{p}/row_mean"], [f"{p}/rows_count"], name=f"{p}/rows_count"),
-            helper.make_node("Div", [f"{p}/count", f"{p}/rows_count"], [f"{p}/row_len"], name=f"{p}/row_len"),
-            helper.make_node("Cast", [f"{p}/row_len"], [f"{p}/row_len64"], name=f"{p}/row_len64", to=TensorProto.DOUBLE),
-            helper.make_node("Mul", [f"{p}/between", f"{p}/row_len64"], [f"{p}/between_w"], name=f"{p}/between_w"),
-            helper.make_node("Add", [f"{p}/within", f"{p}/between_w"], [f"{p}/m2"], name=f"{p}/m2"),
-        ]
-        graph.output.extend([helper.make_tensor_value_info(f"{p}/mean", TensorProto.DOUBLE, None),
-                             helper.make_tensor_value_info(f"{p}/m2", TensorProto.DOUBLE, None),
-                             helper.make_tensor_value_info(f"{p}/count", TensorProto.INT64, None)])
+        count = node("Size", [x], f"{p}/count")
+        row_len = node("Cast", [node("Div", [count, node("Size", [row_mean], f"{p}/rows_count")], f"{p}/row_len")],
+                       f"{p}/row_len64", to=TensorProto.DOUBLE)
+        m2 = node("Add", [within, node("Mul", [between, row_len], f"{p}/between_w")], f"{p}/m2")
+        graph.output.extend([helper.make_tensor_value_info(mean, TensorProto.DOUBLE, None),
+                             helper.make_tensor_value_info(m2, TensorProto.DOUBLE, None),
+                             helper.make_tensor_value_info(count, TensorProto.INT64, None)])
     graph.node.extend(nodes)
-    graph.initializer.extend(inits)
     return out
 
 
 # ----------------------------------------------------------------------------- runner
-
-def model_input(model: onnx.ModelProto) -> tuple[str, np.dtype, list]:
-    """(name, numpy dtype, shape) of the model's single run-time input."""
-    inputs = graph_inputs(model)
-    if len(inputs) != 1:
-        raise UserError(f"the model has {len(inputs)} run-time inputs ({', '.join(i.name for i in inputs)}); "
-                        "onnxbn feeds data to single-input models")
-    vi = inputs[0]
-    dtype = helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
-    return vi.name, dtype, tensor_shape(vi.type) or []
-
-
-def fit_batch_size(input_shape: list, batch_size: int, samples: int) -> int:
-    """`batch_size`, or the model's own when its batch axis is fixed (then `samples` must fill whole batches)."""
-    fixed = input_shape[0] if input_shape and isinstance(input_shape[0], int) and input_shape[0] > 0 else None
-    if fixed is None:
-        return batch_size
-    if samples % fixed:
-        raise UserError(f"the model's batch size is fixed at {fixed} and {samples} samples do not fill whole "
-                        f"batches; give a multiple of {fixed} samples (--limit, --random)")
-    return fixed
-
-
-def image_size_for(model: onnx.ModelProto) -> int:
-    """The spatial size a model expects (its input's H when fixed, else 224)."""
-    _, _, shape = model_input(model)
-    if len(shape) == 4 and isinstance(shape[2], int) and shape[2] > 0:
-        return shape[2]
-    return 224
-
-
-def check_batch_shape(x: np.ndarray, shape: list, source: str) -> None:
-    expected = shape[1:]
-    if len(x.shape) != len(shape) or any(isinstance(e, int) and e > 0 and e != g for e, g in zip(expected, x.shape[1:])):
-        raise UserError(f"{source}: inputs have shape {tuple(x.shape[1:])} per sample, the model expects "
-                        f"{tuple(e if isinstance(e, int) and e > 0 else '?' for e in expected)}")
-
-
-def open_model_data(model: onnx.ModelProto, data, *, preset=None, limit=None, seed=0, shard=None):
-    """open_data with the preset and image size taken from the model when not given."""
-    return open_data(data, preset=preset or metadata(model).get("onnxbn.preset") or "imagenet",
-                     size=image_size_for(model), limit=limit, seed=seed, shard=shard)
-
-
-def progress(total: int, desc: str, unit: str = "img"):
-    """A tqdm bar on a terminal, silent in logs and pipes."""
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, disable=None, leave=False, dynamic_ncols=True)
-
 
 def _checkpoint_state(path: Path | None, identity: dict) -> tuple[dict[str, ChannelMoments], int, int, list]:
     """(moments, items consumed, samples, skipped files) from a checkpoint of this exact run, else empty."""
@@ -338,7 +282,6 @@ def collect_stats(model, data, after="dense", batch_size: int = 32, limit: int |
     """
     from onnxbn import distributed
     from onnxbn.data import default_workers
-    from onnxbn.runtime import make_session, session_provider
 
     rank, ranks = distributed.world()
     if ranks > 1:
@@ -348,10 +291,11 @@ def collect_stats(model, data, after="dense", batch_size: int = 32, limit: int |
     proto = load_model(model)
     points: list[Point] = select_points(proto, after)
     dataset = open_model_data(proto, data, preset=preset, limit=limit, seed=seed, shard=shard)
-    input_name, input_dtype, input_shape = model_input(proto)
+    input_shape = model_input(proto)[2]
     light, weights = detach_weights(proto)  # the weights reach onnxruntime as arrays, uncopied
-    session = make_session(augment_for_stats(light, points), device, weights=weights)
-    fetch = [f"{STATS_PREFIX}/{i}/{k}" for i in range(len(points)) for k in ("mean", "m2", "count")]
+    augmented = augment_for_stats(light, points)
+    session = make_session(augmented, device, weights=weights)
+    fetch = [o.name for o in augmented.graph.output]  # per point: mean, m2, count
     batch_size = fit_batch_size(input_shape, batch_size, len(dataset))
     index, count = parse_shard(shard)
     selector = after if isinstance(after, str) else ",".join(after)
@@ -375,23 +319,19 @@ def collect_stats(model, data, after="dense", batch_size: int = 32, limit: int |
         Stats(moments, {"format": FORMAT, "checkpoint": identity(), "consumed": dataset.consumed, "samples": seen,
                         "skipped_all": dataset.skipped}).save(checkpoint)
 
-    with progress(len(dataset), "stats") as bar:
-        bar.update(start)
-        workers = default_workers() if workers is None else workers
-        for x, _ in dataset.batches(batch_size, workers, strict=strict, start=start):
-            check_batch_shape(x, input_shape, dataset.description)
-            values = session.run(fetch, {input_name: x.astype(input_dtype, copy=False)})
-            for i, p in enumerate(points):
-                mean, m2, n = values[3 * i: 3 * i + 3]
-                if not (np.isfinite(mean).all() and np.isfinite(m2).all()):
-                    raise UserError(f"tensor {p.tensor!r} has NaN or Inf values in the batch of samples "
-                                    f"{seen}..{seen + len(x) - 1}; check the inputs; no stats written")
-                moments[p.tensor].merge(int(n) // mean.size, mean.reshape(-1), m2.reshape(-1))
-            seen += len(x)
-            bar.update(dataset.consumed - bar.n)
-            if checkpoint is not None and time.perf_counter() - last_saved >= checkpoint_every:
-                save_checkpoint()
-                last_saved = time.perf_counter()
+    workers = default_workers() if workers is None else workers
+    for x, _, values in run_batches(session, dataset, fetch, proto, batch_size, workers=workers, strict=strict,
+                                    start=start, desc="stats"):
+        for i, p in enumerate(points):
+            mean, m2, n = values[3 * i: 3 * i + 3]
+            if not (np.isfinite(mean).all() and np.isfinite(m2).all()):
+                raise UserError(f"tensor {p.tensor!r} has NaN or Inf values in the batch of samples "
+                                f"{seen}..{seen + len(x) - 1}; check the inputs; no stats written")
+            moments[p.tensor].merge(int(n) // mean.size, mean.reshape(-1), m2.reshape(-1))
+        seen += len(x)
+        if checkpoint is not None and time.perf_counter() - last_saved >= checkpoint_every:
+            save_checkpoint()
+            last_saved = time.perf_counter()
     parts = distributed.gather((moments, seen, dataset.skipped))
     if ranks > 1:
         moments = {p.tensor: ChannelMoments() for p in points}

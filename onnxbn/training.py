@@ -33,8 +33,10 @@ import onnx
 
 from onnxbn import distributed
 from onnxbn.errors import UserError
-from onnxbn.graph import ACTIVATIONS, load_model, tensor_shape, value_types
-from onnxbn.stats import check_batch_shape, model_input, open_model_data, progress
+from onnxbn.graph import GraphIndex, tensor_shape, value_types
+from onnxbn.modelio import load_model
+from onnxbn.points import ACTIVATIONS
+from onnxbn.runtime import check_batch_shape, model_input, open_model_data, progress, rel_error, run_batches
 
 log = logging.getLogger("onnxbn")
 DENSE_OPS = {"Gemm", "MatMul"}
@@ -48,10 +50,10 @@ _HEAD_PASSTHROUGH = {"Flatten", "Reshape", "Dropout", "Identity", "AveragePool",
 def default_freeze_node(model: onnx.ModelProto) -> str:
     """The node whose output is the last convolution block's: the last spatial (rank >= 3)
     tensor on the way from the first dense layer back to the convolutions."""
-    graph = model.graph
-    inits = {t.name for t in graph.initializer}
-    producers = {o: n for n in graph.node for o in n.output}
-    first_dense = next((n for n in graph.node if n.op_type in DENSE_OPS and any(i in inits for i in n.input[:2])), None)
+    index = GraphIndex(model)
+    producers = index.producers
+    first_dense = next((n for n in model.graph.node if n.op_type in DENSE_OPS
+                        and any(i in index.initializers for i in n.input[:2])), None)
     if first_dense is None:
         raise UserError("the model has no dense (Gemm/MatMul) layer to fine-tune; give --freeze-through NODE")
     types = value_types(model)
@@ -171,7 +173,7 @@ def _torch_device(device: str):
 def _ends_in(model: onnx.ModelProto) -> str:
     """'probs' when the output is a Softmax, 'logprobs' for LogSoftmax, else 'logits'."""
     out = model.graph.output[0].name
-    producer = next((n for n in model.graph.node if out in n.output), None)
+    producer = GraphIndex(model).producers.get(out)
     return {"Softmax": "probs", "LogSoftmax": "logprobs"}.get(producer.op_type if producer else "", "logits")
 
 
@@ -373,7 +375,7 @@ def _gate(module, written: onnx.ModelProto, device, input_shape, proto, samples:
         expected = module(torch.from_numpy(x).to(device))
         expected = (expected[0] if isinstance(expected, tuple) else expected).float().cpu().numpy()
     got = make_session(written, "cpu").run(None, {name: x})[0].astype(np.float32)
-    error = float(np.abs(got - expected).max() / max(np.abs(expected).max(), 1e-30))
+    error = rel_error(expected, got)
     if not error <= 1e-5:
         raise RuntimeError(f"write-back check failed: onnxruntime on the written model differs from torch by "
                            f"{error:.3g} relative (limit 1e-5)")
@@ -395,28 +397,24 @@ def evaluate(model, data, batch_size: int = 32, device: str = "auto", limit: int
     dataset = open_model_data(proto, data, limit=limit, seed=seed)
     if dataset.labels is None:
         raise UserError(f"{dataset.description}: evaluation needs labels (class folders, or y in the .npz)")
-    name, dtype, shape = model_input(proto)
     session = make_session(proto, device)
     out_name = proto.graph.output[0].name
     kind = _ends_in(proto)
     loss = top1 = top5 = n = 0.0
-    with progress(len(dataset), "eval") as bar:
-        for x, y in dataset.batches(batch_size, workers):
-            check_batch_shape(x, shape, dataset.description)
-            out = session.run([out_name], {name: x.astype(dtype, copy=False)})[0].astype(np.float64)
-            _check_labels(y, out.shape[1], dataset.description)
-            if kind == "probs":
-                lp = np.log(np.clip(out, 1e-30, None))
-            elif kind == "logprobs":
-                lp = out
-            else:
-                shifted = out - out.max(axis=1, keepdims=True)
-                lp = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-            loss -= float(lp[np.arange(len(y)), y].sum())
-            order = np.argsort(-lp, axis=1)[:, :5]
-            top1 += float((order[:, 0] == y).sum())
-            top5 += float((order == y[:, None]).any(axis=1).sum())
-            n += len(y)
-            bar.update(len(x))
+    for x, y, (out,) in run_batches(session, dataset, [out_name], proto, batch_size, workers=workers, desc="eval"):
+        out = out.astype(np.float64)
+        _check_labels(y, out.shape[1], dataset.description)
+        if kind == "probs":
+            lp = np.log(np.clip(out, 1e-30, None))
+        elif kind == "logprobs":
+            lp = out
+        else:
+            shifted = out - out.max(axis=1, keepdims=True)
+            lp = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+        loss -= float(lp[np.arange(len(y)), y].sum())
+        order = np.argsort(-lp, axis=1)[:, :5]
+        top1 += float((order[:, 0] == y).sum())
+        top5 += float((order == y[:, None]).any(axis=1).sum())
+        n += len(y)
     return {"samples": int(n), "loss": loss / n, "top1": top1 / n, "top5": top5 / n,
             "provider": session_provider(session)}

@@ -17,9 +17,9 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-import onnxbn.graph
+import onnxbn.modelio
 from onnxbn import UserError, collect_stats, compare, explain_fold, fold_bn, insert_bn, select_points, to_torch
-from onnxbn.graph import load_model, save_model
+from onnxbn.modelio import load_model, save_model
 from onnxbn.runtime import make_session
 
 IDENTITY_BOUND = 1e-6   # insert_bn is an identity up to float32 rounding
@@ -371,7 +371,7 @@ def test_float16_model():
 def test_external_data_model_runs_from_the_saved_files(tmp_path, monkeypatch):
     """A model over protobuf's 2 GB limit is saved as model.onnx + model.onnx.data; here the limit is
     lowered so a small model takes that path, then every step reads the saved files."""
-    monkeypatch.setattr(onnxbn.graph, "PROTOBUF_LIMIT", 1000)
+    monkeypatch.setattr(onnxbn.modelio, "PROTOBUF_LIMIT", 1000)
     model = small_net(13)
     before = model.SerializeToString()
     path = save_model(model, tmp_path / "model.onnx")

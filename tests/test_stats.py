@@ -11,7 +11,7 @@ from onnx import helper
 
 import onnxbn
 from onnxbn.data import balanced_sample, open_data, preprocess
-from onnxbn.graph import select_points
+from onnxbn.points import select_points
 from onnxbn.runtime import make_session
 from onnxbn.stats import ChannelMoments, augment_for_stats, load_stats, merge_stats
 

@@ -12,7 +12,7 @@ from onnx import helper, numpy_helper
 import onnxbn
 import onnxbn.fold
 from onnxbn.cli import main
-from onnxbn.graph import metadata
+from onnxbn.modelio import metadata
 from onnxbn.runtime import make_session
 from onnxbn.stats import open_model_data
 

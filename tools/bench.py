@@ -294,7 +294,7 @@ class Context:
         p = self.profile
         path = self.workdir / f"{p.name}-{p.arch}-{p.image_size}.onnx"
         if not path.is_file():
-            from onnxbn.graph import save_model
+            from onnxbn.modelio import save_model
 
             print(f"building {p.description} -> {path}", file=sys.stderr, flush=True)
             if p.name == "full":
@@ -309,7 +309,7 @@ class Context:
     @property
     def model(self):
         if "model" not in self._cache:
-            from onnxbn.graph import load_model
+            from onnxbn.modelio import load_model
 
             self._cache["model"] = load_model(self.model_path)
         return self._cache["model"]
@@ -375,7 +375,7 @@ def row(contender: str, raw: list[float], unit: str, ratio: float | None, per: f
 
 def bench_stats_cost(ctx: Context) -> Result:
     import onnxbn
-    from onnxbn.graph import select_points
+    from onnxbn.points import select_points
     from onnxbn.stats import ChannelMoments
 
     p = ctx.profile
@@ -436,7 +436,8 @@ if mode == "onnxbn":
     onnxbn.collect_stats(model, folder, after=selector, batch_size=batch, workers=workers, device="cpu")
 else:
     import onnx
-    from onnxbn.graph import load_model, select_points
+    from onnxbn.modelio import load_model
+    from onnxbn.points import select_points
     from onnxbn.runtime import make_session
     from onnxbn.stats import open_model_data, model_input
     proto = load_model(model)
@@ -508,7 +509,7 @@ def bench_insert_time(ctx: Context) -> Result:
     import onnx
 
     import onnxbn
-    from onnxbn.graph import save_model
+    from onnxbn.modelio import save_model
 
     src = ctx.model_path
     out = ctx.workdir / "insert-out"
@@ -537,7 +538,7 @@ def bench_insert_time(ctx: Context) -> Result:
     worst = max(ratios.values())
     size = src.stat().st_size / 2**20
     return Result("insert-time", "insert <= 1.3x load+save", rows, worst, worst <= 1.3,
-                  [f"model file {size:.0f} MiB; stats loaded from .npz; output saved with onnxbn.graph.save_model "
+                  [f"model file {size:.0f} MiB; stats loaded from .npz; output saved with onnxbn.modelio.save_model "
                    "(atomic); ratio = worst selector"], {"ratios": ratios})
 
 

@@ -1,0 +1,256 @@
+"""Model files: load, save, atomic writes, external data, provenance hash, weights for onnxruntime.
+
+Models are read with their external data (locations must stay inside the model's
+folder: `../`, absolute paths and symlinks that leave it are refused before any
+read) and written atomically: to a temporary file in the target folder, then
+renamed, so an interrupted run leaves either the old file or the new one, never
+half of one. Models whose tensors exceed protobuf's 2 GB limit are written with
+external data next to the model file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnxbn.errors import UserError
+
+PROTOBUF_LIMIT = 2**31 - 1
+
+
+def _check_external_locations(model: onnx.ModelProto, folder: Path) -> None:
+    root = folder.resolve()
+    for tensor in all_tensors(model):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        if not location or os.path.isabs(location) or Path(location).drive:
+            raise UserError(f"tensor {tensor.name!r}: external data location {location!r} is not a relative path; refusing to read it")
+        target = (root / location).resolve()
+        if root != target and root not in target.parents:
+            raise UserError(f"tensor {tensor.name!r}: external data {location!r} lies outside the model's folder; refusing to read it")
+        if not target.is_file():
+            raise UserError(f"tensor {tensor.name!r}: external data file {location!r} is missing next to the model")
+        _check_external_extent(tensor, location, target.stat().st_size)
+
+
+def _check_external_extent(tensor: onnx.TensorProto, location: str, file_size: int) -> None:
+    """Refuse declared offsets, lengths and shapes that the data file cannot hold (before any read)."""
+    entries = {e.key: e.value for e in tensor.external_data}
+    try:
+        offset, length = int(entries.get("offset", 0)), entries.get("length")
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (ValueError, TypeError, KeyError):
+        raise UserError(f"tensor {tensor.name!r}: malformed external data entry for {location!r}") from None
+    needed = int(np.prod([max(int(d), 0) for d in tensor.dims], dtype=object)) * itemsize
+    length = int(length) if length is not None else needed
+    if offset < 0 or offset + length > file_size or needed != length:
+        raise UserError(f"tensor {tensor.name!r}: declares {needed} bytes at offset {offset} (length {length}) "
+                        f"but {location!r} holds {file_size}; the model or its data file is damaged")
+
+
+def all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    def walk(graph: onnx.GraphProto):
+        yield from graph.initializer
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    yield attr.t
+                elif attr.type == onnx.AttributeProto.GRAPH:
+                    yield from walk(attr.g)
+                elif attr.type == onnx.AttributeProto.GRAPHS:
+                    for g in attr.graphs:
+                        yield from walk(g)
+    yield from walk(model.graph)
+
+
+def load_model(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
+    """The ModelProto for a path (with its external data) or the proto itself."""
+    if isinstance(model, onnx.ModelProto):
+        return model
+    path = Path(model)
+    if not path.is_file():
+        raise UserError(f"{path}: no such model file")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        raise UserError(f"{path}: not a readable ONNX model ({type(exc).__name__}); is the file complete?") from exc
+    if not proto.graph.node and not proto.graph.output:
+        raise UserError(f"{path}: not an ONNX model (no graph found); is the file complete?")
+    _check_external_locations(proto, path.parent)
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in all_tensors(proto)):
+        try:
+            onnx.load_external_data_for_model(proto, str(path.parent))
+        except Exception as exc:
+            raise UserError(f"{path}: cannot read its external data ({exc})") from exc
+    return proto
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    pa, pb = Path(a), Path(b)
+    if pa.exists() and pb.exists():
+        return os.path.samefile(pa, pb)
+    return pa.resolve() == pb.resolve()
+
+
+def refuse_overwrite(output: str | os.PathLike, inputs: Iterable[str | os.PathLike], force: bool = False) -> None:
+    """UserError when `output` is one of `inputs` (an input file is never overwritten)."""
+    for inp in inputs:
+        if inp is not None and not isinstance(inp, onnx.ModelProto) and isinstance(inp, (str, os.PathLike)) \
+                and same_file(output, inp) and not force:
+            raise UserError(f"output {output} is also an input; choose another -o path (or --force)")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path next to `path`; rename it onto `path` only on success."""
+    path = Path(path)
+    if path.parent and not path.parent.exists():
+        raise UserError(f"{path.parent}: output folder does not exist; create it first")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike, inputs: Iterable = (), force: bool = False) -> Path:
+    """Write `model` to `path` atomically; external data (`<name>.data`) past 2 GB.
+
+    Refuses to overwrite any of `inputs` unless `force`.
+    """
+    path = Path(path)
+    refuse_overwrite(path, inputs, force)
+    if weight_bytes(model) < PROTOBUF_LIMIT - (1 << 26):  # 64 MB for everything but the weights
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(model.SerializeToString())
+        return path
+    data_name = path.name + ".data"
+    staged_model = onnx.ModelProto()  # onnx.save_model moves the weights out of the proto it is given
+    staged_model.CopyFrom(model)
+    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as tmpdir:
+        staged = Path(tmpdir) / path.name
+        onnx.save_model(staged_model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data_name, size_threshold=1024)
+        os.replace(Path(tmpdir) / data_name, path.parent / data_name)
+        os.replace(staged, path)
+    return path
+
+
+def weight_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of tensor data in the model, from shapes and types (ByteSize() takes seconds on VGG16)."""
+    total = 0
+    for t in all_tensors(model):
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize if t.data_type else 0
+        total += int(np.prod(t.dims, dtype=np.int64)) * itemsize
+    return total
+
+
+def model_sha256(model: onnx.ModelProto, weights: dict[str, np.ndarray] | None = None) -> str:
+    """Hash of the model's graph and weights (metadata excluded), for provenance checks.
+
+    The graph without weight data is serialised, then every initializer's values
+    (taken from `weights`, the arrays of `detach_weights`, where given) are hashed.
+    """
+    h = hashlib.sha256()
+    h.update(skeleton(model, keep_elements=0).graph.SerializeToString(deterministic=True))
+    for t in model.graph.initializer:
+        array = weights[t.name] if weights is not None and t.name in weights else numpy_helper.to_array(t)
+        h.update(t.name.encode() + b"\0")
+        h.update(np.ascontiguousarray(array).view(np.uint8) if array.dtype != object else str(array.tolist()).encode())
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- metadata
+
+def metadata(model: onnx.ModelProto) -> dict[str, str]:
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def set_metadata(model: onnx.ModelProto, entries: dict[str, str]) -> None:
+    """Set `entries` in metadata_props in place (existing keys replaced); for fresh copies."""
+    merged = metadata(model) | {k: str(v) for k, v in entries.items()}
+    del model.metadata_props[:]
+    for key, value in merged.items():
+        model.metadata_props.add(key=key, value=value)
+
+
+def with_metadata(model: onnx.ModelProto, entries: dict[str, str]) -> onnx.ModelProto:
+    """A copy of `model` with `entries` set in metadata_props (existing keys replaced)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    set_metadata(out, entries)
+    return out
+
+
+# ----------------------------------------------------------------------------- light copies
+
+IN_MEMORY = "onnxbn:in-memory"  # external-data location of weights handed to onnxruntime as arrays
+_DETACHABLE = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.INT64,
+               onnx.TensorProto.INT32, onnx.TensorProto.INT8, onnx.TensorProto.UINT8}
+
+
+def empty_like(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A model with `model`'s header (IR, opsets, producer, functions, graph name) and an empty graph."""
+    out = onnx.ModelProto()
+    for field_name in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(out, field_name, getattr(model, field_name))
+    out.opset_import.extend(model.opset_import)
+    out.functions.extend(model.functions)
+    out.graph.name = model.graph.name
+    return out
+
+
+def _light_copy(model: onnx.ModelProto, stubbed) -> onnx.ModelProto:
+    """`model` with the initializers `stubbed(t)` picks reduced to name, type and dims."""
+    graph, light = model.graph, empty_like(model)
+    g = light.graph
+    g.node.extend(graph.node)
+    g.input.extend(graph.input)
+    g.output.extend(graph.output)
+    g.value_info.extend(graph.value_info)
+    for t in graph.initializer:
+        if stubbed(t):
+            stub = g.initializer.add(name=t.name, data_type=t.data_type)
+            stub.dims.extend(t.dims)
+        else:
+            g.initializer.append(t)
+    return light
+
+
+def skeleton(model: onnx.ModelProto, keep_elements: int = 64) -> onnx.ModelProto:
+    """A copy of `model` without the data of large initializers (dims and types kept).
+
+    Shape inference only needs the shapes of weights, plus the values of small
+    tensors such as Reshape targets; skipping the data makes it fast on VGG-size models.
+    """
+    return _light_copy(model, lambda t: int(np.prod(t.dims)) > keep_elements)
+
+
+def detach_weights(model: onnx.ModelProto, keep_elements: int = 1024) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """(light model, arrays): the large initializers become in-memory external data.
+
+    onnxruntime takes the arrays as they are (`add_external_initializers`), so a
+    VGG16 is neither serialised nor parsed again to build a session.
+    """
+    picked = {t.name for t in model.graph.initializer
+              if int(np.prod(t.dims)) > keep_elements and t.data_type in _DETACHABLE
+              and t.data_location != onnx.TensorProto.EXTERNAL}
+    light = _light_copy(model, lambda t: t.name in picked)
+    for t in light.graph.initializer:
+        if t.name in picked:
+            t.data_location = onnx.TensorProto.EXTERNAL
+            t.external_data.add(key="location", value=IN_MEMORY)
+    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.name in picked}
+    return light, weights
