@@ -132,6 +132,7 @@ class Report:
              "provider": self.provider, "outputs": {k: m.to_dict() for k, m in self.outputs.items()}}
         if self.layerwise is not None:
             d["layerwise"] = self.layerwise
+        d["skipped"] = len(self.skipped_inputs)
         if self.skipped_inputs:
             d["skipped_inputs"] = self.skipped_inputs
         return d
@@ -148,8 +149,9 @@ class Report:
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
         verdict = "PASS" if self.passed else "FAIL"
-        lines.append(f"{verdict}: {self.samples} samples ({self.inputs}), |a-b| <= {self.atol:g} + {self.rtol:g}*|a|, "
-                     f"onnxruntime on {self.provider}")
+        skipped = f", {len(self.skipped_inputs)} unreadable skipped" if self.skipped_inputs else ""
+        lines.append(f"{verdict}: {self.samples} samples compared ({self.inputs}{skipped}), "
+                     f"|a-b| <= {self.atol:g} + {self.rtol:g}*|a|, onnxruntime on {self.provider}")
         if self.layerwise is not None:
             first = self.layerwise.get("first_divergence")
             lines.append(f"layerwise: {self.layerwise['compared']} shared tensors compared; "
@@ -215,11 +217,15 @@ def _layerwise(ref: onnx.ModelProto, cand: onnx.ModelProto, x: np.ndarray, feed_
 
 def compare(reference, candidate, data=None, atol: float = 1e-5, rtol: float = 1e-5, batch_size: int = 32,
             device: str = "auto", layerwise: bool = False, random: int | None = None, seed: int = 0,
-            limit: int | None = None, workers: int = 0) -> Report:
+            limit: int | None = None, workers: int = 0, preset: str | None = None, strict: bool = False,
+            min_samples: int = 1) -> Report:
     """Run both models on the same inputs and report how far apart their outputs are.
 
     `reference`/`candidate`: paths or ModelProtos with the same input and outputs;
-    `data`: image folder, .npz, array, or None with `random` = N seeded normal inputs.
+    `data`: image folder, .npz, array, or None with `random` = N seeded normal inputs;
+    `preset`: image preprocessing (default: the reference's metadata, else imagenet).
+    Unreadable images are skipped and listed in the report (`strict` raises instead).
+    Fewer than `min_samples` compared samples raises UserError: a check of nothing never passes.
     """
     ref, cand = load_model(reference), load_model(candidate)
     if atol < 0 or rtol < 0:
@@ -235,16 +241,21 @@ def compare(reference, candidate, data=None, atol: float = 1e-5, rtol: float = 1
         data, description = random_inputs(ref, random if random is not None else 8, seed), f"random N(0,1), seed {seed}"
     else:
         description = str(data) if isinstance(data, (str, os.PathLike)) else "array"
-    dataset = open_model_data(ref, data, limit=limit, seed=seed)
+    dataset = open_model_data(ref, data, preset=preset, limit=limit, seed=seed)
     batch_size = fit_batch_size(shape, batch_size, len(dataset))
     s_ref, s_cand = make_session(ref, device), make_session(cand, device)
     metrics = {n: OutputMetrics() for n in out_names}
     samples, first_batch = 0, None
-    for x, _, a_vals in run_batches(s_ref, dataset, out_names, ref, batch_size, workers=workers, desc="check"):
+    for x, _, a_vals in run_batches(s_ref, dataset, out_names, ref, batch_size, workers=workers, strict=strict,
+                                    desc="check"):
         first_batch = x if first_batch is None else first_batch
         for name, a, b in zip(out_names, a_vals, s_cand.run(out_names, {feed_name: x})):
             metrics[name].update(a, b, atol, rtol)
         samples += len(x)
+    if samples < min_samples:
+        skipped = f"; {len(dataset.skipped)} unreadable, e.g. {dataset.skipped[0]}" if dataset.skipped else ""
+        raise UserError(f"{dataset.description}: only {samples} sample(s) could be compared (at least {min_samples} "
+                        f"needed){skipped}; nothing was verified")
     report = Report(metrics, atol, rtol, samples, description, session_provider(s_cand),
                     reference=str(reference) if not isinstance(reference, onnx.ModelProto) else "<model>",
                     candidate=str(candidate) if not isinstance(candidate, onnx.ModelProto) else "<model>",

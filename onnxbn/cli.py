@@ -1,7 +1,9 @@
 """The `onnxbn` command line: one small function per subcommand, its docstring is its help.
 
-Exit codes: 0 success, 1 a check found a difference, 2 bad input or usage (one line
-on stderr saying what and how to fix it; --debug shows the traceback), 130 interrupted.
+Exit codes: 0 success, 1 a check found a difference (and only that), 2 any error: bad
+input or usage (one line on stderr saying what and how to fix it), or an unexpected
+failure (one line naming the command, the traceback in a log file whose path it gives;
+--debug shows the traceback instead), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ import logging
 import sys
 from pathlib import Path
 
+from onnxbn.data import PRESETS
 from onnxbn.errors import UserError
+from onnxbn.runtime import DEVICES
 
 log = logging.getLogger("onnxbn")
 COMMANDS: dict[str, tuple] = {}
@@ -23,10 +27,10 @@ def arg(*names, **options):
 
 
 def command(*arguments):
-    """Register `cmd_<name>` as subcommand <name> with these arguments (lists are flattened)."""
+    """Register `cmd_<name>` as subcommand <name> with these arguments (lists and groups are flattened)."""
     flat = []
     for a in arguments:
-        flat.extend(a if isinstance(a, list) else [a])
+        flat.extend(a.arguments if isinstance(a, InputData) else a if isinstance(a, list) else [a])
 
     def register(fn):
         COMMANDS[fn.__name__.removeprefix("cmd_").replace("_", "-")] = (fn, flat)
@@ -38,16 +42,50 @@ def command(*arguments):
 
 OUTPUT = [arg("-o", "--output", required=True, help="output path (written atomically)"),
           arg("--force", action="store_true", help="allow the output to replace an input file")]
-DEVICE = [arg("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run (default: auto)")]
-DATA_READING = [
-    arg("--batch-size", type=int, default=32, help="samples per batch (default: 32)"),
-    arg("--limit", type=int, help="use a seeded, class-balanced random sample of N items"),
-    arg("--seed", type=int, default=0, help="seed for --limit and --random (default: 0)"),
-    arg("--preset", choices=["imagenet", "imagenet-squash", "caffe-squash"], help="image preprocessing (default: from the model's metadata)"),
-    arg("--workers", type=int, help="image decoding processes (default: the core count, at most 8; 0 = in-process)"),
-]
+DEVICE = [arg("--device", default="auto", choices=DEVICES, help="where to run (default: auto)")]
 SELECTOR = arg("--after", default="dense",
                help="where BN goes: dense (default), conv, relu, linear, or tensor names, comma separated")
+
+
+class InputData:
+    """The input-data argument group: --data, --random, --limit, --seed, --batch-size, --preset,
+    --workers, --strict, --min-samples. It adds its own arguments and parses them into the keyword
+    arguments of the API call (`options(args)`), validating them once for every command."""
+
+    def __init__(self, *, required: bool = False, random: bool = False, workers: str = "in-process",
+                 data_help: str = "image folder or .npz (x, optional y)", batch_size: int = 32,
+                 verified: bool = False):
+        self.random, self.workers, self.verified = random, workers, verified
+        self.arguments = [arg("--data", required=required, help=data_help)]
+        if random:
+            self.arguments.append(arg("--random", type=int, help="N seeded normal inputs instead of --data (default: 8)"))
+        self.arguments += [
+            arg("--batch-size", type=int, default=batch_size, help=f"samples per batch (default: {batch_size})"),
+            arg("--limit", type=int, help="use a seeded, class-balanced random sample of N items"),
+            arg("--seed", type=int, default=0, help="seed for --limit" + (" and --random" if random else "") + " (default: 0)"),
+            arg("--preset", choices=PRESETS, help="image preprocessing (default: from the model's metadata, else imagenet)"),
+            arg("--workers", type=int, help="image decoding processes (default: the core count, at most 8; 0 = in-process)"
+                if workers == "pool" else "image decoding processes (default: 0: decode in-process, "
+                "interleaved with inference; N > 0 decodes N batches ahead in N processes)"),
+            arg("--strict", action="store_true", help="fail on an unreadable image instead of skipping it"),
+        ]
+        if verified:
+            self.arguments.append(arg("--min-samples", type=int, default=1,
+                                      help="fail (exit 2) unless at least N samples were compared (default: 1)"))
+
+    def options(self, args) -> dict:
+        if self.random and args.data is not None and args.random is not None:
+            raise UserError("give either --data or --random, not both")
+        if self.verified and args.min_samples < 1:
+            raise UserError(f"--min-samples must be at least 1 (got {args.min_samples})")
+        opts = {"data": args.data, "batch_size": args.batch_size, "limit": args.limit, "seed": args.seed,
+                "preset": args.preset, "workers": args.workers if args.workers is not None else
+                (None if self.workers == "pool" else 0), "strict": args.strict}
+        if self.random:
+            opts["random"] = args.random
+        if self.verified:
+            opts["min_samples"] = args.min_samples
+        return opts
 
 
 def _write_json(path: str, payload: dict, inputs=()) -> None:
@@ -96,10 +134,11 @@ def cmd_points(args) -> int:
     return 0
 
 
-@command(arg("model", help="ONNX model"), arg("--data", required=True, help="image folder or .npz (x, optional y)"),
-         SELECTOR, DATA_READING, DEVICE,
+STATS_DATA = InputData(required=True, workers="pool")
+
+
+@command(arg("model", help="ONNX model"), SELECTOR, STATS_DATA, DEVICE,
          arg("--shard", help="process shard I of N (I/N) of the data; combine with `onnxbn merge`"),
-         arg("--strict", action="store_true", help="fail on an unreadable image instead of skipping it"),
          arg("--resume", action="store_true", help="continue an interrupted run from OUTPUT.checkpoint.npz"),
          arg("--checkpoint-every", type=float, default=60.0, metavar="SECONDS",
              help="save the accumulated state this often (default: 60; 0 = every batch)"),
@@ -123,10 +162,8 @@ def cmd_stats(args) -> int:
         raise UserError(f"--resume: no checkpoint {checkpoint} to continue from; run without --resume")
     if not args.resume and checkpoint.is_file():
         raise UserError(f"{checkpoint} exists from an interrupted run: add --resume to continue it, or delete it")
-    stats = collect_stats(args.model, args.data, after=args.after, batch_size=args.batch_size, limit=args.limit,
-                          device=args.device, workers=args.workers, seed=args.seed, shard=args.shard,
-                          preset=args.preset, strict=args.strict, checkpoint=checkpoint, resume=args.resume,
-                          checkpoint_every=args.checkpoint_every)
+    stats = collect_stats(args.model, after=args.after, device=args.device, shard=args.shard, checkpoint=checkpoint,
+                          resume=args.resume, checkpoint_every=args.checkpoint_every, **STATS_DATA.options(args))
     if rank == 0:
         stats.save(args.output, inputs=[args.model, args.data], force=args.force)
     checkpoint.unlink(missing_ok=True)
@@ -169,28 +206,31 @@ def cmd_insert(args) -> int:
     return 0
 
 
+CHECK_DATA = InputData(random=True, data_help="image folder or .npz of inputs", verified=True)
+TOLERANCE = [arg("--atol", type=float, default=1e-5, help="absolute tolerance (default: 1e-5)"),
+             arg("--rtol", type=float, default=1e-5, help="relative tolerance (default: 1e-5)")]
+
+
 @command(arg("reference", help="reference ONNX model"), arg("candidate", help="candidate ONNX model"),
-         arg("--data", help="image folder or .npz of inputs"),
-         arg("--random", type=int, help="N seeded normal inputs instead of --data (default: 8)"),
-         arg("--atol", type=float, default=1e-5, help="absolute tolerance (default: 1e-5)"),
-         arg("--rtol", type=float, default=1e-5, help="relative tolerance (default: 1e-5)"),
+         CHECK_DATA, TOLERANCE,
          arg("--layerwise", action="store_true", help="also compare every shared tensor and name the first divergence"),
          arg("--report", help="write the report as JSON here"), arg("--junit", help="write a JUnit XML report here"),
-         DATA_READING, DEVICE)
+         DEVICE)
 def cmd_check(args) -> int:
-    """Check that two models compute the same outputs: exit 0 pass, 1 mismatch, 2 error."""
+    """Check that two models compute the same outputs: exit 0 pass, 1 mismatch, 2 error.
+
+    Unreadable images are skipped and counted in the report (--strict fails on them); fewer
+    than --min-samples compared samples (default 1) is an error, never a pass."""
     from onnxbn.check import compare
     from onnxbn.modelio import atomic_path, refuse_overwrite
 
-    if args.data is not None and args.random is not None:
-        raise UserError("give either --data or --random, not both")
+    options = CHECK_DATA.options(args)
     inputs = [args.reference, args.candidate, args.data]
     for out in (args.report, args.junit):
         if out:
             refuse_overwrite(out, inputs)
-    report = compare(args.reference, args.candidate, data=args.data, atol=args.atol, rtol=args.rtol,
-                     batch_size=args.batch_size, device=args.device, layerwise=args.layerwise, random=args.random,
-                     seed=args.seed, limit=args.limit, workers=args.workers or 0)
+    report = compare(args.reference, args.candidate, atol=args.atol, rtol=args.rtol, device=args.device,
+                     layerwise=args.layerwise, **options)
     print(report.table())
     if args.report:
         _write_json(args.report, report.to_dict(), inputs)
@@ -248,29 +288,31 @@ def cmd_finetune(args) -> int:
     return 0
 
 
-@command(arg("model", help="ONNX model"), arg("--data", required=True, help="labelled data (class folders or .npz with y)"),
-         arg("--json", action="store_true", help="print JSON"), DATA_READING, DEVICE)
+EVAL_DATA = InputData(required=True, data_help="labelled data (class folders or .npz with y)")
+
+
+@command(arg("model", help="ONNX model"), EVAL_DATA, arg("--json", action="store_true", help="print JSON"), DEVICE)
 def cmd_eval(args) -> int:
     """Cross-entropy loss and top-1/top-5 accuracy through onnxruntime."""
     from onnxbn.training import evaluate
 
-    result = evaluate(args.model, args.data, batch_size=args.batch_size, device=args.device, limit=args.limit,
-                      seed=args.seed, workers=args.workers or 0)
+    result = evaluate(args.model, device=args.device, **EVAL_DATA.options(args))
     if args.json:
         print(json.dumps(result, indent=2))
     else:
+        skipped = f", {result['skipped']} unreadable skipped" if result["skipped"] else ""
         print(f"loss {result['loss']:.4f}  top-1 {result['top1']:.2%}  top-5 {result['top5']:.2%}  "
-              f"({result['samples']} samples, onnxruntime on {result['provider']})")
+              f"({result['samples']} samples{skipped}, onnxruntime on {result['provider']})")
     return 0
 
 
-@command(arg("model", help="ONNX model with BatchNormalization nodes"),
-         arg("--data", help="verify on these inputs (image folder or .npz) instead of --random"),
-         arg("--random", type=int, help="verify on N seeded normal inputs (default: 8)"),
-         arg("--atol", type=float, default=1e-5, help="absolute tolerance of the verification (default: 1e-5)"),
-         arg("--rtol", type=float, default=1e-5, help="relative tolerance of the verification (default: 1e-5)"),
+FOLD_DATA = InputData(random=True, data_help="verify on these inputs (image folder or .npz) instead of --random",
+                      verified=True)
+
+
+@command(arg("model", help="ONNX model with BatchNormalization nodes"), FOLD_DATA, TOLERANCE,
          arg("--json", action="store_true", help="print the per-BN decisions and the check as JSON"),
-         DATA_READING, DEVICE, OUTPUT)
+         DEVICE, OUTPUT)
 def cmd_fold(args) -> int:
     """Fold BatchNormalization into neighbouring Conv/Gemm layers for deployment, verified.
 
@@ -280,14 +322,11 @@ def cmd_fold(args) -> int:
     from onnxbn.fold import fold_with_decisions
     from onnxbn.modelio import load_model, refuse_overwrite, save_model
 
-    if args.data is not None and args.random is not None:
-        raise UserError("give either --data or --random, not both")
+    options = FOLD_DATA.options(args)
     refuse_overwrite(args.output, [args.model, args.data], args.force)
     model = load_model(args.model)
     folded, decisions = fold_with_decisions(model)
-    report = compare(model, folded, data=args.data, atol=args.atol, rtol=args.rtol, batch_size=args.batch_size,
-                     device=args.device, random=args.random, seed=args.seed, limit=args.limit,
-                     workers=args.workers or 0)
+    report = compare(model, folded, atol=args.atol, rtol=args.rtol, device=args.device, **options)
     if args.json:
         print(json.dumps({"decisions": decisions, "check": report.to_dict()}, indent=2))
     else:
@@ -343,6 +382,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _crash_report(command: str, exc: BaseException) -> Path:
+    """Write the traceback of an unexpected failure to a log file; return its path."""
+    import platform
+    import tempfile
+    import time
+    import traceback
+
+    from onnxbn import __version__
+
+    fd, name = tempfile.mkstemp(prefix=f"onnxbn-{command}-{time.strftime('%Y%m%d-%H%M%S')}-", suffix=".log")
+    with open(fd, "w") as fh:
+        fh.write(f"onnxbn {__version__}, Python {platform.python_version()}, {platform.platform()}\n")
+        fh.write(f"command line: {' '.join(sys.argv)}\n\n")
+        fh.write("".join(traceback.format_exception(exc)))
+    return Path(name)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -361,6 +417,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("onnxbn: interrupted; no output was written", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug, or a library failing in a way onnxbn did not foresee
+        if args.debug:
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        path = _crash_report(args.command, exc)
+        print(f"onnxbn: error: `{args.command}` failed unexpectedly ({type(exc).__name__}: {first}); no output was "
+              f"written; the details are in {path}: please report them (or rerun with --debug)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

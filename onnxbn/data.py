@@ -158,6 +158,7 @@ class Dataset:
     size: int = 224
     skipped: list[str] = field(default_factory=list)
     consumed: int = 0
+    source: str = ""  # identity of the whole data source, before --limit and --shard (see source_id)
 
     def __len__(self) -> int:
         return len(self.files) if self.files is not None else len(self.index)
@@ -295,6 +296,23 @@ def parse_shard(shard: str | tuple[int, int] | None) -> tuple[int, int]:
     return index, count
 
 
+def source_id(files: list[str] | None, root: Path | None, array: np.ndarray | None, labels: np.ndarray | None) -> str:
+    """A short hash naming a data source as a whole, cheap to compute: an image folder by its files'
+    relative paths and sizes; an array by its shape, dtype and 64 evenly spaced rows; plus the labels.
+    Shards of one source share it, so `merge` can tell shards of different data apart."""
+    h = hashlib.sha256()
+    if files is not None:
+        for f in files:
+            h.update(f"{os.path.relpath(f, root)}\0{os.path.getsize(f)}\n".encode())
+    else:
+        h.update(f"{array.shape}{array.dtype}".encode())
+        for row in np.unique(np.linspace(0, len(array) - 1, 64).astype(np.int64)):
+            h.update(np.ascontiguousarray(array[row]).tobytes())
+    if labels is not None:
+        h.update(np.ascontiguousarray(labels).tobytes())
+    return h.hexdigest()[:16]
+
+
 def open_data(data, *, preset: str | None = None, size: int = 224, limit: int | None = None,
               seed: int = 0, shard: str | tuple[int, int] | None = None) -> Dataset:
     """A Dataset from a folder, a .npz path or a numpy array (x) / (x, y) tuple.
@@ -339,6 +357,7 @@ def open_data(data, *, preset: str | None = None, size: int = 224, limit: int | 
         if len(array) == 0:
             raise UserError(f"{description}: x holds no samples")
     n = len(files) if files is not None else len(array)
+    source = source_id(files, path if files is not None else None, array, labels)
     order = np.arange(n)
     if limit is not None:
         if limit < 1:
@@ -353,4 +372,4 @@ def open_data(data, *, preset: str | None = None, size: int = 224, limit: int | 
     if labels is not None:
         labels = labels[order]
     return Dataset(description, files=files, array=array, index=None if files is not None else order,
-                   labels=labels, classes=classes, preset=preset, size=size)
+                   labels=labels, classes=classes, preset=preset, size=size, source=source)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -136,19 +137,41 @@ def load_stats(stats: str | os.PathLike | Stats) -> Stats:
     return Stats(moments, meta)
 
 
+MERGE_KEYS = ("model_sha256", "selector", "preset", "data", "limit", "seed")
+
+
 def merge_stats(parts: list[str | os.PathLike | Stats]) -> Stats:
-    """One Stats from several (shards of one run): same model, tensors and preset required."""
+    """One Stats from the shards of one run (Chan's formula in float64).
+
+    The shards must come from the same model, selector, preset, data source, limit and seed,
+    and each shard only once (a shard counted twice would weigh its samples double);
+    an incomplete set (I/N with some I missing) is merged with a warning.
+    """
     loaded = [load_stats(p) for p in parts]
     if not loaded:
         raise UserError("no stats files to merge")
     first = loaded[0]
     for other, source in zip(loaded[1:], parts[1:]):
-        for key in ("model_sha256", "selector", "preset"):
+        for key in MERGE_KEYS:
             if other.meta.get(key) != first.meta.get(key):
                 raise UserError(f"{source}: its {key} ({other.meta.get(key)!r}) differs from {parts[0]}'s "
-                                f"({first.meta.get(key)!r}); merge only shards of the same model and settings")
+                                f"({first.meta.get(key)!r}); merge only shards of the same model, data and settings")
         if other.tensors != first.tensors:
             raise UserError(f"{source}: holds other tensors than {parts[0]}; merge only shards of one selector")
+    seen: dict[str, object] = {}
+    for part, source in zip(loaded, parts):
+        shard = str(part.meta.get("shard"))
+        if shard in seen:
+            raise UserError(f"{source} and {seen[shard]} are both shard {shard}; give each shard once")
+        seen[shard] = source
+    counts = {s.split("/")[1] for s in seen if "/" in s and not s.startswith(("merged", "torchrun"))}
+    if len(counts) == 1:
+        total = int(counts.pop())
+        missing = sorted(set(range(total)) - {int(s.split("/")[0]) for s in seen if "/" in s})
+        if missing:
+            logging.getLogger("onnxbn").warning("merging %d of %d shards: shard(s) %s missing; the statistics cover "
+                                                "only part of the data", total - len(missing), total,
+                                                ", ".join(f"{i}/{total}" for i in missing))
     moments = {name: ChannelMoments() for name in first.tensors}
     for part in loaded:
         for name, m in part.moments.items():
@@ -350,6 +373,7 @@ def collect_stats(model, data, after="dense", batch_size: int = 32, limit: int |
         "samples": seen,
         "skipped": len(skipped_all),
         "preset": dataset.preset if dataset.is_images else "array",
+        "data": dataset.source,
         "limit": limit,
         "seed": seed,
         "shard": f"{index}/{count}" if ranks == 1 else f"torchrun x{ranks}",

@@ -193,6 +193,16 @@ def _check_labels(y: np.ndarray, classes: int, source: str) -> None:
                         "the data's classes must map to the model's output units")
 
 
+def _warn_unused_outputs(y: np.ndarray, classes: int, source: str) -> None:
+    """Warn when the data uses far fewer classes than the model has outputs (a 1000-way head on 2 classes)."""
+    used = int(y.max()) + 1 if len(y) else 0
+    if classes >= 10 and used <= classes // 10:
+        log.warning(
+            "%s: labels use %d of the model's %d outputs; training keeps all %d (the others are pushed down): "
+            "for a new task give the model a new classifier first (onnxbn.demo.new_classifier)",
+            source, used, classes, classes)
+
+
 def _evaluate_suffix(suffix, feats: Features, batch_size: int, device, kind: str) -> dict:
     import torch
 
@@ -285,6 +295,8 @@ def finetune(model, train, val=None, *, epochs: int = 1, lr: float = 1e-5, batch
                                           f"features ({split})", input_shape)
             if classes:
                 _check_labels(sets[split].y, classes, dataset.description)
+                if split == "train":
+                    _warn_unused_outputs(sets[split].y, classes, dataset.description)
         result_log = _train(suffix, trainable, sets, epochs=epochs, lr=lr, batch_size=batch_size // ranks,
                             seed=seed, device=dev, kind=kind, optimizer=optimizer, bf16=bf16)
     finally:
@@ -385,7 +397,7 @@ def _gate(module, written: onnx.ModelProto, device, input_shape, proto, samples:
 # ----------------------------------------------------------------------------- evaluation
 
 def evaluate(model, data, batch_size: int = 32, device: str = "auto", limit: int | None = None, seed: int = 0,
-             workers: int = 0) -> dict:
+             workers: int = 0, preset: str | None = None, strict: bool = False) -> dict:
     """Cross-entropy loss and top-1/top-5 accuracy of `model` on labelled `data`, through onnxruntime.
 
     Models ending in Softmax (probabilities) or LogSoftmax are handled; otherwise the
@@ -394,14 +406,15 @@ def evaluate(model, data, batch_size: int = 32, device: str = "auto", limit: int
     from onnxbn.runtime import make_session, session_provider
 
     proto = load_model(model)
-    dataset = open_model_data(proto, data, limit=limit, seed=seed)
+    dataset = open_model_data(proto, data, preset=preset, limit=limit, seed=seed)
     if dataset.labels is None:
         raise UserError(f"{dataset.description}: evaluation needs labels (class folders, or y in the .npz)")
     session = make_session(proto, device)
     out_name = proto.graph.output[0].name
     kind = _ends_in(proto)
     loss = top1 = top5 = n = 0.0
-    for x, y, (out,) in run_batches(session, dataset, [out_name], proto, batch_size, workers=workers, desc="eval"):
+    for x, y, (out,) in run_batches(session, dataset, [out_name], proto, batch_size, workers=workers, strict=strict,
+                                    desc="eval"):
         out = out.astype(np.float64)
         _check_labels(y, out.shape[1], dataset.description)
         if kind == "probs":
@@ -416,5 +429,8 @@ def evaluate(model, data, batch_size: int = 32, device: str = "auto", limit: int
         top1 += float((order[:, 0] == y).sum())
         top5 += float((order == y[:, None]).any(axis=1).sum())
         n += len(y)
-    return {"samples": int(n), "loss": loss / n, "top1": top1 / n, "top5": top5 / n,
+    if n == 0:
+        raise UserError(f"{dataset.description}: no sample could be read ({len(dataset.skipped)} unreadable); "
+                        "nothing was evaluated")
+    return {"samples": int(n), "skipped": len(dataset.skipped), "loss": loss / n, "top1": top1 / n, "top5": top5 / n,
             "provider": session_provider(session)}
