@@ -315,6 +315,19 @@ def finetune(model, train, val=None, *, epochs: int = 1, lr: float = 1e-5, batch
     return FinetuneResult(written, result_log)
 
 
+def _batch_bounds(samples: int, batch_size: int) -> list[int]:
+    """Offsets of the training steps over `samples` shuffled rows: batches of `batch_size`, and a last
+    batch of fewer than half of that (or of one row) merged into the one before it. A batch of one
+    cannot train BatchNorm, and a tiny batch would move the running statistics that get written
+    back with a noisy estimate."""
+    if samples < 2:
+        raise UserError(f"fine-tuning needs at least 2 training samples (got {samples}): BN cannot train on one")
+    starts = list(range(0, samples, batch_size))
+    if len(starts) > 1 and samples - starts[-1] < max(2, batch_size / 2):
+        starts.pop()
+    return starts + [samples]
+
+
 def _train(suffix, trainable, sets, *, epochs, lr, batch_size, seed, device, kind, optimizer, bf16) -> dict:
     """Epochs over the cached features; `batch_size` is this rank's share of the global batch."""
     import torch
@@ -331,7 +344,8 @@ def _train(suffix, trainable, sets, *, epochs, lr, batch_size, seed, device, kin
     opt = (torch.optim.Adam(trainable, lr=lr, fused=True) if optimizer == "adam"
            else torch.optim.SGD(trainable, lr=lr, momentum=0.9, fused=True))
     generator = np.random.default_rng([seed, rank])
-    steps = min(distributed.gather(-(-len(train.y) // batch_size)))  # every rank takes the same number of steps
+    bounds = _batch_bounds(len(train.y), batch_size)
+    steps = min(distributed.gather(len(bounds) - 1))  # every rank takes the same number of steps
     history = []
     before = _evaluate_suffix(suffix, sets["val"], batch_size, device, kind) if "val" in sets else None
     autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16
@@ -341,9 +355,9 @@ def _train(suffix, trainable, sets, *, epochs, lr, batch_size, seed, device, kin
         order = generator.permutation(len(train.y))
         total = correct = seen = 0.0
         started = time.perf_counter()
-        with progress(min(len(order), steps * batch_size), f"epoch {epoch}/{epochs}") as bar:
+        with progress(bounds[steps], f"epoch {epoch}/{epochs}") as bar:
             for step in range(steps):
-                rows = np.sort(order[step * batch_size:(step + 1) * batch_size])
+                rows = np.sort(order[bounds[step]:bounds[step + 1]])
                 x = torch.from_numpy(train.x[rows]).to(device)  # fancy indexing copies off the memmap
                 y = torch.from_numpy(train.y[rows]).to(device)
                 with autocast:

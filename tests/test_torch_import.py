@@ -541,7 +541,7 @@ def test_vgg_like_matches_onnxruntime_dynamic_batch(opset):
 
 
 def test_ir3_initializers_listed_as_inputs():
-    model = _vgg_like(8, ir=3, inits_as_inputs=True)
+    model = _vgg_like(9, ir=3, inits_as_inputs=True)
     assert len(model.graph.input) > 1
     module = to_torch(model)
     assert module.onnx_inputs == ["x"]
@@ -640,7 +640,7 @@ def test_write_back_untrained_is_identity_and_checks_shapes():
 
 
 def test_write_back_ir3_and_float16_dtype():
-    model = _vgg_like(8, ir=3, inits_as_inputs=True)
+    model = _vgg_like(9, ir=3, inits_as_inputs=True)
     module = to_torch(model)
     _sgd_step(module)
     out = write_back(module, model)

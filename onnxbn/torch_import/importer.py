@@ -1,0 +1,256 @@
+"""The import plumbing: `to_torch` and `_Importer`, which walks the ONNX graph node by node.
+
+`_Importer` holds the fx graph being built, the root module, the values of ONNX
+tensors seen so far and the write-back maps; each node goes to its converter in
+`converters._CONVERTERS`. `_attach` sets the onnx_* attributes on a GraphModule so they
+survive copy.deepcopy; `_structure_key` fingerprints a model's nodes for write-back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import keyword
+import os
+import re
+from typing import Any, Callable
+
+import onnx
+import torch
+import torch.fx as fx
+from torch import nn
+
+from onnxbn.errors import UserError
+from onnxbn.graph import (
+    FLOAT_TYPES,
+    MIN_OPSET,
+    GraphIndex,
+    opset_version,
+    tensor_shape,
+    unique_name,
+    value_types,
+)
+from onnxbn.modelio import load_model
+from onnxbn.torch_import.converters import _CONVERTERS
+from onnxbn.torch_import.ops import _to_tensor
+
+_RESERVED = set(dir(fx.GraphModule)) | {"onnx_names", "onnx_tensors", "onnx_inputs", "onnx_outputs",
+                                          "onnx_opset", "onnx_structure", "self"}
+_CONSTANTS = "_onnx_constants"
+
+
+def _sanitize(name: str, fallback: str) -> str:
+    s = re.sub(r"\W", "_", name or "", flags=re.ASCII).strip("_") or fallback
+    if s[0].isdigit():
+        s = "n" + s
+    if keyword.iskeyword(s) or s in _RESERVED:
+        s = s + "_"
+    return s
+
+
+def _structure_key(model: onnx.ModelProto) -> str:
+    h = hashlib.sha256()
+    for n in model.graph.node:
+        h.update(f"{n.op_type}|{n.name}|{','.join(n.input)}|{','.join(n.output)}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
+    out = {}
+    for a in node.attribute:
+        v = onnx.helper.get_attribute_value(a)
+        out[a.name] = v.decode() if isinstance(v, bytes) else v
+    return out
+
+
+
+class _Unsupported(Exception):
+    pass
+
+
+class _Importer:
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.opset = opset_version(model)
+        self.graph = fx.Graph()
+        self.root = nn.Module()
+        self.consts = nn.Module()
+        self.root.add_module(_CONSTANTS, self.consts)
+        self.taken: set[str] = {_CONSTANTS}
+        self.const_names: set[str] = set()
+        self.const_nodes: dict[int, fx.Node] = {}
+        self.env: dict[str, Any] = {}
+        self.inits = {t.name: t for t in model.graph.initializer}
+        self.init_values: dict[str, torch.Tensor] = {}
+        self.params: dict[str, nn.Parameter] = {}        # initializer -> Parameter
+        self.param_keys: dict[str, str] = {}             # initializer -> state_dict key of its Parameter
+        self.onnx_names: dict[str, str] = {}
+        self.onnx_tensors: dict[str, str] = {}
+        self.recorded: set[str] = set()
+        self.types = value_types(model)
+        self.producer_op = {name: node.op_type for name, node in GraphIndex(model).producers.items()}
+        self.node: onnx.NodeProto | None = None
+
+    # ------------------------------------------------------------------ values
+    def fail(self, why: str):
+        raise _Unsupported(why)
+
+    def value(self, name: str):
+        if not name:
+            return None
+        if name in self.env:
+            return self.env[name]
+        if name in self.param_keys:  # a weight also used as a plain value elsewhere
+            return self.graph.get_attr(self.param_keys[name])
+        if name in self.inits:
+            if name not in self.init_values:
+                try:
+                    self.init_values[name] = _to_tensor(self.inits[name])
+                except TypeError:
+                    self.fail(f"initializer {name!r} is a string tensor")
+            return self.init_values[name]
+        self.fail(f"input {name!r} is not produced by any earlier node")
+
+    def inp(self, i: int):
+        return self.value(self.node.input[i]) if i < len(self.node.input) else None
+
+    def shape(self, name: str) -> list | None:
+        return tensor_shape(self.types.get(name))
+
+    def rank(self, name: str) -> int | None:
+        s = self.shape(name)
+        return None if s is None else len(s)
+
+    def elem_type(self, name: str) -> int | None:
+        t = self.types.get(name)
+        return t.tensor_type.elem_type if t is not None and t.HasField("tensor_type") else None
+
+    def tensor_node(self, t: torch.Tensor, hint: str = "c") -> fx.Node:
+        key = id(t)
+        if key not in self.const_nodes:
+            name = unique_name(_sanitize(hint, "c"), self.const_names)
+            self.consts.register_buffer(name, t)
+            self.const_nodes[key] = self.graph.get_attr(f"{_CONSTANTS}.{name}")
+        return self.const_nodes[key]
+
+    def _lift(self, a):
+        if isinstance(a, torch.Tensor):
+            hint = next((n for n, v in self.init_values.items() if v is a), "c")
+            return self.tensor_node(a, hint)
+        if isinstance(a, (list, tuple)):
+            return type(a)(self._lift(x) for x in a)
+        return a
+
+    @staticmethod
+    def _dynamic(args) -> bool:
+        found = False
+
+        def visit(a):
+            nonlocal found
+            if isinstance(a, fx.Node):
+                found = True
+            return a
+        fx.node.map_aggregate(args, visit)
+        return found
+
+    def call(self, fn: Callable, *args, **kwargs):
+        """fn(*args): evaluated now when every input is constant, else a graph node."""
+        if not self._dynamic((args, kwargs)):
+            with torch.no_grad():
+                return fn(*args, **kwargs)
+        hint = _sanitize(self.node.name, self.node.op_type.lower())
+        n = self.graph.create_node("call_function", fn, self._lift(args), self._lift(kwargs), name=hint)
+        n.meta["onnx_node"] = self.node.name
+        return n
+
+    def module(self, mod: nn.Module, *args, params: dict[str, str] | None = None,
+               buffers: dict[str, str] | None = None) -> fx.Node:
+        path = unique_name(_sanitize(self.node.name, f"{self.node.op_type.lower()}_{self.index}"), self.taken)
+        self.root.add_module(path, mod)
+        self.onnx_names[path] = self.node.name
+        for attr, init in (params or {}).items():
+            self.param_keys.setdefault(init, f"{path}.{attr}")
+            if init not in self.recorded:
+                self.onnx_tensors[f"{path}.{attr}"] = init
+                self.recorded.add(init)
+        for attr, init in (buffers or {}).items():
+            if init not in self.recorded:  # else: a private copy, not written back
+                self.onnx_tensors[f"{path}.{attr}"] = init
+                self.recorded.add(init)
+        n = self.graph.call_module(path, self._lift(args))
+        n.meta["onnx_node"] = self.node.name
+        return n
+
+    def param(self, init: str) -> nn.Parameter:
+        if init not in self.params:
+            self.params[init] = nn.Parameter(_to_tensor(self.inits[init]))
+        return self.params[init]
+
+    def is_weight(self, name: str) -> bool:
+        return bool(name) and name in self.inits and name not in self.env and \
+            self.inits[name].data_type in FLOAT_TYPES
+
+    # ------------------------------------------------------------------ driver
+    def run(self) -> fx.GraphModule:
+        g = self.model.graph
+        if self.opset < MIN_OPSET:
+            raise UserError(f"opset {self.opset} is older than {MIN_OPSET}, the oldest onnxbn's torch importer reads; "
+                            "convert the model with onnx.version_converter first")
+        arg_names: set[str] = set()
+        inputs = []
+        for vi in g.input:
+            if vi.name in self.inits:
+                continue
+            ph = self.graph.placeholder(unique_name(_sanitize(vi.name, "input"), arg_names | self.taken))
+            arg_names.add(ph.target)
+            self.env[vi.name] = ph
+            inputs.append(vi.name)
+        for self.index, node in enumerate(g.node):
+            self.node = node
+            label = f"cannot import node {node.name!r} ({node.op_type}, opset {self.opset})"
+            if node.domain not in ("", "ai.onnx"):
+                raise UserError(f"{label}: domain {node.domain!r} not supported by onnxbn's torch importer")
+            conv = _CONVERTERS.get(node.op_type)
+            if conv is None:
+                raise UserError(f"{label}: op not supported by onnxbn's torch importer")
+            try:
+                outs = conv(self, _attrs(node))
+            except _Unsupported as exc:
+                raise UserError(f"{label}: {exc}") from None
+            if not isinstance(outs, (list, tuple)):
+                outs = [outs]
+            for i, name in enumerate(node.output):
+                if not name:
+                    continue
+                if i >= len(outs) or outs[i] is None:
+                    raise UserError(f"{label}: output {i} ({name!r}) not supported by onnxbn's torch importer")
+                self.env[name] = outs[i]
+        results = []
+        for vi in g.output:
+            if vi.name not in self.env and vi.name not in self.inits:
+                raise UserError(f"graph output {vi.name!r} is not produced by any node")
+            self.node = onnx.helper.make_node("Identity", [], [], name="")
+            v = self.value(vi.name)
+            results.append(self._lift(v) if isinstance(v, torch.Tensor) else v)
+        self.graph.output(results[0] if len(results) == 1 else tuple(results))
+        gm = fx.GraphModule(self.root, self.graph, class_name="OnnxGraphModule")
+        _attach(gm, {"onnx_names": dict(self.onnx_names), "onnx_tensors": dict(self.onnx_tensors),
+                     "onnx_inputs": inputs, "onnx_outputs": [vi.name for vi in g.output],
+                     "onnx_opset": self.opset, "onnx_structure": _structure_key(self.model)})
+        return gm
+
+
+_PRESERVED = getattr(fx.graph_module, "_USER_PRESERVED_ATTRIBUTES_KEY", "_user_preserved_attributes")
+
+
+def _attach(gm: fx.GraphModule, info: dict[str, Any]) -> None:
+    """Set the onnx_* attributes so that they survive copy.deepcopy (and torch.save)."""
+    for k, v in info.items():
+        setattr(gm, k, v)
+    gm.meta.setdefault(_PRESERVED, {}).update(info)
+
+
+
+def to_torch(model: onnx.ModelProto | str | os.PathLike) -> fx.GraphModule:
+    """Import an ONNX model (proto or path) as a torch.fx GraphModule; see the module docstring."""
+    proto = load_model(model)
+    return _Importer(proto).run()

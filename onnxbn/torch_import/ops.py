@@ -1,0 +1,336 @@
+"""Run-time pieces of an imported module: the nn.Module classes and the tensor helpers.
+
+The generated forward (and torch.save) refers to these by module-level name, so they
+live here, apart from the import machinery: OnnxGemm, OnnxMatMul, OnnxElementwise,
+OnnxDropout, _BatchNormAnyD, and functional ONNX ops (_conv, _pool, _pad, _clip, ...).
+`_to_tensor` turns an initializer or Constant value into a torch tensor.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+from onnx import numpy_helper
+from torch import nn
+
+# ============================================================================ modules
+
+class OnnxGemm(nn.Module):
+    """ONNX Gemm with its B (and C) as parameters in ONNX layout: Y = alpha*A'B' + beta*C."""
+
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, alpha: float, beta: float,
+                 trans_a: bool, trans_b: bool):
+        super().__init__()
+        self.weight = weight
+        self.bias = bias
+        self.alpha, self.beta, self.trans_a, self.trans_b = alpha, beta, trans_a, trans_b
+
+    def forward(self, a: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+        return _gemm(a, self.weight, self.bias if c is None else c, self.alpha, self.beta, self.trans_a, self.trans_b)
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, beta={self.beta}, transA={int(self.trans_a)}, transB={int(self.trans_b)}"
+
+
+class OnnxMatMul(nn.Module):
+    """MatMul with a trainable constant operand (`weight`, ONNX layout)."""
+
+    def __init__(self, weight: nn.Parameter, weight_first: bool):
+        super().__init__()
+        self.weight = weight
+        self.weight_first = weight_first
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(self.weight, x) if self.weight_first else torch.matmul(x, self.weight)
+
+
+class OnnxElementwise(nn.Module):
+    """Add/Sub/Mul/Div with a trainable constant operand (a bias or a scale after a linear layer)."""
+
+    _OPS = {"Add": operator.add, "Sub": operator.sub, "Mul": operator.mul, "Div": operator.truediv}
+
+    def __init__(self, op: str, param: nn.Parameter, param_first: bool):
+        super().__init__()
+        self.op = op
+        self.param_first = param_first
+        self.weight = param
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fn = self._OPS[self.op]
+        return fn(self.weight, x) if self.param_first else fn(x, self.weight)
+
+    def extra_repr(self) -> str:
+        return f"op={self.op}, param_first={self.param_first}"
+
+
+class OnnxDropout(nn.Dropout):
+    """nn.Dropout (live in train mode, identity in eval) that can also return ONNX's mask output."""
+
+    def __init__(self, p: float = 0.5, return_mask: bool = False):
+        super().__init__(p)
+        self.return_mask = return_mask
+
+    def forward(self, x: torch.Tensor, ratio: torch.Tensor | None = None):
+        p = float(ratio) if ratio is not None else self.p
+        if not self.return_mask:
+            return F.dropout(x, p, self.training)
+        if not self.training or p == 0.0:
+            return x, torch.ones(x.shape, dtype=torch.bool, device=x.device)
+        mask = torch.rand(x.shape, device=x.device) >= p
+        return x * mask.to(x.dtype) / (1.0 - p), mask
+
+
+class _BatchNormAnyD(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm for an input whose rank shape inference could not tell."""
+
+    def _check_input_dim(self, input):  # noqa: A002 - torch's name
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+
+# ============================================================================ run-time helpers
+# Module-level functions so the generated forward (and torch.save) can refer to them.
+
+def _ints(v) -> list[int]:
+    if isinstance(v, torch.Tensor):
+        return [int(i) for i in v.reshape(-1).tolist()]
+    return [int(i) for i in v]
+
+
+def _same_pads(spatial, eff_kernel, strides, upper: bool) -> tuple[list[int], list[int]]:
+    begins, ends = [], []
+    for n, k, s in zip(spatial, eff_kernel, strides):
+        out = -(-int(n) // s)
+        total = max((out - 1) * s + k - int(n), 0)
+        small, big = total // 2, total - total // 2
+        begins.append(small if upper else big)
+        ends.append(big if upper else small)
+    return begins, ends
+
+
+def _torch_pad_list(begins, ends) -> list[int]:
+    """F.pad's order (last dim first) for pads on the trailing len(begins) dims."""
+    out: list[int] = []
+    for b, e in zip(reversed(list(begins)), reversed(list(ends))):
+        out += [int(b), int(e)]
+    return out
+
+
+def _pad_spatial(x, begins, ends, value=0.0):
+    if not any(begins) and not any(ends):
+        return x
+    return F.pad(x, _torch_pad_list(begins, ends), value=value)
+
+
+def _pad_same(x, eff_kernel, strides, upper, value=0.0):
+    begins, ends = _same_pads(x.shape[2:], eff_kernel, strides, upper)
+    return _pad_spatial(x, begins, ends, value)
+
+
+_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_MAXPOOL_FN = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
+_AVGPOOL_FN = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
+
+
+def _resolve_pads(x, kernel, strides, pads, dilations, auto_pad):
+    nd = len(kernel)
+    eff = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        return _same_pads(x.shape[2:], eff, strides, auto_pad == "SAME_UPPER")
+    if auto_pad == "VALID" or not pads:
+        return [0] * nd, [0] * nd
+    return list(pads[:nd]), list(pads[nd:])
+
+
+def _conv(x, w, b, strides, pads, dilations, group, auto_pad="NOTSET"):
+    """Functional ONNX Conv (any padding) for weights that are not initializers."""
+    nd = w.dim() - 2
+    kernel = list(w.shape[2:])
+    begins, ends = _resolve_pads(x, kernel, strides, pads, dilations, auto_pad)
+    if begins != ends:
+        x = _pad_spatial(x, begins, ends)
+        begins = [0] * nd
+    return _CONV_FN[nd](x, w, b, strides, begins, dilations, group)
+
+
+def _pool(x, kind, kernel, strides, pads, dilations, ceil_mode, count_include_pad, auto_pad="NOTSET"):
+    """ONNX MaxPool/AveragePool for any padding, dilation and ceil mode.
+
+    Output size per axis: floor or ceil((n + pads - eff) / s) + 1, less one when the last
+    window would start in the end padding (torch's rule, ONNX's since opset 19). The
+    input is padded explicitly (-inf for max; zeros for average, with a mask that
+    counts the explicit pads only when count_include_pad), pooled without padding
+    and cropped to that size.
+    """
+    nd = len(kernel)
+    spatial = [int(n) for n in x.shape[2:]]
+    begins, ends = _resolve_pads(x, kernel, strides, pads, dilations, auto_pad)
+    eff = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]
+    ceil_mode = bool(ceil_mode) and auto_pad not in ("SAME_UPPER", "SAME_LOWER")
+    outs, extra = [], []
+    for n, b, e, k, s in zip(spatial, begins, ends, eff, strides):
+        span = n + b + e - k
+        out = (-(-span // s) if ceil_mode else span // s) + 1
+        if ceil_mode and (out - 1) * s >= n + b:
+            out -= 1
+        out = max(out, 0)
+        outs.append(out)
+        extra.append(max(0, (out - 1) * s + k - (n + b + e)))
+    ends_x = [e + x_ for e, x_ in zip(ends, extra)]
+    if kind == "max":
+        low = float("-inf") if x.is_floating_point() else torch.iinfo(x.dtype).min
+        y = _MAXPOOL_FN[nd](_pad_spatial(x, begins, ends_x, low), kernel, strides, 0, dilations)
+    else:
+        channels = x.shape[1]
+        ones_k = torch.ones((channels, 1, *kernel), dtype=x.dtype, device=x.device)
+        total = _CONV_FN[nd](_pad_spatial(x, begins, ends_x), ones_k, None, strides, 0, dilations, channels)
+        mask = torch.ones((1, 1, *spatial), dtype=x.dtype, device=x.device)
+        mask = _pad_spatial(mask, begins, ends, 1.0 if count_include_pad else 0.0)
+        mask = _pad_spatial(mask, [0] * nd, extra, 0.0)
+        count = _CONV_FN[nd](mask, ones_k[:1], None, strides, 0, dilations)
+        y = total / count
+    for axis, out in enumerate(outs):
+        if y.shape[2 + axis] != out:
+            y = y.narrow(2 + axis, 0, out)
+    return y
+
+
+def _global_pool(x, kind):
+    dims = tuple(range(2, x.dim()))
+    if kind == "max":
+        return torch.amax(x, dim=dims, keepdim=True)
+    return torch.mean(x, dim=dims, keepdim=True)
+
+
+def _gemm(a, b, c, alpha, beta, trans_a, trans_b):
+    y = torch.matmul(a.t() if trans_a else a, b.t() if trans_b else b)
+    if alpha != 1.0:
+        y = y * alpha
+    if c is not None:
+        y = y + (c * beta if beta != 1.0 else c)
+    return y
+
+
+def _div(a, b):
+    if a.is_floating_point() or b.is_floating_point():
+        return a / b
+    return torch.div(a, b, rounding_mode="trunc")
+
+
+def _flatten(x, axis):
+    rank = x.dim()
+    axis = axis + rank if axis < 0 else axis
+    outer = math.prod(int(n) for n in x.shape[:axis])
+    inner = math.prod(int(n) for n in x.shape[axis:])
+    return x.reshape(outer, inner)
+
+
+def _reshape(x, shape, allowzero=0):
+    dims = _ints(shape)
+    if not allowzero:
+        dims = [int(x.shape[i]) if d == 0 else d for i, d in enumerate(dims)]
+    return x.reshape(dims)
+
+
+def _softmax_2d(x, axis, log):
+    """Softmax/LogSoftmax before opset 13: over all axes from `axis` on, as a 2-D matrix."""
+    shape = x.shape
+    axis = axis + x.dim() if axis < 0 else axis
+    flat = x.reshape(math.prod(int(n) for n in shape[:axis]), -1)
+    y = F.log_softmax(flat, dim=1) if log else F.softmax(flat, dim=1)
+    return y.reshape(shape)
+
+
+def _unsqueeze(x, axes):
+    axes = _ints(axes)
+    rank = x.dim() + len(axes)
+    for a in sorted(a + rank if a < 0 else a for a in axes):
+        x = x.unsqueeze(a)
+    return x
+
+
+def _squeeze(x, axes=None):
+    if axes is None:
+        return torch.squeeze(x)
+    axes = _ints(axes)
+    if not axes:
+        return torch.squeeze(x)
+    return torch.squeeze(x, tuple(a + x.dim() if a < 0 else a for a in axes))
+
+
+def _transpose(x, perm=None):
+    return x.permute(list(range(x.dim() - 1, -1, -1)) if perm is None else perm)
+
+
+def _pad_indices(n: int, before: int, after: int, mode: str, device) -> torch.Tensor:
+    idx = torch.arange(-before, n + after, device=device)
+    if mode == "edge":
+        return idx.clamp(0, n - 1)
+    if mode == "wrap":
+        return torch.remainder(idx, n)
+    if n == 1:
+        return torch.zeros_like(idx)
+    period = 2 * (n - 1)
+    idx = torch.remainder(idx.abs(), period)
+    return torch.where(idx >= n, period - idx, idx)
+
+
+def _pad(x, pads, mode="constant", value=None, axes=None):
+    """ONNX Pad: pads = [begins..., ends...] over `axes` (default all); negative pads crop."""
+    pads = _ints(pads)
+    rank = x.dim()
+    axes = list(range(rank)) if axes is None else [a + rank if a < 0 else a for a in _ints(axes)]
+    k = len(axes)
+    begins = dict(zip(axes, pads[:k]))
+    ends = dict(zip(axes, pads[k:]))
+    if mode == "constant":
+        flat: list[int] = []
+        for d in range(rank - 1, -1, -1):
+            flat += [begins.get(d, 0), ends.get(d, 0)]
+        if isinstance(value, torch.Tensor):
+            value = value.item() if value.numel() else 0
+        return F.pad(x, flat, value=0 if value is None else value)
+    for d in axes:
+        b, e = begins[d], ends[d]
+        if b < 0:
+            x, b = x.narrow(d, -b, x.shape[d] + b), 0
+        if e < 0:
+            x, e = x.narrow(d, 0, x.shape[d] + e), 0
+        if b or e:
+            x = torch.index_select(x, d, _pad_indices(int(x.shape[d]), b, e, mode, x.device))
+    return x
+
+
+def _lrn(x, size, alpha, beta, bias):
+    """ONNX LRN: x / (bias + alpha/size * sum of squares over [c - (size-1)//2, c + ceil((size-1)/2)])^beta."""
+    n, c = x.shape[0], x.shape[1]
+    sq = (x * x).reshape(n, 1, c, -1)
+    sq = F.pad(sq, (0, 0, (size - 1) // 2, size - 1 - (size - 1) // 2))
+    total = F.avg_pool2d(sq, (size, 1), stride=1) * size
+    return x / (bias + alpha / size * total.reshape(x.shape)) ** beta
+
+
+def _constant_of_shape(shape, value):
+    dims = _ints(shape)
+    device = shape.device if isinstance(shape, torch.Tensor) else None
+    return torch.full(dims, value.reshape(-1)[0].item(), dtype=value.dtype, device=device)
+
+
+def _clip(x, lo=None, hi=None):
+    if lo is None and hi is None:
+        return x
+    return torch.clamp(x, lo, hi)
+
+
+def _to_tensor(proto: onnx.TensorProto) -> torch.Tensor:
+    if proto.data_type == onnx.TensorProto.STRING:
+        raise TypeError("string tensor")
+    arr = numpy_helper.to_array(proto)
+    if proto.data_type == onnx.TensorProto.BFLOAT16:
+        return torch.from_numpy(arr.astype(np.float32)).to(torch.bfloat16)
+    return torch.from_numpy(np.array(arr, copy=True))
