@@ -33,6 +33,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -279,15 +280,66 @@ def augment_for_stats(model: onnx.ModelProto, points: list[Point]) -> onnx.Model
 
 # ----------------------------------------------------------------------------- runner
 
-def _checkpoint_state(path: Path | None, identity: dict) -> tuple[dict[str, ChannelMoments], int, int, list]:
-    """(moments, items consumed, samples, skipped files) from a checkpoint of this exact run, else empty."""
-    if path is None or not path.is_file():
-        return {}, 0, 0, []
-    saved = load_stats(path)
-    if saved.meta.get("checkpoint") != identity:
-        raise UserError(f"{path}: this checkpoint is from a run with other settings (model, data, selector, "
-                        "batch size, limit or shard); delete it or drop --resume")
-    return saved.moments, int(saved.meta["consumed"]), int(saved.meta["samples"]), list(saved.meta["skipped_all"])
+@dataclass
+class Checkpoint:
+    """A run's saved state at `path`, written every `every` seconds, resumable only by a run whose
+    `provenance()` (model hash, selector, tensors, data fingerprint, batch size, limit, seed, shard)
+    is the same. `provenance` is a callable: the hash is computed in a thread while batches run."""
+
+    path: Path | None
+    provenance: Callable[[], dict]
+    every: float = 60.0
+    last_saved: float = field(default_factory=time.perf_counter)
+
+    def resume(self) -> tuple[dict[str, ChannelMoments], int, int, list]:
+        """(moments, items consumed, samples, skipped files) saved by this exact run."""
+        if self.path is None or not self.path.is_file():
+            return {}, 0, 0, []
+        saved = load_stats(self.path)
+        if saved.meta.get("checkpoint") != self.provenance():
+            raise UserError(f"{self.path}: this checkpoint is from a run with other settings (model, data, selector, "
+                            "batch size, limit or shard); delete it or drop --resume")
+        return saved.moments, int(saved.meta["consumed"]), int(saved.meta["samples"]), list(saved.meta["skipped_all"])
+
+    def save_if_due(self, moments: dict[str, ChannelMoments], consumed: int, samples: int, skipped: list) -> None:
+        if self.path is None or time.perf_counter() - self.last_saved < self.every:
+            return
+        Stats(moments, {"format": FORMAT, "checkpoint": self.provenance(), "consumed": consumed, "samples": samples,
+                        "skipped_all": skipped}).save(self.path)
+        self.last_saved = time.perf_counter()
+
+
+def accumulate(session, fetch: list[str], points: list[Point], dataset, model: onnx.ModelProto, batch_size: int,
+               moments: dict[str, ChannelMoments], *, workers: int, strict: bool = False, start: int = 0,
+               seen: int = 0, checkpoint: Checkpoint | None = None) -> int:
+    """Run the stats graph over `dataset` and merge each batch's moments into `moments`; return the
+    number of samples seen. `fetch` lists, per point, the mean, m2 and count outputs."""
+    for x, _, values in run_batches(session, dataset, fetch, model, batch_size, workers=workers, strict=strict,
+                                    start=start, desc="stats"):
+        for i, p in enumerate(points):
+            mean, m2, n = values[3 * i: 3 * i + 3]
+            if not (np.isfinite(mean).all() and np.isfinite(m2).all()):
+                raise UserError(f"tensor {p.tensor!r} has NaN or Inf values in the batch of samples "
+                                f"{seen}..{seen + len(x) - 1}; check the inputs; no stats written")
+            moments[p.tensor].merge(int(n) // mean.size, mean.reshape(-1), m2.reshape(-1))
+        seen += len(x)
+        if checkpoint is not None:
+            checkpoint.save_if_due(moments, dataset.consumed, seen, dataset.skipped)
+    return seen
+
+
+def merge_ranks(moments: dict[str, ChannelMoments], seen: int, skipped: list) -> tuple[dict, int, list]:
+    """Under torchrun, every rank's (moments, samples, skipped files) merged; alone, the same values."""
+    from onnxbn import distributed
+
+    parts = distributed.gather((moments, seen, skipped))
+    if len(parts) == 1:
+        return moments, seen, skipped
+    merged = {name: ChannelMoments() for name in moments}
+    for part, _, _ in parts:
+        for name, m in part.items():
+            merged[name].merge(m.count, m.mean, m.m2)
+    return merged, sum(p[1] for p in parts), [f for p in parts for f in p[2]]
 
 
 def collect_stats(model, data, after="dense", batch_size: int = 32, limit: int | None = None, device: str = "auto",
@@ -314,61 +366,36 @@ def collect_stats(model, data, after="dense", batch_size: int = 32, limit: int |
     proto = load_model(model)
     points: list[Point] = select_points(proto, after)
     dataset = open_model_data(proto, data, preset=preset, limit=limit, seed=seed, shard=shard)
-    input_shape = model_input(proto)[2]
     light, weights = detach_weights(proto)  # the weights reach onnxruntime as arrays, uncopied
     augmented = augment_for_stats(light, points)
     session = make_session(augmented, device, weights=weights)
     fetch = [o.name for o in augmented.graph.output]  # per point: mean, m2, count
-    batch_size = fit_batch_size(input_shape, batch_size, len(dataset))
+    batch_size = fit_batch_size(model_input(proto)[2], batch_size, len(dataset))
     index, count = parse_shard(shard)
     selector = after if isinstance(after, str) else ",".join(after)
-    checkpoint = Path(checkpoint) if checkpoint is not None else None
     # The provenance hash (and the data fingerprint a checkpoint carries) are computed in a
     # thread while the batches run (hashlib releases the GIL): they are needed only at the end,
     # or when a checkpoint is written or resumed.
     hashing = concurrent.futures.ThreadPoolExecutor(1)
-    pending = hashing.submit(lambda: {
+    provenance = hashing.submit(lambda: {
         "model_sha256": model_sha256(proto, weights), "selector": selector, "tensors": [p.tensor for p in points],
         "data": dataset.fingerprint() if checkpoint else None, "batch_size": batch_size, "limit": limit,
         "seed": seed, "shard": f"{index}/{count}"})
     hashing.shutdown(wait=False)
-    identity = pending.result
-    moments, start, seen, skipped = _checkpoint_state(checkpoint if resume else None, identity() if resume else {})
+    saving = Checkpoint(Path(checkpoint) if checkpoint is not None else None, provenance.result, checkpoint_every)
+    moments, start, seen, skipped = saving.resume() if resume else ({}, 0, 0, [])
     moments = moments or {p.tensor: ChannelMoments() for p in points}
     dataset.skipped.extend(skipped)
-    started = last_saved = time.perf_counter()
-
-    def save_checkpoint() -> None:
-        Stats(moments, {"format": FORMAT, "checkpoint": identity(), "consumed": dataset.consumed, "samples": seen,
-                        "skipped_all": dataset.skipped}).save(checkpoint)
-
-    workers = default_workers() if workers is None else workers
-    for x, _, values in run_batches(session, dataset, fetch, proto, batch_size, workers=workers, strict=strict,
-                                    start=start, desc="stats"):
-        for i, p in enumerate(points):
-            mean, m2, n = values[3 * i: 3 * i + 3]
-            if not (np.isfinite(mean).all() and np.isfinite(m2).all()):
-                raise UserError(f"tensor {p.tensor!r} has NaN or Inf values in the batch of samples "
-                                f"{seen}..{seen + len(x) - 1}; check the inputs; no stats written")
-            moments[p.tensor].merge(int(n) // mean.size, mean.reshape(-1), m2.reshape(-1))
-        seen += len(x)
-        if checkpoint is not None and time.perf_counter() - last_saved >= checkpoint_every:
-            save_checkpoint()
-            last_saved = time.perf_counter()
-    parts = distributed.gather((moments, seen, dataset.skipped))
-    if ranks > 1:
-        moments = {p.tensor: ChannelMoments() for p in points}
-        for part, _, _ in parts:
-            for name, m in part.items():
-                moments[name].merge(m.count, m.mean, m.m2)
-        seen, skipped_all = sum(p[1] for p in parts), [f for p in parts for f in p[2]]
-    else:
-        skipped_all = dataset.skipped
+    started = time.perf_counter()
+    seen = accumulate(session, fetch, points, dataset, proto, batch_size, moments,
+                      workers=default_workers() if workers is None else workers, strict=strict, start=start,
+                      seen=seen, checkpoint=saving)
+    moments, seen, skipped_all = merge_ranks(moments, seen, dataset.skipped)
     if seen == 0:
         raise UserError(f"{dataset.description}: no image could be read; nothing to gather statistics from")
     meta = {
         "format": FORMAT,
-        "model_sha256": identity()["model_sha256"],
+        "model_sha256": provenance.result()["model_sha256"],
         "selector": selector,
         "samples": seen,
         "skipped": len(skipped_all),
