@@ -30,7 +30,7 @@ import onnx
 from onnx import helper
 
 from onnxbn.errors import UserError
-from onnxbn.graph import FLOAT_TYPES, graph_inputs, value_types
+from onnxbn.graph import FLOAT_TYPES, GraphIndex, graph_inputs, value_types
 from onnxbn.modelio import load_model
 from onnxbn.runtime import fit_batch_size, make_session, model_input, open_model_data, run_batches, session_provider
 
@@ -193,8 +193,8 @@ def _expose(model: onnx.ModelProto, names: list[str], types: dict) -> onnx.Model
 
 def _layerwise(ref: onnx.ModelProto, cand: onnx.ModelProto, x: np.ndarray, feed_name: str, atol, rtol, device):
     ref_types, cand_types = value_types(ref), value_types(cand)
-    cand_outputs = {o for n in cand.graph.node for o in n.output}
-    names = [o for n in ref.graph.node for o in n.output
+    cand_outputs = GraphIndex(cand).producers
+    names = [o for o in GraphIndex(ref).producers  # in the reference's node order
              if o in cand_outputs and o in ref_types and o in cand_types
              and ref_types[o].tensor_type.elem_type in FLOAT_TYPES]
     if not names:

@@ -167,9 +167,10 @@ class Dataset:
     def is_images(self) -> bool:
         return self.files is not None
 
-    def batches(self, batch_size: int, workers: int = 0, strict: bool = False,
-                start: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
-        """(x float32, y or None) batches in order, from item `start` on; unreadable images
+    def batches(self, batch_size: int, workers: int = 0, strict: bool = False, start: int = 0,
+                dtype=np.float32) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+        """(x of `dtype`, y or None) batches in order, from item `start` on (arrays are converted
+        straight from their own type, so a float64 array fed as float64 loses nothing); unreadable images
         are skipped and recorded in `self.skipped` (or fail with `strict`). After each
         batch, `self.consumed` is the number of items read so far (skipped ones included),
         the offset to resume from."""
@@ -179,7 +180,7 @@ class Dataset:
         if not self.is_images:
             for begin in range(start, len(self.index), batch_size):
                 rows = self.index[begin:begin + batch_size]
-                x = np.asarray(self.array[rows], dtype=np.float32)  # reads only these rows of a memmap
+                x = np.asarray(self.array[rows], dtype=dtype)  # reads only these rows of a memmap
                 y = None if self.labels is None else self.labels[begin:begin + batch_size]
                 self.consumed = begin + len(rows)
                 yield x, y
@@ -195,7 +196,7 @@ class Dataset:
                 y = self.labels[begin:begin + len(ok)][np.array(ok, dtype=bool)]
             self.consumed = begin + len(ok)
             if len(x):
-                yield x, y
+                yield x.astype(dtype, copy=False), y
 
     def fingerprint(self) -> str:
         """Hash of the inputs (file names, sizes and times, or array bytes), labels and preprocessing."""

@@ -53,7 +53,8 @@ def _identity_bn_nodes(index: GraphIndex, x: str, y: str, name: str, mean: np.nd
     the BN runs in float32 between two Casts, so its parameters stay finite and exact:
     x -> Cast(float) -> BN -> Cast(type of x) -> y.
     """
-    params = identity_bn_params(mean, var, eps, helper.tensor_dtype_to_np_dtype(elem))
+    with np.errstate(over="ignore"):  # an overflow is detected below
+        params = identity_bn_params(mean, var, eps, helper.tensor_dtype_to_np_dtype(elem))
     if all(np.isfinite(p.astype(np.float64)).all() for p in params.values()):
         names = [index.add_initializer(params[k], f"{name}.{k}") for k in ("scale", "B", "mean", "var")]
         return [helper.make_node("BatchNormalization", [x, *names], [y], name=name, epsilon=eps)]

@@ -182,8 +182,7 @@ def run_batches(session, dataset, fetch: list[str], model: onnx.ModelProto, batc
     name, dtype, shape = model_input(model)
     with progress(len(dataset), desc) as bar:
         bar.update(start)
-        for x, y in dataset.batches(batch_size, workers, strict=strict, start=start):
+        for x, y in dataset.batches(batch_size, workers, strict=strict, start=start, dtype=dtype):
             check_batch_shape(x, shape, dataset.description)
-            x = x.astype(dtype, copy=False)
             yield x, y, session.run(fetch, {name: x})
             bar.update(dataset.consumed - bar.n)

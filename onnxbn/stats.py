@@ -240,8 +240,14 @@ def augment_for_stats(model: onnx.ModelProto, points: list[Point]) -> onnx.Model
         nodes.append(_reduce(index, op, x, axes, keepdims, output, opset))
         return output
 
-    rows_shape = index.add_initializer(np.array([0, 0, -1, 1], dtype=np.int64), f"{STATS_PREFIX}/shape_rows")
-    nc_rows = index.add_initializer(np.array([0, 0, -1], dtype=np.int64), f"{STATS_PREFIX}/shape_nc")
+    shapes: dict[str, str] = {}
+
+    def shape(base: str, values: list[int]) -> str:
+        """A shared int64 shape initializer, added on first use."""
+        if base not in shapes:
+            shapes[base] = index.add_initializer(np.array(values, dtype=np.int64), f"{STATS_PREFIX}/{base}")
+        return shapes[base]
+
     del graph.output[:]
     for i, point in enumerate(points):
         p = f"{i}"
@@ -253,14 +259,16 @@ def augment_for_stats(model: onnx.ModelProto, points: list[Point]) -> onnx.Model
                 x = node("Cast", [x], f"{p}/float", to=TensorProto.FLOAT)
         else:
             # (N, C) or unknown rank: every value is its own row, all in float64
-            x = node("Reshape", [node("Cast", [x], f"{p}/double", to=TensorProto.DOUBLE), rows_shape], f"{p}/rows")
+            x = node("Reshape", [node("Cast", [x], f"{p}/double", to=TensorProto.DOUBLE), shape("shape_rows", [0, 0, -1, 1])],
+                     f"{p}/rows")
             rank = 4
         last = rank - 1  # a positive axis: opsets before 11 take no negative axes
         row_mean = reduce("ReduceMean", x, [last], 1, f"{p}/row_mean")
         centred = node("Sub", [x, row_mean], f"{p}/centred")
         row_m2 = reduce("ReduceSumSquare", centred, [last], 1, f"{p}/row_m2")
         row_mean_nc, row_m2_nc = (
-            node("Reshape", [node("Cast", [part], f"{p}/{label}64", to=TensorProto.DOUBLE), nc_rows], f"{p}/{label}_nc")
+            node("Reshape", [node("Cast", [part], f"{p}/{label}64", to=TensorProto.DOUBLE), shape("shape_nc", [0, 0, -1])],
+                 f"{p}/{label}_nc")
             for part, label in ((row_mean, "row_mean"), (row_m2, "row_m2")))
         mean = reduce("ReduceMean", row_mean_nc, [0, 2], 1, f"{p}/mean")
         spread = node("Sub", [row_mean_nc, mean], f"{p}/spread")
