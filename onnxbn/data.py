@@ -1,4 +1,4 @@
-"""Calibration and training data: image folders, .npz arrays, numpy arrays.
+"""Calibration and training data: image folders, .npz arrays, numpy arrays, torch datasets, streams.
 
 An image folder with class sub-folders (ImageNet layout) gives labels from the
 folder names, sorted; a folder of loose images gives none. A `.npz` holds `x`
@@ -164,8 +164,16 @@ class Dataset:
         return len(self.files) if self.files is not None else len(self.index)
 
     @property
+    def total(self) -> int:
+        """The number of items (a Stream's may be None: unknown)."""
+        return len(self)
+
+    @property
     def is_images(self) -> bool:
         return self.files is not None
+
+    def has_labels(self) -> bool:
+        return self.labels is not None
 
     def batches(self, batch_size: int, workers: int = 0, strict: bool = False, start: int = 0,
                 dtype=np.float32) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
@@ -213,6 +221,178 @@ class Dataset:
         if self.labels is not None:
             h.update(np.ascontiguousarray(self.labels).tobytes())
         return h.hexdigest()
+
+
+def _numpy(value) -> np.ndarray:
+    """A numpy view of an array or a torch tensor (moved to the CPU, detached)."""
+    if hasattr(value, "detach") and hasattr(value, "cpu"):
+        value = value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def _split(item) -> tuple[np.ndarray, np.ndarray | None]:
+    """x, or (x, y), or (x, y, ...) -> (x, y or None)."""
+    if isinstance(item, (tuple, list)):
+        if not item:
+            raise UserError("the data source gave an empty item; give x or (x, y)")
+        return _numpy(item[0]), (_numpy(item[1]) if len(item) > 1 else None)
+    if isinstance(item, dict):
+        raise UserError("the data source gives dicts; give x or (x, y) (wrap it: ((d['x'], d['y']) for d in source))")
+    return _numpy(item), None
+
+
+@dataclass
+class Stream:
+    """A torch `Dataset` (items x or (x, y)), a `DataLoader`, or any iterable of batches (x or (x, y),
+    numpy arrays or torch tensors), read as a stream: nothing is materialised beyond one batch.
+
+    An indexable source (a torch Dataset: `__len__` and `__getitem__`) is read in item order and
+    supports a seeded `limit`, `shard`, `start` (resume) and `workers` (through a torch DataLoader
+    with prefetch). Any other iterable is read once, in its own order, and re-batched to the
+    requested batch size (so fixed-batch models get full batches); `limit`, `shard` and resuming
+    need an indexable source and are refused for it.
+    """
+
+    description: str
+    source_object: object
+    order: np.ndarray | None = None  # item indices of an indexable source
+    skipped: list[str] = field(default_factory=list)
+    consumed: int = 0
+    preset: str | None = None
+    source: str = ""
+    _pending: list = field(default_factory=list)  # a peeked batch of a one-shot iterable
+
+    is_images = False
+
+    @property
+    def total(self) -> int | None:
+        if self.order is not None:
+            return len(self.order)
+        return len(self.source_object) if hasattr(self.source_object, "__len__") and \
+            not hasattr(self.source_object, "batch_size") else None
+
+    def __len__(self) -> int:
+        if self.total is None:
+            raise UserError(f"{self.description}: the number of samples is unknown (a generator or iterable); "
+                            "this step needs a source with a length: an array, a .npz, a folder or a torch Dataset")
+        return self.total
+
+    def has_labels(self) -> bool:
+        if self.order is not None:
+            return _split(self.source_object[int(self.order[0])])[1] is not None
+        if not self._pending:
+            iterator = iter(self.source_object)
+            first = next(iterator, None)
+            if first is None:
+                return False
+            self._pending = [first, iterator]
+        return _split(self._pending[0])[1] is not None
+
+    def fingerprint(self) -> str:
+        """A stream cannot be hashed without reading it: a fresh token, so no cache ever trusts it."""
+        import uuid
+
+        return uuid.uuid4().hex
+
+    def batches(self, batch_size: int, workers: int = 0, strict: bool = False, start: int = 0,
+                dtype=np.float32) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+        if batch_size < 1:
+            raise UserError(f"--batch-size must be at least 1 (got {batch_size})")
+        self.consumed = start
+        if self.order is not None:
+            for x, y in self._dataset_batches(batch_size, workers, start):
+                self.consumed += len(x)
+                yield x.astype(dtype, copy=False), y
+            return
+        if start:
+            raise UserError(f"{self.description}: resuming needs an indexable source (an array or a torch Dataset)")
+        for x, y in _rebatch(self._iterate(), batch_size):
+            self.consumed += len(x)
+            yield x.astype(dtype, copy=False), y
+
+    def _iterate(self):
+        if self._pending:
+            first, iterator = self._pending
+            self._pending = []
+            yield first
+            yield from iterator
+        else:
+            yield from self.source_object
+
+    def _dataset_batches(self, batch_size: int, workers: int, start: int):
+        import torch.utils.data as tud
+
+        rows = self.order[start:]
+        loader = tud.DataLoader(tud.Subset(self.source_object, rows.tolist()), batch_size=batch_size,
+                                num_workers=max(workers, 0), collate_fn=_collate,
+                                prefetch_factor=2 if workers > 0 else None)
+        yield from loader
+
+
+def _collate(items: list) -> tuple[np.ndarray, np.ndarray | None]:
+    pairs = [_split(item) for item in items]
+    x = np.stack([p[0] for p in pairs])
+    labels = [p[1] for p in pairs]
+    if any(y is None for y in labels):
+        return x, None
+    return x, np.asarray(labels).astype(np.int64).reshape(len(items))
+
+
+def _rebatch(items, batch_size: int):
+    """Batches of exactly `batch_size` rows (the last one shorter) from batches of any size."""
+    xs, ys, held = [], [], 0
+    for item in items:
+        x, y = _split(item)
+        if x.ndim == 0:
+            raise UserError("the data source gave a scalar; give batches x of shape (N, C, ...) or (x, y)")
+        xs.append(x)
+        ys.append(None if y is None else np.asarray(y).astype(np.int64).reshape(len(x)))
+        held += len(x)
+        while held >= batch_size:
+            x_all, y_all = np.concatenate(xs), (None if any(v is None for v in ys) else np.concatenate(ys))
+            yield x_all[:batch_size], (None if y_all is None else y_all[:batch_size])
+            xs, ys = [x_all[batch_size:]], [None if y_all is None else y_all[batch_size:]]
+            held -= batch_size
+    if held:
+        yield np.concatenate(xs), (None if any(v is None for v in ys) else np.concatenate(ys))
+
+
+def _is_stream(data) -> bool:
+    """A torch Dataset/DataLoader or any iterable that is not a path, an array or an (x, y) pair."""
+    if isinstance(data, (str, os.PathLike, np.ndarray, Dataset, Stream)):
+        return False
+    if isinstance(data, tuple) and len(data) == 2 and all(isinstance(v, np.ndarray) or hasattr(v, "__array__")
+                                                         for v in data):
+        return False
+    return hasattr(data, "__iter__") or (hasattr(data, "__getitem__") and hasattr(data, "__len__"))
+
+
+def open_stream(data, *, limit: int | None, seed: int, shard) -> Stream:
+    """A Stream over a torch Dataset, DataLoader or iterable (see Stream)."""
+    import hashlib as _hashlib
+
+    index, count = parse_shard(shard)
+    indexable = hasattr(data, "__getitem__") and hasattr(data, "__len__") and not hasattr(data, "batch_size")
+    name = type(data).__name__
+    if not indexable:
+        if limit is not None or count > 1:
+            raise UserError(f"--limit and --shard need an indexable source (an array or a torch Dataset); "
+                            f"this {name} can only be read in its own order (for a DataLoader, pass its .dataset)")
+        return Stream(f"{name} stream", data, source=f"stream:{name}")
+    n = len(data)
+    if n == 0:
+        raise UserError(f"{name}: the dataset holds no samples")
+    order = np.arange(n)
+    if limit is not None:
+        if limit < 1:
+            raise UserError(f"--limit must be at least 1 (got {limit})")
+        order = np.sort(np.random.default_rng(seed).permutation(n)[:min(limit, n)])
+    order = order[index::count]
+    if len(order) == 0:
+        raise UserError(f"{name}: shard {index}/{count} is empty ({n} items); use fewer shards")
+    first = _split(data[0])[0]
+    source = _hashlib.sha256(f"{name}:{n}:{first.shape}:{first.dtype}".encode() + first.tobytes()).hexdigest()[:16]
+    return Stream(f"{name} ({n} items)", data, order=order, source=source)
 
 
 def _decode_in_order(chunks, preset, size, workers):
@@ -315,14 +495,17 @@ def source_id(files: list[str] | None, root: Path | None, array: np.ndarray | No
 
 
 def open_data(data, *, preset: str | None = None, size: int = 224, limit: int | None = None,
-              seed: int = 0, shard: str | tuple[int, int] | None = None) -> Dataset:
-    """A Dataset from a folder, a .npz path or a numpy array (x) / (x, y) tuple.
+              seed: int = 0, shard: str | tuple[int, int] | None = None) -> Dataset | Stream:
+    """A Dataset from a folder, a .npz path or a numpy array (x) / (x, y) tuple; a Stream from a
+    torch Dataset, a DataLoader or any iterable of batches (see Stream).
 
     `limit` takes a seeded, class-balanced random sample; `shard` "I/N" then keeps
     every N-th item starting at I, so N shards partition the (limited) data.
     """
-    if isinstance(data, Dataset):
+    if isinstance(data, (Dataset, Stream)):
         return data
+    if _is_stream(data):
+        return open_stream(data, limit=limit, seed=seed, shard=shard)
     labels = classes = files = array = None
     if isinstance(data, tuple):
         array, labels = data

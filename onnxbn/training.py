@@ -288,8 +288,9 @@ def finetune(model, train, val=None, *, epochs: int = 1, lr: float = 1e-5, batch
                 continue
             dataset = open_model_data(proto, data, limit=limit if split == "train" else None, seed=seed,
                                       shard=(rank, ranks) if ranks > 1 else None)
-            if dataset.labels is None:
-                raise UserError(f"{dataset.description}: {split} data needs labels (class folders, or y in the .npz)")
+            if not dataset.has_labels():
+                raise UserError(f"{dataset.description}: {split} data needs labels (class folders, y in the .npz, "
+                                "or (x, y) items)")
             key = hashlib.sha256(f"{digest}\0{node}\0{dataset.fingerprint()}".encode()).hexdigest()[:32]
             sets[split] = cached_features(prefix, dataset, key, cache_dir, batch_size, dev, workers,
                                           f"features ({split})", input_shape)
@@ -421,8 +422,8 @@ def evaluate(model, data, batch_size: int = 32, device: str = "auto", limit: int
 
     proto = load_model(model)
     dataset = open_model_data(proto, data, preset=preset, limit=limit, seed=seed)
-    if dataset.labels is None:
-        raise UserError(f"{dataset.description}: evaluation needs labels (class folders, or y in the .npz)")
+    if not dataset.has_labels():
+        raise UserError(f"{dataset.description}: evaluation needs labels (class folders, y in the .npz, or (x, y) items)")
     session = make_session(proto, device)
     out_name = proto.graph.output[0].name
     kind = _ends_in(proto)
