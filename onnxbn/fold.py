@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxbn.graph import FLOAT_TYPES, GraphIndex, tensor_shape, value_types
+from onnxbn.graph import FLOAT_TYPES, GraphIndex, require_opset, tensor_shape, value_types
 
 from onnxbn.modelio import load_model, with_metadata
 
@@ -373,6 +373,7 @@ def _remove_bn(g: _Graph, bn: onnx.NodeProto) -> None:
 def fold_with_decisions(model) -> tuple[onnx.ModelProto, list[dict]]:
     """The folded copy of `model` (path or ModelProto) and one decision per BN node, in graph order."""
     model = load_model(model)
+    require_opset(model)
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = _Graph(out, value_types(model))

@@ -24,6 +24,7 @@ from onnx import numpy_helper
 from onnxbn.errors import UserError
 
 PROTOBUF_LIMIT = 2**31 - 1
+EXTERNAL_THRESHOLD = 1024  # bytes: smaller tensors stay inside the .onnx file when weights go external
 
 
 def _check_external_locations(model: onnx.ModelProto, folder: Path) -> None:
@@ -142,8 +143,9 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, inputs: Iterable
     with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as tmpdir:
         staged = Path(tmpdir) / path.name
         onnx.save_model(staged_model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_name, size_threshold=1024)
-        os.replace(Path(tmpdir) / data_name, path.parent / data_name)
+                        location=data_name, size_threshold=EXTERNAL_THRESHOLD)
+        if (Path(tmpdir) / data_name).exists():  # no data file when no tensor reaches the threshold
+            os.replace(Path(tmpdir) / data_name, path.parent / data_name)
         os.replace(staged, path)
     return path
 

@@ -33,13 +33,16 @@ import onnx
 
 from onnxbn import distributed
 from onnxbn.errors import UserError
-from onnxbn.graph import GraphIndex, tensor_shape, value_types
+from onnxbn.graph import GraphIndex, require_opset, tensor_shape, value_types
 from onnxbn.modelio import load_model
 from onnxbn.points import ACTIVATIONS
 from onnxbn.runtime import check_batch_shape, model_input, open_model_data, progress, rel_error, run_batches
 
 log = logging.getLogger("onnxbn")
 DENSE_OPS = {"Gemm", "MatMul"}
+# Ops whose output has the rank of their first input (for models whose shapes onnx cannot infer).
+_RANK_KEEPING = {"Conv", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "BatchNormalization",
+                 "Dropout", "Identity", "LRN"} | ACTIVATIONS
 # Ops between the last convolution block and the first dense layer (VGG: avgpool, Flatten).
 _HEAD_PASSTHROUGH = {"Flatten", "Reshape", "Dropout", "Identity", "AveragePool", "GlobalAveragePool",
                      "MaxPool", "GlobalMaxPool", "BatchNormalization"} | ACTIVATIONS
@@ -53,15 +56,23 @@ def default_freeze_node(model: onnx.ModelProto) -> str:
     index = GraphIndex(model)
     producers = index.producers
     first_dense = next((n for n in model.graph.node if n.op_type in DENSE_OPS
-                        and any(i in index.initializers for i in n.input[:2])), None)
+                        and any(index.constant(i) is not None for i in n.input[:2])), None)
     if first_dense is None:
         raise UserError("the model has no dense (Gemm/MatMul) layer to fine-tune; give --freeze-through NODE")
     types = value_types(model)
+
+    def rank(tensor: str) -> int | None:
+        """The tensor's rank from shape inference, else through ops that keep their input's rank."""
+        shape = tensor_shape(types.get(tensor))
+        if shape is not None:
+            return len(shape)
+        node = producers.get(tensor)
+        return rank(node.input[0]) if node is not None and node.op_type in _RANK_KEEPING else None
+
     tensor = first_dense.input[0]
     while tensor in producers:
         node = producers[tensor]
-        shape = tensor_shape(types.get(tensor))
-        if shape is not None and len(shape) >= 3:
+        if (rank(tensor) or 0) >= 3:
             return node.name
         if node.op_type not in _HEAD_PASSTHROUGH:
             break
@@ -246,6 +257,11 @@ def finetune(model, train, val=None, *, epochs: int = 1, lr: float = 1e-5, batch
         raise UserError(f"unknown optimizer {optimizer!r}: use adam or sgd")
     started = time.perf_counter()
     proto = load_model(model)
+    require_opset(proto)
+    input_type = model_input(proto)[1]
+    if input_type != np.float32:
+        raise UserError(f"the model computes in {input_type}; fine-tuning needs a float32 model (train in float32, "
+                        "then convert, e.g. with onnxconverter-common's float16 converter)")
     rank, ranks = distributed.world()
     if batch_size % ranks:
         raise UserError(f"--batch-size {batch_size} (the global batch) must be a multiple of the {ranks} ranks")
@@ -253,10 +269,10 @@ def finetune(model, train, val=None, *, epochs: int = 1, lr: float = 1e-5, batch
         raise UserError(f"--dropout must be in [0, 1) (got {dropout})")
     dev = _torch_device(device)
     torch.manual_seed(seed + rank)
+    module = to_torch(proto).to(dev)  # first: an op the importer lacks is the reason to give
     node = default_freeze_node(proto) if freeze_through == "auto" else freeze_through
     if node not in {n.name for n in proto.graph.node}:
         raise UserError(f"--freeze-through {node!r}: no ONNX node has that name")
-    module = to_torch(proto).to(dev)
     if dropout is not None:
         for m in module.modules():
             if isinstance(m, torch.nn.Dropout):
@@ -266,6 +282,9 @@ def finetune(model, train, val=None, *, epochs: int = 1, lr: float = 1e-5, batch
     prefix, suffix = split_at(module, node)
     module.requires_grad_(False)
     trainable = list(suffix.parameters())
+    if not trainable:
+        raise UserError(f"no trainable weights after {node!r}: the layers there hold no initializer weights "
+                        "(weights given as Constant nodes import as constants); choose an earlier --freeze-through")
     for p in trainable:
         p.requires_grad_(True)
     prefix.eval()
@@ -364,6 +383,9 @@ def _train(suffix, trainable, sets, *, epochs, lr, batch_size, seed, device, kin
                 with autocast:
                     lp = _log_probs(model(x), kind).float()
                     loss = torch.nn.functional.nll_loss(lp, y)
+                if not torch.isfinite(loss):
+                    raise UserError(f"the training loss is not finite ({float(loss)}) at epoch {epoch}, step {step + 1}: "
+                                    "the model's outputs overflow (inf logits) or --lr is too high; nothing written")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -397,6 +419,8 @@ def _gate(module, written: onnx.ModelProto, device, input_shape, proto, samples:
     if any(d is None for d in dims):
         return {"checked": False, "reason": "input shape is not fixed"}
     name, dtype, _ = model_input(proto)
+    if isinstance(input_shape[0], int) and input_shape[0] > 0:
+        samples = input_shape[0]  # a fixed batch axis
     x = np.random.default_rng(0).standard_normal((samples, *dims)).astype(dtype)
     with torch.no_grad():
         expected = module(torch.from_numpy(x).to(device))

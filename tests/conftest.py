@@ -1,47 +1,12 @@
-"""Shared fixtures: small seeded models and images built here, nothing downloaded."""
+"""Shared fixtures: small seeded models (built by tests/models.py) and images built here, nothing downloaded."""
 
 from __future__ import annotations
 
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
-
-def small_cnn(opset: int = 17, seed: int = 0, size: int = 8, batch="N") -> onnx.ModelProto:
-    """Conv-Relu-MaxPool-Conv-Relu-Flatten-Gemm-Relu-Gemm-Relu-Gemm, VGG in miniature."""
-    rng = np.random.default_rng(seed)
-
-    def w(*shape, scale=None):
-        fan_in = int(np.prod(shape[1:]))
-        return (rng.standard_normal(shape) * (scale or np.sqrt(2.0 / fan_in))).astype(np.float32)
-
-    flat = 8 * (size // 2) * (size // 2)
-    inits = {"c1.w": w(4, 3, 3, 3), "c1.b": w(4, scale=0.1), "c2.w": w(8, 4, 3, 3), "c2.b": w(8, scale=0.1),
-             "f1.w": w(16, flat), "f1.b": w(16, scale=0.1), "f2.w": w(16, 16), "f2.b": w(16, scale=0.1),
-             "f3.w": w(10, 16), "f3.b": w(10, scale=0.1)}
-    nodes = [
-        helper.make_node("Conv", ["input", "c1.w", "c1.b"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
-        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
-        helper.make_node("MaxPool", ["r1"], ["p1"], name="pool1", kernel_shape=[2, 2], strides=[2, 2]),
-        helper.make_node("Conv", ["p1", "c2.w", "c2.b"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
-        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
-        helper.make_node("Flatten", ["r2"], ["flat"], name="flatten"),
-        helper.make_node("Gemm", ["flat", "f1.w", "f1.b"], ["g1"], name="fc1", transB=1),
-        helper.make_node("Relu", ["g1"], ["h1"], name="relu3"),
-        helper.make_node("Gemm", ["h1", "f2.w", "f2.b"], ["g2"], name="fc2", transB=1),
-        helper.make_node("Relu", ["g2"], ["h2"], name="relu4"),
-        helper.make_node("Gemm", ["h2", "f3.w", "f3.b"], ["logits"], name="fc3", transB=1),
-    ]
-    graph = helper.make_graph(
-        nodes, "small_cnn",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, 3, size, size])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, 10])],
-        [numpy_helper.from_array(v, k) for k, v in inits.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = min(model.ir_version, 8)
-    onnx.checker.check_model(model)
-    return model
+from models import small_cnn  # test_training, test_distributed and tools/gpu_check import it from here
 
 
 def write_images(root, n_per_class=3, classes=("cat", "dog"), size=(40, 30), seed=0, fmt="JPEG"):

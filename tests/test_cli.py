@@ -13,7 +13,8 @@ import pytest
 
 from onnxbn.cli import main
 
-from conftest import small_cnn, write_images
+from conftest import write_images
+from models import small_cnn
 
 
 @pytest.fixture

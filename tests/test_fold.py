@@ -14,56 +14,25 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxbn.fold import explain_fold, fold_bn
 from onnxbn.runtime import make_session
 
+from models import BN_WIDE, Net, bn_count, rel_error
+
 FLOAT32_BOUND = 1e-5
 FLOAT16_BOUND = 4e-3  # four fp16 ulps (2**-10) of the largest output: weights, BN and the sums each round
 
 
-# ----------------------------------------------------------------------------- builders
+# ----------------------------------------------------------------------------- builder and checks
 
-class Builder:
-    """A tiny onnx.helper graph builder with seeded random weights."""
+class Builder(Net):
+    """models.Net as these tests use it: LeCun-normal weights (gain 1), N(0, 1) biases, widely
+    spread BN parameters; the model at IR 8 (unless told), with metadata source=test (check_fold
+    asserts it survives), the checker left to the test."""
 
     def __init__(self, seed: int = 0, dtype=np.float32):
-        self.rng = np.random.default_rng(seed)
-        self.dtype = dtype
-        self.nodes: list[onnx.NodeProto] = []
-        self.inits: list[onnx.TensorProto] = []
-
-    def init(self, name: str, array, dtype=None) -> str:
-        self.inits.append(numpy_helper.from_array(np.asarray(array, dtype=dtype or self.dtype), name))
-        return name
-
-    def weight(self, name: str, shape) -> str:
-        fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else 1
-        return self.init(name, self.rng.normal(0, 1 / np.sqrt(fan_in), shape))
-
-    def node(self, op: str, inputs, output: str, name: str | None = None, **attrs) -> str:
-        self.nodes.append(helper.make_node(op, list(inputs), [output], name=name or output, **attrs))
-        return output
-
-    def linear(self, op: str, x: str, w_shape, bias: int, name: str, out: str | None = None, **attrs) -> str:
-        """A Conv/Gemm named `name` with random weight `name.W` and a `bias`-long random bias `name.b`."""
-        inputs = [x, self.weight(f"{name}.W", w_shape), self.init(f"{name}.b", self.rng.normal(0, 1, bias))]
-        return self.node(op, inputs, out or f"{name}.out", name=name, **attrs)
-
-    def bn(self, x: str, channels: int, name: str, out: str | None = None) -> str:
-        r = self.rng
-        params = [self.init(f"{name}.scale", r.normal(1.0, 0.5, channels)),
-                  self.init(f"{name}.B", r.normal(0.0, 0.5, channels)),
-                  self.init(f"{name}.mean", r.normal(0.0, 1.0, channels)),
-                  self.init(f"{name}.var", r.uniform(0.2, 3.0, channels))]
-        return self.node("BatchNormalization", [x, *params], out or f"{name}.out", name=name, epsilon=1e-5)
+        super().__init__(seed, dtype, gain=1.0, bn=BN_WIDE)
 
     def model(self, inputs: dict, outputs: dict, opset: int = 13, ir_version: int | None = None) -> onnx.ModelProto:
-        elem = helper.np_dtype_to_tensor_dtype(np.dtype(self.dtype))
-        graph = helper.make_graph(self.nodes, "g",
-                                  [helper.make_tensor_value_info(k, elem, v) for k, v in inputs.items()],
-                                  [helper.make_tensor_value_info(k, elem, v) for k, v in outputs.items()],
-                                  initializer=self.inits)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-        model.ir_version = ir_version or min(8, model.ir_version)
-        model.metadata_props.add(key="source", value="test")
-        return model
+        return super().model(inputs, outputs, opset, ir_version=ir_version or 8, metadata={"source": "test"},
+                             check=False, producer=None, graph_name="g")
 
 
 def run(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
@@ -81,15 +50,6 @@ def feeds_for(model: onnx.ModelProto, seed: int = 1) -> dict:
         dtype = helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
         feeds[vi.name] = rng.normal(0, 1, shape).astype(dtype)
     return feeds
-
-
-def rel_error(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / np.max(np.abs(a)))
-
-
-def bn_count(model: onnx.ModelProto) -> int:
-    return sum(n.op_type == "BatchNormalization" for n in model.graph.node)
 
 
 def check_fold(model: onnx.ModelProto, bn_left: int, bound: float = FLOAT32_BOUND) -> tuple[onnx.ModelProto, float]:
@@ -211,7 +171,7 @@ def test_constant_node_weight_is_accepted():
 @pytest.mark.parametrize("path", [["Flatten"], ["Dropout", "Flatten"], ["Reshape"], ["Flatten", "Identity"]])
 def test_relu_bn_folds_forward_into_gemm(path):
     b = Builder(9)
-    y = b.linear("Conv", "x", (4, 3, 3, 3), 4, "conv")
+    y = b.linear("Conv", "x", (4, 3, 3, 3), "conv", bias=4)
     t = b.bn(b.node("Relu", [y], "relu.out"), 4, "bn")
     for op in path:
         extra = [b.init("flat.shape", [0, -1], np.int64)] if op == "Reshape" else []
@@ -248,7 +208,7 @@ def test_reshape_that_does_not_flatten_per_sample_is_kept():
     b = Builder(21)
     t = b.bn(b.node("Relu", ["x"], "relu.out"), 4, "bn")
     rows = b.node("Reshape", [t, b.init("shape", [-1, 9], np.int64)], "rows")
-    b.linear("Gemm", rows, (9, 5), 5, "fc", out="y")
+    b.linear("Gemm", rows, (9, 5), "fc", bias=5, out="y")
     model = b.model({"x": [2, 4, 3, 3]}, {"y": [8, 5]})
     check_fold(model, 1)
     assert explain_fold(model)[0]["reason"] == "Gemm has 9 input features, the BN provides 36"
@@ -367,7 +327,7 @@ def test_ir3_opset9_initializers_listed_as_inputs():
     b = Builder(18)
     y = b.node("Conv", ["x", b.weight("conv.W", (4, 3, 3, 3))], "conv.out", name="conv")
     t = b.bn(b.node("Relu", [b.bn(y, 4, "bn1")], "relu.out"), 4, "bn2")
-    b.linear("Gemm", b.node("Flatten", [t], "flat.out"), (64, 5), 5, "fc", out="y")
+    b.linear("Gemm", b.node("Flatten", [t], "flat.out"), (64, 5), "fc", bias=5, out="y")
     model = b.model({"x": [2, 3, 6, 6]}, {"y": [2, 5]}, opset=9, ir_version=3)
     model.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, t.dims) for t in model.graph.initializer)
     onnx.checker.check_model(model)
@@ -381,13 +341,13 @@ def test_ir3_opset9_initializers_listed_as_inputs():
 def test_folded_size_matches_the_model_without_bn():
     def vgg_like(with_bn: bool) -> onnx.ModelProto:
         b = Builder(19)
-        y = b.linear("Conv", "x", (32, 3, 3, 3), 32, "c1", pads=[1, 1, 1, 1])
+        y = b.linear("Conv", "x", (32, 3, 3, 3), "c1", bias=32, pads=[1, 1, 1, 1])
         y = b.node("Relu", [b.bn(y, 32, "bn1") if with_bn else y], "r1")
-        y = b.linear("Conv", y, (32, 32, 3, 3), 32, "c2", pads=[1, 1, 1, 1])
+        y = b.linear("Conv", y, (32, 32, 3, 3), "c2", bias=32, pads=[1, 1, 1, 1])
         y = b.node("Relu", [b.bn(y, 32, "bn2") if with_bn else y], "r2")
         y = b.node("Flatten", [b.node("MaxPool", [y], "p", kernel_shape=[2, 2], strides=[2, 2])], "f")
-        y = b.node("Relu", [b.linear("Gemm", y, (512, 64), 64, "fc1")], "r3")
-        b.linear("Gemm", b.bn(y, 64, "bn3") if with_bn else y, (64, 10), 10, "fc2", out="y")
+        y = b.node("Relu", [b.linear("Gemm", y, (512, 64), "fc1", bias=64)], "r3")
+        b.linear("Gemm", b.bn(y, 64, "bn3") if with_bn else y, (64, 10), "fc2", bias=10, out="y")
         return b.model({"x": [1, 3, 8, 8]}, {"y": [1, 10]})
 
     plain, folded = vgg_like(False), fold_bn(vgg_like(True))

@@ -22,6 +22,8 @@ from onnxbn import UserError, collect_stats, compare, explain_fold, fold_bn, ins
 from onnxbn.modelio import load_model, save_model
 from onnxbn.runtime import make_session
 
+from models import Net, bn_count, inputs_for, ort_outputs, rel_error, small_net
+
 IDENTITY_BOUND = 1e-6   # insert_bn is an identity up to float32 rounding
 FOLD_BOUND = 1e-5       # folding re-associates the float32 sums
 TORCH_BOUND = 1e-5      # torch and onnxruntime use different float32 kernels
@@ -32,92 +34,7 @@ TORCH_BOUND = 1e-5      # torch and onnxruntime use different float32 kernels
 FLOAT16_BOUND = 4e-3
 
 
-# ----------------------------------------------------------------------------- builder
-
-class Net:
-    """Seeded onnx.helper graph builder: weights as initializers unless told otherwise."""
-
-    def __init__(self, seed: int = 0, dtype=np.float32):
-        self.rng = np.random.default_rng(seed)
-        self.dtype = np.dtype(dtype)
-        self.nodes: list[onnx.NodeProto] = []
-        self.inits: list[onnx.TensorProto] = []
-
-    def init(self, name: str, value, dtype=None) -> str:
-        self.inits.append(numpy_helper.from_array(np.asarray(value, dtype=dtype or self.dtype), name))
-        return name
-
-    def weight(self, name: str, shape, scale: float | None = None) -> np.ndarray:
-        fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else 1
-        return (self.rng.standard_normal(shape) * (scale or np.sqrt(2.0 / fan_in))).astype(self.dtype)
-
-    def node(self, op: str, inputs, output: str, name: str | None = None, **attrs) -> str:
-        self.nodes.append(helper.make_node(op, list(inputs), [output], name=name or output, **attrs))
-        return output
-
-    def conv(self, x: str, cin: int, cout: int, name: str, k: int = 3, pad: int = 1, bias: bool = True, **attrs) -> str:
-        inputs = [x, self.init(f"{name}.W", self.weight(name, (cout, cin, k, k)))]
-        if bias:
-            inputs.append(self.init(f"{name}.b", self.weight(name, (cout,), 0.1)))
-        return self.node("Conv", inputs, f"{name}.out", name=name, pads=[pad] * 4, kernel_shape=[k, k], **attrs)
-
-    def gemm(self, x: str, fin: int, fout: int, name: str, out: str | None = None) -> str:
-        w = self.init(f"{name}.W", self.weight(name, (fout, fin)))
-        b = self.init(f"{name}.b", self.weight(name, (fout,), 0.1))
-        return self.node("Gemm", [x, w, b], out or f"{name}.out", name=name, transB=1)
-
-    def bn(self, x: str, c: int, name: str) -> str:
-        r = self.rng
-        params = [self.init(f"{name}.{k}", v) for k, v in (
-            ("scale", r.normal(1.0, 0.3, c)), ("B", r.normal(0.0, 0.3, c)),
-            ("mean", r.normal(0.0, 0.3, c)), ("var", r.uniform(0.5, 2.0, c)))]
-        return self.node("BatchNormalization", [x, *params], f"{name}.out", name=name, epsilon=1e-5)
-
-    def model(self, input_shape, output: str, output_shape, opset: int, ir_version: int | None = None,
-              inits_as_inputs: bool = False) -> onnx.ModelProto:
-        elem = helper.np_dtype_to_tensor_dtype(self.dtype)
-        inputs = [helper.make_tensor_value_info("input", elem, input_shape)]
-        if inits_as_inputs:
-            inputs += [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in self.inits]
-        graph = helper.make_graph(self.nodes, "net", inputs, [helper.make_tensor_value_info(output, elem, output_shape)],
-                                  initializer=self.inits)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="test")
-        model.ir_version = ir_version or helper.find_min_ir_version_for([helper.make_opsetid("", opset)])
-        onnx.checker.check_model(model)
-        return model
-
-
-def small_net(opset: int, batch="N", dtype=np.float32, seed: int = 0, size: int = 8) -> onnx.ModelProto:
-    """conv/relu/pool/flatten/gemm: Conv-Relu-MaxPool-Conv-Relu-Flatten-Gemm-Relu-Gemm."""
-    n = Net(seed, dtype)
-    y = n.node("Relu", [n.conv("input", 3, 4, "conv1")], "relu1")
-    y = n.node("MaxPool", [y], "pool1", kernel_shape=[2, 2], strides=[2, 2])
-    y = n.node("Relu", [n.conv(y, 4, 6, "conv2")], "relu2")
-    y = n.node("Flatten", [y], "flat")
-    y = n.node("Relu", [n.gemm(y, 6 * (size // 2) ** 2, 12, "fc1")], "relu3")
-    n.gemm(y, 12, 5, "fc2", out="logits")
-    return n.model([batch, 3, size, size], "logits", [batch, 5], opset)
-
-
-def inputs_for(shape, count: int = 16, seed: int = 1, dtype=np.float32) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((count, *shape)).astype(dtype)
-
-
 # ----------------------------------------------------------------------------- pipeline
-
-def bn_count(model: onnx.ModelProto) -> int:
-    return sum(n.op_type == "BatchNormalization" for n in model.graph.node)
-
-
-def ort_outputs(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
-    name = next(i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer})
-    return make_session(model, "cpu").run(None, {name: x})
-
-
-def rel_error(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(a).max())
-
 
 def torch_outputs(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
     module = to_torch(model).eval()
@@ -192,7 +109,7 @@ def ir3_net() -> onnx.ModelProto:
     y = n.node("Flatten", [y], "flat")
     y = n.node("Relu", [n.gemm(y, 4 * 6 * 6, 10, "fc1")], "relu3")
     n.gemm(y, 10, 3, "fc2", out="prob")
-    return n.model(["N", 3, 8, 8], "prob", ["N", 3], opset=9, ir_version=3, inits_as_inputs=True)
+    return n.model({"input": ["N", 3, 8, 8]}, {"prob": ["N", 3]}, opset=9, ir_version=3, inits_as_inputs=True)
 
 
 def check_ir3(result) -> None:
@@ -220,29 +137,21 @@ def test_ir3_stats_with_a_pruned_head(selector):
 def constant_weight_net(opset: int) -> onnx.ModelProto:
     """Weights from Constant nodes and biases from ConstantOfShape, as tracing exporters write them."""
     n = Net(4)
-
-    def const(name: str, value: np.ndarray) -> str:
-        return n.node("Constant", [], name, name=f"{name}/const", value=numpy_helper.from_array(value, name))
-
-    def filled(name: str, size: int, fill: float) -> str:
-        shape = n.init(f"{name}/shape", [size], dtype=np.int64)
-        return n.node("ConstantOfShape", [shape], name, name=f"{name}/fill",
-                      value=numpy_helper.from_array(np.array([fill], np.float32)))
-
-    y = n.node("Conv", ["input", const("conv1.W", n.weight("c1", (4, 3, 3, 3))), filled("conv1.b", 4, 0.05)],
+    const, filled = n.const, n.filled
+    y = n.node("Conv", ["input", const("conv1.W", n.random((4, 3, 3, 3))), filled("conv1.b", 4, 0.05)],
                "conv1.out", name="conv1", pads=[1, 1, 1, 1])
     y = n.node("Relu", [y], "relu1")
-    y = n.node("Conv", [y, const("conv2.W", n.weight("c2", (4, 4, 3, 3))), filled("conv2.b", 4, -0.05)],
+    y = n.node("Conv", [y, const("conv2.W", n.random((4, 4, 3, 3))), filled("conv2.b", 4, -0.05)],
                "conv2.out", name="conv2")
     y = n.node("Flatten", [n.node("Relu", [y], "relu2")], "flat")
     if opset >= 12:  # value_floats: a Constant whose value is not a tensor attribute
         bias = n.node("Constant", [], "fc1.b", name="fc1.b/const", value_floats=[0.1] * 8)
     else:
         bias = filled("fc1.b", 8, 0.1)
-    y = n.node("Gemm", [y, const("fc1.W", n.weight("f1", (8, 36))), bias], "fc1.out", name="fc1", transB=1)
+    y = n.node("Gemm", [y, const("fc1.W", n.random((8, 36))), bias], "fc1.out", name="fc1", transB=1)
     y = n.node("Relu", [y], "relu3")
-    n.node("Gemm", [y, const("fc2.W", n.weight("f2", (3, 8))), filled("fc2.b", 3, 0.0)], "logits", name="fc2", transB=1)
-    return n.model(["N", 3, 5, 5], "logits", ["N", 3], opset)
+    n.node("Gemm", [y, const("fc2.W", n.random((3, 8))), filled("fc2.b", 3, 0.0)], "logits", name="fc2", transB=1)
+    return n.model({"input": ["N", 3, 5, 5]}, {"logits": ["N", 3]}, opset)
 
 
 @pytest.mark.parametrize("opset", [9, 13, 18])
@@ -282,7 +191,7 @@ def caffenet_like(opset: int) -> onnx.ModelProto:
     y = dropout(n.node("Relu", [n.gemm(y, 72, 16, "fc6")], "relu6"), "drop6")
     y = dropout(n.node("Relu", [n.gemm(y, 16, 16, "fc7")], "relu7"), "drop7")
     n.node("Softmax", [n.gemm(y, 16, 10, "fc8")], "prob", axis=1)
-    return n.model(["N", 3, 16, 16], "prob", ["N", 10], opset)
+    return n.model({"input": ["N", 3, 16, 16]}, {"prob": ["N", 10]}, opset)
 
 
 # relu1/relu2 feed LRN and stay; everything else folds (through Dropout, into the next Gemm).
@@ -442,7 +351,7 @@ def resnet_block() -> onnx.ModelProto:
     z = n.node("Relu", [n.node("Add", [z, y], "add")], "relu_out")
     z = n.node("Flatten", [n.node("GlobalAveragePool", [z], "gap")], "flat")
     n.gemm(z, 8, 5, "fc", out="logits")
-    return n.model(["N", 3, 8, 8], "logits", ["N", 5], 13)
+    return n.model({"input": ["N", 3, 8, 8]}, {"logits": ["N", 5]}, 13)
 
 
 # relu: relu0 feeds the block and the skip, relu_a a padded Conv, relu_out a pool: those BN stay.

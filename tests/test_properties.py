@@ -12,13 +12,12 @@ import numpy as np
 import onnx
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
-from onnx import TensorProto, helper, numpy_helper
 
 from onnxbn import UserError, collect_stats, compare, explain_fold, fold_bn, insert_bn, select_points
 from onnxbn.runtime import make_session
 from onnxbn.stats import FORMAT, ChannelMoments, Stats, load_stats, merge_stats
 
-from conftest import small_cnn
+from models import BN_WIDE, Net, small_cnn
 
 SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
@@ -125,42 +124,28 @@ def test_collect_stats_shards_merge_to_one_run(shards, batch_size, batch_size_fu
 
 # ----------------------------------------------------------------------------- random graphs
 
-class Graph:
-    """A random Conv/Gemm/Relu net (optionally with BN nodes), built with onnx.helper."""
+class Graph(Net):
+    """A random Conv/Gemm/Relu net (models.Net, widely spread BN parameters) that also counts
+    the BN nodes fold_bn must fold; random_net decides that as it builds."""
 
     def __init__(self, seed: int):
-        self.rng = np.random.default_rng(seed)
-        self.nodes: list[onnx.NodeProto] = []
-        self.inits: list[onnx.TensorProto] = []
+        super().__init__(seed, bn=BN_WIDE)
         self.folds = 0   # BN nodes that fold_bn must fold
-        self.bns = 0
 
-    def init(self, name: str, value) -> str:
-        self.inits.append(numpy_helper.from_array(np.asarray(value, np.float32), name))
-        return name
+    @property
+    def bns(self) -> int:
+        return sum(n.op_type == "BatchNormalization" for n in self.nodes)
 
-    def node(self, op: str, inputs, name: str, **attrs) -> str:
-        self.nodes.append(helper.make_node(op, list(inputs), [name], name=name, **attrs))
-        return name
-
-    def bn(self, x: str, channels: int, name: str, tiny_var: float, eps: float) -> str:
+    def random_bn(self, x: str, channels: int, name: str, tiny_var: float, eps: float) -> str:
+        """A BN node named `name` (its output too) whose variances are, with probability
+        `tiny_var` each, tiny (1e-9..1e-3)."""
         r = self.rng
         var = np.where(r.random(channels) < tiny_var, 10.0 ** r.uniform(-9, -3, channels), r.uniform(0.2, 3.0, channels))
-        params = [self.init(f"{name}.{k}", v) for k, v in (
-            ("scale", r.normal(1.0, 0.5, channels)), ("B", r.normal(0.0, 0.5, channels)),
-            ("mean", r.normal(0.0, 1.0, channels)), ("var", var))]
-        self.bns += 1
-        return self.node("BatchNormalization", [x, *params], name, epsilon=eps)
+        return self.bn(x, channels, name, out=name, eps=eps, var=var)
 
-    def model(self, input_shape, output: str, output_shape) -> onnx.ModelProto:
-        graph = helper.make_graph(self.nodes, "random",
-                                  [helper.make_tensor_value_info("input", TensorProto.FLOAT, input_shape)],
-                                  [helper.make_tensor_value_info(output, TensorProto.FLOAT, output_shape)],
-                                  initializer=self.inits)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-        model.ir_version = 8
-        onnx.checker.check_model(model, full_check=True)
-        return model
+    def finish(self, input_shape, output: str, output_shape) -> onnx.ModelProto:
+        return self.model({"input": input_shape}, {output: output_shape}, 13, ir_version=8, check="full",
+                          producer=None, graph_name="random")
 
 
 @st.composite
@@ -219,7 +204,7 @@ def random_net(draw, with_bn: bool = False):
         if not last:
             x = add_activation(draw, g, x, features, with_bn, tiny_var, eps)
             pending_bn = x if x.endswith("/bn_post") else None
-    model = g.model(["N", *shape], "output", ["N", features])
+    model = g.finish(["N", *shape], "output", ["N", features])
     return model, shape, g
 
 
@@ -227,12 +212,12 @@ def add_activation(draw, g: Graph, x: str, channels: int, with_bn: bool, tiny_va
     """Optional BN on the layer output (always folds backward), Relu, optional BN after the Relu."""
     often = st.integers(0, 3).map(bool)  # three times in four
     if with_bn and draw(st.booleans()):
-        x = g.bn(x, channels, f"{x}/bn_pre", tiny_var, eps)
+        x = g.random_bn(x, channels, f"{x}/bn_pre", tiny_var, eps)
         g.folds += 1
     if draw(often):
         x = g.node("Relu", [x], f"{x}/relu")
         if with_bn and draw(often):
-            x = g.bn(x, channels, f"{x}/bn_post", tiny_var, eps)
+            x = g.random_bn(x, channels, f"{x}/bn_post", tiny_var, eps)
     return x
 
 

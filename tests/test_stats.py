@@ -15,7 +15,8 @@ from onnxbn.points import select_points
 from onnxbn.runtime import make_session
 from onnxbn.stats import ChannelMoments, augment_for_stats, load_stats, merge_stats
 
-from conftest import small_cnn, write_images
+from conftest import write_images
+from models import small_cnn
 
 
 def exposed_values(model, names, x):

@@ -22,9 +22,9 @@ from torch import nn
 from onnxbn.errors import UserError
 from onnxbn.graph import (
     FLOAT_TYPES,
-    MIN_OPSET,
     GraphIndex,
     opset_version,
+    require_opset,
     tensor_shape,
     unique_name,
     value_types,
@@ -192,9 +192,7 @@ class _Importer:
     # ------------------------------------------------------------------ driver
     def run(self) -> fx.GraphModule:
         g = self.model.graph
-        if self.opset < MIN_OPSET:
-            raise UserError(f"opset {self.opset} is older than {MIN_OPSET}, the oldest onnxbn's torch importer reads; "
-                            "convert the model with onnx.version_converter first")
+        require_opset(self.model)
         arg_names: set[str] = set()
         inputs = []
         for vi in g.input:

@@ -1,0 +1,201 @@
+"""The one builder of tiny test models: onnx.helper graphs with seeded numpy weights.
+
+Nothing is downloaded; a model is a function of its arguments (same seed, same bytes).
+
+`Net` appends nodes and initializers and finishes with `model()`. Weights are normal
+with standard deviation sqrt(gain / fan_in): gain 2 (He, the default) or 1 (LeCun).
+BatchNormalization parameters are drawn from one of two spreads: `BN_NARROW` (near the
+identity, the default) or `BN_WIDE` (means far from 0, variances 0.2..3, for fold tests).
+
+The ready-made models: `small_cnn` (VGG in miniature, the conftest fixture's model) and
+`small_net` (the same shape with `Net`'s layer names, any dtype). `inputs_for` gives
+seeded inputs; `ort_outputs`, `rel_error` and `bn_count` are the checks tests share.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+# (mean, standard deviation) of scale, B and mean; (low, high) of the uniform variance.
+BN_NARROW = {"scale": (1.0, 0.3), "B": (0.0, 0.3), "mean": (0.0, 0.3), "var": (0.5, 2.0)}
+BN_WIDE = {"scale": (1.0, 0.5), "B": (0.0, 0.5), "mean": (0.0, 1.0), "var": (0.2, 3.0)}
+
+
+class Net:
+    """Seeded onnx.helper graph builder: weights as initializers unless told otherwise.
+
+    Every random draw comes from `self.rng` in call order, so a model is fixed by its seed
+    and the order of the calls that built it.
+    """
+
+    def __init__(self, seed: int = 0, dtype=np.float32, *, gain: float = 2.0, bn: dict = BN_NARROW):
+        self.rng = np.random.default_rng(seed)
+        self.dtype = np.dtype(dtype)
+        self.gain = gain
+        self.bn_spread = bn
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+
+    # ------------------------------------------------------------------ tensors
+
+    def init(self, name: str, value, dtype=None) -> str:
+        """An initializer `name` holding `value` (in the net's dtype unless `dtype`)."""
+        self.inits.append(numpy_helper.from_array(np.asarray(value, dtype=dtype or self.dtype), name))
+        return name
+
+    def random(self, shape, scale: float | None = None) -> np.ndarray:
+        """Normal values of standard deviation `scale`, or sqrt(gain / fan_in) (fan_in: the
+        product of the dimensions after the first; 1 for a vector)."""
+        shape = tuple(shape)
+        fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+        return (self.rng.standard_normal(shape) * (scale or np.sqrt(self.gain / fan_in))).astype(self.dtype)
+
+    def weight(self, name: str, shape, scale: float | None = None) -> str:
+        """An initializer `name` of `random(shape, scale)` values."""
+        return self.init(name, self.random(shape, scale))
+
+    def const(self, name: str, value) -> str:
+        """A Constant node producing `name` (the way tracing exporters write weights)."""
+        value = np.asarray(value, dtype=self.dtype if np.asarray(value).dtype.kind == "f" else None)
+        return self.node("Constant", [], name, name=f"{name}/const", value=numpy_helper.from_array(value, name))
+
+    def filled(self, name: str, size: int, fill: float) -> str:
+        """A ConstantOfShape node producing a `size`-vector of `fill` (its shape an int64 initializer)."""
+        shape = self.init(f"{name}/shape", [size], dtype=np.int64)
+        return self.node("ConstantOfShape", [shape], name, name=f"{name}/fill",
+                         value=numpy_helper.from_array(np.array([fill], self.dtype)))
+
+    # ------------------------------------------------------------------ nodes
+
+    def node(self, op: str, inputs, output: str, name: str | None = None, **attrs) -> str:
+        """One node with one output; the node's name is the output's unless given."""
+        self.nodes.append(helper.make_node(op, list(inputs), [output], name=name or output, **attrs))
+        return output
+
+    def linear(self, op: str, x: str, w_shape, name: str, *, bias: int | None = None, bias_scale: float = 1.0,
+               out: str | None = None, **attrs) -> str:
+        """A Conv/Gemm/ConvTranspose node `name` reading `name.W` (random(w_shape)) and, when
+        `bias` is a length, `name.b` (normal, standard deviation `bias_scale`)."""
+        inputs = [x, self.weight(f"{name}.W", w_shape)]
+        if bias is not None:
+            inputs.append(self.weight(f"{name}.b", (bias,), bias_scale))
+        return self.node(op, inputs, out or f"{name}.out", name=name, **attrs)
+
+    def conv(self, x: str, cin: int, cout: int, name: str, k: int = 3, pad: int = 1, bias: bool = True,
+             out: str | None = None, **attrs) -> str:
+        """A k x k Conv with `pad` on every side and a bias of standard deviation 0.1."""
+        group = attrs.get("group", 1)
+        return self.linear("Conv", x, (cout, cin // group, k, k), name, bias=cout if bias else None, bias_scale=0.1,
+                           out=out, pads=[pad] * 4, kernel_shape=[k, k], **attrs)
+
+    def gemm(self, x: str, fin: int, fout: int, name: str, out: str | None = None) -> str:
+        """A dense layer (Gemm, transB=1) with a bias of standard deviation 0.1."""
+        return self.linear("Gemm", x, (fout, fin), name, bias=fout, bias_scale=0.1, out=out, transB=1)
+
+    def bn(self, x: str, channels: int, name: str, out: str | None = None, *, eps: float = 1e-5,
+           var: np.ndarray | None = None) -> str:
+        """A BatchNormalization `name` with random scale, B, mean (and var, unless given), drawn
+        from the net's BN spread in that order."""
+        r, spread = self.rng, self.bn_spread
+        values = {k: r.normal(*spread[k], channels) for k in ("scale", "B", "mean")}
+        values["var"] = r.uniform(*spread["var"], channels) if var is None else var
+        params = [self.init(f"{name}.{k}", v) for k, v in values.items()]
+        return self.node("BatchNormalization", [x, *params], out or f"{name}.out", name=name, epsilon=eps)
+
+    # ------------------------------------------------------------------ the model
+
+    def model(self, inputs: dict, outputs: dict, opset: int = 13, *, ir_version: int | None = None,
+              inits_as_inputs: bool = False, metadata: dict | None = None, check: bool | str = True,
+              producer: str | None = "test", graph_name: str = "net") -> onnx.ModelProto:
+        """The model: `inputs`/`outputs` map names to shapes (ints, dim names or None), all of the
+        net's dtype. `ir_version` defaults to the oldest one the opset allows; `inits_as_inputs`
+        also lists every initializer as a graph input (IR 3 style); `check`: True runs
+        onnx.checker, "full" with shape inference too, False not at all."""
+        elem = helper.np_dtype_to_tensor_dtype(self.dtype)
+        graph_inputs = [helper.make_tensor_value_info(k, elem, v) for k, v in inputs.items()]
+        if inits_as_inputs:
+            graph_inputs += [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in self.inits]
+        graph = helper.make_graph(self.nodes, graph_name, graph_inputs,
+                                  [helper.make_tensor_value_info(k, elem, v) for k, v in outputs.items()],
+                                  initializer=self.inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+        if producer is not None:
+            model.producer_name = producer
+        model.ir_version = ir_version or helper.find_min_ir_version_for([helper.make_opsetid("", opset)])
+        for key, value in (metadata or {}).items():
+            model.metadata_props.add(key=key, value=value)
+        if check:
+            onnx.checker.check_model(model, full_check=check == "full")
+        return model
+
+
+# ----------------------------------------------------------------------------- ready-made models
+
+def small_cnn(opset: int = 17, seed: int = 0, size: int = 8, batch="N") -> onnx.ModelProto:
+    """Conv-Relu-MaxPool-Conv-Relu-Flatten-Gemm-Relu-Gemm-Relu-Gemm, VGG in miniature.
+
+    Tensors: c1 r1 p1 c2 r2 flat g1 h1 g2 h2 logits (10 classes); weights c1.w, c1.b, ... f3.w,
+    f3.b; IR 8 whatever the opset."""
+    n = Net(seed)
+    y = n.node("Conv", ["input", n.weight("c1.w", (4, 3, 3, 3)), n.weight("c1.b", (4,), 0.1)], "c1", name="conv1",
+               pads=[1, 1, 1, 1])
+    y = n.node("MaxPool", [n.node("Relu", [y], "r1", name="relu1")], "p1", name="pool1", kernel_shape=[2, 2],
+               strides=[2, 2])
+    y = n.node("Conv", [y, n.weight("c2.w", (8, 4, 3, 3)), n.weight("c2.b", (8,), 0.1)], "c2", name="conv2",
+               pads=[1, 1, 1, 1])
+    y = n.node("Flatten", [n.node("Relu", [y], "r2", name="relu2")], "flat", name="flatten")
+    flat = 8 * (size // 2) * (size // 2)
+    y = n.node("Gemm", [y, n.weight("f1.w", (16, flat)), n.weight("f1.b", (16,), 0.1)], "g1", name="fc1", transB=1)
+    y = n.node("Gemm", [n.node("Relu", [y], "h1", name="relu3"), n.weight("f2.w", (16, 16)), n.weight("f2.b", (16,), 0.1)],
+               "g2", name="fc2", transB=1)
+    n.node("Gemm", [n.node("Relu", [y], "h2", name="relu4"), n.weight("f3.w", (10, 16)), n.weight("f3.b", (10,), 0.1)],
+           "logits", name="fc3", transB=1)
+    return n.model({"input": [batch, 3, size, size]}, {"logits": [batch, 10]}, opset, ir_version=8, producer=None,
+                   graph_name="small_cnn")
+
+
+def small_net(opset: int, batch="N", dtype=np.float32, seed: int = 0, size: int = 8) -> onnx.ModelProto:
+    """conv/relu/pool/flatten/gemm: Conv-Relu-MaxPool-Conv-Relu-Flatten-Gemm-Relu-Gemm (5 classes)."""
+    n = Net(seed, dtype)
+    y = n.node("Relu", [n.conv("input", 3, 4, "conv1")], "relu1")
+    y = n.node("MaxPool", [y], "pool1", kernel_shape=[2, 2], strides=[2, 2])
+    y = n.node("Relu", [n.conv(y, 4, 6, "conv2")], "relu2")
+    y = n.node("Flatten", [y], "flat")
+    y = n.node("Relu", [n.gemm(y, 6 * (size // 2) ** 2, 12, "fc1")], "relu3")
+    n.gemm(y, 12, 5, "fc2", out="logits")
+    return n.model({"input": [batch, 3, size, size]}, {"logits": [batch, 5]}, opset)
+
+
+def inputs_for(shape, count: int = 16, seed: int = 1, dtype=np.float32) -> np.ndarray:
+    """`count` seeded standard-normal samples of `shape` (the batch axis is added)."""
+    return np.random.default_rng(seed).standard_normal((count, *shape)).astype(dtype)
+
+
+# ----------------------------------------------------------------------------- shared checks
+
+def bn_count(model: onnx.ModelProto) -> int:
+    return sum(n.op_type == "BatchNormalization" for n in model.graph.node)
+
+
+def feed_name(model: onnx.ModelProto) -> str:
+    """The one graph input fed at run time (initializers listed as inputs, IR < 4, skipped)."""
+    inits = {t.name for t in model.graph.initializer}
+    return next(i.name for i in model.graph.input if i.name not in inits)
+
+
+def ort_outputs(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
+    """All outputs of `model` on `x`, through a plain onnxruntime CPU session."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, {feed_name(model): x})
+
+
+def rel_error(a: np.ndarray, b: np.ndarray) -> float:
+    """max|a - b| / max|a| over the whole tensor, in float64."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / np.abs(a).max())
