@@ -14,7 +14,7 @@ import onnxbn.fold
 from onnxbn.cli import main
 from onnxbn.modelio import metadata
 from onnxbn.runtime import make_session
-from onnxbn.stats import open_model_data
+from onnxbn.runtime import open_model_data
 
 pytestmark = pytest.mark.slow
 

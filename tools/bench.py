@@ -4,8 +4,9 @@
     python tools/bench.py [NAMES...] [--quick] [--json OUT] [--workdir DIR] [--reps R]
 
 NAMES (default: all): stats-cost stats-memory insert-time train-step feature-cache
-data-pipeline deploy-latency. Every benchmark alternates its contenders (A B A B ...)
-in one process and run, and reports the median of each and the ratio to the
+data-pipeline deploy-latency; by name only: deploy-runtimes (latency and error of the original
+vs folded model on onnxruntime, openvino and tract). Every benchmark alternates its contenders
+(A B A B ...) in one process and run, and reports the median of each and the ratio to the
 reference contender, so the numbers stay comparable on a busy machine. A table goes
 to stdout; `--json OUT` writes every raw timing plus the machine (CPU model, cores,
 load, onnxruntime/torch versions, execution provider).
@@ -342,7 +343,7 @@ class Context:
         return make_session(model, "cpu")
 
     def input_name(self) -> str:
-        from onnxbn.stats import model_input
+        from onnxbn.runtime import model_input
 
         return model_input(self.model)[0]
 
@@ -439,7 +440,7 @@ else:
     from onnxbn.modelio import load_model
     from onnxbn.points import select_points
     from onnxbn.runtime import make_session
-    from onnxbn.stats import open_model_data, model_input
+    from onnxbn.runtime import model_input, open_model_data
     proto = load_model(model)
     names = [p.tensor for p in select_points(proto, selector)]
     proto.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names)
@@ -663,7 +664,7 @@ def bench_feature_cache(ctx: Context) -> Result:
         return now() - t
 
     # the one-off caching cost, measured on its own: the frozen prefix over the data into a fresh cache
-    from onnxbn.stats import model_input, open_model_data
+    from onnxbn.runtime import model_input, open_model_data
     from onnxbn.training import cached_features
 
     prefix.eval()
@@ -698,7 +699,7 @@ def bench_feature_cache(ctx: Context) -> Result:
 def bench_data_pipeline(ctx: Context) -> Result:
     import onnxbn
     from onnxbn.data import default_workers
-    from onnxbn.stats import open_model_data
+    from onnxbn.runtime import open_model_data
 
     p = ctx.profile
     n = p.pipeline_images
@@ -783,6 +784,102 @@ def bench_deploy_latency(ctx: Context) -> Result:
                    f"BN left after fold: {kept}"], {"ratios": ratios, **extra})
 
 
+# ----------------------------------------------------------------------------- 8. deploy-runtimes (optional)
+
+def bench_deploy_runtimes(ctx: Context) -> Result:
+    """Deploy latency and error per runtime: original vs folded, batch 1 and 8, on the profile's
+    model (VGG16 in the full run) and the bundled demo model; every runtime side by side in one run.
+
+    Contenders: onnxruntime (CPU, threads blocking when idle, as in deploy-latency), openvino at
+    f32 and at its own default precision, tract; a runtime that is not installed is skipped and
+    named in the notes. Error: each folded model on each runtime against the original on
+    onnxruntime (max abs, max rel, and whether `onnxbn check`'s default tolerance passes).
+    """
+    import onnx
+
+    import onnxbn
+    from onnxbn.demo_data import make_task, to_model_input
+    from onnxbn.check import OutputMetrics
+    from onnxbn.runtimes import OrtSession, RuntimeInfo, available, default_tolerance, open_session, runtime_version
+
+    p = ctx.profile
+    runtimes = [("onnxruntime", None), ("openvino", "f32"), ("openvino", None), ("tract", None)]
+    missing = sorted({r for r, _ in runtimes if not available(r)})
+    runtimes = [(r, prec) for r, prec in runtimes if r not in missing]
+    demo = onnx.load(str(ROOT / "models" / "demo_vgg.onnx"))
+    demo_x = to_model_input(make_task("source", 32, 7)[0])
+    models = {p.arch: (ctx.model, ctx.bn_model("linear")),
+              "demo": (demo, onnxbn.insert_bn(demo, onnxbn.collect_stats(demo, demo_x, after="linear", device="cpu")))}
+    rows, ratios, errors, infos = [], {}, {}, {}
+
+    def label(runtime, precision):
+        return runtime if runtime != "openvino" else f"openvino {precision or 'default'}"
+
+    for model_name, (original, with_bn) in models.items():
+        folded = onnxbn.fold_bn(with_bn)
+        sessions = {}
+        for runtime, precision in runtimes:
+            for variant, model in (("original", original), ("folded", folded)):
+                if runtime == "onnxruntime":
+                    s = quiet_session(model)
+                    info = RuntimeInfo("onnxruntime", runtime_version("onnxruntime"), "cpu", "f32", "default", "f32",
+                                       provider="CPUExecutionProvider")
+                    sessions[(label(runtime, precision), variant)] = OrtSession(model, info, s)
+                else:
+                    sessions[(label(runtime, precision), variant)] = open_session(model, runtime, precision=precision)
+        name = original.graph.input[0].name
+        for batch, runs in p.latency_runs.items():
+            x = demo_x[:batch] if model_name == "demo" else ctx.arrays(batch, seed=6)
+            truth = sessions[("onnxruntime", "original")].run(None, {name: x})[0] if "onnxruntime" not in missing else None
+            for (rt, variant), s in sessions.items():
+                infos[rt] = s.info.to_dict()
+                if variant == "folded" and truth is not None:
+                    got = s.run(None, {name: x})[0].astype(np.float64)
+                    diff = np.abs(got - truth)
+                    check = OutputMetrics()
+                    check.update(truth, got, *default_tolerance(sessions[("onnxruntime", "original")].info, s.info))
+                    errors.setdefault(model_name, {}).setdefault(rt, []).append({
+                        "batch": batch, "max_abs": float(diff.max()),
+                        "max_rel": float(diff.max() / max(np.abs(truth).max(), 1e-30)),
+                        "passes_default_tolerance": check.passed,
+                        "precision": s.info.precision})
+
+            def runner(session, feeds):
+                def fn():
+                    t = now()
+                    session.run(None, feeds)
+                    return now() - t
+                return fn
+
+            repeat = runs * ctx.reps * (10 if model_name == "demo" else 1)  # the demo model runs in ms: more runs
+            raw = alternate({f"{rt}|{variant}": runner(s, {name: x}) for (rt, variant), s in sessions.items()}, repeat)
+            base = median(raw["onnxruntime|original"]) if "onnxruntime" not in missing else None
+            for runtime, precision in runtimes:
+                rt = label(runtime, precision)
+                orig, fold = raw[f"{rt}|original"], raw[f"{rt}|folded"]
+                ratios[f"{model_name} b{batch} {rt}"] = median(fold) / median(orig)
+                tag = f"[{model_name} b{batch}] {rt} ({infos[rt]['precision']})"
+                rows.append(row(f"{tag} original", orig, "s", median(orig) / base if base else 1.0,
+                                role="reference" if rt == "onnxruntime" else ""))
+                rows.append(row(f"{tag} folded", fold, "s", median(fold) / base if base else 1.0, role="subject"))
+    worst = max(ratios.values())
+    notes = [(f"{p.description} and models/demo_vgg.onnx (32x32); BN after every Conv/Gemm (`linear`) inserted, "
+              "then folded; ratio column = latency / onnxruntime original at the same batch; target ratio = worst "
+              "folded/original on one runtime; one session per (runtime, model) created up front; tract runs one "
+              "thread"),
+             "runtimes: " + "; ".join(f"{k} = {v['runtime']} {v['version']}, ran {v['precision']}"
+                                      for k, v in infos.items())]
+    if missing:
+        notes.append(f"skipped (not installed): {', '.join(missing)}; pip install 'onnxbn[{','.join(missing)}]'")
+    for model_name, per_rt in errors.items():
+        notes.append(f"max error of the folded {model_name} vs the original on onnxruntime: " + "; ".join(
+            f"{rt} {max(e['max_abs'] for e in v):.2g} abs / {max(e['max_rel'] for e in v):.2g} rel"
+            f"{'' if all(e['passes_default_tolerance'] for e in v) else ' (FAILS default tolerance)'}"
+            for rt, v in per_rt.items()))
+    return Result("deploy-runtimes", "folded <= 1.03x original on every runtime", rows, worst, worst <= 1.03, notes,
+                  {"ratios": ratios, "errors": errors, "runtimes": infos, "skipped": missing})
+
+
 RUNNERS = {
     "stats-cost": bench_stats_cost,
     "stats-memory": bench_stats_memory,
@@ -791,6 +888,7 @@ RUNNERS = {
     "feature-cache": bench_feature_cache,
     "data-pipeline": bench_data_pipeline,
     "deploy-latency": bench_deploy_latency,
+    "deploy-runtimes": bench_deploy_runtimes,  # optional: by name only (openvino, tract from onnxbn[dev])
 }
 
 
@@ -841,9 +939,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--torch-threads", type=int, help="torch intra-op threads (default: torch's own; 1 with --quick, "
                         "where a loaded 2-core machine makes 2 spinning threads 100x slower on small layers)")
     args = parser.parse_args(argv)
-    unknown = [n for n in args.names if n not in BENCHMARKS]
+    unknown = [n for n in args.names if n not in RUNNERS]
     if unknown:
-        parser.error(f"unknown benchmark {unknown[0]!r}; choose from {', '.join(BENCHMARKS)}")
+        parser.error(f"unknown benchmark {unknown[0]!r}; choose from {', '.join(RUNNERS)}")
     profile = PROFILES["tiny" if args.tiny else "quick" if args.quick else "full"]
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.gettempdir()) / "onnxbn-bench"
     ctx = Context(profile, workdir, args.reps or profile.reps)
