@@ -10,6 +10,7 @@ Everything the report says comes from this run; nothing is tuned to flatter BN.
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import logging
 import time
@@ -24,7 +25,7 @@ from onnxbn.errors import UserError
 from onnxbn.modelio import atomic_path, load_model, save_model
 
 log = logging.getLogger("onnxbn")
-BUNDLED = Path(__file__).resolve().parents[1] / "models" / "demo_vgg.onnx"
+BUNDLED = Path(str(importlib.resources.files("onnxbn.models") / "demo_vgg.onnx"))  # package data (models/ links to it)
 NOTEBOOK_LR = 1e-5
 
 
