@@ -58,3 +58,22 @@ def vgg16_images(tmp_path_factory):
     root = tmp_path_factory.mktemp("images")
     write_images(root, n_per_class=8, size=(300, 260), seed=3)
     return root
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` run where onnxruntime's CUDA provider loads and torch sees a GPU; elsewhere
+    they are skipped, saying so (CI has no GPU)."""
+    from onnxbn.runtime import cuda_available
+
+    try:
+        import torch
+
+        torch_cuda = torch.cuda.is_available()
+    except ImportError:
+        torch_cuda = False
+    if cuda_available() and torch_cuda:
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (onnxruntime-gpu with a loadable CUDA provider, and torch with a GPU)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
