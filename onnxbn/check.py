@@ -1,4 +1,4 @@
-"""Numerical equivalence of two models on the same inputs, through onnxruntime.
+"""Numerical equivalence of two models on the same inputs, on one runtime or across two.
 
 Per output, over all samples, with a = reference and b = candidate (in float64):
     max_abs_error     max |a - b|
@@ -11,10 +11,20 @@ Per output, over all samples, with a = reference and b = candidate (in float64):
     top1/top5         for (N, classes) outputs: share of samples whose top-1 class
                       (top-5 set) is the same
 An element passes when |a - b| <= atol + rtol * |a| (NaN/Inf must match); the
-comparison passes when every element of every output does. `layerwise` runs the
-first few samples (LAYERWISE_SAMPLES) with every tensor name the two graphs share
-exposed and names the first one, in the reference's topological order, that
-fails the same rule.
+comparison passes when every element of every output does. Below the model's precision
+(bf16, f16, tf32) the default rule adds `scaled * max|a|` over the element's sample (all
+axes but the first), as rounding error follows the sample's scale (runtimes.TOLERANCES).
+`layerwise` runs the first few samples (LAYERWISE_SAMPLES) with every tensor name the
+two graphs share exposed and names the first one, in the reference's topological order,
+that fails the same rule.
+
+Each side runs on a runtime of `onnxbn.runtimes` (onnxruntime by default; openvino,
+tract, reference), so one model can be checked on the runtime it ships to against
+another on onnxruntime. The report names each side's runtime, version, device and the
+precision the runtime chose. Tolerances left as None take the default for the precisions
+the two sides actually ran at (runtimes.default_tolerance: 1e-5 at full precision).
+Layerwise exposes the shared tensors as graph outputs on both runtimes; where a runtime
+cannot load the exposed graph, the report says so instead of comparing.
 """
 
 from __future__ import annotations
@@ -27,12 +37,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import helper
 
 from onnxbn.errors import UserError
 from onnxbn.graph import FLOAT_TYPES, GraphIndex, graph_inputs, value_types
 from onnxbn.modelio import load_model
-from onnxbn.runtime import fit_batch_size, make_session, model_input, open_model_data, run_batches, session_provider
+from onnxbn.runtime import fit_batch_size, model_input, open_model_data, run_batches
+from onnxbn.runtimes import check_runtime, default_tolerance, expose, open_session, tolerance_precision
 
 LAYERWISE_SAMPLES = 4  # every intermediate tensor is held at once: keep the batch small
 
@@ -54,7 +64,7 @@ class OutputMetrics:
     top5_same: int = 0
     has_classes: bool = False
 
-    def update(self, a: np.ndarray, b: np.ndarray, atol: float, rtol: float) -> None:
+    def update(self, a: np.ndarray, b: np.ndarray, atol: float, rtol: float, scaled: float = 0.0) -> None:
         if a.shape != b.shape:
             raise UserError(f"output shapes differ: reference {a.shape}, candidate {b.shape}")
         a = a.astype(np.float64)
@@ -65,7 +75,11 @@ class OutputMetrics:
         diff = np.where(np.isnan(diff), np.inf, diff)
         finite_a = np.where(np.isfinite(a), a, 0.0)
         self.elements += a.size
-        self.violations += int(np.count_nonzero(~(diff <= atol + rtol * np.abs(finite_a))))
+        bound = atol + rtol * np.abs(finite_a)
+        if scaled and a.ndim >= 1 and a.size:
+            bound = bound + scaled * np.abs(finite_a).reshape(len(a), -1).max(axis=1).reshape(
+                (-1,) + (1,) * (a.ndim - 1))
+        self.violations += int(np.count_nonzero(~(diff <= bound)))
         if a.size:
             self.max_abs_error = max(self.max_abs_error, float(diff.max()))
             self.max_reference = max(self.max_reference, float(np.abs(finite_a).max()))
@@ -121,6 +135,10 @@ class Report:
     candidate: str = ""
     layerwise: dict | None = None
     skipped_inputs: list[str] = field(default_factory=list)
+    reference_runtime: dict = field(default_factory=dict)
+    candidate_runtime: dict = field(default_factory=dict)
+    tolerance: str = "given"  # "given", or the precision whose default tolerances applied
+    scaled_atol: float = 0.0  # times max|a| of each sample, added to atol (the bf16/f16/tf32 defaults)
 
     @property
     def passed(self) -> bool:
@@ -130,6 +148,10 @@ class Report:
         d = {"passed": self.passed, "reference": self.reference, "candidate": self.candidate,
              "atol": self.atol, "rtol": self.rtol, "samples": self.samples, "inputs": self.inputs,
              "provider": self.provider, "outputs": {k: m.to_dict() for k, m in self.outputs.items()}}
+        if self.reference_runtime or self.candidate_runtime:
+            d["runtimes"] = {"reference": self.reference_runtime, "candidate": self.candidate_runtime}
+            d["tolerance"] = self.tolerance
+            d["scaled_atol"] = self.scaled_atol
         if self.layerwise is not None:
             d["layerwise"] = self.layerwise
         d["skipped"] = len(self.skipped_inputs)
@@ -150,18 +172,46 @@ class Report:
         lines.insert(1, "  ".join("-" * w for w in widths))
         verdict = "PASS" if self.passed else "FAIL"
         skipped = f", {len(self.skipped_inputs)} unreadable skipped" if self.skipped_inputs else ""
+        tolerance = "" if self.tolerance in ("given", "f32", "f64") else f" (default for {self.tolerance})"
+        scale = f" + {self.scaled_atol:g}*max|a(sample)|" if self.scaled_atol else ""
         lines.append(f"{verdict}: {self.samples} samples compared ({self.inputs}{skipped}), "
-                     f"|a-b| <= {self.atol:g} + {self.rtol:g}*|a|, onnxruntime on {self.provider}")
+                     f"|a-b| <= {self.atol:g}{scale} + {self.rtol:g}*|a|{tolerance}, {self._runtimes_text()}")
+        for side, info in (("reference", self.reference_runtime), ("candidate", self.candidate_runtime)):
+            if info.get("note"):
+                lines.append(f"{side}: {info['note']}")
         if self.layerwise is not None:
             first = self.layerwise.get("first_divergence")
-            lines.append(f"layerwise: {self.layerwise['compared']} shared tensors compared; "
-                         + (f"first divergence at {first['tensor']!r} (max abs {first['max_abs_error']:.3g})"
-                            if first else "none diverges"))
+            if not self.layerwise.get("available", True):
+                lines.append(f"layerwise: not available: {self.layerwise['reason']}")
+            else:
+                lines.append(f"layerwise: {self.layerwise['compared']} shared tensors compared; "
+                             + (f"first divergence at {first['tensor']!r} (max abs {first['max_abs_error']:.3g})"
+                                if first else "none diverges"))
         return "\n".join(lines)
+
+    def _runtimes_text(self) -> str:
+        ref, cand = self.reference_runtime, self.candidate_runtime
+        plain = {"onnxruntime"} >= {ref.get("runtime", "onnxruntime"), cand.get("runtime", "onnxruntime")}
+        if plain and not cand.get("lowered") and ref.get("precision") == cand.get("precision") \
+                and ref.get("device", self.provider) == cand.get("device", self.provider):
+            return f"onnxruntime on {self.provider}"
+
+        def label(info: dict) -> str:
+            how = "the runtime's default" if info["requested"] == "default" else f"asked {info['requested']}"
+            return f"{info['runtime']} {info['version']} on {info['device']}, {info['precision']} ({how})"
+        return f"reference: {label(ref)}; candidate: {label(cand)}"
 
     def junit(self) -> str:
         suite = ET.Element("testsuite", name="onnxbn.check", tests=str(len(self.outputs)),
                            failures=str(sum(not m.passed for m in self.outputs.values())))
+        if self.reference_runtime or self.candidate_runtime:
+            props = ET.SubElement(suite, "properties")
+            for side, info in (("reference", self.reference_runtime), ("candidate", self.candidate_runtime)):
+                for key in ("runtime", "version", "device", "precision", "requested"):
+                    ET.SubElement(props, "property", name=f"{side}.{key}", value=str(info.get(key, "")))
+            ET.SubElement(props, "property", name="atol", value=f"{self.atol:g}")
+            ET.SubElement(props, "property", name="rtol", value=f"{self.rtol:g}")
+            ET.SubElement(props, "property", name="scaled_atol", value=f"{self.scaled_atol:g}")
         for name, m in self.outputs.items():
             case = ET.SubElement(suite, "testcase", classname="onnxbn.check", name=name)
             if not m.passed:
@@ -181,17 +231,13 @@ def random_inputs(model: onnx.ModelProto, count: int, seed: int = 0) -> np.ndarr
     return np.random.default_rng(seed).standard_normal((count, *dims)).astype(dtype)
 
 
-def _expose(model: onnx.ModelProto, names: list[str], types: dict) -> onnx.ModelProto:
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    existing = {o.name for o in out.graph.output}
-    for name in names:
-        if name not in existing:
-            out.graph.output.append(helper.make_tensor_value_info(name, types[name].tensor_type.elem_type, None))
-    return out
+def _layerwise(ref: onnx.ModelProto, cand: onnx.ModelProto, x: np.ndarray, feed_name: str, atol, rtol,
+               ref_side: dict, cand_side: dict, scaled: float = 0.0):
+    """Every float tensor the two graphs share, exposed as graph outputs and compared on the first inputs.
 
-
-def _layerwise(ref: onnx.ModelProto, cand: onnx.ModelProto, x: np.ndarray, feed_name: str, atol, rtol, device):
+    `ref_side` / `cand_side`: open_session keyword arguments (runtime, device, precision). A
+    runtime that cannot load the exposed graph gives {"available": False, "reason": ...}.
+    """
     ref_types, cand_types = value_types(ref), value_types(cand)
     cand_outputs = GraphIndex(cand).producers
     names = [o for o in GraphIndex(ref).producers  # in the reference's node order
@@ -199,26 +245,37 @@ def _layerwise(ref: onnx.ModelProto, cand: onnx.ModelProto, x: np.ndarray, feed_
              and ref_types[o].tensor_type.elem_type in FLOAT_TYPES]
     if not names:
         return {"compared": 0, "first_divergence": None, "tensors": []}
-    a_vals = make_session(_expose(ref, names, ref_types), device).run(names, {feed_name: x})
-    b_vals = make_session(_expose(cand, names, cand_types), device).run(names, {feed_name: x})
+    values = []
+    for model, types, side in ((ref, ref_types, ref_side), (cand, cand_types, cand_side)):
+        try:
+            values.append(open_session(expose(model, names, types), **side).run(names, {feed_name: x}))
+        except UserError as exc:
+            return {"available": False, "compared": 0, "first_divergence": None, "tensors": [],
+                    "reason": f"{side['runtime']} cannot return this graph's intermediate tensors ({exc})"}
     tensors, first = [], None
-    for name, a, b in zip(names, a_vals, b_vals):
+    for name, a, b in zip(names, *values):
         m = OutputMetrics()
         if a.shape != b.shape:
             entry = {"tensor": name, "passed": False, "max_abs_error": math.inf, "reason": f"shape {a.shape} vs {b.shape}"}
         else:
-            m.update(a, b, atol, rtol)
+            m.update(a, b, atol, rtol, scaled)
             entry = {"tensor": name, "passed": m.passed, "max_abs_error": m.max_abs_error, "max_rel_error": m.max_rel_error}
         tensors.append(entry)
         if first is None and not entry["passed"]:
             first = entry
-    return {"compared": len(names), "first_divergence": first, "tensors": tensors}
+    out = {"compared": len(names), "first_divergence": first, "tensors": tensors}
+    if {ref_side["runtime"], cand_side["runtime"]} - {"onnxruntime", "reference"}:
+        out["method"] = ("intermediate tensors exposed as graph outputs: an optimising runtime may fuse less "
+                         "around them than in the deployed graph")
+    return out
 
 
-def compare(reference, candidate, data=None, atol: float = 1e-5, rtol: float = 1e-5, batch_size: int = 32,
-            device: str = "auto", layerwise: bool = False, random: int | None = None, seed: int = 0,
-            limit: int | None = None, workers: int = 0, preset: str | None = None, strict: bool = False,
-            min_samples: int = 1) -> Report:
+def compare(reference, candidate, data=None, atol: float | None = None, rtol: float | None = None,
+            batch_size: int = 32, device: str = "auto", layerwise: bool = False, random: int | None = None,
+            seed: int = 0, limit: int | None = None, workers: int = 0, preset: str | None = None, strict: bool = False,
+            min_samples: int = 1, *, runtime: str | None = None, reference_runtime: str | None = None,
+            candidate_runtime: str | None = None, precision: str | None = None,
+            reference_precision: str | None = "f32") -> Report:
     """Run both models on the same inputs and report how far apart their outputs are.
 
     `reference`/`candidate`: paths or ModelProtos with the same input and outputs;
@@ -226,9 +283,23 @@ def compare(reference, candidate, data=None, atol: float = 1e-5, rtol: float = 1
     `preset`: image preprocessing (default: the reference's metadata, else imagenet).
     Unreadable images are skipped and listed in the report (`strict` raises instead).
     Fewer than `min_samples` compared samples raises UserError: a check of nothing never passes.
+    `runtime` runs both sides there; `reference_runtime` / `candidate_runtime` each side
+    (default onnxruntime; NAME or NAME:DEVICE, see onnxbn.runtimes). `precision` is the
+    candidate's (None = the runtime's own choice; f32, bf16, f16 for openvino),
+    `reference_precision` the reference's (f32). `atol` and `rtol` both None: the defaults
+    for the precisions the two sides ran at (1e-5 at full precision; at bf16/f16/tf32 looser,
+    plus a term relative to each sample's scale, see runtimes.TOLERANCES); giving either
+    one applies the plain rule |a-b| <= atol + rtol*|a| (the other defaulting as above).
     """
+    if runtime is not None and (reference_runtime is not None or candidate_runtime is not None):
+        raise UserError("give --runtime (both sides) or --reference-runtime/--candidate-runtime, not both")
+    ref_side = {"runtime": reference_runtime or runtime or "onnxruntime", "device": device,
+                "precision": reference_precision}
+    cand_side = {"runtime": candidate_runtime or runtime or "onnxruntime", "device": device, "precision": precision}
+    for side in (cand_side, ref_side):  # a missing runtime or a precision it cannot take fails before any work
+        check_runtime(**side)
     ref, cand = load_model(reference), load_model(candidate)
-    if atol < 0 or rtol < 0:
+    if (atol is not None and atol < 0) or (rtol is not None and rtol < 0):
         raise UserError("--atol and --rtol must not be negative")
     feed_name, dtype, shape = model_input(ref)
     if [i.name for i in graph_inputs(cand)] != [feed_name]:
@@ -243,23 +314,33 @@ def compare(reference, candidate, data=None, atol: float = 1e-5, rtol: float = 1
         description = str(data) if isinstance(data, (str, os.PathLike)) else "array"
     dataset = open_model_data(ref, data, preset=preset, limit=limit, seed=seed)
     batch_size = fit_batch_size(shape, batch_size, len(dataset))
-    s_ref, s_cand = make_session(ref, device), make_session(cand, device)
+    s_ref = open_session(ref, **ref_side)
+    s_cand = open_session(cand, **cand_side)
+    tolerance, scaled = "given", 0.0
+    if atol is None or rtol is None:
+        d_atol, d_rtol, d_scaled = default_tolerance(s_ref.info, s_cand.info)
+        if atol is None and rtol is None:
+            tolerance, scaled = tolerance_precision(s_ref.info, s_cand.info), d_scaled
+        atol = d_atol if atol is None else atol
+        rtol = d_rtol if rtol is None else rtol
     metrics = {n: OutputMetrics() for n in out_names}
     samples, first_batch = 0, None
     for x, _, a_vals in run_batches(s_ref, dataset, out_names, ref, batch_size, workers=workers, strict=strict,
                                     desc="check"):
         first_batch = x if first_batch is None else first_batch
         for name, a, b in zip(out_names, a_vals, s_cand.run(out_names, {feed_name: x})):
-            metrics[name].update(a, b, atol, rtol)
+            metrics[name].update(a, b, atol, rtol, scaled)
         samples += len(x)
     if samples < min_samples:
         skipped = f"; {len(dataset.skipped)} unreadable, e.g. {dataset.skipped[0]}" if dataset.skipped else ""
         raise UserError(f"{dataset.description}: only {samples} sample(s) could be compared (at least {min_samples} "
                         f"needed){skipped}; nothing was verified")
-    report = Report(metrics, atol, rtol, samples, description, session_provider(s_cand),
+    report = Report(metrics, atol, rtol, samples, description, s_cand.info.device,
                     reference=str(reference) if not isinstance(reference, onnx.ModelProto) else "<model>",
                     candidate=str(candidate) if not isinstance(candidate, onnx.ModelProto) else "<model>",
-                    skipped_inputs=dataset.skipped)
+                    skipped_inputs=dataset.skipped, reference_runtime=s_ref.info.to_dict(),
+                    candidate_runtime=s_cand.info.to_dict(), tolerance=tolerance, scaled_atol=scaled)
     if layerwise and first_batch is not None:
-        report.layerwise = _layerwise(ref, cand, first_batch[:LAYERWISE_SAMPLES], feed_name, atol, rtol, device)
+        report.layerwise = _layerwise(ref, cand, first_batch[:LAYERWISE_SAMPLES], feed_name, atol, rtol,
+                                      ref_side, cand_side, scaled)
     return report

@@ -207,20 +207,37 @@ def cmd_insert(args) -> int:
 
 
 CHECK_DATA = InputData(random=True, data_help="image folder or .npz of inputs", verified=True)
-TOLERANCE = [arg("--atol", type=float, default=1e-5, help="absolute tolerance (default: 1e-5)"),
-             arg("--rtol", type=float, default=1e-5, help="relative tolerance (default: 1e-5)")]
+RUNTIME_TOLERANCE = [
+    arg("--atol", type=float, help="absolute tolerance (default: 1e-5; where a runtime computes in bf16, f16 or tf32, "
+        "looser defaults that also scale with each sample's largest value: see the README; giving --atol or --rtol "
+        "applies the plain rule |a-b| <= atol + rtol*|a|)"),
+    arg("--rtol", type=float, help="relative tolerance (default: 1e-5; 3e-2 at bf16, 4e-3 at f16/tf32)")]
+PRECISION = arg("--precision", choices=PRECISION_CHOICES,
+                help="the candidate runtime's arithmetic: default (the runtime's own choice, reported), f32, "
+                     "bf16, f16 (openvino; a hint the CPU cannot honour is reported as what ran)")
 
 
 @command(arg("reference", help="reference ONNX model"), arg("candidate", help="candidate ONNX model"),
-         CHECK_DATA, TOLERANCE,
+         CHECK_DATA, RUNTIME_TOLERANCE,
          arg("--layerwise", action="store_true", help="also compare every shared tensor and name the first divergence"),
          arg("--report", help="write the report as JSON here"), arg("--junit", help="write a JUnit XML report here"),
-         DEVICE)
+         DEVICE,
+         arg("--runtime", help=f"run both models here: {RUNTIME_HELP}"),
+         arg("--reference-runtime", help=f"run the reference here (default: onnxruntime): {RUNTIME_HELP}"),
+         arg("--candidate-runtime", help=f"run the candidate here (default: onnxruntime): {RUNTIME_HELP}"),
+         PRECISION,
+         arg("--reference-precision", choices=PRECISION_CHOICES, default="f32",
+             help="the reference runtime's arithmetic (default: f32)"))
 def cmd_check(args) -> int:
     """Check that two models compute the same outputs: exit 0 pass, 1 mismatch, 2 error.
 
     Unreadable images are skipped and counted in the report (--strict fails on them); fewer
-    than --min-samples compared samples (default 1) is an error, never a pass."""
+    than --min-samples compared samples (default 1) is an error, never a pass.
+
+    Both models run on onnxruntime unless --runtime (both sides) or --reference-runtime /
+    --candidate-runtime say otherwise: `onnxbn check m.onnx m.onnx --candidate-runtime openvino`
+    checks one model on the runtime it ships to. The report names each side's runtime,
+    version, device and the precision the runtime chose."""
     from onnxbn.check import compare
     from onnxbn.modelio import atomic_path, refuse_overwrite
 
@@ -230,7 +247,9 @@ def cmd_check(args) -> int:
         if out:
             refuse_overwrite(out, inputs)
     report = compare(args.reference, args.candidate, atol=args.atol, rtol=args.rtol, device=args.device,
-                     layerwise=args.layerwise, **options)
+                     layerwise=args.layerwise, runtime=args.runtime, reference_runtime=args.reference_runtime,
+                     candidate_runtime=args.candidate_runtime, precision=args.precision,
+                     reference_precision=args.reference_precision, **options)
     print(report.table())
     if args.report:
         _write_json(args.report, report.to_dict(), inputs)
@@ -310,37 +329,95 @@ FOLD_DATA = InputData(random=True, data_help="verify on these inputs (image fold
                       verified=True)
 
 
-@command(arg("model", help="ONNX model with BatchNormalization nodes"), FOLD_DATA, TOLERANCE,
+@command(arg("model", help="ONNX model with BatchNormalization nodes"), FOLD_DATA, RUNTIME_TOLERANCE,
          arg("--json", action="store_true", help="print the per-BN decisions and the check as JSON"),
-         DEVICE, OUTPUT)
+         DEVICE,
+         arg("--verify-on", action="append", metavar="RUNTIME",
+             help=f"also check the folded model on this runtime (repeatable): {RUNTIME_HELP}"),
+         PRECISION, OUTPUT)
 def cmd_fold(args) -> int:
     """Fold BatchNormalization into neighbouring Conv/Gemm layers for deployment, verified.
 
     The folded model is compared with the input through onnxruntime and written only
-    when every output is within tolerance (exit 1 otherwise)."""
+    when every output is within tolerance (exit 1 otherwise). Each --verify-on RUNTIME
+    also runs the folded model there against the unfolded one on onnxruntime
+    (--precision: the arithmetic asked of the runtimes that take one, e.g. openvino);
+    the model is written only when every check passes."""
     from onnxbn.check import compare
     from onnxbn.fold import fold_with_decisions
     from onnxbn.modelio import load_model, refuse_overwrite, save_model
+    from onnxbn.runtimes import check_runtime, parse_runtime, supports_precision
 
     options = FOLD_DATA.options(args)
     refuse_overwrite(args.output, [args.model, args.data], args.force)
+    verify = list(dict.fromkeys(args.verify_on or []))
+    names = [parse_runtime(r, args.device)[0] for r in verify]
+    if args.precision not in (None, "default") and not any(supports_precision(n, args.precision) for n in names):
+        raise UserError(f"--precision {args.precision} applies to --verify-on openvino; "
+                        f"{', '.join(verify) or 'onnxruntime alone'} run(s) the model in its own types")
+    for spec in verify:  # an unknown or missing runtime fails before any work
+        check_runtime(spec, args.device)
     model = load_model(args.model)
     folded, decisions = fold_with_decisions(model)
     report = compare(model, folded, atol=args.atol, rtol=args.rtol, device=args.device, **options)
+    checks = {}
+    for spec, name in zip(verify, names):
+        precision = args.precision if supports_precision(name, args.precision) else None
+        checks[spec] = compare(model, folded, atol=args.atol, rtol=args.rtol, device=args.device,
+                               reference_runtime="onnxruntime", candidate_runtime=spec, precision=precision, **options)
     if args.json:
-        print(json.dumps({"decisions": decisions, "check": report.to_dict()}, indent=2))
+        print(json.dumps({"decisions": decisions, "check": report.to_dict(),
+                          **({"verify_on": {k: r.to_dict() for k, r in checks.items()}} if checks else {})}, indent=2))
     else:
         for d in decisions:
             print(f"{d['bn']}: " + (f"folded into {d['into']} ({d['direction']})" if d["action"] == "folded"
                                     else f"kept: {d['reason']}"))
         print(report.table())
-    if not report.passed:
-        log.error("the folded model differs from the input beyond tolerance; nothing written")
+        for spec, r in checks.items():
+            print(f"\nverify on {spec}:\n{r.table()}")
+    failed = [k for k, r in {"onnxruntime": report, **checks}.items() if not r.passed]
+    if failed:
+        log.error("the folded model differs from the input beyond tolerance on %s; nothing written", ", ".join(failed))
         return 1
     save_model(folded, args.output, inputs=[args.model, args.data], force=args.force)
     kept = sum(d["action"] == "kept" for d in decisions)
     log.info("folded %d of %d BatchNormalization nodes (%d kept); wrote %s", len(decisions) - kept, len(decisions),
              kept, args.output)
+    return 0
+
+
+RECALIBRATE_DATA = InputData(required=True, workers="pool", data_help="data to recalibrate on, labels unused "
+                             "(image folder or .npz with x)")
+
+
+@command(arg("model", help="ONNX model with BatchNormalization nodes"), RECALIBRATE_DATA,
+         arg("--mode", choices=["exact", "batch"], default="exact",
+             help="exact (default): the statistics the eval-mode model sees, level by level; batch: one "
+                  "training-mode pass, as torch's update_bn"),
+         arg("--nodes", help="BatchNormalization node names, comma separated (default: all)"),
+         arg("--cache-mb", type=float, default=1024.0,
+             help="exact mode: keep up to this many MiB of activations between passes (default: 1024; 0 = none)"),
+         arg("--json", action="store_true", help="print the report as JSON"),
+         DEVICE, OUTPUT)
+def cmd_recalibrate(args) -> int:
+    """Re-estimate the mean/var of BatchNormalization nodes on new data; scale and B stay (AdaBN).
+
+    exact: BN nodes are recalibrated level by level (one pass per level, each running only the
+    part of the graph it needs), so each BN ends up with the statistics of its input in the
+    eval-mode model that is written. batch: one pass with each BN normalising with its batch's
+    statistics (torch's update_bn convention; depends on --batch-size). Training-mode BN nodes
+    become inference-mode nodes. The report lists, per BN, the change of mean and var (max
+    |new-old| / max(|old|,|new|)), dead channels and the pass; --json prints it as JSON."""
+    from onnxbn.modelio import refuse_overwrite, save_model
+    from onnxbn.recalibrate import recalibrate_with_report
+
+    refuse_overwrite(args.output, [args.model, args.data], args.force)
+    model, report = recalibrate_with_report(args.model, mode=args.mode, nodes=args.nodes, device=args.device,
+                                            cache_mb=args.cache_mb, **RECALIBRATE_DATA.options(args))
+    save_model(model, args.output, inputs=[args.model, args.data], force=args.force)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.table())
+    log.info("recalibrated %d BatchNormalization nodes (%s, %d passes, %d samples); wrote %s", len(report.bns),
+             report.mode, len(report.passes), report.samples, args.output)
     return 0
 
 
@@ -369,6 +446,7 @@ def cmd_demo(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="onnxbn", description=__doc__.splitlines()[0].rstrip("."),
                                      epilog="Run `onnxbn COMMAND --help` for a command's options.")
+    parser.add_argument("--version", action="version", version=f"onnxbn {__import__('onnxbn').__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

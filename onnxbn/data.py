@@ -15,18 +15,15 @@ Preprocessing presets, at the model's input size S (224 for VGG):
 Images of any mode (L, LA, P, RGBA, CMYK, I;16, ...) are converted to RGB; 16-bit
 images are scaled to 8 bits first.
 
-Images are decoded in worker processes a bounded number of batches ahead of the
-consumer, so decoding overlaps inference and memory does not grow with the data.
+Images are decoded in worker processes (a torch DataLoader) a bounded number of batches
+ahead of the consumer, so decoding overlaps inference and memory does not grow with the data.
 """
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import hashlib
-import multiprocessing
 import os
 import zipfile
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -395,31 +392,36 @@ def open_stream(data, *, limit: int | None, seed: int, shard) -> Stream:
     return Stream(f"{name} ({n} items)", data, order=order, source=source)
 
 
+class _DecodedChunks:
+    """Map-style view of (start, paths) chunks: item i is (start, decode_batch(paths)); what a
+    torch DataLoader hands to its workers (a plain class: no torch import without workers)."""
+
+    def __init__(self, chunks, preset, size):
+        self.chunks, self.preset, self.size = chunks, preset, size
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, i):
+        start, paths = self.chunks[i]
+        return start, decode_batch(paths, self.preset, self.size)
+
+
+def _as_is(item):
+    return item
+
+
 def _decode_in_order(chunks, preset, size, workers):
+    """Decoded chunks in order: in-process, or in `workers` processes through a torch DataLoader
+    (forked workers, each two chunks ahead: memory stays flat however large the folder)."""
+    items = _DecodedChunks(chunks, preset, size)
     if workers <= 0 or len(chunks) <= 1:
-        for start, paths in chunks:
-            yield start, decode_batch(paths, preset, size)
+        yield from (items[i] for i in range(len(items)))
         return
-    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-    ahead = 2 * workers  # bounded read-ahead: memory stays flat however large the folder
-    with cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as pool:
-        pending: deque = deque()
-        todo = iter(chunks)
-        try:
-            for start, paths in todo:
-                pending.append((start, pool.submit(decode_batch, paths, preset, size)))
-                if len(pending) >= ahead:
-                    break
-            while pending:
-                start, future = pending.popleft()
-                result = future.result()
-                nxt = next(todo, None)
-                if nxt is not None:
-                    pending.append((nxt[0], pool.submit(decode_batch, nxt[1], preset, size)))
-                yield start, result
-        finally:
-            for _, future in pending:
-                future.cancel()
+    import torch.utils.data as tud
+
+    yield from tud.DataLoader(items, batch_size=None, shuffle=False, num_workers=min(workers, len(chunks)),
+                              collate_fn=_as_is, prefetch_factor=2)
 
 
 def default_workers() -> int:

@@ -62,13 +62,15 @@ def cuda_available() -> bool:
 
 
 def make_session(model: onnx.ModelProto | bytes | str, device: str = "auto", threads: int = 0,
-                 weights: dict | None = None):
+                 weights: dict | None = None, tf32: bool | None = None):
     """An InferenceSession for `model` on `device` ('auto', 'cpu' or 'cuda').
 
     'cuda' fails with a UserError when CUDA does not load; 'auto' falls back to the
     CPU silently. `threads` > 0 caps onnxruntime's intra-op threads. A ModelProto's
     large weights go to onnxruntime as arrays (see graph.detach_weights); `weights`
-    supplies them for a model that is already detached.
+    supplies them for a model that is already detached. `tf32` sets the CUDA provider's
+    `use_tf32` (None: onnxruntime's default). A model onnxruntime cannot load is a
+    UserError naming the operator it lacks (see runtimes.load_error).
     """
     if device not in DEVICES:
         raise UserError(f"unknown device {device!r}: use one of {', '.join(DEVICES)}")
@@ -92,12 +94,19 @@ def make_session(model: onnx.ModelProto | bytes | str, device: str = "auto", thr
     want_cuda = device == "cuda" or (device == "auto" and cuda_available())
     if device == "cuda" and not cuda_available():
         raise UserError("--device cuda: onnxruntime has no usable CUDA provider here; use --device cpu or auto")
-    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if want_cuda else ["CPUExecutionProvider"]
+    cuda = ("CUDAExecutionProvider", {"use_tf32": str(int(tf32))}) if tf32 is not None else "CUDAExecutionProvider"
+    providers = [cuda, "CPUExecutionProvider"] if want_cuda else ["CPUExecutionProvider"]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             session = ort.InferenceSession(payload, options, providers=providers)
     except Exception as exc:
+        if "NOT_IMPLEMENTED" in str(exc) and isinstance(model, onnx.ModelProto):
+            from onnxbn.runtimes import load_error
+
+            error = load_error("onnxruntime", exc, model)
+            if "no implementation of operator" in str(error):
+                raise error from exc
         if "INVALID_GRAPH" in str(exc) or "INVALID_PROTOBUF" in str(exc) or "NOT_IMPLEMENTED" in str(exc):
             raise UserError(f"onnxruntime cannot run this model: {str(exc).splitlines()[0]}") from exc
         raise
