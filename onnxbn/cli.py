@@ -207,6 +207,9 @@ def cmd_insert(args) -> int:
 
 
 CHECK_DATA = InputData(random=True, data_help="image folder or .npz of inputs", verified=True)
+RUNTIME_HELP = "onnxruntime (default), openvino, tract or reference; NAME:DEVICE for onnxruntime:cuda"
+PRECISION_CHOICES = ["default", "f32", "bf16", "f16"]
+# check and fold: tolerances default to the precisions the two sides ran at (onnxbn.runtimes.TOLERANCES)
 RUNTIME_TOLERANCE = [
     arg("--atol", type=float, help="absolute tolerance (default: 1e-5; where a runtime computes in bf16, f16 or tf32, "
         "looser defaults that also scale with each sample's largest value: see the README; giving --atol or --rtol "
