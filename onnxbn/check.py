@@ -313,7 +313,7 @@ def compare(reference, candidate, data=None, atol: float | None = None, rtol: fl
     else:
         description = str(data) if isinstance(data, (str, os.PathLike)) else "array"
     dataset = open_model_data(ref, data, preset=preset, limit=limit, seed=seed)
-    batch_size = fit_batch_size(shape, batch_size, len(dataset))
+    batch_size = fit_batch_size(shape, batch_size, dataset.total)
     s_ref = open_session(ref, **ref_side)
     s_cand = open_session(cand, **cand_side)
     tolerance, scaled = "given", 0.0

@@ -244,10 +244,12 @@ class Stream:
     numpy arrays or torch tensors), read as a stream: nothing is materialised beyond one batch.
 
     An indexable source (a torch Dataset: `__len__` and `__getitem__`) is read in item order and
-    supports a seeded `limit`, `shard`, `start` (resume) and `workers` (through a torch DataLoader
-    with prefetch). Any other iterable is read once, in its own order, and re-batched to the
-    requested batch size (so fixed-batch models get full batches); `limit`, `shard` and resuming
-    need an indexable source and are refused for it.
+    supports a seeded `limit` (a uniform sample: its labels are unknown until read, so unlike a
+    folder's or an array's it is not class-balanced), `shard`, `start` (resume) and `workers`
+    (through a torch DataLoader with prefetch). Any other iterable, a list or tuple included, is
+    read once as batches, in its own order, and re-batched to the requested batch size (so
+    fixed-batch models get full batches); `limit`, `shard` and resuming need an indexable source
+    and are refused for it.
     """
 
     description: str
@@ -263,10 +265,8 @@ class Stream:
 
     @property
     def total(self) -> int | None:
-        if self.order is not None:
-            return len(self.order)
-        return len(self.source_object) if hasattr(self.source_object, "__len__") and \
-            not hasattr(self.source_object, "batch_size") else None
+        """Items to read: known for an indexable source, unknown (None) for a stream of batches."""
+        return len(self.order) if self.order is not None else None
 
     def __len__(self) -> int:
         if self.total is None:
@@ -354,6 +354,12 @@ def _rebatch(items, batch_size: int):
         yield np.concatenate(xs), (None if any(v is None for v in ys) else np.concatenate(ys))
 
 
+def _indexable(data) -> bool:
+    """A map-style dataset of items (a torch Dataset and the like); a list or tuple is read as batches."""
+    return hasattr(data, "__getitem__") and hasattr(data, "__len__") and not hasattr(data, "batch_size") \
+        and not isinstance(data, (list, tuple))
+
+
 def _is_stream(data) -> bool:
     """A torch Dataset/DataLoader or any iterable that is not a path, an array or an (x, y) pair."""
     if isinstance(data, (str, os.PathLike, np.ndarray, Dataset, Stream)):
@@ -369,7 +375,7 @@ def open_stream(data, *, limit: int | None, seed: int, shard) -> Stream:
     import hashlib as _hashlib
 
     index, count = parse_shard(shard)
-    indexable = hasattr(data, "__getitem__") and hasattr(data, "__len__") and not hasattr(data, "batch_size")
+    indexable = _indexable(data)
     name = type(data).__name__
     if not indexable:
         if limit is not None or count > 1:

@@ -142,12 +142,18 @@ def model_input(model: onnx.ModelProto) -> tuple[str, np.dtype, list]:
     return vi.name, dtype, tensor_shape(vi.type) or []
 
 
-def fit_batch_size(input_shape: list, batch_size: int, samples: int) -> int:
-    """`batch_size`, or the model's own when its batch axis is fixed (then `samples` must fill whole batches)."""
-    fixed = input_shape[0] if input_shape and isinstance(input_shape[0], int) and input_shape[0] > 0 else None
+def fixed_batch(input_shape: list) -> int | None:
+    """The model's batch size when its batch axis is fixed, else None."""
+    return input_shape[0] if input_shape and isinstance(input_shape[0], int) and input_shape[0] > 0 else None
+
+
+def fit_batch_size(input_shape: list, batch_size: int, samples: int | None) -> int:
+    """`batch_size`, or the model's own when its batch axis is fixed (then `samples` must fill whole
+    batches; a stream of unknown length is checked batch by batch in `run_batches`)."""
+    fixed = fixed_batch(input_shape)
     if fixed is None:
         return batch_size
-    if samples % fixed:
+    if samples is not None and samples % fixed:
         raise UserError(f"the model's batch size is fixed at {fixed} and {samples} samples do not fill whole "
                         f"batches; give a multiple of {fixed} samples (--limit, --random)")
     return fixed
@@ -189,9 +195,13 @@ def run_batches(session, dataset, fetch: list[str], model: onnx.ModelProto, batc
     progress bar counts items read (skipped ones included) from item `start` on.
     """
     name, dtype, shape = model_input(model)
-    with progress(len(dataset), desc) as bar:
+    fixed = fixed_batch(shape)
+    with progress(dataset.total, desc) as bar:
         bar.update(start)
         for x, y in dataset.batches(batch_size, workers, strict=strict, start=start, dtype=dtype):
             check_batch_shape(x, shape, dataset.description)
+            if fixed is not None and len(x) != fixed:
+                raise UserError(f"{dataset.description}: a batch of {len(x)} samples reached a model whose batch size "
+                                f"is fixed at {fixed}; give a multiple of {fixed} samples")
             yield x, y, session.run(fetch, {name: x})
             bar.update(dataset.consumed - bar.n)

@@ -378,7 +378,7 @@ def collect_stats(model, data, after="dense", batch_size: int = 32, limit: int |
     augmented = augment_for_stats(light, points)
     session = make_session(augmented, device, weights=weights)
     fetch = [o.name for o in augmented.graph.output]  # per point: mean, m2, count
-    batch_size = fit_batch_size(model_input(proto)[2], batch_size, len(dataset))
+    batch_size = fit_batch_size(model_input(proto)[2], batch_size, dataset.total)
     index, count = parse_shard(shard)
     selector = after if isinstance(after, str) else ",".join(after)
     # The provenance hash (and the data fingerprint a checkpoint carries) are computed in a
