@@ -201,6 +201,78 @@ class Report:
             return f"{info['runtime']} {info['version']} on {info['device']}, {info['precision']} ({how})"
         return f"reference: {label(ref)}; candidate: {label(cand)}"
 
+    def markdown(self) -> str:
+        """A short Markdown summary for a CI page: verdict, per-output table, first divergence."""
+        icon = "PASS" if self.passed else "FAIL"
+        lines = [f"### onnxbn check: **{icon}**", "",
+                 f"`{self.reference or 'reference'}` vs `{self.candidate or 'candidate'}`: {self.samples} samples "
+                 f"compared ({self.inputs}" + (f", {len(self.skipped_inputs)} unreadable skipped" if self.skipped_inputs
+                                               else "") + f"), {self._runtimes_text()}", "",
+                 "| output | max abs | max rel | cosine | top-1 | result |", "|---|---|---|---|---|---|"]
+        for name, m in self.outputs.items():
+            d = m.to_dict()
+            top1 = f"{d['top1_agreement']:.2%}" if "top1_agreement" in d else "-"
+            result = "pass" if m.passed else f"**fail** ({m.violations} of {m.elements})"
+            lines.append(f"| `{name}` | {d['max_abs_error']:.3g} | {d['max_rel_error']:.3g} | "
+                         f"{d['cosine_similarity']:.9f} | {top1} | {result} |")
+        scale = f" + {self.scaled_atol:g}*max\\|a(sample)\\|" if self.scaled_atol else ""
+        lines += ["", f"Rule: \\|a-b\\| <= {self.atol:g}{scale} + {self.rtol:g}*\\|a\\|."]
+        if self.layerwise is not None:
+            first = self.layerwise.get("first_divergence")
+            if not self.layerwise.get("available", True):
+                lines.append(f"Layerwise: not available ({self.layerwise['reason']}).")
+            else:
+                lines.append(f"Layerwise: {self.layerwise['compared']} shared tensors compared; " + (
+                    f"first divergence at `{first['tensor']}` (max abs {first['max_abs_error']:.3g})." if first
+                    else "none diverges."))
+        return "\n".join(lines) + "\n"
+
+    def node_data(self) -> dict:
+        """The layerwise errors as Model Explorer node data (one graph's `GraphNodeData`): `results`
+        keyed by tensor name (Model Explorer matches a node by its output tensor names) with each
+        tensor's max relative error as `value`, and thresholds colouring a node green within the
+        relative tolerance, orange up to 100x it, red beyond. JSON has no infinity: inf becomes 1e308."""
+        if not self.layerwise or not self.layerwise.get("tensors"):
+            raise UserError("node data needs layerwise errors: add --layerwise (and models that share tensor names)")
+        results = {}
+        for t in self.layerwise["tensors"]:
+            value = t.get("max_rel_error", math.inf)
+            results[t["tensor"]] = {"value": value if math.isfinite(value) else 1e308}
+        bound = max(self.rtol, 1e-12)
+        return {"results": results,
+                "thresholds": [{"value": bound, "bgColor": "#a5d6a7"}, {"value": 100 * bound, "bgColor": "#ffcc80"},
+                               {"value": 1e308, "bgColor": "#ef9a9a"}]}
+
+    def plot(self, path) -> None:
+        """Max relative error per shared tensor in the reference's topological order (log scale),
+        the relative tolerance as a line and the first divergence marked; a PNG at `path`."""
+        if not self.layerwise or not self.layerwise.get("tensors"):
+            raise UserError("--plot needs layerwise errors: add --layerwise")
+        try:
+            import matplotlib
+        except ImportError:
+            raise UserError("--plot needs matplotlib: pip install 'onnxbn[report]'") from None
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        tensors = self.layerwise["tensors"]
+        floor = 1e-12
+        values = [max(min(t.get("max_rel_error", math.inf), 1e6), floor) for t in tensors]
+        fig, ax = plt.subplots(figsize=(max(6.0, 0.25 * len(values)), 4), dpi=100)
+        ax.semilogy(range(len(values)), values, marker="o", markersize=3, linewidth=1, label="max rel error")
+        ax.axhline(max(self.rtol, floor), color="tab:orange", linestyle="--", label=f"rtol {self.rtol:g}")
+        first = self.layerwise.get("first_divergence")
+        if first is not None:
+            i = next(k for k, t in enumerate(tensors) if t["tensor"] == first["tensor"])
+            ax.axvline(i, color="tab:red", linewidth=1, label=f"first divergence: {first['tensor']}")
+        ax.set_xlabel("shared tensor (reference's topological order)")
+        ax.set_ylabel(f"max |a-b| / max |a| (floor {floor:g})")
+        ax.set_title("onnxbn check --layerwise: " + ("PASS" if self.passed else "FAIL"))
+        ax.legend(loc="best", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, format="png")
+        plt.close(fig)
+
     def junit(self) -> str:
         suite = ET.Element("testsuite", name="onnxbn.check", tests=str(len(self.outputs)),
                            failures=str(sum(not m.passed for m in self.outputs.values())))

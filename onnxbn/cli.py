@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -224,6 +225,10 @@ PRECISION = arg("--precision", choices=PRECISION_CHOICES,
          CHECK_DATA, RUNTIME_TOLERANCE,
          arg("--layerwise", action="store_true", help="also compare every shared tensor and name the first divergence"),
          arg("--report", help="write the report as JSON here"), arg("--junit", help="write a JUnit XML report here"),
+         arg("--summary-md", metavar="FILE", help="write a short Markdown summary here (also appended to "
+             "$GITHUB_STEP_SUMMARY when that is set)"),
+         arg("--plot", metavar="FILE.png", help="with --layerwise: draw max relative error per layer"),
+         arg("--node-data", metavar="FILE.json", help="with --layerwise: per-node errors as Model Explorer node data"),
          DEVICE,
          arg("--runtime", help=f"run both models here: {RUNTIME_HELP}"),
          arg("--reference-runtime", help=f"run the reference here (default: onnxruntime): {RUNTIME_HELP}"),
@@ -246,9 +251,11 @@ def cmd_check(args) -> int:
 
     options = CHECK_DATA.options(args)
     inputs = [args.reference, args.candidate, args.data]
-    for out in (args.report, args.junit):
+    for out in (args.report, args.junit, args.summary_md, args.plot, args.node_data):
         if out:
             refuse_overwrite(out, inputs)
+    if (args.plot or args.node_data) and not args.layerwise:
+        raise UserError("--plot and --node-data draw the layerwise errors: add --layerwise")
     report = compare(args.reference, args.candidate, atol=args.atol, rtol=args.rtol, device=args.device,
                      layerwise=args.layerwise, runtime=args.runtime, reference_runtime=args.reference_runtime,
                      candidate_runtime=args.candidate_runtime, precision=args.precision,
@@ -259,6 +266,17 @@ def cmd_check(args) -> int:
     if args.junit:
         with atomic_path(args.junit) as tmp:
             tmp.write_text(report.junit() + "\n")
+    if args.summary_md:
+        with atomic_path(args.summary_md) as tmp:
+            tmp.write_text(report.markdown())
+    if os.environ.get("GITHUB_STEP_SUMMARY"):
+        with open(os.environ["GITHUB_STEP_SUMMARY"], "a") as fh:  # GitHub's file: appended, as its docs ask
+            fh.write(report.markdown() + "\n")
+    if args.node_data:
+        _write_json(args.node_data, report.node_data(), inputs)
+    if args.plot:
+        with atomic_path(args.plot, suffix=".png") as tmp:
+            report.plot(tmp)
     return 0 if report.passed else 1
 
 

@@ -118,6 +118,9 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         raise UserError(f"{path.parent}: output folder does not exist; create it first")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # what open() would have given (mkstemp makes it 0600)
     try:
         yield Path(tmp)
         os.replace(tmp, path)
