@@ -40,9 +40,9 @@ import onnx
 
 from onnxbn.errors import UserError
 from onnxbn.graph import FLOAT_TYPES, GraphIndex, graph_inputs, value_types
-from onnxbn.modelio import load_model
+from onnxbn.modelio import load_model, load_structure
 from onnxbn.runtime import fit_batch_size, model_input, open_model_data, run_batches
-from onnxbn.runtimes import check_runtime, default_tolerance, expose, open_session, tolerance_precision
+from onnxbn.runtimes import check_runtime, default_tolerance, expose, open_session, parse_runtime, tolerance_precision
 
 LAYERWISE_SAMPLES = 4  # every intermediate tensor is held at once: keep the batch small
 
@@ -342,6 +342,14 @@ def _layerwise(ref: onnx.ModelProto, cand: onnx.ModelProto, x: np.ndarray, feed_
     return out
 
 
+def _side_model(model, side: dict) -> tuple[onnx.ModelProto, str | None]:
+    """(proto, folder) for one side: a file for onnxruntime as its structure (the weights stay in
+    the file, read by onnxruntime from `folder`); anything else loaded whole."""
+    if isinstance(model, (str, os.PathLike)) and parse_runtime(side["runtime"])[0] == "onnxruntime":
+        return load_structure(model), os.path.dirname(os.path.abspath(model))
+    return load_model(model), None
+
+
 def compare(reference, candidate, data=None, atol: float | None = None, rtol: float | None = None,
             batch_size: int = 32, device: str = "auto", layerwise: bool = False, random: int | None = None,
             seed: int = 0, limit: int | None = None, workers: int = 0, preset: str | None = None, strict: bool = False,
@@ -370,7 +378,9 @@ def compare(reference, candidate, data=None, atol: float | None = None, rtol: fl
     cand_side = {"runtime": candidate_runtime or runtime or "onnxruntime", "device": device, "precision": precision}
     for side in (cand_side, ref_side):  # a missing runtime or a precision it cannot take fails before any work
         check_runtime(**side)
-    ref, cand = load_model(reference), load_model(candidate)
+    # onnxruntime reads a model file's weights itself: Python holds only the graph (load_structure)
+    (ref, ref_folder), (cand, cand_folder) = (_side_model(m, side) for m, side in ((reference, ref_side),
+                                                                                   (candidate, cand_side)))
     if (atol is not None and atol < 0) or (rtol is not None and rtol < 0):
         raise UserError("--atol and --rtol must not be negative")
     feed_name, dtype, shape = model_input(ref)
@@ -386,8 +396,8 @@ def compare(reference, candidate, data=None, atol: float | None = None, rtol: fl
         description = str(data) if isinstance(data, (str, os.PathLike)) else "array"
     dataset = open_model_data(ref, data, preset=preset, limit=limit, seed=seed)
     batch_size = fit_batch_size(shape, batch_size, dataset.total)
-    s_ref = open_session(ref, **ref_side)
-    s_cand = open_session(cand, **cand_side)
+    s_ref = open_session(ref, folder=ref_folder, **ref_side)
+    s_cand = open_session(cand, folder=cand_folder, **cand_side)
     tolerance, scaled = "given", 0.0
     if atol is None or rtol is None:
         d_atol, d_rtol, d_scaled = default_tolerance(s_ref.info, s_cand.info)
@@ -414,5 +424,5 @@ def compare(reference, candidate, data=None, atol: float | None = None, rtol: fl
                     candidate_runtime=s_cand.info.to_dict(), tolerance=tolerance, scaled_atol=scaled)
     if layerwise and first_batch is not None:
         report.layerwise = _layerwise(ref, cand, first_batch[:LAYERWISE_SAMPLES], feed_name, atol, rtol,
-                                      ref_side, cand_side, scaled)
+                                      dict(ref_side, folder=ref_folder), dict(cand_side, folder=cand_folder), scaled)
     return report

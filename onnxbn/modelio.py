@@ -95,6 +95,122 @@ def load_model(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
     return proto
 
 
+# Protocol-buffer field numbers on the path to a weight's bytes: ModelProto.graph (7),
+# GraphProto.initializer (5), TensorProto.name (8) and TensorProto.raw_data (9).
+_GRAPH, _INITIALIZER, _NAME, _RAW_DATA = 7, 5, 8, 9
+
+
+def _varint(buf, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def _encode_varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _fields(buf, start: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
+    """(field number, wire type, start of the field's tag, start of its payload, end) of each field."""
+    pos = start
+    while pos < end:
+        tag_at = pos
+        key, pos = _varint(buf, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            _, after = _varint(buf, pos)
+        elif wire == 1:
+            after = pos + 8
+        elif wire == 2:
+            length, pos = _varint(buf, pos)
+            after = pos + length
+        elif wire == 5:
+            after = pos + 4
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+        if after > end:
+            raise ValueError("truncated protobuf field")
+        yield number, wire, tag_at, pos, after
+        pos = after
+
+
+def _without_raw_data(buf, start: int, end: int, keep_bytes: int, offsets: dict, base: int) -> bytes:
+    """A TensorProto's bytes without a raw_data over `keep_bytes`; its (offset, length) go to `offsets`."""
+    out, name, raw = bytearray(), None, None
+    for number, wire, tag_at, pos, after in _fields(buf, start, end):
+        if number == _NAME and wire == 2:
+            name = bytes(buf[pos:after]).decode()
+        if number == _RAW_DATA and wire == 2 and after - pos > keep_bytes:
+            raw = (base + pos, after - pos)
+            continue
+        out += buf[tag_at:after]
+    if raw is not None:
+        offsets[name] = raw
+    return bytes(out)
+
+
+def _submessage(number: int, payload: bytes) -> bytes:
+    return _encode_varint(number << 3 | 2) + _encode_varint(len(payload)) + payload
+
+
+def load_structure(path: str | os.PathLike, keep_bytes: int = 4096) -> onnx.ModelProto:
+    """The model at `path` without the bytes of its large weights, which stay in the file.
+
+    The file is scanned at the protocol-buffer level: every top-level initializer's raw_data
+    over `keep_bytes` is left out, and the tensor instead points into the model file itself
+    as external data (location = the file's name, offset, length), so onnxruntime can read the
+    weights straight from the file (`runtime.make_session(..., folder=path's folder)`) and
+    Python never holds them. Names, types, dims and every other field are as in the file.
+    Weights already stored as external data keep their own locations (checked as in
+    `load_model`). Metadata of a large model costs milliseconds, not a parse of its weights.
+    """
+    import mmap
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such model file")
+    offsets: dict[str, tuple[int, int]] = {}
+    try:
+        with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            model = bytearray()
+            for number, wire, tag_at, pos, after in _fields(buf, 0, len(buf)):
+                if number != _GRAPH or wire != 2:
+                    model += buf[tag_at:after]
+                    continue
+                graph = bytearray()
+                for g_number, g_wire, g_tag, g_pos, g_after in _fields(buf, pos, after):
+                    if g_number == _INITIALIZER and g_wire == 2:
+                        graph += _submessage(_INITIALIZER, _without_raw_data(buf, g_pos, g_after, keep_bytes, offsets, 0))
+                    else:
+                        graph += buf[g_tag:g_after]
+                model += _submessage(_GRAPH, bytes(graph))
+        proto = onnx.load_from_string(bytes(model))
+    except (ValueError, IndexError, OSError, onnx.onnx_cpp2py_export.checker.ValidationError) as exc:
+        raise UserError(f"{path}: not a readable ONNX model ({type(exc).__name__}); is the file complete?") from exc
+    except Exception as exc:  # protobuf's DecodeError and kin
+        raise UserError(f"{path}: not a readable ONNX model ({type(exc).__name__}); is the file complete?") from exc
+    if not proto.graph.node and not proto.graph.output:
+        raise UserError(f"{path}: not an ONNX model (no graph found); is the file complete?")
+    _check_external_locations(proto, path.parent)
+    for t in proto.graph.initializer:
+        if t.name in offsets:
+            offset, length = offsets[t.name]
+            t.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", path.name), ("offset", str(offset)), ("length", str(length))):
+                t.external_data.add(key=key, value=value)
+    return proto
+
+
 def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     pa, pb = Path(a), Path(b)
     if pa.exists() and pb.exists():
@@ -162,17 +278,31 @@ def weight_bytes(model: onnx.ModelProto) -> int:
     return total
 
 
-def model_sha256(model: onnx.ModelProto, weights: dict[str, np.ndarray] | None = None) -> str:
+def model_sha256(model: onnx.ModelProto, weights: dict[str, np.ndarray] | None = None,
+                 folder: str | os.PathLike | None = None) -> str:
     """Hash of the model's graph and weights (metadata excluded), for provenance checks.
 
     The graph without weight data is serialised, then every initializer's values
-    (taken from `weights`, the arrays of `detach_weights`, where given) are hashed.
+    (taken from `weights`, the arrays of `detach_weights`, where given) are hashed. A tensor
+    whose data lies in a file (a `load_structure` model; `folder` = the model's folder) is
+    hashed from the file in 1 MiB reads, never held whole: the same digest as from memory.
     """
     h = hashlib.sha256()
     h.update(skeleton(model, keep_elements=0).graph.SerializeToString(deterministic=True))
     for t in model.graph.initializer:
-        array = weights[t.name] if weights is not None and t.name in weights else numpy_helper.to_array(t)
         h.update(t.name.encode() + b"\0")
+        entries = {e.key: e.value for e in t.external_data}
+        if (weights is None or t.name not in weights) and t.data_location == onnx.TensorProto.EXTERNAL \
+                and entries.get("location") != IN_MEMORY and folder is not None:
+            with open(Path(folder) / entries["location"], "rb") as fh:
+                fh.seek(int(entries.get("offset", 0)))
+                left = int(entries["length"])
+                while left:
+                    chunk = fh.read(min(left, 1 << 20))
+                    h.update(chunk)
+                    left -= len(chunk)
+            continue
+        array = weights[t.name] if weights is not None and t.name in weights else numpy_helper.to_array(t)
         h.update(np.ascontiguousarray(array).view(np.uint8) if array.dtype != object else str(array.tolist()).encode())
     return h.hexdigest()
 

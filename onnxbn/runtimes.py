@@ -259,26 +259,32 @@ def check_runtime(runtime: str, device: str = "auto", precision: str | None = No
 
 
 def open_session(model: onnx.ModelProto | str | os.PathLike, runtime: str = "onnxruntime", *, device: str = "auto",
-                 precision: str | None = None, threads: int = 0) -> Session:
+                 precision: str | None = None, threads: int = 0, folder: str | os.PathLike | None = None) -> Session:
     """Load `model` on `runtime` ('onnxruntime', 'openvino', 'tract', 'reference', or NAME:DEVICE).
 
     `precision`: None/'default' (the runtime's own choice), 'f32', 'bf16' or 'f16' (openvino
-    only). The session's `info` records the precision the runtime reports it chose.
+    only). The session's `info` records the precision the runtime reports it chose. A model
+    file goes to onnxruntime as its structure, onnxruntime reading the weights from the file
+    (`modelio.load_structure`); `folder` is where such a structure model's weights lie.
     """
-    from onnxbn.modelio import load_model
+    from onnxbn.modelio import load_model, load_structure
 
     name, dev, requested = check_runtime(runtime, device, precision)
-    model = load_model(model)
-    opener = {"onnxruntime": _open_ort, "openvino": _open_openvino, "tract": _open_tract,
-              "reference": _open_reference}[name]
+    if name == "onnxruntime" and isinstance(model, (str, os.PathLike)):
+        model, folder = load_structure(model), os.path.dirname(os.path.abspath(model))
+    else:
+        model = load_model(model)
+    if name == "onnxruntime":
+        return _open_ort(model, dev, requested, threads, folder)
+    opener = {"openvino": _open_openvino, "tract": _open_tract, "reference": _open_reference}[name]
     return opener(model, dev, requested, threads)
 
 
-def _open_ort(model, device, requested, threads):
+def _open_ort(model, device, requested, threads, folder=None):
     from onnxbn.runtime import make_session, session_provider
 
     own = model_precision(model)
-    session = make_session(model, device, threads, tf32=None if requested == "default" else False)
+    session = make_session(model, device, threads, tf32=None if requested == "default" else False, folder=folder)
     provider = session_provider(session)
     precision = own
     if provider == "cuda" and own == "f32":

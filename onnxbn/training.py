@@ -34,7 +34,7 @@ import onnx
 from onnxbn import distributed
 from onnxbn.errors import UserError
 from onnxbn.graph import GraphIndex, require_opset, tensor_shape, value_types
-from onnxbn.modelio import load_model
+from onnxbn.modelio import load_model, load_structure
 from onnxbn.points import ACTIVATIONS
 from onnxbn.runtime import check_batch_shape, model_input, open_model_data, progress, rel_error, run_batches
 
@@ -444,11 +444,13 @@ def evaluate(model, data, batch_size: int = 32, device: str = "auto", limit: int
     """
     from onnxbn.runtime import make_session, session_provider
 
-    proto = load_model(model)
+    # a model file is read as structure only: onnxruntime reads its weights from the file itself
+    folder = os.path.dirname(os.path.abspath(model)) if isinstance(model, (str, os.PathLike)) else None
+    proto = load_structure(model) if folder is not None else model
     dataset = open_model_data(proto, data, preset=preset, limit=limit, seed=seed)
     if not dataset.has_labels():
         raise UserError(f"{dataset.description}: evaluation needs labels (class folders, y in the .npz, or (x, y) items)")
-    session = make_session(proto, device)
+    session = make_session(proto, device, folder=folder)
     out_name = proto.graph.output[0].name
     kind = _ends_in(proto)
     loss = top1 = top5 = n = 0.0

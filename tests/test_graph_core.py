@@ -257,3 +257,63 @@ def test_finetune_merges_a_last_batch_of_one():
     result = onnxbn.finetune(onnxbn.insert_bn(model, stats), (x, np.arange(17) % 10), epochs=1, batch_size=16,
                              device="cpu", lr=1e-3)  # a batch of 1 would raise in BatchNorm1d
     assert len(result.log["history"]) == 1
+
+
+# ----------------------------------------------------------------------------- weights stay in the file
+
+def big_gemm_model(path):
+    """A model whose one big weight (32 MiB) dominates: Python holding it would show in tracemalloc."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((4096, 2048)).astype(np.float32)
+    nodes = [helper.make_node("Flatten", ["x"], ["f"]), helper.make_node("Gemm", ["f", "w", "b"], ["h"], transB=1),
+             helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Gemm", ["r", "w2", "b2"], ["y"], transB=1)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 16, 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])],
+                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.zeros(4096, np.float32), "b"),
+                               numpy_helper.from_array(rng.standard_normal((10, 4096)).astype(np.float32), "w2"),
+                               numpy_helper.from_array(np.zeros(10, np.float32), "b2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    onnx.save(model, str(path))
+    return model
+
+
+def test_structure_points_into_the_file_and_hashes_the_same(tmp_path):
+    from onnxbn.modelio import load_model, load_structure, model_sha256
+
+    model = big_gemm_model(tmp_path / "m.onnx")
+    structure = load_structure(tmp_path / "m.onnx")
+    raw = (tmp_path / "m.onnx").read_bytes()
+    w = next(t for t in structure.graph.initializer if t.name == "w")
+    entries = {e.key: e.value for e in w.external_data}
+    assert w.data_location == TensorProto.EXTERNAL and entries["location"] == "m.onnx"
+    offset, length = int(entries["offset"]), int(entries["length"])
+    np.testing.assert_array_equal(np.frombuffer(raw[offset:offset + length], np.float32).reshape(4096, 2048),
+                                  numpy_helper.to_array(model.graph.initializer[0]))
+    assert next(t for t in structure.graph.initializer if t.name == "b2").raw_data  # small ones stay inline
+    assert model_sha256(structure, folder=tmp_path) == model_sha256(load_model(tmp_path / "m.onnx"))
+
+
+@pytest.mark.parametrize("step", ["stats", "check", "eval"])
+def test_stats_check_and_eval_never_hold_a_model_files_weights_in_python(tmp_path, step):
+    """onnxruntime reads the weights from the file; Python's own allocations stay far below their 32 MiB."""
+    import tracemalloc
+
+    big_gemm_model(tmp_path / "m.onnx")
+    x = np.random.default_rng(1).standard_normal((8, 4, 16, 32)).astype(np.float32)
+    path = str(tmp_path / "m.onnx")
+    tracemalloc.start()
+    if step == "stats":
+        stats = onnxbn.collect_stats(path, x, after="dense", device="cpu", workers=0)
+    elif step == "check":
+        assert onnxbn.compare(path, path, data=x).passed
+    else:
+        onnxbn.evaluate(path, (x, np.arange(8) % 10))
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 8 * 2**20, peak
+    if step == "stats":  # and the statistics are right: numpy on the exposed tensor
+        m = onnx.load(path)
+        m.graph.output.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, None))
+        r = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(["r"], {"x": x})[0]
+        np.testing.assert_allclose(stats.var("r"), r.astype(np.float64).var(axis=0), rtol=1e-6, atol=1e-9)
