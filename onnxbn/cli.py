@@ -366,7 +366,7 @@ def cmd_fold(args) -> int:
     the model is written only when every check passes."""
     from onnxbn.check import compare
     from onnxbn.fold import fold_with_decisions
-    from onnxbn.modelio import load_model, refuse_overwrite, save_model
+    from onnxbn.modelio import PROTOBUF_LIMIT, refuse_overwrite, save_model, stage_model, weight_bytes
     from onnxbn.runtimes import check_runtime, parse_runtime, supports_precision
 
     options = FOLD_DATA.options(args)
@@ -378,14 +378,27 @@ def cmd_fold(args) -> int:
                         f"{', '.join(verify) or 'onnxruntime alone'} run(s) the model in its own types")
     for spec in verify:  # an unknown or missing runtime fails before any work
         check_runtime(spec, args.device)
-    model = load_model(args.model)
-    folded, decisions = fold_with_decisions(model)
-    report = compare(model, folded, atol=args.atol, rtol=args.rtol, device=args.device, **options)
-    checks = {}
-    for spec, name in zip(verify, names):
-        precision = args.precision if supports_precision(name, args.precision) else None
-        checks[spec] = compare(model, folded, atol=args.atol, rtol=args.rtol, device=args.device,
-                               reference_runtime="onnxruntime", candidate_runtime=spec, precision=precision, **options)
+    folded, decisions = fold_with_decisions(args.model)
+    if weight_bytes(folded) < PROTOBUF_LIMIT // 2:
+        # Verify from the files: the folded model is staged next to the output and the Python copies
+        # are dropped, so onnxruntime reads both models' weights from disk (peak memory of two sessions).
+        staged = stage_model(folded, args.output)
+        del folded
+    else:  # a model past protobuf's limit is saved with external data: verify it from memory
+        staged = None
+    candidate = str(staged) if staged is not None else folded
+    try:
+        report = compare(args.model, candidate, atol=args.atol, rtol=args.rtol, device=args.device, **options)
+        checks = {}
+        for spec, name in zip(verify, names):
+            precision = args.precision if supports_precision(name, args.precision) else None
+            checks[spec] = compare(args.model, candidate, atol=args.atol, rtol=args.rtol, device=args.device,
+                                   reference_runtime="onnxruntime", candidate_runtime=spec, precision=precision,
+                                   **options)
+    except BaseException:
+        if staged is not None:
+            staged.unlink(missing_ok=True)
+        raise
     if args.json:
         print(json.dumps({"decisions": decisions, "check": report.to_dict(),
                           **({"verify_on": {k: r.to_dict() for k, r in checks.items()}} if checks else {})}, indent=2))
@@ -398,9 +411,14 @@ def cmd_fold(args) -> int:
             print(f"\nverify on {spec}:\n{r.table()}")
     failed = [k for k, r in {"onnxruntime": report, **checks}.items() if not r.passed]
     if failed:
+        if staged is not None:
+            staged.unlink(missing_ok=True)
         log.error("the folded model differs from the input beyond tolerance on %s; nothing written", ", ".join(failed))
         return 1
-    save_model(folded, args.output, inputs=[args.model, args.data], force=args.force)
+    if staged is not None:
+        os.replace(staged, args.output)
+    else:
+        save_model(folded, args.output, inputs=[args.model, args.data], force=args.force)
     kept = sum(d["action"] == "kept" for d in decisions)
     log.info("folded %d of %d BatchNormalization nodes (%d kept); wrote %s", len(decisions) - kept, len(decisions),
              kept, args.output)

@@ -22,7 +22,7 @@ from onnx import numpy_helper
 
 from onnxbn.graph import FLOAT_TYPES, GraphIndex, require_opset, tensor_shape, value_types
 
-from onnxbn.modelio import load_model, with_metadata
+from onnxbn.modelio import load_model, set_metadata
 
 # Ops a BN output may pass through on its way to the layer it folds forward into.
 PASSTHROUGH = {"Dropout", "Identity", "Flatten", "Reshape"}
@@ -372,11 +372,14 @@ def _remove_bn(g: _Graph, bn: onnx.NodeProto) -> None:
 
 def fold_with_decisions(model) -> tuple[onnx.ModelProto, list[dict]]:
     """The folded copy of `model` (path or ModelProto) and one decision per BN node, in graph order."""
-    model = load_model(model)
-    require_opset(model)
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    g = _Graph(out, value_types(model))
+    proto = load_model(model)
+    require_opset(proto)
+    if proto is model:  # the caller's proto: work on a copy (a model loaded from a path is ours)
+        out = onnx.ModelProto()
+        out.CopyFrom(proto)
+    else:
+        out = proto
+    g = _Graph(out, value_types(out))
     report = []
     for bn in [n for n in out.graph.node if n.op_type == "BatchNormalization" and n.domain in ("", "ai.onnx")]:
         g.refresh()
@@ -387,7 +390,8 @@ def fold_with_decisions(model) -> tuple[onnx.ModelProto, list[dict]]:
             _apply(g, bn, plan)
         report.append(entry)
     g.prune(g.touched)
-    return with_metadata(out, {"onnxbn.fold": _summary(report)}), report
+    set_metadata(out, {"onnxbn.fold": _summary(report)})
+    return out, report
 
 
 def _summary(report: list[dict]) -> str:

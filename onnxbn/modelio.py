@@ -269,6 +269,21 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, inputs: Iterable
     return path
 
 
+def stage_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
+    """Write `model` (under protobuf's limit) to a hidden temporary file next to `path` and return
+    it, for a caller that checks it before renaming it onto `path` (or deleting it)."""
+    path = Path(path)
+    if not path.parent.exists():
+        raise UserError(f"{path.parent}: output folder does not exist; create it first")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.onnx", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(model.SerializeToString())
+    return Path(tmp)
+
+
 def weight_bytes(model: onnx.ModelProto) -> int:
     """Bytes of tensor data in the model, from shapes and types (ByteSize() takes seconds on VGG16)."""
     total = 0
