@@ -22,7 +22,10 @@ cannot hold (sigma > 256 in float16) gets a float32 BN between two Casts instead
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
+import os
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -30,7 +33,7 @@ from onnx import helper
 
 from onnxbn.errors import UserError
 from onnxbn.graph import GraphIndex, require_opset, tensor_shape, value_types
-from onnxbn.modelio import load_model, model_sha256, set_metadata
+from onnxbn.modelio import load_model, load_structure, model_sha256, set_metadata
 from onnxbn.stats import Stats, load_stats
 
 BN_SUFFIX = "/onnxbn_bn"
@@ -71,11 +74,28 @@ def dead_channels(stats: Stats) -> dict[str, int]:
     return {name: int(np.count_nonzero(m.var == 0)) for name, m in stats.moments.items()}
 
 
-def _check_stats_match(model: onnx.ModelProto, stats: Stats, types: dict) -> None:
-    digest = stats.meta.get("model_sha256")
-    if digest and digest != model_sha256(model):
+def _provenance(model) -> Callable[[], str]:
+    """The model's sha256, computed in a thread (hashlib releases the GIL) while the caller loads
+    and edits the model; a file is hashed from disk, in 1 MiB reads."""
+    if isinstance(model, (str, os.PathLike)):
+        folder = os.path.dirname(os.path.abspath(model))
+        job = lambda: model_sha256(load_structure(model), folder=folder)  # noqa: E731
+    else:
+        job = lambda: model_sha256(model)  # noqa: E731
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    future = pool.submit(job)
+    pool.shutdown(wait=False)
+    return future.result
+
+
+def _check_provenance(stats: Stats, digest: Callable[[], str]) -> None:
+    expected = stats.meta.get("model_sha256")
+    if expected and expected != digest():
         raise UserError("the stats file was gathered on a different model (model_sha256 differs); "
                         "run `onnxbn stats` on this model first")
+
+
+def _check_stats_match(model: onnx.ModelProto, stats: Stats, types: dict) -> None:
     index = GraphIndex(model)
     for name, m in stats.moments.items():
         if not index.known_tensor(name):
@@ -93,6 +113,7 @@ def insert_bn(model, stats, eps: float = 1e-5) -> onnx.ModelProto:
     """
     if not eps > 0:
         raise UserError(f"--eps must be positive (got {eps})")
+    digest = _provenance(model)
     proto = load_model(model)
     stats = load_stats(stats)
     require_opset(proto)
@@ -131,6 +152,7 @@ def insert_bn(model, stats, eps: float = 1e-5) -> onnx.ModelProto:
         ordered.extend(new_nodes.get(id(node), []))
     del graph.node[:]
     graph.node.extend(ordered)
+    _check_provenance(stats, digest)  # the hash ran alongside the work above
     dead = dead_channels(stats)
     set_metadata(out, {"onnxbn.insert": json.dumps({
         "bn_inserted": len(stats.moments),
