@@ -5,7 +5,8 @@
 
 NAMES (default: all): stats-cost stats-memory insert-time train-step feature-cache
 data-pipeline deploy-latency; by name only: deploy-runtimes (latency and error of the original
-vs folded model on onnxruntime, openvino and tract). Every benchmark alternates its contenders
+vs folded model on onnxruntime, openvino and tract) and fixed-cost (each command as a whole
+process vs plain onnxruntime doing the same inference: wall time and peak RSS). Every benchmark alternates its contenders
 (A B A B ...) in one process and run, and reports the median of each and the ratio to the
 reference contender, so the numbers stay comparable on a busy machine. A table goes
 to stdout; `--json OUT` writes every raw timing plus the machine (CPU model, cores,
@@ -880,6 +881,96 @@ def bench_deploy_runtimes(ctx: Context) -> Result:
                   {"ratios": ratios, "errors": errors, "runtimes": infos, "skipped": missing})
 
 
+# ----------------------------------------------------------------------------- fixed-cost
+
+FIXED_CHILD = r"""
+import json, sys, time
+sys.path.insert(0, {root!r})
+kind, argv = {kind!r}, {argv!r}
+if kind == "onnxbn":
+    from onnxbn.cli import main
+    code = main(argv)
+else:
+    import numpy as np
+    import onnx, onnxruntime as ort
+    code = 0
+    if argv[0] == "load-save":
+        onnx.save(onnx.load(argv[1]), argv[2])
+    else:  # sessions from the files, the same batches through each
+        paths, x, batch = argv[1], np.load(argv[2])["x"], int(argv[3])
+        sessions = [ort.InferenceSession(p, providers=["CPUExecutionProvider"]) for p in paths]
+        for s in sessions:
+            name = s.get_inputs()[0].name
+            for i in range(0, len(x), batch):
+                s.run(None, {{name: x[i:i + batch]}})
+hwm = [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")][0]
+print(json.dumps({{"code": code, "hwm_kb": hwm}}))
+"""
+
+
+def _fixed_child(kind: str, argv: list) -> tuple[float, float]:
+    """(wall seconds, peak RSS MiB) of one child process doing the work."""
+    code = FIXED_CHILD.format(root=str(ROOT), kind=kind, argv=argv)
+    t = now()
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    wall = now() - t
+    if done.returncode != 0:
+        raise RuntimeError(f"{kind} {argv[:2]} failed: {done.stderr[-2000:]}")
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    if out["code"] not in (0, 1):
+        raise RuntimeError(f"{kind} {argv[:2]} exited {out['code']}: {done.stderr[-2000:]}")
+    return wall, out["hwm_kb"] / 1024
+
+
+def bench_fixed_cost(ctx: Context) -> Result:
+    """Each command, whole process, against plain onnxruntime doing the same inference."""
+    p = ctx.profile
+    model = str(ctx.model_path)
+    work = ctx.workdir / "fixed-cost"
+    work.mkdir(exist_ok=True)
+    n = 2 * p.batch
+    np.savez(work / "x.npz", x=ctx.arrays(n), y=np.arange(n) % p.classes)
+    np.savez(work / "x8.npz", x=ctx.arrays(8, seed=9))
+    bn = work / "bn.onnx"
+    if not bn.is_file():
+        from onnxbn.modelio import save_model
+
+        save_model(ctx.bn_model("dense"), bn, force=True)
+    stats = str(ctx.stats_path("dense"))
+    out = str(work / "out")
+    cases = {
+        f"stats --after relu, {n} inputs": (["stats", model, "--data", str(work / "x.npz"), "--after", "relu",
+                                               "--batch-size", str(p.batch), "--workers", "0", "-o", out + ".npz", "--force"],
+                                              ["run", [model], str(work / "x.npz"), p.batch]),
+        "check A B --random 8": (["check", model, model, "--random", "8", "--batch-size", str(p.batch)],
+                                 ["run", [model, model], str(work / "x8.npz"), p.batch]),
+        f"eval, {n} inputs": (["eval", model, "--data", str(work / "x.npz"), "--batch-size", str(p.batch)],
+                              ["run", [model], str(work / "x.npz"), p.batch]),
+        "fold --random 8 (fold + verify)": (["fold", str(bn), "--random", "8", "--batch-size", str(p.batch),
+                                             "-o", out + ".onnx", "--force"],
+                                            ["run", [str(bn), str(bn)], str(work / "x8.npz"), p.batch]),
+        "insert": (["insert", model, "--stats", stats, "-o", out + "_bn.onnx", "--force"],
+                   ["load-save", model, out + "_plain.onnx"]),
+    }
+    rows, worst = [], 0.0
+    for label, (command, plain) in cases.items():
+        raw = {"onnxbn": [], "plain": []}
+        for rep in range(ctx.reps):
+            order = (("onnxbn", command), ("plain", plain)) if rep % 2 == 0 else (("plain", plain), ("onnxbn", command))
+            for kind, argv in order:
+                raw[kind].append(_fixed_child(kind, argv))
+        t_ratio = median([w for w, _ in raw["onnxbn"]]) / median([w for w, _ in raw["plain"]])
+        m_ratio = median([m for _, m in raw["onnxbn"]]) / median([m for _, m in raw["plain"]])
+        rows += [row(f"[{label}] onnxbn, wall", [w for w, _ in raw["onnxbn"]], "s", t_ratio, role="subject"),
+                 row(f"[{label}] plain, wall", [w for w, _ in raw["plain"]], "s", 1.0, role="reference"),
+                 row(f"[{label}] onnxbn, peak RSS", [m for _, m in raw["onnxbn"]], "MiB", m_ratio),
+                 row(f"[{label}] plain, peak RSS", [m for _, m in raw["plain"]], "MiB", 1.0)]
+        worst = max(worst, t_ratio, m_ratio)
+    return Result("fixed-cost", "every command <= 1.25x plain onnxruntime in wall time and peak RSS", rows, worst,
+                  worst <= 1.25, ["whole processes (interpreter start included on both sides); plain = sessions "
+                                  "from the files running the same batches (insert: onnx.load + onnx.save)"])
+
+
 RUNNERS = {
     "stats-cost": bench_stats_cost,
     "stats-memory": bench_stats_memory,
@@ -889,6 +980,7 @@ RUNNERS = {
     "data-pipeline": bench_data_pipeline,
     "deploy-latency": bench_deploy_latency,
     "deploy-runtimes": bench_deploy_runtimes,  # optional: by name only (openvino, tract from onnxbn[dev])
+    "fixed-cost": bench_fixed_cost,  # by name only: whole processes, minutes on VGG16
 }
 
 
