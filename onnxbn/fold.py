@@ -337,15 +337,19 @@ def _apply(g: _Graph, bn: onnx.NodeProto, plan: _Plan) -> None:
     layout = _layout(layer, tuple(weight.dims))
     bias_name = plan.bias_node.input[plan.bias_slot] if plan.bias_slot < len(plan.bias_node.input) else ""
     alpha, beta = (_attr(layer, "alpha", 1.0), _attr(layer, "beta", 1.0)) if layer.op_type == "Gemm" else (1.0, 1.0)
-    w = g.array(layer.input[1]) * alpha
+    w = g.array(layer.input[1])  # a float64 copy, scaled in place below (a VGG16 classifier weight is 822 MB)
+    if alpha != 1.0:
+        w *= alpha
     b = g.array(bias_name) * beta if bias_name else np.zeros(layout.outputs)
     s, t = _bn_affine(g, bn)
     if plan.direction == "backward":
-        new_w, new_b = w * s[layout.out_index], b * s + t
+        w *= s[layout.out_index]
+        new_w, new_b = w, b * s + t
     else:
         s, t = np.repeat(s, plan.repeat), np.repeat(t, plan.repeat)
         shift = np.moveaxis(w * t[layout.in_index], layout.out_axis, 0).reshape(layout.outputs, -1).sum(axis=1)
-        new_w, new_b = w * s[layout.in_index], b + shift
+        w *= s[layout.in_index]
+        new_w, new_b = w, b + shift
     bias_type = g.constant(bias_name).data_type if bias_name else weight.data_type
     g.write(layer, 1, new_w, weight.data_type, _label(layer) + "_weight")
     g.write(plan.bias_node, plan.bias_slot, new_b, bias_type, _label(layer) + "_bias")
