@@ -1,19 +1,47 @@
-"""The demo pipeline at a tiny budget: the report's keys and the identity numbers."""
+"""The demo pipeline at a tiny budget: the report's keys, the identity numbers, every sweep cell, and
+sweep cells that do not depend on which other cells ran."""
 
 from __future__ import annotations
 
 import json
+import math
 
+import numpy as np
 import pytest
 
 from onnxbn.cli import main
-from onnxbn.demo import BUNDLED, run_demo
+from onnxbn.demo import (
+    BUNDLED,
+    DEPLOY_RUNTIMES,
+    VARIANTS,
+    _plot_sweep,
+    cell_seed,
+    lr_key,
+    run_cell,
+    run_demo,
+    summarize_cells,
+    sweep_verdict,
+)
+from onnxbn.modelio import load_model
+from onnxbn.runtimes import available
 
 pytestmark = pytest.mark.skipif(not BUNDLED.is_file(), reason="bundled demo model missing")
 
+TINY_LRS = (1e-5, 1e-2)
+TINY_SEEDS = 2
+TINY = {"source_samples": 64, "train_samples": 64, "val_samples": 32, "epochs": 1, "batch_size": 32, "lrs": TINY_LRS,
+        "seeds": TINY_SEEDS, "shift_samples": 32, "deploy_samples": 16, "latency_runs": 2}
 
-def test_demo_report_at_tiny_budget(tmp_path):
-    report = run_demo(tmp_path, source_samples=64, train_samples=64, val_samples=32, epochs=1, batch_size=32)
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """One demo run at a tiny budget, shared by the tests of its report."""
+    out = tmp_path_factory.mktemp("demo")
+    return out, run_demo(out, **TINY)
+
+
+def test_demo_report_at_tiny_budget(tiny):
+    tmp_path, report = tiny
     on_disk = json.loads((tmp_path / "report.json").read_text())
     assert on_disk["identity"] == report["identity"]
     assert report["identity"]["max_rel_error"] <= 1e-6 and report["identity"]["top1_agreement"] == 1.0
@@ -22,9 +50,127 @@ def test_demo_report_at_tiny_budget(tmp_path):
     for v in report["finetune"].values():
         assert {"val_loss", "val_accuracy"} <= set(v) and len(v["history"]) == 1
     assert report["fold"]["bn_remaining"] == 0 and report["fold"]["max_rel_error"] <= 1e-5
-    for name in ("report.md", "curves.png", "activations.png", "model_bn.onnx", "model_ft.onnx", "deploy.onnx"):
+    for name in ("report.md", "curves.png", "activations.png", "sweep.png", "model_bn.onnx", "model_ft.onnx",
+                 "deploy.onnx"):
         assert (tmp_path / name).stat().st_size > 0, name
     assert "Identity BN insertion" in (tmp_path / "report.md").read_text()
+
+
+def test_demo_report_has_every_key(tiny):
+    tmp_path, report = tiny
+    on_disk = json.loads((tmp_path / "report.json").read_text())
+    assert set(on_disk) == set(report) >= {
+        "model", "model_card", "device", "data", "stats", "identity", "notebook_mistake", "budget", "finetune",
+        "finetune_summary", "fold", "seconds", "sweep", "sweep_info", "recalibrate", "deploy", "deploy_info"}
+    # sweep.<variant>.<lr>: every (variant, lr, seed) cell, its seed from (variant, lr, index), mean/std its cells'
+    assert set(report["sweep"]) == set(VARIANTS)
+    for variant in VARIANTS:
+        assert set(report["sweep"][variant]) == {lr_key(lr) for lr in TINY_LRS}
+        for lr in TINY_LRS:
+            entry = report["sweep"][variant][lr_key(lr)]
+            assert {"val_loss_mean", "val_loss_std", "val_accuracy_mean", "val_accuracy_std", "diverged",
+                    "finished", "epochs_to_target_median", "cells"} <= set(entry)
+            cells = entry["cells"]
+            assert [c["seed_index"] for c in cells] == list(range(TINY_SEEDS))
+            assert [c["seed"] for c in cells] == [cell_seed(variant, lr, i) for i in range(TINY_SEEDS)]
+            assert entry["diverged"] + entry["finished"] == TINY_SEEDS
+            losses = [c["val_loss"] for c in cells if not c["diverged"]]
+            assert all(math.isfinite(x) for x in losses)
+            if len(losses) >= 2:
+                assert entry["val_loss_mean"] == pytest.approx(np.mean(losses), abs=1e-12)
+                assert entry["val_loss_std"] == pytest.approx(np.std(losses, ddof=1), abs=1e-12)
+            for c in cells:
+                assert c["diverged"] or (len(c["history"]) == 1 and 0 <= c["val_accuracy"] <= 1)
+    assert len({c["seed"] for per in report["sweep"].values() for e in per.values() for c in e["cells"]}) == \
+        len(VARIANTS) * len(TINY_LRS) * TINY_SEEDS
+    # one feature cache for every fine-tune: only the very first call computes it
+    info = report["sweep_info"]
+    assert info["feature_cache"] == {"hits": 2 * len(VARIANTS) * len(TINY_LRS) * TINY_SEEDS - 2,
+                                     "lookups": 2 * len(VARIANTS) * len(TINY_LRS) * TINY_SEEDS}
+    assert info["verdict"] in ("bn_lower", "nobn_lower", "within_spread", "undecided") and info["lines"]
+    # the notebook's lr in the curves is the sweep's own cell (seed index 0)
+    assert report["finetune"]["bn_lr1e-05"]["val_loss"] == report["sweep"]["bn"]["1e-05"]["cells"][0]["val_loss"]
+    # recalibrate.*: the BN models before and after, exact and batch, on shifted images
+    rec = report["recalibrate"]
+    assert {"shift", "models", "lines", "unlabelled_samples", "eval_samples"} <= set(rec)
+    bn_rows = [row for row in rec["models"].values() if "shifted_exact" in row]
+    assert len(bn_rows) == 2
+    for row in rec["models"].values():
+        for key in ("clean", "shifted_before", "shifted_exact", "shifted_batch"):
+            if key in row:
+                assert row[key]["samples"] == 32 and 0 <= row[key]["accuracy"] <= 1 and row[key]["loss"] > 0
+    for row in bn_rows:
+        assert row["shifted_exact"]["bn_nodes"] >= 2
+    # the BN model that was folded, evaluated as is on clean images, is the sweep cell it came from
+    folded_cell = report["fold"]["model"]
+    kind, lr = folded_cell.split("_lr")[0], folded_cell.split("_lr")[1].split("_seed")[0]
+    assert rec["models"][folded_cell]["clean"]["loss"] == pytest.approx(
+        report["sweep"][kind][lr]["cells"][0]["val_loss"], rel=1e-5)
+    # deploy.<runtime>: every installed runtime, error, precision and latency
+    expected = {r if p == "f32" else f"{r}_{p}" for r, p in DEPLOY_RUNTIMES if available(r)}
+    assert set(report["deploy"]) == expected and {"onnxruntime", "reference"} <= expected
+    for key, row in report["deploy"].items():
+        assert {"max_abs_error", "max_rel_error", "precision", "requested", "latency_ms_b1", "latency_ms_b8",
+                "passed", "version"} <= set(row)
+        assert row["samples"] == 16 and row["latency_ms_b1"] > 0 and row["latency_ms_b8"] > 0
+        if row["precision"] == "f32":
+            assert row["passed"] and row["max_rel_error"] <= 1e-5, key
+    md = (tmp_path / "report.md").read_text()
+    for heading in ("learning rates", "Recalibration", "every installed runtime", "What the sweep shows"):
+        assert heading in md
+
+
+def test_sweep_cell_does_not_depend_on_run_order(tiny, tmp_path):
+    """A cell run alone (fresh feature cache, other cells in another order) gives the sweep's numbers exactly."""
+    out, report = tiny
+    bases = {"nobn": load_model(BUNDLED), "bn": load_model(out / "model_bn.onnx")}
+    train, val = out / "data" / "target_train.npz", out / "data" / "target_val.npz"
+    order = [("bn", TINY_LRS[-1], TINY_SEEDS - 1), ("nobn", TINY_LRS[0], 1)]  # the sweep's last cell first
+    for variant, lr, index in order:
+        alone, _ = run_cell(bases[variant], variant, lr, index, train, val, epochs=TINY["epochs"],
+                            batch_size=TINY["batch_size"], cache=tmp_path / "cache")
+        in_sweep = report["sweep"][variant][lr_key(lr)]["cells"][index]
+        for key in ("seed", "diverged", "val_loss", "val_accuracy", "val_before", "epochs_to_target"):
+            assert alone[key] == in_sweep[key], (variant, lr, index, key)
+        assert [{k: v for k, v in e.items() if k != "seconds"} for e in alone["history"]] == \
+            [{k: v for k, v in e.items() if k != "seconds"} for e in in_sweep["history"]]
+
+
+@pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad")  # training.py's float(loss) on NaN
+def test_a_diverged_cell_is_recorded_not_dropped(tiny):
+    out, _ = tiny
+    record, model = run_cell(load_model(BUNDLED), "nobn", 1e30, 0, out / "data" / "target_train.npz",
+                             out / "data" / "target_val.npz", epochs=1, batch_size=32, cache=out / "feature-cache")
+    assert record["diverged"] and model is None and record["val_loss"] is None
+    assert "not finite" in record["error"]
+    entry = summarize_cells([record], 1)
+    assert entry["diverged"] == 1 and entry["finished"] == 0 and entry["cells"] == [record]
+    assert entry["val_loss_mean"] is None and entry["epochs_to_target_median"] is None
+    _plot_sweep(out / "diverged.png", {"nobn": {"1e+30": entry}}, {"loss": 1.0, "accuracy": 0.5}, 0.6)
+    assert (out / "diverged.png").stat().st_size > 0
+
+
+def _entry(lr, losses, accs, diverged=0):
+    cells = [{"lr": lr, "diverged": False, "val_loss": x, "val_accuracy": a, "val_before": {"loss": 1.0},
+              "epochs_to_target": 1 if a >= 0.6 else None} for x, a in zip(losses, accs, strict=True)]
+    cells += [{"lr": lr, "diverged": True, "val_loss": None, "val_accuracy": None, "epochs_to_target": None}] * diverged
+    return summarize_cells(cells, len(cells))
+
+
+def test_the_verdict_follows_the_numbers():
+    """The report's words come from the numbers: the same code says BN wins, loses or ties as the numbers do."""
+    plain = {"0.001": _entry(1e-3, [0.50, 0.51, 0.52], [0.70, 0.71, 0.72]),
+             "0.1": _entry(0.1, [0.90], [0.5], diverged=2)}
+    for bn_losses, expected in (([0.40, 0.41, 0.42], "bn_lower"), ([0.60, 0.61, 0.62], "nobn_lower"),
+                                ([0.50, 0.52, 0.51], "within_spread")):
+        bn = {"0.001": _entry(1e-3, bn_losses, [0.7, 0.7, 0.7]), "0.1": _entry(0.1, [0.6, 0.6, 0.6], [0.7, 0.7, 0.7])}
+        verdict = sweep_verdict({"nobn": plain, "bn": bn}, 0.6)
+        assert verdict["verdict"] == expected
+        assert verdict["best"]["nobn"]["lr_key"] == "0.001"  # the lr with diverged seeds is never "best"
+        assert verdict["diverged"] == {"nobn": {"0.1": 2}, "bn": {}}
+        assert verdict["trains_up_to"]["accuracy"] == {"nobn": "0.001", "bn": "0.1"}
+        assert verdict["higher_lr"]["accuracy"] == "bn"
+        assert "no BN at lr 0.1 (2 of 3 seeds)" in verdict["text"]
 
 
 def test_demo_refuses_a_missing_model(tmp_path, capsys):
