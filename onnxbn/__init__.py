@@ -27,7 +27,7 @@ _API = {
     "write_back": "onnxbn.torch_import",
     "finetune": "onnxbn.training",
     "evaluate": "onnxbn.training",
-    "recalibrate": "onnxbn.recalibrate",
+    "recalibrate": "onnxbn.recalibration",
     "UserError": "onnxbn.errors",
 }
 

@@ -448,7 +448,7 @@ def cmd_recalibrate(args) -> int:
     become inference-mode nodes. The report lists, per BN, the change of mean and var (max
     |new-old| / max(|old|,|new|)), dead channels and the pass; --json prints it as JSON."""
     from onnxbn.modelio import refuse_overwrite, save_model
-    from onnxbn.recalibrate import recalibrate_with_report
+    from onnxbn.recalibration import recalibrate_with_report
 
     refuse_overwrite(args.output, [args.model, args.data], args.force)
     model, report = recalibrate_with_report(args.model, mode=args.mode, nodes=args.nodes, device=args.device,
@@ -473,6 +473,9 @@ def cmd_demo(args) -> int:
     print(f"identity BN: max rel error {ident['max_rel_error']:.3g}, top-1 agreement {ident['top1_agreement']:.2%} "
           f"(the notebook's BN: {report['notebook_mistake']['max_rel_error']:.3g})")
     for name, v in report["finetune"].items():
+        if v.get("val_loss") is None:  # a diverged run is reported, not hidden
+            print(f"fine-tune {name:>12}: diverged (the training loss stopped being finite)")
+            continue
         print(f"fine-tune {name:>12}: val loss {v['val_loss_before']:.4f} -> {v['val_loss']:.4f}, "
               f"accuracy {v['val_accuracy_before']:.2%} -> {v['val_accuracy']:.2%}")
     print(f"fold {fold['model']}: {fold['bn_before']} BN -> {fold['bn_remaining']}, max rel error {fold['max_rel_error']:.3g}")

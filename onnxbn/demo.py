@@ -540,7 +540,7 @@ def _recalibration_story(models: dict, clean_val: Path, shifted_eval: Path, shif
                          seed: int) -> dict:
     """Each model on clean and shifted validation images, before and after recalibrating its BN statistics on
     unlabelled shifted images (exact and batch mode). `models`: name -> (ModelProto, whether it has BN)."""
-    from onnxbn.recalibrate import recalibrate_with_report
+    from onnxbn.recalibration import recalibrate_with_report
 
     rows = {}
     for name, (model, has_bn) in models.items():

@@ -384,7 +384,7 @@ def _train(suffix, trainable, sets, *, epochs, lr, batch_size, seed, device, kin
                     lp = _log_probs(model(x), kind).float()
                     loss = torch.nn.functional.nll_loss(lp, y)
                 if not torch.isfinite(loss):
-                    raise UserError(f"the training loss is not finite ({float(loss)}) at epoch {epoch}, step {step + 1}: "
+                    raise UserError(f"the training loss is not finite ({float(loss.detach())}) at epoch {epoch}, step {step + 1}: "
                                     "the model's outputs overflow (inf logits) or --lr is too high; nothing written")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

@@ -24,7 +24,7 @@ import onnxbn
 from onnxbn.cli import main
 from onnxbn.errors import UserError
 from onnxbn.modelio import save_model
-from onnxbn.recalibrate import recalibrate_with_report
+from onnxbn.recalibration import recalibrate_with_report
 
 from models import Net, small_cnn
 

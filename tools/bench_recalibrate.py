@@ -185,7 +185,7 @@ def torch_forward(module, x: np.ndarray, batch_size: int) -> float:
 
 def bench_cost(sizes: dict) -> dict:
     """Passes and seconds of every contender on each model of the profile (see the module docstring)."""
-    from onnxbn.recalibrate import recalibrate_with_report
+    from onnxbn.recalibration import recalibrate_with_report
 
     results = {}
     for label, build, n, size, batch in sizes["cost"]:
@@ -226,7 +226,7 @@ def print_cost(results: dict) -> None:
 MEMORY_CHILD = """
 import json, sys
 import numpy as np
-from onnxbn.recalibrate import recalibrate_with_report
+from onnxbn.recalibration import recalibrate_with_report
 model, data, mode, cache = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
 if mode == "load":
     from onnxbn.modelio import load_model

@@ -81,9 +81,7 @@ to the source statistics that the rest of the network was trained on.
 from __future__ import annotations
 
 import json
-import sys
 import time
-import types as _types
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -714,13 +712,3 @@ def recalibrate_with_report(model, data, mode: str = "exact", nodes=None, *, bat
         "training_mode_converted": [b.node for b in bns if b.training_mode],
     }, separators=(",", ":"))})
     return out, report
-
-
-# `onnxbn.recalibrate` names both this module and its function: importing the module binds the module on
-# the package (see onnxbn/__init__.py), so the module itself is made callable, and calls the function.
-class _CallableModule(_types.ModuleType):
-    def __call__(self, *args, **kwargs):
-        return recalibrate(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
