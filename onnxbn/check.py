@@ -69,7 +69,8 @@ class OutputMetrics:
             raise UserError(f"output shapes differ: reference {a.shape}, candidate {b.shape}")
         a = a.astype(np.float64)
         b = b.astype(np.float64)
-        diff = np.abs(a - b)
+        with np.errstate(invalid="ignore"):  # inf - inf is NaN here; matching non-finite values are handled below
+            diff = np.abs(a - b)
         both_nonfinite = ~np.isfinite(a) & ~np.isfinite(b) & ((a == b) | (np.isnan(a) & np.isnan(b)))
         diff = np.where(both_nonfinite, 0.0, diff)
         diff = np.where(np.isnan(diff), np.inf, diff)
