@@ -447,6 +447,8 @@ def cmd_recalibrate(args) -> int:
     statistics (torch's update_bn convention; depends on --batch-size). Training-mode BN nodes
     become inference-mode nodes. The report lists, per BN, the change of mean and var (max
     |new-old| / max(|old|,|new|)), dead channels and the pass; --json prints it as JSON."""
+    import numpy as np
+
     from onnxbn.modelio import refuse_overwrite, save_model
     from onnxbn.recalibration import recalibrate_with_report
 
@@ -457,6 +459,11 @@ def cmd_recalibrate(args) -> int:
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.table())
     log.info("recalibrated %d BatchNormalization nodes (%s, %d passes, %d samples); wrote %s", len(report.bns),
              report.mode, len(report.passes), report.samples, args.output)
+    newly_dead = sum(int(np.count_nonzero((b.old_var > 0) & (b.new_var <= 0))) for b in report.bns)
+    if newly_dead:
+        log.warning("%d channel(s) are constant on this data but were not before: their BN variance is now 0, so "
+                    "inputs that vary there (e.g. the old domain) are divided by sqrt(eps); the model now belongs "
+                    "to the new data", newly_dead)
     return 0
 
 

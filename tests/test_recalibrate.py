@@ -675,3 +675,28 @@ def test_bench_tiny_reports_every_benchmark(tmp_path):
     for row in shifts.values():
         assert set(row) == {"as trained", "exact on source", "exact", "batch 64", "batch 8"}
         assert all(0 <= v["accuracy"] <= 1 and v["loss"] > 0 for v in row.values())
+
+
+def test_cli_warns_when_recalibration_makes_channels_constant(tmp_path, capsys):
+    """Channel 0 is never positive on the new data: after Relu it is constant, its variance becomes 0."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnxbn.cli import main
+
+    inits = [numpy_helper.from_array(np.eye(2, dtype=np.float32).reshape(2, 2, 1, 1), "w"),
+             *(numpy_helper.from_array(np.full(2, v, np.float32), n) for n, v in
+               (("s", 1.0), ("b", 0.0), ("m", 0.5), ("v", 1.0)))]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"), helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("BatchNormalization", ["r", "s", "b", "m", "v"], ["y"], name="bn")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2, 4, 4])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), str(tmp_path / "m.onnx"))
+    x = np.random.default_rng(0).standard_normal((8, 2, 4, 4)).astype(np.float32)
+    x[:, 0] = -np.abs(x[:, 0])
+    np.savez(tmp_path / "new.npz", x=x)
+    code = main([str(a) for a in ("recalibrate", tmp_path / "m.onnx", "--data", tmp_path / "new.npz",
+                                  "-o", tmp_path / "out.onnx")])
+    err = capsys.readouterr().err
+    assert code == 0 and "1 channel(s) are constant on this data but were not before" in err
+    var = next(numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "out.onnx")).graph.initializer if t.name == "v")
+    assert var[0] == 0 and var[1] == pytest.approx(np.maximum(x[:, 1], 0).astype(np.float64).var(), rel=1e-6)
