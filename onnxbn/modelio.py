@@ -195,9 +195,7 @@ def load_structure(path: str | os.PathLike, keep_bytes: int = 4096) -> onnx.Mode
                         graph += buf[g_tag:g_after]
                 model += _submessage(_GRAPH, bytes(graph))
         proto = onnx.load_from_string(bytes(model))
-    except (ValueError, IndexError, OSError, onnx.onnx_cpp2py_export.checker.ValidationError) as exc:
-        raise UserError(f"{path}: not a readable ONNX model ({type(exc).__name__}); is the file complete?") from exc
-    except Exception as exc:  # protobuf's DecodeError and kin
+    except Exception as exc:  # a truncated scan (ValueError, IndexError), an OSError, protobuf's DecodeError
         raise UserError(f"{path}: not a readable ONNX model ({type(exc).__name__}); is the file complete?") from exc
     if not proto.graph.node and not proto.graph.output:
         raise UserError(f"{path}: not an ONNX model (no graph found); is the file complete?")
