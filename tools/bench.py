@@ -951,6 +951,13 @@ def bench_fixed_cost(ctx: Context) -> Result:
                                             ["run", [str(bn), str(bn)], str(work / "x8.npz"), p.batch]),
         "insert": (["insert", model, "--stats", stats, "-o", out + "_bn.onnx", "--force"],
                    ["load-save", model, out + "_plain.onnx"]),
+        f"recalibrate (exact), {n} inputs": (["recalibrate", str(bn), "--data", str(work / "x.npz"), "--batch-size",
+                                                str(p.batch), "--workers", "0", "-o", out + "_recal.onnx", "--force"],
+                                               ["run", [str(bn)], str(work / "x.npz"), p.batch]),
+        f"finetune --epochs 0 (caching pass), {n} inputs": (
+            ["finetune", str(bn), "--train", str(work / "x.npz"), "--epochs", "0", "--batch-size", str(p.batch),
+             "--device", "cpu", "-o", out + "_ft.onnx", "--force"],
+            ["run", [str(bn)], str(work / "x.npz"), p.batch]),
     }
     rows, worst = [], 0.0
     for label, (command, plain) in cases.items():
