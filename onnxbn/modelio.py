@@ -377,6 +377,25 @@ def _light_copy(model: onnx.ModelProto, stubbed) -> onnx.ModelProto:
     return light
 
 
+def file_backed(model: onnx.ModelProto, path: str | os.PathLike) -> onnx.ModelProto:
+    """A light copy of `model` (loaded from `path`, possibly edited since) whose large initializers
+    point into the file again as external data (see `load_structure`): for a session that should
+    read the weights from disk. Only tensors the file stores under the same name, type and dims are
+    pointed back, so the caller must not have changed such a tensor's values."""
+    stored = {t.name: t for t in load_structure(path).graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+
+    def same(t: onnx.TensorProto) -> bool:
+        s = stored.get(t.name)
+        return s is not None and s.data_type == t.data_type and list(s.dims) == list(t.dims)
+
+    light = _light_copy(model, same)
+    for t in light.graph.initializer:
+        if t.name in stored and not t.raw_data and same(t):
+            t.data_location = onnx.TensorProto.EXTERNAL
+            t.external_data.extend(stored[t.name].external_data)
+    return light
+
+
 def skeleton(model: onnx.ModelProto, keep_elements: int = 64) -> onnx.ModelProto:
     """A copy of `model` without the data of large initializers (dims and types kept).
 

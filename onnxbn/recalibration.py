@@ -81,6 +81,7 @@ to the source statistics that the rest of the network was trained on.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -91,7 +92,7 @@ from onnx import helper, numpy_helper
 from onnxbn.data import default_workers
 from onnxbn.errors import UserError
 from onnxbn.graph import GraphIndex, graph_inputs, reads, require_opset, tensor_shape, value_types
-from onnxbn.modelio import IN_MEMORY, detach_weights, empty_like, load_model, set_metadata
+from onnxbn.modelio import IN_MEMORY, detach_weights, empty_like, file_backed, load_model, set_metadata
 from onnxbn.points import Point
 from onnxbn.runtime import (check_batch_shape, fit_batch_size, make_session, model_input, open_model_data, progress,
                             run_batches, session_provider)
@@ -495,9 +496,13 @@ def _run_pass(p: _Pass, dataset, model, batch_size: int, workers: int, strict: b
 
 
 def _exact(out: onnx.ModelProto, bns: list[BNRecord], dataset, batch_size: int, *, workers: int, strict: bool,
-           device: str, cache_mb: float) -> tuple[list[dict], int, str]:
-    """Level by level (module docstring): write each level's statistics into `out`. Returns (passes, samples, provider)."""
-    work, weights = detach_weights(out)  # the weights reach onnxruntime as arrays, uncopied
+           device: str, cache_mb: float, source=None) -> tuple[list[dict], int, str]:
+    """Level by level (module docstring): write each level's statistics into `out`. Returns (passes, samples, provider).
+
+    `source`: the file `out` was read from; its weights then reach onnxruntime from that file
+    (`modelio.file_backed`), else as arrays (`detach_weights`, uncopied)."""
+    folder = os.path.dirname(os.path.abspath(source)) if source is not None else None
+    work, weights = (file_backed(out, source), {}) if source is not None else detach_weights(out)
     index = GraphIndex(work)
     types = value_types(work)
     up = _levels(index, bns)
@@ -516,7 +521,7 @@ def _exact(out: onnx.ModelProto, bns: list[BNRecord], dataset, batch_size: int, 
         sample = base.batches[0] if base is not None and base.batches else {}
         stage, fed, n_nodes = _stage_model(work, index, points, keep, base.names if base is not None else None,
                                            types, sample)
-        session = make_session(stage, device, weights=weights)
+        session = make_session(stage, device, weights=weights, folder=folder)
         provider = session_provider(session)
         p = _Pass(session, [o.name for o in stage.graph.output], points, fed, base, keep, budget)
         moments, kept, samples = _run_pass(p, dataset, work, batch_size, workers, strict,
@@ -689,8 +694,11 @@ def recalibrate_with_report(model, data, mode: str = "exact", nodes=None, *, bat
     started = time.perf_counter()
     proto = load_model(model)
     require_opset(proto)
-    out = onnx.ModelProto()
-    out.CopyFrom(proto)
+    if proto is model:  # the caller's proto: work on a copy (a model loaded from a path is ours)
+        out = onnx.ModelProto()
+        out.CopyFrom(proto)
+    else:
+        out = proto
     selected = _select(out, nodes)
     bns = _prepare(out, selected, value_types(out))
     dataset = open_model_data(out, data, preset=preset, limit=limit, seed=seed)
@@ -698,7 +706,8 @@ def recalibrate_with_report(model, data, mode: str = "exact", nodes=None, *, bat
     workers = default_workers() if workers is None else workers
     if mode == "exact":
         passes, samples, provider = _exact(out, bns, dataset, batch_size, workers=workers, strict=strict,
-                                           device=device, cache_mb=cache_mb)
+                                           device=device, cache_mb=cache_mb,
+                                           source=model if isinstance(model, (str, os.PathLike)) else None)
     else:
         passes, samples, provider = _batch(out, bns, dataset, batch_size, workers=workers, strict=strict,
                                            device=device)

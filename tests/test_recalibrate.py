@@ -700,3 +700,25 @@ def test_cli_warns_when_recalibration_makes_channels_constant(tmp_path, capsys):
     assert code == 0 and "1 channel(s) are constant on this data but were not before" in err
     var = next(numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "out.onnx")).graph.initializer if t.name == "v")
     assert var[0] == 0 and var[1] == pytest.approx(np.maximum(x[:, 1], 0).astype(np.float64).var(), rel=1e-6)
+
+
+@pytest.mark.parametrize("which", ["resnet", "vgg"])
+@pytest.mark.parametrize("cache_mb", [1024, 0])
+def test_a_model_file_gives_the_same_model_with_its_weights_read_from_disk(request, which, cache_mb, tmp_path):
+    """From a path, the passes' sessions read the weights from the file itself (modelio.file_backed):
+    the result equals recalibrating the loaded proto, tensor for tensor."""
+    from onnxbn.modelio import load_structure
+
+    _, model = request.getfixturevalue(which)
+    path = tmp_path / "m.onnx"
+    save_model(model, path)
+    assert any(t.data_location == TensorProto.EXTERNAL for t in load_structure(path).graph.initializer)
+    x = data(n=24)
+    from_file = onnxbn.recalibrate(str(path), x, batch_size=8, cache_mb=cache_mb)
+    from_proto = onnxbn.recalibrate(onnx.load(str(path)), x, batch_size=8, cache_mb=cache_mb)
+    a = {t.name: numpy_helper.to_array(t) for t in from_file.graph.initializer}
+    b = {t.name: numpy_helper.to_array(t) for t in from_proto.graph.initializer}
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    assert [n.name for n in from_file.graph.node] == [n.name for n in from_proto.graph.node]
