@@ -516,7 +516,9 @@ def open_data(data, *, preset: str | None = None, size: int = 224, limit: int | 
         return open_stream(data, limit=limit, seed=seed, shard=shard)
     labels = classes = files = array = None
     if isinstance(data, tuple):
-        array, labels = data
+        if len(data) != 2:
+            raise UserError(f"data as a tuple must be (x, y); got {len(data)} items")
+        array, labels = (None if v is None else _numpy(v) for v in data)  # numpy arrays or torch tensors
         description = "array"
     elif isinstance(data, np.ndarray):
         array, description = data, "array"

@@ -119,3 +119,15 @@ def test_streaming_memory_does_not_grow_with_the_number_of_batches():
 
     small, large = peak(10), peak(200)
     assert large < 1.5 * small, (small, large)
+
+
+def test_an_x_y_pair_of_torch_tensors_is_an_array_pair():
+    x, y = torch.from_numpy(X), torch.from_numpy(Y)
+    model = small_cnn()
+    got = onnxbn.collect_stats(model, (x, y), after="relu", device="cpu", workers=0)
+    expected = onnxbn.collect_stats(model, (X, Y), after="relu", device="cpu", workers=0)
+    for name in expected.tensors:
+        np.testing.assert_array_equal(got.var(name), expected.var(name))
+    assert onnxbn.evaluate(model, (x, y))["loss"] == onnxbn.evaluate(model, (X, Y))["loss"]
+    with pytest.raises(UserError, match="must be \\(x, y\\)"):
+        onnxbn.collect_stats(model, (X, Y, Y), after="relu", device="cpu", workers=0)
