@@ -246,7 +246,7 @@ class Stream:
     An indexable source (a torch Dataset: `__len__` and `__getitem__`) is read in item order and
     supports a seeded `limit` (a uniform sample: its labels are unknown until read, so unlike a
     folder's or an array's it is not class-balanced), `shard`, `start` (resume) and `workers`
-    (through a torch DataLoader with prefetch). Any other iterable, a list or tuple included, is
+    (through a torch DataLoader with prefetch). Any other iterable (a list included; a tuple is always (x, y)) is
     read once as batches, in its own order, and re-batched to the requested batch size (so
     fixed-batch models get full batches); `limit`, `shard` and resuming need an indexable source
     and are refused for it.
@@ -355,17 +355,14 @@ def _rebatch(items, batch_size: int):
 
 
 def _indexable(data) -> bool:
-    """A map-style dataset of items (a torch Dataset and the like); a list or tuple is read as batches."""
+    """A map-style dataset of items (a torch Dataset and the like); a list is read as batches."""
     return hasattr(data, "__getitem__") and hasattr(data, "__len__") and not hasattr(data, "batch_size") \
-        and not isinstance(data, (list, tuple))
+        and not isinstance(data, list)
 
 
 def _is_stream(data) -> bool:
-    """A torch Dataset/DataLoader or any iterable that is not a path, an array or an (x, y) pair."""
-    if isinstance(data, (str, os.PathLike, np.ndarray, Dataset, Stream)):
-        return False
-    if isinstance(data, tuple) and len(data) == 2 and all(isinstance(v, np.ndarray) or hasattr(v, "__array__")
-                                                         for v in data):
+    """A torch Dataset/DataLoader or any iterable that is not a path, an array or an (x, y) tuple."""
+    if isinstance(data, (str, os.PathLike, np.ndarray, Dataset, Stream, tuple)):
         return False
     return hasattr(data, "__iter__") or (hasattr(data, "__getitem__") and hasattr(data, "__len__"))
 
@@ -505,7 +502,7 @@ def source_id(files: list[str] | None, root: Path | None, array: np.ndarray | No
 def open_data(data, *, preset: str | None = None, size: int = 224, limit: int | None = None,
               seed: int = 0, shard: str | tuple[int, int] | None = None) -> Dataset | Stream:
     """A Dataset from a folder, a .npz path or a numpy array (x) / (x, y) tuple; a Stream from a
-    torch Dataset, a DataLoader or any iterable of batches (see Stream).
+    torch Dataset, a DataLoader or any iterable of batches (see Stream); a tuple is always (x, y).
 
     `limit` takes a seeded, class-balanced random sample; `shard` "I/N" then keeps
     every N-th item starting at I, so N shards partition the (limited) data.
