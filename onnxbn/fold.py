@@ -22,7 +22,7 @@ from onnx import numpy_helper
 
 from onnxbn.graph import FLOAT_TYPES, GraphIndex, require_opset, tensor_shape, value_types
 
-from onnxbn.modelio import load_model, set_metadata
+from onnxbn.modelio import load_own, set_metadata
 
 # Ops a BN output may pass through on its way to the layer it folds forward into.
 PASSTHROUGH = {"Dropout", "Identity", "Flatten", "Reshape"}
@@ -376,13 +376,8 @@ def _remove_bn(g: _Graph, bn: onnx.NodeProto) -> None:
 
 def fold_with_decisions(model) -> tuple[onnx.ModelProto, list[dict]]:
     """The folded copy of `model` (path or ModelProto) and one decision per BN node, in graph order."""
-    proto = load_model(model)
-    require_opset(proto)
-    if proto is model:  # the caller's proto: work on a copy (a model loaded from a path is ours)
-        out = onnx.ModelProto()
-        out.CopyFrom(proto)
-    else:
-        out = proto
+    out = load_own(model)  # a model loaded from a path is ours; a caller's proto is copied
+    require_opset(out)
     g = _Graph(out, value_types(out))
     report = []
     for bn in [n for n in out.graph.node if n.op_type == "BatchNormalization" and n.domain in ("", "ai.onnx")]:

@@ -33,7 +33,7 @@ from onnx import helper
 
 from onnxbn.errors import UserError
 from onnxbn.graph import GraphIndex, require_opset, tensor_shape, value_types
-from onnxbn.modelio import load_model, load_structure, model_sha256, set_metadata
+from onnxbn.modelio import load_own, load_structure, model_sha256, set_metadata
 from onnxbn.stats import Stats, load_stats
 
 BN_SUFFIX = "/onnxbn_bn"
@@ -114,16 +114,11 @@ def insert_bn(model, stats, eps: float = 1e-5) -> onnx.ModelProto:
     if not eps > 0:
         raise UserError(f"--eps must be positive (got {eps})")
     digest = _provenance(model)
-    proto = load_model(model)
+    out = load_own(model)  # a model loaded from a path is ours; a caller's proto is copied
     stats = load_stats(stats)
-    require_opset(proto)
-    types = value_types(proto)
-    _check_stats_match(proto, stats, types)
-    if proto is model:  # the caller's proto: work on a copy (a model loaded from a path is ours)
-        out = onnx.ModelProto()
-        out.CopyFrom(proto)
-    else:
-        out = proto
+    require_opset(out)
+    types = value_types(out)
+    _check_stats_match(out, stats, types)
     graph = out.graph
     index = GraphIndex(out)
     new_nodes: dict[int, list[onnx.NodeProto]] = {}  # BN nodes to put after a producer (by id)

@@ -224,6 +224,22 @@ def refuse_overwrite(output: str | os.PathLike, inputs: Iterable[str | os.PathLi
             raise UserError(f"output {output} is also an input; choose another -o path (or --force)")
 
 
+def _new_file_mode() -> int:
+    """The permissions open() gives a new file under the current umask (mkstemp makes it 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def load_own(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
+    """A ModelProto the caller may edit: the one loaded from a path, or a copy of the caller's proto."""
+    proto = load_model(model)
+    if proto is model:
+        proto = onnx.ModelProto()
+        proto.CopyFrom(model)
+    return proto
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path next to `path`; rename it onto `path` only on success."""
@@ -232,9 +248,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         raise UserError(f"{path.parent}: output folder does not exist; create it first")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # what open() would have given (mkstemp makes it 0600)
+    os.chmod(tmp, _new_file_mode())
     try:
         yield Path(tmp)
         os.replace(tmp, path)
@@ -274,9 +288,7 @@ def stage_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
     if not path.parent.exists():
         raise UserError(f"{path.parent}: output folder does not exist; create it first")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.onnx", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)
+    os.fchmod(fd, _new_file_mode())
     with os.fdopen(fd, "wb") as fh:
         fh.write(model.SerializeToString())
     return Path(tmp)

@@ -92,7 +92,7 @@ from onnx import helper, numpy_helper
 from onnxbn.data import default_workers
 from onnxbn.errors import UserError
 from onnxbn.graph import GraphIndex, graph_inputs, reads, require_opset, tensor_shape, value_types
-from onnxbn.modelio import IN_MEMORY, detach_weights, empty_like, file_backed, load_model, set_metadata
+from onnxbn.modelio import IN_MEMORY, detach_weights, empty_like, file_backed, load_own, set_metadata
 from onnxbn.points import Point
 from onnxbn.runtime import (check_batch_shape, fit_batch_size, make_session, model_input, open_model_data, progress,
                             run_batches, session_provider)
@@ -692,13 +692,8 @@ def recalibrate_with_report(model, data, mode: str = "exact", nodes=None, *, bat
     if cache_mb < 0:
         raise UserError(f"--cache-mb must be 0 or more (got {cache_mb})")
     started = time.perf_counter()
-    proto = load_model(model)
-    require_opset(proto)
-    if proto is model:  # the caller's proto: work on a copy (a model loaded from a path is ours)
-        out = onnx.ModelProto()
-        out.CopyFrom(proto)
-    else:
-        out = proto
+    out = load_own(model)  # a model loaded from a path is ours; a caller's proto is copied
+    require_opset(out)
     selected = _select(out, nodes)
     bns = _prepare(out, selected, value_types(out))
     dataset = open_model_data(out, data, preset=preset, limit=limit, seed=seed)
