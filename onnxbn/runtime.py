@@ -73,9 +73,9 @@ def make_session(model: onnx.ModelProto | bytes | str, device: str = "auto", thr
     data files lie (a `modelio.load_structure` model points into its own file there, so
     onnxruntime reads the weights from disk and Python never holds them). `arena=False`
     turns onnxruntime's CPU memory arena off: every tensor is freed when its last reader
-    is done, instead of the arena keeping (and growing to) its high-water mark. `tf32` sets the CUDA provider's
-    `use_tf32` (None: onnxruntime's default). A model onnxruntime cannot load is a
-    UserError naming the operator it lacks (see runtimes.load_error).
+    is done, instead of the arena keeping (and growing to) its high-water mark. `tf32`
+    sets the CUDA provider's `use_tf32` (None: onnxruntime's default). A model onnxruntime
+    cannot load is a UserError naming the operator it lacks (see runtimes.load_error).
     """
     if device not in DEVICES:
         raise UserError(f"unknown device {device!r}: use one of {', '.join(DEVICES)}")
