@@ -305,26 +305,27 @@ def cmd_finetune(args) -> int:
     CPU, nccl on GPU); --batch-size is the global batch; rank 0 writes the files."""
     from onnxbn import distributed
     from onnxbn.modelio import refuse_overwrite, save_model
-    from onnxbn.training import finetune
+    from onnxbn.training import finetune_lazily
 
     log_path = args.output + ".log.json"
     inputs = [args.model, args.train, args.val]
     refuse_overwrite(args.output, inputs, args.force)
     refuse_overwrite(log_path, inputs, args.force)
-    result = finetune(args.model, args.train, args.val, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                      freeze_through=args.freeze_through, cache=args.cache, device=args.device, seed=args.seed,
-                      optimizer=args.optimizer, bf16=args.bf16, workers=args.workers, limit=args.limit,
-                      dropout=args.dropout, sync_bn=args.sync_bn)
+    model, weights, folder, result_log = finetune_lazily(
+        args.model, args.train, args.val, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+        freeze_through=args.freeze_through, cache=args.cache, device=args.device, seed=args.seed,
+        optimizer=args.optimizer, bf16=args.bf16, workers=args.workers, limit=args.limit, dropout=args.dropout,
+        sync_bn=args.sync_bn)
     if not distributed.is_main():
         return 0
-    save_model(result.model, args.output, inputs=inputs, force=args.force)
-    _write_json(log_path, result.log, inputs)
-    before, after = result.log["val_before"], result.log["val_after"]
+    save_model(model, args.output, inputs=inputs, force=args.force, weights=weights, folder=folder)
+    _write_json(log_path, result_log, inputs)
+    before, after = result_log["val_before"], result_log["val_after"]
     if before and after:
         log.info("val loss %.4f -> %.4f, accuracy %.4f -> %.4f", before["loss"], after["loss"], before["accuracy"],
                  after["accuracy"])
-    log.info("trained %d parameters after %s in %.1fs; wrote %s and %s", result.log["trainable_parameters"],
-             result.log["freeze_through"], result.log["seconds"], args.output, log_path)
+    log.info("trained %d parameters after %s in %.1fs; wrote %s and %s", result_log["trainable_parameters"],
+             result_log["freeze_through"], result_log["seconds"], args.output, log_path)
     return 0
 
 
@@ -365,8 +366,8 @@ def cmd_fold(args) -> int:
     (--precision: the arithmetic asked of the runtimes that take one, e.g. openvino);
     the model is written only when every check passes."""
     from onnxbn.check import compare
-    from onnxbn.fold import fold_with_decisions
-    from onnxbn.modelio import PROTOBUF_LIMIT, refuse_overwrite, save_model, stage_model, weight_bytes
+    from onnxbn.fold import fold_lazily
+    from onnxbn.modelio import PROTOBUF_LIMIT, materialize, refuse_overwrite, save_model, stage_model, weight_bytes
     from onnxbn.runtimes import check_runtime, parse_runtime, supports_precision
 
     options = FOLD_DATA.options(args)
@@ -378,14 +379,15 @@ def cmd_fold(args) -> int:
                         f"{', '.join(verify) or 'onnxruntime alone'} run(s) the model in its own types")
     for spec in verify:  # an unknown or missing runtime fails before any work
         check_runtime(spec, args.device)
-    folded, decisions = fold_with_decisions(args.model)
+    folded, weights, folder, decisions = fold_lazily(args.model)
     if weight_bytes(folded) < PROTOBUF_LIMIT // 2:
-        # Verify from the files: the folded model is staged next to the output and the Python copies
-        # are dropped, so onnxruntime reads both models' weights from disk (peak memory of two sessions).
-        staged = stage_model(folded, args.output)
-        del folded
+        # Verify from the files: the folded model is staged next to the output (its unchanged weights copied
+        # from the input file, never held) and the new weights are dropped, so onnxruntime reads both models'
+        # weights from disk (peak memory of two sessions).
+        staged = stage_model(folded, args.output, weights=weights, folder=folder)
+        del folded, weights
     else:  # a model past protobuf's limit is saved with external data: verify it from memory
-        staged = None
+        staged, folded = None, materialize(folded, weights, folder)
     candidate = str(staged) if staged is not None else folded
     try:
         report = compare(args.model, candidate, atol=args.atol, rtol=args.rtol, device=args.device, **options)
@@ -450,12 +452,12 @@ def cmd_recalibrate(args) -> int:
     import numpy as np
 
     from onnxbn.modelio import refuse_overwrite, save_model
-    from onnxbn.recalibration import recalibrate_with_report
+    from onnxbn.recalibration import recalibrate_lazily
 
     refuse_overwrite(args.output, [args.model, args.data], args.force)
-    model, report = recalibrate_with_report(args.model, mode=args.mode, nodes=args.nodes, device=args.device,
-                                            cache_mb=args.cache_mb, **RECALIBRATE_DATA.options(args))
-    save_model(model, args.output, inputs=[args.model, args.data], force=args.force)
+    model, folder, report = recalibrate_lazily(args.model, mode=args.mode, nodes=args.nodes, device=args.device,
+                                               cache_mb=args.cache_mb, **RECALIBRATE_DATA.options(args))
+    save_model(model, args.output, inputs=[args.model, args.data], force=args.force, folder=folder)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.table())
     log.info("recalibrated %d BatchNormalization nodes (%s, %d passes, %d samples); wrote %s", len(report.bns),
              report.mode, len(report.passes), report.samples, args.output)

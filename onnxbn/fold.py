@@ -16,13 +16,15 @@ and `explain_fold` says why.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from onnxbn.graph import FLOAT_TYPES, GraphIndex, require_opset, tensor_shape, value_types
 
-from onnxbn.modelio import load_own, set_metadata
+from onnxbn.modelio import load_own, load_structure, materialize, memory_stub, set_metadata
 
 # Ops a BN output may pass through on its way to the layer it folds forward into.
 PASSTHROUGH = {"Dropout", "Identity", "Flatten", "Reshape"}
@@ -34,12 +36,13 @@ BIAS_SLOT = 2  # Conv, ConvTranspose and Gemm keep their bias (C) in input 2
 
 class _Graph(GraphIndex):
     """The working copy's graph index plus what folding needs: inferred types, float64 constants,
-    in-place weight writes, and the tensors that may have lost their last reader (`touched`)."""
+    weight writes (new values go to `weights`, behind IN_MEMORY stubs), and the tensors that may
+    have lost their last reader (`touched`)."""
 
-    def __init__(self, model: onnx.ModelProto, types: dict[str, onnx.TypeProto]):
+    def __init__(self, model: onnx.ModelProto, types: dict[str, onnx.TypeProto], weights: dict, folder):
         self.types = types
         self.touched: set[str] = set()
-        super().__init__(model)
+        super().__init__(model, weights, folder)
 
     def array(self, name: str) -> np.ndarray:
         return self.constant_array(name).astype(np.float64)
@@ -47,17 +50,17 @@ class _Graph(GraphIndex):
     def shape(self, name: str) -> list | None:
         return tensor_shape(self.types.get(name))
 
-    def write(self, node: onnx.NodeProto, slot: int, value: np.ndarray, dtype: int, base: str) -> None:
-        """Make `node.input[slot]` hold `value`: in place when only that slot reads the initializer,
-        otherwise as a new initializer (the old tensor stays for its other readers)."""
+    def write(self, node: onnx.NodeProto, slot: int, value: np.ndarray, data_type: int, base: str) -> None:
+        """Make `node.input[slot]` hold `value` (of ONNX type `data_type`): in place when only that slot
+        reads the initializer, otherwise as a new initializer (the old tensor stays for its other readers)."""
         name = node.input[slot] if slot < len(node.input) else ""
-        tensor = numpy_helper.from_array(value.astype(onnx.helper.tensor_dtype_to_np_dtype(dtype)))
         current = self.initializers.get(name)
         if current is not None and self.read_count.get(name) == 1 and list(current.dims) == list(value.shape):
-            tensor.name = name
-            current.CopyFrom(tensor)
+            current.CopyFrom(memory_stub(name, data_type, value.shape))
+            self.weights[name] = value
             return
-        new_name = self.add_initializer(tensor, f"{name or base}_folded")
+        new_name = self.add_initializer(memory_stub("", data_type, value.shape), f"{name or base}_folded")
+        self.weights[new_name] = value
         while len(node.input) <= slot:
             node.input.append("")
         node.input[slot] = new_name
@@ -230,7 +233,7 @@ def _pass_problem(g: _Graph, node: onnx.NodeProto, tensor: str) -> str | None:
         if any(name and name in g.read_count for name in node.output[1:]):
             return f"the mask of Dropout {_label(node)!r} is used"
         training = node.input[2] if len(node.input) > 2 else ""
-        if training and (g.constant(training) is None or numpy_helper.to_array(g.constant(training)).any()):
+        if training and (g.constant(training) is None or g.constant_array(training).any()):
             return f"Dropout {_label(node)!r} may run in training mode"
     return None
 
@@ -331,28 +334,53 @@ def _bn_affine(g: _Graph, bn: onnx.NodeProto) -> tuple[np.ndarray, np.ndarray]:
     return s, bias - mean * s
 
 
+CHUNK = 1 << 22  # weight elements scaled at a time in float64 (32 MiB; a VGG16 fc6 weight has 103M)
+
+
+def _chunks(shape: tuple[int, ...], layout: _Layout) -> Iterator[tuple[tuple, slice]]:
+    """(index into W, its output channels) for slices of W along its output axis of about CHUNK elements."""
+    axis = layout.out_axis
+    per_output = int(np.prod(shape)) // max(layout.outputs, 1)
+    step = layout.outputs if axis is None else max(1, CHUNK // max(per_output, 1))
+    for lo in range(0, layout.outputs, step):
+        hi = min(lo + step, layout.outputs)
+        yield ((slice(None),) * axis + (slice(lo, hi),) if axis is not None else ()), slice(lo, hi)
+
+
+def _part(index: np.ndarray, where: tuple) -> np.ndarray:
+    """The part of a broadcastable index array that lines up with W[where]."""
+    return index[tuple(sl if index.shape[i] > 1 else slice(None) for i, sl in enumerate(where))]
+
+
 def _apply(g: _Graph, bn: onnx.NodeProto, plan: _Plan) -> None:
     layer = plan.layer
     weight = g.constant(layer.input[1])
     layout = _layout(layer, tuple(weight.dims))
     bias_name = plan.bias_node.input[plan.bias_slot] if plan.bias_slot < len(plan.bias_node.input) else ""
     alpha, beta = (_attr(layer, "alpha", 1.0), _attr(layer, "beta", 1.0)) if layer.op_type == "Gemm" else (1.0, 1.0)
-    w = g.array(layer.input[1])  # a float64 copy, scaled in place below (a VGG16 classifier weight is 822 MB)
-    if alpha != 1.0:
-        w *= alpha
     b = g.array(bias_name) * beta if bias_name else np.zeros(layout.outputs)
     s, t = _bn_affine(g, bn)
-    if plan.direction == "backward":
-        w *= s[layout.out_index]
-        new_w, new_b = w, b * s + t
-    else:
+    if plan.direction == "forward":
         s, t = np.repeat(s, plan.repeat), np.repeat(t, plan.repeat)
-        shift = np.moveaxis(w * t[layout.in_index], layout.out_axis, 0).reshape(layout.outputs, -1).sum(axis=1)
-        w *= s[layout.in_index]
-        new_w, new_b = w, b + shift
+    w = g.constant_array(layer.input[1])  # stored type; scaled in float64 a chunk of output channels at a time
+    new_w, shift = np.empty(w.shape, onnx.helper.tensor_dtype_to_np_dtype(weight.data_type)), np.zeros(layout.outputs)
+    for where, outputs in _chunks(w.shape, layout):
+        part = w[where].astype(np.float64)
+        if alpha != 1.0:
+            part *= alpha
+        if plan.direction == "backward":
+            part *= s[_part(layout.out_index, where)]
+        else:
+            moved = np.moveaxis(part * t[_part(layout.in_index, where)], layout.out_axis or 0, 0)
+            shift[outputs] = moved.reshape(outputs.stop - outputs.start, -1).sum(axis=1)
+            part *= s[_part(layout.in_index, where)]
+        new_w[where] = part
+    del w
+    new_b = b * s + t if plan.direction == "backward" else b + shift
     bias_type = g.constant(bias_name).data_type if bias_name else weight.data_type
     g.write(layer, 1, new_w, weight.data_type, _label(layer) + "_weight")
-    g.write(plan.bias_node, plan.bias_slot, new_b, bias_type, _label(layer) + "_bias")
+    g.write(plan.bias_node, plan.bias_slot, new_b.astype(onnx.helper.tensor_dtype_to_np_dtype(bias_type)), bias_type,
+            _label(layer) + "_bias")
     kept = [a for a in layer.attribute if not (layer.op_type == "Gemm" and a.name in ("alpha", "beta"))]
     del layer.attribute[:]
     layer.attribute.extend(kept)
@@ -376,9 +404,24 @@ def _remove_bn(g: _Graph, bn: onnx.NodeProto) -> None:
 
 def fold_with_decisions(model) -> tuple[onnx.ModelProto, list[dict]]:
     """The folded copy of `model` (path or ModelProto) and one decision per BN node, in graph order."""
-    out = load_own(model)  # a model loaded from a path is ours; a caller's proto is copied
+    out, weights, folder, report = fold_lazily(model)
+    return materialize(out, weights, folder), report
+
+
+def fold_lazily(model) -> tuple[onnx.ModelProto, dict[str, np.ndarray], Path | None, list[dict]]:
+    """(folded model, new weights, folder, decisions): `fold_with_decisions` without gathering the weights.
+
+    A path is read as its structure (`modelio.load_structure`): the weights folding leaves alone stay
+    in the file (external data in `folder`, the file's folder) and those it computes are IN_MEMORY
+    stubs whose values are in `weights`, so `modelio.save_model(out, path, weights=, folder=)` writes
+    the folded model while Python holds only the changed tensors. A ModelProto is copied (folder None).
+    """
+    if isinstance(model, onnx.ModelProto):
+        out, folder = load_own(model), None
+    else:
+        out, folder = load_structure(model), Path(model).parent
     require_opset(out)
-    g = _Graph(out, value_types(out))
+    g = _Graph(out, value_types(out), {}, folder)
     report = []
     for bn in [n for n in out.graph.node if n.op_type == "BatchNormalization" and n.domain in ("", "ai.onnx")]:
         g.refresh()
@@ -390,7 +433,8 @@ def fold_with_decisions(model) -> tuple[onnx.ModelProto, list[dict]]:
         report.append(entry)
     g.prune(g.touched)
     set_metadata(out, {"onnxbn.fold": _summary(report)})
-    return out, report
+    kept = {t.name for t in out.graph.initializer}
+    return out, {k: v for k, v in g.weights.items() if k in kept}, folder, report
 
 
 def _summary(report: list[dict]) -> str:

@@ -19,6 +19,7 @@ The index is a snapshot: after a transform edits the graph it calls `refresh()`.
 
 from __future__ import annotations
 
+import os
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -26,7 +27,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxbn.errors import UserError
-from onnxbn.modelio import skeleton
+from onnxbn.modelio import skeleton, tensor_array
 
 FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
                          onnx.TensorProto.BFLOAT16})
@@ -150,12 +151,17 @@ def _replace_reads(graph: onnx.GraphProto, old: str, new: str) -> None:
 class GraphIndex:
     """Producers, consumers, read counts, constants and taken names of `model`'s top-level graph.
 
-    Edits go to `model` itself (the index never copies); see the module docstring.
+    Edits go to `model` itself (the index never copies); see the module docstring. Values of tensors
+    held outside the proto come from `weights` (IN_MEMORY stubs) and from files in `folder`
+    (external data, e.g. of a `modelio.load_structure` model): see `modelio.tensor_array`.
     """
 
-    def __init__(self, model: onnx.ModelProto):
+    def __init__(self, model: onnx.ModelProto, weights: dict[str, np.ndarray] | None = None,
+                 folder: str | os.PathLike | None = None):
         self.model = model
         self.graph = model.graph
+        self.weights = {} if weights is None else weights
+        self.folder = folder
         self.refresh()
 
     def refresh(self) -> None:
@@ -214,12 +220,16 @@ class GraphIndex:
                 return None
             fill = next((a.t for a in node.attribute if a.name == "value"), None)
             fill = numpy_helper.to_array(fill).reshape(-1) if fill is not None else np.zeros(1, np.float32)
-            return numpy_helper.from_array(np.full(numpy_helper.to_array(shape).astype(np.int64), fill[0]), name)
+            return numpy_helper.from_array(np.full(self.tensor_array(shape).astype(np.int64), fill[0]), name)
         return None
 
     def constant_array(self, name: str) -> np.ndarray | None:
         tensor = self.constant(name)
-        return None if tensor is None else numpy_helper.to_array(tensor)
+        return None if tensor is None else self.tensor_array(tensor)
+
+    def tensor_array(self, tensor: onnx.TensorProto) -> np.ndarray:
+        """The values of `tensor`, wherever they are held (see the class docstring)."""
+        return tensor_array(tensor, self.weights, self.folder)
 
     # -- edits
 

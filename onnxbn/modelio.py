@@ -257,50 +257,250 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
             os.unlink(tmp)
 
 
-def save_model(model: onnx.ModelProto, path: str | os.PathLike, inputs: Iterable = (), force: bool = False) -> Path:
-    """Write `model` to `path` atomically; external data (`<name>.data`) past 2 GB.
+def save_model(model: onnx.ModelProto, path: str | os.PathLike, inputs: Iterable = (), force: bool = False, *,
+               weights: dict[str, np.ndarray] | None = None, folder: str | os.PathLike | None = None) -> Path:
+    """Write `model` to `path` atomically; refuses to overwrite any of `inputs` unless `force`.
 
-    Refuses to overwrite any of `inputs` unless `force`.
+    The file holds every tensor's data: IN_MEMORY stubs take theirs from `weights`, and tensors
+    whose data lies in a file of `folder` (a `load_structure` model, edited) are copied from
+    that file in 1 MiB reads, so the weights are never held whole. Past protobuf's 2 GB limit,
+    the initializers of at least EXTERNAL_THRESHOLD bytes go to `<name>.data` next to the model
+    (each at a 4 KiB-aligned offset).
     """
     path = Path(path)
     refuse_overwrite(path, inputs, force)
-    if weight_bytes(model) < PROTOBUF_LIMIT - (1 << 26):  # 64 MB for everything but the weights
-        with atomic_path(path) as tmp:
-            tmp.write_bytes(model.SerializeToString())
-        return path
-    data_name = path.name + ".data"
-    staged_model = onnx.ModelProto()  # onnx.save_model moves the weights out of the proto it is given
-    staged_model.CopyFrom(model)
-    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as tmpdir:
-        staged = Path(tmpdir) / path.name
-        onnx.save_model(staged_model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_name, size_threshold=EXTERNAL_THRESHOLD)
-        if (Path(tmpdir) / data_name).exists():  # no data file when no tensor reaches the threshold
-            os.replace(Path(tmpdir) / data_name, path.parent / data_name)
-        os.replace(staged, path)
+    external = weight_bytes(model) >= PROTOBUF_LIMIT - (1 << 26)  # 64 MB for everything but the weights
+    with atomic_path(path) as tmp:
+        if not external:
+            _write_model(model, tmp, None, "", weights or {}, folder)
+            return path
+        data_name = path.name + ".data"
+        with atomic_path(path.parent / data_name) as data:
+            _write_model(model, tmp, data, data_name, weights or {}, folder)
+            empty = not data.stat().st_size
+        if empty:  # no tensor reached the threshold
+            (path.parent / data_name).unlink()
     return path
 
 
-def stage_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
-    """Write `model` (under protobuf's limit) to a hidden temporary file next to `path` and return
-    it, for a caller that checks it before renaming it onto `path` (or deleting it)."""
+def stage_model(model: onnx.ModelProto, path: str | os.PathLike, *, weights: dict[str, np.ndarray] | None = None,
+                folder: str | os.PathLike | None = None) -> Path:
+    """Write `model` (under protobuf's limit; tensors as in `save_model`) to a hidden temporary file next
+    to `path` and return it, for a caller that checks it before renaming it onto `path` (or deleting it)."""
     path = Path(path)
     if not path.parent.exists():
         raise UserError(f"{path.parent}: output folder does not exist; create it first")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.onnx", dir=path.parent)
     os.fchmod(fd, _new_file_mode())
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(model.SerializeToString())
+    os.close(fd)
+    try:
+        _write_model(model, Path(tmp), None, "", weights or {}, folder)
+    except BaseException:
+        os.unlink(tmp)
+        raise
     return Path(tmp)
+
+
+def _location(tensor: onnx.TensorProto) -> str | None:
+    """The external-data location of `tensor`, or None when its data is inline."""
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return None
+    return next((e.value for e in tensor.external_data if e.key == "location"), "")
+
+
+def _tensor_source(tensor: onnx.TensorProto, weights: dict, folder) -> tuple | None:
+    """Where the bytes of a tensor not held in the proto lie: ("array", array) or ("file", path, offset, length)."""
+    location = _location(tensor)
+    if location is None:
+        return None
+    if location == IN_MEMORY:
+        if tensor.name not in weights:
+            raise ValueError(f"tensor {tensor.name!r} is held in memory but no array was given for it")
+        array = np.ascontiguousarray(weights[tensor.name])
+        return ("array", array.astype(array.dtype.newbyteorder("<"), copy=False))  # ONNX data is little-endian
+    if folder is None:
+        return None  # external data of another model, left as it is
+    entries = {e.key: e.value for e in tensor.external_data}
+    return ("file", Path(folder) / location, int(entries.get("offset", 0)), int(entries["length"]))
+
+
+def _source_size(source: tuple) -> int:
+    return {"array": lambda: source[1].nbytes, "raw": lambda: source[2], "file": lambda: source[3]}[source[0]]()
+
+
+def _nbytes(tensor: onnx.TensorProto) -> int:
+    """Bytes of a tensor's data, from its type and dims."""
+    itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize if tensor.data_type else 0
+    return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+
+
+def _copy_source(source: tuple, out) -> None:
+    if source[0] == "array":
+        out.write(source[1].reshape(-1).view(np.uint8))
+        return
+    if source[0] == "raw":
+        out.write(source[1].raw_data)
+        return
+    for chunk in file_chunks(*source[1:]):
+        out.write(chunk)
+
+
+def file_chunks(path: Path, offset: int, length: int, size: int = 1 << 20) -> Iterator[bytes]:
+    """The `length` bytes of `path` from `offset`, `size` bytes at a time."""
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        while length:
+            chunk = fh.read(min(length, size))
+            if not chunk:
+                raise UserError(f"{path}: ends before the tensor data it should hold; the model file is damaged")
+            yield chunk
+            length -= len(chunk)
+
+
+def _header(tensor: onnx.TensorProto) -> onnx.TensorProto:
+    """`tensor` without its data and its external-data fields (name, type, dims, doc kept)."""
+    header = onnx.TensorProto()
+    header.CopyFrom(tensor)
+    for name in ("raw_data", "external_data", "data_location"):
+        header.ClearField(name)
+    return header
+
+
+def _copy_fields(source, target, skip: str) -> None:
+    """Copy every set field of the message `source` but `skip` into `target` (same message type)."""
+    for field, value in source.ListFields():
+        if field.name == skip:
+            continue
+        if field.is_repeated:
+            getattr(target, field.name).extend(value)
+        elif field.type == field.TYPE_MESSAGE:
+            getattr(target, field.name).CopyFrom(value)
+        else:
+            setattr(target, field.name, value)
+
+
+def _write_model(model: onnx.ModelProto, dest: Path, data: Path | None, data_name: str, weights: dict,
+                 folder) -> None:
+    """Serialise `model` into `dest`, streaming the data of its top-level initializers (see `save_model`).
+
+    With `data` (a file named `data_name` in the end), the tensors held outside the proto and every
+    initializer of EXTERNAL_THRESHOLD bytes or more are appended there and point to it. Without, each streamed tensor is written inline: the model
+    is serialised with those tensors reduced to their headers, and at the protocol-buffer level each
+    header gets its raw_data field (9) appended, the bytes copied from their source."""
+    sources = {}
+    for t in model.graph.initializer:
+        source = _tensor_source(t, weights, folder)
+        if source is None and data is not None and t.HasField("raw_data") and _nbytes(t) >= EXTERNAL_THRESHOLD:
+            source = ("raw", t, _nbytes(t))
+        if source is not None:
+            sources[t.name] = source
+    if not sources:
+        dest.write_bytes(model.SerializeToString())
+        return
+    light, g = onnx.ModelProto(), onnx.GraphProto()
+    _copy_fields(model, light, skip="graph")
+    _copy_fields(model.graph, g, skip="initializer")
+    for t in model.graph.initializer:
+        g.initializer.append(_header(t) if t.name in sources else t)
+    light.graph.CopyFrom(g)
+    del g
+    g = light.graph
+    if data is not None:
+        with open(data, "wb") as out:
+            for t in g.initializer:
+                if t.name not in sources:
+                    continue
+                out.write(b"\0" * (-out.tell() % 4096))
+                offset = out.tell()
+                _copy_source(sources[t.name], out)
+                t.data_location = onnx.TensorProto.EXTERNAL
+                for key, value in (("location", data_name), ("offset", str(offset)),
+                                   ("length", str(out.tell() - offset))):
+                    t.external_data.add(key=key, value=value)
+        dest.write_bytes(light.SerializeToString())
+        return
+    _write_inline(light, dest, [sources.get(t.name) for t in g.initializer])
+
+
+def _write_inline(light: onnx.ModelProto, dest: Path, streamed: list) -> None:
+    """Write `light` with streamed[k]'s bytes as the raw_data of its k-th initializer (None: as it is)."""
+    buf = light.SerializeToString()
+    pieces: list = []  # bytes, or a source to copy
+    for number, wire, tag_at, pos, after in _fields(buf, 0, len(buf)):
+        if number != _GRAPH or wire != 2:
+            pieces.append(buf[tag_at:after])
+            continue
+        graph_pieces, k = [], 0
+        for g_number, g_wire, g_tag, g_pos, g_after in _fields(buf, pos, after):
+            if g_number == _INITIALIZER and g_wire == 2:
+                source, k = streamed[k], k + 1
+                if source is not None:
+                    size = _source_size(source)
+                    raw_head = _encode_varint(_RAW_DATA << 3 | 2) + _encode_varint(size)
+                    header = buf[g_pos:g_after]
+                    graph_pieces += [_encode_varint(_INITIALIZER << 3 | 2)
+                                     + _encode_varint(len(header) + len(raw_head) + size) + header + raw_head, source]
+                    continue
+            graph_pieces.append(buf[g_tag:g_after])
+        size = sum(len(p) if isinstance(p, bytes) else _source_size(p) for p in graph_pieces)
+        pieces += [_encode_varint(_GRAPH << 3 | 2) + _encode_varint(size)] + graph_pieces
+    with open(dest, "wb") as out:
+        for piece in pieces:
+            if isinstance(piece, bytes):
+                out.write(piece)
+            else:
+                _copy_source(piece, out)
+
+
+def materialize(model: onnx.ModelProto, weights: dict[str, np.ndarray] | None = None,
+                folder: str | os.PathLike | None = None) -> onnx.ModelProto:
+    """`model` (edited in place) with the data of every top-level initializer inside the proto: IN_MEMORY
+    stubs from `weights`, external data of `folder` read from its file (`save_model` streams instead)."""
+    for t in model.graph.initializer:
+        source = _tensor_source(t, weights or {}, folder)
+        if source is None:
+            continue
+        if source[0] == "array":
+            raw = source[1].tobytes()
+        else:
+            with open(source[1], "rb") as fh:
+                fh.seek(source[2])
+                raw = fh.read(source[3])
+        for name in ("external_data", "data_location"):
+            t.ClearField(name)
+        t.raw_data = raw
+    return model
+
+
+def tensor_array(tensor: onnx.TensorProto, weights: dict[str, np.ndarray] | None = None,
+                 folder: str | os.PathLike | None = None) -> np.ndarray:
+    """The values of `tensor`: from `weights` for an IN_MEMORY stub, read from `folder` for external
+    data there (the proto is left as it is), else `numpy_helper.to_array`."""
+    source = _tensor_source(tensor, weights or {}, folder)
+    if source is None:
+        return numpy_helper.to_array(tensor)
+    if source[0] == "array":
+        return weights[tensor.name]
+    _, path, offset, length = source
+    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).newbyteorder("<")
+    count = int(np.prod(tensor.dims, dtype=np.int64))
+    if count * dtype.itemsize == length:  # one element per item (not a packed 4-bit type): read as it is
+        array = np.empty(tuple(tensor.dims), dtype)  # owns its memory: a caller may keep it without a copy
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            if fh.readinto(array.reshape(-1).view(np.uint8)) != length:
+                raise UserError(f"{path}: ends before the data of tensor {tensor.name!r}; the model file is damaged")
+        return array
+    copy = _header(tensor)
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        copy.raw_data = fh.read(length)
+    return numpy_helper.to_array(copy)
 
 
 def weight_bytes(model: onnx.ModelProto) -> int:
     """Bytes of tensor data in the model, from shapes and types (ByteSize() takes seconds on VGG16)."""
-    total = 0
-    for t in all_tensors(model):
-        itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize if t.data_type else 0
-        total += int(np.prod(t.dims, dtype=np.int64)) * itemsize
-    return total
+    return sum(_nbytes(t) for t in all_tensors(model))
 
 
 def model_sha256(model: onnx.ModelProto, weights: dict[str, np.ndarray] | None = None,
@@ -319,13 +519,9 @@ def model_sha256(model: onnx.ModelProto, weights: dict[str, np.ndarray] | None =
         entries = {e.key: e.value for e in t.external_data}
         if (weights is None or t.name not in weights) and t.data_location == onnx.TensorProto.EXTERNAL \
                 and entries.get("location") != IN_MEMORY and folder is not None:
-            with open(Path(folder) / entries["location"], "rb") as fh:
-                fh.seek(int(entries.get("offset", 0)))
-                left = int(entries["length"])
-                while left:
-                    chunk = fh.read(min(left, 1 << 20))
-                    h.update(chunk)
-                    left -= len(chunk)
+            for chunk in file_chunks(Path(folder) / entries["location"], int(entries.get("offset", 0)),
+                                     int(entries["length"])):
+                h.update(chunk)
             continue
         array = weights[t.name] if weights is not None and t.name in weights else numpy_helper.to_array(t)
         h.update(np.ascontiguousarray(array).view(np.uint8) if array.dtype != object else str(array.tolist()).encode())
@@ -372,6 +568,13 @@ def empty_like(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
+def memory_stub(name: str, data_type: int, dims) -> onnx.TensorProto:
+    """A tensor whose values are held in a weights dict (location IN_MEMORY), as `detach_weights` makes."""
+    stub = onnx.TensorProto(name=name, data_type=data_type, dims=list(dims), data_location=onnx.TensorProto.EXTERNAL)
+    stub.external_data.add(key="location", value=IN_MEMORY)
+    return stub
+
+
 def _light_copy(model: onnx.ModelProto, stubbed) -> onnx.ModelProto:
     """`model` with the initializers `stubbed(t)` picks reduced to name, type and dims."""
     graph, light = model.graph, empty_like(model)
@@ -386,25 +589,6 @@ def _light_copy(model: onnx.ModelProto, stubbed) -> onnx.ModelProto:
             stub.dims.extend(t.dims)
         else:
             g.initializer.append(t)
-    return light
-
-
-def file_backed(model: onnx.ModelProto, path: str | os.PathLike) -> onnx.ModelProto:
-    """A light copy of `model` (loaded from `path`, possibly edited since) whose large initializers
-    point into the file again as external data (see `load_structure`): for a session that should
-    read the weights from disk. Only tensors the file stores under the same name, type and dims are
-    pointed back, so the caller must not have changed such a tensor's values."""
-    stored = {t.name: t for t in load_structure(path).graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
-
-    def same(t: onnx.TensorProto) -> bool:
-        s = stored.get(t.name)
-        return s is not None and s.data_type == t.data_type and list(s.dims) == list(t.dims)
-
-    light = _light_copy(model, same)
-    for t in light.graph.initializer:
-        if t.name in stored and not t.raw_data and same(t):
-            t.data_location = onnx.TensorProto.EXTERNAL
-            t.external_data.extend(stored[t.name].external_data)
     return light
 
 

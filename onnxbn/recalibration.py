@@ -84,6 +84,7 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -92,7 +93,7 @@ from onnx import helper, numpy_helper
 from onnxbn.data import default_workers
 from onnxbn.errors import UserError
 from onnxbn.graph import GraphIndex, graph_inputs, reads, require_opset, tensor_shape, value_types
-from onnxbn.modelio import IN_MEMORY, detach_weights, empty_like, file_backed, load_own, set_metadata
+from onnxbn.modelio import IN_MEMORY, detach_weights, empty_like, load_own, load_structure, materialize, set_metadata
 from onnxbn.points import Point
 from onnxbn.runtime import (check_batch_shape, fit_batch_size, make_session, model_input, open_model_data, progress,
                             run_batches, session_provider)
@@ -237,7 +238,7 @@ def _own_slot(index: GraphIndex, node: onnx.NodeProto, slot: int, elem: int,
     tensor = index.initializers.get(name)
     if tensor is None:
         tensor = _resolve(index, name)
-    old = None if tensor is None else numpy_helper.to_array(tensor).astype(np.float64).reshape(-1)
+    old = None if tensor is None else index.tensor_array(tensor).astype(np.float64).reshape(-1)
     own = reads_before.get(name) == 1 and name not in index.outputs and (
         name in index.initializers or _constant_node(index, name) is not None)
     if own:
@@ -274,9 +275,10 @@ def _channels(index: GraphIndex, node: onnx.NodeProto) -> int:
                     "count is unknown; recalibrate needs constant BN parameters")
 
 
-def _prepare(model: onnx.ModelProto, selected: list[onnx.NodeProto], types: dict) -> list[BNRecord]:
-    """Convert training-mode BNs, give each selected BN mean/var tensors of its own; record the old values."""
-    index = GraphIndex(model)
+def _prepare(model: onnx.ModelProto, selected: list[onnx.NodeProto], types: dict, folder) -> list[BNRecord]:
+    """Convert training-mode BNs, give each selected BN mean/var tensors of its own; record the old values
+    (`folder`: where the model's external data lies)."""
+    index = GraphIndex(model, folder=folder)
     reads_before = dict(index.read_count)
     records = []
     for node in selected:
@@ -496,13 +498,12 @@ def _run_pass(p: _Pass, dataset, model, batch_size: int, workers: int, strict: b
 
 
 def _exact(out: onnx.ModelProto, bns: list[BNRecord], dataset, batch_size: int, *, workers: int, strict: bool,
-           device: str, cache_mb: float, source=None) -> tuple[list[dict], int, str]:
+           device: str, cache_mb: float, folder=None) -> tuple[list[dict], int, str]:
     """Level by level (module docstring): write each level's statistics into `out`. Returns (passes, samples, provider).
 
-    `source`: the file `out` was read from; its weights then reach onnxruntime from that file
-    (`modelio.file_backed`), else as arrays (`detach_weights`, uncopied)."""
-    folder = os.path.dirname(os.path.abspath(source)) if source is not None else None
-    work, weights = (file_backed(out, source), {}) if source is not None else detach_weights(out)
+    `folder`: where the external data of `out` (a `load_structure` model) lies; onnxruntime then reads
+    the weights from that file. Without it, they reach onnxruntime as arrays (`detach_weights`, uncopied)."""
+    work, weights = (out, {}) if folder is not None else detach_weights(out)
     index = GraphIndex(work)
     types = value_types(work)
     up = _levels(index, bns)
@@ -539,8 +540,9 @@ def _exact(out: onnx.ModelProto, bns: list[BNRecord], dataset, batch_size: int, 
         if kept is not None:
             base = kept
         del session, p
-    for b in bns:
-        _write_stats(out, None, b, b.new_mean, b.new_var)
+    if work is not out:
+        for b in bns:
+            _write_stats(out, None, b, b.new_mean, b.new_var)
     return passes, samples, provider
 
 
@@ -682,27 +684,39 @@ def recalibrate(model, data, mode: str = "exact", nodes=None, **options) -> onnx
     return recalibrate_with_report(model, data, mode=mode, nodes=nodes, **options)[0]
 
 
-def recalibrate_with_report(model, data, mode: str = "exact", nodes=None, *, batch_size: int = 32,
-                            limit: int | None = None, seed: int = 0, preset: str | None = None, workers: int | None = 0,
-                            strict: bool = False, device: str = "auto",
-                            cache_mb: float = DEFAULT_CACHE_MB) -> tuple[onnx.ModelProto, RecalibrationReport]:
+def recalibrate_with_report(model, data, mode: str = "exact", nodes=None, **options) -> tuple[onnx.ModelProto,
+                                                                                            RecalibrationReport]:
     """(recalibrated copy of `model`, RecalibrationReport); see `recalibrate`."""
+    out, folder, report = recalibrate_lazily(model, data, mode=mode, nodes=nodes, **options)
+    return materialize(out, folder=folder), report
+
+
+def recalibrate_lazily(model, data, mode: str = "exact", nodes=None, *, batch_size: int = 32,
+                       limit: int | None = None, seed: int = 0, preset: str | None = None, workers: int | None = 0,
+                       strict: bool = False, device: str = "auto", cache_mb: float = DEFAULT_CACHE_MB,
+                       ) -> tuple[onnx.ModelProto, Path | None, RecalibrationReport]:
+    """(model, folder, report): `recalibrate_with_report` without gathering the weights. In exact mode a
+    path is read as its structure (`modelio.load_structure`): the weights stay in the file (external data
+    in `folder`, the file's folder), onnxruntime reads them from there, and
+    `modelio.save_model(model, path, folder=folder)` writes the result; otherwise folder is None."""
     if mode not in MODES:
         raise UserError(f"unknown mode {mode!r}: use exact or batch")
     if cache_mb < 0:
         raise UserError(f"--cache-mb must be 0 or more (got {cache_mb})")
     started = time.perf_counter()
-    out = load_own(model)  # a model loaded from a path is ours; a caller's proto is copied
+    if mode == "exact" and isinstance(model, (str, os.PathLike)):
+        out, folder = load_structure(model), Path(model).parent
+    else:  # batch mode imports the whole model into torch
+        out, folder = load_own(model), None  # a caller's proto is copied
     require_opset(out)
     selected = _select(out, nodes)
-    bns = _prepare(out, selected, value_types(out))
+    bns = _prepare(out, selected, value_types(out), folder)
     dataset = open_model_data(out, data, preset=preset, limit=limit, seed=seed)
     batch_size = fit_batch_size(model_input(out)[2], batch_size, dataset.total)
     workers = default_workers() if workers is None else workers
     if mode == "exact":
         passes, samples, provider = _exact(out, bns, dataset, batch_size, workers=workers, strict=strict,
-                                           device=device, cache_mb=cache_mb,
-                                           source=model if isinstance(model, (str, os.PathLike)) else None)
+                                           device=device, cache_mb=cache_mb, folder=folder)
     else:
         passes, samples, provider = _batch(out, bns, dataset, batch_size, workers=workers, strict=strict,
                                            device=device)
@@ -715,4 +729,4 @@ def recalibrate_with_report(model, data, mode: str = "exact", nodes=None, *, bat
         "seed": seed, "preset": dataset.preset if dataset.is_images else "array",
         "training_mode_converted": [b.node for b in bns if b.training_mode],
     }, separators=(",", ":"))})
-    return out, report
+    return out, folder, report

@@ -34,7 +34,7 @@ import onnx
 from onnxbn import distributed
 from onnxbn.errors import UserError
 from onnxbn.graph import GraphIndex, require_opset, tensor_shape, value_types
-from onnxbn.modelio import load_model, load_structure
+from onnxbn.modelio import load_structure, materialize
 from onnxbn.points import ACTIVATIONS
 from onnxbn.runtime import check_batch_shape, model_input, open_model_data, progress, rel_error, run_batches
 
@@ -247,16 +247,37 @@ def finetune(model, train, val=None, *, epochs: int = 1, lr: float = 1e-5, batch
     each rank caches and trains on its shard of the data (items rank::ranks) with
     batch_size / ranks samples per step, the same number of steps on every rank.
     """
+    out, weights, folder, result_log = finetune_lazily(
+        model, train, val, epochs=epochs, lr=lr, batch_size=batch_size, freeze_through=freeze_through, cache=cache,
+        device=device, seed=seed, optimizer=optimizer, bf16=bf16, workers=workers, limit=limit, dropout=dropout,
+        sync_bn=sync_bn)
+    return FinetuneResult(materialize(out, weights, folder), result_log)
+
+
+def finetune_lazily(model, train, val=None, *, epochs: int = 1, lr: float = 1e-5, batch_size: int = 64,
+                    freeze_through: str = "auto", cache: str | os.PathLike | None = None, device: str = "auto",
+                    seed: int = 0, optimizer: str = "adam", bf16: bool = False, workers: int = 0,
+                    limit: int | None = None, dropout: float | None = None, sync_bn: bool = False,
+                    ) -> tuple[onnx.ModelProto, dict[str, np.ndarray], Path | None, dict]:
+    """(model, weights, folder, log): `finetune` without gathering the weights. A path is read as its
+    structure (`modelio.load_structure`): each weight goes from the file into its torch tensor once, the
+    written model's trained tensors are IN_MEMORY stubs whose values in `weights` share the module's
+    memory, and the others stay in the file (external data in `folder`, the file's folder).
+    `modelio.save_model(model, path, weights=weights, folder=folder)` writes it."""
     import torch
 
-    from onnxbn.torch_import import split_at, to_torch, write_back
+    from onnxbn.torch_import import split_at, to_torch
+    from onnxbn.torch_import.writeback import write_back_lazily
 
     if epochs < 0 or batch_size < 1 or not lr > 0:
         raise UserError("--epochs must be >= 0, --batch-size >= 1 and --lr > 0")
     if optimizer not in ("adam", "sgd"):
         raise UserError(f"unknown optimizer {optimizer!r}: use adam or sgd")
     started = time.perf_counter()
-    proto = load_model(model)
+    if isinstance(model, onnx.ModelProto):
+        proto, folder = model, None
+    else:
+        proto, folder = load_structure(model), Path(model).parent
     require_opset(proto)
     input_type = model_input(proto)[1]
     if input_type != np.float32:
@@ -269,7 +290,7 @@ def finetune(model, train, val=None, *, epochs: int = 1, lr: float = 1e-5, batch
         raise UserError(f"--dropout must be in [0, 1) (got {dropout})")
     dev = _torch_device(device)
     torch.manual_seed(seed + rank)
-    module = to_torch(proto).to(dev)  # first: an op the importer lacks is the reason to give
+    module = to_torch(proto, folder).to(dev)  # first: an op the importer lacks is the reason to give
     node = default_freeze_node(proto) if freeze_through == "auto" else freeze_through
     if node not in {n.name for n in proto.graph.node}:
         raise UserError(f"--freeze-through {node!r}: no ONNX node has that name")
@@ -323,8 +344,9 @@ def finetune(model, train, val=None, *, epochs: int = 1, lr: float = 1e-5, batch
         if temp is not None:
             temp.cleanup()
     module.eval()
-    written = write_back(module, proto)
-    gate = _gate(module, written, dev, input_shape, proto) if rank == 0 else {"checked": False, "reason": "rank > 0"}
+    written, weights = write_back_lazily(module, proto, folder)
+    gate = _gate(module, written, weights, folder, dev, input_shape, proto) if rank == 0 else \
+        {"checked": False, "reason": "rank > 0"}
     result_log.update({
         "freeze_through": node,
         "trainable_parameters": int(sum(p.numel() for p in trainable)),
@@ -332,7 +354,7 @@ def finetune(model, train, val=None, *, epochs: int = 1, lr: float = 1e-5, batch
         "device": str(dev), "lr": lr, "epochs": epochs, "batch_size": batch_size, "optimizer": optimizer,
         "seed": seed, "ranks": ranks, "dropout": dropout, "sync_bn": sync_bn, "write_back_check": gate, "seconds": round(time.perf_counter() - started, 3),
     })
-    return FinetuneResult(written, result_log)
+    return written, weights, folder, result_log
 
 
 def _batch_bounds(samples: int, batch_size: int) -> list[int]:
@@ -409,8 +431,10 @@ def _train(suffix, trainable, sets, *, epochs, lr, batch_size, seed, device, kin
     return {"history": history, "val_before": before, "val_after": after}
 
 
-def _gate(module, written: onnx.ModelProto, device, input_shape, proto, samples: int = 4) -> dict:
-    """onnxruntime on the written model vs the torch module in eval mode, <= 1e-5 relative."""
+def _gate(module, written: onnx.ModelProto, weights: dict, folder, device, input_shape, proto,
+          samples: int = 4) -> dict:
+    """onnxruntime on the written model vs the torch module in eval mode, <= 1e-5 relative. The session
+    reads the trained weights from the module's memory (`weights`) without packing copies of them."""
     import torch
 
     from onnxbn.runtime import make_session
@@ -425,7 +449,8 @@ def _gate(module, written: onnx.ModelProto, device, input_shape, proto, samples:
     with torch.no_grad():
         expected = module(torch.from_numpy(x).to(device))
         expected = (expected[0] if isinstance(expected, tuple) else expected).float().cpu().numpy()
-    got = make_session(written, "cpu").run(None, {name: x})[0].astype(np.float32)
+    got = make_session(written, "cpu", weights=weights, folder=folder, prepack=False).run(None, {name: x})[0]
+    got = got.astype(np.float32)
     error = rel_error(expected, got)
     if not error <= 1e-5:
         raise RuntimeError(f"write-back check failed: onnxruntime on the written model differs from torch by "

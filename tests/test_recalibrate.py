@@ -705,7 +705,7 @@ def test_cli_warns_when_recalibration_makes_channels_constant(tmp_path, capsys):
 @pytest.mark.parametrize("which", ["resnet", "vgg"])
 @pytest.mark.parametrize("cache_mb", [1024, 0])
 def test_a_model_file_gives_the_same_model_with_its_weights_read_from_disk(request, which, cache_mb, tmp_path):
-    """From a path, the passes' sessions read the weights from the file itself (modelio.file_backed):
+    """From a path, the passes' sessions read the weights from the file itself (modelio.load_structure):
     the result equals recalibrating the loaded proto, tensor for tensor."""
     from onnxbn.modelio import load_structure
 

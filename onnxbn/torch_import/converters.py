@@ -374,8 +374,8 @@ def _bn_op(ctx: _Importer, a: dict):
         cls = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}.get(rank, _BatchNormAnyD)
         mod = cls(scale.shape[0], eps=eps, momentum=float(f"{1.0 - momentum:.7g}"), device="meta")
         mod.weight, mod.bias = scale, bias
-        mod.running_mean = _to_tensor(ctx.inits[names[2]])
-        mod.running_var = _to_tensor(ctx.inits[names[3]])
+        mod.running_mean = ctx.init_tensor(names[2])
+        mod.running_var = ctx.init_tensor(names[3])
         buffers = {"running_mean": names[2], "running_var": names[3]}
         mod.num_batches_tracked = torch.tensor(0, dtype=torch.long)
         return ctx.module(mod, ctx.inp(0), params={"weight": names[0], "bias": names[1]}, buffers=buffers)

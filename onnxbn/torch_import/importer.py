@@ -12,6 +12,7 @@ import hashlib
 import keyword
 import os
 import re
+from pathlib import Path
 from typing import Any, Callable
 
 import onnx
@@ -29,7 +30,7 @@ from onnxbn.graph import (
     unique_name,
     value_types,
 )
-from onnxbn.modelio import load_model
+from onnxbn.modelio import load_structure
 from onnxbn.torch_import.converters import _CONVERTERS
 from onnxbn.torch_import.ops import _to_tensor
 
@@ -68,8 +69,9 @@ class _Unsupported(Exception):
 
 
 class _Importer:
-    def __init__(self, model: onnx.ModelProto):
+    def __init__(self, model: onnx.ModelProto, folder=None):
         self.model = model
+        self.folder = folder  # where the model's external data lies
         self.opset = opset_version(model)
         self.graph = fx.Graph()
         self.root = nn.Module()
@@ -104,11 +106,15 @@ class _Importer:
         if name in self.inits:
             if name not in self.init_values:
                 try:
-                    self.init_values[name] = _to_tensor(self.inits[name])
+                    self.init_values[name] = self.init_tensor(name)
                 except TypeError:
                     self.fail(f"initializer {name!r} is a string tensor")
             return self.init_values[name]
         self.fail(f"input {name!r} is not produced by any earlier node")
+
+    def init_tensor(self, name: str) -> torch.Tensor:
+        """The initializer `name` as a torch tensor of its own."""
+        return _to_tensor(self.inits[name], self.folder)
 
     def inp(self, i: int):
         return self.value(self.node.input[i]) if i < len(self.node.input) else None
@@ -182,7 +188,7 @@ class _Importer:
 
     def param(self, init: str) -> nn.Parameter:
         if init not in self.params:
-            self.params[init] = nn.Parameter(_to_tensor(self.inits[init]))
+            self.params[init] = nn.Parameter(self.init_tensor(init))
         return self.params[init]
 
     def is_weight(self, name: str) -> bool:
@@ -248,7 +254,11 @@ def _attach(gm: fx.GraphModule, info: dict[str, Any]) -> None:
 
 
 
-def to_torch(model: onnx.ModelProto | str | os.PathLike) -> fx.GraphModule:
-    """Import an ONNX model (proto or path) as a torch.fx GraphModule; see the module docstring."""
-    proto = load_model(model)
-    return _Importer(proto).run()
+def to_torch(model: onnx.ModelProto | str | os.PathLike, folder: str | os.PathLike | None = None) -> fx.GraphModule:
+    """Import an ONNX model (proto or path) as a torch.fx GraphModule; see the module docstring.
+
+    A path is read as its structure (`modelio.load_structure`) and each weight goes from the file
+    straight into its torch tensor; `folder`: where a proto's external data lies, if it has any."""
+    if isinstance(model, onnx.ModelProto):
+        return _Importer(model, folder).run()
+    return _Importer(load_structure(model), Path(model).parent).run()

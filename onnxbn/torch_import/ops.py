@@ -15,8 +15,9 @@ import numpy as np
 import onnx
 import torch
 import torch.nn.functional as F
-from onnx import numpy_helper
 from torch import nn
+
+from onnxbn.modelio import tensor_array
 
 # ============================================================================ modules
 
@@ -327,10 +328,12 @@ def _clip(x, lo=None, hi=None):
     return torch.clamp(x, lo, hi)
 
 
-def _to_tensor(proto: onnx.TensorProto) -> torch.Tensor:
+def _to_tensor(proto: onnx.TensorProto, folder=None) -> torch.Tensor:
+    """A torch tensor of its own with `proto`'s values (external data read from `folder`)."""
     if proto.data_type == onnx.TensorProto.STRING:
         raise TypeError("string tensor")
-    arr = numpy_helper.to_array(proto)
+    arr = tensor_array(proto, folder=folder)
     if proto.data_type == onnx.TensorProto.BFLOAT16:
         return torch.from_numpy(arr.astype(np.float32)).to(torch.bfloat16)
-    return torch.from_numpy(np.array(arr, copy=True))
+    # an array read from a file is already ours; one that views the proto's bytes is copied
+    return torch.from_numpy(arr if arr.flags.owndata and arr.flags.writeable else np.array(arr, copy=True))

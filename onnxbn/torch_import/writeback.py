@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import onnx
 import torch
 import torch.fx as fx
-from onnx import numpy_helper
 from torch import nn
 
 from onnxbn.errors import UserError
-from onnxbn.modelio import load_model, with_metadata
+from onnxbn.modelio import (IN_MEMORY, file_chunks, load_structure, materialize, memory_stub, set_metadata,
+                            tensor_array)
 from onnxbn.torch_import.importer import _attach, _structure_key
 
 
@@ -33,17 +34,29 @@ def write_back(module: fx.GraphModule, model: onnx.ModelProto | str | os.PathLik
     initializer's original dtype; nothing else in the model changes except a
     `onnxbn.write_back` metadata entry (JSON: tensors written, tensors changed).
     """
+    if isinstance(model, onnx.ModelProto):
+        out, weights = write_back_lazily(module, model)
+        return materialize(out, weights)
+    out, weights = write_back_lazily(module, load_structure(model), Path(model).parent)
+    return materialize(out, weights, Path(model).parent)
+
+
+def write_back_lazily(module: fx.GraphModule, model: onnx.ModelProto,
+                      folder: str | os.PathLike | None = None) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """(model, weights): `write_back` without copying the module's values. Each written initializer
+    becomes an IN_MEMORY stub whose values in `weights` share the module's memory where the dtype
+    allows (so they change when the module does). `folder`: where `model`'s external data lies;
+    `modelio.save_model(model, path, weights=, folder=)` writes the result."""
     mapping = getattr(module, "onnx_tensors", None)
     if mapping is None:
         raise UserError("this module was not made by onnxbn.to_torch (no onnx_tensors map); import the model with to_torch")
-    proto = load_model(model)
     key = getattr(module, "onnx_structure", None)
-    if key is not None and key != _structure_key(proto):
+    if key is not None and key != _structure_key(model):
         raise UserError("the module was imported from a different model (nodes differ); write back into the model it came from")
     out = onnx.ModelProto()
-    out.CopyFrom(proto)
+    out.CopyFrom(model)
     by_name = {t.name: t for t in out.graph.initializer}
-    written = changed = 0
+    weights, changed = {}, 0
     for state_key, init_name in mapping.items():
         target = by_name.get(init_name)
         if target is None:
@@ -55,14 +68,32 @@ def write_back(module: fx.GraphModule, model: onnx.ModelProto | str | os.PathLik
         np_dtype = onnx.helper.tensor_dtype_to_np_dtype(target.data_type)
         arr = value.float().numpy() if value.dtype == torch.bfloat16 else value.numpy()
         arr = np.ascontiguousarray(arr.astype(np_dtype, copy=False))
-        old = numpy_helper.to_array(target)
-        if old.shape != arr.shape or not np.array_equal(old, arr):
+        if not _same(target, arr, folder):
             changed += 1
-        new = numpy_helper.from_array(arr, init_name)
-        target.CopyFrom(new)
-        written += 1
-    return with_metadata(out, {"onnxbn.write_back": json.dumps({"tensors": written, "changed": changed},
-                                                               separators=(",", ":"))})
+        weights[init_name] = arr
+        target.CopyFrom(memory_stub(init_name, target.data_type, arr.shape))
+    set_metadata(out, {"onnxbn.write_back": json.dumps({"tensors": len(weights), "changed": changed},
+                                                       separators=(",", ":"))})
+    return out, weights
+
+
+def _same(tensor: onnx.TensorProto, values: np.ndarray, folder) -> bool:
+    """Whether `tensor` holds `values` (np.array_equal); data in a file is compared 16 MiB at a time."""
+    where = next((e.value for e in tensor.external_data if e.key == "location"), None)
+    if folder is None or tensor.data_location != onnx.TensorProto.EXTERNAL or where == IN_MEMORY:
+        old = tensor_array(tensor)
+        return old.shape == values.shape and np.array_equal(old, values)
+    entries = {e.key: e.value for e in tensor.external_data}
+    length, flat, done = int(entries["length"]), values.reshape(-1), 0
+    if length != values.nbytes:
+        return False
+    for chunk in file_chunks(Path(folder) / where, int(entries.get("offset", 0)), length,
+                             size=(16 << 20) // values.itemsize * values.itemsize):
+        old = np.frombuffer(chunk, dtype=values.dtype.newbyteorder("<"))
+        if not np.array_equal(old, flat[done:done + old.size]):
+            return False
+        done += old.size
+    return True
 
 
 def split_at(module: fx.GraphModule, node: str) -> tuple[fx.GraphModule, fx.GraphModule]:
