@@ -15,7 +15,7 @@ import hashlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, NamedTuple
 
 import numpy as np
 import onnx
@@ -308,8 +308,16 @@ def _location(tensor: onnx.TensorProto) -> str | None:
     return next((e.value for e in tensor.external_data if e.key == "location"), "")
 
 
-def _tensor_source(tensor: onnx.TensorProto, weights: dict, folder) -> tuple | None:
-    """Where the bytes of a tensor not held in the proto lie: ("array", array) or ("file", path, offset, length)."""
+class FileRange(NamedTuple):
+    """`length` bytes of the file `path` from `offset`: where a tensor's data lies."""
+
+    path: Path
+    offset: int
+    length: int
+
+
+def data_source(tensor: onnx.TensorProto, weights: dict, folder) -> np.ndarray | FileRange | None:
+    """Where the data of a tensor not held in the proto lies: an array of `weights`, or a FileRange in `folder`."""
     location = _location(tensor)
     if location is None:
         return None
@@ -317,15 +325,17 @@ def _tensor_source(tensor: onnx.TensorProto, weights: dict, folder) -> tuple | N
         if tensor.name not in weights:
             raise ValueError(f"tensor {tensor.name!r} is held in memory but no array was given for it")
         array = np.ascontiguousarray(weights[tensor.name])
-        return ("array", array.astype(array.dtype.newbyteorder("<"), copy=False))  # ONNX data is little-endian
+        return array.astype(array.dtype.newbyteorder("<"), copy=False)  # ONNX data is little-endian
     if folder is None:
         return None  # external data of another model, left as it is
     entries = {e.key: e.value for e in tensor.external_data}
-    return ("file", Path(folder) / location, int(entries.get("offset", 0)), int(entries["length"]))
+    return FileRange(Path(folder) / location, int(entries.get("offset", 0)), int(entries["length"]))
 
 
-def _source_size(source: tuple) -> int:
-    return {"array": lambda: source[1].nbytes, "raw": lambda: source[2], "file": lambda: source[3]}[source[0]]()
+def _source_size(source: np.ndarray | FileRange | onnx.TensorProto) -> int:
+    if isinstance(source, np.ndarray):
+        return source.nbytes
+    return source.length if isinstance(source, FileRange) else _nbytes(source)
 
 
 def _nbytes(tensor: onnx.TensorProto) -> int:
@@ -334,25 +344,26 @@ def _nbytes(tensor: onnx.TensorProto) -> int:
     return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
 
 
-def _copy_source(source: tuple, out) -> None:
-    if source[0] == "array":
-        out.write(source[1].reshape(-1).view(np.uint8))
-        return
-    if source[0] == "raw":
-        out.write(source[1].raw_data)
-        return
-    for chunk in file_chunks(*source[1:]):
-        out.write(chunk)
+def _copy_source(source: np.ndarray | FileRange | onnx.TensorProto, out) -> None:
+    """Write the data of `source` (an array, a file range, or a tensor's own raw_data) to `out`."""
+    if isinstance(source, np.ndarray):
+        out.write(source.reshape(-1).view(np.uint8))
+    elif isinstance(source, FileRange):
+        for chunk in file_chunks(source):
+            out.write(chunk)
+    else:
+        out.write(source.raw_data)
 
 
-def file_chunks(path: Path, offset: int, length: int, size: int = 1 << 20) -> Iterator[bytes]:
-    """The `length` bytes of `path` from `offset`, `size` bytes at a time."""
-    with open(path, "rb") as fh:
-        fh.seek(offset)
+def file_chunks(where: FileRange, size: int = 1 << 20) -> Iterator[bytes]:
+    """The bytes of `where`, `size` at a time."""
+    length = where.length
+    with open(where.path, "rb") as fh:
+        fh.seek(where.offset)
         while length:
             chunk = fh.read(min(length, size))
             if not chunk:
-                raise UserError(f"{path}: ends before the tensor data it should hold; the model file is damaged")
+                raise UserError(f"{where.path}: ends before the tensor data it should hold; the model file is damaged")
             yield chunk
             length -= len(chunk)
 
@@ -389,9 +400,9 @@ def _write_model(model: onnx.ModelProto, dest: Path, data: Path | None, data_nam
     header gets its raw_data field (9) appended, the bytes copied from their source."""
     sources = {}
     for t in model.graph.initializer:
-        source = _tensor_source(t, weights, folder)
+        source = data_source(t, weights, folder)
         if source is None and data is not None and t.HasField("raw_data") and _nbytes(t) >= EXTERNAL_THRESHOLD:
-            source = ("raw", t, _nbytes(t))
+            source = t  # moved to the data file from its own raw_data
         if source is not None:
             sources[t.name] = source
     if not sources:
@@ -457,15 +468,10 @@ def materialize(model: onnx.ModelProto, weights: dict[str, np.ndarray] | None = 
     """`model` (edited in place) with the data of every top-level initializer inside the proto: IN_MEMORY
     stubs from `weights`, external data of `folder` read from its file (`save_model` streams instead)."""
     for t in model.graph.initializer:
-        source = _tensor_source(t, weights or {}, folder)
+        source = data_source(t, weights or {}, folder)
         if source is None:
             continue
-        if source[0] == "array":
-            raw = source[1].tobytes()
-        else:
-            with open(source[1], "rb") as fh:
-                fh.seek(source[2])
-                raw = fh.read(source[3])
+        raw = source.tobytes() if isinstance(source, np.ndarray) else b"".join(file_chunks(source, size=source.length))
         for name in ("external_data", "data_location"):
             t.ClearField(name)
         t.raw_data = raw
@@ -476,12 +482,12 @@ def tensor_array(tensor: onnx.TensorProto, weights: dict[str, np.ndarray] | None
                  folder: str | os.PathLike | None = None) -> np.ndarray:
     """The values of `tensor`: from `weights` for an IN_MEMORY stub, read from `folder` for external
     data there (the proto is left as it is), else `numpy_helper.to_array`."""
-    source = _tensor_source(tensor, weights or {}, folder)
+    source = data_source(tensor, weights or {}, folder)
     if source is None:
         return numpy_helper.to_array(tensor)
-    if source[0] == "array":
+    if isinstance(source, np.ndarray):
         return weights[tensor.name]
-    _, path, offset, length = source
+    path, offset, length = source
     dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).newbyteorder("<")
     count = int(np.prod(tensor.dims, dtype=np.int64))
     if count * dtype.itemsize == length:  # one element per item (not a packed 4-bit type): read as it is
@@ -492,9 +498,7 @@ def tensor_array(tensor: onnx.TensorProto, weights: dict[str, np.ndarray] | None
                 raise UserError(f"{path}: ends before the data of tensor {tensor.name!r}; the model file is damaged")
         return array
     copy = _header(tensor)
-    with open(path, "rb") as fh:
-        fh.seek(offset)
-        copy.raw_data = fh.read(length)
+    copy.raw_data = b"".join(file_chunks(source, size=length))
     return numpy_helper.to_array(copy)
 
 
@@ -516,14 +520,12 @@ def model_sha256(model: onnx.ModelProto, weights: dict[str, np.ndarray] | None =
     h.update(skeleton(model, keep_elements=0).graph.SerializeToString(deterministic=True))
     for t in model.graph.initializer:
         h.update(t.name.encode() + b"\0")
-        entries = {e.key: e.value for e in t.external_data}
-        if (weights is None or t.name not in weights) and t.data_location == onnx.TensorProto.EXTERNAL \
-                and entries.get("location") != IN_MEMORY and folder is not None:
-            for chunk in file_chunks(Path(folder) / entries["location"], int(entries.get("offset", 0)),
-                                     int(entries["length"])):
+        source = data_source(t, weights or {}, folder)
+        if isinstance(source, FileRange):
+            for chunk in file_chunks(source):
                 h.update(chunk)
             continue
-        array = weights[t.name] if weights is not None and t.name in weights else numpy_helper.to_array(t)
+        array = numpy_helper.to_array(t) if source is None else source
         h.update(np.ascontiguousarray(array).view(np.uint8) if array.dtype != object else str(array.tolist()).encode())
     return h.hexdigest()
 

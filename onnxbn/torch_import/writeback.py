@@ -13,8 +13,8 @@ import torch.fx as fx
 from torch import nn
 
 from onnxbn.errors import UserError
-from onnxbn.modelio import (IN_MEMORY, file_chunks, load_structure, materialize, memory_stub, set_metadata,
-                            tensor_array)
+from onnxbn.modelio import (FileRange, data_source, file_chunks, load_structure, materialize, memory_stub,
+                            set_metadata, tensor_array)
 from onnxbn.torch_import.importer import _attach, _structure_key
 
 
@@ -79,16 +79,14 @@ def write_back_lazily(module: fx.GraphModule, model: onnx.ModelProto,
 
 def _same(tensor: onnx.TensorProto, values: np.ndarray, folder) -> bool:
     """Whether `tensor` holds `values` (np.array_equal); data in a file is compared 16 MiB at a time."""
-    where = next((e.value for e in tensor.external_data if e.key == "location"), None)
-    if folder is None or tensor.data_location != onnx.TensorProto.EXTERNAL or where == IN_MEMORY:
+    source = data_source(tensor, {}, folder)
+    if not isinstance(source, FileRange):
         old = tensor_array(tensor)
         return old.shape == values.shape and np.array_equal(old, values)
-    entries = {e.key: e.value for e in tensor.external_data}
-    length, flat, done = int(entries["length"]), values.reshape(-1), 0
-    if length != values.nbytes:
+    if source.length != values.nbytes:
         return False
-    for chunk in file_chunks(Path(folder) / where, int(entries.get("offset", 0)), length,
-                             size=(16 << 20) // values.itemsize * values.itemsize):
+    flat, done = values.reshape(-1), 0
+    for chunk in file_chunks(source, size=(16 << 20) // values.itemsize * values.itemsize):
         old = np.frombuffer(chunk, dtype=values.dtype.newbyteorder("<"))
         if not np.array_equal(old, flat[done:done + old.size]):
             return False
