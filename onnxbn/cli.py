@@ -303,22 +303,30 @@ def cmd_finetune(args) -> int:
     Writes the model and, next to it, OUTPUT.log.json with per-epoch train/val loss and accuracy.
     Under `torchrun --nproc_per_node K`, trains with DistributedDataParallel (gloo on
     CPU, nccl on GPU); --batch-size is the global batch; rank 0 writes the files."""
+    import gc
+
     from onnxbn import distributed
-    from onnxbn.modelio import refuse_overwrite, save_model
+    from onnxbn.modelio import StagedOutput, refuse_overwrite
+    from onnxbn.runtime import make_session
     from onnxbn.training import finetune_lazily
 
     log_path = args.output + ".log.json"
     inputs = [args.model, args.train, args.val]
     refuse_overwrite(args.output, inputs, args.force)
     refuse_overwrite(log_path, inputs, args.force)
-    model, weights, folder, result_log = finetune_lazily(
+    model, weights, folder, result_log, probe = finetune_lazily(
         args.model, args.train, args.val, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
         freeze_through=args.freeze_through, cache=args.cache, device=args.device, seed=args.seed,
         optimizer=args.optimizer, bf16=args.bf16, workers=args.workers, limit=args.limit, dropout=args.dropout,
         sync_bn=args.sync_bn)
     if not distributed.is_main():
         return 0
-    save_model(model, args.output, inputs=inputs, force=args.force, weights=weights, folder=folder)
+    # The gate runs the staged file: onnxruntime reads its weights from disk once the module's are dropped.
+    with StagedOutput(model, args.output, inputs, args.force, weights=weights, folder=folder) as staged:
+        del model, weights
+        gc.collect()  # frees the torch module (its fx graph holds reference cycles) before onnxruntime loads
+        result_log["write_back_check"] = probe.check(lambda: make_session(staged.candidate, "cpu"))
+        staged.commit()
     _write_json(log_path, result_log, inputs)
     before, after = result_log["val_before"], result_log["val_after"]
     if before and after:
@@ -367,7 +375,7 @@ def cmd_fold(args) -> int:
     the model is written only when every check passes."""
     from onnxbn.check import compare
     from onnxbn.fold import fold_lazily
-    from onnxbn.modelio import PROTOBUF_LIMIT, materialize, refuse_overwrite, save_model, stage_model, weight_bytes
+    from onnxbn.modelio import StagedOutput, refuse_overwrite
     from onnxbn.runtimes import check_runtime, parse_runtime, supports_precision
 
     options = FOLD_DATA.options(args)
@@ -380,47 +388,35 @@ def cmd_fold(args) -> int:
     for spec in verify:  # an unknown or missing runtime fails before any work
         check_runtime(spec, args.device)
     folded, weights, folder, decisions = fold_lazily(args.model)
-    if weight_bytes(folded) < PROTOBUF_LIMIT // 2:
-        # Verify from the files: the folded model is staged next to the output (its unchanged weights copied
-        # from the input file, never held) and the new weights are dropped, so onnxruntime reads both models'
-        # weights from disk (peak memory of two sessions).
-        staged = stage_model(folded, args.output, weights=weights, folder=folder)
+    # The folded model is staged next to the output (its unchanged weights copied from the input file, never
+    # held) and the new weights are dropped, so onnxruntime reads both models' weights from disk.
+    with StagedOutput(folded, args.output, [args.model, args.data], args.force, weights=weights,
+                      folder=folder) as staged:
         del folded, weights
-    else:  # a model past protobuf's limit is saved with external data: verify it from memory
-        staged, folded = None, materialize(folded, weights, folder)
-    candidate = str(staged) if staged is not None else folded
-    try:
-        report = compare(args.model, candidate, atol=args.atol, rtol=args.rtol, device=args.device, **options)
+        report = compare(args.model, staged.candidate, atol=args.atol, rtol=args.rtol, device=args.device, **options)
         checks = {}
         for spec, name in zip(verify, names):
             precision = args.precision if supports_precision(name, args.precision) else None
-            checks[spec] = compare(args.model, candidate, atol=args.atol, rtol=args.rtol, device=args.device,
+            checks[spec] = compare(args.model, staged.candidate, atol=args.atol, rtol=args.rtol, device=args.device,
                                    reference_runtime="onnxruntime", candidate_runtime=spec, precision=precision,
                                    **options)
-    except BaseException:
-        if staged is not None:
-            staged.unlink(missing_ok=True)
-        raise
-    if args.json:
-        print(json.dumps({"decisions": decisions, "check": report.to_dict(),
-                          **({"verify_on": {k: r.to_dict() for k, r in checks.items()}} if checks else {})}, indent=2))
-    else:
-        for d in decisions:
-            print(f"{d['bn']}: " + (f"folded into {d['into']} ({d['direction']})" if d["action"] == "folded"
-                                    else f"kept: {d['reason']}"))
-        print(report.table())
-        for spec, r in checks.items():
-            print(f"\nverify on {spec}:\n{r.table()}")
-    failed = [k for k, r in {"onnxruntime": report, **checks}.items() if not r.passed]
-    if failed:
-        if staged is not None:
-            staged.unlink(missing_ok=True)
-        log.error("the folded model differs from the input beyond tolerance on %s; nothing written", ", ".join(failed))
-        return 1
-    if staged is not None:
-        os.replace(staged, args.output)
-    else:
-        save_model(folded, args.output, inputs=[args.model, args.data], force=args.force)
+        if args.json:
+            print(json.dumps({"decisions": decisions, "check": report.to_dict(),
+                              **({"verify_on": {k: r.to_dict() for k, r in checks.items()}} if checks else {})},
+                             indent=2))
+        else:
+            for d in decisions:
+                print(f"{d['bn']}: " + (f"folded into {d['into']} ({d['direction']})" if d["action"] == "folded"
+                                        else f"kept: {d['reason']}"))
+            print(report.table())
+            for spec, r in checks.items():
+                print(f"\nverify on {spec}:\n{r.table()}")
+        failed = [k for k, r in {"onnxruntime": report, **checks}.items() if not r.passed]
+        if failed:
+            log.error("the folded model differs from the input beyond tolerance on %s; nothing written",
+                      ", ".join(failed))
+            return 1
+        staged.commit()
     kept = sum(d["action"] == "kept" for d in decisions)
     log.info("folded %d of %d BatchNormalization nodes (%d kept); wrote %s", len(decisions) - kept, len(decisions),
              kept, args.output)

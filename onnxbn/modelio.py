@@ -301,6 +301,45 @@ def stage_model(model: onnx.ModelProto, path: str | os.PathLike, *, weights: dic
     return Path(tmp)
 
 
+class StagedOutput:
+    """A model written next to `path` for a check before it takes `path`'s place (a context manager).
+
+    The model goes to a hidden temporary file (`stage_model`; tensors as in `save_model`), so a
+    check can run from the file (`candidate` is its path) while Python drops its copies; past
+    protobuf's limit it is kept in memory instead (`candidate` is the whole ModelProto) and
+    saved with external data. `commit()` puts it at `path`; leaving the block without a commit
+    deletes the staged file, so nothing is half-written.
+    """
+
+    def __init__(self, model: onnx.ModelProto, path: str | os.PathLike, inputs: Iterable = (), force: bool = False,
+                 *, weights: dict[str, np.ndarray] | None = None, folder: str | os.PathLike | None = None):
+        self.path, self.inputs, self.force = Path(path), inputs, force
+        refuse_overwrite(self.path, inputs, force)
+        if weight_bytes(model) < PROTOBUF_LIMIT // 2:
+            self.file, self.model = stage_model(model, path, weights=weights, folder=folder), None
+        else:
+            self.file, self.model = None, materialize(model, weights, folder)
+
+    @property
+    def candidate(self) -> str | onnx.ModelProto:
+        return str(self.file) if self.file is not None else self.model
+
+    def commit(self) -> Path:
+        if self.file is not None:
+            os.replace(self.file, self.path)
+            self.file = None
+        else:
+            save_model(self.model, self.path, self.inputs, self.force)
+        return self.path
+
+    def __enter__(self) -> "StagedOutput":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.file is not None:
+            self.file.unlink(missing_ok=True)
+
+
 def _location(tensor: onnx.TensorProto) -> str | None:
     """The external-data location of `tensor`, or None when its data is inline."""
     if tensor.data_location != onnx.TensorProto.EXTERNAL:

@@ -27,7 +27,7 @@ from onnx import helper
 from onnxbn.data import open_data
 from onnxbn.errors import UserError
 from onnxbn.graph import graph_inputs, tensor_shape
-from onnxbn.modelio import IN_MEMORY, detach_weights, metadata
+from onnxbn.modelio import IN_MEMORY, detach_weights, load_structure, metadata
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -63,19 +63,18 @@ def cuda_available() -> bool:
 
 def make_session(model: onnx.ModelProto | bytes | str, device: str = "auto", threads: int = 0,
                  weights: dict | None = None, tf32: bool | None = None, folder: str | os.PathLike | None = None,
-                 arena: bool = True, prepack: bool = True):
+                 arena: bool = True):
     """An InferenceSession for `model` on `device` ('auto', 'cpu' or 'cuda').
 
     'cuda' fails with a UserError when CUDA does not load; 'auto' falls back to the
     CPU silently. `threads` > 0 caps onnxruntime's intra-op threads. A ModelProto's
     large weights go to onnxruntime as arrays (see graph.detach_weights); `weights`
-    supplies them for a model that is already detached. `folder`: where the model's external
+    supplies them for a model that is already detached. A path is read as its structure
+    (`modelio.load_structure`): onnxruntime reads its weights from the file. `folder`: where the model's external
     data files lie (a `modelio.load_structure` model points into its own file there, so
     onnxruntime reads the weights from disk and Python never holds them). `arena=False`
     turns onnxruntime's CPU memory arena off: every tensor is freed when its last reader
-    is done, instead of the arena keeping (and growing to) its high-water mark. `prepack=False`
-    stops onnxruntime making packed copies of the weights (it then reads `weights` where they
-    are; for a session run a few times, e.g. a check). `tf32`
+    is done, instead of the arena keeping (and growing to) its high-water mark. `tf32`
     sets the CUDA provider's `use_tf32` (None: onnxruntime's default). A model onnxruntime
     cannot load is a UserError naming the operator it lacks (see runtimes.load_error).
     """
@@ -85,13 +84,14 @@ def make_session(model: onnx.ModelProto | bytes | str, device: str = "auto", thr
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.enable_cpu_mem_arena = arena
-    if not prepack:
-        options.add_session_config_entry("session.disable_prepacking", "1")
     if threads:
         options.intra_op_num_threads = threads
     if folder is not None:
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
     arrays: list = []
+    if isinstance(model, (str, os.PathLike)):  # read as its structure: onnxruntime takes the weights from the file
+        model, folder = load_structure(model), os.path.dirname(os.path.abspath(model))
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
     if isinstance(model, onnx.ModelProto):
         if weights is None:
             model, weights = detach_weights(model)

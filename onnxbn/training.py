@@ -247,21 +247,26 @@ def finetune(model, train, val=None, *, epochs: int = 1, lr: float = 1e-5, batch
     each rank caches and trains on its shard of the data (items rank::ranks) with
     batch_size / ranks samples per step, the same number of steps on every rank.
     """
-    out, weights, folder, result_log = finetune_lazily(
+    from onnxbn.runtime import make_session
+
+    out, weights, folder, result_log, probe = finetune_lazily(
         model, train, val, epochs=epochs, lr=lr, batch_size=batch_size, freeze_through=freeze_through, cache=cache,
         device=device, seed=seed, optimizer=optimizer, bf16=bf16, workers=workers, limit=limit, dropout=dropout,
         sync_bn=sync_bn)
-    return FinetuneResult(materialize(out, weights, folder), result_log)
+    written = materialize(out, weights, folder)
+    result_log["write_back_check"] = probe.check(lambda: make_session(written, "cpu"))
+    return FinetuneResult(written, result_log)
 
 
 def finetune_lazily(model, train, val=None, *, epochs: int = 1, lr: float = 1e-5, batch_size: int = 64,
                     freeze_through: str = "auto", cache: str | os.PathLike | None = None, device: str = "auto",
                     seed: int = 0, optimizer: str = "adam", bf16: bool = False, workers: int = 0,
                     limit: int | None = None, dropout: float | None = None, sync_bn: bool = False,
-                    ) -> tuple[onnx.ModelProto, dict[str, np.ndarray], Path | None, dict]:
-    """(model, weights, folder, log): `finetune` without gathering the weights. A path is read as its
-    structure (`modelio.load_structure`): each weight goes from the file into its torch tensor once, the
-    written model's trained tensors are IN_MEMORY stubs whose values in `weights` share the module's
+                    ) -> tuple[onnx.ModelProto, dict[str, np.ndarray], Path | None, dict, WriteBackProbe]:
+    """(model, weights, folder, log, probe): `finetune` without gathering the weights, and without its last
+    step, the write-back gate (`probe.check`, whose result goes to log["write_back_check"]). A path is read
+    as its structure (`modelio.load_structure`): each weight goes from the file into its torch tensor once,
+    the written model's trained tensors are IN_MEMORY stubs whose values in `weights` share the module's
     memory, and the others stay in the file (external data in `folder`, the file's folder).
     `modelio.save_model(model, path, weights=weights, folder=folder)` writes it."""
     import torch
@@ -345,16 +350,15 @@ def finetune_lazily(model, train, val=None, *, epochs: int = 1, lr: float = 1e-5
             temp.cleanup()
     module.eval()
     written, weights = write_back_lazily(module, proto, folder)
-    gate = _gate(module, written, weights, folder, dev, input_shape, proto) if rank == 0 else \
-        {"checked": False, "reason": "rank > 0"}
+    probe = _probe(module, dev, input_shape, proto) if rank == 0 else WriteBackProbe(reason="rank > 0")
     result_log.update({
         "freeze_through": node,
         "trainable_parameters": int(sum(p.numel() for p in trainable)),
         "cache": {k: {"hit": f.hit, "samples": int(len(f.y)), "shape": list(f.x.shape[1:])} for k, f in sets.items()},
         "device": str(dev), "lr": lr, "epochs": epochs, "batch_size": batch_size, "optimizer": optimizer,
-        "seed": seed, "ranks": ranks, "dropout": dropout, "sync_bn": sync_bn, "write_back_check": gate, "seconds": round(time.perf_counter() - started, 3),
+        "seed": seed, "ranks": ranks, "dropout": dropout, "sync_bn": sync_bn, "seconds": round(time.perf_counter() - started, 3),
     })
-    return written, weights, folder, result_log
+    return written, weights, folder, result_log, probe
 
 
 def _batch_bounds(samples: int, batch_size: int) -> list[int]:
@@ -382,9 +386,10 @@ def _train(suffix, trainable, sets, *, epochs, lr, batch_size, seed, device, kin
 
         model = DistributedDataParallel(suffix, device_ids=[device.index] if device.type == "cuda" else None)
     # fused: one kernel per step instead of per-tensor temporaries (about 2x faster on
-    # VGG16's 123M dense parameters on a CPU)
-    opt = (torch.optim.Adam(trainable, lr=lr, fused=True) if optimizer == "adam"
-           else torch.optim.SGD(trainable, lr=lr, momentum=0.9, fused=True))
+    # VGG16's 123M dense parameters on a CPU). None for --epochs 0 (building the torch
+    # optimizer imports torch._dynamo: 1.3 s).
+    opt = None if not epochs else (torch.optim.Adam(trainable, lr=lr, fused=True) if optimizer == "adam"
+                                   else torch.optim.SGD(trainable, lr=lr, momentum=0.9, fused=True))
     generator = np.random.default_rng([seed, rank])
     bounds = _batch_bounds(len(train.y), batch_size)
     steps = min(distributed.gather(len(bounds) - 1))  # every rank takes the same number of steps
@@ -431,17 +436,35 @@ def _train(suffix, trainable, sets, *, epochs, lr, batch_size, seed, device, kin
     return {"history": history, "val_before": before, "val_after": after}
 
 
-def _gate(module, written: onnx.ModelProto, weights: dict, folder, device, input_shape, proto,
-          samples: int = 4) -> dict:
-    """onnxruntime on the written model vs the torch module in eval mode, <= 1e-5 relative. The session
-    reads the trained weights from the module's memory (`weights`) without packing copies of them."""
-    import torch
+@dataclass
+class WriteBackProbe:
+    """The write-back gate: onnxruntime on the written model must give the torch module's eval-mode
+    outputs `expected` for the inputs `x` (fed as `name`) to 1e-5 relative; `reason`: why it cannot run."""
 
-    from onnxbn.runtime import make_session
+    name: str = ""
+    x: np.ndarray | None = None
+    expected: np.ndarray | None = None
+    reason: str | None = None
+
+    def check(self, open_session) -> dict:
+        """Run the written model (`open_session()` makes its session); a RuntimeError past 1e-5."""
+        if self.reason is not None:
+            return {"checked": False, "reason": self.reason}
+        got = open_session().run(None, {self.name: self.x})[0].astype(np.float32)
+        error = rel_error(self.expected, got)
+        if not error <= 1e-5:
+            raise RuntimeError(f"write-back check failed: onnxruntime on the written model differs from torch by "
+                               f"{error:.3g} relative (limit 1e-5)")
+        return {"checked": True, "max_rel_error": error}
+
+
+def _probe(module, device, input_shape, proto, samples: int = 4) -> WriteBackProbe:
+    """The torch module's outputs on `samples` seeded random inputs, for the write-back gate."""
+    import torch
 
     dims = [d if isinstance(d, int) and d > 0 else None for d in input_shape[1:]]
     if any(d is None for d in dims):
-        return {"checked": False, "reason": "input shape is not fixed"}
+        return WriteBackProbe(reason="input shape is not fixed")
     name, dtype, _ = model_input(proto)
     if isinstance(input_shape[0], int) and input_shape[0] > 0:
         samples = input_shape[0]  # a fixed batch axis
@@ -449,13 +472,7 @@ def _gate(module, written: onnx.ModelProto, weights: dict, folder, device, input
     with torch.no_grad():
         expected = module(torch.from_numpy(x).to(device))
         expected = (expected[0] if isinstance(expected, tuple) else expected).float().cpu().numpy()
-    got = make_session(written, "cpu", weights=weights, folder=folder, prepack=False).run(None, {name: x})[0]
-    got = got.astype(np.float32)
-    error = rel_error(expected, got)
-    if not error <= 1e-5:
-        raise RuntimeError(f"write-back check failed: onnxruntime on the written model differs from torch by "
-                           f"{error:.3g} relative (limit 1e-5)")
-    return {"checked": True, "max_rel_error": error}
+    return WriteBackProbe(name, x, expected)
 
 
 # ----------------------------------------------------------------------------- evaluation

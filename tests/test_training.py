@@ -12,6 +12,7 @@ from onnx import helper, numpy_helper
 import onnxbn
 from onnxbn.cli import main
 from onnxbn.runtime import make_session
+from onnxbn.torch_import.writeback import write_back_lazily
 from onnxbn.training import default_freeze_node
 
 from conftest import small_cnn
@@ -141,20 +142,40 @@ def test_finetune_full_vgg16(vgg16, tmp_path):
                                rtol=1e-4, atol=1e-6)
 
 
+def drifting_write_back(module, model, folder=None):
+    """write_back_lazily, then one trained weight drifted by 1e-3 (what the gate must catch)."""
+    written, weights = write_back_lazily(module, model, folder)
+    weights["f3.w"] = weights["f3.w"] * 1.001
+    return written, weights
+
+
 def test_write_back_gate_catches_a_wrong_written_model(monkeypatch):
     """The gate compares onnxruntime on the written model with torch: a write-back that drifts by
     1e-3 in one trained weight must stop finetune, not be reported as checked."""
     import onnxbn.training
     import onnxbn.torch_import.writeback
-    from onnxbn.torch_import.writeback import write_back_lazily
 
-    def drifting(module, model, folder=None):
-        written, weights = write_back_lazily(module, model, folder)
-        weights["f3.w"] = weights["f3.w"] * 1.001
-        return written, weights
-
-    monkeypatch.setattr(onnxbn.torch_import.writeback, "write_back_lazily", drifting)
+    monkeypatch.setattr(onnxbn.torch_import.writeback, "write_back_lazily", drifting_write_back)
     x, y = labelled()
     model = small_cnn()
     with pytest.raises(RuntimeError, match="write-back check failed"):
         onnxbn.training.finetune(model, (x, y), epochs=1, lr=1e-3, batch_size=16)
+
+
+def test_finetune_command_gates_the_staged_file_and_leaves_nothing_when_it_fails(monkeypatch, tmp_path, capsys):
+    """The command runs the gate on the staged output file: a drifted write-back exits 2 with the reason,
+    and neither the output nor a staged file is left; without the drift the same run writes the model."""
+    import onnxbn.torch_import.writeback
+
+    x, y = labelled()
+    onnx.save(small_cnn(), str(tmp_path / "m.onnx"))
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    argv = ["finetune", str(tmp_path / "m.onnx"), "--train", str(tmp_path / "d.npz"), "--epochs", "1", "--lr", "1e-3",
+            "--batch-size", "16", "-o", str(tmp_path / "out.onnx")]
+    with monkeypatch.context() as patch:
+        patch.setattr(onnxbn.torch_import.writeback, "write_back_lazily", drifting_write_back)
+        assert main(argv) == 2 and "write-back check failed" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.npz", "m.onnx"]
+    assert main(argv) == 0
+    log = json.loads((tmp_path / "out.onnx.log.json").read_text())
+    assert log["write_back_check"]["checked"] and log["write_back_check"]["max_rel_error"] <= 1e-5
