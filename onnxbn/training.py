@@ -94,11 +94,12 @@ def _prefix_fingerprint(prefix) -> str:
 
 @dataclass
 class Features:
-    """Cached prefix outputs (memory-mapped) and their labels."""
+    """Cached prefix outputs (memory-mapped) and their labels; `seconds` it took to compute them (0 on a hit)."""
 
     x: np.ndarray
     y: np.ndarray
     hit: bool
+    seconds: float = 0.0
 
 
 def _run_prefix(prefix, dataset, folder: Path, batch_size: int, device, workers: int, desc: str, shape):
@@ -136,6 +137,7 @@ def cached_features(prefix, dataset, key: str, cache_dir: Path, batch_size: int,
                     desc: str, shape) -> Features:
     """The prefix's outputs over `dataset`, from `cache_dir/key` or computed into it."""
     entry = cache_dir / key
+    started = time.perf_counter()
     if not (entry / "meta.json").is_file():
         cache_dir.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{key[:12]}.", dir=cache_dir))
@@ -155,7 +157,7 @@ def cached_features(prefix, dataset, key: str, cache_dir: Path, batch_size: int,
     samples = json.loads((entry / "meta.json").read_text())["samples"]
     x = np.load(entry / "features.npy", mmap_mode="r")[:samples]
     y = np.load(entry / "labels.npy", mmap_mode="r")[:samples]
-    return Features(x, np.asarray(y), hit)
+    return Features(x, np.asarray(y), hit, 0.0 if hit else round(time.perf_counter() - started, 3))
 
 
 # ----------------------------------------------------------------------------- training
@@ -354,7 +356,8 @@ def finetune_lazily(model, train, val=None, *, epochs: int = 1, lr: float = 1e-5
     result_log.update({
         "freeze_through": node,
         "trainable_parameters": int(sum(p.numel() for p in trainable)),
-        "cache": {k: {"hit": f.hit, "samples": int(len(f.y)), "shape": list(f.x.shape[1:])} for k, f in sets.items()},
+        "cache": {k: {"hit": f.hit, "samples": int(len(f.y)), "shape": list(f.x.shape[1:]), "seconds": f.seconds}
+                  for k, f in sets.items()},
         "device": str(dev), "lr": lr, "epochs": epochs, "batch_size": batch_size, "optimizer": optimizer,
         "seed": seed, "ranks": ranks, "dropout": dropout, "sync_bn": sync_bn, "seconds": round(time.perf_counter() - started, 3),
     })
