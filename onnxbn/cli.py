@@ -194,13 +194,13 @@ def cmd_merge(args) -> int:
 def cmd_insert(args) -> int:
     """Splice identity BatchNormalization nodes at the tensors in the stats file."""
     from onnxbn.modelio import refuse_overwrite, save_model
-    from onnxbn.insert import dead_channels, insert_bn
+    from onnxbn.insert import dead_channels, insert_lazily
     from onnxbn.stats import load_stats
 
     refuse_overwrite(args.output, [args.model, args.stats], args.force)
     stats = load_stats(args.stats)
-    model = insert_bn(args.model, stats, eps=args.eps)
-    save_model(model, args.output, inputs=[args.model, args.stats], force=args.force)
+    model, folder = insert_lazily(args.model, stats, eps=args.eps)
+    save_model(model, args.output, inputs=[args.model, args.stats], force=args.force, folder=folder)
     for name, dead in dead_channels(stats).items():
         log.info("  BN after %s: %d channels, %d dead (zero variance)", name, stats.mean(name).size, dead)
     log.info("inserted %d BatchNormalization nodes; wrote %s", len(stats.tensors), args.output)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -33,7 +34,7 @@ from onnx import helper
 
 from onnxbn.errors import UserError
 from onnxbn.graph import GraphIndex, require_opset, tensor_shape, value_types
-from onnxbn.modelio import load_own, load_structure, model_sha256, set_metadata
+from onnxbn.modelio import load_own, load_structure, materialize, model_sha256, set_metadata
 from onnxbn.stats import Stats, load_stats
 
 BN_SUFFIX = "/onnxbn_bn"
@@ -111,10 +112,22 @@ def insert_bn(model, stats, eps: float = 1e-5) -> onnx.ModelProto:
 
     `model`: path or ModelProto; `stats`: path or Stats. See the module docstring.
     """
+    out, folder = insert_lazily(model, stats, eps)
+    return materialize(out, folder=folder)
+
+
+def insert_lazily(model, stats, eps: float = 1e-5) -> tuple[onnx.ModelProto, Path | None]:
+    """(model, folder): `insert_bn` without gathering the weights. A path is read as its structure
+    (`modelio.load_structure`): the weights stay in the file (external data in `folder`, the file's
+    folder) and `modelio.save_model(model, path, folder=folder)` copies them file to file; a
+    ModelProto is copied (folder None)."""
     if not eps > 0:
         raise UserError(f"--eps must be positive (got {eps})")
     digest = _provenance(model)
-    out = load_own(model)  # a model loaded from a path is ours; a caller's proto is copied
+    if isinstance(model, onnx.ModelProto):
+        out, folder = load_own(model), None
+    else:
+        out, folder = load_structure(model), Path(model).parent
     stats = load_stats(stats)
     require_opset(out)
     types = value_types(out)
@@ -158,4 +171,4 @@ def insert_bn(model, stats, eps: float = 1e-5) -> onnx.ModelProto:
         "dead_channels": sum(dead.values()),
         "float32_bn": widened,
     })})
-    return out
+    return out, folder

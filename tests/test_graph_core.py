@@ -336,10 +336,10 @@ def gemm_bn_model(path):
     return model
 
 
-@pytest.mark.parametrize("step", ["fold", "recalibrate"])
-def test_fold_and_recalibrate_copy_unchanged_weights_file_to_file(tmp_path, step, capsys):
+@pytest.mark.parametrize("step", ["fold", "recalibrate", "insert"])
+def test_fold_recalibrate_and_insert_copy_unchanged_weights_file_to_file(tmp_path, step, capsys):
     """The CLI writes the result while Python never holds the unchanged 32 MiB weight, and the result is
-    right: the big weight byte for byte, the changed tensors against numpy."""
+    right: the big weight byte for byte, the changed or new tensors against numpy."""
     import tracemalloc
 
     from onnxbn.cli import main
@@ -347,8 +347,12 @@ def test_fold_and_recalibrate_copy_unchanged_weights_file_to_file(tmp_path, step
     model = gemm_bn_model(tmp_path / "m.onnx")
     x = np.random.default_rng(3).standard_normal((8, 4, 16, 32)).astype(np.float32)
     np.savez(tmp_path / "x.npz", x=x)
-    argv = ["fold", str(tmp_path / "m.onnx"), "--data", str(tmp_path / "x.npz")] if step == "fold" else \
-        ["recalibrate", str(tmp_path / "m.onnx"), "--data", str(tmp_path / "x.npz"), "--workers", "0"]
+    argv = {"fold": ["fold", str(tmp_path / "m.onnx"), "--data", str(tmp_path / "x.npz")],
+            "recalibrate": ["recalibrate", str(tmp_path / "m.onnx"), "--data", str(tmp_path / "x.npz"), "--workers", "0"],
+            "insert": ["insert", str(tmp_path / "m.onnx"), "--stats", str(tmp_path / "s.npz")]}[step]
+    if step == "insert":
+        assert main(["stats", str(tmp_path / "m.onnx"), "--data", str(tmp_path / "x.npz"), "--after", "relu",
+                     "--workers", "0", "-o", str(tmp_path / "s.npz")]) == 0
     tracemalloc.start()
     code = main(argv + ["-o", str(tmp_path / "out.onnx")])
     _, peak = tracemalloc.get_traced_memory()
@@ -359,7 +363,19 @@ def test_fold_and_recalibrate_copy_unchanged_weights_file_to_file(tmp_path, step
     given = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     np.testing.assert_array_equal(out["w"], given["w"])
     s, B, m, v = (given[k].astype(np.float64) for k in "sBmv")
-    if step == "fold":  # y = s * (w2 r + b2 - m) / sqrt(v + eps) + B
+    if step == "insert":  # an identity BN after r = relu(w x + b): scale = sqrt(var + eps), B = mean = mean of r
+        with np.load(tmp_path / "s.npz") as saved:
+            assert list(saved["tensors"]) == ["r"]
+            mean, var = saved["mean_0"], saved["var_0"]
+        bn = {t.name[len("r/onnxbn_bn."):]: numpy_helper.to_array(t)
+              for t in onnx.load(str(tmp_path / "out.onnx")).graph.initializer if t.name.startswith("r/onnxbn_bn.")}
+        r = np.maximum(x.reshape(8, -1).astype(np.float64) @ given["w"].T.astype(np.float64) + given["b"], 0)
+        np.testing.assert_allclose(mean, r.mean(axis=0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(var, r.var(axis=0), rtol=1e-4, atol=1e-9)
+        np.testing.assert_allclose(bn["scale"], np.sqrt(var + 1e-5), rtol=1e-6)
+        np.testing.assert_array_equal(bn["B"], mean.astype(np.float32))
+        np.testing.assert_array_equal(bn["mean"], mean.astype(np.float32))
+    elif step == "fold":  # y = s * (w2 r + b2 - m) / sqrt(v + eps) + B
         scale = s / np.sqrt(v + 1e-5)
         np.testing.assert_allclose(out["w2"], given["w2"] * scale[:, None], rtol=1e-6)
         np.testing.assert_allclose(out["b2"], (given["b2"] - m) * scale + B, rtol=1e-6, atol=1e-6)
