@@ -297,7 +297,9 @@ def finetune_lazily(model, train, val=None, *, epochs: int = 1, lr: float = 1e-5
         raise UserError(f"--dropout must be in [0, 1) (got {dropout})")
     dev = _torch_device(device)
     torch.manual_seed(seed + rank)
+    imported = time.perf_counter()
     module = to_torch(proto, folder).to(dev)  # first: an op the importer lacks is the reason to give
+    imported = time.perf_counter() - imported
     node = default_freeze_node(proto) if freeze_through == "auto" else freeze_through
     if node not in {n.name for n in proto.graph.node}:
         raise UserError(f"--freeze-through {node!r}: no ONNX node has that name")
@@ -355,6 +357,7 @@ def finetune_lazily(model, train, val=None, *, epochs: int = 1, lr: float = 1e-5
     probe = _probe(module, dev, input_shape, proto) if rank == 0 else WriteBackProbe(reason="rank > 0")
     result_log.update({
         "freeze_through": node,
+        "import_seconds": round(imported, 3),
         "trainable_parameters": int(sum(p.numel() for p in trainable)),
         "cache": {k: {"hit": f.hit, "samples": int(len(f.y)), "shape": list(f.x.shape[1:]), "seconds": f.seconds}
                   for k, f in sets.items()},

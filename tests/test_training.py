@@ -50,6 +50,7 @@ def test_finetune_small_model(tmp_path):
     assert result.log["val_after"]["loss"] < result.log["val_before"]["loss"]  # 16 memorisable samples
     assert result.log["write_back_check"]["checked"] is True  # the gate ran (it raises past 1e-5: see below)
     assert result.log["cache"]["train"]["hit"] is False and result.log["cache"]["train"]["seconds"] > 0
+    assert result.log["import_seconds"] > 0
     again = onnxbn.finetune(bn, (x, y), (x[:16], y[:16]), epochs=1, lr=1e-3, batch_size=16, cache=tmp_path)
     assert again.log["cache"]["train"]["hit"] is True and again.log["cache"]["val"]["hit"] is True
     assert again.log["cache"]["train"]["seconds"] == 0  # nothing was computed
