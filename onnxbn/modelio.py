@@ -434,9 +434,10 @@ def _write_model(model: onnx.ModelProto, dest: Path, data: Path | None, data_nam
     """Serialise `model` into `dest`, streaming the data of its top-level initializers (see `save_model`).
 
     With `data` (a file named `data_name` in the end), the tensors held outside the proto and every
-    initializer of EXTERNAL_THRESHOLD bytes or more are appended there and point to it. Without, each streamed tensor is written inline: the model
-    is serialised with those tensors reduced to their headers, and at the protocol-buffer level each
-    header gets its raw_data field (9) appended, the bytes copied from their source."""
+    initializer of EXTERNAL_THRESHOLD bytes or more are appended there and point to it. Without, each
+    streamed tensor is written inline: the model is serialised with those tensors reduced to their
+    headers, and at the protocol-buffer level each header gets its raw_data field (9) appended, the
+    bytes copied from their source."""
     sources = {}
     for t in model.graph.initializer:
         source = data_source(t, weights, folder)
@@ -447,14 +448,12 @@ def _write_model(model: onnx.ModelProto, dest: Path, data: Path | None, data_nam
     if not sources:
         dest.write_bytes(model.SerializeToString())
         return
-    light, g = onnx.ModelProto(), onnx.GraphProto()
+    light = onnx.ModelProto()
     _copy_fields(model, light, skip="graph")
-    _copy_fields(model.graph, g, skip="initializer")
+    _copy_fields(model.graph, light.graph, skip="initializer")
+    g = light.graph
     for t in model.graph.initializer:
         g.initializer.append(_header(t) if t.name in sources else t)
-    light.graph.CopyFrom(g)
-    del g
-    g = light.graph
     if data is not None:
         with open(data, "wb") as out:
             for t in g.initializer:
