@@ -347,7 +347,7 @@ def _side_model(model, side: dict) -> tuple[onnx.ModelProto, str | None]:
     """(proto, folder) for one side: a file for onnxruntime as its structure (the weights stay in
     the file, read by onnxruntime from `folder`); anything else loaded whole."""
     if isinstance(model, (str, os.PathLike)) and parse_runtime(side["runtime"])[0] == "onnxruntime":
-        return load_structure(model), os.path.dirname(os.path.abspath(model))
+        return load_structure(model)
     return load_model(model), None
 
 

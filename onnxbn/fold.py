@@ -419,7 +419,7 @@ def fold_lazily(model) -> tuple[onnx.ModelProto, dict[str, np.ndarray], Path | N
     if isinstance(model, onnx.ModelProto):
         out, folder = load_own(model), None
     else:
-        out, folder = load_structure(model), Path(model).parent
+        out, folder = load_structure(model)
     require_opset(out)
     g = _Graph(out, value_types(out), {}, folder)
     report = []

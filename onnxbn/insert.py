@@ -79,8 +79,9 @@ def _provenance(model) -> Callable[[], str]:
     """The model's sha256, computed in a thread (hashlib releases the GIL) while the caller loads
     and edits the model; a file is hashed from disk, in 1 MiB reads."""
     if isinstance(model, (str, os.PathLike)):
-        folder = os.path.dirname(os.path.abspath(model))
-        job = lambda: model_sha256(load_structure(model), folder=folder)  # noqa: E731
+        def job() -> str:
+            proto, folder = load_structure(model)
+            return model_sha256(proto, folder=folder)
     else:
         job = lambda: model_sha256(model)  # noqa: E731
     pool = concurrent.futures.ThreadPoolExecutor(1)
@@ -127,7 +128,7 @@ def insert_lazily(model, stats, eps: float = 1e-5) -> tuple[onnx.ModelProto, Pat
     if isinstance(model, onnx.ModelProto):
         out, folder = load_own(model), None
     else:
-        out, folder = load_structure(model), Path(model).parent
+        out, folder = load_structure(model)
     stats = load_stats(stats)
     require_opset(out)
     types = value_types(out)

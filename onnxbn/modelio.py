@@ -19,194 +19,314 @@ from typing import Iterable, Iterator, NamedTuple
 
 import numpy as np
 import onnx
+from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
+from onnxbn import wire
 from onnxbn.errors import UserError
 
 PROTOBUF_LIMIT = 2**31 - 1
 EXTERNAL_THRESHOLD = 1024  # bytes: smaller tensors stay inside the .onnx file when weights go external
 
 
-def _check_external_locations(model: onnx.ModelProto, folder: Path) -> None:
-    root = folder.resolve()
-    for tensor in all_tensors(model):
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-        if not location or os.path.isabs(location) or Path(location).drive:
-            raise UserError(f"tensor {tensor.name!r}: external data location {location!r} is not a relative path; refusing to read it")
-        target = (root / location).resolve()
-        if root != target and root not in target.parents:
-            raise UserError(f"tensor {tensor.name!r}: external data {location!r} lies outside the model's folder; refusing to read it")
-        if not target.is_file():
-            raise UserError(f"tensor {tensor.name!r}: external data file {location!r} is missing next to the model")
-        _check_external_extent(tensor, location, target.stat().st_size)
+def _nested_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    for node in graph.node:
+        for attr in node.attribute:
+            for g in [attr.g] if attr.HasField("g") else []:
+                yield g
+                yield from _nested_graphs(g)
+            for g in attr.graphs:
+                yield g
+                yield from _nested_graphs(g)
 
 
-def _check_external_extent(tensor: onnx.TensorProto, location: str, file_size: int) -> None:
-    """Refuse declared offsets, lengths and shapes that the data file cannot hold (before any read)."""
-    entries = {e.key: e.value for e in tensor.external_data}
-    try:
-        offset, length = int(entries.get("offset", 0)), entries.get("length")
-        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-    except (ValueError, TypeError, KeyError):
-        raise UserError(f"tensor {tensor.name!r}: malformed external data entry for {location!r}") from None
-    needed = int(np.prod([max(int(d), 0) for d in tensor.dims], dtype=object)) * itemsize
-    length = int(length) if length is not None else needed
-    if offset < 0 or offset + length > file_size or needed != length:
-        raise UserError(f"tensor {tensor.name!r}: declares {needed} bytes at offset {offset} (length {length}) "
-                        f"but {location!r} holds {file_size}; the model or its data file is damaged")
+def _node_tensors(nodes) -> Iterator[onnx.TensorProto]:
+    for node in nodes:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            for sparse in ([attr.sparse_tensor] if attr.HasField("sparse_tensor") else []) + list(attr.sparse_tensors):
+                yield from (sparse.values, sparse.indices)
+
+
+def nested_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor of `model` but its top-level initializers: sparse initializers' values and
+    indices, Constant-node and other attribute tensors, and all of these in subgraphs and functions."""
+    for sparse in model.graph.sparse_initializer:
+        yield from (sparse.values, sparse.indices)
+    yield from _node_tensors(model.graph.node)
+    for g in _nested_graphs(model.graph):
+        yield from g.initializer
+        for sparse in g.sparse_initializer:
+            yield from (sparse.values, sparse.indices)
+        yield from _node_tensors(g.node)
+    for function in model.functions:
+        yield from _node_tensors(function.node)
 
 
 def all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
-    def walk(graph: onnx.GraphProto):
-        yield from graph.initializer
-        for node in graph.node:
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.TENSOR:
-                    yield attr.t
-                elif attr.type == onnx.AttributeProto.GRAPH:
-                    yield from walk(attr.g)
-                elif attr.type == onnx.AttributeProto.GRAPHS:
-                    for g in attr.graphs:
-                        yield from walk(g)
-    yield from walk(model.graph)
+    """Every TensorProto of `model`: top-level initializers first, then `nested_tensors`."""
+    yield from model.graph.initializer
+    yield from nested_tensors(model)
+
+
+def _external_entries(tensor: onnx.TensorProto) -> dict[str, str]:
+    entries: dict[str, str] = {}
+    for entry in tensor.external_data:
+        if entry.key in entries:
+            raise UserError(f"tensor {tensor.name!r}: external data key {entry.key!r} is given twice; "
+                            "the model file is damaged")
+        entries[entry.key] = entry.value
+    return entries
+
+
+def _check_external(tensor: onnx.TensorProto, root: Path) -> None:
+    """Refuse, before any read, external data of `tensor` that is not a file inside `root` or that
+    the file cannot hold. A tensor with any `external_data` entry is checked, whatever its
+    data_location; entries on a tensor not marked EXTERNAL (which onnx.load ignores) are dropped."""
+    if not len(tensor.external_data):
+        return
+    entries = _external_entries(tensor)
+    location = entries.get("location", "")
+    if not location or "\0" in location or os.path.isabs(location) or Path(location).drive:
+        raise UserError(f"tensor {tensor.name!r}: external data location {location!r} is not a relative path; "
+                        "refusing to read it")
+    target = (root / location).resolve()
+    if root != target and root not in target.parents:
+        raise UserError(f"tensor {tensor.name!r}: external data {location!r} lies outside the model's folder "
+                        f"({root}); refusing to read it")
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        tensor.ClearField("external_data")
+        return
+    if not target.is_file():
+        raise UserError(f"tensor {tensor.name!r}: external data file {location!r} is missing next to the model "
+                        f"(in {root})")
+    _check_external_extent(tensor, entries, location, target.stat().st_size)
+
+
+def _check_external_extent(tensor: onnx.TensorProto, entries: dict[str, str], location: str, file_size: int) -> None:
+    """Refuse declared offsets, lengths and shapes that the data file cannot hold (before any read)."""
+    try:
+        offset, length = int(entries.get("offset", 0)), entries.get("length")
+        length = int(length) if length is not None else None
+    except ValueError:
+        raise UserError(f"tensor {tensor.name!r}: malformed external data entry for {location!r}") from None
+    needed = _nbytes(tensor)
+    length = needed if length is None else length
+    if offset < 0 or offset + length > file_size or needed != length:
+        raise UserError(f"tensor {tensor.name!r}: declares {needed} bytes at offset {offset} (length {length}) "
+                        f"but {location!r} holds {file_size}; the model or its data file is damaged")
+    inline = (tensor.raw_data if tensor.HasField("raw_data") else b"") or _typed_values(tensor)
+    if len(inline):
+        raise UserError(f"tensor {tensor.name!r}: holds data both inline and in {location!r}; the model file is damaged")
+
+
+_PACKED_BITS = {getattr(onnx.TensorProto, name): bits for name, bits in
+                (("INT4", 4), ("UINT4", 4), ("FLOAT4E2M1", 4), ("INT2", 2), ("UINT2", 2))
+                if hasattr(onnx.TensorProto, name)}
+
+
+def _element_count(tensor: onnx.TensorProto) -> int:
+    return int(np.prod([int(d) for d in tensor.dims], dtype=object))
+
+
+def _nbytes(tensor: onnx.TensorProto) -> int:
+    """Bytes of a tensor's data, from its type and dims (sub-byte types packed, as in raw_data)."""
+    if not tensor.data_type:
+        return 0
+    count = _element_count(tensor)
+    if tensor.data_type in _PACKED_BITS:
+        return -(-count * _PACKED_BITS[tensor.data_type] // 8)
+    return count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+
+
+def _typed_values(tensor: onnx.TensorProto):
+    """The repeated field that holds `tensor`'s values when they are not in raw_data."""
+    return getattr(tensor, onnx.helper.tensor_dtype_to_field(tensor.data_type))
+
+
+def _check_tensor(tensor: onnx.TensorProto) -> None:
+    """Refuse a tensor whose type is unknown or whose inline data does not fit its dims."""
+    name = tensor.name
+    if not isinstance(name, str):
+        raise UserError(f"a tensor name is not valid UTF-8 ({name!r}); the model file is damaged")
+    known = tensor.data_type in onnx.helper.get_all_tensor_dtypes() and tensor.data_type != onnx.TensorProto.UNDEFINED
+    if not known:
+        raise UserError(f"tensor {name!r}: unknown data type {tensor.data_type}; the model file is damaged "
+                        "(or needs a newer onnx)")
+    if any(d < 0 for d in tensor.dims):
+        raise UserError(f"tensor {name!r}: negative dimension in {list(tensor.dims)}; the model file is damaged")
+    if tensor.data_location == onnx.TensorProto.EXTERNAL or tensor.data_type == onnx.TensorProto.STRING:
+        return
+    count, bits = _element_count(tensor), _PACKED_BITS.get(tensor.data_type)
+    if tensor.HasField("raw_data"):
+        held, needed, unit = len(tensor.raw_data), _nbytes(tensor), "bytes"
+    else:
+        held, unit = len(_typed_values(tensor)), "values"
+        complex_pair = tensor.data_type in (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128)
+        needed = count * 2 if complex_pair else count
+        if bits and held in (-(-count * bits // 8), -(-count * bits // 32)):
+            return  # sub-byte types may pack their values into int32_data
+    if held != needed:
+        raise UserError(f"tensor {name!r}: holds {held} {unit} where its dims {list(tensor.dims)} need {needed}; "
+                        "the model file is damaged")
+
+
+def _check_names(model: onnx.ModelProto) -> None:
+    """Refuse names that are not valid UTF-8 (protobuf hands them over as bytes) and unknown value types."""
+    graphs = [model.graph, *_nested_graphs(model.graph)]
+    for g in graphs:
+        for node in g.node:
+            strings = [node.name, node.op_type, node.domain, *node.input, *node.output, *(a.name for a in node.attribute)]
+            if not all(isinstance(s, str) for s in strings):
+                raise UserError(f"a node of graph {g.name!r} has a name that is not valid UTF-8; the model file is damaged")
+        for info in (*g.input, *g.output, *g.value_info):
+            if not isinstance(info.name, str):
+                raise UserError("a graph input or output name is not valid UTF-8; the model file is damaged")
+            if info.type.HasField("tensor_type") and info.type.tensor_type.elem_type not in \
+                    onnx.helper.get_all_tensor_dtypes():
+                raise UserError(f"{info.name!r}: unknown element type {info.type.tensor_type.elem_type}; "
+                                "the model file is damaged (or needs a newer onnx)")
+
+
+def _check_model(model: onnx.ModelProto, folder: Path) -> None:
+    """Everything `load_structure` refuses in a parsed model (see there)."""
+    if not model.graph.node and not model.graph.output:
+        raise UserError("not an ONNX model (no graph found); is the file complete?")
+    _check_names(model)
+    for tensor in all_tensors(model):
+        _check_tensor(tensor)
+    seen: set[str] = set()
+    for name in (t.name for t in model.graph.initializer):
+        if name and name in seen:
+            raise UserError(f"initializer {name!r} is given twice; ONNX names are unique (onnx.checker refuses this "
+                            "model): remove the duplicate")
+        seen.add(name)
+    root = folder.resolve()
+    for tensor in all_tensors(model):
+        _check_external(tensor, root)
 
 
 def load_model(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
-    """The ModelProto for a path (with its external data) or the proto itself."""
+    """The ModelProto for a path, every tensor's data inside it, or the proto itself.
+
+    A path is read as `load_structure` reads it (same checks), then the data of its
+    large and external weights is read into the proto."""
     if isinstance(model, onnx.ModelProto):
         return model
-    path = Path(model)
-    if not path.is_file():
-        raise UserError(f"{path}: no such model file")
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:
-        raise UserError(f"{path}: not a readable ONNX model ({type(exc).__name__}); is the file complete?") from exc
-    if not proto.graph.node and not proto.graph.output:
-        raise UserError(f"{path}: not an ONNX model (no graph found); is the file complete?")
-    _check_external_locations(proto, path.parent)
-    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in all_tensors(proto)):
-        try:
-            onnx.load_external_data_for_model(proto, str(path.parent))
-        except Exception as exc:
-            raise UserError(f"{path}: cannot read its external data ({exc})") from exc
-    return proto
+    proto, folder = load_structure(model)
+    return materialize(proto, folder=folder)
 
 
 # Protocol-buffer field numbers on the path to a weight's bytes: ModelProto.graph (7),
-# GraphProto.initializer (5), TensorProto.name (8) and TensorProto.raw_data (9).
-_GRAPH, _INITIALIZER, _NAME, _RAW_DATA = 7, 5, 8, 9
+# GraphProto.initializer (5) and TensorProto.raw_data (9).
+_GRAPH, _INITIALIZER, _RAW_DATA = 7, 5, 9
 
 
-def _varint(buf, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = buf[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, pos
-        shift += 7
-
-
-def _encode_varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-def _fields(buf, start: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
-    """(field number, wire type, start of the field's tag, start of its payload, end) of each field."""
-    pos = start
-    while pos < end:
-        tag_at = pos
-        key, pos = _varint(buf, pos)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            _, after = _varint(buf, pos)
-        elif wire == 1:
-            after = pos + 8
-        elif wire == 2:
-            length, pos = _varint(buf, pos)
-            after = pos + length
-        elif wire == 5:
-            after = pos + 4
+def _light_tensor(src: wire.Source, start: int, end: int, keep_bytes: int) -> tuple[bytes, tuple[int, int] | None]:
+    """A TensorProto's bytes without its raw_data when that is over `keep_bytes`, and where that raw_data
+    lies ((offset, length), else None). Of repeated raw_data fields the last one counts, as in protobuf."""
+    if end - start <= keep_bytes:
+        return src.read(start, end - start), None
+    kept, raws = [], []
+    for field in wire.fields(src, start, end):
+        if field.number == _RAW_DATA and field.wire == 2:
+            raws.append(field)
         else:
-            raise ValueError(f"unsupported protobuf wire type {wire}")
-        if after > end:
-            raise ValueError("truncated protobuf field")
-        yield number, wire, tag_at, pos, after
-        pos = after
+            kept.append(src.read(field.tag_at, field.end - field.tag_at))
+    if not raws:
+        return b"".join(kept), None
+    last = raws[-1]
+    if last.end - last.pos <= keep_bytes:
+        return b"".join(kept) + src.read(last.tag_at, last.end - last.tag_at), None
+    return b"".join(kept), (last.pos, last.end - last.pos)
 
 
-def _without_raw_data(buf, start: int, end: int, keep_bytes: int, offsets: dict, base: int) -> bytes:
-    """A TensorProto's bytes without a raw_data over `keep_bytes`; its (offset, length) go to `offsets`."""
-    out, name, raw = bytearray(), None, None
-    for number, wire, tag_at, pos, after in _fields(buf, start, end):
-        if number == _NAME and wire == 2:
-            name = bytes(buf[pos:after]).decode()
-        if number == _RAW_DATA and wire == 2 and after - pos > keep_bytes:
-            raw = (base + pos, after - pos)
+def _scan(src: wire.Source, keep_bytes: int) -> tuple[bytes, dict[int, tuple[int, int]]]:
+    """The model's bytes without the raw_data of large top-level initializers, and where each of
+    those lies: {index among the initializers: (offset, length)}."""
+    model, offsets, index = [], {}, 0
+    for field in wire.fields(src, 0, src.size):
+        if field.number != _GRAPH or field.wire != 2:
+            model.append(src.read(field.tag_at, field.end - field.tag_at))
             continue
-        out += buf[tag_at:after]
-    if raw is not None:
-        offsets[name] = raw
-    return bytes(out)
+        graph = []
+        for g in wire.fields(src, field.pos, field.end):
+            if g.number == _INITIALIZER and g.wire == 2:
+                tensor, raw = _light_tensor(src, g.pos, g.end, keep_bytes)
+                if raw is not None:
+                    offsets[index] = raw
+                index += 1
+                graph.append(wire.submessage(_INITIALIZER, tensor))
+            else:
+                graph.append(src.read(g.tag_at, g.end - g.tag_at))
+        model.append(wire.submessage(_GRAPH, b"".join(graph)))
+    return b"".join(model), offsets
 
 
-def _submessage(number: int, payload: bytes) -> bytes:
-    return _encode_varint(number << 3 | 2) + _encode_varint(len(payload)) + payload
+def load_structure(path: str | os.PathLike, keep_bytes: int = 4096) -> tuple[onnx.ModelProto, Path]:
+    """(the model at `path` without the bytes of its large weights, which stay in the file; its folder).
 
-
-def load_structure(path: str | os.PathLike, keep_bytes: int = 4096) -> onnx.ModelProto:
-    """The model at `path` without the bytes of its large weights, which stay in the file.
-
-    The file is scanned at the protocol-buffer level: every top-level initializer's raw_data
-    over `keep_bytes` is left out, and the tensor instead points into the model file itself
-    as external data (location = the file's name, offset, length), so onnxruntime can read the
-    weights straight from the file (`runtime.make_session(..., folder=path's folder)`) and
-    Python never holds them. Names, types, dims and every other field are as in the file.
-    Weights already stored as external data keep their own locations (checked as in
-    `load_model`). Metadata of a large model costs milliseconds, not a parse of its weights.
+    The file is scanned at the protocol-buffer level (`wire`: protobuf's framing rules, read
+    in windows, no memory map): every top-level initializer's raw_data over `keep_bytes` is left
+    out, and the tensor instead points into the model file itself as external data (location =
+    the file's name, offset, length), so onnxruntime reads the weights straight from the file
+    (`runtime.make_session(..., folder=folder)`) and Python never holds them. A symlinked model
+    file is resolved first: `folder` is the folder of the file the link points to, where its
+    external data must lie. External data of any tensor (whatever its data_location) must be a
+    file inside that folder, and hold what the tensor declares; the data of tensors other than
+    top-level initializers (Constant nodes, subgraphs, sparse initializers) is read into the proto,
+    so a model written elsewhere never points back into this folder. Refused, with one line:
+    a file protobuf would not parse, unknown data types, names that are not UTF-8, inline data
+    that does not fit its dims, duplicate initializer names. Metadata of a large model costs
+    milliseconds, not a parse of its weights.
     """
-    import mmap
-
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such model file")
-    offsets: dict[str, tuple[int, int]] = {}
+    given = Path(path)
     try:
-        with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            model = bytearray()
-            for number, wire, tag_at, pos, after in _fields(buf, 0, len(buf)):
-                if number != _GRAPH or wire != 2:
-                    model += buf[tag_at:after]
-                    continue
-                graph = bytearray()
-                for g_number, g_wire, g_tag, g_pos, g_after in _fields(buf, pos, after):
-                    if g_number == _INITIALIZER and g_wire == 2:
-                        graph += _submessage(_INITIALIZER, _without_raw_data(buf, g_pos, g_after, keep_bytes, offsets, 0))
-                    else:
-                        graph += buf[g_tag:g_after]
-                model += _submessage(_GRAPH, bytes(graph))
-        proto = onnx.load_from_string(bytes(model))
-    except Exception as exc:  # a truncated scan (ValueError, IndexError), an OSError, protobuf's DecodeError
-        raise UserError(f"{path}: not a readable ONNX model ({type(exc).__name__}); is the file complete?") from exc
-    if not proto.graph.node and not proto.graph.output:
-        raise UserError(f"{path}: not an ONNX model (no graph found); is the file complete?")
-    _check_external_locations(proto, path.parent)
-    for t in proto.graph.initializer:
-        if t.name in offsets:
-            offset, length = offsets[t.name]
-            t.data_location = onnx.TensorProto.EXTERNAL
-            for key, value in (("location", path.name), ("offset", str(offset)), ("length", str(length))):
-                t.external_data.add(key=key, value=value)
-    return proto
+        real = given.resolve()
+    except (OSError, RuntimeError, ValueError) as exc:  # a symlink loop, an embedded NUL
+        raise UserError(f"{given}: cannot resolve the model path ({exc})") from None
+    if real.is_dir():
+        raise UserError(f"{given}: is a folder; give the path of the .onnx file")
+    if not real.is_file():
+        raise UserError(f"{given}: no such model file")
+    try:
+        fd = os.open(real, os.O_RDONLY)
+        try:
+            light, offsets = _scan(wire.Source.of_file(fd), keep_bytes)
+        finally:
+            os.close(fd)
+        proto = onnx.load_from_string(light)
+    except (wire.WireError, OSError, DecodeError, RuntimeError) as exc:
+        raise UserError(f"{given}: not a readable ONNX model ({type(exc).__name__}); is the file complete?") from None
+    try:
+        for index, (offset, length) in offsets.items():
+            tensor = proto.graph.initializer[index]
+            _check_external(tensor, real.parent)  # the file's own entries, if any, before they are replaced
+            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                raise UserError(f"tensor {tensor.name!r}: holds data both inline and as external data; "
+                                "the model file is damaged")
+            tensor.ClearField("external_data")
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", real.name), ("offset", str(offset)), ("length", str(length))):
+                tensor.external_data.add(key=key, value=value)
+        _check_model(proto, real.parent)
+    except UserError as exc:
+        raise UserError(f"{given}: {exc}") from None
+    for tensor in nested_tensors(proto):
+        _read_inline(tensor, real.parent)
+    return proto, real.parent
+
+
+def _read_inline(tensor: onnx.TensorProto, folder: Path) -> None:
+    """Move the data of an external `tensor` in `folder` into its raw_data."""
+    source = data_source(tensor, {}, folder)
+    if isinstance(source, FileRange):
+        raw = b"".join(file_chunks(source))
+        for name in ("external_data", "data_location"):
+            tensor.ClearField(name)
+        tensor.raw_data = raw
 
 
 def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
@@ -344,7 +464,7 @@ def _location(tensor: onnx.TensorProto) -> str | None:
     """The external-data location of `tensor`, or None when its data is inline."""
     if tensor.data_location != onnx.TensorProto.EXTERNAL:
         return None
-    return next((e.value for e in tensor.external_data if e.key == "location"), "")
+    return _external_entries(tensor).get("location", "")
 
 
 class FileRange(NamedTuple):
@@ -367,20 +487,15 @@ def data_source(tensor: onnx.TensorProto, weights: dict, folder) -> np.ndarray |
         return array.astype(array.dtype.newbyteorder("<"), copy=False)  # ONNX data is little-endian
     if folder is None:
         return None  # external data of another model, left as it is
-    entries = {e.key: e.value for e in tensor.external_data}
-    return FileRange(Path(folder) / location, int(entries.get("offset", 0)), int(entries["length"]))
+    entries = _external_entries(tensor)
+    length = int(entries["length"]) if "length" in entries else _nbytes(tensor)
+    return FileRange(Path(folder) / location, int(entries.get("offset", 0)), length)
 
 
 def _source_size(source: np.ndarray | FileRange | onnx.TensorProto) -> int:
     if isinstance(source, np.ndarray):
         return source.nbytes
     return source.length if isinstance(source, FileRange) else _nbytes(source)
-
-
-def _nbytes(tensor: onnx.TensorProto) -> int:
-    """Bytes of a tensor's data, from its type and dims."""
-    itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize if tensor.data_type else 0
-    return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
 
 
 def _copy_source(source: np.ndarray | FileRange | onnx.TensorProto, out) -> None:
@@ -417,7 +532,9 @@ def _header(tensor: onnx.TensorProto) -> onnx.TensorProto:
 
 
 def _copy_fields(source, target, skip: str) -> None:
-    """Copy every set field of the message `source` but `skip` into `target` (same message type)."""
+    """Copy every set field of the message `source` but `skip`, and its unknown fields, into `target`
+    (same message type)."""
+    target.MergeFromString(wire.unknown_fields(source))
     for field, value in source.ListFields():
         if field.name == skip:
             continue
@@ -437,62 +554,63 @@ def _write_model(model: onnx.ModelProto, dest: Path, data: Path | None, data_nam
     initializer of EXTERNAL_THRESHOLD bytes or more are appended there and point to it. Without, each
     streamed tensor is written inline: the model is serialised with those tensors reduced to their
     headers, and at the protocol-buffer level each header gets its raw_data field (9) appended, the
-    bytes copied from their source."""
-    sources = {}
+    bytes copied from their source. Fields this onnx does not know (at model and graph level too)
+    are written as they were read."""
+    sources: list = []
     for t in model.graph.initializer:
         source = data_source(t, weights, folder)
         if source is None and data is not None and t.HasField("raw_data") and _nbytes(t) >= EXTERNAL_THRESHOLD:
             source = t  # moved to the data file from its own raw_data
-        if source is not None:
-            sources[t.name] = source
-    if not sources:
+        sources.append(source)
+    if not any(source is not None for source in sources):
         dest.write_bytes(model.SerializeToString())
         return
     light = onnx.ModelProto()
     _copy_fields(model, light, skip="graph")
     _copy_fields(model.graph, light.graph, skip="initializer")
     g = light.graph
-    for t in model.graph.initializer:
-        g.initializer.append(_header(t) if t.name in sources else t)
+    for t, source in zip(model.graph.initializer, sources):
+        g.initializer.append(t if source is None else _header(t))
     if data is not None:
         with open(data, "wb") as out:
-            for t in g.initializer:
-                if t.name not in sources:
+            for t, source in zip(g.initializer, sources):
+                if source is None:
                     continue
                 out.write(b"\0" * (-out.tell() % 4096))
                 offset = out.tell()
-                _copy_source(sources[t.name], out)
+                _copy_source(source, out)
                 t.data_location = onnx.TensorProto.EXTERNAL
                 for key, value in (("location", data_name), ("offset", str(offset)),
                                    ("length", str(out.tell() - offset))):
                     t.external_data.add(key=key, value=value)
         dest.write_bytes(light.SerializeToString())
         return
-    _write_inline(light, dest, [sources.get(t.name) for t in g.initializer])
+    _write_inline(light, dest, sources)
 
 
 def _write_inline(light: onnx.ModelProto, dest: Path, streamed: list) -> None:
     """Write `light` with streamed[k]'s bytes as the raw_data of its k-th initializer (None: as it is)."""
     buf = light.SerializeToString()
+    src = wire.Source(buf)
     pieces: list = []  # bytes, or a source to copy
-    for number, wire, tag_at, pos, after in _fields(buf, 0, len(buf)):
-        if number != _GRAPH or wire != 2:
-            pieces.append(buf[tag_at:after])
+    for field in wire.fields(src, 0, len(buf)):
+        if field.number != _GRAPH or field.wire != 2:
+            pieces.append(buf[field.tag_at:field.end])
             continue
         graph_pieces, k = [], 0
-        for g_number, g_wire, g_tag, g_pos, g_after in _fields(buf, pos, after):
-            if g_number == _INITIALIZER and g_wire == 2:
+        for g in wire.fields(src, field.pos, field.end):
+            if g.number == _INITIALIZER and g.wire == 2:
                 source, k = streamed[k], k + 1
                 if source is not None:
                     size = _source_size(source)
-                    raw_head = _encode_varint(_RAW_DATA << 3 | 2) + _encode_varint(size)
-                    header = buf[g_pos:g_after]
-                    graph_pieces += [_encode_varint(_INITIALIZER << 3 | 2)
-                                     + _encode_varint(len(header) + len(raw_head) + size) + header + raw_head, source]
+                    raw_head = wire.length_prefix(_RAW_DATA, size)
+                    header = buf[g.pos:g.end]
+                    graph_pieces += [wire.length_prefix(_INITIALIZER, len(header) + len(raw_head) + size)
+                                     + header + raw_head, source]
                     continue
-            graph_pieces.append(buf[g_tag:g_after])
+            graph_pieces.append(buf[g.tag_at:g.end])
         size = sum(len(p) if isinstance(p, bytes) else _source_size(p) for p in graph_pieces)
-        pieces += [_encode_varint(_GRAPH << 3 | 2) + _encode_varint(size)] + graph_pieces
+        pieces += [wire.length_prefix(_GRAPH, size)] + graph_pieces
     with open(dest, "wb") as out:
         for piece in pieces:
             if isinstance(piece, bytes):
@@ -616,19 +734,17 @@ def memory_stub(name: str, data_type: int, dims) -> onnx.TensorProto:
 
 
 def _light_copy(model: onnx.ModelProto, stubbed) -> onnx.ModelProto:
-    """`model` with the initializers `stubbed(t)` picks reduced to name, type and dims."""
-    graph, light = model.graph, empty_like(model)
-    g = light.graph
-    g.node.extend(graph.node)
-    g.input.extend(graph.input)
-    g.output.extend(graph.output)
-    g.value_info.extend(graph.value_info)
-    for t in graph.initializer:
+    """`model` with the initializers `stubbed(t)` picks reduced to name, type and dims (every other
+    field, sparse initializers and functions included, as it is)."""
+    light = onnx.ModelProto()
+    _copy_fields(model, light, skip="graph")
+    _copy_fields(model.graph, light.graph, skip="initializer")
+    for t in model.graph.initializer:
         if stubbed(t):
-            stub = g.initializer.add(name=t.name, data_type=t.data_type)
+            stub = light.graph.initializer.add(name=t.name, data_type=t.data_type)
             stub.dims.extend(t.dims)
         else:
-            g.initializer.append(t)
+            light.graph.initializer.append(t)
     return light
 
 

@@ -705,7 +705,7 @@ def recalibrate_lazily(model, data, mode: str = "exact", nodes=None, *, batch_si
         raise UserError(f"--cache-mb must be 0 or more (got {cache_mb})")
     started = time.perf_counter()
     if mode == "exact" and isinstance(model, (str, os.PathLike)):
-        out, folder = load_structure(model), Path(model).parent
+        out, folder = load_structure(model)
     else:  # batch mode imports the whole model into torch
         out, folder = load_own(model), None  # a caller's proto is copied
     require_opset(out)

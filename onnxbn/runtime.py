@@ -90,8 +90,8 @@ def make_session(model: onnx.ModelProto | bytes | str, device: str = "auto", thr
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
     arrays: list = []
     if isinstance(model, (str, os.PathLike)):  # read as its structure: onnxruntime takes the weights from the file
-        model, folder = load_structure(model), os.path.dirname(os.path.abspath(model))
-        options.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
+        model, folder = load_structure(model)
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
     if isinstance(model, onnx.ModelProto):
         if weights is None:
             model, weights = detach_weights(model)

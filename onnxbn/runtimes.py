@@ -271,7 +271,7 @@ def open_session(model: onnx.ModelProto | str | os.PathLike, runtime: str = "onn
 
     name, dev, requested = check_runtime(runtime, device, precision)
     if name == "onnxruntime" and isinstance(model, (str, os.PathLike)):
-        model, folder = load_structure(model), os.path.dirname(os.path.abspath(model))
+        model, folder = load_structure(model)
     else:
         model = load_model(model)
     if name == "onnxruntime":

@@ -372,8 +372,7 @@ def collect_stats(model, data, after="dense", batch_size: int = 32, limit: int |
             raise UserError("use either --shard or torchrun, not both: under torchrun each rank is a shard")
         shard = (rank, ranks)
     # A model file is read as structure only: onnxruntime reads its weights from the file itself.
-    folder = Path(model).parent if isinstance(model, (str, os.PathLike)) else None
-    proto = load_structure(model) if folder is not None else model
+    proto, folder = load_structure(model) if isinstance(model, (str, os.PathLike)) else (model, None)
     points: list[Point] = select_points(proto, after)
     dataset = open_model_data(proto, data, preset=preset, limit=limit, seed=seed, shard=shard)
     light, weights = detach_weights(proto)  # in-memory weights reach onnxruntime as arrays, uncopied

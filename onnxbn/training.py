@@ -284,7 +284,7 @@ def finetune_lazily(model, train, val=None, *, epochs: int = 1, lr: float = 1e-5
     if isinstance(model, onnx.ModelProto):
         proto, folder = model, None
     else:
-        proto, folder = load_structure(model), Path(model).parent
+        proto, folder = load_structure(model)
     require_opset(proto)
     input_type = model_input(proto)[1]
     if input_type != np.float32:
@@ -493,8 +493,7 @@ def evaluate(model, data, batch_size: int = 32, device: str = "auto", limit: int
     from onnxbn.runtime import make_session, session_provider
 
     # a model file is read as structure only: onnxruntime reads its weights from the file itself
-    folder = os.path.dirname(os.path.abspath(model)) if isinstance(model, (str, os.PathLike)) else None
-    proto = load_structure(model) if folder is not None else model
+    proto, folder = load_structure(model) if isinstance(model, (str, os.PathLike)) else (model, None)
     dataset = open_model_data(proto, data, preset=preset, limit=limit, seed=seed)
     if not dataset.has_labels():
         raise UserError(f"{dataset.description}: evaluation needs labels (class folders, y in the .npz, or (x, y) items)")

@@ -282,7 +282,7 @@ def test_structure_points_into_the_file_and_hashes_the_same(tmp_path):
     from onnxbn.modelio import load_model, load_structure, model_sha256
 
     model = big_gemm_model(tmp_path / "m.onnx")
-    structure = load_structure(tmp_path / "m.onnx")
+    structure, _ = load_structure(tmp_path / "m.onnx")
     raw = (tmp_path / "m.onnx").read_bytes()
     w = next(t for t in structure.graph.initializer if t.name == "w")
     entries = {e.key: e.value for e in w.external_data}
@@ -396,7 +396,7 @@ def test_save_model_streams_a_structure_model_into_an_equal_file(tmp_path, monke
     model = gemm_bn_model(tmp_path / "m.onnx")
     if external:
         monkeypatch.setattr(onnxbn.modelio, "PROTOBUF_LIMIT", 1000)
-    structure = load_structure(tmp_path / "m.onnx")
+    structure, _ = load_structure(tmp_path / "m.onnx")
     new_w2 = np.arange(10 * 4096, dtype=np.float32).reshape(10, 4096)
     w2 = next(t for t in structure.graph.initializer if t.name == "w2")
     w2.CopyFrom(memory_stub("w2", TensorProto.FLOAT, new_w2.shape))

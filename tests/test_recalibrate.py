@@ -712,7 +712,7 @@ def test_a_model_file_gives_the_same_model_with_its_weights_read_from_disk(reque
     _, model = request.getfixturevalue(which)
     path = tmp_path / "m.onnx"
     save_model(model, path)
-    assert any(t.data_location == TensorProto.EXTERNAL for t in load_structure(path).graph.initializer)
+    assert any(t.data_location == TensorProto.EXTERNAL for t in load_structure(path)[0].graph.initializer)
     x = data(n=24)
     from_file = onnxbn.recalibrate(str(path), x, batch_size=8, cache_mb=cache_mb)
     from_proto = onnxbn.recalibrate(onnx.load(str(path)), x, batch_size=8, cache_mb=cache_mb)

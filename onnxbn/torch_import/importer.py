@@ -12,7 +12,6 @@ import hashlib
 import keyword
 import os
 import re
-from pathlib import Path
 from typing import Any, Callable
 
 import onnx
@@ -261,4 +260,4 @@ def to_torch(model: onnx.ModelProto | str | os.PathLike, folder: str | os.PathLi
     straight into its torch tensor; `folder`: where a proto's external data lies, if it has any."""
     if isinstance(model, onnx.ModelProto):
         return _Importer(model, folder).run()
-    return _Importer(load_structure(model), Path(model).parent).run()
+    return _Importer(*load_structure(model)).run()

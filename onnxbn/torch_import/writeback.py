@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -37,8 +36,9 @@ def write_back(module: fx.GraphModule, model: onnx.ModelProto | str | os.PathLik
     if isinstance(model, onnx.ModelProto):
         out, weights = write_back_lazily(module, model)
         return materialize(out, weights)
-    out, weights = write_back_lazily(module, load_structure(model), Path(model).parent)
-    return materialize(out, weights, Path(model).parent)
+    out, folder = load_structure(model)
+    out, weights = write_back_lazily(module, out, folder)
+    return materialize(out, weights, folder)
 
 
 def write_back_lazily(module: fx.GraphModule, model: onnx.ModelProto,
