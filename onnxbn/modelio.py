@@ -149,8 +149,6 @@ def _typed_values(tensor: onnx.TensorProto):
 def _check_tensor(tensor: onnx.TensorProto) -> None:
     """Refuse a tensor whose type is unknown or whose inline data does not fit its dims."""
     name = tensor.name
-    if not isinstance(name, str):
-        raise UserError(f"a tensor name is not valid UTF-8 ({name!r}); the model file is damaged")
     known = tensor.data_type in onnx.helper.get_all_tensor_dtypes() and tensor.data_type != onnx.TensorProto.UNDEFINED
     if not known:
         raise UserError(f"tensor {name!r}: unknown data type {tensor.data_type}; the model file is damaged "
@@ -173,17 +171,21 @@ def _check_tensor(tensor: onnx.TensorProto) -> None:
                         "the model file is damaged")
 
 
-def _check_names(model: onnx.ModelProto) -> None:
-    """Refuse names that are not valid UTF-8 (protobuf hands them over as bytes) and unknown value types."""
-    graphs = [model.graph, *_nested_graphs(model.graph)]
-    for g in graphs:
-        for node in g.node:
-            strings = [node.name, node.op_type, node.domain, *node.input, *node.output, *(a.name for a in node.attribute)]
-            if not all(isinstance(s, str) for s in strings):
-                raise UserError(f"a node of graph {g.name!r} has a name that is not valid UTF-8; the model file is damaged")
+def _check_strings(message) -> None:
+    """Refuse a string field that is not valid UTF-8 (protobuf hands it over as bytes) anywhere in `message`."""
+    for field, value in message.ListFields():
+        values = value if field.is_repeated else [value]
+        if field.type == field.TYPE_STRING and not all(isinstance(v, str) for v in values):
+            raise UserError(f"a {type(message).__name__}'s {field.name} is not valid UTF-8; the model file is damaged")
+        if field.type == field.TYPE_MESSAGE:
+            for item in values:
+                _check_strings(item)
+
+
+def _check_value_types(model: onnx.ModelProto) -> None:
+    """Refuse graph inputs, outputs and value_info of an unknown element type."""
+    for g in (model.graph, *_nested_graphs(model.graph)):
         for info in (*g.input, *g.output, *g.value_info):
-            if not isinstance(info.name, str):
-                raise UserError("a graph input or output name is not valid UTF-8; the model file is damaged")
             if info.type.HasField("tensor_type") and info.type.tensor_type.elem_type not in \
                     onnx.helper.get_all_tensor_dtypes():
                 raise UserError(f"{info.name!r}: unknown element type {info.type.tensor_type.elem_type}; "
@@ -194,7 +196,8 @@ def _check_model(model: onnx.ModelProto, folder: Path) -> None:
     """Everything `load_structure` refuses in a parsed model (see there)."""
     if not model.graph.node and not model.graph.output:
         raise UserError("not an ONNX model (no graph found); is the file complete?")
-    _check_names(model)
+    _check_strings(model)
+    _check_value_types(model)
     for tensor in all_tensors(model):
         _check_tensor(tensor)
     seen: set[str] = set()
