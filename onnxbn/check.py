@@ -34,6 +34,7 @@ import math
 import os
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import numpy as np
 import onnx
@@ -41,10 +42,11 @@ import onnx
 from onnxbn.errors import UserError
 from onnxbn.graph import FLOAT_TYPES, GraphIndex, graph_inputs, value_types
 from onnxbn.modelio import load_model, load_structure
-from onnxbn.runtime import fit_batch_size, model_input, open_model_data, run_batches
+from onnxbn.runtime import fit_batch_size, fixed_batch, model_input, open_model_data, run_batches
 from onnxbn.runtimes import check_runtime, default_tolerance, expose, open_session, parse_runtime, tolerance_precision
 
 LAYERWISE_SAMPLES = 4  # every intermediate tensor is held at once: keep the batch small
+RANDOM_BATCH_BYTES = 2**30  # the most one batch of --random inputs may take (a sample over it is refused)
 
 
 @dataclass
@@ -293,15 +295,60 @@ class Report:
         return ET.tostring(suite, encoding="unicode")
 
 
-def random_inputs(model: onnx.ModelProto, count: int, seed: int = 0) -> np.ndarray:
-    """`count` seeded standard-normal inputs of the model's input shape."""
+class RandomInputs:
+    """`count` seeded standard-normal samples of shape `dims`, generated batch by batch.
+
+    A dataset for `run_batches`: each batch is made in the type asked for (the model's input
+    type), a sample at a time, so only one batch of that type and one float64 sample are ever
+    held. The values are those of `np.random.default_rng(seed).standard_normal((count, *dims))`
+    cast to that type (one stream, drawn in the same order)."""
+
+    is_images = False
+
+    def __init__(self, dims: tuple[int, ...], count: int, seed: int):
+        self.dims, self.total, self.seed = dims, count, seed
+        self.description = f"random N(0,1), seed {seed}"
+        self.skipped: list[str] = []
+        self.consumed = 0
+
+    def has_labels(self) -> bool:
+        return False
+
+    def batches(self, batch_size: int, workers: int = 0, strict: bool = False, start: int = 0,
+                dtype=np.float32) -> Iterator[tuple[np.ndarray, None]]:
+        """(x of `dtype`, None) batches of `batch_size` samples from sample `start` on."""
+        if batch_size < 1:
+            raise UserError(f"--batch-size must be at least 1 (got {batch_size})")
+        rng = np.random.default_rng(self.seed)
+        for _ in range(start):
+            rng.standard_normal(self.dims)
+        for begin in range(start, self.total, batch_size):
+            x = np.empty((min(batch_size, self.total - begin), *self.dims), dtype=dtype)
+            for i in range(len(x)):
+                x[i] = rng.standard_normal(self.dims)
+            self.consumed = begin + len(x)
+            yield x, None
+
+
+def random_inputs(model: onnx.ModelProto, count: int, seed: int = 0, batch_size: int = 32) -> tuple[RandomInputs, int]:
+    """`count` seeded standard-normal inputs of the model's input shape and type, and the batch size
+    to feed them at: `batch_size`, lowered where that many samples would take more than
+    RANDOM_BATCH_BYTES. A UserError when the shape past the batch axis is not fixed, or when one
+    sample (or the model's fixed batch) alone takes more than RANDOM_BATCH_BYTES."""
     _, dtype, shape = model_input(model)
     dims = shape[1:]
     if not shape or any(not (isinstance(d, int) and d > 0) for d in dims):
         raise UserError(f"the model's input shape {shape} is not fixed past the batch axis; give --data instead of --random")
     if count < 1:
         raise UserError(f"--random must be at least 1 (got {count})")
-    return np.random.default_rng(seed).standard_normal((count, *dims)).astype(dtype)
+    sample_bytes = math.prod(dims) * np.dtype(dtype).itemsize
+    fixed = fixed_batch(shape)
+    smallest = (fixed or 1) * sample_bytes
+    if smallest > RANDOM_BATCH_BYTES:
+        raise UserError(f"--random: the model's input ({', '.join(map(str, shape))}) {np.dtype(dtype).name} takes {smallest / 2**30:.1f} GiB "
+                        f"per {'batch' if fixed else 'sample'}, over the {RANDOM_BATCH_BYTES / 2**30:g} GiB that "
+                        "generated inputs may take; give --data with real inputs, or use a model with smaller fixed dims")
+    return RandomInputs(tuple(dims), count, seed), min(batch_size, RANDOM_BATCH_BYTES // sample_bytes)
 
 
 def _layerwise(ref: onnx.ModelProto, cand: onnx.ModelProto, x: np.ndarray, feed_name: str, atol, rtol,
@@ -360,7 +407,8 @@ def compare(reference, candidate, data=None, atol: float | None = None, rtol: fl
     """Run both models on the same inputs and report how far apart their outputs are.
 
     `reference`/`candidate`: paths or ModelProtos with the same input and outputs;
-    `data`: image folder, .npz, array, or None with `random` = N seeded normal inputs;
+    `data`: image folder, .npz, array, or None with `random` = N seeded normal inputs (default 8;
+    generated batch by batch, see random_inputs; `limit` applies to `data` only);
     `preset`: image preprocessing (default: the reference's metadata, else imagenet).
     Unreadable images are skipped and listed in the report (`strict` raises instead).
     Fewer than `min_samples` compared samples raises UserError: a check of nothing never passes.
@@ -392,10 +440,13 @@ def compare(reference, candidate, data=None, atol: float | None = None, rtol: fl
     if missing:
         raise UserError(f"the candidate has no output {missing[0]!r}; compare models with the same outputs")
     if data is None:
-        data, description = random_inputs(ref, random if random is not None else 8, seed), f"random N(0,1), seed {seed}"
+        if limit is not None:
+            raise UserError("--limit samples --data; with --random N, N is the number of inputs")
+        dataset, batch_size = random_inputs(ref, random if random is not None else 8, seed, batch_size)
+        description = dataset.description
     else:
         description = str(data) if isinstance(data, (str, os.PathLike)) else "array"
-    dataset = open_model_data(ref, data, preset=preset, limit=limit, seed=seed)
+        dataset = open_model_data(ref, data, preset=preset, limit=limit, seed=seed)
     batch_size = fit_batch_size(shape, batch_size, dataset.total)
     s_ref = open_session(ref, folder=ref_folder, **ref_side)
     s_cand = open_session(cand, folder=cand_folder, **cand_side)
