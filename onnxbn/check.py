@@ -11,9 +11,10 @@ Per output, over all samples, with a = reference and b = candidate (in float64):
     top1/top5         for (N, classes) outputs: share of samples whose top-1 class
                       (top-5 set) is the same
 An element passes when |a - b| <= atol + rtol * |a| (NaN/Inf must match); the
-comparison passes when every element of every output does. Below the model's precision
-(bf16, f16, tf32) the default rule adds `scaled * max|a|` over the element's sample (all
-axes but the first), as rounding error follows the sample's scale (runtimes.TOLERANCES).
+comparison passes when every element of every output does. At bf16, f16 or tf32 (a
+runtime that lowers the model, or a model that computes in float16/bfloat16) the default
+rule adds `scaled * max|a|` over the element's sample (all axes but the first), as rounding
+error follows the sample's scale (runtimes.TOLERANCES).
 `layerwise` runs the first few samples (LAYERWISE_SAMPLES) with every tensor name the
 two graphs share exposed and names the first one, in the reference's topological order,
 that fails the same rule.
@@ -22,7 +23,9 @@ Each side runs on a runtime of `onnxbn.runtimes` (onnxruntime by default; openvi
 tract, reference), so one model can be checked on the runtime it ships to against
 another on onnxruntime. The report names each side's runtime, version, device and the
 precision the runtime chose. Tolerances left as None take the default for the precisions
-the two sides actually ran at (runtimes.default_tolerance: 1e-5 at full precision).
+the two sides actually ran at, and for a float16/bfloat16 model its own type's
+(runtimes.tolerance_choice: 1e-5 at full precision); the report says which applied and why
+(`tolerance`, `tolerance_reason`).
 Layerwise exposes the shared tensors as graph outputs on both runtimes; where a runtime
 cannot load the exposed graph, the report says so instead of comparing.
 """
@@ -43,7 +46,7 @@ from onnxbn.errors import UserError
 from onnxbn.graph import FLOAT_TYPES, GraphIndex, graph_inputs, value_types
 from onnxbn.modelio import load_model, load_structure
 from onnxbn.runtime import fit_batch_size, fixed_batch, model_input, open_model_data, run_batches
-from onnxbn.runtimes import check_runtime, default_tolerance, expose, open_session, parse_runtime, tolerance_precision
+from onnxbn.runtimes import TOLERANCES, check_runtime, expose, open_session, parse_runtime, tolerance_choice
 
 LAYERWISE_SAMPLES = 4  # every intermediate tensor is held at once: keep the batch small
 RANDOM_BATCH_BYTES = 2**30  # the most one batch of --random inputs may take (a sample over it is refused)
@@ -142,6 +145,7 @@ class Report:
     candidate_runtime: dict = field(default_factory=dict)
     tolerance: str = "given"  # "given", or the precision whose default tolerances applied
     scaled_atol: float = 0.0  # times max|a| of each sample, added to atol (the bf16/f16/tf32 defaults)
+    tolerance_reason: str = ""  # why these tolerances: which were given, what set the precision of the defaults
 
     @property
     def passed(self) -> bool:
@@ -154,6 +158,7 @@ class Report:
         if self.reference_runtime or self.candidate_runtime:
             d["runtimes"] = {"reference": self.reference_runtime, "candidate": self.candidate_runtime}
             d["tolerance"] = self.tolerance
+            d["tolerance_reason"] = self.tolerance_reason
             d["scaled_atol"] = self.scaled_atol
         if self.layerwise is not None:
             d["layerwise"] = self.layerwise
@@ -416,7 +421,8 @@ def compare(reference, candidate, data=None, atol: float | None = None, rtol: fl
     (default onnxruntime; NAME or NAME:DEVICE, see onnxbn.runtimes). `precision` is the
     candidate's (None = the runtime's own choice; f32, bf16, f16 for openvino),
     `reference_precision` the reference's (f32). `atol` and `rtol` both None: the defaults
-    for the precisions the two sides ran at (1e-5 at full precision; at bf16/f16/tf32 looser,
+    for the precisions the two sides ran at, or the model's own float type where that is
+    float16/bfloat16 (1e-5 at full precision; at bf16/f16/tf32 looser,
     plus a term relative to each sample's scale, see runtimes.TOLERANCES); giving either
     one applies the plain rule |a-b| <= atol + rtol*|a| (the other defaulting as above).
     """
@@ -450,13 +456,17 @@ def compare(reference, candidate, data=None, atol: float | None = None, rtol: fl
     batch_size = fit_batch_size(shape, batch_size, dataset.total)
     s_ref = open_session(ref, folder=ref_folder, **ref_side)
     s_cand = open_session(cand, folder=cand_folder, **cand_side)
-    tolerance, scaled = "given", 0.0
-    if atol is None or rtol is None:
-        d_atol, d_rtol, d_scaled = default_tolerance(s_ref.info, s_cand.info)
-        if atol is None and rtol is None:
-            tolerance, scaled = tolerance_precision(s_ref.info, s_cand.info), d_scaled
-        atol = d_atol if atol is None else atol
-        rtol = d_rtol if rtol is None else rtol
+    precision, why = tolerance_choice(s_ref.info, s_cand.info)
+    d_atol, d_rtol, d_scaled = TOLERANCES.get(precision, TOLERANCES["f32"])
+    if atol is None and rtol is None:
+        tolerance, reason, scaled = precision, why, d_scaled
+    else:
+        given = [name for name, value in (("atol", atol), ("rtol", rtol)) if value is not None]
+        tolerance, reason, scaled = "given", " and ".join(given) + " given", 0.0
+        if len(given) == 1:
+            reason += f"; {'rtol' if given == ['atol'] else 'atol'} the {precision} default ({why})"
+    atol = d_atol if atol is None else atol
+    rtol = d_rtol if rtol is None else rtol
     metrics = {n: OutputMetrics() for n in out_names}
     samples, first_batch = 0, None
     for x, _, a_vals in run_batches(s_ref, dataset, out_names, ref, batch_size, workers=workers, strict=strict,
@@ -473,7 +483,8 @@ def compare(reference, candidate, data=None, atol: float | None = None, rtol: fl
                     reference=str(reference) if not isinstance(reference, onnx.ModelProto) else "<model>",
                     candidate=str(candidate) if not isinstance(candidate, onnx.ModelProto) else "<model>",
                     skipped_inputs=dataset.skipped, reference_runtime=s_ref.info.to_dict(),
-                    candidate_runtime=s_cand.info.to_dict(), tolerance=tolerance, scaled_atol=scaled)
+                    candidate_runtime=s_cand.info.to_dict(), tolerance=tolerance, scaled_atol=scaled,
+                    tolerance_reason=reason)
     if layerwise and first_batch is not None:
         report.layerwise = _layerwise(ref, cand, first_batch[:LAYERWISE_SAMPLES], feed_name, atol, rtol,
                                       dict(ref_side, folder=ref_folder), dict(cand_side, folder=cand_folder), scaled)

@@ -9,13 +9,14 @@ import tracemalloc
 import numpy as np
 import onnx
 import pytest
+from onnx import TensorProto, helper
 
 import onnxbn
 import onnxbn.check
 from onnxbn.check import RANDOM_BATCH_BYTES, random_inputs
 from onnxbn.cli import main
 
-from models import Net, small_net
+from models import Net, ort_outputs, small_net
 
 
 def run(capsys, *argv):
@@ -100,3 +101,84 @@ def test_random_with_limit_is_refused():
     model = small_net(13)
     with pytest.raises(onnxbn.UserError, match="--limit samples --data"):
         onnxbn.compare(model, model, random=8, limit=4)
+
+
+# ----------------------------------------------------------------------------- float16 / bfloat16 tolerances
+
+F16_WHY = "the model computes in f16: a change to it moves the outputs by f16 rounding"
+
+
+def test_float16_insert_check_and_fold_use_the_f16_default(tmp_path, capsys):
+    """The identity BN rounds at float16: the check passes at f16's default tolerance and says why;
+    the same check at float32's 1e-5 fails, as it did when that was the default."""
+    model, bn, folded = tmp_path / "m.onnx", tmp_path / "bn.onnx", tmp_path / "deploy.onnx"
+    onnx.save(small_net(13, dtype=np.float16), str(model))
+    x = np.random.default_rng(1).standard_normal((16, 3, 8, 8)).astype(np.float16)
+    np.savez(tmp_path / "x.npz", x=x)
+    assert run(capsys, "stats", model, "--data", tmp_path / "x.npz", "--after", "relu", "-o", tmp_path / "s.npz")[0] == 0
+    assert run(capsys, "insert", model, "--stats", tmp_path / "s.npz", "-o", bn)[0] == 0
+    code, out, _ = run(capsys, "check", model, bn, "--data", tmp_path / "x.npz", "--report", tmp_path / "r.json")
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert code == 0 and report["passed"] and "(default for f16)" in out
+    assert (report["tolerance"], report["atol"], report["rtol"], report["scaled_atol"]) == ("f16", 1e-5, 4e-3, 4e-3)
+    assert report["tolerance_reason"] == F16_WHY
+    a, b = ort_outputs(onnx.load(str(model)), x)[0], ort_outputs(onnx.load(str(bn)), x)[0]
+    diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
+    assert report["outputs"]["logits"]["max_abs_error"] == diff.max() > 1e-4  # float16 rounding, not 1e-5
+    code, _, _ = run(capsys, "check", model, bn, "--data", tmp_path / "x.npz", "--atol", "1e-5", "--rtol", "1e-5",
+                     "--report", tmp_path / "r32.json")
+    report = json.loads((tmp_path / "r32.json").read_text())
+    assert code == 1 and report["tolerance"] == "given" and report["tolerance_reason"] == "atol and rtol given"
+    assert report["outputs"]["logits"]["violations"] == int((diff > 1e-5 + 1e-5 * np.abs(a.astype(np.float64))).sum())
+
+    code, out, _ = run(capsys, "fold", bn, "--data", tmp_path / "x.npz", "--json", "-o", folded)
+    check = json.loads(out)["check"]
+    assert code == 0 and folded.exists() and check["passed"]
+    assert (check["tolerance"], check["rtol"], check["tolerance_reason"]) == ("f16", 4e-3, F16_WHY)
+    folded.unlink()
+    code, _, err = run(capsys, "fold", bn, "--data", tmp_path / "x.npz", "--atol", "1e-5", "--rtol", "1e-5", "-o", folded)
+    assert code == 1 and "nothing written" in err and not folded.exists()
+
+
+def test_one_tolerance_given_takes_the_other_from_the_model_type():
+    model = small_net(13, dtype=np.float16)
+    x = np.random.default_rng(2).standard_normal((4, 3, 8, 8)).astype(np.float16)
+    report = onnxbn.compare(model, model, data=x, atol=1e-3)
+    d = report.to_dict()
+    assert (d["atol"], d["rtol"], d["scaled_atol"], d["tolerance"]) == (1e-3, 4e-3, 0.0, "given")
+    assert d["tolerance_reason"] == f"atol given; rtol the f16 default ({F16_WHY})"
+    d = onnxbn.compare(small_net(13), small_net(13), random=4).to_dict()
+    assert (d["atol"], d["rtol"], d["tolerance"]) == (1e-5, 1e-5, "f32")
+    assert d["tolerance_reason"] == "both sides run the same arithmetic at full precision"
+
+
+def _typed_model(inputs: int, outputs: int, weights: dict[int, int]) -> onnx.ModelProto:
+    """x -> Identity -> y with these element types, and initializers of `weights` {type: elements}
+    (unused: only their types count)."""
+    inits = [helper.make_tensor(f"w{i}", t, [n], np.zeros(n).tolist() if t != TensorProto.BFLOAT16 else [0] * n)
+             for i, (t, n) in enumerate(weights.items())]
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", inputs, ["N", 4])],
+                              [helper.make_tensor_value_info("y", outputs, ["N", 4])], initializer=inits)
+    return helper.make_model(graph)
+
+
+@pytest.mark.parametrize("inputs, outputs, weights, expected", [
+    (TensorProto.FLOAT, TensorProto.FLOAT, {TensorProto.FLOAT: 10}, "f32"),
+    (TensorProto.DOUBLE, TensorProto.DOUBLE, {}, "f64"),
+    (TensorProto.FLOAT16, TensorProto.FLOAT, {TensorProto.FLOAT: 10}, "f16"),       # f16 input, f32 layers
+    (TensorProto.FLOAT, TensorProto.FLOAT, {TensorProto.FLOAT16: 10, TensorProto.FLOAT: 3}, "f16"),  # f16 layers
+    (TensorProto.FLOAT, TensorProto.FLOAT, {TensorProto.FLOAT16: 3, TensorProto.FLOAT: 10}, "f32"),
+    (TensorProto.INT64, TensorProto.INT64, {TensorProto.BFLOAT16: 10}, "bf16"),     # token ids into bf16 weights
+    (TensorProto.INT64, TensorProto.STRING, {}, "f32"),
+])
+def test_model_precision_is_the_lowest_float_type_of_io_and_weights(inputs, outputs, weights, expected):
+    from onnxbn.runtimes import RuntimeInfo, default_tolerance, model_precision, tolerance_choice
+
+    model = _typed_model(inputs, outputs, weights)
+    assert model_precision(model) == expected
+    side = RuntimeInfo("onnxruntime", "1", "cpu", expected, "default", expected)
+    precision, _ = tolerance_choice(side, side)
+    assert precision == {"f64": "f32"}.get(expected, expected)
+    assert default_tolerance(side, side) == {"f16": (1e-5, 4e-3, 4e-3), "bf16": (1e-5, 3e-2, 3e-2)}.get(
+        expected, (1e-5, 1e-5, 0.0))
