@@ -10,8 +10,9 @@ Per output, over all samples, with a = reference and b = candidate (in float64):
     cosine_similarity <a, b> / (|a| |b|) over the whole output
     top1/top5         for (N, classes) outputs: share of samples whose top-1 class
                       (top-5 set) is the same
-An element passes when |a - b| <= atol + rtol * |a| (NaN/Inf must match); the
-comparison passes when every element of every output does. At bf16, f16 or tf32 (a
+An element passes when |a - b| <= atol + rtol * |a| (NaN/Inf must match); an element of
+a non-numeric output (strings, objects) when it equals the reference's, and such an output
+reports only its element and mismatch counts and the first mismatch. The comparison passes when every element of every output does. At bf16, f16 or tf32 (a
 runtime that lowers the model, or a model that computes in float16/bfloat16) the default
 rule adds `scaled * max|a|` over the element's sample (all axes but the first), as rounding
 error follows the sample's scale (runtimes.TOLERANCES).
@@ -68,10 +69,16 @@ class OutputMetrics:
     top1_same: int = 0
     top5_same: int = 0
     has_classes: bool = False
+    exact: bool = False  # a non-numeric output (strings, objects): compared for equality only
+    samples: int = 0
+    first_mismatch: dict | None = None
 
     def update(self, a: np.ndarray, b: np.ndarray, atol: float, rtol: float, scaled: float = 0.0) -> None:
         if a.shape != b.shape:
             raise UserError(f"output shapes differ: reference {a.shape}, candidate {b.shape}")
+        if a.dtype.kind in "OSU" or b.dtype.kind in "OSU":
+            self._update_exact(a, b)
+            return
         a = a.astype(np.float64)
         b = b.astype(np.float64)
         with np.errstate(invalid="ignore"):  # inf - inf is NaN here; matching non-finite values are handled below
@@ -105,6 +112,19 @@ class OutputMetrics:
             else:
                 self.top5_same += a.shape[0]
 
+    def _update_exact(self, a: np.ndarray, b: np.ndarray) -> None:
+        """Count the elements of a non-numeric output that differ from the reference's."""
+        self.exact = True
+        a, b = np.atleast_1d(a), np.atleast_1d(b)
+        differ = np.asarray(a != b, dtype=bool)
+        if self.first_mismatch is None and differ.any():
+            where = tuple(int(i) for i in np.argwhere(differ)[0])
+            self.first_mismatch = {"sample": self.samples + where[0], "index": list(where[1:]),
+                                   "reference": str(a[where]), "candidate": str(b[where])}
+        self.elements += a.size
+        self.violations += int(np.count_nonzero(differ))
+        self.samples += len(a)
+
     @property
     def passed(self) -> bool:
         return self.violations == 0
@@ -116,6 +136,9 @@ class OutputMetrics:
         return 0.0 if self.max_abs_error == 0 else math.inf
 
     def to_dict(self) -> dict:
+        if self.exact:
+            return {"passed": self.passed, "elements": self.elements, "violations": self.violations,
+                    "comparison": "exact", "first_mismatch": self.first_mismatch}
         cos = self.dot / math.sqrt(self.norm_a * self.norm_b) if self.norm_a > 0 and self.norm_b > 0 else \
             (1.0 if self.norm_a == self.norm_b else 0.0)
         out = {"passed": self.passed, "elements": self.elements, "violations": self.violations,
@@ -125,6 +148,11 @@ class OutputMetrics:
             out["top1_agreement"] = self.top1_same / self.rows
             out["top5_agreement"] = self.top5_same / self.rows
         return out
+
+
+def _cell(metrics: dict, key: str, spec: str) -> str:
+    """One table cell: the metric formatted, or '-' where the output has none (no classes, not numeric)."""
+    return format(metrics[key], spec) if key in metrics else "-"
 
 
 @dataclass
@@ -171,10 +199,11 @@ class Report:
         rows = [("output", "max abs", "max rel", "mean abs", "cosine", "top-1", "top-5", "result")]
         for name, m in self.outputs.items():
             d = m.to_dict()
-            rows.append((name, f"{d['max_abs_error']:.3g}", f"{d['max_rel_error']:.3g}", f"{d['mean_abs_error']:.3g}",
-                         f"{d['cosine_similarity']:.9f}", f"{d['top1_agreement']:.2%}" if "top1_agreement" in d else "-",
-                         f"{d['top5_agreement']:.2%}" if "top5_agreement" in d else "-",
-                         "PASS" if m.passed else f"FAIL ({m.violations} of {m.elements})"))
+            rows.append((name, *(_cell(d, k, f) for k, f in (("max_abs_error", ".3g"), ("max_rel_error", ".3g"),
+                         ("mean_abs_error", ".3g"), ("cosine_similarity", ".9f"), ("top1_agreement", ".2%"),
+                         ("top5_agreement", ".2%"))),
+                         ("PASS" if m.passed else f"FAIL ({m.violations} of {m.elements})")
+                         + (" exact" if m.exact else "")))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
@@ -219,10 +248,10 @@ class Report:
                  "| output | max abs | max rel | cosine | top-1 | result |", "|---|---|---|---|---|---|"]
         for name, m in self.outputs.items():
             d = m.to_dict()
-            top1 = f"{d['top1_agreement']:.2%}" if "top1_agreement" in d else "-"
-            result = "pass" if m.passed else f"**fail** ({m.violations} of {m.elements})"
-            lines.append(f"| `{name}` | {d['max_abs_error']:.3g} | {d['max_rel_error']:.3g} | "
-                         f"{d['cosine_similarity']:.9f} | {top1} | {result} |")
+            result = ("pass" if m.passed else f"**fail** ({m.violations} of {m.elements})") + (" (exact)" if m.exact
+                                                                                              else "")
+            lines.append(f"| `{name}` | {_cell(d, 'max_abs_error', '.3g')} | {_cell(d, 'max_rel_error', '.3g')} | "
+                         f"{_cell(d, 'cosine_similarity', '.9f')} | {_cell(d, 'top1_agreement', '.2%')} | {result} |")
         scale = f" + {self.scaled_atol:g}*max\\|a(sample)\\|" if self.scaled_atol else ""
         lines += ["", f"Rule: \\|a-b\\| <= {self.atol:g}{scale} + {self.rtol:g}*\\|a\\|."]
         if self.layerwise is not None:
@@ -295,7 +324,8 @@ class Report:
         for name, m in self.outputs.items():
             case = ET.SubElement(suite, "testcase", classname="onnxbn.check", name=name)
             if not m.passed:
-                failure = ET.SubElement(case, "failure", message=f"{m.violations} of {m.elements} elements outside tolerance")
+                failure = ET.SubElement(case, "failure", message=f"{m.violations} of {m.elements} elements "
+                                        + ("differ" if m.exact else "outside tolerance"))
                 failure.text = json.dumps(m.to_dict(), indent=1)
         return ET.tostring(suite, encoding="unicode")
 

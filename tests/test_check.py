@@ -182,3 +182,52 @@ def test_model_precision_is_the_lowest_float_type_of_io_and_weights(inputs, outp
     assert precision == {"f64": "f32"}.get(expected, expected)
     assert default_tolerance(side, side) == {"f16": (1e-5, 4e-3, 4e-3), "bf16": (1e-5, 3e-2, 3e-2)}.get(
         expected, (1e-5, 1e-5, 0.0))
+
+
+# ----------------------------------------------------------------------------- non-numeric outputs
+
+def labelled_net(pick: str = "ArgMax") -> onnx.ModelProto:
+    """Conv-BN-Relu-pool-Gemm -> logits (float, 3 classes), and label = Cast(pick(logits), STRING):
+    a float output beside a string one."""
+    n = Net(4)
+    y = n.node("Relu", [n.bn(n.conv("x", 3, 4, "conv"), 4, "bn")], "relu")
+    n.gemm(n.node("Flatten", [n.node("GlobalAveragePool", [y], "pool")], "flat"), 4, 3, "fc", out="logits")
+    model = n.model({"x": ["N", 3, 8, 8]}, {"logits": ["N", 3]}, 13, check=False)
+    model.graph.node.append(helper.make_node(pick, ["logits"], ["class"], name="pick", axis=1, keepdims=0))
+    model.graph.node.append(helper.make_node("Cast", ["class"], ["label"], name="label", to=TensorProto.STRING))
+    model.graph.output.append(helper.make_tensor_value_info("label", TensorProto.STRING, ["N"]))
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_string_outputs_are_compared_exactly_by_check_and_fold(tmp_path, capsys):
+    reference, other, deploy = tmp_path / "a.onnx", tmp_path / "b.onnx", tmp_path / "deploy.onnx"
+    onnx.save(labelled_net(), str(reference))
+    onnx.save(labelled_net("ArgMin"), str(other))
+    x = np.random.default_rng(0).standard_normal((16, 3, 8, 8)).astype(np.float32)
+    logits = ort_outputs(labelled_net(), x)[0]
+    labels = logits.argmax(1).astype(str)
+    assert (ort_outputs(labelled_net(), x)[1] == labels).all()
+
+    code, out, _ = run(capsys, "check", reference, reference, "--random", "16", "--report", tmp_path / "same.json")
+    label = json.loads((tmp_path / "same.json").read_text())["outputs"]["label"]
+    assert code == 0 and label == {"passed": True, "elements": 16, "violations": 0, "comparison": "exact",
+                                   "first_mismatch": None}
+    assert out.splitlines()[3].split() == ["label", "-", "-", "-", "-", "-", "-", "PASS", "exact"]
+
+    np.savez(tmp_path / "x.npz", x=x)
+    code, out, _ = run(capsys, "check", reference, other, "--data", tmp_path / "x.npz", "--report", tmp_path / "r.json")
+    report = json.loads((tmp_path / "r.json").read_text())
+    differ = labels != logits.argmin(1).astype(str)
+    first = int(np.flatnonzero(differ)[0])
+    assert code == 1 and report["outputs"]["logits"]["passed"] and report["outputs"]["logits"]["max_abs_error"] == 0
+    assert report["outputs"]["label"] == {
+        "passed": False, "elements": 16, "violations": int(differ.sum()), "comparison": "exact",
+        "first_mismatch": {"sample": first, "index": [], "reference": labels[first],
+                           "candidate": str(logits.argmin(1)[first])}}
+
+    code, out, _ = run(capsys, "fold", reference, "--random", "16", "--json", "-o", deploy)
+    result = json.loads(out)
+    assert code == 0 and deploy.exists() and result["decisions"][0]["action"] == "folded"
+    assert result["check"]["outputs"]["label"]["violations"] == 0
+    assert (ort_outputs(onnx.load(str(deploy)), x)[1] == labels).all()
