@@ -12,10 +12,11 @@ Per output, over all samples, with a = reference and b = candidate (in float64):
                       (top-5 set) is the same
 An element passes when |a - b| <= atol + rtol * |a| (NaN/Inf must match); an element of
 a non-numeric output (strings, objects) when it equals the reference's, and such an output
-reports only its element and mismatch counts and the first mismatch. The comparison passes when every element of every output does. At bf16, f16 or tf32 (a
-runtime that lowers the model, or a model that computes in float16/bfloat16) the default
-rule adds `scaled * max|a|` over the element's sample (all axes but the first), as rounding
-error follows the sample's scale (runtimes.TOLERANCES).
+reports only its element and mismatch counts and the first mismatch. The comparison
+passes when every element of every output does. At bf16, f16 or tf32 (a runtime that
+lowers the model, or a model that computes in float16/bfloat16) the default rule adds
+`scaled * max|a|` over the element's sample (all axes but the first), as rounding error
+follows the sample's scale (runtimes.TOLERANCES).
 `layerwise` runs the first few samples (LAYERWISE_SAMPLES) with every tensor name the
 two graphs share exposed and names the first one, in the reference's topological order,
 that fails the same rule.
@@ -70,8 +71,8 @@ class OutputMetrics:
     top5_same: int = 0
     has_classes: bool = False
     exact: bool = False  # a non-numeric output (strings, objects): compared for equality only
-    samples: int = 0
-    first_mismatch: dict | None = None
+    samples: int = 0  # of an exact output, to place its first mismatch
+    first_mismatch: dict | None = None  # of an exact output: sample, index within it, both values
 
     def update(self, a: np.ndarray, b: np.ndarray, atol: float, rtol: float, scaled: float = 0.0) -> None:
         if a.shape != b.shape:
@@ -380,9 +381,10 @@ def random_inputs(model: onnx.ModelProto, count: int, seed: int = 0, batch_size:
     fixed = fixed_batch(shape)
     smallest = (fixed or 1) * sample_bytes
     if smallest > RANDOM_BATCH_BYTES:
-        raise UserError(f"--random: the model's input ({', '.join(map(str, shape))}) {np.dtype(dtype).name} takes {smallest / 2**30:.1f} GiB "
-                        f"per {'batch' if fixed else 'sample'}, over the {RANDOM_BATCH_BYTES / 2**30:g} GiB that "
-                        "generated inputs may take; give --data with real inputs, or use a model with smaller fixed dims")
+        raise UserError(f"--random: the model's input ({', '.join(map(str, shape))}) {np.dtype(dtype).name} takes "
+                        f"{smallest / 2**30:.1f} GiB per {'batch' if fixed else 'sample'}, over the "
+                        f"{RANDOM_BATCH_BYTES / 2**30:g} GiB that generated inputs may take; give --data with real "
+                        "inputs, or use a model with smaller fixed dims")
     return RandomInputs(tuple(dims), count, seed), min(batch_size, RANDOM_BATCH_BYTES // sample_bytes)
 
 

@@ -115,7 +115,8 @@ def test_float16_insert_check_and_fold_use_the_f16_default(tmp_path, capsys):
     onnx.save(small_net(13, dtype=np.float16), str(model))
     x = np.random.default_rng(1).standard_normal((16, 3, 8, 8)).astype(np.float16)
     np.savez(tmp_path / "x.npz", x=x)
-    assert run(capsys, "stats", model, "--data", tmp_path / "x.npz", "--after", "relu", "-o", tmp_path / "s.npz")[0] == 0
+    assert run(capsys, "stats", model, "--data", tmp_path / "x.npz", "--after", "relu",
+               "-o", tmp_path / "s.npz")[0] == 0
     assert run(capsys, "insert", model, "--stats", tmp_path / "s.npz", "-o", bn)[0] == 0
     code, out, _ = run(capsys, "check", model, bn, "--data", tmp_path / "x.npz", "--report", tmp_path / "r.json")
     report = json.loads((tmp_path / "r.json").read_text())
@@ -136,7 +137,8 @@ def test_float16_insert_check_and_fold_use_the_f16_default(tmp_path, capsys):
     assert code == 0 and folded.exists() and check["passed"]
     assert (check["tolerance"], check["rtol"], check["tolerance_reason"]) == ("f16", 4e-3, F16_WHY)
     folded.unlink()
-    code, _, err = run(capsys, "fold", bn, "--data", tmp_path / "x.npz", "--atol", "1e-5", "--rtol", "1e-5", "-o", folded)
+    code, _, err = run(capsys, "fold", bn, "--data", tmp_path / "x.npz", "--atol", "1e-5", "--rtol", "1e-5",
+                       "-o", folded)
     assert code == 1 and "nothing written" in err and not folded.exists()
 
 
