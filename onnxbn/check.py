@@ -10,10 +10,13 @@ Per output, over all samples, with a = reference and b = candidate (in float64):
     cosine_similarity <a, b> / (|a| |b|) over the whole output
     top1/top5         for (N, classes) outputs: share of samples whose top-1 class
                       (top-5 set) is the same
-An element passes when |a - b| <= atol + rtol * |a| (NaN/Inf must match); the
-comparison passes when every element of every output does. Below the model's precision
-(bf16, f16, tf32) the default rule adds `scaled * max|a|` over the element's sample (all
-axes but the first), as rounding error follows the sample's scale (runtimes.TOLERANCES).
+An element passes when |a - b| <= atol + rtol * |a| (NaN/Inf must match); an element of
+a non-numeric output (strings, objects) when it equals the reference's, and such an output
+reports only its element and mismatch counts and the first mismatch. The comparison
+passes when every element of every output does. At bf16, f16 or tf32 (a runtime that
+lowers the model, or a model that computes in float16/bfloat16) the default rule adds
+`scaled * max|a|` over the element's sample (all axes but the first), as rounding error
+follows the sample's scale (runtimes.TOLERANCES).
 `layerwise` runs the first few samples (LAYERWISE_SAMPLES) with every tensor name the
 two graphs share exposed and names the first one, in the reference's topological order,
 that fails the same rule.
@@ -22,7 +25,9 @@ Each side runs on a runtime of `onnxbn.runtimes` (onnxruntime by default; openvi
 tract, reference), so one model can be checked on the runtime it ships to against
 another on onnxruntime. The report names each side's runtime, version, device and the
 precision the runtime chose. Tolerances left as None take the default for the precisions
-the two sides actually ran at (runtimes.default_tolerance: 1e-5 at full precision).
+the two sides actually ran at, and for a float16/bfloat16 model its own type's
+(runtimes.tolerance_choice: 1e-5 at full precision); the report says which applied and why
+(`tolerance`, `tolerance_reason`).
 Layerwise exposes the shared tensors as graph outputs on both runtimes; where a runtime
 cannot load the exposed graph, the report says so instead of comparing.
 """
@@ -34,6 +39,7 @@ import math
 import os
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import numpy as np
 import onnx
@@ -41,10 +47,11 @@ import onnx
 from onnxbn.errors import UserError
 from onnxbn.graph import FLOAT_TYPES, GraphIndex, graph_inputs, value_types
 from onnxbn.modelio import load_model, load_structure
-from onnxbn.runtime import fit_batch_size, model_input, open_model_data, run_batches
-from onnxbn.runtimes import check_runtime, default_tolerance, expose, open_session, parse_runtime, tolerance_precision
+from onnxbn.runtime import fit_batch_size, fixed_batch, model_input, open_model_data, run_batches
+from onnxbn.runtimes import TOLERANCES, check_runtime, expose, open_session, parse_runtime, tolerance_choice
 
 LAYERWISE_SAMPLES = 4  # every intermediate tensor is held at once: keep the batch small
+RANDOM_BATCH_BYTES = 2**30  # the most one batch of --random inputs may take (a sample over it is refused)
 
 
 @dataclass
@@ -63,10 +70,16 @@ class OutputMetrics:
     top1_same: int = 0
     top5_same: int = 0
     has_classes: bool = False
+    exact: bool = False  # a non-numeric output (strings, objects): compared for equality only
+    samples: int = 0  # of an exact output, to place its first mismatch
+    first_mismatch: dict | None = None  # of an exact output: sample, index within it, both values
 
     def update(self, a: np.ndarray, b: np.ndarray, atol: float, rtol: float, scaled: float = 0.0) -> None:
         if a.shape != b.shape:
             raise UserError(f"output shapes differ: reference {a.shape}, candidate {b.shape}")
+        if a.dtype.kind in "OSU" or b.dtype.kind in "OSU":
+            self._update_exact(a, b)
+            return
         a = a.astype(np.float64)
         b = b.astype(np.float64)
         with np.errstate(invalid="ignore"):  # inf - inf is NaN here; matching non-finite values are handled below
@@ -100,6 +113,19 @@ class OutputMetrics:
             else:
                 self.top5_same += a.shape[0]
 
+    def _update_exact(self, a: np.ndarray, b: np.ndarray) -> None:
+        """Count the elements of a non-numeric output that differ from the reference's."""
+        self.exact = True
+        a, b = np.atleast_1d(a), np.atleast_1d(b)
+        differ = np.asarray(a != b, dtype=bool)
+        if self.first_mismatch is None and differ.any():
+            where = tuple(int(i) for i in np.argwhere(differ)[0])
+            self.first_mismatch = {"sample": self.samples + where[0], "index": list(where[1:]),
+                                   "reference": str(a[where]), "candidate": str(b[where])}
+        self.elements += a.size
+        self.violations += int(np.count_nonzero(differ))
+        self.samples += len(a)
+
     @property
     def passed(self) -> bool:
         return self.violations == 0
@@ -111,6 +137,9 @@ class OutputMetrics:
         return 0.0 if self.max_abs_error == 0 else math.inf
 
     def to_dict(self) -> dict:
+        if self.exact:
+            return {"passed": self.passed, "elements": self.elements, "violations": self.violations,
+                    "comparison": "exact", "first_mismatch": self.first_mismatch}
         cos = self.dot / math.sqrt(self.norm_a * self.norm_b) if self.norm_a > 0 and self.norm_b > 0 else \
             (1.0 if self.norm_a == self.norm_b else 0.0)
         out = {"passed": self.passed, "elements": self.elements, "violations": self.violations,
@@ -120,6 +149,11 @@ class OutputMetrics:
             out["top1_agreement"] = self.top1_same / self.rows
             out["top5_agreement"] = self.top5_same / self.rows
         return out
+
+
+def _cell(metrics: dict, key: str, spec: str) -> str:
+    """One table cell: the metric formatted, or '-' where the output has none (no classes, not numeric)."""
+    return format(metrics[key], spec) if key in metrics else "-"
 
 
 @dataclass
@@ -140,6 +174,7 @@ class Report:
     candidate_runtime: dict = field(default_factory=dict)
     tolerance: str = "given"  # "given", or the precision whose default tolerances applied
     scaled_atol: float = 0.0  # times max|a| of each sample, added to atol (the bf16/f16/tf32 defaults)
+    tolerance_reason: str = ""  # why these tolerances: which were given, what set the precision of the defaults
 
     @property
     def passed(self) -> bool:
@@ -152,6 +187,7 @@ class Report:
         if self.reference_runtime or self.candidate_runtime:
             d["runtimes"] = {"reference": self.reference_runtime, "candidate": self.candidate_runtime}
             d["tolerance"] = self.tolerance
+            d["tolerance_reason"] = self.tolerance_reason
             d["scaled_atol"] = self.scaled_atol
         if self.layerwise is not None:
             d["layerwise"] = self.layerwise
@@ -164,10 +200,11 @@ class Report:
         rows = [("output", "max abs", "max rel", "mean abs", "cosine", "top-1", "top-5", "result")]
         for name, m in self.outputs.items():
             d = m.to_dict()
-            rows.append((name, f"{d['max_abs_error']:.3g}", f"{d['max_rel_error']:.3g}", f"{d['mean_abs_error']:.3g}",
-                         f"{d['cosine_similarity']:.9f}", f"{d['top1_agreement']:.2%}" if "top1_agreement" in d else "-",
-                         f"{d['top5_agreement']:.2%}" if "top5_agreement" in d else "-",
-                         "PASS" if m.passed else f"FAIL ({m.violations} of {m.elements})"))
+            rows.append((name, *(_cell(d, k, f) for k, f in (("max_abs_error", ".3g"), ("max_rel_error", ".3g"),
+                         ("mean_abs_error", ".3g"), ("cosine_similarity", ".9f"), ("top1_agreement", ".2%"),
+                         ("top5_agreement", ".2%"))),
+                         ("PASS" if m.passed else f"FAIL ({m.violations} of {m.elements})")
+                         + (" exact" if m.exact else "")))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
@@ -212,10 +249,10 @@ class Report:
                  "| output | max abs | max rel | cosine | top-1 | result |", "|---|---|---|---|---|---|"]
         for name, m in self.outputs.items():
             d = m.to_dict()
-            top1 = f"{d['top1_agreement']:.2%}" if "top1_agreement" in d else "-"
-            result = "pass" if m.passed else f"**fail** ({m.violations} of {m.elements})"
-            lines.append(f"| `{name}` | {d['max_abs_error']:.3g} | {d['max_rel_error']:.3g} | "
-                         f"{d['cosine_similarity']:.9f} | {top1} | {result} |")
+            result = ("pass" if m.passed else f"**fail** ({m.violations} of {m.elements})") + (" (exact)" if m.exact
+                                                                                              else "")
+            lines.append(f"| `{name}` | {_cell(d, 'max_abs_error', '.3g')} | {_cell(d, 'max_rel_error', '.3g')} | "
+                         f"{_cell(d, 'cosine_similarity', '.9f')} | {_cell(d, 'top1_agreement', '.2%')} | {result} |")
         scale = f" + {self.scaled_atol:g}*max\\|a(sample)\\|" if self.scaled_atol else ""
         lines += ["", f"Rule: \\|a-b\\| <= {self.atol:g}{scale} + {self.rtol:g}*\\|a\\|."]
         if self.layerwise is not None:
@@ -288,20 +325,67 @@ class Report:
         for name, m in self.outputs.items():
             case = ET.SubElement(suite, "testcase", classname="onnxbn.check", name=name)
             if not m.passed:
-                failure = ET.SubElement(case, "failure", message=f"{m.violations} of {m.elements} elements outside tolerance")
+                failure = ET.SubElement(case, "failure", message=f"{m.violations} of {m.elements} elements "
+                                        + ("differ" if m.exact else "outside tolerance"))
                 failure.text = json.dumps(m.to_dict(), indent=1)
         return ET.tostring(suite, encoding="unicode")
 
 
-def random_inputs(model: onnx.ModelProto, count: int, seed: int = 0) -> np.ndarray:
-    """`count` seeded standard-normal inputs of the model's input shape."""
+class RandomInputs:
+    """`count` seeded standard-normal samples of shape `dims`, generated batch by batch.
+
+    A dataset for `run_batches`: each batch is made in the type asked for (the model's input
+    type), a sample at a time, so only one batch of that type and one float64 sample are ever
+    held. The values are those of `np.random.default_rng(seed).standard_normal((count, *dims))`
+    cast to that type (one stream, drawn in the same order)."""
+
+    is_images = False
+
+    def __init__(self, dims: tuple[int, ...], count: int, seed: int):
+        self.dims, self.total, self.seed = dims, count, seed
+        self.description = f"random N(0,1), seed {seed}"
+        self.skipped: list[str] = []
+        self.consumed = 0
+
+    def has_labels(self) -> bool:
+        return False
+
+    def batches(self, batch_size: int, workers: int = 0, strict: bool = False, start: int = 0,
+                dtype=np.float32) -> Iterator[tuple[np.ndarray, None]]:
+        """(x of `dtype`, None) batches of `batch_size` samples from sample `start` on."""
+        if batch_size < 1:
+            raise UserError(f"--batch-size must be at least 1 (got {batch_size})")
+        rng = np.random.default_rng(self.seed)
+        for _ in range(start):
+            rng.standard_normal(self.dims)
+        for begin in range(start, self.total, batch_size):
+            x = np.empty((min(batch_size, self.total - begin), *self.dims), dtype=dtype)
+            for i in range(len(x)):
+                x[i] = rng.standard_normal(self.dims)
+            self.consumed = begin + len(x)
+            yield x, None
+
+
+def random_inputs(model: onnx.ModelProto, count: int, seed: int = 0, batch_size: int = 32) -> tuple[RandomInputs, int]:
+    """`count` seeded standard-normal inputs of the model's input shape and type, and the batch size
+    to feed them at: `batch_size`, lowered where that many samples would take more than
+    RANDOM_BATCH_BYTES. A UserError when the shape past the batch axis is not fixed, or when one
+    sample (or the model's fixed batch) alone takes more than RANDOM_BATCH_BYTES."""
     _, dtype, shape = model_input(model)
     dims = shape[1:]
     if not shape or any(not (isinstance(d, int) and d > 0) for d in dims):
         raise UserError(f"the model's input shape {shape} is not fixed past the batch axis; give --data instead of --random")
     if count < 1:
         raise UserError(f"--random must be at least 1 (got {count})")
-    return np.random.default_rng(seed).standard_normal((count, *dims)).astype(dtype)
+    sample_bytes = math.prod(dims) * np.dtype(dtype).itemsize
+    fixed = fixed_batch(shape)
+    smallest = (fixed or 1) * sample_bytes
+    if smallest > RANDOM_BATCH_BYTES:
+        raise UserError(f"--random: the model's input ({', '.join(map(str, shape))}) {np.dtype(dtype).name} takes "
+                        f"{smallest / 2**30:.1f} GiB per {'batch' if fixed else 'sample'}, over the "
+                        f"{RANDOM_BATCH_BYTES / 2**30:g} GiB that generated inputs may take; give --data with real "
+                        "inputs, or use a model with smaller fixed dims")
+    return RandomInputs(tuple(dims), count, seed), min(batch_size, RANDOM_BATCH_BYTES // sample_bytes)
 
 
 def _layerwise(ref: onnx.ModelProto, cand: onnx.ModelProto, x: np.ndarray, feed_name: str, atol, rtol,
@@ -360,7 +444,8 @@ def compare(reference, candidate, data=None, atol: float | None = None, rtol: fl
     """Run both models on the same inputs and report how far apart their outputs are.
 
     `reference`/`candidate`: paths or ModelProtos with the same input and outputs;
-    `data`: image folder, .npz, array, or None with `random` = N seeded normal inputs;
+    `data`: image folder, .npz, array, or None with `random` = N seeded normal inputs (default 8;
+    generated batch by batch, see random_inputs; `limit` applies to `data` only);
     `preset`: image preprocessing (default: the reference's metadata, else imagenet).
     Unreadable images are skipped and listed in the report (`strict` raises instead).
     Fewer than `min_samples` compared samples raises UserError: a check of nothing never passes.
@@ -368,7 +453,8 @@ def compare(reference, candidate, data=None, atol: float | None = None, rtol: fl
     (default onnxruntime; NAME or NAME:DEVICE, see onnxbn.runtimes). `precision` is the
     candidate's (None = the runtime's own choice; f32, bf16, f16 for openvino),
     `reference_precision` the reference's (f32). `atol` and `rtol` both None: the defaults
-    for the precisions the two sides ran at (1e-5 at full precision; at bf16/f16/tf32 looser,
+    for the precisions the two sides ran at, or the model's own float type where that is
+    float16/bfloat16 (1e-5 at full precision; at bf16/f16/tf32 looser,
     plus a term relative to each sample's scale, see runtimes.TOLERANCES); giving either
     one applies the plain rule |a-b| <= atol + rtol*|a| (the other defaulting as above).
     """
@@ -392,20 +478,27 @@ def compare(reference, candidate, data=None, atol: float | None = None, rtol: fl
     if missing:
         raise UserError(f"the candidate has no output {missing[0]!r}; compare models with the same outputs")
     if data is None:
-        data, description = random_inputs(ref, random if random is not None else 8, seed), f"random N(0,1), seed {seed}"
+        if limit is not None:
+            raise UserError("--limit samples --data; with --random N, N is the number of inputs")
+        dataset, batch_size = random_inputs(ref, random if random is not None else 8, seed, batch_size)
+        description = dataset.description
     else:
         description = str(data) if isinstance(data, (str, os.PathLike)) else "array"
-    dataset = open_model_data(ref, data, preset=preset, limit=limit, seed=seed)
+        dataset = open_model_data(ref, data, preset=preset, limit=limit, seed=seed)
     batch_size = fit_batch_size(shape, batch_size, dataset.total)
     s_ref = open_session(ref, folder=ref_folder, **ref_side)
     s_cand = open_session(cand, folder=cand_folder, **cand_side)
-    tolerance, scaled = "given", 0.0
-    if atol is None or rtol is None:
-        d_atol, d_rtol, d_scaled = default_tolerance(s_ref.info, s_cand.info)
-        if atol is None and rtol is None:
-            tolerance, scaled = tolerance_precision(s_ref.info, s_cand.info), d_scaled
-        atol = d_atol if atol is None else atol
-        rtol = d_rtol if rtol is None else rtol
+    precision, why = tolerance_choice(s_ref.info, s_cand.info)
+    d_atol, d_rtol, d_scaled = TOLERANCES.get(precision, TOLERANCES["f32"])
+    if atol is None and rtol is None:
+        tolerance, reason, scaled = precision, why, d_scaled
+    else:
+        given = [name for name, value in (("atol", atol), ("rtol", rtol)) if value is not None]
+        tolerance, reason, scaled = "given", " and ".join(given) + " given", 0.0
+        if len(given) == 1:
+            reason += f"; {'rtol' if given == ['atol'] else 'atol'} the {precision} default ({why})"
+    atol = d_atol if atol is None else atol
+    rtol = d_rtol if rtol is None else rtol
     metrics = {n: OutputMetrics() for n in out_names}
     samples, first_batch = 0, None
     for x, _, a_vals in run_batches(s_ref, dataset, out_names, ref, batch_size, workers=workers, strict=strict,
@@ -422,7 +515,8 @@ def compare(reference, candidate, data=None, atol: float | None = None, rtol: fl
                     reference=str(reference) if not isinstance(reference, onnx.ModelProto) else "<model>",
                     candidate=str(candidate) if not isinstance(candidate, onnx.ModelProto) else "<model>",
                     skipped_inputs=dataset.skipped, reference_runtime=s_ref.info.to_dict(),
-                    candidate_runtime=s_cand.info.to_dict(), tolerance=tolerance, scaled_atol=scaled)
+                    candidate_runtime=s_cand.info.to_dict(), tolerance=tolerance, scaled_atol=scaled,
+                    tolerance_reason=reason)
     if layerwise and first_batch is not None:
         report.layerwise = _layerwise(ref, cand, first_batch[:LAYERWISE_SAMPLES], feed_name, atol, rtol,
                                       dict(ref_side, folder=ref_folder), dict(cand_side, folder=cand_folder), scaled)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import math
 import os
 import re
 import tempfile
@@ -74,7 +75,7 @@ class RuntimeInfo:
     device: str           # cpu, cuda
     precision: str        # what the runtime reports for float layers
     requested: str        # the precision asked for (default = the runtime's own choice)
-    model_precision: str  # the model's own float type (its input's)
+    model_precision: str  # the model's own float type (see model_precision)
     provider: str = ""    # onnxruntime's execution provider, OpenVINO's device name, ...
     note: str = ""
 
@@ -91,18 +92,32 @@ class RuntimeInfo:
         return {**asdict(self), "lowered": self.lowered}
 
 
-def tolerance_precision(*infos: RuntimeInfo) -> str:
-    """The precision whose TOLERANCES apply to a comparison of these sides.
+def tolerance_choice(*infos: RuntimeInfo) -> tuple[str, str]:
+    """(the precision whose TOLERANCES apply to a comparison of these sides, why).
 
     Two sides on the same runtime, device and precision, neither below its model's type,
-    compare the same arithmetic: 'f32' (1e-5, also for a float16 model, as onnxbn always did).
-    Otherwise the lowest precision either side computes in: bf16, f16 or tf32 when a runtime
-    lowered the model, or an f16 model's own type when two different runtimes round it.
+    compare the same arithmetic: the model's own float type sets the tolerance ('f32' for
+    f32 and f64 models; 'f16' or 'bf16' for a model that computes in them, whose outputs
+    move by that type's rounding when BN is inserted or folded). Otherwise the lowest
+    precision either side computes in: bf16, f16 or tf32 when a runtime lowered the model,
+    or an f16 model's own type when two different runtimes round it.
     """
     keys = {(i.runtime, i.device, i.precision) for i in infos}
     if len(infos) == 2 and len(keys) == 1 and not any(i.lowered for i in infos):
-        return "f32"
-    return min((i.precision for i in infos), key=lambda p: _RANK.get(p, 2))
+        own = min(("f32", *(i.model_precision for i in infos)), key=lambda p: _RANK.get(p, 2))
+        if own == "f32":
+            return own, "both sides run the same arithmetic at full precision"
+        return own, f"the model computes in {own}: a change to it moves the outputs by {own} rounding"
+    low = min(infos, key=lambda i: _RANK.get(i.precision, 2))
+    why = f"{low.runtime} on {low.device} computes in {low.precision}"
+    if low.lowered:
+        why += f", below the model's {low.model_precision}"
+    return low.precision, why
+
+
+def tolerance_precision(*infos: RuntimeInfo) -> str:
+    """The precision whose TOLERANCES apply to a comparison of these sides (see tolerance_choice)."""
+    return tolerance_choice(*infos)[0]
 
 
 def default_tolerance(*infos: RuntimeInfo) -> tuple[float, float, float]:
@@ -159,11 +174,19 @@ def supports_precision(name: str, precision: str | None) -> bool:
 
 
 def model_precision(model: onnx.ModelProto) -> str:
+    """The model's own float type: the lowest-precision float type among its graph inputs and
+    outputs (f16 I/O around f32 layers, or f32 I/O around f16 layers, both round at f16), and the
+    type that holds most of its float initializer elements; 'f32' for a model with neither."""
     from onnxbn.graph import graph_inputs
 
-    inputs = graph_inputs(model)
-    elem = inputs[0].type.tensor_type.elem_type if inputs else onnx.TensorProto.FLOAT
-    return _ELEM.get(elem, "f32")
+    types = [v.type.tensor_type.elem_type for v in (*graph_inputs(model), *model.graph.output)]
+    weights: dict[int, int] = {}
+    for t in model.graph.initializer:
+        if t.data_type in _ELEM:
+            weights[t.data_type] = weights.get(t.data_type, 0) + math.prod(t.dims)
+    if weights:
+        types.append(max(weights, key=weights.get))
+    return min((_ELEM[t] for t in types if t in _ELEM), key=lambda p: _RANK[p], default="f32")
 
 
 # ----------------------------------------------------------------------------- sessions
