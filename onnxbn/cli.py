@@ -508,7 +508,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _crash_report(command: str, exc: BaseException) -> Path:
-    """Write the traceback of an unexpected failure to a log file; return its path."""
+    """Write the traceback of an unexpected failure to a log file; return its path.
+
+    The file goes to the folder named by the environment variable ONNXBN_LOG_DIR (created when
+    missing), else to the system's temporary folder."""
     import platform
     import tempfile
     import time
@@ -516,7 +519,10 @@ def _crash_report(command: str, exc: BaseException) -> Path:
 
     from onnxbn import __version__
 
-    fd, name = tempfile.mkstemp(prefix=f"onnxbn-{command}-{time.strftime('%Y%m%d-%H%M%S')}-", suffix=".log")
+    folder = os.environ.get("ONNXBN_LOG_DIR") or tempfile.gettempdir()
+    os.makedirs(folder, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f"onnxbn-{command}-{time.strftime('%Y%m%d-%H%M%S')}-", suffix=".log",
+                                dir=folder)
     with open(fd, "w") as fh:
         fh.write(f"onnxbn {__version__}, Python {platform.python_version()}, {platform.platform()}\n")
         fh.write(f"command line: {' '.join(sys.argv)}\n\n")

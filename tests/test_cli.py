@@ -142,6 +142,26 @@ def test_real_process_exit_code_and_no_traceback(tmp_path):
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
 
 
+def test_crash_log_goes_to_onnxbn_log_dir(files, capsys, monkeypatch, tmp_path_factory):
+    """An unexpected failure writes its traceback to a file in ONNXBN_LOG_DIR (made when missing)."""
+    import onnxbn.points
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated bug in points")
+
+    folder = tmp_path_factory.mktemp("logs") / "new"
+    monkeypatch.setenv("ONNXBN_LOG_DIR", str(folder))
+    monkeypatch.setattr(onnxbn.points, "select_points", broken)
+    code, out, err = run(capsys, "points", files / "model.onnx")
+    assert code == 2 and out == ""
+    (log,) = folder.iterdir()
+    assert log.name.startswith("onnxbn-points-") and log.suffix == ".log"
+    assert err == (f"onnxbn: error: `points` failed unexpectedly (RuntimeError: simulated bug in points); no output "
+                   f"was written; the details are in {log}: please report them (or rerun with --debug)\n")
+    text = log.read_text()
+    assert "Traceback (most recent call last)" in text and "RuntimeError: simulated bug in points" in text
+
+
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_corrupt_weights_file_is_refused_not_run(tmp_path, capsys):
     import pickle
