@@ -453,11 +453,14 @@ def cmd_recalibrate(args) -> int:
     refuse_overwrite(args.output, [args.model, args.data], args.force)
     model, folder, report = recalibrate_lazily(args.model, mode=args.mode, nodes=args.nodes, device=args.device,
                                                cache_mb=args.cache_mb, **RECALIBRATE_DATA.options(args))
+    # Everything that reads the report is computed before the file is written, so a failure leaves no output.
+    table = json.dumps(report.to_dict(), indent=2) if args.json else report.table()
+    newly_dead = sum(int(np.count_nonzero((b.old_var > 0) & (b.new_var <= 0))) for b in report.bns
+                     if b.old_var is not None)  # None: the variance was computed at run time, no old value
     save_model(model, args.output, inputs=[args.model, args.data], force=args.force, folder=folder)
-    print(json.dumps(report.to_dict(), indent=2) if args.json else report.table())
+    print(table)
     log.info("recalibrated %d BatchNormalization nodes (%s, %d passes, %d samples); wrote %s", len(report.bns),
              report.mode, len(report.passes), report.samples, args.output)
-    newly_dead = sum(int(np.count_nonzero((b.old_var > 0) & (b.new_var <= 0))) for b in report.bns)
     if newly_dead:
         log.warning("%d channel(s) are constant on this data but were not before: their BN variance is now 0, so "
                     "inputs that vary there (e.g. the old domain) are divided by sqrt(eps); the model now belongs "
