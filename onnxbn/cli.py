@@ -1,9 +1,11 @@
 """The `onnxbn` command line: one small function per subcommand, its docstring is its help.
 
 Exit codes: 0 success, 1 a check found a difference (and only that), 2 any error: bad
-input or usage (one line on stderr saying what and how to fix it), or an unexpected
-failure (one line naming the command, the traceback in a log file whose path it gives;
---debug shows the traceback instead), 130 interrupted.
+input or usage (one line on stderr saying what and how to fix it; a model onnxruntime
+refuses, a folder given as an output file, running out of memory and a tensor too large
+to allocate are bad input), or an unexpected failure (one line naming the command, the
+traceback in a log file whose path it gives; --debug shows the traceback instead), 130
+interrupted. onnxruntime's own log lines are kept off stderr (runtime.quiet_onnxruntime).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 
 from onnxbn.data import PRESETS
 from onnxbn.errors import UserError
-from onnxbn.runtime import DEVICES
+from onnxbn.runtime import DEVICES, quiet_onnxruntime
 
 log = logging.getLogger("onnxbn")
 COMMANDS: dict[str, tuple] = {}
@@ -43,6 +45,9 @@ def command(*arguments):
 
 OUTPUT = [arg("-o", "--output", required=True, help="output path (written atomically)"),
           arg("--force", action="store_true", help="allow the output to replace an input file")]
+# every argument naming an output file: an existing folder there is refused before any work (main)
+OUTPUT_FILES = {"output": "-o", "report": "--report", "junit": "--junit", "summary_md": "--summary-md",
+                "plot": "--plot", "node_data": "--node-data"}
 DEVICE = [arg("--device", default="auto", choices=DEVICES, help="where to run (default: auto)")]
 SELECTOR = arg("--after", default="dense",
                help="where BN goes: dense (default), conv, relu, linear, or tensor names, comma separated")
@@ -533,6 +538,24 @@ def _crash_report(command: str, exc: BaseException) -> Path:
     return Path(name)
 
 
+def _refuse_folder_outputs(args) -> None:
+    """A UserError when an output-file argument names an existing folder."""
+    for attr, flag in OUTPUT_FILES.items():
+        path = getattr(args, attr, None)
+        if path and os.path.isdir(path):
+            raise UserError(f"{path} is a folder; give a file path for {flag}")
+
+
+def _input_failure(command: str, exc: Exception) -> str | None:
+    """The one-line message for a failure that is the input's size, not a bug in onnxbn; else None."""
+    if isinstance(exc, MemoryError):
+        return f"out of memory while running `{command}`: use a smaller --batch-size / --limit, or more memory"
+    if isinstance(exc, ValueError) and "array is too big" in str(exc):
+        return ("the model declares a tensor too large to allocate (numpy: array is too big); check the dims of its "
+                "initializers and inputs")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -542,7 +565,9 @@ def main(argv: list[str] | None = None) -> int:
     log.setLevel(logging.WARNING if args.quiet else logging.INFO)
     log.propagate = False
     try:
-        return args.run(args)
+        _refuse_folder_outputs(args)
+        with quiet_onnxruntime():
+            return args.run(args)
     except UserError as exc:
         if args.debug:
             raise
@@ -554,6 +579,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug, or a library failing in a way onnxbn did not foresee
         if args.debug:
             raise
+        message = _input_failure(args.command, exc)
+        if message:
+            print(f"onnxbn: error: {message}", file=sys.stderr)
+            return 2
         first = (str(exc).strip().splitlines() or [""])[0][:200]
         path = _crash_report(args.command, exc)
         print(f"onnxbn: error: `{args.command}` failed unexpectedly ({type(exc).__name__}: {first}); no output was "
