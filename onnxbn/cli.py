@@ -1,9 +1,11 @@
 """The `onnxbn` command line: one small function per subcommand, its docstring is its help.
 
 Exit codes: 0 success, 1 a check found a difference (and only that), 2 any error: bad
-input or usage (one line on stderr saying what and how to fix it), or an unexpected
-failure (one line naming the command, the traceback in a log file whose path it gives;
---debug shows the traceback instead), 130 interrupted.
+input or usage (one line on stderr saying what and how to fix it; a model onnxruntime
+refuses, a folder given as an output file, running out of memory and a tensor too large
+to allocate are bad input), or an unexpected failure (one line naming the command, the
+traceback in a log file whose path it gives; --debug shows the traceback instead), 130
+interrupted. onnxruntime's own log lines are kept off stderr (runtime.quiet_onnxruntime).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 
 from onnxbn.data import PRESETS
 from onnxbn.errors import UserError
-from onnxbn.runtime import DEVICES
+from onnxbn.runtime import DEVICES, quiet_onnxruntime
 
 log = logging.getLogger("onnxbn")
 COMMANDS: dict[str, tuple] = {}
@@ -43,6 +45,9 @@ def command(*arguments):
 
 OUTPUT = [arg("-o", "--output", required=True, help="output path (written atomically)"),
           arg("--force", action="store_true", help="allow the output to replace an input file")]
+# every argument naming an output file: an existing folder there is refused before any work (main)
+OUTPUT_FILES = {"output": "-o", "report": "--report", "junit": "--junit", "summary_md": "--summary-md",
+                "plot": "--plot", "node_data": "--node-data"}
 DEVICE = [arg("--device", default="auto", choices=DEVICES, help="where to run (default: auto)")]
 SELECTOR = arg("--after", default="dense",
                help="where BN goes: dense (default), conv, relu, linear, or tensor names, comma separated")
@@ -453,11 +458,14 @@ def cmd_recalibrate(args) -> int:
     refuse_overwrite(args.output, [args.model, args.data], args.force)
     model, folder, report = recalibrate_lazily(args.model, mode=args.mode, nodes=args.nodes, device=args.device,
                                                cache_mb=args.cache_mb, **RECALIBRATE_DATA.options(args))
+    # Everything that reads the report is computed before the file is written, so a failure leaves no output.
+    table = json.dumps(report.to_dict(), indent=2) if args.json else report.table()
+    newly_dead = sum(int(np.count_nonzero((b.old_var > 0) & (b.new_var <= 0))) for b in report.bns
+                     if b.old_var is not None)  # None: the variance was computed at run time, no old value
     save_model(model, args.output, inputs=[args.model, args.data], force=args.force, folder=folder)
-    print(json.dumps(report.to_dict(), indent=2) if args.json else report.table())
+    print(table)
     log.info("recalibrated %d BatchNormalization nodes (%s, %d passes, %d samples); wrote %s", len(report.bns),
              report.mode, len(report.passes), report.samples, args.output)
-    newly_dead = sum(int(np.count_nonzero((b.old_var > 0) & (b.new_var <= 0))) for b in report.bns)
     if newly_dead:
         log.warning("%d channel(s) are constant on this data but were not before: their BN variance is now 0, so "
                     "inputs that vary there (e.g. the old domain) are divided by sqrt(eps); the model now belongs "
@@ -508,7 +516,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _crash_report(command: str, exc: BaseException) -> Path:
-    """Write the traceback of an unexpected failure to a log file; return its path."""
+    """Write the traceback of an unexpected failure to a log file; return its path.
+
+    The file goes to the folder named by the environment variable ONNXBN_LOG_DIR (created when
+    missing), else to the system's temporary folder."""
     import platform
     import tempfile
     import time
@@ -516,12 +527,33 @@ def _crash_report(command: str, exc: BaseException) -> Path:
 
     from onnxbn import __version__
 
-    fd, name = tempfile.mkstemp(prefix=f"onnxbn-{command}-{time.strftime('%Y%m%d-%H%M%S')}-", suffix=".log")
+    folder = os.environ.get("ONNXBN_LOG_DIR") or tempfile.gettempdir()
+    os.makedirs(folder, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f"onnxbn-{command}-{time.strftime('%Y%m%d-%H%M%S')}-", suffix=".log",
+                                dir=folder)
     with open(fd, "w") as fh:
         fh.write(f"onnxbn {__version__}, Python {platform.python_version()}, {platform.platform()}\n")
         fh.write(f"command line: {' '.join(sys.argv)}\n\n")
         fh.write("".join(traceback.format_exception(exc)))
     return Path(name)
+
+
+def _refuse_folder_outputs(args) -> None:
+    """A UserError when an output-file argument names an existing folder."""
+    for attr, flag in OUTPUT_FILES.items():
+        path = getattr(args, attr, None)
+        if path and os.path.isdir(path):
+            raise UserError(f"{path} is a folder; give a file path for {flag}")
+
+
+def _input_failure(command: str, exc: Exception) -> str | None:
+    """The one-line message for a failure that is the input's size, not a bug in onnxbn; else None."""
+    if isinstance(exc, MemoryError):
+        return f"out of memory while running `{command}`: use a smaller --batch-size / --limit, or more memory"
+    if isinstance(exc, ValueError) and "array is too big" in str(exc):
+        return ("the model declares a tensor too large to allocate (numpy: array is too big); check the dims of its "
+                "initializers and inputs")
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -533,7 +565,9 @@ def main(argv: list[str] | None = None) -> int:
     log.setLevel(logging.WARNING if args.quiet else logging.INFO)
     log.propagate = False
     try:
-        return args.run(args)
+        _refuse_folder_outputs(args)
+        with quiet_onnxruntime():
+            return args.run(args)
     except UserError as exc:
         if args.debug:
             raise
@@ -545,6 +579,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug, or a library failing in a way onnxbn did not foresee
         if args.debug:
             raise
+        message = _input_failure(args.command, exc)
+        if message:
+            print(f"onnxbn: error: {message}", file=sys.stderr)
+            return 2
         first = (str(exc).strip().splitlines() or [""])[0][:200]
         path = _crash_report(args.command, exc)
         print(f"onnxbn: error: `{args.command}` failed unexpectedly ({type(exc).__name__}: {first}); no output was "

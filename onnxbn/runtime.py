@@ -4,8 +4,14 @@
 otherwise. Whether it can is probed once, quietly, by loading onnxruntime's CUDA
 provider library with ctypes (which fails when CUDA or cuDNN is missing), so
 onnxruntime-gpu on a machine without a GPU never prints its wall of library-load
-errors, and onnxruntime's process-wide logger is left as the caller set it. The
-provider that ran is reported through `session_provider(session)`.
+errors. The provider that ran is reported through `session_provider(session)`.
+
+onnxruntime's own log lines stay off stderr: a session logs only FATAL messages (a
+failure's text still reaches onnxbn in the exception). onnxruntime's process-wide
+default logger is left as the caller set it, except inside `quiet_onnxruntime()` (the
+command line runs every command in it), where sessions made by `make_session` set it to
+FATAL too; on leaving, it is set back to onnxruntime's default, WARNING:
+onnxruntime has no getter for it, so a level set before the block is not restored.
 
 `run_batches` is the one loop that feeds a dataset to a session (stats, check, eval):
 batches cast to the model's input type, checked against its input shape, with a
@@ -14,10 +20,12 @@ progress bar. `rel_error(a, b) = max|a - b| / max|a|` is the one relative error.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
 import os
+import re
 import warnings
 
 import numpy as np
@@ -30,6 +38,10 @@ from onnxbn.graph import graph_inputs, tensor_shape
 from onnxbn.modelio import IN_MEMORY, detach_weights, load_structure, metadata
 
 DEVICES = ("auto", "cpu", "cuda")
+FATAL, ORT_DEFAULT_LOG_SEVERITY = 4, 2  # onnxruntime log severities: FATAL only; its default logger's own level
+# onnxruntime's status codes that mean the model (or a file it names) is bad, not onnxbn
+MODEL_ERRORS = ("FAIL", "INVALID_ARGUMENT", "INVALID_GRAPH", "INVALID_PROTOBUF", "NOT_IMPLEMENTED")
+_quiet = {"active": False, "default_logger_set": False}
 
 
 def _ort():
@@ -51,6 +63,27 @@ def _cuda_provider_loads(ort) -> bool:
     except OSError:
         return False
     return True
+
+
+@contextlib.contextmanager
+def quiet_onnxruntime():
+    """Inside the block, `make_session` also sets onnxruntime's process-wide default logger to FATAL;
+    on leaving, a logger onnxbn set goes back to onnxruntime's default (WARNING): onnxruntime offers
+    no getter, so a level the caller set before the block is not known and not restored."""
+    _quiet["active"] = True
+    try:
+        yield
+    finally:
+        _quiet["active"] = False
+        if _quiet["default_logger_set"]:
+            _quiet["default_logger_set"] = False
+            _ort().set_default_logger_severity(ORT_DEFAULT_LOG_SEVERITY)
+
+
+def _onnxruntime_status(exc: Exception) -> str | None:
+    """The status code of an onnxruntime error ('FAIL', 'INVALID_GRAPH', ...), or None."""
+    match = re.search(r"\[ONNXRuntimeError\] : \d+ : ([A-Z_]+) :", str(exc))
+    return match.group(1) if match else None
 
 
 @functools.cache
@@ -76,13 +109,16 @@ def make_session(model: onnx.ModelProto | bytes | str, device: str = "auto", thr
     turns onnxruntime's CPU memory arena off: every tensor is freed when its last reader
     is done, instead of the arena keeping (and growing to) its high-water mark. `tf32`
     sets the CUDA provider's `use_tf32` (None: onnxruntime's default). A model onnxruntime
-    cannot load is a UserError naming the operator it lacks (see runtimes.load_error).
+    cannot load is a UserError naming the operator it lacks (see runtimes.load_error); any other
+    model onnxruntime refuses (status FAIL, INVALID_ARGUMENT, INVALID_GRAPH, INVALID_PROTOBUF or
+    NOT_IMPLEMENTED: a damaged or invalid model) is a UserError quoting onnxruntime's first line.
+    The session logs only FATAL messages (see the module docstring).
     """
     if device not in DEVICES:
         raise UserError(f"unknown device {device!r}: use one of {', '.join(DEVICES)}")
     ort = _ort()
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = FATAL
     options.enable_cpu_mem_arena = arena
     if threads:
         options.intra_op_num_threads = threads
@@ -108,18 +144,22 @@ def make_session(model: onnx.ModelProto | bytes | str, device: str = "auto", thr
         raise UserError("--device cuda: onnxruntime has no usable CUDA provider here; use --device cpu or auto")
     cuda = ("CUDAExecutionProvider", {"use_tf32": str(int(tf32))}) if tf32 is not None else "CUDAExecutionProvider"
     providers = [cuda, "CPUExecutionProvider"] if want_cuda else ["CPUExecutionProvider"]
+    if _quiet["active"] and not _quiet["default_logger_set"]:
+        ort.set_default_logger_severity(FATAL)
+        _quiet["default_logger_set"] = True
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             session = ort.InferenceSession(payload, options, providers=providers)
     except Exception as exc:
-        if "NOT_IMPLEMENTED" in str(exc) and isinstance(model, onnx.ModelProto):
+        status = _onnxruntime_status(exc)
+        if status == "NOT_IMPLEMENTED" and isinstance(model, onnx.ModelProto):
             from onnxbn.runtimes import load_error
 
             error = load_error("onnxruntime", exc, model)
             if "no implementation of operator" in str(error):
                 raise error from exc
-        if "INVALID_GRAPH" in str(exc) or "INVALID_PROTOBUF" in str(exc) or "NOT_IMPLEMENTED" in str(exc):
+        if status in MODEL_ERRORS:
             raise UserError(f"onnxruntime cannot run this model: {str(exc).splitlines()[0]}") from exc
         raise
     session._onnxbn_weights = arrays  # onnxruntime reads the arrays in place: keep them alive

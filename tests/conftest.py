@@ -32,6 +32,16 @@ def write_images(root, n_per_class=3, classes=("cat", "dog"), size=(40, 30), see
     return paths
 
 
+@pytest.fixture(autouse=True)
+def crash_logs(tmp_path_factory, monkeypatch):
+    """The folder the CLI writes crash logs to in this test (ONNXBN_LOG_DIR, inherited by subprocesses),
+    so tests leave no onnxbn-*.log in the system's temporary folder. Kept apart from `tmp_path`, whose
+    contents tests check."""
+    folder = tmp_path_factory.mktemp("crash-logs")
+    monkeypatch.setenv("ONNXBN_LOG_DIR", str(folder))
+    return folder
+
+
 @pytest.fixture
 def cnn():
     return small_cnn()

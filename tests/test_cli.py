@@ -142,6 +142,129 @@ def test_real_process_exit_code_and_no_traceback(tmp_path):
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
 
 
+def test_crash_log_goes_to_onnxbn_log_dir(files, capsys, monkeypatch, tmp_path_factory):
+    """An unexpected failure writes its traceback to a file in ONNXBN_LOG_DIR (made when missing)."""
+    import onnxbn.points
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated bug in points")
+
+    folder = tmp_path_factory.mktemp("logs") / "new"
+    monkeypatch.setenv("ONNXBN_LOG_DIR", str(folder))
+    monkeypatch.setattr(onnxbn.points, "select_points", broken)
+    code, out, err = run(capsys, "points", files / "model.onnx")
+    assert code == 2 and out == ""
+    (log,) = folder.iterdir()
+    assert log.name.startswith("onnxbn-points-") and log.suffix == ".log"
+    assert err == (f"onnxbn: error: `points` failed unexpectedly (RuntimeError: simulated bug in points); no output "
+                   f"was written; the details are in {log}: please report them (or rerun with --debug)\n")
+    text = log.read_text()
+    assert "Traceback (most recent call last)" in text and "RuntimeError: simulated bug in points" in text
+
+
+def graph_model(nodes, inits=(), input_shape=("N", 3, 4, 4)):
+    """One input x, one output y, opset 17: a model built as given, valid or not."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(input_shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], list(inits))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def short_raw_data_model():
+    """An initializer of 4 float32 whose raw_data holds 5 bytes: onnxruntime refuses it at session creation
+    (status FAIL) and, at its default log level, prints its own ERROR line first."""
+    from onnx import helper, numpy_helper
+
+    c = numpy_helper.from_array(np.zeros(4, np.float32), "c")
+    c.raw_data = b"\0" * 5
+    return graph_model([helper.make_node("Add", ["x", "c"], ["y"])], [c])
+
+
+def test_a_model_onnxruntime_refuses_is_one_line_in_a_real_process(tmp_path, crash_logs):
+    onnx.save(short_raw_data_model(), str(tmp_path / "m.onnx"))
+    proc = subprocess.run([sys.executable, "-m", "onnxbn", "check", str(tmp_path / "m.onnx"), str(tmp_path / "m.onnx"),
+                           "--random", "2"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and "[E:onnxruntime" not in proc.stderr
+    assert proc.stderr.startswith("onnxbn: error: onnxruntime cannot run this model: [ONNXRuntimeError] : 1 : FAIL : ")
+    assert list(crash_logs.iterdir()) == []  # the user's model, not a bug: no crash log
+
+
+def refused_models():
+    from onnx import helper, numpy_helper
+
+    return {
+        "attribute type": (graph_model([helper.make_node("Transpose", ["x"], ["y"], perm=[0.5, 1.0])]),
+                           "INVALID_GRAPH : This is an invalid model. In Node, (\"\", Transpose, \"\", -1)"),
+        "weight rank": (graph_model([helper.make_node("Conv", ["x", "w"], ["y"])],
+                                    [numpy_helper.from_array(np.zeros((2, 3, 1), np.float32), "w")]),
+                        "FAIL : Node () Op (Conv) [ShapeInferenceError] Number of spatial dimensions"),
+        "undefined input": (graph_model([helper.make_node("Relu", ["z"], ["y"])]),
+                            "INVALID_ARGUMENT : Invalid model. Node input 'z' is not a graph input"),
+        "raw_data length": (short_raw_data_model(), "FAIL : Exception during initialization"),
+    }
+
+
+@pytest.mark.parametrize("case", list(refused_models()))
+def test_models_onnxruntime_refuses_are_user_errors(case, tmp_path, capfd, crash_logs):
+    model, words = refused_models()[case]
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    code = main(["check", str(tmp_path / "m.onnx"), str(tmp_path / "m.onnx"), "--random", "2",
+                 "--report", str(tmp_path / "r.json")])
+    out, err = capfd.readouterr()
+    assert code == 2 and out == ""
+    assert err.startswith("onnxbn: error: onnxruntime cannot run this model: [ONNXRuntimeError] : ") and words in err
+    assert err.count("\n") == 1  # nothing from onnxruntime's own loggers
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"] and list(crash_logs.iterdir()) == []
+
+
+def test_cli_quiets_onnxruntimes_default_logger_and_restores_it(files, capsys, monkeypatch):
+    """onnxruntime has no getter for its default logger: the CLI sets FATAL (4) before its first session
+    and onnxruntime's default WARNING (2) after the command; make_session alone leaves it alone."""
+    import onnxruntime
+
+    from onnxbn.runtime import make_session
+
+    calls = []
+    monkeypatch.setattr(onnxruntime, "set_default_logger_severity", calls.append)
+    make_session(str(files / "model.onnx"), "cpu")
+    assert calls == []
+    code, _, err = run(capsys, "check", files / "model.onnx", files / "model.onnx", "--random", "2")
+    assert code == 0, err
+    assert calls == [4, 2]
+    code, _, err = run(capsys, "points", files / "model.onnx")  # no session: the logger is not touched
+    assert code == 0 and calls == [4, 2]
+
+
+def test_output_folder_is_refused_before_any_work(files, capsys, crash_logs):
+    (files / "out").mkdir()
+    before = sorted(p.name for p in files.rglob("*"))
+    for argv, flag in [(["stats", files / "model.onnx", "--data", files / "data.npz", "-o", files / "out"], "-o"),
+                       (["check", files / "model.onnx", files / "model.onnx", "--random", "2",
+                         "--report", files / "out"], "--report")]:
+        code, out, err = run(capsys, *argv)
+        assert code == 2 and out == ""
+        assert err == f"onnxbn: error: {files / 'out'} is a folder; give a file path for {flag}\n"
+    assert sorted(p.name for p in files.rglob("*")) == before and list(crash_logs.iterdir()) == []
+
+
+@pytest.mark.parametrize("side, message", [
+    (1 << 40, "the model declares a tensor too large to allocate (numpy: array is too big); check the dims of its "
+              "initializers and inputs"),
+    (1 << 20, "out of memory while running `check`: use a smaller --batch-size / --limit, or more memory")])
+def test_inputs_too_large_for_memory_are_user_errors(side, message, tmp_path, capsys, crash_logs):
+    """--random draws inputs of the model's declared shape: 3 x side x side float32 per sample is
+    2**84 bytes (more than numpy can address) or 12 TiB (more than any machine running the tests has)."""
+    from onnx import helper
+
+    onnx.save(graph_model([helper.make_node("Relu", ["x"], ["y"])], input_shape=("N", 3, side, side)),
+              str(tmp_path / "m.onnx"))
+    code, out, err = run(capsys, "check", tmp_path / "m.onnx", tmp_path / "m.onnx", "--random", "2")
+    assert code == 2 and out == "" and err == f"onnxbn: error: {message}\n"
+    assert list(crash_logs.iterdir()) == []
+
+
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_corrupt_weights_file_is_refused_not_run(tmp_path, capsys):
     import pickle

@@ -139,6 +139,15 @@ def test_bundled_model_metadata(session):
     assert out.name == "logits" and out.shape[1] == 10
 
 
+def test_bundled_model_is_the_file_its_card_describes():
+    """The card's size and sha256 are the bundled file's (a retrain on another CPU gives other bytes)."""
+    card = (MODEL.parent / "README.md").read_text()
+    data = MODEL.read_bytes()
+    assert f"{len(data):,} bytes" in card
+    assert hashlib.sha256(data).hexdigest() == "b79e1b99588d9558704f325ac6d7684a07daa1d722d48497a4e22c14a0e00e0d"
+    assert "`b79e1b99588d9558704f325ac6d7684a07daa1d722d48497a4e22c14a0e00e0d`" in card
+
+
 def test_bundled_model_has_no_batchnorm_and_readable_names():
     onnx = pytest.importorskip("onnx")
     m = onnx.load(str(MODEL))

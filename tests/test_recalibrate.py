@@ -702,6 +702,48 @@ def test_cli_warns_when_recalibration_makes_channels_constant(tmp_path, capsys):
     assert var[0] == 0 and var[1] == pytest.approx(np.maximum(x[:, 1], 0).astype(np.float64).var(), rel=1e-6)
 
 
+def test_cli_recalibrates_a_bn_whose_variance_is_computed_at_run_time(tmp_path, capsys):
+    """The BN's var is Add(v0, zero), not an initializer: there is no old variance to compare with, so no
+    newly-constant warning; the BN gets a fresh var initializer holding the data's variance and the file
+    is written."""
+    inits = [numpy_helper.from_array(np.eye(2, dtype=np.float32).reshape(2, 2, 1, 1), "w"),
+             *(numpy_helper.from_array(np.full(2, v, np.float32), n) for n, v in
+               (("s", 1.0), ("b", 0.0), ("m", 0.5), ("v0", 1.0), ("zero", 0.0)))]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"), helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("Add", ["v0", "zero"], ["v"], name="var"),
+             helper.make_node("BatchNormalization", ["r", "s", "b", "m", "v"], ["y"], name="bn")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2, 4, 4])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), str(tmp_path / "m.onnx"))
+    x = np.random.default_rng(0).standard_normal((8, 2, 4, 4)).astype(np.float32)
+    x[:, 0] = -np.abs(x[:, 0])  # channel 0 is constant (0) after the Relu
+    np.savez(tmp_path / "new.npz", x=x)
+    out = tmp_path / "out.onnx"
+    code, stdout, err = run(capsys, "recalibrate", tmp_path / "m.onnx", "--data", tmp_path / "new.npz", "-o", out)
+    assert code == 0, err
+    assert "constant on this data" not in err and err.strip().endswith(f"wrote {out}")
+    written = onnx.load(str(out))
+    (bn,) = bn_nodes(written)
+    var = stored(written, bn.input[4])
+    expected = np.maximum(x, 0).astype(np.float64).var(axis=(0, 2, 3))
+    assert bn.input[4] != "v" and var[0] == 0 and var[1] == pytest.approx(expected[1], rel=1e-6)
+
+
+def test_cli_failure_after_recalibrating_writes_nothing_as_it_says(files, capsys, monkeypatch):
+    """The report is rendered before the model is written: when that fails, "no output was written" holds."""
+    from onnxbn.recalibration import RecalibrationReport
+
+    def broken(self):
+        raise RuntimeError("simulated report bug")
+
+    monkeypatch.setattr(RecalibrationReport, "table", broken)
+    out = files / "out.onnx"
+    code, stdout, err = run(capsys, "recalibrate", files / "model.onnx", "--data", files / "x.npz", "-o", out)
+    assert code == 2 and stdout == ""
+    assert "failed unexpectedly (RuntimeError: simulated report bug); no output was written" in err
+    assert not out.exists() and sorted(p.name for p in files.iterdir()) == ["model.onnx", "x.npz"]
+
+
 @pytest.mark.parametrize("which", ["resnet", "vgg"])
 @pytest.mark.parametrize("cache_mb", [1024, 0])
 def test_a_model_file_gives_the_same_model_with_its_weights_read_from_disk(request, which, cache_mb, tmp_path):
