@@ -547,12 +547,15 @@ def _refuse_folder_outputs(args) -> None:
 
 
 def _input_failure(command: str, exc: Exception) -> str | None:
-    """The one-line message for a failure that is the input's size, not a bug in onnxbn; else None."""
+    """The one-line message for a failure that is the input's (its size, or a node onnxruntime cannot run on
+    it), not a bug in onnxbn; else None."""
     if isinstance(exc, MemoryError):
         return f"out of memory while running `{command}`: use a smaller --batch-size / --limit, or more memory"
     if isinstance(exc, ValueError) and "array is too big" in str(exc):
         return ("the model declares a tensor too large to allocate (numpy: array is too big); check the dims of its "
                 "initializers and inputs")
+    if type(exc).__module__.startswith("onnxruntime") and "while running" in str(exc):
+        return f"onnxruntime could not run the model: {str(exc).strip().splitlines()[0][:300]}"
     return None
 
 

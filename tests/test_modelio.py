@@ -451,3 +451,67 @@ def test_a_name_that_is_not_utf8_is_a_one_line_error(workspace, capsys):
     path.write_bytes(data)
     code, err = run_cli(COMMANDS["stats"](str(path), str(workspace / "data" / "data.npz"), ""), capsys)
     assert code == 2 and len(err) == 1 and "not valid UTF-8" in err[0]
+
+
+# ----------------------------------------------------------------------------- fuzzing every command
+
+def _mutants(data: bytes, count: int, seed: int):
+    """`count` seeded damaged copies of `data`: truncated, a bit flipped, a byte inserted or deleted,
+    or four bytes overwritten; nine in ten at a byte outside the large weights' data."""
+    rng = np.random.default_rng(seed)
+    model = onnx.load_from_string(data)
+    spans = [(data.index(t.raw_data), len(t.raw_data)) for t in model.graph.initializer
+             if t.HasField("raw_data") and len(t.raw_data) > 4096]
+    inside = np.zeros(len(data), bool)
+    for start, length in spans:
+        inside[start:start + length] = True
+    framing = np.flatnonzero(~inside)
+    for _ in range(count):
+        buf = bytearray(data)
+        at = int(rng.choice(framing)) if rng.random() < 0.9 else int(rng.integers(len(buf)))
+        kind = int(rng.integers(5))
+        if kind == 0:
+            buf = buf[:at]
+        elif kind == 1:
+            buf[at] ^= 1 << int(rng.integers(8))
+        elif kind == 2:
+            buf[at:at] = bytes([int(rng.integers(256))])
+        elif kind == 3:
+            del buf[at]
+        else:
+            buf[at:at + 4] = rng.integers(256, size=4, dtype=np.uint8).tobytes()
+        yield bytes(buf)
+
+
+def test_fuzzed_model_files_through_every_commands_loading_path(workspace, capsys):
+    """Every outcome is exit 0, exit 1 (check: a real difference), or exit 2 with one onnxbn line that
+    is not the crash-report line; a failed command leaves nothing in the output folder; no command
+    opens a file outside the model's, the data's and the output's folders."""
+    global _OPENED
+    model, out_dir = workspace / "model" / "m.onnx", workspace / "out"
+    save_external(bn_gemm_model(), model)  # leaves m.data in the model's folder for the third base
+    bases = [bn_gemm_model().SerializeToString(),
+             _with_hostile_entry(bn_gemm_model(), "../secret.bin").SerializeToString(), model.read_bytes()]
+    data = str(workspace / "data" / "data.npz")
+    allowed = [(workspace / name).resolve() for name in ("model", "data", "out")]
+    codes: dict[int, int] = {}
+    commands = list(COMMANDS)
+    for i, mutant in enumerate(m for seed, base in enumerate(bases) for m in _mutants(base, 500, seed)):
+        command = commands[i % len(commands)]
+        model.write_bytes(mutant)
+        for leftover in out_dir.iterdir():
+            leftover.unlink()
+        _OPENED = []
+        try:
+            code, err = run_cli(COMMANDS[command](str(model), data, str(out_dir / "result.onnx")), capsys)
+        finally:
+            opened, _OPENED = _OPENED, None
+        codes[code] = codes.get(code, 0) + 1
+        where = f"mutant {i} through {command}: exit {code}, {err}"
+        assert code in (0, 2) or (code == 1 and command == "check"), where
+        if code == 2:
+            assert len(err) == 1 and err[0].startswith("onnxbn: error: ") and "unexpectedly" not in err[0], where
+            assert list(out_dir.iterdir()) == [], where
+        under_tmp = [Path(p).resolve() for p in opened if Path(p).resolve().is_relative_to(workspace)]
+        assert all(any(p.is_relative_to(a) for a in allowed) for p in under_tmp), where
+    assert codes.get(0, 0) > 20 and codes.get(2, 0) > 20, codes  # both kinds of outcome were exercised

@@ -63,9 +63,14 @@ def _op(*names):
 
 
 def _spatial_attrs(ctx: _Importer, a: dict, nd: int):
-    strides = list(a.get("strides", [1] * nd))
-    dilations = list(a.get("dilations", [1] * nd))
-    pads = list(a.get("pads", [0] * (2 * nd)))
+    """strides, dilations, pads (an empty list is the default, as onnxruntime reads it) and auto_pad;
+    a list of another length than the `nd` spatial axes need is refused."""
+    strides = list(a.get("strides") or [1] * nd)
+    dilations = list(a.get("dilations") or [1] * nd)
+    pads = list(a.get("pads") or [0] * (2 * nd))
+    for name, values, size in (("strides", strides, nd), ("dilations", dilations, nd), ("pads", pads, 2 * nd)):
+        if len(values) != size:
+            ctx.fail(f"{name} {values} does not fit {nd} spatial axes")
     auto_pad = a.get("auto_pad", "NOTSET") or "NOTSET"
     if auto_pad not in ("NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID"):
         ctx.fail(f"auto_pad {auto_pad!r} unknown")

@@ -63,6 +63,23 @@ def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
 
 
 
+def _invalid_attribute(node: onnx.NodeProto, opset: int) -> str | None:
+    """Why an attribute of `node` breaks its operator's schema at `opset` (not defined there, or of
+    another type), else None. onnxruntime refuses such a node; torch would read a default instead."""
+    try:
+        schema = onnx.defs.get_schema(node.op_type, opset, node.domain)
+    except onnx.defs.SchemaError:
+        return None  # no schema: the converter lookup decides
+    for attr in node.attribute:
+        if attr.name not in schema.attributes:
+            return f"{attr.name!r} is not an attribute of {node.op_type} at this opset"
+        expected = schema.attributes[attr.name].type
+        if attr.type not in (expected, onnx.AttributeProto.UNDEFINED):
+            return (f"attribute {attr.name!r} is of type {onnx.AttributeProto.AttributeType.Name(attr.type)}, "
+                    f"{node.op_type} takes {onnx.AttributeProto.AttributeType.Name(expected)}")
+    return None
+
+
 class _Unsupported(Exception):
     pass
 
@@ -215,6 +232,9 @@ class _Importer:
             conv = _CONVERTERS.get(node.op_type)
             if conv is None:
                 raise UserError(f"{label}: op not supported by onnxbn's torch importer")
+            invalid = _invalid_attribute(node, self.opset)
+            if invalid:
+                raise UserError(f"{label}: {invalid}; the model is not valid ONNX")
             try:
                 outs = conv(self, _attrs(node))
             except _Unsupported as exc:
