@@ -143,6 +143,8 @@ STATS_DATA = InputData(required=True, workers="pool")
          arg("--resume", action="store_true", help="continue an interrupted run from OUTPUT.checkpoint.npz"),
          arg("--checkpoint-every", type=float, default=60.0, metavar="SECONDS",
              help="save the accumulated state this often (default: 60; 0 = every batch)"),
+         arg("--ranges", action="store_true", help="write min/max and histograms of every float activation (for "
+             "`onnxbn quantize --ranges`) instead of BN moments; --after is not used"),
          OUTPUT)
 def cmd_stats(args) -> int:
     """Gather per-channel mean and variance of the selected tensors over a calibration set.
@@ -158,6 +160,8 @@ def cmd_stats(args) -> int:
 
     rank, ranks = distributed.world()
     refuse_overwrite(args.output, [args.model, args.data], args.force)
+    if args.ranges:
+        return _stats_ranges(args, ranks)
     checkpoint = Path(args.output + ".checkpoint.npz" if ranks == 1 else f"{args.output}.checkpoint.rank{rank}.npz")
     if args.resume and not checkpoint.is_file():
         raise UserError(f"--resume: no checkpoint {checkpoint} to continue from; run without --resume")
@@ -178,11 +182,30 @@ def cmd_stats(args) -> int:
     return 0
 
 
+def _stats_ranges(args, ranks: int) -> int:
+    from onnxbn.ranges import collect_ranges
+
+    if args.resume or ranks > 1:
+        raise UserError("--ranges runs in one process without --resume: split the data with --shard I/N and merge")
+    opts = STATS_DATA.options(args)
+    ranges = collect_ranges(args.model, device=args.device, shard=args.shard, **opts)
+    ranges.save(args.output, inputs=[args.model, args.data], force=args.force)
+    log.info("ranges of %d tensors, %d samples in %.1fs on %s; wrote %s", len(ranges.tensors), ranges.meta["samples"],
+             ranges.meta["seconds"], ranges.meta["provider"], args.output)
+    return 0
+
+
 @command(arg("stats", nargs="+", help="stats files (shards of one run)"), OUTPUT)
 def cmd_merge(args) -> int:
-    """Merge stats files from shards of one run (Chan's formula, float64)."""
+    """Merge stats files from shards of one run (Chan's formula, float64), or ranges files (`stats --ranges`)."""
+    from onnxbn.ranges import is_ranges_file, merge_ranges
     from onnxbn.stats import merge_stats
 
+    if is_ranges_file(args.stats[0]):
+        merged = merge_ranges(args.stats)
+        merged.save(args.output, inputs=args.stats, force=args.force)
+        log.info("merged %d ranges files, %d samples; wrote %s", len(args.stats), merged.meta["samples"], args.output)
+        return 0
     merged = merge_stats(args.stats)
     merged.save(args.output, inputs=args.stats, force=args.force)
     log.info("merged %d files, %d samples; wrote %s", len(args.stats), merged.meta["samples"], args.output)
@@ -462,6 +485,49 @@ def cmd_recalibrate(args) -> int:
         log.warning("%d channel(s) are constant on this data but were not before: their BN variance is now 0, so "
                     "inputs that vary there (e.g. the old domain) are divided by sqrt(eps); the model now belongs "
                     "to the new data", newly_dead)
+    return 0
+
+
+QUANTIZE_DATA = InputData(required=True, data_help="calibration data (image folder or .npz with x)")
+
+
+@command(arg("model", help="float ONNX model (BatchNormalization is folded first)"), QUANTIZE_DATA,
+         arg("--method", choices=["minmax", "percentile", "entropy", "mse"], default="minmax",
+             help="activation ranges from onnxbn's histograms (default: minmax)"),
+         arg("--percentile", type=float, default=99.99, help="with --method percentile (default: 99.99)"),
+         arg("--per-tensor", action="store_true", help="one weight scale per tensor (default: per output channel)"),
+         arg("--activations", choices=["uint8", "int8"], default="uint8",
+             help="activation type: uint8 asymmetric (default) or int8 symmetric"),
+         arg("--exclude", metavar="NODE,...", help="node names to keep in float"),
+         arg("--recover", default="bias", help="accuracy recovery: bias (default), bn, bias,bn or none"),
+         arg("--ranges", help="ranges file of the (BN-folded) model from `onnxbn stats --ranges`: no calibration pass"),
+         arg("--verify-data", help="check the INT8 model on this data (default: the calibration data)"),
+         arg("--min-cosine", type=float, default=0.99, help="gate: cosine similarity of each output (default: 0.99)"),
+         arg("--min-top1", type=float, default=0.9, help="gate: top-1 agreement of class outputs (default: 0.9)"),
+         arg("--json", action="store_true", help="print the report as JSON"), DEVICE, OUTPUT)
+def cmd_quantize(args) -> int:
+    """Quantize to INT8 (QDQ) with onnxbn's calibration, check it against the float model, write it.
+
+    Per-channel int8 weights and per-tensor activations placed by onnxruntime's quantizer, the
+    activation ranges from onnxbn's streaming in-graph histograms. The INT8 model is compared
+    with the float one on onnxruntime and written only when every output's cosine similarity
+    and top-1 agreement pass the gate (exit 1 otherwise, nothing written)."""
+    from onnxbn.modelio import refuse_overwrite, save_model
+    from onnxbn.quantization import quantize_with_report
+
+    inputs = [args.model, args.data, args.ranges, args.verify_data]
+    refuse_overwrite(args.output, [i for i in inputs if i], args.force)
+    model, report = quantize_with_report(
+        args.model, method=args.method, percentile=args.percentile, per_channel=not args.per_tensor,
+        activations=args.activations, exclude=args.exclude, recover_with=args.recover, ranges=args.ranges,
+        verify_data=args.verify_data, min_cosine=args.min_cosine, min_top1=args.min_top1, device=args.device,
+        **QUANTIZE_DATA.options(args))
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.table())
+    if not report.passed:
+        log.error("the INT8 model is further from the float model than the gate allows; nothing written")
+        return 1
+    save_model(model, args.output, inputs=[i for i in inputs if i], force=args.force)
+    log.info("wrote %s", args.output)
     return 0
 
 
