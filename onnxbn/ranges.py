@@ -360,10 +360,12 @@ def mse_range(r: TensorRange) -> tuple[float, float]:
         return r.min, r.max
     last, levels = int(nz[-1]) + 1, _levels(r)
     cand = _candidates(last, 1)
-    t = cand[:, None].astype(np.float64) * r.width
     centre = (np.arange(last) + 0.5)[None, :] * r.width
-    err = np.where(centre <= t, (t / levels) ** 2 / 12.0, (centre - t) ** 2 + (t / levels) ** 2 / 12.0)
-    cost = (err * a[None, :last]).sum(axis=1)
+    cost = np.empty(len(cand))
+    for start in range(0, len(cand), 64):  # 64 candidates at a time: memory stays small
+        t = cand[start:start + 64, None].astype(np.float64) * r.width
+        err = np.where(centre <= t, 0.0, (centre - t) ** 2) + (t / levels) ** 2 / 12.0
+        cost[start:start + 64] = (err * a[None, :last]).sum(axis=1)
     return _clip(r, float(cand[int(np.argmin(cost))]) * r.width)
 
 
