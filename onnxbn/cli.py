@@ -519,7 +519,7 @@ def cmd_quantize(args) -> int:
     refuse_overwrite(args.output, [i for i in inputs if i], args.force)
     model, report = quantize_with_report(
         args.model, method=args.method, percentile=args.percentile, per_channel=not args.per_tensor,
-        activations=args.activations, exclude=args.exclude, recover_with=args.recover, ranges=args.ranges,
+        activations=args.activations, exclude=args.exclude, recover=args.recover, ranges=args.ranges,
         verify_data=args.verify_data, min_cosine=args.min_cosine, min_top1=args.min_top1, device=args.device,
         **QUANTIZE_DATA.options(args))
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.table())

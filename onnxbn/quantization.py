@@ -313,7 +313,7 @@ def _set(index: GraphIndex, name: str, value: np.ndarray) -> None:
     index.initializers[name].CopyFrom(numpy_helper.from_array(value, name))
 
 
-def recover(qdq: onnx.ModelProto, float_model: onnx.ModelProto, bn_into: dict[str, dict], modes: list[str],
+def recover_accuracy(qdq: onnx.ModelProto, float_model: onnx.ModelProto, bn_into: dict[str, dict], modes: list[str],
             open_dataset, *, batch_size: int, workers, strict: bool, device: str) -> tuple[list[dict], int]:
     """Apply bias correction and/or BN re-estimation to `qdq` in place (see the module docstring);
     return (one entry per corrected layer, passes over the data)."""
@@ -382,7 +382,7 @@ def parse_recover(value) -> list[str]:
 
 
 def quantize_with_report(model, data, *, method: str = "minmax", percentile: float = 99.99, per_channel: bool = True,
-                         activations: str = "uint8", exclude=None, recover_with=DEFAULT_RECOVER, ranges=None,
+                         activations: str = "uint8", exclude=None, recover=DEFAULT_RECOVER, ranges=None,
                          verify_data=None, min_cosine: float = DEFAULT_MIN_COSINE, min_top1: float = DEFAULT_MIN_TOP1,
                          batch_size: int = 32, limit: int | None = None, seed: int = 0, preset: str | None = None,
                          workers: int | None = 0, strict: bool = False, device: str = "auto", verify: bool = True
@@ -398,7 +398,7 @@ def quantize_with_report(model, data, *, method: str = "minmax", percentile: flo
         raise UserError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
     if activations not in ("uint8", "int8"):
         raise UserError(f"--activations must be uint8 or int8 (got {activations!r})")
-    modes, exclude = parse_recover(recover_with), _as_list(exclude)
+    modes, exclude = parse_recover(recover), _as_list(exclude)
     if "bn" in modes and not per_channel:
         raise UserError("--recover bn rescales each output channel's weight scale: it needs per-channel weights "
                         "(drop --per-tensor, or use --recover bias)")
@@ -417,7 +417,7 @@ def quantize_with_report(model, data, *, method: str = "minmax", percentile: flo
                    device=device)
     wanted = activation_tensors(proto)
     if ranges is None:
-        found = collect_ranges(proto, data, tensors=wanted, **options)
+        found = collect_ranges(proto, data, tensors=wanted, histograms=method != "minmax", **options)
     else:
         found = load_ranges(ranges)
         missing = [t for t in wanted if t not in found.tensors]
@@ -437,7 +437,7 @@ def quantize_with_report(model, data, *, method: str = "minmax", percentile: flo
         def open_dataset():
             return open_model_data(proto, data, preset=preset, limit=limit, seed=seed)
 
-        report.layers, report.passes = recover(qdq, proto, bn_into, modes, open_dataset, batch_size=batch_size,
+        report.layers, report.passes = recover_accuracy(qdq, proto, bn_into, modes, open_dataset, batch_size=batch_size,
                                                workers=workers if workers is not None else 0, strict=strict,
                                                device=device)
     if not verify:
@@ -460,7 +460,7 @@ def quantize(model, data, **options) -> onnx.ModelProto:
 
     Keyword options: method ("minmax", "percentile", "entropy", "mse"), percentile (99.99),
     per_channel (True), activations ("uint8" or "int8"), exclude (node names kept in float),
-    recover_with ("bias" default; "bn", "bias,bn" or "none"), ranges (a ranges file or Ranges
+    recover ("bias" default; "bn", "bias,bn" or "none"), ranges (a ranges file or Ranges
     instead of the calibration pass), verify_data, min_cosine, min_top1, batch_size, limit, seed,
     preset, workers, strict, device. See the module docstring; `quantize_with_report` also
     returns the report (ranges, per-layer corrections, the int8 check against the float model).

@@ -28,6 +28,7 @@ format onnxbn-ranges/1, model_sha256, samples, shard, data, ...).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -145,7 +146,7 @@ def load_ranges(ranges: str | os.PathLike | Ranges) -> Ranges:
     return Ranges(tensors, meta)
 
 
-MERGE_KEYS = ("model_sha256", "data", "limit", "seed", "preset")
+MERGE_KEYS = ("model_sha256", "data", "limit", "seed", "preset", "bins")
 
 
 def merge_ranges(parts: list) -> Ranges:
@@ -193,14 +194,44 @@ def activation_tensors(model: onnx.ModelProto, types: dict | None = None) -> lis
     return list(dict.fromkeys(names))
 
 
-def augment_for_ranges(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
-    """A copy of `model` whose outputs are, per tensor i, `onnxbn_ranges/i/{min,max,exp,hist,count}`."""
+SCATTER_OPSET = 16  # ScatterElements with reduction="add"
+
+
+def _for_histograms(model: onnx.ModelProto, tensors: list[str]) -> tuple[onnx.ModelProto, bool]:
+    """(a copy of `model` to augment, True when it is at opset >= 16, where the histogram is one
+    ScatterElements(reduction="add")). An older model is converted with onnx.version_converter (the
+    copy only: the model itself is unchanged); where that fails, the copy keeps its opset and the
+    histogram counts with Unique, about 10x slower."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    if opset_version(model) >= SCATTER_OPSET:
+        return out, True
+    try:
+        from onnx import version_converter
+
+        converted = version_converter.convert_version(out, SCATTER_OPSET)
+        names = {o for n in converted.graph.node for o in n.output} | {i.name for i in converted.graph.input}
+        if all(t in names for t in tensors):
+            return converted, True
+    except Exception:  # noqa: BLE001 - any converter failure: count with Unique instead
+        pass
+    logging.getLogger("onnxbn").info("ranges: the model's opset %d could not be raised to %d for the histogram "
+                                     "counts; counting with Unique (slower)", opset_version(model), SCATTER_OPSET)
+    return out, False
+
+
+def augment_for_ranges(model: onnx.ModelProto, tensors: list[str], histograms: bool = True) -> onnx.ModelProto:
+    """A copy of `model` whose outputs are, per tensor i, `onnxbn_ranges/i/{min,max,exp,hist,count}` (exp and
+    hist only with `histograms`)."""
     opset = opset_version(model)
     if opset < 11:
         raise UserError(f"ranges need opset 11 or later (the model has {opset}); convert it with "
                         "onnx.version_converter.convert_version(model, 13)")
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    if histograms:
+        out, scatter_add = _for_histograms(model, tensors)
+    else:
+        out, scatter_add = onnx.ModelProto(), False
+        out.CopyFrom(model)
     graph = out.graph
     index = GraphIndex(out)
     nodes: list = []
@@ -217,32 +248,38 @@ def augment_for_ranges(model: onnx.ModelProto, tensors: list[str]) -> onnx.Model
             const[base] = index.add_initializer(np.asarray(value), f"{PREFIX}/{base}")
         return const[base]
 
-    flat_shape = c(np.array([-1], np.int64), "flat")
     del graph.output[:]
     for i, x in enumerate(tensors):
         p = str(i)
-        flat = node("Reshape", [node("Cast", [x], f"{p}/double", to=TensorProto.DOUBLE), flat_shape], f"{p}/flat")
-        lo = node("ReduceMin", [flat], f"{p}/min", keepdims=0)
-        hi = node("ReduceMax", [flat], f"{p}/max", keepdims=0)
-        amax = node("Max", [node("Abs", [lo], f"{p}/abs_min"), node("Abs", [hi], f"{p}/abs_max"),
-                            c(np.float64(2.0 ** -126), "tiny")], f"{p}/amax")
-        exp = node("Add", [node("Floor", [node("Div", [node("Log", [amax], f"{p}/log"), c(np.log(2.0), "ln2")],
-                                                  f"{p}/log2")], f"{p}/floor"), c(np.float64(2.0), "two")], f"{p}/exp")
-        scale = node("Div", [c(np.float64(HALF), "half"), node("Pow", [c(np.float64(2.0), "two"), exp], f"{p}/r")],
-                     f"{p}/scale")
-        j = node("Floor", [node("Mul", [flat, scale], f"{p}/scaled")], f"{p}/j")
-        j = node("Min", [node("Max", [j, c(np.float64(-HALF), "lowest")], f"{p}/clip_lo"),
-                         c(np.float64(HALF - 1), "highest")], f"{p}/clip")
-        bins = node("Cast", [node("Add", [j, c(np.float64(HALF), "half")], f"{p}/shift")], f"{p}/bins",
-                    to=TensorProto.INT64)
-        uniq, _, _, counts = node("Unique", [bins], f"{p}/unique", outputs=4, sorted=1)
-        hist = node("ScatterElements", [c(np.zeros(BINS, np.int64), "zeros"), uniq, counts], f"{p}/hist", axis=0)
-        count = node("Size", [flat], f"{p}/count")
-        graph.output.extend([helper.make_tensor_value_info(lo, TensorProto.DOUBLE, []),
-                             helper.make_tensor_value_info(hi, TensorProto.DOUBLE, []),
-                             helper.make_tensor_value_info(exp, TensorProto.DOUBLE, []),
-                             helper.make_tensor_value_info(hist, TensorProto.INT64, [BINS]),
-                             helper.make_tensor_value_info(count, TensorProto.INT64, [])])
+        # min and max are exact in the tensor's own type; Size counts its elements
+        lo = node("Cast", [node("ReduceMin", [x], f"{p}/min32", keepdims=0)], f"{p}/min", to=TensorProto.DOUBLE)
+        hi = node("Cast", [node("ReduceMax", [x], f"{p}/max32", keepdims=0)], f"{p}/max", to=TensorProto.DOUBLE)
+        count = node("Size", [x], f"{p}/count")
+        outputs = [(lo, TensorProto.DOUBLE, []), (hi, TensorProto.DOUBLE, [])]
+        if histograms:
+            flat = node("Reshape", [node("Cast", [x], f"{p}/double", to=TensorProto.DOUBLE),
+                                    c(np.array([-1], np.int64), "flat")], f"{p}/flat")
+            amax = node("Max", [node("Abs", [lo], f"{p}/abs_min"), node("Abs", [hi], f"{p}/abs_max"),
+                                c(np.float64(2.0 ** -126), "tiny")], f"{p}/amax")
+            exp = node("Add", [node("Floor", [node("Div", [node("Log", [amax], f"{p}/log"), c(np.log(2.0), "ln2")],
+                                                   f"{p}/log2")], f"{p}/floor"), c(np.float64(2.0), "two")], f"{p}/exp")
+            scale = node("Div", [c(np.float64(HALF), "half"), node("Pow", [c(np.float64(2.0), "two"), exp], f"{p}/r")],
+                         f"{p}/scale")
+            j = node("Floor", [node("Mul", [flat, scale], f"{p}/scaled")], f"{p}/j")
+            j = node("Min", [node("Max", [j, c(np.float64(-HALF), "lowest")], f"{p}/clip_lo"),
+                             c(np.float64(HALF - 1), "highest")], f"{p}/clip")
+            bins = node("Cast", [node("Add", [j, c(np.float64(HALF), "half")], f"{p}/shift")], f"{p}/bins",
+                        to=TensorProto.INT64)
+            zeros = c(np.zeros(BINS, np.int64), "zeros")
+            if scatter_add:
+                ones = node("Expand", [c(np.array([1], np.int64), "one"), node("Shape", [bins], f"{p}/n")], f"{p}/ones")
+                hist = node("ScatterElements", [zeros, bins, ones], f"{p}/hist", axis=0, reduction="add")
+            else:
+                uniq, _, _, counts = node("Unique", [bins], f"{p}/unique", outputs=4, sorted=1)
+                hist = node("ScatterElements", [zeros, uniq, counts], f"{p}/hist", axis=0)
+            outputs += [(exp, TensorProto.DOUBLE, []), (hist, TensorProto.INT64, [BINS])]
+        outputs.append((count, TensorProto.INT64, []))
+        graph.output.extend(helper.make_tensor_value_info(n, t, shape) for n, t, shape in outputs)
     graph.node.extend(nodes)
     return out
 
@@ -251,8 +288,10 @@ def augment_for_ranges(model: onnx.ModelProto, tensors: list[str]) -> onnx.Model
 
 def collect_ranges(model, data, batch_size: int = 32, limit: int | None = None, device: str = "auto",
                    workers: int | None = 0, seed: int = 0, shard=None, preset: str | None = None,
-                   strict: bool = False, tensors: list[str] | None = None) -> Ranges:
+                   strict: bool = False, tensors: list[str] | None = None, histograms: bool = True) -> Ranges:
     """min, max and histogram of every float activation tensor (or of `tensors`) over `data`.
+
+    `histograms=False`: min and max only (the cost of two reductions per tensor; what `minmax` needs).
 
     `model`: path or ModelProto; `data`: image folder, .npz or array, as `collect_stats` takes;
     `shard`: "I/N" (merge the shards with `merge_ranges`). See the module docstring.
@@ -265,7 +304,7 @@ def collect_ranges(model, data, batch_size: int = 32, limit: int | None = None, 
         raise UserError("the model has no float activation tensors to gather ranges of")
     dataset = open_model_data(proto, data, preset=preset, limit=limit, seed=seed, shard=shard)
     light, weights = detach_weights(proto)
-    augmented = augment_for_ranges(light, names)
+    augmented = augment_for_ranges(light, names, histograms)
     session = make_session(augmented, device, weights=weights, folder=folder, arena=False)
     fetch = [o.name for o in augmented.graph.output]
     batch_size = fit_batch_size(model_input(proto)[2], batch_size, dataset.total)
@@ -274,8 +313,12 @@ def collect_ranges(model, data, batch_size: int = 32, limit: int | None = None, 
     for x, _, values in run_batches(session, dataset, fetch, proto, batch_size,
                                     workers=default_workers() if workers is None else workers, strict=strict,
                                     desc="ranges"):
+        per = 5 if histograms else 3
         for i, name in enumerate(names):
-            lo, hi, exp, hist, count = values[5 * i: 5 * i + 5]
+            if histograms:
+                lo, hi, exp, hist, count = values[per * i: per * i + per]
+            else:
+                (lo, hi, count), exp, hist = values[per * i: per * i + per], 0, np.zeros(BINS, np.int64)
             if not (np.isfinite(lo) and np.isfinite(hi)):
                 raise UserError(f"tensor {name!r} has NaN or Inf values in the batch of samples {seen}..{seen + len(x) - 1}; "
                                 "check the inputs; no ranges written")
@@ -286,7 +329,7 @@ def collect_ranges(model, data, batch_size: int = 32, limit: int | None = None, 
     index, total = parse_shard(shard)
     meta = {"format": FORMAT, "model_sha256": model_sha256(proto, weights, folder), "samples": seen,
             "data": dataset.source, "limit": limit, "seed": seed, "shard": f"{index}/{total}",
-            "preset": dataset.preset if dataset.is_images else "array", "bins": BINS,
+            "preset": dataset.preset if dataset.is_images else "array", "bins": BINS if histograms else 0,
             "provider": session_provider(session), "seconds": round(time.perf_counter() - started, 3),
             "onnxbn": __import__("onnxbn").__version__}
     return Ranges(out, meta)
@@ -373,6 +416,9 @@ def tensor_range(r: TensorRange, method: str = "minmax", percentile: float = 99.
     """(lo, hi) of one tensor by `method` (minmax, percentile, entropy, mse), always containing 0."""
     if method == "minmax":
         lo, hi = r.min, r.max
+    elif r.exp is None or not r.hist.any():
+        raise UserError(f"--method {method} needs histograms: these ranges hold min/max only (gather them with "
+                        "`onnxbn stats --ranges`)")
     elif method == "percentile":
         lo, hi = percentile_range(r, percentile)
     elif method == "entropy":

@@ -109,7 +109,7 @@ def fake_quant(x, scale, zero, qmin, qmax):
 
 def test_qdq_weights_and_activations_equal_numpy():
     model, x = small_cnn(opset=13), inputs_for([3, 8, 8], 32, seed=5)
-    qdq, _ = quantize_with_report(model, x, recover_with="none", device="cpu")
+    qdq, _ = quantize_with_report(model, x, recover="none", device="cpu")
     inits = {t.name: numpy_helper.to_array(t) for t in qdq.graph.initializer}
     w = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "c2.w")).astype(np.float64)
     scale = np.abs(w).reshape(len(w), -1).max(axis=1) / 127  # per output channel, zero point 0
@@ -146,8 +146,8 @@ def mean_errors(qdq, model, x, convs):
 
 def test_bias_correction_zeroes_the_mean_error_per_channel():
     model, x = bn_cnn(), inputs_for([3, 8, 8], 64, seed=6)
-    plain, _ = quantize_with_report(model, x, recover_with="none", device="cpu")
-    fixed, report = quantize_with_report(model, x, recover_with="bias", device="cpu")
+    plain, _ = quantize_with_report(model, x, recover="none", device="cpu")
+    fixed, report = quantize_with_report(model, x, recover="bias", device="cpu")
     assert report.bn_folded == ["bn1", "bn2", "bn3"] and report.passes == 1 + 4  # float stats + 4 levels
     before, after = mean_errors(plain, model, x, CONV_TO_BN), mean_errors(fixed, model, x, CONV_TO_BN)
     assert max(before.values()) > 1e-3  # the judge can see the error bias correction removes
@@ -156,7 +156,7 @@ def test_bias_correction_zeroes_the_mean_error_per_channel():
 
 def test_bn_reestimation_gives_each_channel_the_bn_mean():
     model, x = bn_cnn(), inputs_for([3, 8, 8], 64, seed=6)
-    qdq, _ = quantize_with_report(model, x, recover_with="bn", device="cpu", min_cosine=0, min_top1=0)
+    qdq, _ = quantize_with_report(model, x, recover="bn", device="cpu", min_cosine=0, min_top1=0)
     beta = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     inits = {t.name: numpy_helper.to_array(t) for t in qdq.graph.initializer}
     dq = {o: n for n in qdq.graph.node for o in n.output}
@@ -195,6 +195,54 @@ def test_methods_clip_within_min_max(method):
     r1 = ranges.tensors["r1"]  # ReLU output: all mass at 0 and above; percentile keeps at least 99.99%
     lo, hi = tensor_range(r1, "percentile", 90.0)
     assert lo == 0 and 0 < hi < r1.max
+
+
+def test_percentile_and_mse_against_numpy_on_the_values():
+    model, x = small_cnn(), inputs_for([3, 8, 8], 64, seed=11)
+    ranges = collect_ranges(model, x, device="cpu")
+    values = exposed(model, ["c1", "r1", "g1"], x)
+    from onnxbn.ranges import mse_range, percentile_range
+
+    for name in ("c1", "g1"):
+        r, v = ranges.tensors[name], values[name].astype(np.float64).reshape(-1)
+        lo, hi = percentile_range(r, 99.0)
+        s = np.sort(v)
+        # hi: the upper edge of the bin of the ceil(0.99 n)-th smallest value; lo: the lower edge of the bin of
+        # the ceil(0.01 n)-th
+        k_hi, k_lo = int(np.ceil(0.99 * v.size)), int(np.ceil(0.01 * v.size))
+        assert s[k_hi - 1] < hi <= s[k_hi - 1] + r.width
+        assert lo <= s[k_lo - 1] < lo + r.width
+    r, v = ranges.tensors["r1"], values["r1"].astype(np.float64).reshape(-1)
+    _, t = mse_range(r)
+
+    def mse(t):  # the real quantization error of the values at threshold t (255 steps over [0, t])
+        step = t / 255
+        return np.mean((np.clip(np.round(v / step), 0, 255) * step - v) ** 2)
+
+    best = min(mse(c) for c in np.linspace(0.05, 1.0, 200) * v.max())
+    assert mse(t) <= 1.05 * best
+
+
+def test_entropy_threshold_ignores_rare_outliers():
+    from onnxbn.ranges import TensorRange, entropy_range
+
+    rng = np.random.default_rng(12)
+    v = np.concatenate([np.abs(rng.standard_normal(200_000)), [40.0, 45.0]])  # ReLU-like, two far outliers
+    exp = int(np.floor(np.log2(v.max()))) + 2
+    r = TensorRange()
+    r.merge(v.size, v.min(), v.max(), exp, numpy_hist(v, exp))
+    lo, hi = entropy_range(r)
+    assert lo == v.min() and np.quantile(v, 0.999) < hi < 10
+    from onnxbn.ranges import mse_range
+
+    _, t = mse_range(r)
+
+    def mse(t):
+        step = t / 255
+        return np.mean((np.clip(np.round(v / step), 0, 255) * step - v) ** 2)
+
+    # with two outliers in 200k values the squared error prefers keeping them: mse follows the real error
+    assert mse(t) <= 1.05 * min(mse(c) for c in np.linspace(0.02, 1.0, 300) * v.max())
 
 
 # ----------------------------------------------------------------------------- command line
@@ -246,7 +294,7 @@ def test_cli_refusals_exit_2_one_line_nothing_written(files, capsys, case):
     cal = files / "cal.npz"
     model, extra = files / "m.onnx", []
     if case == "quantized":
-        qdq, _ = quantize_with_report(small_cnn(), inputs_for([3, 8, 8], 8), recover_with="none", device="cpu")
+        qdq, _ = quantize_with_report(small_cnn(), inputs_for([3, 8, 8], 8), recover="none", device="cpu")
         onnx.save(qdq, str(files / "q.onnx"))
         model = files / "q.onnx"
     elif case == "no-float":

@@ -1025,7 +1025,7 @@ if contender.startswith("onnxbn"):
     from onnxbn.modelio import save_model
     method, recover = contender.split()[1], ("bias" if contender.endswith("+bias") else "none")
     method = method.replace("+bias", "")
-    q, report = quantize_with_report(model, x, method=method, recover_with=recover, batch_size=batch, device="cpu",
+    q, report = quantize_with_report(model, x, method=method, recover=recover, batch_size=batch, device="cpu",
                                      verify=False)
     seconds = time.perf_counter() - t
     onnx.save(q, out)
