@@ -101,6 +101,39 @@ def test_histogram_merge_of_halves_equals_one_pass(tmp_path):
     assert merged.meta["samples"] == 48
 
 
+@pytest.mark.parametrize("path", ["converted", "unique"])
+def test_histograms_of_an_older_opset_equal_numpy(path, monkeypatch):
+    """Opset 13: the pass's copy is converted to opset 16 (ScatterElements add); where conversion fails,
+    Unique counts: the same histograms either way."""
+    if path == "unique":
+        import onnx.version_converter
+
+        def fail(*_):
+            raise RuntimeError("no converter")
+        monkeypatch.setattr(onnx.version_converter, "convert_version", fail)
+    model, x = small_cnn(opset=13), inputs_for([3, 8, 8], 24, seed=13)
+    from onnxbn.ranges import augment_for_ranges
+
+    ops = {n.op_type for n in augment_for_ranges(model, ["c1"]).graph.node}
+    assert ("Unique" in ops) == (path == "unique")
+    ranges = collect_ranges(model, x, batch_size=8, device="cpu", tensors=["c1", "g2"])
+    values = exposed(model, ["c1", "g2"], x, batch=8)
+    for name, r in ranges.tensors.items():
+        assert np.array_equal(r.hist, numpy_hist(values[name], r.exp)), name
+
+
+def test_min_max_only_ranges_refuse_histogram_methods():
+    from onnxbn.errors import UserError
+    from onnxbn.ranges import tensor_range
+
+    model, x = small_cnn(), inputs_for([3, 8, 8], 16, seed=14)
+    ranges = collect_ranges(model, x, device="cpu", histograms=False)
+    values = exposed(model, ["c2"], x)["c2"]
+    assert tensor_range(ranges.tensors["c2"], "minmax") == (values.min(), values.max())
+    with pytest.raises(UserError, match="needs histograms"):
+        tensor_range(ranges.tensors["c2"], "entropy")
+
+
 # ----------------------------------------------------------------------------- Q/DQ = numpy
 
 def fake_quant(x, scale, zero, qmin, qmax):
