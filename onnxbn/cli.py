@@ -499,7 +499,8 @@ QUANTIZE_DATA = InputData(required=True, data_help="calibration data (image fold
          arg("--activations", choices=["uint8", "int8"], default="uint8",
              help="activation type: uint8 asymmetric (default) or int8 symmetric"),
          arg("--exclude", metavar="NODE,...", help="node names to keep in float"),
-         arg("--recover", default="bias", help="accuracy recovery: bias (default), bn, bias,bn or none"),
+         arg("--recover", default="cle,bias", help="accuracy recovery, comma separated: cle (cross-layer "
+             "equalization), bias (bias correction), bn (BN re-estimation), or none (default: cle,bias)"),
          arg("--ranges", help="ranges file of the (BN-folded) model from `onnxbn stats --ranges`: no calibration pass"),
          arg("--verify-data", help="check the INT8 model on this data (default: the calibration data)"),
          arg("--min-cosine", type=float, default=0.99, help="gate: cosine similarity of each output (default: 0.99)"),

@@ -5,8 +5,8 @@ Steps (`quantize`):
 1. BN: BatchNormalization nodes are folded first with `onnxbn.fold` (a BN fold cannot place
    keeps its float BN and is listed in the report). The BN parameters of the folded ones are
    kept for `recover="bn"`.
-2. Opset: per-channel Q/DQ needs opset 13; an older model is converted with
-   onnx.version_converter (a UserError when that fails).
+2. Opset: per-channel Q/DQ needs opset 13 (per tensor: 11, for the ranges pass); an older model
+   is converted with onnx.version_converter (a UserError when that fails).
 3. Ranges: every float activation tensor's min/max and histogram from one streaming in-graph
    pass (`onnxbn.ranges`, memory flat in the data size), or a ranges file from
    `onnxbn stats --ranges` (of the BN-folded model). `method` turns them into each tensor's
@@ -18,7 +18,8 @@ Steps (`quantize`):
    Weights INT8 symmetric, per output channel (scale = max|w_c| / 127, zero point 0) unless
    per_channel=False; activations per tensor, uint8 asymmetric (default; onnxruntime's CPU
    choice) or int8 symmetric.
-5. Recovery, each selectable (`recover`), done by editing the Q/DQ parameters of each quantized
+5. Recovery, each selectable (`recover`; default cle,bias, the best of the combinations measured by
+   `tools/bench.py quantize`), bias and bn done by editing the Q/DQ parameters of each quantized
    Conv/Gemm, level by level in graph order (one pass over the data per level, every statistic
    an in-graph per-channel reduction: memory flat):
      bias  y_q per output channel gets the float model's mean: b -= E[y_q] - E[y_float]
@@ -29,7 +30,10 @@ Steps (`quantize`):
            the weight scales (per channel, so the int8 weights stay as they are) and the bias
            scale are multiplied by k = |gamma| / sqrt(Var z_q + a^2 eps), the bias set so the
            mean is beta. Needs per-channel weights.
-   With both, bn's scale is applied and bias's mean wins (the float model's mean on the data).
+     cle   cross-layer equalization (Nagel et al. 2019) of Conv pairs joined through ReLU/MaxPool
+           (dense or depthwise second layer), before the ranges are gathered: the weights' per-channel
+           ranges are balanced, the function is unchanged (see `equalize`).
+   With both bias and bn, bn's scale is applied and bias's mean wins (the float model's mean).
 6. Verification: `onnxbn.check.compare` of the float (folded) model and the INT8 model on
    onnxruntime; the gate is top-1 agreement and cosine similarity, not element-wise atol.
 
@@ -57,8 +61,8 @@ from onnxbn.ranges import METHODS, activation_tensors, collect_ranges, load_rang
 
 log = logging.getLogger("onnxbn")
 
-RECOVERIES = ("bias", "bn")
-DEFAULT_RECOVER = ("bias",)
+RECOVERIES = ("bias", "bn", "cle")
+DEFAULT_RECOVER = ("cle", "bias")  # the best of none/bias/bn/bn,bias/cle/cle,bias measured: see tools/bench.py quantize
 QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "ConvInteger", "MatMulInteger",
                  "QGemm", "QAttention", "DynamicQuantizeMatMul", "MatMulNBits"}
 LAYERS = ("Conv", "Gemm")
@@ -78,6 +82,7 @@ class QuantizeReport:
     excluded: list[str] = field(default_factory=list)
     ranges: dict = field(default_factory=dict)
     layers: list[dict] = field(default_factory=list)
+    equalized: dict = field(default_factory=dict)
     passes: int = 0
     check: dict = field(default_factory=dict)
     min_cosine: float = DEFAULT_MIN_COSINE
@@ -94,6 +99,7 @@ class QuantizeReport:
         return {"method": self.method, "per_channel": self.per_channel, "activations": self.activations,
                 "recover": self.recover, "opset": list(self.opset), "bn_folded": self.bn_folded,
                 "bn_kept": self.bn_kept, "excluded": self.excluded, "ranges": self.ranges, "layers": self.layers,
+                "equalized": self.equalized,
                 "recovery_passes": self.passes, "check": self.check, "min_cosine": self.min_cosine,
                 "min_top1": self.min_top1, "passed": self.passed, "seconds": round(self.seconds, 3)}
 
@@ -182,9 +188,10 @@ def _raise_opset(model: onnx.ModelProto, target: int = 13) -> onnx.ModelProto:
         converted = version_converter.convert_version(model, target)
         onnx.checker.check_model(converted)
     except Exception as exc:
-        raise UserError(f"per-channel Q/DQ needs opset {target} and converting the model from opset "
-                        f"{opset_version(model)} failed ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}); "
-                        f"convert it yourself or use --per-tensor") from exc
+        first = (str(exc).strip().splitlines() or [""])[0][:120]
+        raise UserError(f"{'per-channel Q/DQ' if target >= 13 else 'quantization'} needs opset {target} and "
+                        f"converting the model from opset {opset_version(model)} failed ({type(exc).__name__}: "
+                        f"{first}); convert it with onnx.version_converter yourself") from exc
     return converted
 
 
@@ -203,6 +210,66 @@ def _ensure_bias(model: onnx.ModelProto) -> None:
         while len(node.input) < 3:
             node.input.append("")
         node.input[2] = name
+
+
+HOMOGENEOUS = {"Relu", "MaxPool", "LeakyRelu", "PRelu"}  # f(s x) = s f(x) for s > 0, channel by channel
+
+
+def _cle_pairs(index: GraphIndex) -> list[tuple[onnx.NodeProto, onnx.NodeProto]]:
+    """(A, B): Conv A whose output reaches Conv B's data input alone, through positively homogeneous
+    single-consumer ops (Relu, MaxPool, ...), B dense (group 1) or depthwise over A's channels."""
+    pairs = []
+    for a in index.graph.node:
+        if a.op_type != "Conv" or index.constant_array(a.input[1]) is None:
+            continue
+        tensor = a.output[0]
+        while True:
+            users = index.consumers.get(tensor, [])
+            if len(users) != 1 or tensor in index.outputs:
+                break
+            user = users[0]
+            if user.op_type in HOMOGENEOUS and user.input[0] == tensor:
+                if user.op_type == "PRelu" and index.constant_array(user.input[1]) is None:
+                    break
+                tensor = user.output[0]
+                continue
+            if (user.op_type == "Conv" and user.input[0] == tensor and len(user.input) > 1
+                    and index.constant_array(user.input[1]) is not None):
+                pairs.append((a, user))
+            break
+    return pairs
+
+
+def equalize(model: onnx.ModelProto, iterations: int = 8) -> dict[str, np.ndarray]:
+    """Cross-layer equalization (Nagel et al. 2019) in place: for each pair (A, B) of `_cle_pairs`, A's output
+    channel c is divided by s_c = sqrt(r1_c / r2_c) and B's input channel c multiplied by it (r1_c: max |W_A[c]|,
+    r2_c: max |W_B[:, c]|, or |W_B[c]| for a depthwise B), so that both ranges become sqrt(r1_c r2_c); the model
+    computes the same function. Returns, per Conv A, the total scale its output channels were divided by."""
+    index = GraphIndex(model)
+    pairs = [(a, b) for a, b in _cle_pairs(index)
+             if all(n in index.initializers and len(index.consumers.get(n, [])) == 1
+                    for n in [a.input[1], b.input[1]] + ([a.input[2]] if len(a.input) > 2 and a.input[2] else []))]
+    total: dict[str, np.ndarray] = {}
+    for _ in range(iterations):
+        for a, b in pairs:
+            w1, w2 = (numpy_helper.to_array(index.initializers[n]).astype(np.float64) for n in (a.input[1], b.input[1]))
+            channels = w1.shape[0]
+            group = next((x.i for x in b.attribute if x.name == "group"), 1)
+            depthwise = group == channels and w2.shape[0] == channels and w2.shape[1] == 1
+            if not depthwise and (group != 1 or w2.shape[1] != channels):
+                continue
+            r1 = np.abs(w1).reshape(channels, -1).max(axis=1)
+            r2 = (np.abs(w2).reshape(channels, -1) if depthwise else np.abs(np.moveaxis(w2, 1, 0)).reshape(channels, -1)
+                  ).max(axis=1)
+            scale = np.where((r1 > 0) & (r2 > 0), np.sqrt(r1 / np.where(r2 > 0, r2, 1.0)), 1.0)
+            shape2 = (channels,) + (1,) * (w2.ndim - 1) if depthwise else (1, channels) + (1,) * (w2.ndim - 2)
+            dtype = numpy_helper.to_array(index.initializers[a.input[1]]).dtype
+            _set(index, a.input[1], (w1 / scale.reshape((channels,) + (1,) * (w1.ndim - 1))).astype(dtype))
+            _set(index, b.input[1], (w2 * scale.reshape(shape2)).astype(dtype))
+            if len(a.input) > 2 and a.input[2]:
+                _set(index, a.input[2], (_array(index, a.input[2]).astype(np.float64) / scale).astype(dtype))
+            total[a.name] = total.get(a.name, 1.0) * scale
+    return total
 
 
 # ----------------------------------------------------------------------------- Q/DQ placement
@@ -408,9 +475,17 @@ def quantize_with_report(model, data, *, method: str = "minmax", percentile: flo
     report = QuantizeReport(method, per_channel, activations, modes, (before, before), excluded=exclude,
                             min_cosine=min_cosine, min_top1=min_top1)
     proto, bn_into = _fold(proto, report)
-    if per_channel and opset_version(proto) < 13:
-        proto = _raise_opset(proto, 13)
+    needed = 13 if per_channel else 11  # per-channel DequantizeLinear: 13; the ranges pass: 11
+    if opset_version(proto) < needed:
+        proto = _raise_opset(proto, needed)
     report.opset = (before, opset_version(proto))
+    if "cle" in modes:
+        scales = equalize(proto)
+        report.equalized = {name: [float(v.min()), float(v.max())] for name, v in scales.items()}
+        for name, scale in scales.items():  # the layer's output is divided by scale: so is its BN's target
+            if name in bn_into:
+                bn = bn_into[name]
+                bn_into[name] = dict(bn, gamma=bn["gamma"] / scale, beta=bn["beta"] / scale, a2=bn["a2"] / scale ** 2)
     if modes:
         _ensure_bias(proto)
     options = dict(batch_size=batch_size, limit=limit, seed=seed, preset=preset, workers=workers, strict=strict,
@@ -437,9 +512,10 @@ def quantize_with_report(model, data, *, method: str = "minmax", percentile: flo
         def open_dataset():
             return open_model_data(proto, data, preset=preset, limit=limit, seed=seed)
 
-        report.layers, report.passes = recover_accuracy(qdq, proto, bn_into, modes, open_dataset, batch_size=batch_size,
-                                               workers=workers if workers is not None else 0, strict=strict,
-                                               device=device)
+        report.layers, report.passes = recover_accuracy(qdq, proto, bn_into, [m for m in modes if m != "cle"],
+                                                        open_dataset, batch_size=batch_size,
+                                                        workers=workers if workers is not None else 0, strict=strict,
+                                                        device=device)
     if not verify:
         report.seconds = time.perf_counter() - started
         return qdq, report
@@ -460,7 +536,7 @@ def quantize(model, data, **options) -> onnx.ModelProto:
 
     Keyword options: method ("minmax", "percentile", "entropy", "mse"), percentile (99.99),
     per_channel (True), activations ("uint8" or "int8"), exclude (node names kept in float),
-    recover ("bias" default; "bn", "bias,bn" or "none"), ranges (a ranges file or Ranges
+    recover ("cle,bias" default; any of "bias", "bn", "cle", comma separated, or "none"), ranges (a ranges file or Ranges
     instead of the calibration pass), verify_data, min_cosine, min_top1, batch_size, limit, seed,
     preset, workers, strict, device. See the module docstring; `quantize_with_report` also
     returns the report (ranges, per-layer corrections, the int8 check against the float model).

@@ -1023,9 +1023,8 @@ t = time.perf_counter()
 if contender.startswith("onnxbn"):
     from onnxbn.quantization import quantize_with_report
     from onnxbn.modelio import save_model
-    method, recover = contender.split()[1], ("bias" if contender.endswith("+bias") else "none")
-    method = method.replace("+bias", "")
-    q, report = quantize_with_report(model, x, method=method, recover=recover, batch_size=batch, device="cpu",
+    method, _, recover = contender.split()[1].partition("+")
+    q, report = quantize_with_report(model, x, method=method, recover=recover or "none", batch_size=batch, device="cpu",
                                      verify=False)
     seconds = time.perf_counter() - t
     onnx.save(q, out)
@@ -1050,7 +1049,7 @@ time.sleep(0.02)
 print(json.dumps({{"seconds": seconds, "peak_anon_kb": peak[0], "base_anon_kb": base}}))
 """
 
-QUANT_CONTENDERS = ("onnxbn minmax", "onnxbn percentile", "onnxbn entropy", "onnxbn mse", "onnxbn minmax+bias",
+QUANT_CONTENDERS = ("onnxbn minmax", "onnxbn percentile", "onnxbn entropy", "onnxbn mse", "onnxbn minmax+cle,bias",
                     "ort-minmax", "ort-percentile", "ort-entropy")
 
 
@@ -1119,8 +1118,9 @@ def bench_quantize(ctx: Context) -> Result:
     return Result("quantize", "onnxbn's calibration memory growth N -> 4N <= 1.10x", rows, worst, worst <= 1.10,
                   [f"{p.description}; calibration N={n} and 4N={4 * n} seeded N(0,1) inputs, batch {p.batch}; "
                    f"accuracy vs the float model on {len(held_out)} other seeded inputs",
-                   "time: calibration + Q/DQ placement in a fresh child (imports excluded); onnxbn minmax+bias adds "
-                   "bias correction (one pass per layer level); ratio = time / ort-minmax at the same N",
+                   "time: calibration + Q/DQ placement in a fresh child (imports excluded); onnxbn minmax+cle,bias (the "
+                   "default) adds cross-layer equalization and bias correction (one pass per layer level); ratio = "
+                   "time / ort-minmax at the same N",
                    "peak RssAnon growth: the child's anonymous memory above its level after imports and data load, "
                    "sampled every 5 ms",
                    "all: QDQ, per-channel int8 weights, uint8 per-tensor activations; percentile 99.99 on both sides",
@@ -1129,7 +1129,8 @@ def bench_quantize(ctx: Context) -> Result:
                   {"details": details, "growth": grow, "recovery": recovery["raw"]})
 
 
-RECOVERIES = ("none", "bias", "bn", "bn,bias")
+RECOVERIES = ("none", "bias", "bn", "bn,bias", "cle", "cle,bias", "per-tensor none", "per-tensor bias",
+              "per-tensor cle", "per-tensor cle,bias")
 
 
 def _recovery_rows(p: Profile) -> dict:
@@ -1160,8 +1161,8 @@ def _recovery_rows(p: Profile) -> dict:
         x_held = rng.standard_normal((held, 3, 16, 16)).astype(np.float32)
         model = recalibrate(model, x, device="cpu")
         for r in RECOVERIES:
-            _, report = quantize_with_report(model, x, recover=r, verify_data=x_held, device="cpu", min_cosine=0,
-                                             min_top1=0)
+            _, report = quantize_with_report(model, x, recover=r.split()[-1], per_channel=not r.startswith("per-tensor"),
+                                             verify_data=x_held, device="cpu", min_cosine=0, min_top1=0)
             out = report.check["outputs"]["logits"]
             raw[r]["top1"].append(out["top1_agreement"] * 100)
             raw[r]["cosine"].append(out["cosine_similarity"])
@@ -1171,7 +1172,8 @@ def _recovery_rows(p: Profile) -> dict:
                         None))
         rows.append(row(f"[recovery] {r}: cosine (mean of {seeds})", [float(np.mean(raw[r]["cosine"]))], "cos", None))
     note = (f"recovery: {seeds} seeded Conv-BN-ReLU CNNs (depthwise layers; BN recalibrated on the {calibration} "
-            f"calibration inputs), minmax ranges, top-1 agreement and cosine vs the float model on {held} held-out "
+            f"calibration inputs), minmax ranges, per-channel weights unless per-tensor, top-1 agreement and cosine "
+            f"vs the float model on {held} held-out "
             "inputs: " + "; ".join(f"{r} {np.mean(raw[r]['top1']):.2f}% / {np.mean(raw[r]['cosine']):.5f}"
                                     for r in RECOVERIES))
     return {"rows": rows, "raw": raw, "note": note}
