@@ -138,8 +138,9 @@ def refuse_unquantizable(model: onnx.ModelProto, exclude: list[str]) -> None:
                         f"{', '.join(sorted(n for n in names if n)[:8])}...)")
     from onnxruntime.quantization.registry import QDQRegistry
 
+    index = GraphIndex(model)
     weighted = [n for n in model.graph.node if n.op_type in QDQRegistry and n.name not in exclude
-                and any(i in inits for i in n.input)]
+                and any(i in inits or index.constant(i) is not None for i in n.input if i)]
     if not weighted:
         ops = sorted({n.op_type for n in model.graph.node})
         raise UserError(f"onnxruntime cannot quantize any weighted operator of this model (ops: {', '.join(ops)}; "
@@ -471,6 +472,10 @@ def quantize_with_report(model, data, *, method: str = "minmax", percentile: flo
                         "(drop --per-tensor, or use --recover bias)")
     proto = load_own(model)
     refuse_unquantizable(proto, exclude)
+    index = GraphIndex(proto)
+    for node in proto.graph.node:  # recovery finds layers by name in the float and the INT8 graphs
+        if not node.name:
+            node.name = index.unique_name(f"{node.op_type}_{node.output[0]}")
     before = opset_version(proto)
     report = QuantizeReport(method, per_channel, activations, modes, (before, before), excluded=exclude,
                             min_cosine=min_cosine, min_top1=min_top1)
