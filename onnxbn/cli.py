@@ -160,13 +160,13 @@ def cmd_stats(args) -> int:
 
     rank, ranks = distributed.world()
     refuse_overwrite(args.output, [args.model, args.data], args.force)
-    if args.ranges:
-        return _stats_ranges(args, ranks)
     checkpoint = Path(args.output + ".checkpoint.npz" if ranks == 1 else f"{args.output}.checkpoint.rank{rank}.npz")
     if args.resume and not checkpoint.is_file():
         raise UserError(f"--resume: no checkpoint {checkpoint} to continue from; run without --resume")
     if not args.resume and checkpoint.is_file():
         raise UserError(f"{checkpoint} exists from an interrupted run: add --resume to continue it, or delete it")
+    if args.ranges:
+        return _stats_ranges(args, ranks, checkpoint)
     stats = collect_stats(args.model, after=args.after, device=args.device, shard=args.shard, checkpoint=checkpoint,
                           resume=args.resume, checkpoint_every=args.checkpoint_every, **STATS_DATA.options(args))
     if rank == 0:
@@ -182,14 +182,15 @@ def cmd_stats(args) -> int:
     return 0
 
 
-def _stats_ranges(args, ranks: int) -> int:
+def _stats_ranges(args, ranks: int, checkpoint: Path) -> int:
     from onnxbn.ranges import collect_ranges
 
-    if args.resume or ranks > 1:
-        raise UserError("--ranges runs in one process without --resume: split the data with --shard I/N and merge")
-    opts = STATS_DATA.options(args)
-    ranges = collect_ranges(args.model, device=args.device, shard=args.shard, **opts)
+    if ranks > 1:
+        raise UserError("--ranges runs in one process: split the data with --shard I/N and `onnxbn merge` the files")
+    ranges = collect_ranges(args.model, device=args.device, shard=args.shard, checkpoint=checkpoint,
+                            resume=args.resume, checkpoint_every=args.checkpoint_every, **STATS_DATA.options(args))
     ranges.save(args.output, inputs=[args.model, args.data], force=args.force)
+    checkpoint.unlink(missing_ok=True)
     log.info("ranges of %d tensors, %d samples in %.1fs on %s; wrote %s", len(ranges.tensors), ranges.meta["samples"],
              ranges.meta["seconds"], ranges.meta["provider"], args.output)
     return 0

@@ -288,10 +288,15 @@ def augment_for_ranges(model: onnx.ModelProto, tensors: list[str], histograms: b
 
 def collect_ranges(model, data, batch_size: int = 32, limit: int | None = None, device: str = "auto",
                    workers: int | None = 0, seed: int = 0, shard=None, preset: str | None = None,
-                   strict: bool = False, tensors: list[str] | None = None, histograms: bool = True) -> Ranges:
+                   strict: bool = False, tensors: list[str] | None = None, histograms: bool = True,
+                   checkpoint: str | os.PathLike | None = None, resume: bool = False,
+                   checkpoint_every: float = 60.0) -> Ranges:
     """min, max and histogram of every float activation tensor (or of `tensors`) over `data`.
 
     `histograms=False`: min and max only (the cost of two reductions per tensor; what `minmax` needs).
+    `checkpoint`: the state so far is saved there every `checkpoint_every` seconds; `resume` continues
+    from it (only a run with the same model, tensors, data, batch size, limit, seed and shard may), with
+    the result of one uninterrupted pass (the merge is exact).
 
     `model`: path or ModelProto; `data`: image folder, .npz or array, as `collect_stats` takes;
     `shard`: "I/N" (merge the shards with `merge_ranges`). See the module docstring.
@@ -309,10 +314,23 @@ def collect_ranges(model, data, batch_size: int = 32, limit: int | None = None, 
     fetch = [o.name for o in augmented.graph.output]
     batch_size = fit_batch_size(model_input(proto)[2], batch_size, dataset.total)
     out = {n: TensorRange() for n in names}
-    seen, started = 0, time.perf_counter()
+    seen, start, started = 0, 0, time.perf_counter()
+    saved_at = started
+    provenance = None
+    if checkpoint is not None:
+        checkpoint = Path(checkpoint)
+        provenance = {"model_sha256": model_sha256(proto, weights, folder), "tensors": names,
+                      "data": dataset.fingerprint(), "batch_size": batch_size, "limit": limit, "seed": seed,
+                      "shard": str(shard), "histograms": histograms}
+        if resume and checkpoint.is_file():
+            state = load_ranges(checkpoint)
+            if state.meta.get("checkpoint") != provenance:
+                raise UserError(f"{checkpoint}: this checkpoint is from a run with other settings (model, data, "
+                                "batch size, limit or shard); delete it or drop --resume")
+            out, start, seen = state.tensors, int(state.meta["consumed"]), int(state.meta["samples"])
     for x, _, values in run_batches(session, dataset, fetch, proto, batch_size,
                                     workers=default_workers() if workers is None else workers, strict=strict,
-                                    desc="ranges"):
+                                    start=start, desc="ranges"):
         per = 5 if histograms else 3
         for i, name in enumerate(names):
             if histograms:
@@ -324,6 +342,10 @@ def collect_ranges(model, data, batch_size: int = 32, limit: int | None = None, 
                                 "check the inputs; no ranges written")
             out[name].merge(int(count), float(lo), float(hi), int(exp), hist)
         seen += len(x)
+        if checkpoint is not None and time.perf_counter() - saved_at >= checkpoint_every:
+            Ranges(out, {"format": FORMAT, "checkpoint": provenance, "consumed": dataset.consumed,
+                         "samples": seen}).save(checkpoint, force=True)
+            saved_at = time.perf_counter()
     if seen == 0:
         raise UserError(f"{dataset.description}: no sample could be read; nothing to gather ranges from")
     index, total = parse_shard(shard)

@@ -134,6 +134,33 @@ def test_min_max_only_ranges_refuse_histogram_methods():
         tensor_range(ranges.tensors["c2"], "entropy")
 
 
+def test_interrupted_and_resumed_ranges_equal_one_pass(tmp_path, monkeypatch):
+    import onnxbn.ranges as ranges_module
+
+    model, x = small_cnn(), inputs_for([3, 8, 8], 40, seed=16)
+    one = collect_ranges(model, x, batch_size=8, device="cpu")
+    real = ranges_module.run_batches
+
+    def interrupted(*args, **kwargs):
+        for i, item in enumerate(real(*args, **kwargs)):
+            if i == 3:
+                raise KeyboardInterrupt
+            yield item
+    monkeypatch.setattr(ranges_module, "run_batches", interrupted)
+    state = tmp_path / "r.checkpoint.npz"
+    with pytest.raises(KeyboardInterrupt):
+        collect_ranges(model, x, batch_size=8, device="cpu", checkpoint=state, checkpoint_every=0)
+    assert load_ranges(state).meta["samples"] == 24
+    monkeypatch.setattr(ranges_module, "run_batches", real)
+    with pytest.raises(Exception, match="other settings"):  # another batch size may not continue it
+        collect_ranges(model, x, batch_size=4, device="cpu", checkpoint=state, resume=True)
+    resumed = collect_ranges(model, x, batch_size=8, device="cpu", checkpoint=state, resume=True)
+    assert resumed.meta["samples"] == 40
+    for name, r in one.tensors.items():
+        m = resumed.tensors[name]
+        assert (m.count, m.min, m.max, m.exp) == (r.count, r.min, r.max, r.exp) and np.array_equal(m.hist, r.hist)
+
+
 # ----------------------------------------------------------------------------- Q/DQ = numpy
 
 def fake_quant(x, scale, zero, qmin, qmax):
@@ -315,6 +342,7 @@ def test_cli_quantize_stats_ranges_and_merge(files, capsys):
     m, cal = files / "m.onnx", files / "cal.npz"
     for i in range(2):
         assert run(capsys, "stats", m, "--data", cal, "--ranges", "--shard", f"{i}/2", "-o", files / f"r{i}.npz")[0] == 0
+    assert not list(files.glob("*.checkpoint.npz"))  # removed on success
     assert run(capsys, "merge", files / "r0.npz", files / "r1.npz", "-o", files / "r.npz")[0] == 0
     one = collect_ranges(str(m), str(cal), device="cpu")
     merged = load_ranges(files / "r.npz")
