@@ -190,6 +190,18 @@ def test_qdq_weights_and_activations_equal_numpy():
     np.testing.assert_allclose(got, want, atol=1e-6 * np.abs(want).max())
 
 
+def test_int8_activations_are_symmetric():
+    x = inputs_for([3, 8, 8], 32, seed=5)
+    qdq, report = quantize_with_report(small_cnn(), x, activations="int8", recover="none", device="cpu")
+    inits = {t.name: numpy_helper.to_array(t) for t in qdq.graph.initializer}
+    assert inits["input_zero_point"].dtype == np.int8 and int(inits["input_zero_point"]) == 0
+    np.testing.assert_allclose(inits["input_scale"], np.abs(x).max() / 127, rtol=1e-6)
+    got = exposed(qdq, ["input_DequantizeLinear_Output"], x)["input_DequantizeLinear_Output"]
+    want = fake_quant(x.astype(np.float64), np.float64(inits["input_scale"]), 0, -128, 127)
+    np.testing.assert_allclose(got, want, atol=1e-6 * np.abs(want).max())
+    assert report.passed
+
+
 # ----------------------------------------------------------------------------- recovery
 
 def mean_errors(qdq, model, x, convs):
