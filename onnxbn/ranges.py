@@ -3,22 +3,27 @@
 For each float activation tensor x (every float graph input and node output) the model is
 augmented so that only a few numbers leave the runtime per batch:
 
-    lo, hi = ReduceMin(x), ReduceMax(x)                       float64 scalars
+    lo, hi = ReduceMin(x), ReduceMax(x)                       in x's type (exact), sent as float64
     k      = floor(log2(max(|lo|, |hi|, 2^-126))) + 2          so R = 2^k > max|x| always
     j      = clip(floor(x * (B/2) / R), -B/2, B/2 - 1)         float64: the product by a power of two is exact
-    hist   = counts of j + B/2 over B bins                     Unique(j) + ScatterElements, int64 [B]
+    hist   = counts of j + B/2 over B bins                     ScatterElements(reduction="add"), int64 [B]
 
 B = BINS = 8192: bins of width R/4096 over [-R, R), symmetric around 0, R a power of two (the
 "+2" keeps R above max|x| when log2 rounds down at an exact power of two; at least 1024 bins
-cover [0, max|x|] on each side that holds data).
+cover [0, max|x|]).
 
 Mergeable exactly (batches, shards, resumed runs): two histograms with exponents ka <= kb merge
 on the coarser grid, bin j of the finer one going to floor(j / 2^(kb - ka)); since
 floor(floor(x s) / f) = floor(x s / f) for integer f, this is the histogram a single pass would
 have computed at R = 2^kb (and a single pass's R is the largest batch R: k grows with max|x|).
 min/max merge as min/max. Memory is flat in the data size: per tensor, two scalars and B counts.
-Cost: per tensor, a float64 copy, a few elementwise passes and a Unique (a hash of its bin
-indices) over the batch's values; no activation leaves the runtime.
+
+Cost: min/max alone (`histograms=False`, what --method minmax uses) is two reductions per tensor.
+A histogram adds, per tensor, a float64 copy, a few elementwise passes and one scatter-add over
+the batch's values (about 10 ns per value on one CPU core); no activation leaves the runtime.
+ScatterElements takes `reduction` from opset 16: the pass runs on a copy of an older model
+converted with onnx.version_converter (the model itself keeps its opset); where that fails, the
+counts come from Unique + ScatterElements, about 10x slower.
 
 Ranges file (`.npz`, readable with numpy alone): `tensors` (names, in order), for the i-th
 tensor `count_i`, `min_i`, `max_i`, `exp_i`, `hist_i` (int64, BINS), plus `meta` (JSON:
