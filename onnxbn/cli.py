@@ -502,7 +502,8 @@ QUANTIZE_DATA = InputData(required=True, data_help="calibration data (image fold
          arg("--exclude", metavar="NODE,...", help="node names to keep in float"),
          arg("--recover", default="cle,bias", help="accuracy recovery, comma separated: cle (cross-layer "
              "equalization), bias (bias correction), bn (BN re-estimation), or none (default: cle,bias)"),
-         arg("--ranges", help="ranges file of the (BN-folded) model from `onnxbn stats --ranges`: no calibration pass"),
+         arg("--ranges", help="ranges file of the (BN-folded) model from `onnxbn stats --ranges`: no calibration "
+             "pass (not with --recover cle, which changes the activations)"),
          arg("--verify-data", help="check the INT8 model on this data (default: the calibration data)"),
          arg("--min-cosine", type=float, default=0.99, help="gate: cosine similarity of each output (default: 0.99)"),
          arg("--min-top1", type=float, default=0.9, help="gate: top-1 agreement of class outputs (default: 0.9)"),

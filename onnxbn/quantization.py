@@ -470,6 +470,9 @@ def quantize_with_report(model, data, *, method: str = "minmax", percentile: flo
     if "bn" in modes and not per_channel:
         raise UserError("--recover bn rescales each output channel's weight scale: it needs per-channel weights "
                         "(drop --per-tensor, or use --recover bias)")
+    if ranges is not None and "cle" in modes:
+        raise UserError("--ranges with --recover cle: equalization rescales activations after the ranges were "
+                        "gathered; drop cle from --recover (e.g. --recover bias) or let quantize gather the ranges")
     proto = load_own(model)
     refuse_unquantizable(proto, exclude)
     index = GraphIndex(proto)

@@ -359,7 +359,10 @@ def test_cli_quantize_stats_ranges_and_merge(files, capsys):
     one = collect_ranges(str(m), str(cal), device="cpu")
     merged = load_ranges(files / "r.npz")
     assert all(np.array_equal(merged.tensors[k].hist, v.hist) for k, v in one.tensors.items())
-    code, out, _ = run(capsys, "quantize", m, "--data", cal, "--ranges", files / "r.npz", "-o", files / "q.onnx")
+    code, _, err = run(capsys, "quantize", m, "--data", cal, "--ranges", files / "r.npz", "-o", files / "q.onnx")
+    assert code == 2 and "--recover cle" in err and not (files / "q.onnx").exists()  # the default recovery has cle
+    code, out, _ = run(capsys, "quantize", m, "--data", cal, "--ranges", files / "r.npz", "--recover", "bias",
+                       "-o", files / "q.onnx")
     assert code == 0 and "PASS" in out
     q = onnx.load(str(files / "q.onnx"))
     assert max(o.version for o in q.opset_import if o.domain in ("", "ai.onnx")) == 13  # raised from 11
