@@ -28,6 +28,9 @@ _API = {
     "finetune": "onnxbn.training",
     "evaluate": "onnxbn.training",
     "recalibrate": "onnxbn.recalibration",
+    "quantize": "onnxbn.quantization",
+    "collect_ranges": "onnxbn.ranges",
+    "merge_ranges": "onnxbn.ranges",
     "UserError": "onnxbn.errors",
 }
 

@@ -148,6 +148,8 @@ STATS_DATA = InputData(required=True, workers="pool")
          arg("--resume", action="store_true", help="continue an interrupted run from OUTPUT.checkpoint.npz"),
          arg("--checkpoint-every", type=float, default=60.0, metavar="SECONDS",
              help="save the accumulated state this often (default: 60; 0 = every batch)"),
+         arg("--ranges", action="store_true", help="write min/max and histograms of every float activation (for "
+             "`onnxbn quantize --ranges`) instead of BN moments; --after is not used"),
          OUTPUT)
 def cmd_stats(args) -> int:
     """Gather per-channel mean and variance of the selected tensors over a calibration set.
@@ -168,6 +170,8 @@ def cmd_stats(args) -> int:
         raise UserError(f"--resume: no checkpoint {checkpoint} to continue from; run without --resume")
     if not args.resume and checkpoint.is_file():
         raise UserError(f"{checkpoint} exists from an interrupted run: add --resume to continue it, or delete it")
+    if args.ranges:
+        return _stats_ranges(args, ranks, checkpoint)
     stats = collect_stats(args.model, after=args.after, device=args.device, shard=args.shard, checkpoint=checkpoint,
                           resume=args.resume, checkpoint_every=args.checkpoint_every, **STATS_DATA.options(args))
     if rank == 0:
@@ -183,11 +187,31 @@ def cmd_stats(args) -> int:
     return 0
 
 
+def _stats_ranges(args, ranks: int, checkpoint: Path) -> int:
+    from onnxbn.ranges import collect_ranges
+
+    if ranks > 1:
+        raise UserError("--ranges runs in one process: split the data with --shard I/N and `onnxbn merge` the files")
+    ranges = collect_ranges(args.model, device=args.device, shard=args.shard, checkpoint=checkpoint,
+                            resume=args.resume, checkpoint_every=args.checkpoint_every, **STATS_DATA.options(args))
+    ranges.save(args.output, inputs=[args.model, args.data], force=args.force)
+    checkpoint.unlink(missing_ok=True)
+    log.info("ranges of %d tensors, %d samples in %.1fs on %s; wrote %s", len(ranges.tensors), ranges.meta["samples"],
+             ranges.meta["seconds"], ranges.meta["provider"], args.output)
+    return 0
+
+
 @command(arg("stats", nargs="+", help="stats files (shards of one run)"), OUTPUT)
 def cmd_merge(args) -> int:
-    """Merge stats files from shards of one run (Chan's formula, float64)."""
+    """Merge stats files from shards of one run (Chan's formula, float64), or ranges files (`stats --ranges`)."""
+    from onnxbn.ranges import is_ranges_file, merge_ranges
     from onnxbn.stats import merge_stats
 
+    if is_ranges_file(args.stats[0]):
+        merged = merge_ranges(args.stats)
+        merged.save(args.output, inputs=args.stats, force=args.force)
+        log.info("merged %d ranges files, %d samples; wrote %s", len(args.stats), merged.meta["samples"], args.output)
+        return 0
     merged = merge_stats(args.stats)
     merged.save(args.output, inputs=args.stats, force=args.force)
     log.info("merged %d files, %d samples; wrote %s", len(args.stats), merged.meta["samples"], args.output)
@@ -470,6 +494,51 @@ def cmd_recalibrate(args) -> int:
         log.warning("%d channel(s) are constant on this data but were not before: their BN variance is now 0, so "
                     "inputs that vary there (e.g. the old domain) are divided by sqrt(eps); the model now belongs "
                     "to the new data", newly_dead)
+    return 0
+
+
+QUANTIZE_DATA = InputData(required=True, data_help="calibration data (image folder or .npz with x)")
+
+
+@command(arg("model", help="float ONNX model (BatchNormalization is folded first)"), QUANTIZE_DATA,
+         arg("--method", choices=["minmax", "percentile", "entropy", "mse"], default="minmax",
+             help="activation ranges from onnxbn's histograms (default: minmax)"),
+         arg("--percentile", type=float, default=99.99, help="with --method percentile (default: 99.99)"),
+         arg("--per-tensor", action="store_true", help="one weight scale per tensor (default: per output channel)"),
+         arg("--activations", choices=["uint8", "int8"], default="uint8",
+             help="activation type: uint8 asymmetric (default) or int8 symmetric"),
+         arg("--exclude", metavar="NODE,...", help="node names to keep in float"),
+         arg("--recover", default="cle,bias", help="accuracy recovery, comma separated: cle (cross-layer "
+             "equalization), bias (bias correction), bn (BN re-estimation), or none (default: cle,bias)"),
+         arg("--ranges", help="ranges file of the (BN-folded) model from `onnxbn stats --ranges`: no calibration "
+             "pass (not with --recover cle, which changes the activations)"),
+         arg("--verify-data", help="check the INT8 model on this data (default: the calibration data)"),
+         arg("--min-cosine", type=float, default=0.99, help="gate: cosine similarity of each output (default: 0.99)"),
+         arg("--min-top1", type=float, default=0.9, help="gate: top-1 agreement of class outputs (default: 0.9)"),
+         arg("--json", action="store_true", help="print the report as JSON"), DEVICE, OUTPUT)
+def cmd_quantize(args) -> int:
+    """Quantize to INT8 (QDQ) with onnxbn's calibration, check it against the float model, write it.
+
+    Per-channel int8 weights and per-tensor activations placed by onnxruntime's quantizer, the
+    activation ranges from onnxbn's streaming in-graph histograms. The INT8 model is compared
+    with the float one on onnxruntime and written only when every output's cosine similarity
+    and top-1 agreement pass the gate (exit 1 otherwise, nothing written)."""
+    from onnxbn.modelio import refuse_overwrite, save_model
+    from onnxbn.quantization import quantize_with_report
+
+    inputs = [args.model, args.data, args.ranges, args.verify_data]
+    refuse_overwrite(args.output, [i for i in inputs if i], args.force)
+    model, report = quantize_with_report(
+        args.model, method=args.method, percentile=args.percentile, per_channel=not args.per_tensor,
+        activations=args.activations, exclude=args.exclude, recover=args.recover, ranges=args.ranges,
+        verify_data=args.verify_data, min_cosine=args.min_cosine, min_top1=args.min_top1, device=args.device,
+        **QUANTIZE_DATA.options(args))
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.table())
+    if not report.passed:
+        log.error("the INT8 model is further from the float model than the gate allows; nothing written")
+        return 1
+    save_model(model, args.output, inputs=[i for i in inputs if i], force=args.force)
+    log.info("wrote %s", args.output)
     return 0
 
 

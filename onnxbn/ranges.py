@@ -1,0 +1,457 @@
+"""Per-tensor ranges and histograms of activations, computed inside onnxruntime (for quantization).
+
+For each float activation tensor x (every float graph input and node output) the model is
+augmented so that only a few numbers leave the runtime per batch:
+
+    lo, hi = ReduceMin(x), ReduceMax(x)                       in x's type (exact), sent as float64
+    k      = floor(log2(max(|lo|, |hi|, 2^-126))) + 2          so R = 2^k > max|x| always
+    j      = clip(floor(x * (B/2) / R), -B/2, B/2 - 1)         float64: the product by a power of two is exact
+    hist   = counts of j + B/2 over B bins                     ScatterElements(reduction="add"), int64 [B]
+
+B = BINS = 8192: bins of width R/4096 over [-R, R), symmetric around 0, R a power of two (the
+"+2" keeps R above max|x| when log2 rounds down at an exact power of two; at least 1024 bins
+cover [0, max|x|]).
+
+Mergeable exactly (batches, shards, resumed runs): two histograms with exponents ka <= kb merge
+on the coarser grid, bin j of the finer one going to floor(j / 2^(kb - ka)); since
+floor(floor(x s) / f) = floor(x s / f) for integer f, this is the histogram a single pass would
+have computed at R = 2^kb (and a single pass's R is the largest batch R: k grows with max|x|).
+min/max merge as min/max. Memory is flat in the data size: per tensor, two scalars and B counts.
+
+Cost: min/max alone (`histograms=False`, what --method minmax uses) is two reductions per tensor.
+A histogram adds, per tensor, a float64 copy, a few elementwise passes and one scatter-add over
+the batch's values (about 10 ns per value on one CPU core); no activation leaves the runtime.
+ScatterElements takes `reduction` from opset 16: the pass runs on a copy of an older model
+converted with onnx.version_converter (the model itself keeps its opset); where that fails, the
+counts come from Unique + ScatterElements, about 10x slower.
+
+Ranges file (`.npz`, readable with numpy alone): `tensors` (names, in order), for the i-th
+tensor `count_i`, `min_i`, `max_i`, `exp_i`, `hist_i` (int64, BINS), plus `meta` (JSON:
+format onnxbn-ranges/1, model_sha256, samples, shard, data, ...).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from onnxbn.errors import UserError
+from onnxbn.graph import GraphIndex, opset_version, value_types
+from onnxbn.modelio import atomic_path, detach_weights, load_structure, model_sha256, refuse_overwrite
+from onnxbn.runtime import fit_batch_size, make_session, model_input, open_model_data, run_batches, session_provider
+
+FORMAT = "onnxbn-ranges/1"
+PREFIX = "onnxbn_ranges"
+BINS = 8192
+HALF = BINS // 2
+CALIBRATED_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16)  # what onnxruntime's quantizer quantizes
+
+
+# ----------------------------------------------------------------------------- accumulation
+
+@dataclass
+class TensorRange:
+    """Running min, max, count and histogram (BINS bins over [-2^exp, 2^exp)) of one tensor."""
+
+    count: int = 0
+    min: float = np.inf
+    max: float = -np.inf
+    exp: int | None = None
+    hist: np.ndarray = field(default_factory=lambda: np.zeros(BINS, np.int64))
+
+    @staticmethod
+    def rebin(hist: np.ndarray, shift: int) -> np.ndarray:
+        """`hist` on the grid 2^shift times coarser (exact: see the module docstring)."""
+        if shift == 0:
+            return hist
+        j = np.arange(BINS, dtype=np.int64) - HALF
+        return np.bincount(np.floor_divide(j, 1 << shift) + HALF, weights=hist, minlength=BINS).astype(np.int64)
+
+    def merge(self, count: int, lo: float, hi: float, exp: int, hist: np.ndarray) -> None:
+        if count == 0:
+            return
+        self.count += int(count)
+        self.min, self.max = min(self.min, float(lo)), max(self.max, float(hi))
+        hist = np.asarray(hist, np.int64)
+        if self.exp is None:
+            self.exp, self.hist = int(exp), hist.copy()
+            return
+        top = max(self.exp, int(exp))
+        self.hist = self.rebin(self.hist, top - self.exp) + self.rebin(hist, top - int(exp))
+        self.exp = top
+
+    @property
+    def width(self) -> float:
+        return 2.0 ** self.exp / HALF
+
+    def abs_hist(self) -> np.ndarray:
+        """Counts of |x| over HALF bins of `width` from 0."""
+        return self.hist[HALF:] + self.hist[:HALF][::-1]
+
+
+@dataclass
+class Ranges:
+    """Ranges and histograms of named tensors, with provenance."""
+
+    tensors: dict[str, TensorRange]
+    meta: dict = field(default_factory=dict)
+
+    def save(self, path: str | os.PathLike, inputs=(), force: bool = False) -> Path:
+        path = Path(path)
+        refuse_overwrite(path, inputs, force)
+        arrays = {"tensors": np.array(list(self.tensors), dtype=str),
+                  "meta": np.array(json.dumps(self.meta, sort_keys=True))}
+        for i, r in enumerate(self.tensors.values()):
+            arrays.update({f"count_{i}": np.array(r.count, np.int64), f"min_{i}": np.array(r.min),
+                           f"max_{i}": np.array(r.max), f"exp_{i}": np.array(r.exp if r.exp is not None else 0),
+                           f"hist_{i}": r.hist})
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, **arrays)
+        return path
+
+
+def is_ranges_file(path: str | os.PathLike) -> bool:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return json.loads(str(npz["meta"])).get("format") == FORMAT
+    except Exception:
+        return False
+
+
+def load_ranges(ranges: str | os.PathLike | Ranges) -> Ranges:
+    """Read a ranges file written by `onnxbn stats --ranges` (or pass a Ranges through)."""
+    if isinstance(ranges, Ranges):
+        return ranges
+    path = Path(ranges)
+    if not path.is_file():
+        raise UserError(f"{path}: no such ranges file")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            meta = json.loads(str(npz["meta"]))
+            if meta.get("format") != FORMAT:
+                raise UserError(f"{path}: not an onnxbn ranges file (format {meta.get('format')!r}); "
+                                "write it with `onnxbn stats --ranges`")
+            tensors = {}
+            for i, name in enumerate(npz["tensors"].tolist()):
+                tensors[name] = TensorRange(int(npz[f"count_{i}"]), float(npz[f"min_{i}"]), float(npz[f"max_{i}"]),
+                                            int(npz[f"exp_{i}"]), npz[f"hist_{i}"].astype(np.int64))
+    except UserError:
+        raise
+    except Exception as exc:
+        raise UserError(f"{path}: not a readable onnxbn ranges file ({type(exc).__name__})") from exc
+    return Ranges(tensors, meta)
+
+
+MERGE_KEYS = ("model_sha256", "data", "limit", "seed", "preset", "bins")
+
+
+def merge_ranges(parts: list) -> Ranges:
+    """One Ranges from shards (or resumed parts) of one run: min/max, and histograms on the coarsest grid."""
+    loaded = [load_ranges(p) for p in parts]
+    if not loaded:
+        raise UserError("no ranges files to merge")
+    first = loaded[0]
+    for other, source in zip(loaded[1:], parts[1:]):
+        for key in MERGE_KEYS:
+            if other.meta.get(key) != first.meta.get(key):
+                raise UserError(f"{source}: its {key} ({other.meta.get(key)!r}) differs from {parts[0]}'s "
+                                f"({first.meta.get(key)!r}); merge only shards of the same model, data and settings")
+        if list(other.tensors) != list(first.tensors):
+            raise UserError(f"{source}: holds other tensors than {parts[0]}")
+    shards = [str(p.meta.get("shard")) for p in loaded]
+    if len(set(shards)) != len(shards):
+        raise UserError(f"a shard is given twice ({', '.join(shards)}); give each shard once")
+    out = {name: TensorRange() for name in first.tensors}
+    for part in loaded:
+        for name, r in part.tensors.items():
+            out[name].merge(r.count, r.min, r.max, r.exp, r.hist)
+    meta = dict(first.meta, samples=sum(int(p.meta.get("samples", 0)) for p in loaded),
+                shard="merged " + ",".join(shards))
+    return Ranges(out, meta)
+
+
+# ----------------------------------------------------------------------------- graph augmentation
+
+def activation_tensors(model: onnx.ModelProto, types: dict | None = None) -> list[str]:
+    """Float (float32/float16) tensors onnxruntime's quantizer may quantize: run-time graph inputs and
+    node outputs (Constant outputs and initializers excluded), in graph order."""
+    types = value_types(model) if types is None else types
+    index = GraphIndex(model)
+
+    def is_float(name: str) -> bool:
+        t = types.get(name)
+        return t is not None and t.HasField("tensor_type") and t.tensor_type.elem_type in CALIBRATED_TYPES
+
+    names = [i.name for i in model.graph.input if i.name not in index.initializers and is_float(i.name)]
+    for node in model.graph.node:
+        if node.op_type in ("Constant", "ConstantOfShape"):
+            continue
+        names += [o for o in node.output if o and is_float(o) and index.constant(o) is None]
+    return list(dict.fromkeys(names))
+
+
+SCATTER_OPSET = 16  # ScatterElements with reduction="add"
+
+
+def _for_histograms(model: onnx.ModelProto, tensors: list[str]) -> tuple[onnx.ModelProto, bool]:
+    """(a copy of `model` to augment, True when it is at opset >= 16, where the histogram is one
+    ScatterElements(reduction="add")). An older model is converted with onnx.version_converter (the
+    copy only: the model itself is unchanged); where that fails, the copy keeps its opset and the
+    histogram counts with Unique, about 10x slower."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    if opset_version(model) >= SCATTER_OPSET:
+        return out, True
+    try:
+        from onnx import version_converter
+
+        converted = version_converter.convert_version(out, SCATTER_OPSET)
+        names = {o for n in converted.graph.node for o in n.output} | {i.name for i in converted.graph.input}
+        if all(t in names for t in tensors):
+            return converted, True
+    except Exception:  # noqa: BLE001 - any converter failure: count with Unique instead
+        pass
+    logging.getLogger("onnxbn").info("ranges: the model's opset %d could not be raised to %d for the histogram "
+                                     "counts; counting with Unique (slower)", opset_version(model), SCATTER_OPSET)
+    return out, False
+
+
+def augment_for_ranges(model: onnx.ModelProto, tensors: list[str], histograms: bool = True) -> onnx.ModelProto:
+    """A copy of `model` whose outputs are, per tensor i, `onnxbn_ranges/i/{min,max,exp,hist,count}` (exp and
+    hist only with `histograms`)."""
+    opset = opset_version(model)
+    if opset < 11:
+        raise UserError(f"ranges need opset 11 or later (the model has {opset}); convert it with "
+                        "onnx.version_converter.convert_version(model, 13)")
+    if histograms:
+        out, scatter_add = _for_histograms(model, tensors)
+    else:
+        out, scatter_add = onnx.ModelProto(), False
+        out.CopyFrom(model)
+    graph = out.graph
+    index = GraphIndex(out)
+    nodes: list = []
+
+    def node(op: str, inputs: list[str], base: str, outputs: int = 1, **attrs):
+        names = [index.unique_name(f"{PREFIX}/{base}" + (f"/{k}" if outputs > 1 else "")) for k in range(outputs)]
+        nodes.append(helper.make_node(op, inputs, names, name=names[0], **attrs))
+        return names if outputs > 1 else names[0]
+
+    const = {}
+
+    def c(value, base: str) -> str:
+        if base not in const:
+            const[base] = index.add_initializer(np.asarray(value), f"{PREFIX}/{base}")
+        return const[base]
+
+    del graph.output[:]
+    for i, x in enumerate(tensors):
+        p = str(i)
+        # min and max are exact in the tensor's own type; Size counts its elements
+        lo = node("Cast", [node("ReduceMin", [x], f"{p}/min32", keepdims=0)], f"{p}/min", to=TensorProto.DOUBLE)
+        hi = node("Cast", [node("ReduceMax", [x], f"{p}/max32", keepdims=0)], f"{p}/max", to=TensorProto.DOUBLE)
+        count = node("Size", [x], f"{p}/count")
+        outputs = [(lo, TensorProto.DOUBLE, []), (hi, TensorProto.DOUBLE, [])]
+        if histograms:
+            flat = node("Reshape", [node("Cast", [x], f"{p}/double", to=TensorProto.DOUBLE),
+                                    c(np.array([-1], np.int64), "flat")], f"{p}/flat")
+            amax = node("Max", [node("Abs", [lo], f"{p}/abs_min"), node("Abs", [hi], f"{p}/abs_max"),
+                                c(np.float64(2.0 ** -126), "tiny")], f"{p}/amax")
+            exp = node("Add", [node("Floor", [node("Div", [node("Log", [amax], f"{p}/log"), c(np.log(2.0), "ln2")],
+                                                   f"{p}/log2")], f"{p}/floor"), c(np.float64(2.0), "two")], f"{p}/exp")
+            scale = node("Div", [c(np.float64(HALF), "half"), node("Pow", [c(np.float64(2.0), "two"), exp], f"{p}/r")],
+                         f"{p}/scale")
+            j = node("Floor", [node("Mul", [flat, scale], f"{p}/scaled")], f"{p}/j")
+            j = node("Min", [node("Max", [j, c(np.float64(-HALF), "lowest")], f"{p}/clip_lo"),
+                             c(np.float64(HALF - 1), "highest")], f"{p}/clip")
+            bins = node("Cast", [node("Add", [j, c(np.float64(HALF), "half")], f"{p}/shift")], f"{p}/bins",
+                        to=TensorProto.INT64)
+            zeros = c(np.zeros(BINS, np.int64), "zeros")
+            if scatter_add:
+                ones = node("Expand", [c(np.array([1], np.int64), "one"), node("Shape", [bins], f"{p}/n")], f"{p}/ones")
+                hist = node("ScatterElements", [zeros, bins, ones], f"{p}/hist", axis=0, reduction="add")
+            else:
+                uniq, _, _, counts = node("Unique", [bins], f"{p}/unique", outputs=4, sorted=1)
+                hist = node("ScatterElements", [zeros, uniq, counts], f"{p}/hist", axis=0)
+            outputs += [(exp, TensorProto.DOUBLE, []), (hist, TensorProto.INT64, [BINS])]
+        outputs.append((count, TensorProto.INT64, []))
+        graph.output.extend(helper.make_tensor_value_info(n, t, shape) for n, t, shape in outputs)
+    graph.node.extend(nodes)
+    return out
+
+
+# ----------------------------------------------------------------------------- runner
+
+def collect_ranges(model, data, batch_size: int = 32, limit: int | None = None, device: str = "auto",
+                   workers: int | None = 0, seed: int = 0, shard=None, preset: str | None = None,
+                   strict: bool = False, tensors: list[str] | None = None, histograms: bool = True,
+                   checkpoint: str | os.PathLike | None = None, resume: bool = False,
+                   checkpoint_every: float = 60.0) -> Ranges:
+    """min, max and histogram of every float activation tensor (or of `tensors`) over `data`.
+
+    `histograms=False`: min and max only (the cost of two reductions per tensor; what `minmax` needs).
+    `checkpoint`: the state so far is saved there every `checkpoint_every` seconds; `resume` continues
+    from it (only a run with the same model, tensors, data, batch size, limit, seed and shard may), with
+    the result of one uninterrupted pass (the merge is exact).
+
+    `model`: path or ModelProto; `data`: image folder, .npz or array, as `collect_stats` takes;
+    `shard`: "I/N" (merge the shards with `merge_ranges`). See the module docstring.
+    """
+    from onnxbn.data import default_workers, parse_shard
+
+    proto, folder = load_structure(model) if isinstance(model, (str, os.PathLike)) else (model, None)
+    names = activation_tensors(proto) if tensors is None else list(tensors)
+    if not names:
+        raise UserError("the model has no float activation tensors to gather ranges of")
+    dataset = open_model_data(proto, data, preset=preset, limit=limit, seed=seed, shard=shard)
+    light, weights = detach_weights(proto)
+    augmented = augment_for_ranges(light, names, histograms)
+    session = make_session(augmented, device, weights=weights, folder=folder, arena=False)
+    fetch = [o.name for o in augmented.graph.output]
+    batch_size = fit_batch_size(model_input(proto)[2], batch_size, dataset.total)
+    out = {n: TensorRange() for n in names}
+    seen, start, started = 0, 0, time.perf_counter()
+    saved_at = started
+    provenance = None
+    if checkpoint is not None:
+        checkpoint = Path(checkpoint)
+        provenance = {"model_sha256": model_sha256(proto, weights, folder), "tensors": names,
+                      "data": dataset.fingerprint(), "batch_size": batch_size, "limit": limit, "seed": seed,
+                      "shard": str(shard), "histograms": histograms}
+        if resume and checkpoint.is_file():
+            state = load_ranges(checkpoint)
+            if state.meta.get("checkpoint") != provenance:
+                raise UserError(f"{checkpoint}: this checkpoint is from a run with other settings (model, data, "
+                                "batch size, limit or shard); delete it or drop --resume")
+            out, start, seen = state.tensors, int(state.meta["consumed"]), int(state.meta["samples"])
+    for x, _, values in run_batches(session, dataset, fetch, proto, batch_size,
+                                    workers=default_workers() if workers is None else workers, strict=strict,
+                                    start=start, desc="ranges"):
+        per = 5 if histograms else 3
+        for i, name in enumerate(names):
+            if histograms:
+                lo, hi, exp, hist, count = values[per * i: per * i + per]
+            else:
+                (lo, hi, count), exp, hist = values[per * i: per * i + per], 0, np.zeros(BINS, np.int64)
+            if not (np.isfinite(lo) and np.isfinite(hi)):
+                raise UserError(f"tensor {name!r} has NaN or Inf values in the batch of samples {seen}..{seen + len(x) - 1}; "
+                                "check the inputs; no ranges written")
+            out[name].merge(int(count), float(lo), float(hi), int(exp), hist)
+        seen += len(x)
+        if checkpoint is not None and time.perf_counter() - saved_at >= checkpoint_every:
+            Ranges(out, {"format": FORMAT, "checkpoint": provenance, "consumed": dataset.consumed,
+                         "samples": seen}).save(checkpoint, force=True)
+            saved_at = time.perf_counter()
+    if seen == 0:
+        raise UserError(f"{dataset.description}: no sample could be read; nothing to gather ranges from")
+    index, total = parse_shard(shard)
+    meta = {"format": FORMAT, "model_sha256": model_sha256(proto, weights, folder), "samples": seen,
+            "data": dataset.source, "limit": limit, "seed": seed, "shard": f"{index}/{total}",
+            "preset": dataset.preset if dataset.is_images else "array", "bins": BINS if histograms else 0,
+            "provider": session_provider(session), "seconds": round(time.perf_counter() - started, 3),
+            "onnxbn": __import__("onnxbn").__version__}
+    return Ranges(out, meta)
+
+
+# ----------------------------------------------------------------------------- ranges from histograms
+
+METHODS = ("minmax", "percentile", "entropy", "mse")
+
+
+def _levels(r: TensorRange) -> int:
+    """Quantization steps over [0, t]: 255 for a non-negative tensor (all 8 bits on one side), else 127."""
+    return 255 if r.min >= 0 else 127
+
+
+def _clip(r: TensorRange, t: float) -> tuple[float, float]:
+    return (max(r.min, -t) if r.min < 0 else r.min), min(r.max, t)
+
+
+def percentile_range(r: TensorRange, percentile: float = 99.99) -> tuple[float, float]:
+    """(lo, hi): the values below which (1 - p) and p of the samples lie (upper bin edges), within [min, max]."""
+    if not 0 < percentile <= 100:
+        raise UserError(f"--percentile must be in (0, 100] (got {percentile})")
+    cum = np.cumsum(r.hist) / max(r.hist.sum(), 1)
+    edges = (np.arange(BINS) - HALF + 1) * r.width  # upper edge of each bin
+    q = percentile / 100.0
+    hi = float(edges[min(np.searchsorted(cum, q, side="left"), BINS - 1)])
+    lo = float(edges[min(np.searchsorted(cum, 1.0 - q, side="left"), BINS - 1)] - r.width)
+    return (max(r.min, lo) if r.min < 0 else r.min), min(r.max, max(hi, 0.0) if r.max > 0 else r.max)
+
+
+def _candidates(last: int, levels: int, most: int = 512) -> np.ndarray:
+    start = min(levels, last)
+    return np.unique(np.linspace(start, last, num=min(most, last - start + 1)).round().astype(np.int64))
+
+
+def entropy_range(r: TensorRange) -> tuple[float, float]:
+    """TensorRT's KL-divergence threshold over the |x| histogram (Migacz 2017), clipped to [min, max]."""
+    a = r.abs_hist().astype(np.float64)
+    nz = np.nonzero(a)[0]
+    if nz.size == 0:
+        return r.min, r.max
+    last, levels = int(nz[-1]) + 1, _levels(r)
+    if last <= levels:
+        return r.min, r.max
+    best, best_i = np.inf, last
+    for i in _candidates(last, levels):
+        p = a[:i].copy()
+        p[-1] += a[i:].sum()
+        ref = a[:i]
+        group = (np.arange(i) * levels) // i  # which of the `levels` quantized bins each bin falls in
+        sums = np.bincount(group, weights=ref, minlength=levels)
+        nonzero = np.bincount(group, weights=(ref > 0).astype(np.float64), minlength=levels)
+        q = np.where(ref > 0, sums[group] / np.maximum(nonzero[group], 1), 0.0)
+        mask = p > 0
+        if (q[mask] == 0).any():  # a bin P holds but Q cannot: smooth Q as TensorRT does
+            q = q + 1e-4 * (q == 0)
+        p, q = p / p.sum(), q / q.sum()
+        kl = float(np.sum(p[mask] * np.log(p[mask] / q[mask])))
+        if kl < best:
+            best, best_i = kl, int(i)
+    return _clip(r, best_i * r.width)
+
+
+def mse_range(r: TensorRange) -> tuple[float, float]:
+    """The threshold t minimising the expected quantization error over the histogram: values within
+    t cost step^2/12 (step = t / levels), values beyond it cost (|x| - t)^2."""
+    a = r.abs_hist().astype(np.float64)
+    nz = np.nonzero(a)[0]
+    if nz.size == 0:
+        return r.min, r.max
+    last, levels = int(nz[-1]) + 1, _levels(r)
+    cand = _candidates(last, 1)
+    centre = (np.arange(last) + 0.5)[None, :] * r.width
+    cost = np.empty(len(cand))
+    for start in range(0, len(cand), 64):  # 64 candidates at a time: memory stays small
+        t = cand[start:start + 64, None].astype(np.float64) * r.width
+        err = np.where(centre <= t, 0.0, (centre - t) ** 2) + (t / levels) ** 2 / 12.0
+        cost[start:start + 64] = (err * a[None, :last]).sum(axis=1)
+    return _clip(r, float(cand[int(np.argmin(cost))]) * r.width)
+
+
+def tensor_range(r: TensorRange, method: str = "minmax", percentile: float = 99.99) -> tuple[float, float]:
+    """(lo, hi) of one tensor by `method` (minmax, percentile, entropy, mse), always containing 0."""
+    if method == "minmax":
+        lo, hi = r.min, r.max
+    elif r.exp is None or not r.hist.any():
+        raise UserError(f"--method {method} needs histograms: these ranges hold min/max only (gather them with "
+                        "`onnxbn stats --ranges`)")
+    elif method == "percentile":
+        lo, hi = percentile_range(r, percentile)
+    elif method == "entropy":
+        lo, hi = entropy_range(r)
+    elif method == "mse":
+        lo, hi = mse_range(r)
+    else:
+        raise UserError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+    return min(lo, 0.0), max(hi, 0.0)
