@@ -241,7 +241,8 @@ RUNTIME_HELP = "onnxruntime (default), openvino, tract or reference; NAME:DEVICE
 PRECISION_CHOICES = ["default", "f32", "bf16", "f16"]
 # check and fold: tolerances default to the precisions the two sides ran at (onnxbn.runtimes.TOLERANCES)
 RUNTIME_TOLERANCE = [
-    arg("--atol", type=float, help="absolute tolerance (default: 1e-5; where a runtime computes in bf16, f16 or tf32, "
+    arg("--atol", type=float, help="absolute tolerance (default: 1e-5; for a float16/bfloat16 model, or where a runtime computes in bf16, "
+        "f16 or tf32, "
         "looser defaults that also scale with each sample's largest value: see the README; giving --atol or --rtol "
         "applies the plain rule |a-b| <= atol + rtol*|a|)"),
     arg("--rtol", type=float, help="relative tolerance (default: 1e-5; 3e-2 at bf16, 4e-3 at f16/tf32)")]
