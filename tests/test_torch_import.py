@@ -441,9 +441,9 @@ def test_batchnorm_default_momentum_is_torch_0_1():
 
 def test_unsupported_op_names_op_opset_node():
     nodes = [helper.make_node("Relu", ["x"], ["r"]),
-             helper.make_node("Resize", ["r", "", "scales"], ["y"], name="foo")]
-    model = _model(nodes, [("x", [1, 1, 2, 2])], ["y"], {"scales": np.array([1, 1, 2, 2], np.float32)}, 17)
-    with pytest.raises(UserError, match=r"cannot import node 'foo' \(Resize, opset 17\): op not supported"):
+             helper.make_node("GridSample", ["r", "grid"], ["y"], name="foo")]
+    model = _model(nodes, [("x", [1, 1, 2, 2])], ["y"], {"grid": np.zeros((1, 2, 2, 2), np.float32)}, 17)
+    with pytest.raises(UserError, match=r"cannot import node 'foo' \(GridSample, opset 17\): op not supported"):
         to_torch(model)
 
 

@@ -453,4 +453,7 @@ def _pad_op(ctx: _Importer, a: dict):
     return ctx.call(_pad, ctx.inp(0), pads, mode, value, axes)
 
 
+# the other converter families register themselves in _CONVERTERS on import
+from onnxbn.torch_import import converters_elementwise, converters_nn, converters_shape, resize  # noqa: E402,F401,I001
+
 SUPPORTED_OPS = frozenset(_CONVERTERS)

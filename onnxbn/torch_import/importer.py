@@ -31,7 +31,7 @@ from onnxbn.graph import (
 )
 from onnxbn.modelio import load_structure
 from onnxbn.torch_import.converters import _CONVERTERS
-from onnxbn.torch_import.ops import _to_tensor
+from onnxbn.torch_import.ops import DTYPES, _to_tensor
 
 _RESERVED = set(dir(fx.GraphModule)) | {"onnx_names", "onnx_tensors", "onnx_inputs", "onnx_outputs",
                                           "onnx_opset", "onnx_structure", "self"}
@@ -203,6 +203,11 @@ class _Importer:
         for vi in g.input:
             if vi.name in self.inits:
                 continue
+            elem = vi.type.tensor_type.elem_type if vi.type.HasField("tensor_type") else None
+            if elem not in DTYPES:
+                kind = "not a tensor" if elem is None else f"element type {onnx.TensorProto.DataType.Name(elem)}"
+                raise UserError(f"cannot import graph input {vi.name!r} (opset {self.opset}): {kind} is not "
+                                "supported by onnxbn's torch importer")
             ph = self.graph.placeholder(unique_name(_sanitize(vi.name, "input"), arg_names | self.taken))
             arg_names.add(ph.target)
             self.env[vi.name] = ph

@@ -2,7 +2,9 @@
 
 The generated forward (and torch.save) refers to these by module-level name, so they
 live here, apart from the import machinery: OnnxGemm, OnnxMatMul, OnnxElementwise,
-OnnxDropout, _BatchNormAnyD, and functional ONNX ops (_conv, _pool, _pad, _clip, ...).
+OnnxDropout, OnnxPRelu, OnnxNorm, OnnxConvTranspose, _BatchNormAnyD, and functional ONNX ops
+(_conv, _conv_transpose, _pool, _pad, _clip, the normalizations, ...); `DTYPES` maps ONNX
+element types to torch dtypes.
 `_to_tensor` turns an initializer or Constant value into a torch tensor.
 """
 
@@ -18,6 +20,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from onnxbn.modelio import tensor_array
+
+
+# ONNX element type -> torch dtype, for the types the importer runs (others are refused at import)
+DTYPES = {
+    onnx.TensorProto.FLOAT: torch.float32, onnx.TensorProto.DOUBLE: torch.float64,
+    onnx.TensorProto.FLOAT16: torch.float16, onnx.TensorProto.BFLOAT16: torch.bfloat16,
+    onnx.TensorProto.INT8: torch.int8, onnx.TensorProto.INT16: torch.int16, onnx.TensorProto.INT32: torch.int32,
+    onnx.TensorProto.INT64: torch.int64, onnx.TensorProto.UINT8: torch.uint8, onnx.TensorProto.BOOL: torch.bool,
+}
 
 # ============================================================================ modules
 
@@ -84,6 +95,56 @@ class OnnxDropout(nn.Dropout):
             return x, torch.ones(x.shape, dtype=torch.bool, device=x.device)
         mask = torch.rand(x.shape, device=x.device) >= p
         return x * mask.to(x.dtype) / (1.0 - p), mask
+
+
+class OnnxPRelu(nn.Module):
+    """PRelu with a trainable slope (`weight`, ONNX layout, broadcast onto x): x < 0 ? slope * x : x."""
+
+    def __init__(self, weight: nn.Parameter):
+        super().__init__()
+        self.weight = weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _prelu(x, self.weight)
+
+
+class OnnxNorm(nn.Module):
+    """LayerNormalization / InstanceNormalization / GroupNormalization with a trainable scale
+    (`weight`) and bias (`bias`, None when absent), both in ONNX layout; see `_layer_norm`,
+    `_instance_norm`, `_group_norm` for the math."""
+
+    def __init__(self, kind: str, weight: nn.Parameter, bias: nn.Parameter | None, eps: float,
+                 axis: int = -1, groups: int = 1, per_group: bool = False, stats: bool = False):
+        super().__init__()
+        self.kind, self.eps, self.axis, self.groups, self.per_group, self.stats = kind, eps, axis, groups, per_group, stats
+        self.weight = weight
+        self.bias = bias
+
+    def forward(self, x: torch.Tensor):
+        if self.kind == "layer":
+            return _layer_norm(x, self.weight, self.bias, self.axis, self.eps, self.stats)
+        if self.kind == "instance":
+            return _instance_norm(x, self.weight, self.bias, self.eps)
+        return _group_norm(x, self.weight, self.bias, self.groups, self.eps, self.per_group)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, eps={self.eps}, axis={self.axis}, groups={self.groups}"
+
+
+class OnnxConvTranspose(nn.Module):
+    """ConvTranspose with trainable `weight` (C_in, C_out/group, k...) and `bias`; see `_conv_transpose`."""
+
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, **attrs):
+        super().__init__()
+        self.weight = weight
+        self.bias = bias
+        self.attrs = attrs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _conv_transpose(x, self.weight, self.bias, **self.attrs)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.attrs.items())
 
 
 class _BatchNormAnyD(nn.modules.batchnorm._BatchNorm):
@@ -157,6 +218,39 @@ def _conv(x, w, b, strides, pads, dilations, group, auto_pad="NOTSET"):
         x = _pad_spatial(x, begins, ends)
         begins = [0] * nd
     return _CONV_FN[nd](x, w, b, strides, begins, dilations, group)
+
+
+_CONV_T_FN = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+def _conv_transpose(x, w, b, strides, dilations, group, pads=None, output_padding=None, output_shape=None,
+                    auto_pad="NOTSET"):
+    """ONNX ConvTranspose. The full transposed convolution (size s*(n-1) + (k-1)*d + 1 per axis)
+    is extended by output_padding zeros and cropped by pads; with output_shape (or SAME_*
+    auto_pad, where output_shape = n*s) the pads total full + output_padding - output_shape,
+    split total//2 first for SAME_UPPER and total - total//2 first otherwise."""
+    nd = w.dim() - 2
+    kernel = list(w.shape[2:])
+    spatial = [int(n) for n in x.shape[2:]]
+    output_padding = list(output_padding or [0] * nd)
+    full = [s * (n - 1) + (k - 1) * d + 1 for s, n, k, d in zip(strides, spatial, kernel, dilations)]
+    if output_shape or auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        out = list(output_shape)[-nd:] if output_shape else [n * s for n, s in zip(spatial, strides)]
+        total = [f + p - o for f, p, o in zip(full, output_padding, out)]
+        begins = [t // 2 if auto_pad == "SAME_UPPER" else t - t // 2 for t in total]
+    else:
+        pads = list(pads or [0] * (2 * nd)) if auto_pad != "VALID" else [0] * (2 * nd)
+        begins = pads[:nd]
+        out = [f + p - b_ - e for f, p, b_, e in zip(full, output_padding, pads[:nd], pads[nd:])]
+    y = _CONV_T_FN[nd](x, w, None, strides, 0, 0, group, dilations)
+    flat: list[int] = []
+    for f, b_, o in reversed(list(zip(full, begins, out))):
+        flat += [-b_, o + b_ - f]
+    if any(flat):
+        y = F.pad(y, flat)
+    if b is not None:
+        y = y + b.reshape((1, -1) + (1,) * nd)
+    return y
 
 
 def _pool(x, kind, kernel, strides, pads, dilations, ceil_mode, count_include_pad, auto_pad="NOTSET"):
@@ -337,3 +431,48 @@ def _to_tensor(proto: onnx.TensorProto, folder=None) -> torch.Tensor:
         return torch.from_numpy(arr.astype(np.float32)).to(torch.bfloat16)
     # an array read from a file is already ours; one that views the proto's bytes is copied
     return torch.from_numpy(arr if arr.flags.owndata and arr.flags.writeable else np.array(arr, copy=True))
+
+
+def _prelu(x, slope):
+    return torch.where(x < 0, x * slope, x)
+
+
+def _stash(x):
+    return x.to(torch.float32) if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def _layer_norm(x, scale, bias, axis, eps, stats=False):
+    """ONNX LayerNormalization: (x - mean) / sqrt(var + eps) * scale + bias over axes [axis, rank).
+
+    With `stats`, also the mean and 1/sqrt(var + eps) (keepdims shape), as outputs 1 and 2."""
+    axis = axis + x.dim() if axis < 0 else axis
+    xs = _stash(x)
+    dims = tuple(range(axis, x.dim()))
+    mean = xs.mean(dims, keepdim=True)
+    inv = torch.rsqrt(((xs - mean) ** 2).mean(dims, keepdim=True) + eps)
+    y = (xs - mean) * inv * scale
+    if bias is not None:
+        y = y + bias
+    y = y.to(x.dtype)
+    return (y, mean.to(x.dtype), inv.to(x.dtype)) if stats else y
+
+
+def _channel_view(v, x):
+    return v.reshape((1, -1) + (1,) * (x.dim() - 2))
+
+
+def _instance_norm(x, scale, bias, eps):
+    """ONNX InstanceNormalization: per (n, c), normalized over the spatial axes, then * scale[c] + bias[c]."""
+    y = F.instance_norm(_stash(x), eps=eps).to(x.dtype)
+    return y * _channel_view(scale, x) + _channel_view(bias, x)
+
+
+def _group_norm(x, scale, bias, groups, eps, per_group):
+    """ONNX GroupNormalization: per (n, group), normalized over the group's channels and spatial axes.
+
+    scale/bias hold one value per channel (opset 21) or, `per_group`, one per group (opset 18)."""
+    y = F.group_norm(_stash(x), int(groups), eps=eps).to(x.dtype)
+    if per_group:
+        rep = x.shape[1] // int(groups)
+        scale, bias = scale.repeat_interleave(rep), bias.repeat_interleave(rep)
+    return y * _channel_view(scale, x) + _channel_view(bias, x)
