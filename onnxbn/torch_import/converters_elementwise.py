@@ -15,7 +15,6 @@ import torch.nn.functional as F
 
 from onnxbn.torch_import.converters import _op
 from onnxbn.torch_import.functional import (
-    _cast,
     _cast_like,
     _hard_sigmoid,
     _max,
@@ -26,7 +25,7 @@ from onnxbn.torch_import.functional import (
     _thresholded_relu,
     _where,
 )
-from onnxbn.torch_import.ops import DTYPES, OnnxPRelu, _prelu
+from onnxbn.torch_import.ops import DTYPES, OnnxPRelu, _cast, _prelu
 
 if TYPE_CHECKING:
     from onnxbn.torch_import.importer import _Importer

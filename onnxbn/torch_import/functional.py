@@ -112,11 +112,6 @@ def _space_to_depth(x, block, mode="DCR"):
     return y.reshape(b, c * block * block, h // block, w // block)
 
 
-def _cast(x, dtype):
-    """ONNX Cast (float -> int truncates toward zero; -> bool is x != 0)."""
-    return x.to(dtype)
-
-
 def _cast_like(x, like):
     return x.to(like.dtype)
 
@@ -229,5 +224,6 @@ def _arg_reduce(x, kind, axis, keepdims, last):
 # ============================================================================ normalization
 
 def _lp_norm(x, axis, p):
-    """ONNX LpNormalization: x / ||x||_p along `axis` (p = 1 or 2)."""
-    return x / torch.linalg.vector_norm(x, p, dim=axis, keepdim=True)
+    """ONNX LpNormalization: x / ||x||_p along `axis` (p = 1 or 2); 0 where the norm is 0."""
+    norm = torch.linalg.vector_norm(x, p, dim=axis, keepdim=True)
+    return torch.where(norm == 0, torch.zeros_like(x), x / torch.where(norm == 0, torch.ones_like(norm), norm))

@@ -31,7 +31,7 @@ from onnxbn.graph import (
 )
 from onnxbn.modelio import load_structure
 from onnxbn.torch_import.converters import _CONVERTERS
-from onnxbn.torch_import.ops import DTYPES, _to_tensor
+from onnxbn.torch_import.ops import DTYPES, UNSIGNED_WIDE, _cast, _to_tensor
 
 _RESERVED = set(dir(fx.GraphModule)) | {"onnx_names", "onnx_tensors", "onnx_inputs", "onnx_outputs",
                                           "onnx_opset", "onnx_structure", "self"}
@@ -210,7 +210,8 @@ class _Importer:
                                 "supported by onnxbn's torch importer")
             ph = self.graph.placeholder(unique_name(_sanitize(vi.name, "input"), arg_names | self.taken))
             arg_names.add(ph.target)
-            self.env[vi.name] = ph
+            self.env[vi.name] = ph if elem not in UNSIGNED_WIDE else \
+                self.graph.call_function(_cast, (ph, torch.int64))
             inputs.append(vi.name)
         for self.index, node in enumerate(g.node):
             self.node = node
@@ -238,7 +239,9 @@ class _Importer:
                 raise UserError(f"graph output {vi.name!r} is not produced by any node")
             self.node = onnx.helper.make_node("Identity", [], [], name="")
             v = self.value(vi.name)
-            results.append(self._lift(v) if isinstance(v, torch.Tensor) else v)
+            v = self._lift(v) if isinstance(v, torch.Tensor) else v
+            elem = vi.type.tensor_type.elem_type
+            results.append(self.graph.call_function(_cast, (v, UNSIGNED_WIDE[elem])) if elem in UNSIGNED_WIDE else v)
         self.graph.output(results[0] if len(results) == 1 else tuple(results))
         gm = fx.GraphModule(self.root, self.graph, class_name="OnnxGraphModule")
         _attach(gm, {"onnx_names": dict(self.onnx_names), "onnx_tensors": dict(self.onnx_tensors),

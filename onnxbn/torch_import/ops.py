@@ -22,13 +22,18 @@ from torch import nn
 from onnxbn.modelio import tensor_array
 
 
-# ONNX element type -> torch dtype, for the types the importer runs (others are refused at import)
+# ONNX element type -> torch dtype of its values inside an imported module, for the types the
+# importer runs (others are refused at import). uint16/32/64, which torch computes little with,
+# are held as int64 (exact for uint16/32; uint64 arithmetic is modular, comparisons and
+# division of values >= 2**63 are not) and cast back to their type at graph outputs.
+UNSIGNED_WIDE = {onnx.TensorProto.UINT16: torch.uint16, onnx.TensorProto.UINT32: torch.uint32,
+                 onnx.TensorProto.UINT64: torch.uint64}
 DTYPES = {
     onnx.TensorProto.FLOAT: torch.float32, onnx.TensorProto.DOUBLE: torch.float64,
     onnx.TensorProto.FLOAT16: torch.float16, onnx.TensorProto.BFLOAT16: torch.bfloat16,
     onnx.TensorProto.INT8: torch.int8, onnx.TensorProto.INT16: torch.int16, onnx.TensorProto.INT32: torch.int32,
     onnx.TensorProto.INT64: torch.int64, onnx.TensorProto.UINT8: torch.uint8, onnx.TensorProto.BOOL: torch.bool,
-}
+} | {t: torch.int64 for t in UNSIGNED_WIDE}
 
 # ============================================================================ modules
 
@@ -414,6 +419,11 @@ def _constant_of_shape(shape, value):
     dims = _ints(shape)
     device = shape.device if isinstance(shape, torch.Tensor) else None
     return torch.full(dims, value.reshape(-1)[0].item(), dtype=value.dtype, device=device)
+
+
+def _cast(x, dtype):
+    """ONNX Cast (float -> int truncates toward zero; -> bool is x != 0)."""
+    return x.to(dtype)
 
 
 def _clip(x, lo=None, hi=None):
