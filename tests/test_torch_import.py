@@ -736,3 +736,245 @@ def test_training_parity_with_hand_written_module():
 
 def test_dropout_module_type():
     assert issubclass(OnnxDropout, nn.Dropout)
+
+
+# ============================================================================ the ops of today's vision models
+# Each op at every opset from 9 to 22 where its definition changes (`_versions`), judged by onnxruntime.
+
+I64, BOOL = TensorProto.INT64, TensorProto.BOOL
+
+
+def _versions(op: str, lo: int = 9, hi: int = 22) -> list[int]:
+    """The opsets in [lo, hi] at which `op` exists with a definition different from the opset before."""
+    out, since = [], None
+    for v in range(lo, hi + 1):
+        try:
+            s = onnx.defs.get_schema(op, v).since_version
+        except onnx.defs.SchemaError:
+            continue
+        if s != since:
+            out.append(v)
+            since = s
+    return out
+
+
+def _typed(model):
+    """The model with its graph outputs typed by onnx's shape inference (outputs given by name only)."""
+    return onnx.shape_inference.infer_shapes(model)
+
+
+def _check_any(nodes, feeds, outputs, inits=(), opset=13, tol=RTOL):
+    """Build a model with `feeds` as typed inputs, compare to_torch with onnxruntime: same dtype and
+    shape, floats within `tol` (relative to the largest reference value), other types exactly."""
+    inputs = [helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(v.dtype), list(v.shape))
+              for k, v in feeds.items()]
+    inits = [numpy_helper.from_array(np.asarray(v), k) for k, v in dict(inits).items()]
+    graph = helper.make_graph(nodes, "g", inputs, [onnx.ValueInfoProto(name=o) for o in outputs], inits)
+    model = _typed(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=_ir(opset)))
+    ref = _ort(model, feeds)
+    got = _torch(to_torch(model), feeds, list(feeds))
+    for r, g in zip(ref, got):
+        assert g.dtype == r.dtype and g.shape == r.shape, (g.dtype, r.dtype, g.shape, r.shape)
+        if r.dtype.kind == "f":
+            assert _rel(g, r) <= tol, _rel(g, r)
+        else:
+            np.testing.assert_array_equal(g, r)
+    return model
+
+
+_UNARY_INPUT = {"Log": lambda x: np.abs(x) + 0.1, "Sqrt": lambda x: np.abs(x), "Reciprocal": lambda x: np.abs(x) + 0.5}
+_UNARY_ATTRS = {"Elu": dict(alpha=0.7), "Selu": dict(alpha=1.5, gamma=1.1), "Celu": dict(alpha=2.0),
+                "HardSigmoid": dict(alpha=0.3, beta=0.4), "ThresholdedRelu": dict(alpha=0.3)}
+_UNARY = ["Abs", "Neg", "Exp", "Log", "Sqrt", "Reciprocal", "Erf", "Sin", "Cos", "Floor", "Ceil", "Round", "Sign",
+          "HardSigmoid", "HardSwish", "Elu", "Selu", "Celu", "Softplus", "Softsign", "Mish", "ThresholdedRelu"]
+
+
+@pytest.mark.parametrize("op,opset", [(op, v) for op in _UNARY for v in _versions(op)])
+def test_unary(op, opset):
+    x = _rand(2, 3, 5, seed=1, scale=2.0)
+    x.flat[:4] = [0.5, -0.5, 1.5, -2.5]  # Round: halves to even
+    x = _UNARY_INPUT.get(op, lambda v: v)(x).astype(np.float32)
+    _check_any([helper.make_node(op, ["x"], ["y"])], {"x": x}, ["y"], opset=opset)
+    if op in _UNARY_ATTRS:
+        _check_any([helper.make_node(op, ["x"], ["y"], **_UNARY_ATTRS[op])], {"x": x}, ["y"], opset=opset)
+
+
+@pytest.mark.parametrize("opset", [20, 22])
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu(opset, approximate):
+    _check_any([helper.make_node("Gelu", ["x"], ["y"], approximate=approximate)], {"x": _rand(3, 7)}, ["y"], opset=opset)
+
+
+@pytest.mark.parametrize("opset", _versions("PRelu"))
+def test_prelu_trainable_slope(opset):
+    slope = _rand(3, 1, 1, seed=2)
+    x = _rand(2, 3, 4, 4)
+    model = _check_any([helper.make_node("PRelu", ["x", "slope"], ["y"], name="act")], {"x": x}, ["y"],
+                       {"slope": slope}, opset)
+    module = to_torch(model)
+    assert isinstance(module.act.weight, nn.Parameter) and module.onnx_tensors["act.weight"] == "slope"
+    # slope as a run-time input (broadcast from the last axis)
+    _check_any([helper.make_node("PRelu", ["x", "s"], ["y"])], {"x": x, "s": _rand(4, seed=3)}, ["y"], opset=opset)
+
+
+@pytest.mark.parametrize("op,opset", [(op, v) for op in ("Min", "Max", "Mean") for v in _versions(op)])
+def test_variadic(op, opset):
+    feeds = {"a": _rand(2, 3, 4, seed=1), "b": _rand(3, 1, seed=2), "c": _rand(4, seed=3)}
+    _check_any([helper.make_node(op, ["a", "b", "c"], ["y"]), helper.make_node(op, ["a"], ["one"])],
+               feeds, ["y", "one"], opset=opset)
+    if op != "Mean" and opset >= 12:  # integer inputs from opset 12
+        ints = {"a": np.array([[1, -5], [7, 2]], np.int64), "b": np.array([3, 0], np.int64)}
+        _check_any([helper.make_node(op, ["a", "b"], ["y"])], ints, ["y"], opset=opset)
+
+
+@pytest.mark.parametrize("op,opset", [(op, v) for op in ("Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual",
+                                                         "And", "Or", "Not", "Where", "Pow")
+                                      for v in _versions(op)])
+def test_compare_logic_where_pow(op, opset):
+    a, b = _rand(2, 3, seed=1), _rand(3, seed=2)
+    a[0, :] = b  # ties
+    if op in ("And", "Or"):
+        feeds = {"a": a > 0, "b": b > 0}
+    elif op == "Not":
+        feeds = {"a": a > 0}
+    elif op == "Where":
+        feeds = {"c": a > 0, "a": a, "b": b}
+    elif op == "Pow":
+        feeds = {"a": np.abs(a) + 0.1, "b": b}
+    elif op == "Equal" and opset < 11:  # integers only before 11
+        feeds = {"a": (a * 3).astype(np.int64), "b": (b * 3).astype(np.int64)}
+    else:
+        feeds = {"a": a, "b": b}
+    _check_any([helper.make_node(op, list(feeds), ["y"])], feeds, ["y"], opset=opset)
+    if op == "Equal":
+        _check_any([helper.make_node(op, ["a", "b"], ["y"])], {"a": np.array([1, 2, 3]), "b": np.array([3, 2, 1])},
+                   ["y"], opset=opset)
+    if op == "Pow" and opset >= 12:  # integer exponent, integer base
+        _check_any([helper.make_node(op, ["a", "b"], ["y"])], {"a": _rand(4), "b": np.array([2, 3, 0, 1])},
+                   ["y"], opset=opset)
+        _check_any([helper.make_node(op, ["a", "b"], ["y"])], {"a": np.array([2, 3, 4]), "b": np.array([2, 1, 0])},
+                   ["y"], opset=opset)
+
+
+@pytest.mark.parametrize("opset", sorted(set(_versions("Cast")) | set(_versions("CastLike"))))
+def test_cast_and_cast_like(opset):
+    x = np.array([[-2.7, -0.5, 0.0, 0.4, 3.9, 200.0]], np.float32)
+    targets = [TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.INT32, TensorProto.INT64, TensorProto.INT8,
+               TensorProto.UINT8, TensorProto.BOOL]
+    nodes = [helper.make_node("Cast", ["x"], [f"y{t}"], to=t) for t in targets if t != TensorProto.UINT8]
+    outputs = [n.output[0] for n in nodes]
+    if opset >= 15:
+        nodes.append(helper.make_node("CastLike", ["x", "like"], ["z"]))
+        outputs.append("z")
+        _check_any(nodes, {"x": x, "like": np.array([1], np.int32)}, outputs, opset=opset)
+    else:
+        _check_any(nodes, {"x": x}, outputs, opset=opset)
+    node = helper.make_node("Cast", ["x"], ["y"], to=TensorProto.FLOAT8E4M3FN)
+    model = _model([node], [("x", [1, 6])], [("y", [1, 6], TensorProto.FLOAT8E4M3FN)], opset=max(opset, 19))
+    with pytest.raises(UserError, match=r"\(Cast, opset \d+\): to=FLOAT8E4M3FN is not supported"):
+        to_torch(model)
+
+
+def test_unsupported_input_type_refused():
+    model = _model([helper.make_node("Identity", ["x"], ["y"])], [("x", [2], TensorProto.STRING)],
+                   [("y", [2], TensorProto.STRING)], opset=13)
+    with pytest.raises(UserError, match=r"graph input 'x' \(opset 13\): element type STRING is not supported"):
+        to_torch(model)
+
+
+def test_uint32_held_as_int64():
+    feeds = {"a": np.array([1, 4000000000], np.uint32), "b": np.array([3, 5], np.uint32)}
+    _check_any([helper.make_node("Add", ["a", "b"], ["s"]), helper.make_node("Less", ["a", "b"], ["l"]),
+                helper.make_node("Max", ["a", "b"], ["m"])], feeds, ["s", "l", "m"], opset=13)
+
+
+# ---------------------------------------------------------------- shape and indexing
+
+@pytest.mark.parametrize("opset", sorted(set(_versions("Shape")) | set(_versions("Size"))))
+def test_shape_size(opset):
+    x = _rand(2, 3, 4)
+    nodes = [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Size", ["x"], ["n"])]
+    outputs = ["s", "n"]
+    if opset >= 15:
+        nodes += [helper.make_node("Shape", ["x"], ["s1"], start=1), helper.make_node("Shape", ["x"], ["s2"], end=-1),
+                  helper.make_node("Shape", ["x"], ["s3"], start=-2, end=10)]
+        outputs += ["s1", "s2", "s3"]
+    _check_any(nodes, {"x": x}, outputs, opset=opset)
+
+
+@pytest.mark.parametrize("opset", sorted(set(_versions("Gather")) | set(_versions("GatherElements"))))
+def test_gather(opset):
+    x = _rand(3, 4, 5)
+    feeds = {"x": x, "i": np.array([[0, -1], [2, 1]], np.int64), "j": np.array(-2, np.int64),
+             "e": np.array([[[1, -1, 0, 2, 3]] * 4] * 3, np.int64)[:, :2]}
+    nodes = [helper.make_node("Gather", ["x", "i"], ["g0"], axis=1), helper.make_node("Gather", ["x", "j"], ["g1"]),
+             helper.make_node("Gather", ["x", "i"], ["g2"], axis=-1),
+             helper.make_node("GatherElements", ["x", "e"], ["ge"], axis=1) if opset >= 11 else
+             helper.make_node("Identity", ["x"], ["ge"])]
+    _check_any(nodes, feeds, ["g0", "g1", "g2", "ge"], opset=opset)
+
+
+@pytest.mark.parametrize("opset", _versions("Slice"))
+def test_slice(opset):
+    x = _rand(4, 5, 6)
+    if opset < 10:
+        nodes = [helper.make_node("Slice", ["x"], ["y"], starts=[1, -4], ends=[100, -1], axes=[0, 2]),
+                 helper.make_node("Slice", ["x"], ["z"], starts=[0, 1, 2], ends=[2, 3, 4])]
+        _check_any(nodes, {"x": x}, ["y", "z"], opset=opset)
+        return
+    inits = {"st": np.array([1, -4, 5], np.int64), "en": np.array([100, -1, -100], np.int64),
+             "ax": np.array([0, 2, 1], np.int64), "sp": np.array([2, 1, -2], np.int64)}
+    nodes = [helper.make_node("Slice", ["x", "st", "en", "ax", "sp"], ["y"]),
+             helper.make_node("Slice", ["x", "st", "en"], ["z"])]
+    _check_any(nodes, {"x": x}, ["y", "z"], inits, opset)
+
+
+@pytest.mark.parametrize("opset", _versions("Split"))
+def test_split(opset):
+    x = _rand(2, 7, 3)
+    if opset < 13:
+        nodes = [helper.make_node("Split", ["x"], ["a", "b", "c"], axis=1, split=[2, 4, 1]),
+                 helper.make_node("Split", ["x"], ["d", "e"], axis=-1, split=[1, 2])]
+        _check_any(nodes, {"x": x}, ["a", "b", "c", "d", "e"], opset=opset)
+    else:
+        nodes = [helper.make_node("Split", ["x", "sp"], ["a", "b", "c"], axis=1),
+                 helper.make_node("Split", ["x", "sp2"], ["d", "e"], axis=-1)]
+        _check_any(nodes, {"x": x}, ["a", "b", "c", "d", "e"], {"sp": np.array([2, 4, 1]), "sp2": np.array([1, 2])},
+                   opset)
+    if opset >= 18:  # num_outputs: ceil(7 / 3) = 3, 3, 1
+        _check_any([helper.make_node("Split", ["x"], ["a", "b", "c"], axis=1, num_outputs=3)], {"x": x},
+                   ["a", "b", "c"], opset=opset)
+    else:  # equal parts
+        _check_any([helper.make_node("Split", ["x"], ["a", "b", "c"], axis=2)], {"x": x}, ["a", "b", "c"], opset=opset)
+
+
+@pytest.mark.parametrize("op,opset", [(op, v) for op in ("Expand", "Tile", "Range") for v in _versions(op)])
+def test_expand_tile_range(op, opset):
+    x = _rand(3, 1)
+    if op == "Expand":
+        _check_any([helper.make_node(op, ["x", "s"], ["y"]), helper.make_node(op, ["x", "t"], ["z"])], {"x": x},
+                   ["y", "z"], {"s": np.array([2, 1, 4]), "t": np.array([1, 1])}, opset)
+    elif op == "Tile":
+        _check_any([helper.make_node(op, ["x", "r"], ["y"])], {"x": x}, ["y"], {"r": np.array([2, 3])}, opset)
+    else:
+        feeds = {"a": np.array(1.5, np.float32), "b": np.array(-2.0, np.float32), "d": np.array(-0.75, np.float32),
+                 "i": np.array(10), "j": np.array(2), "k": np.array(-3)}
+        _check_any([helper.make_node(op, ["a", "b", "d"], ["y"]), helper.make_node(op, ["i", "j", "k"], ["z"])],
+                   feeds, ["y", "z"], opset=opset)
+
+
+@pytest.mark.parametrize("op,opset", [(op, v) for op in ("DepthToSpace", "SpaceToDepth") for v in _versions(op)])
+def test_depth_space(op, opset):
+    x = _rand(2, 8, 3, 4) if op == "DepthToSpace" else _rand(2, 2, 6, 4)
+    modes = ["DCR", "CRD"] if op == "DepthToSpace" and opset >= 11 else [None]
+    for mode in modes:
+        attrs = {"mode": mode} if mode else {}
+        _check_any([helper.make_node(op, ["x"], ["y"], blocksize=2, **attrs)], {"x": x}, ["y"], opset=opset)
+
+
+@pytest.mark.parametrize("opset", _versions("Einsum"))
+@pytest.mark.parametrize("equation,shapes", [("bij, bjk -> bik", [(2, 3, 4), (2, 4, 5)]), ("...ii->...i", [(3, 4, 4)]),
+                                             ("ij->", [(3, 4)]), ("nchw,c->nhw", [(2, 3, 4, 5), (3,)])])
+def test_einsum(opset, equation, shapes):
+    feeds = {f"x{i}": _rand(*s, seed=i) for i, s in enumerate(shapes)}
+    _check_any([helper.make_node("Einsum", list(feeds), ["y"], equation=equation)], feeds, ["y"], opset=opset)

@@ -11,7 +11,7 @@ i.e. edge padding): nearest (k = 1, rounded by nearest_mode), linear (k = 2), cu
 (k = 4, cubic_coeff_a), antialias widening the linear/cubic filter by 1/s when
 downsampling; exclude_outside zeroes the weights of indices outside the input and
 renormalizes. Output sizes from scales are floor(n * s); keep_aspect_ratio_policy and
-axes (opset 18) as specified. Before opset 11 (Resize-10, Upsample) the mapping is
+axes (opset 18) as specified. Before opset 11 (Resize-10, Upsample-9) the mapping is
 asymmetric and nearest rounds down when upsampling and up when downsampling.
 Integer inputs are rounded and clamped to their type's range.
 """
@@ -207,10 +207,11 @@ def _resize_op(ctx: _Importer, a: dict):
 
 @_op("Upsample")
 def _upsample_op(ctx: _Importer, a: dict):
-    """Upsample: scales as an attribute (opset 7-8) or the second input (9); asymmetric mapping."""
+    """Upsample-9 (the importer's oldest opset; deprecated at 10): scales as the second input,
+    asymmetric mapping. (Upsample-7's scales attribute becomes that input in
+    onnx.version_converter's conversion to opset 9, which the importer asks for.)"""
     mode = a.get("mode", "nearest")
     if mode not in ("nearest", "linear", "bilinear"):
         ctx.fail(f"mode={mode!r} is not supported")
-    scales = list(a["scales"]) if ctx.opset < 9 else _const_floats(ctx.inp(1))
-    return ctx.call(_resize, ctx.inp(0), scales, None, None, None, "nearest" if mode == "nearest" else "linear",
-                    "asymmetric", "simple")
+    return ctx.call(_resize, ctx.inp(0), _const_floats(ctx.inp(1)), None, None, None,
+                    "nearest" if mode == "nearest" else "linear", "asymmetric", "simple")
