@@ -978,3 +978,93 @@ def test_depth_space(op, opset):
 def test_einsum(opset, equation, shapes):
     feeds = {f"x{i}": _rand(*s, seed=i) for i, s in enumerate(shapes)}
     _check_any([helper.make_node("Einsum", list(feeds), ["y"], equation=equation)], feeds, ["y"], opset=opset)
+
+
+# ---------------------------------------------------------------- Resize, Upsample
+
+_COORD = ["half_pixel", "pytorch_half_pixel", "align_corners", "asymmetric", "tf_crop_and_resize"]
+
+
+def _resize_variants(opset):
+    """(attrs, roi, scales, sizes, axes) for Resize at `opset`: every mode, coordinate mode and nearest mode.
+
+    Not here: align_corners / tf_crop_and_resize with scales whose n * scale is not a whole number,
+    where onnxruntime divides by the integer output length and the ONNX reference (whose backend
+    test data the importer follows, tests/test_conformance.py) by n * scale."""
+    up, down = np.array([1, 1, 2.0, 1.5], np.float32), np.array([1, 1, 0.5, 0.8], np.float32)
+    sizes = np.array([2, 3, 7, 3], np.int64)
+    roi = np.array([0, 0, 0.1, 0.3, 1, 1, 0.8, 0.9], np.float32)
+    out = []
+    for coord in _COORD + (["half_pixel_symmetric"] if opset >= 19 else []):
+        for mode in ("nearest", "linear", "cubic"):
+            attrs = dict(mode=mode, coordinate_transformation_mode=coord)
+            r = roi if coord == "tf_crop_and_resize" else None
+            if coord == "tf_crop_and_resize":
+                attrs["extrapolation_value"] = -1.0
+            out += [(attrs, r, up, None, None), (attrs, r, None, sizes, None)]
+            if coord not in ("align_corners", "tf_crop_and_resize"):
+                out.append((attrs, r, down, None, None))
+        out.append((dict(mode="cubic", coordinate_transformation_mode=coord, exclude_outside=1, cubic_coeff_a=-0.5),
+                    None if coord != "tf_crop_and_resize" else roi, up, None, None))
+    for nearest_mode in ("round_prefer_floor", "round_prefer_ceil", "floor", "ceil"):
+        for coord in ("half_pixel", "asymmetric", "align_corners"):
+            attrs = dict(mode="nearest", coordinate_transformation_mode=coord, nearest_mode=nearest_mode)
+            out += [(attrs, None, up, None, None), (attrs, None, None, sizes, None)]
+            if coord != "align_corners":
+                out.append((attrs, None, down, None, None))
+    if opset >= 18:
+        for mode in ("linear", "cubic"):
+            out.append((dict(mode=mode, antialias=1), None, np.array([0.5, 0.6], np.float32), None, [2, 3]))
+        for policy in ("not_larger", "not_smaller"):
+            out.append((dict(mode="linear", keep_aspect_ratio_policy=policy), None, None, np.array([5, 9]), [2, 3]))
+        out.append((dict(mode="nearest"), None, None, np.array([9, 4]), [-1, 2]))
+    return out
+
+
+@pytest.mark.parametrize("opset", [v for v in _versions("Resize") if v >= 11])
+def test_resize(opset):
+    x = _rand(2, 3, 5, 4)
+    for attrs, roi, scales, sizes, axes in _resize_variants(opset):
+        inits = {"roi": roi if roi is not None else np.zeros(0, np.float32)}
+        names = ["x", "roi", "", ""]
+        if scales is not None:
+            inits["scales"], names[2] = scales, "scales"
+        else:
+            inits["sizes"], names[3] = sizes, "sizes"
+        if opset < 13 and scales is None:
+            inits["scales"], names[2] = np.zeros(0, np.float32), "scales"  # required (empty) before 13
+        extra = {"axes": axes} if axes is not None else {}
+        node = helper.make_node("Resize", [n for n in names if n or names.index(n) < 3], ["y"], **attrs, **extra)
+        node.input[:] = names[:4] if names[3] else names[:3]
+        try:
+            _check_any([node], {"x": x}, ["y"], inits, opset, tol=1e-5)
+        except AssertionError as exc:
+            raise AssertionError(f"{attrs} scales={scales} sizes={sizes} axes={axes}: {exc}") from None
+
+
+@pytest.mark.parametrize("opset,op", [(10, "Resize"), (9, "Upsample")])
+@pytest.mark.parametrize("mode", ["nearest", "linear"])
+def test_resize10_upsample9(opset, op, mode):
+    x = _rand(1, 2, 5, 4)
+    for scales in ([1, 1, 2, 3], [1, 1, 1.5, 2.5], [1, 1, 0.5, 0.75]):
+        if op == "Upsample" and min(scales) < 1:
+            continue
+        _check_any([helper.make_node(op, ["x", "s"], ["y"], mode=mode)], {"x": x}, ["y"],
+                   {"s": np.array(scales, np.float32)}, opset)
+
+
+def test_resize_sizes_at_run_time():
+    # FPN-style: the coarse map resized to the fine map's H, W from Shape -> Slice -> Concat
+    nodes = [helper.make_node("MaxPool", ["x"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Shape", ["x"], ["s"]),
+             helper.make_node("Slice", ["s", "st", "en"], ["hw"]),
+             helper.make_node("Concat", ["nc", "hw"], ["sizes"], axis=0),
+             helper.make_node("Resize", ["p", "", "", "sizes"], ["y"], mode="linear")]
+    inits = {"st": np.array([2]), "en": np.array([4]), "nc": np.array([1, 3])}
+    model = _model(nodes, [("x", [1, 3, "H", "W"])], [("y", [1, 3, "H", "W"])], inits, 13)
+    module = to_torch(model)
+    for shape in ((1, 3, 8, 6), (1, 3, 11, 7)):
+        x = _rand(*shape, seed=shape[2])
+        ref = _ort(model, {"x": x})[0]
+        got = _torch(module, {"x": x}, ["x"])[0]
+        assert got.shape == shape and _rel(got, ref) <= RTOL

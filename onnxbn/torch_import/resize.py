@@ -35,8 +35,9 @@ _NEAREST_MODES = ("round_prefer_floor", "round_prefer_ceil", "floor", "ceil", "s
 
 
 def _source_coords(mode, m, n, scale, roi, device):
-    """Source coordinate of each of the m outputs (float64), and the extrapolated mask or None."""
-    y = torch.arange(m, dtype=torch.float64, device=device)
+    """Source coordinate of each of the m outputs (float32, as onnxruntime computes them), and the
+    extrapolated mask or None."""
+    y = torch.arange(m, dtype=torch.float32, device=device)
     width = scale * n
     if mode == "align_corners":
         return (torch.zeros_like(y) if width == 1 else y * (n - 1) / (width - 1)), None
@@ -70,15 +71,15 @@ def _taps(mode, x, scale, n, cubic_a, antialias, exclude_outside):
         coeffs = torch.stack([1 - ratio, ratio], 1)
     elif mode == "linear":
         start = math.floor(-1 / scale) + 1
-        offsets = torch.arange(start, 2 - start, dtype=torch.float64, device=x.device)
+        offsets = torch.arange(start, 2 - start, dtype=x.dtype, device=x.device)
         coeffs = torch.clamp(1 - ((offsets[None] - ratio[:, None]) * scale).abs(), 0, 1)
         coeffs = coeffs / coeffs.sum(1, keepdim=True)
     elif not (antialias and scale < 1):
-        offsets = torch.tensor([-1.0, 0.0, 1.0, 2.0], dtype=torch.float64, device=x.device)
+        offsets = torch.tensor([-1.0, 0.0, 1.0, 2.0], dtype=x.dtype, device=x.device)
         coeffs = _cubic(offsets[None] - ratio[:, None], cubic_a)
     else:
         start = math.floor(-2 / scale) + 1
-        offsets = torch.arange(start, 2 - start, dtype=torch.float64, device=x.device)
+        offsets = torch.arange(start, 2 - start, dtype=x.dtype, device=x.device)
         coeffs = _cubic((offsets[None] - ratio[:, None]) * scale, cubic_a)
         coeffs = coeffs / coeffs.sum(1, keepdim=True)
     k = coeffs.shape[1]
