@@ -1068,3 +1068,144 @@ def test_resize_sizes_at_run_time():
         ref = _ort(model, {"x": x})[0]
         got = _torch(module, {"x": x}, ["x"])[0]
         assert got.shape == shape and _rel(got, ref) <= RTOL
+
+
+# ---------------------------------------------------------------- ConvTranspose, normalizations
+
+def _conv_transpose_cases():
+    w = _rand(4, 3, 3, 3, seed=1, scale=0.3)   # (C_in, C_out / group, k, k)
+    w2 = _rand(4, 2, 3, 2, seed=2, scale=0.3)  # group 2: C_out = 4
+    return [
+        ("plain", w, {}),
+        ("stride_pads", w, dict(strides=[2, 2], pads=[1, 0, 1, 2])),
+        ("output_padding", w, dict(strides=[2, 3], output_padding=[1, 2])),
+        ("dilation", w, dict(dilations=[2, 1], pads=[1, 1, 0, 0])),
+        ("group", w2, dict(group=2, strides=[2, 1])),
+        ("output_shape", w, dict(strides=[2, 2], output_shape=[10, 12])),
+        ("same_upper", w, dict(strides=[2, 2], auto_pad="SAME_UPPER")),
+        ("same_lower", w, dict(strides=[2, 2], auto_pad="SAME_LOWER")),
+        ("valid", w, dict(strides=[2, 2], auto_pad="VALID")),
+    ]
+
+
+@pytest.mark.parametrize("opset", _versions("ConvTranspose"))
+@pytest.mark.parametrize("case", _conv_transpose_cases(), ids=lambda c: c[0])
+def test_conv_transpose(opset, case):
+    _, w, attrs = case
+    b = _rand(w.shape[1] * attrs.get("group", 1), seed=5)
+    x = _rand(2, 4, 5, 6)
+    model = _check_any([helper.make_node("ConvTranspose", ["x", "W", "B"], ["y"], name="up", **attrs)], {"x": x},
+                       ["y"], {"W": w, "B": b}, opset)
+    module = to_torch(model)
+    assert isinstance(module.up.weight, nn.Parameter) and module.up.weight.requires_grad
+    assert module.onnx_tensors["up.weight"] == "W" and module.onnx_tensors["up.bias"] == "B"
+    # the weight as a run-time input, 1-D
+    _check_any([helper.make_node("ConvTranspose", ["x", "w"], ["y"], strides=[2], output_padding=[1])],
+               {"x": _rand(2, 4, 7), "w": _rand(4, 3, 3, seed=6)}, ["y"], opset=opset)
+
+
+def test_conv_transpose_writes_back(tmp_path):
+    model = _check_any([helper.make_node("ConvTranspose", ["x", "W", "B"], ["y"], name="up", strides=[2, 2])],
+                       {"x": _rand(1, 4, 3, 3)}, ["y"], {"W": _rand(4, 2, 2, 2), "B": _rand(2)}, 17)
+    module = to_torch(model)
+    with torch.no_grad():
+        module.up.weight.mul_(2.0)
+        module.up.bias.add_(1.0)
+    written = write_back(module, model)
+    x = _rand(1, 4, 3, 3, seed=9)
+    assert _rel(_ort(written, {"x": x})[0], _torch(module, {"x": x}, ["x"])[0]) <= RTOL
+
+
+@pytest.mark.parametrize("op,opset", [(op, v) for op in ("LayerNormalization", "InstanceNormalization",
+                                                         "GroupNormalization", "LpNormalization")
+                                      for v in _versions(op)])
+def test_normalizations(op, opset):
+    x = _rand(2, 4, 3, 5, scale=3.0)
+    if op == "LayerNormalization":
+        for axis, shape in ((-1, (5,)), (1, (4, 3, 5)), (2, (1, 5))):
+            model = _check_any([helper.make_node(op, ["x", "s", "b"], ["y", "m", "inv"], name="ln", axis=axis,
+                                                 epsilon=1e-3)],
+                               {"x": x}, ["y", "m", "inv"], {"s": _rand(*shape, seed=1), "b": _rand(*shape, seed=2)},
+                               opset)
+        _check_any([helper.make_node(op, ["x", "s"], ["y"])], {"x": x, "s": _rand(5, seed=1)}, ["y"], opset=opset)
+    elif op == "InstanceNormalization":
+        model = _check_any([helper.make_node(op, ["x", "s", "b"], ["y"], name="ln", epsilon=1e-4)], {"x": x}, ["y"],
+                           {"s": _rand(4, seed=1), "b": _rand(4, seed=2)}, opset)
+    elif op == "GroupNormalization":
+        n = 2 if opset < 21 else 4  # scale/bias per group at 18, per channel from 21
+        model = _check_any([helper.make_node(op, ["x", "s", "b"], ["y"], name="ln", num_groups=2, epsilon=1e-4)],
+                           {"x": x}, ["y"], {"s": _rand(n, seed=1), "b": _rand(n, seed=2)}, opset)
+    else:
+        x[0, 0] = 0.0  # a zero norm gives 0
+        for p, axis in ((2, -1), (1, 1), (2, 0)):
+            _check_any([helper.make_node(op, ["x"], ["y"], p=p, axis=axis)], {"x": np.abs(x) if p == 1 else x},
+                       ["y"], opset=opset)
+        return
+    module = to_torch(model)
+    assert isinstance(module.ln.weight, nn.Parameter) and module.onnx_tensors["ln.weight"] == "s"
+    assert module.onnx_tensors["ln.bias"] == "b"
+
+
+# ---------------------------------------------------------------- reductions
+
+_REDUCE_OPS = ["ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
+               "ReduceLogSumExp", "ReduceSumSquare"]
+
+
+@pytest.mark.parametrize("op,opset", [(op, v) for op in _REDUCE_OPS for v in _versions(op)])
+def test_reduce(op, opset):
+    x = _rand(2, 3, 4, scale=0.8)
+    axes_input = opset >= (13 if op == "ReduceSum" else 18)
+    for axes, keepdims in (([1], 1), ([0, -1], 0), (None, 1), (None, 0)):
+        if axes_input:
+            inits = {} if axes is None else {"axes": np.array(axes, np.int64)}
+            node = helper.make_node(op, ["x"] + (["axes"] if axes is not None else []), ["y"], keepdims=keepdims)
+        else:
+            inits = {}
+            node = helper.make_node(op, ["x"], ["y"], keepdims=keepdims, **({"axes": axes} if axes else {}))
+        _check_any([node], {"x": x}, ["y"], inits, opset)
+    if axes_input:  # noop_with_empty_axes, and axes as a run-time input
+        _check_any([helper.make_node(op, ["x"], ["y"], noop_with_empty_axes=1)], {"x": x}, ["y"], opset=opset)
+        _check_any([helper.make_node(op, ["x", "axes"], ["y"], keepdims=0)], {"x": x, "axes": np.array([2, 0])},
+                   ["y"], opset=opset)
+    if op in ("ReduceMax", "ReduceMin", "ReduceSum", "ReduceProd"):  # integers keep their type
+        ints = {"x": np.array([[3, -1, 7], [2, 5, -4]], np.int64)}
+        node = helper.make_node(op, ["x"] + (["axes"] if axes_input else []), ["y"], keepdims=0,
+                                **({} if axes_input else {"axes": [1]}))
+        _check_any([node], ints, ["y"], {"axes": np.array([1])} if axes_input else {}, opset)
+
+
+@pytest.mark.parametrize("op,opset", [(op, v) for op in ("ArgMax", "ArgMin") for v in _versions(op)])
+def test_arg_reduce(op, opset):
+    x = np.array([[[1, 5, 5, 0], [2, 2, -1, -1], [0, 5, -1, 3]]], np.float32)
+    for axis, keepdims in ((1, 1), (-1, 0), (0, 1)):
+        _check_any([helper.make_node(op, ["x"], ["y"], axis=axis, keepdims=keepdims)], {"x": x}, ["y"], opset=opset)
+        if opset >= 12:
+            _check_any([helper.make_node(op, ["x"], ["y"], axis=axis, keepdims=keepdims, select_last_index=1)],
+                       {"x": x}, ["y"], opset=opset)
+
+
+# ---------------------------------------------------------------- Pad (all modes), Clip (tensor bounds)
+
+@pytest.mark.parametrize("opset", [v for v in _versions("Pad") if v >= 11])
+@pytest.mark.parametrize("mode", ["constant", "reflect", "edge", "wrap"])
+def test_pad_modes_and_run_time_pads(opset, mode):
+    if mode == "wrap" and opset < 19:
+        return
+    x = _rand(2, 3, 4, 5)
+    feeds = {"x": x, "pads": np.array([0, 1, 2, 1, 0, 2, 1, 3], np.int64)}
+    _check_any([helper.make_node("Pad", ["x", "pads"], ["y"], mode=mode)], feeds, ["y"], opset=opset)
+    if opset >= 18:
+        feeds = {"x": x, "pads": np.array([2, 1, 1, 2], np.int64), "axes": np.array([-1, 1], np.int64)}
+        _check_any([helper.make_node("Pad", ["x", "pads", "", "axes"], ["y"], mode=mode)], feeds, ["y"], opset=opset)
+
+
+@pytest.mark.parametrize("opset", [v for v in _versions("Clip") if v >= 11])
+def test_clip_tensor_bounds(opset):
+    x = _rand(3, 4, scale=2.0)
+    feeds = {"x": x, "lo": np.array(-0.5, np.float32), "hi": np.array(0.7, np.float32)}
+    _check_any([helper.make_node("Clip", ["x", "lo", "hi"], ["y"]), helper.make_node("Clip", ["x", "", "hi"], ["z"])],
+               feeds, ["y", "z"], opset=opset)
+    if opset >= 12:
+        ints = {"x": np.array([-5, 0, 3, 9], np.int64), "lo": np.array(-1, np.int64), "hi": np.array(4, np.int64)}
+        _check_any([helper.make_node("Clip", ["x", "lo", "hi"], ["y"])], ints, ["y"], opset=opset)
