@@ -1209,3 +1209,47 @@ def test_clip_tensor_bounds(opset):
     if opset >= 12:
         ints = {"x": np.array([-5, 0, 3, 9], np.int64), "lo": np.array(-1, np.int64), "hi": np.array(4, np.int64)}
         _check_any([helper.make_node("Clip", ["x", "lo", "hi"], ["y"])], ints, ["y"], opset=opset)
+
+
+# ---------------------------------------------------------------- run-time shapes in exported models
+
+class _DynamicNet(nn.Module):
+    """x.view(x.size(0), -1), F.interpolate(scale_factor=2) and an FPN-style resize to another map's size."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.c2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x):
+        y = torch.relu(self.c1(x))
+        coarse = torch.nn.functional.max_pool2d(y, 2)
+        y = y + torch.nn.functional.interpolate(coarse, size=y.shape[-2:], mode="bilinear", align_corners=False)
+        y = self.c2(torch.nn.functional.interpolate(y, scale_factor=2.0))
+        y = torch.nn.functional.adaptive_avg_pool2d(y, 1)
+        return self.fc(y.view(y.size(0), -1))
+
+
+@pytest.mark.parametrize("exporter", ["torchscript-13", "torchscript-17", "dynamo"])
+def test_exported_model_runs_at_any_input_size(exporter, tmp_path):
+    torch.manual_seed(0)
+    net = _DynamicNet().eval()
+    path = tmp_path / "m.onnx"
+    x0 = torch.randn(2, 3, 8, 8)
+    if exporter == "dynamo":
+        pytest.importorskip("onnxscript", reason="torch's dynamo exporter needs onnxscript")
+        dims = {0: torch.export.Dim("N"), 2: torch.export.Dim("H", min=4), 3: torch.export.Dim("W", min=4)}
+        torch.onnx.export(net, (x0,), str(path), dynamo=True, input_names=["x"], dynamic_shapes={"x": dims},
+                          verbose=False)
+    else:
+        torch.onnx.export(net, (x0,), str(path), dynamo=False, opset_version=int(exporter.split("-")[1]),
+                          input_names=["x"], dynamic_axes={"x": {0: "N", 2: "H", 3: "W"}})
+    model = onnx.load(str(path))
+    module = to_torch(model)
+    for shape in ((2, 3, 8, 8), (3, 3, 13, 10)):
+        x = _rand(*shape, seed=shape[0])
+        ref = _ort(model, {"x": x})[0]
+        got = _torch(module, {"x": x}, ["x"])[0]
+        assert got.shape == ref.shape == (shape[0], 5)
+        assert _rel(got, ref) <= RTOL
