@@ -45,6 +45,8 @@ from onnxbn.graph import MIN_OPSET, opset_version  # noqa: E402
 from onnxbn.torch_import import SUPPORTED_OPS, to_torch  # noqa: E402
 
 
+OLD_OPSET = 16  # onnx2torch's converters are registered for opsets up to about here
+
 # cases whose expected outputs come from numpy's random generator: no importer can reproduce them
 RANDOM = {name: "Dropout with training_mode=True and ratio > 0 draws its mask from numpy's RNG"
           for name in ("test_training_dropout", "test_training_dropout_default",
@@ -194,6 +196,16 @@ def table(cases, ours: dict, theirs: dict | None, ops_of: dict) -> str:
     return "\n".join(lines)
 
 
+def _reasons(results: dict[str, str]) -> list[str]:
+    """Markdown lines: each distinct reason (node names and numbers blanked) with its count."""
+    counts: dict[str, int] = defaultdict(int)
+    for v in results.values():
+        if v != "pass":
+            v = re.sub(r"(node|input) '[^']*'", r"\1 …", v)
+            counts[re.sub(r"\b\d+(\.\d+)?(e-?\d+)?\b", "N", v)] += 1
+    return [f"- {n} x {why}" for why, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--no-onnx2torch", action="store_true", help="skip the onnx2torch column")
@@ -227,15 +239,19 @@ def main(argv=None) -> int:
         tr = sum(v.startswith("refused") for v in theirs.values())
         out.append(f"{note} on the same {n} cases: {tp} pass ({100 * tp / n:.1f}%), {tr} refused "
                    f"(raised while converting), {n - tp - tr - random} fail, {random} random.")
+        old = [c.name for c in cases if opset_version(c.model) <= OLD_OPSET]
+        out.append(f"On the {len(old)} cases at opset <= {OLD_OPSET} (most cases use the opset current when "
+                   f"onnx generated them, newer than onnx2torch registers converters for): onnxbn "
+                   f"{sum(ours[k] == 'pass' for k in old)} pass, onnx2torch {sum(theirs[k] == 'pass' for k in old)}.")
     else:
         out.append(note + ".")
     out += ["", table(cases, ours, theirs, ops_of)]
+    out += ["", "## Why cases did not pass (onnxbn)", "", *_reasons(ours)]
+    if theirs is not None:
+        out += ["", "## Why cases did not pass (onnx2torch)", "", *_reasons(theirs)]
     if args.failures:
-        out += ["", "## Cases that did not pass", ""]
+        out += ["", "## onnxbn: each case that did not pass", ""]
         out += [f"- `{k}`: {v}" for k, v in sorted(ours.items()) if v != "pass"]
-        if theirs is not None:
-            out += ["", "## onnx2torch: cases that did not pass", ""]
-            out += [f"- `{k}`: {v}" for k, v in sorted(theirs.items()) if v != "pass"]
     text = "\n".join(out) + "\n"
     print(text)
     if args.output:
