@@ -23,7 +23,6 @@ from onnxbn.torch_import.functional import (
     _pow,
     _selu,
     _thresholded_relu,
-    _where,
 )
 from onnxbn.torch_import.ops import DTYPES, OnnxPRelu, _cast, _prelu
 
@@ -115,7 +114,7 @@ def _mean_op(ctx: _Importer, a: dict):
 
 @_op("Where")
 def _where_op(ctx, a):
-    return ctx.call(_where, ctx.inp(0), ctx.inp(1), ctx.inp(2))
+    return ctx.call(torch.where, ctx.inp(0), ctx.inp(1), ctx.inp(2))
 
 
 def torch_dtype(ctx: _Importer, elem_type: int, what: str) -> torch.dtype:

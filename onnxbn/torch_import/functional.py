@@ -70,9 +70,8 @@ def _split(x, axis, sizes=None, count=1):
     """ONNX Split: into `sizes` along `axis`, or `count` parts of ceil(n / count) (the last smaller)."""
     if sizes is None:
         n = int(x.shape[axis])
-        sizes = [-(-n // count)] * (n // -(-n // count)) if n else [0] * count
-        if sum(sizes) < n:
-            sizes.append(n - sum(sizes))
+        chunk = -(-n // count)
+        sizes = [chunk] * (count - 1) + [n - chunk * (count - 1)]
     return tuple(torch.split(x, _ints(sizes), axis))
 
 
@@ -89,9 +88,10 @@ def _range(start, limit, delta):
     """ONNX Range: start + i*delta for i < max(ceil((limit - start) / delta), 0), in start's dtype."""
     s, lim, d = (v.item() if isinstance(v, torch.Tensor) else v for v in (start, limit, delta))
     n = max(math.ceil((lim - s) / d), 0)
-    dtype = start.dtype if isinstance(start, torch.Tensor) else None
-    return (torch.arange(n, dtype=torch.float64) * d + s).to(dtype) if dtype is not None and dtype.is_floating_point \
-        else torch.arange(n, dtype=torch.int64).mul(d).add(s).to(dtype or torch.int64)
+    dtype = start.dtype if isinstance(start, torch.Tensor) else torch.int64
+    device = start.device if isinstance(start, torch.Tensor) else None
+    step = torch.arange(n, dtype=torch.float64 if dtype.is_floating_point else torch.int64, device=device)
+    return (step * d + s).to(dtype)
 
 
 def _depth_to_space(x, block, mode):
@@ -112,11 +112,11 @@ def _space_to_depth(x, block, mode="DCR"):
     return y.reshape(b, c * block * block, h // block, w // block)
 
 
+# ============================================================================ elementwise
+
 def _cast_like(x, like):
     return x.to(like.dtype)
 
-
-# ============================================================================ elementwise
 
 def _min(*xs):
     """ONNX Min over any number of broadcast inputs (NaN propagates)."""
@@ -155,10 +155,6 @@ def _thresholded_relu(x, alpha):
 
 def _selu(x, alpha, gamma):
     return gamma * torch.where(x > 0, x, alpha * torch.expm1(x))
-
-
-def _where(cond, x, y):
-    return torch.where(cond.to(torch.bool), x, y)
 
 
 # ============================================================================ reductions
