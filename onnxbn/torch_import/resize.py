@@ -22,6 +22,7 @@ import math
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 
 from onnxbn.torch_import.converters import _op
 from onnxbn.torch_import.ops import _ints
@@ -136,6 +137,9 @@ def _resize(x, scales=None, sizes=None, roi=None, axes=None, mode="nearest", coo
         roi = [(roi[i], roi[i + k]) for i in range(k)] if roi else None
         if roi is not None and len(roi) == rank and len(axes) < rank:
             roi = [roi[a] for a in axes]
+    fast = _interpolate(x, shape, axes, scale, sizes, mode, coord, cubic_a, exclude_outside, antialias)
+    if fast is not None:
+        return fast
     dtype = x.dtype
     y = x if x.is_floating_point() else x.to(torch.float32)
     for i, a in enumerate(axes):
@@ -145,13 +149,11 @@ def _resize(x, scales=None, sizes=None, roi=None, axes=None, mode="nearest", coo
             continue
         src, outside = _source_coords(coord, m, n, s, box, y.device)
         if mode == "nearest":
-            y = torch.index_select(y, a, _nearest_index(src, nearest_mode, s, n))
+            y = _take(y, a, _nearest_index(src, nearest_mode, s, n))
         else:
             idx, w = _taps(mode, src, s, n, cubic_a, antialias, exclude_outside)
-            picked = torch.index_select(y, a, idx.reshape(-1))
-            picked = picked.reshape(shape_with(picked.shape, a, (m, idx.shape[1])))
             w = w.to(y.dtype).reshape((m, idx.shape[1]) + (1,) * (rank - a - 1))
-            y = (picked * w).sum(a + 1)
+            y = sum(_take(y, a, idx[:, j]) * w[:, j] for j in range(idx.shape[1]))
         if outside is not None and bool(outside.any()):
             y = torch.where(outside.reshape((m,) + (1,) * (rank - a - 1)), torch.tensor(extrapolation, dtype=y.dtype, device=y.device), y)
     if not dtype.is_floating_point:
@@ -160,9 +162,39 @@ def _resize(x, scales=None, sizes=None, roi=None, axes=None, mode="nearest", coo
     return y
 
 
-def shape_with(shape, axis, dims) -> tuple:
-    """`shape` with its axis `axis` replaced by the dims `dims`."""
-    return tuple(shape[:axis]) + tuple(dims) + tuple(shape[axis + 1:])
+_TORCH_MODES = {("linear", 1): "linear", ("linear", 2): "bilinear", ("linear", 3): "trilinear", ("cubic", 2): "bicubic"}
+
+
+def _interpolate(x, shape, axes, scale, sizes, mode, coord, cubic_a, exclude_outside, antialias):
+    """F.interpolate where it computes exactly what ONNX defines, else None: linear (1-3 spatial
+    axes) or cubic (2, a = -0.75, exclude_outside 0) on a float input whose batch and channel
+    axes keep their size, no antialias; half_pixel (torch's align_corners=False, with the ONNX
+    scales passed as they are), pytorch_half_pixel when every output length exceeds 1, or
+    align_corners when every output length is n * scale exactly."""
+    nd = x.dim() - 2
+    torch_mode = _TORCH_MODES.get((mode, nd))
+    if torch_mode is None or antialias or not x.is_floating_point() or \
+            mode == "cubic" and (cubic_a != -0.75 or exclude_outside):
+        return None
+    full_scale, full_size = [1.0] * x.dim(), list(shape)
+    for a, s, m in zip(axes, scale, sizes):
+        full_scale[a], full_size[a] = s, m
+    if full_size[:2] != shape[:2] or full_scale[:2] != [1.0, 1.0]:
+        return None
+    spatial_scale, spatial_size = full_scale[2:], full_size[2:]
+    if coord == "align_corners":
+        if any(m != n * s for m, n, s in zip(spatial_size, shape[2:], spatial_scale)):
+            return None
+        return F.interpolate(x, size=spatial_size, mode=torch_mode, align_corners=True)
+    if coord == "half_pixel" or coord == "pytorch_half_pixel" and min(spatial_size) > 1:
+        return F.interpolate(x, scale_factor=spatial_scale, mode=torch_mode, align_corners=False,
+                             recompute_scale_factor=False)
+    return None
+
+
+def _take(y, axis, idx):
+    """y[..., idx, ...] along `axis` (advanced indexing: much faster than index_select on the last axis)."""
+    return y[(slice(None),) * axis + (idx,)]
 
 
 def _const_floats(v):
