@@ -29,14 +29,20 @@ REFUSALS: list[tuple[str, str]] = [
      "8/4/2-bit float and integer types (quantization formats) are out of scope"),
     (r"element type STRING is not supported", "string tensors are out of scope"),
     (r"not a tensor is not supported", "sequence and optional values are out of scope"),
-    (r"BatchNormalization, opset \d+\): training outputs", "BatchNormalization's training-mode outputs are out of scope"),
+    (r"BatchNormalization, opset \d+\): training outputs",
+     "BatchNormalization's training-mode outputs are out of scope"),
     (r"MaxPool, opset \d+\): the Indices output", "MaxPool's Indices output is out of scope"),
 ]
 
 
 @functools.lru_cache(maxsize=1)
+def _all_cases():
+    return conformance.all_cases()
+
+
+@functools.lru_cache(maxsize=1)
 def _cases():
-    return conformance.applicable(conformance.all_cases())
+    return conformance.applicable(_all_cases())
 
 
 @functools.lru_cache(maxsize=None)
@@ -74,3 +80,18 @@ def test_conformance_summary():
     assert all(_expected_refusal(results[k]) for k in refused), summary
     assert passed >= 0.95 * (n - len(refused) - random), summary
     assert n >= 1000 and passed >= 0.8 * n, summary  # the op coverage of issue 22 stays
+
+
+def test_table_counts_every_case_once():
+    """tools/conformance.py's per-op table: one row per op, totals that add up to the results."""
+    cases = _cases()
+    by_name = {c.name: c for c in _all_cases()}
+    results = {c.name: _result(c.name) for c in cases}
+    ops_of = {c.name: conformance.case_op(c, by_name) for c in cases}
+    lines = conformance.table(cases, results, None, ops_of).splitlines()
+    rows = [[cell.strip(" *") for cell in line.strip("|").split("|")] for line in lines[2:]]
+    assert [r[0] for r in rows[:-1]] == sorted(set(ops_of.values())) and rows[-1][0] == "total"
+    counts = [sum(v.split(":")[0] == k for v in results.values()) for k in ("pass", "refused", "fail", "random")]
+    assert [int(v) for v in rows[-1][1:]] == [len(cases), *counts]
+    assert ops_of["test_resize_upsample_scales_linear"] == "Resize"
+    assert ops_of["test_layer_normalization_2d_axis0_expanded"] == "LayerNormalization"

@@ -802,7 +802,8 @@ def test_unary(op, opset):
 @pytest.mark.parametrize("opset", [20, 22])
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 def test_gelu(opset, approximate):
-    _check_any([helper.make_node("Gelu", ["x"], ["y"], approximate=approximate)], {"x": _rand(3, 7)}, ["y"], opset=opset)
+    _check_any([helper.make_node("Gelu", ["x"], ["y"], approximate=approximate)], {"x": _rand(3, 7)}, ["y"],
+               opset=opset)
 
 
 @pytest.mark.parametrize("opset", _versions("PRelu"))

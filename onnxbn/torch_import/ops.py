@@ -121,7 +121,8 @@ class OnnxNorm(nn.Module):
     def __init__(self, kind: str, weight: nn.Parameter, bias: nn.Parameter | None, eps: float,
                  axis: int = -1, groups: int = 1, per_group: bool = False, stats: bool = False):
         super().__init__()
-        self.kind, self.eps, self.axis, self.groups, self.per_group, self.stats = kind, eps, axis, groups, per_group, stats
+        self.kind, self.eps, self.axis, self.groups = kind, eps, axis, groups
+        self.per_group, self.stats = per_group, stats
         self.weight = weight
         self.bias = bias
 

@@ -101,6 +101,8 @@ def _taps(mode, x, scale, n, cubic_a, antialias, exclude_outside):
 
 
 def _nearest_index(x, nearest_mode, scale, n):
+    """The input index nearest to each source coordinate, rounded by nearest_mode ("simple":
+    down when upsampling, up when downsampling, as before opset 11), clamped into [0, n-1]."""
     if nearest_mode == "simple":
         idx = torch.ceil(x) if scale < 1 else torch.floor(x)
     elif nearest_mode == "floor":
@@ -155,7 +157,8 @@ def _resize(x, scales=None, sizes=None, roi=None, axes=None, mode="nearest", coo
             w = w.to(y.dtype).reshape((m, idx.shape[1]) + (1,) * (rank - a - 1))
             y = sum(_take(y, a, idx[:, j]) * w[:, j] for j in range(idx.shape[1]))
         if outside is not None and bool(outside.any()):
-            y = torch.where(outside.reshape((m,) + (1,) * (rank - a - 1)), torch.tensor(extrapolation, dtype=y.dtype, device=y.device), y)
+            fill = torch.tensor(extrapolation, dtype=y.dtype, device=y.device)
+            y = torch.where(outside.reshape((m,) + (1,) * (rank - a - 1)), fill, y)
     if not dtype.is_floating_point:
         info = torch.iinfo(dtype)
         y = torch.round(y).clamp(info.min, info.max).to(dtype)
@@ -183,7 +186,7 @@ def _interpolate(x, shape, axes, scale, sizes, mode, coord, cubic_a, exclude_out
         return None
     spatial_scale, spatial_size = full_scale[2:], full_size[2:]
     if coord == "align_corners":
-        if any(m != n * s for m, n, s in zip(spatial_size, shape[2:], spatial_scale)):
+        if any(abs(n * s - m) > 1e-6 * m for m, n, s in zip(spatial_size, shape[2:], spatial_scale)):
             return None
         return F.interpolate(x, size=spatial_size, mode=torch_mode, align_corners=True)
     if coord == "half_pixel" or coord == "pytorch_half_pixel" and min(spatial_size) > 1:
