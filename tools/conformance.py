@@ -2,6 +2,9 @@
 
 Usage: python tools/conformance.py [--no-onnx2torch] [--failures] [-o CONFORMANCE.md]
 
+For the onnx2torch column, install it apart from the project (it is no dependency of onnxbn),
+e.g. `pip install --no-deps --target /tmp/o2t onnx2torch` and run with PYTHONPATH=/tmp/o2t.
+
 The cases are onnx's own backend node tests (`onnx.backend.test.case.node.collect_testcases`,
 the generator of onnx/backend/test/data/node: each a model plus input and expected output
 arrays). A case counts for onnxbn when every op of its graph is in `SUPPORTED_OPS`; it is
@@ -245,7 +248,13 @@ def main(argv=None) -> int:
                    f"{sum(ours[k] == 'pass' for k in old)} pass, onnx2torch {sum(theirs[k] == 'pass' for k in old)}.")
     else:
         out.append(note + ".")
-    out += ["", table(cases, ours, theirs, ops_of)]
+    out += ["", "Cases: `onnx.backend.test.case.node.collect_testcases` (what generates onnx/backend/test/data/node), "
+            "each model with its inputs and expected outputs; judged at the case's rtol/atol (onnx's runner: 1e-3 / "
+            "1e-7). A case is attributed to the op it tests (an `_expanded` one to its unexpanded twin's op), so "
+            "function-expanded cases of ops onnxbn has no converter for (RMSNormalization, CenterCropPad, ...) "
+            "count under those ops. Cases below opset 9 run after onnx.version_converter brings them to opset 9. "
+            "refused: a one-line UserError at import; random: the expected output is a draw from numpy's RNG.",
+            "", table(cases, ours, theirs, ops_of)]
     out += ["", "## Why cases did not pass (onnxbn)", "", *_reasons(ours)]
     if theirs is not None:
         out += ["", "## Why cases did not pass (onnx2torch)", "", *_reasons(theirs)]
