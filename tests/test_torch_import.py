@@ -1254,3 +1254,69 @@ def test_exported_model_runs_at_any_input_size(exporter, tmp_path):
         got = _torch(module, {"x": x}, ["x"])[0]
         assert got.shape == ref.shape == (shape[0], 5)
         assert _rel(got, ref) <= RTOL
+
+
+class _ModernNet(nn.Module):
+    """Blocks of today's CNNs: hard-swish stem, squeeze-excite, a ConvNeXt block (depthwise 7x7,
+    LayerNorm, GELU MLP), GroupNorm + SiLU, a U-Net decoder (ConvTranspose, PReLU), a C2f-style
+    split and concat with a nearest resize to the decoder's size."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.se = nn.Conv2d(8, 8, 1)
+        self.dw = nn.Conv2d(8, 8, 7, padding=3, groups=8)
+        self.ln = nn.LayerNorm(8)
+        self.pw1, self.pw2 = nn.Linear(8, 16), nn.Linear(16, 8)
+        self.gn = nn.GroupNorm(2, 8)
+        self.up = nn.ConvTranspose2d(8, 4, 2, stride=2)
+        self.act = nn.PReLU(4)
+        self.fuse = nn.Conv2d(8, 8, 1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        f = torch.nn.functional
+        y = f.hardswish(self.stem(x))
+        y = y * f.hardsigmoid(self.se(y.mean((2, 3), keepdim=True)))
+        z = self.dw(y).permute(0, 2, 3, 1)
+        y = y + self.pw2(f.gelu(self.pw1(self.ln(z)))).permute(0, 3, 1, 2)
+        y = f.silu(self.gn(y))
+        u = self.act(self.up(y))
+        a, b = torch.chunk(u, 2, dim=1)
+        y = self.fuse(torch.cat([a, b, f.interpolate(y, size=u.shape[-2:], mode="nearest")[:, :4]], 1))
+        return self.fc(f.adaptive_avg_pool2d(y, 1).flatten(1))
+
+
+@pytest.mark.parametrize("exporter", ["torchscript-17", "dynamo"])
+def test_modern_cnn_imports_trains_and_writes_back(exporter, tmp_path):
+    torch.manual_seed(0)
+    net = _ModernNet().eval()
+    path = tmp_path / "m.onnx"
+    x0 = torch.randn(2, 3, 16, 16)
+    if exporter == "dynamo":
+        pytest.importorskip("onnxscript", reason="torch's dynamo exporter needs onnxscript")
+        dims = {0: torch.export.Dim("N"), 2: torch.export.Dim("H", min=4), 3: torch.export.Dim("W", min=4)}
+        torch.onnx.export(net, (x0,), str(path), dynamo=True, input_names=["x"], dynamic_shapes={"x": dims},
+                          verbose=False)
+    else:
+        torch.onnx.export(net, (x0,), str(path), dynamo=False, opset_version=17, input_names=["x"],
+                          dynamic_axes={"x": {0: "N", 2: "H", 3: "W"}})
+    model = onnx.load(str(path))
+    module = to_torch(model)
+    for shape in ((2, 3, 16, 16), (1, 3, 22, 18)):
+        x = _rand(*shape, seed=shape[2])
+        assert _rel(_torch(module, {"x": x}, ["x"])[0], _ort(model, {"x": x})[0]) <= RTOL
+    # every weight of the torch network is a trainable, written-back parameter of the import
+    params = dict(module.named_parameters())
+    assert len(params) >= sum(1 for _ in net.parameters())
+    assert {name for name, _ in net.named_parameters()} - set(module.onnx_tensors.values()) <= \
+        {"gn.weight", "gn.bias", "pw1.weight", "pw2.weight", "act.weight"}  # exporters rename these
+    module.train()
+    opt = torch.optim.SGD(module.parameters(), lr=0.1)
+    module(torch.from_numpy(_rand(2, 3, 16, 16, seed=7))).square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params.values())
+    opt.step()
+    written = write_back(module, model)
+    x = _rand(2, 3, 12, 20, seed=8)
+    assert _rel(_ort(written, {"x": x})[0], _torch(module, {"x": x}, ["x"])[0]) <= RTOL
+    assert _rel(_ort(written, {"x": x})[0], _ort(model, {"x": x})[0]) > 1e-4  # the step changed the model

@@ -13,8 +13,9 @@ ConvTranspose -> `OnnxConvTranspose`, Layer/Instance/GroupNormalization -> `Onnx
 PRelu with an initializer slope -> `OnnxPRelu`.
 Every weight is an nn.Parameter holding exactly the initializer's shape and layout;
 BN mean/var are the BN modules' running-stat buffers. A float initializer added to
-(or multiplied with) the output of Conv/Gemm/MatMul is a bias and trainable too
-(`OnnxElementwise`). Every other initializer (Reshape shapes, constants) is a
+(or multiplied with) the output of Conv/ConvTranspose/Gemm/MatMul, of a normalization
+(also through reshapes: GroupNorm as exporters write it) or of such a bias/scale op is
+a bias or scale and trainable too (`OnnxElementwise`). Every other initializer (Reshape shapes, constants) is a
 constant: folded at import where all of an op's inputs are constant, otherwise a
 non-trainable buffer. Shapes are computed at run time: Shape gives an int64 tensor of
 the input's dims, so Shape -> Gather/Slice -> Concat -> Reshape/Expand/Resize chains

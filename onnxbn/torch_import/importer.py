@@ -88,7 +88,7 @@ class _Importer:
         self.onnx_tensors: dict[str, str] = {}
         self.recorded: set[str] = set()
         self.types = value_types(model)
-        self.producer_op = {name: node.op_type for name, node in GraphIndex(model).producers.items()}
+        self.producers = GraphIndex(model).producers  # tensor name -> the node that produces it
         self.node: onnx.NodeProto | None = None
 
     # ------------------------------------------------------------------ values
