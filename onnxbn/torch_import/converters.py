@@ -2,7 +2,12 @@
 
 A converter gets the importer (`ctx`: the current node, its inputs as values or fx
 nodes, and `ctx.call` / `ctx.module` to emit graph nodes) and the node's attributes,
-and returns the node's output value(s). `SUPPORTED_OPS` is the set of registered ops.
+and returns the node's output value(s), or refuses with `ctx.fail(why)` (a one-line
+UserError naming the node, op, opset and the attribute value). `SUPPORTED_OPS` is the set
+of registered ops. This module holds the registry and the layer converters (Conv,
+pooling, Gemm, MatMul, elementwise with trainable operands, BN, Reshape family, Pad, ...);
+converters_elementwise, converters_shape, converters_nn and resize register the rest when
+imported at the bottom of this module.
 """
 
 from __future__ import annotations
