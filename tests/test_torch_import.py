@@ -1232,7 +1232,7 @@ class _DynamicNet(nn.Module):
         return self.fc(y.view(y.size(0), -1))
 
 
-@pytest.mark.parametrize("exporter", ["torchscript-13", "torchscript-17", "dynamo"])
+@pytest.mark.parametrize("exporter", ["torchscript-9", "torchscript-11", "torchscript-13", "torchscript-17", "dynamo"])
 def test_exported_model_runs_at_any_input_size(exporter, tmp_path):
     torch.manual_seed(0)
     net = _DynamicNet().eval()
