@@ -1320,3 +1320,20 @@ def test_modern_cnn_imports_trains_and_writes_back(exporter, tmp_path):
     x = _rand(2, 3, 12, 20, seed=8)
     assert _rel(_ort(written, {"x": x})[0], _torch(module, {"x": x}, ["x"])[0]) <= RTOL
     assert _rel(_ort(written, {"x": x})[0], _ort(model, {"x": x})[0]) > 1e-4  # the step changed the model
+
+
+def test_torch_save_load_round_trip(tmp_path):
+    """torch.load re-traces an imported module's code: the run-time helpers must stay single calls."""
+    nodes = [helper.make_node("MaxPool", ["x"], ["p"], kernel_shape=[3, 3], pads=[0, 0, 1, 1]),
+             helper.make_node("Shape", ["p"], ["s"]),
+             helper.make_node("Slice", ["s", "st", "en"], ["hw"]),
+             helper.make_node("Concat", ["nc", "hw"], ["sizes"], axis=0),
+             helper.make_node("Resize", ["p", "", "", "sizes"], ["r"], mode="cubic",
+                              coordinate_transformation_mode="asymmetric"),
+             helper.make_node("ReduceMean", ["r"], ["y"], axes=[2, 3], keepdims=0)]
+    inits = {"st": np.array([2]), "en": np.array([4]), "nc": np.array([1, 2])}
+    module = to_torch(_model(nodes, [("x", [1, 2, "H", "W"])], ["y"], inits, 13))
+    torch.save(module, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    x = torch.from_numpy(_rand(1, 2, 9, 7))
+    assert torch.equal(loaded(x), module(x)) and loaded.onnx_opset == 13

@@ -9,6 +9,7 @@ survive copy.deepcopy; `_structure_key` fingerprints a model's nodes for write-b
 from __future__ import annotations
 
 import hashlib
+import inspect
 import keyword
 import os
 import re
@@ -31,6 +32,7 @@ from onnxbn.graph import (
 )
 from onnxbn.modelio import load_structure
 from onnxbn.torch_import.converters import _CONVERTERS
+from onnxbn.torch_import import functional, ops, resize
 from onnxbn.torch_import.ops import DTYPES, UNSIGNED_WIDE, _cast, _to_tensor
 
 _RESERVED = set(dir(fx.GraphModule)) | {"onnx_names", "onnx_tensors", "onnx_inputs", "onnx_outputs",
@@ -244,10 +246,29 @@ class _Importer:
             results.append(self.graph.call_function(_cast, (v, UNSIGNED_WIDE[elem])) if elem in UNSIGNED_WIDE else v)
         self.graph.output(results[0] if len(results) == 1 else tuple(results))
         gm = fx.GraphModule(self.root, self.graph, class_name="OnnxGraphModule")
+        gm._tracer_cls = _OnnxTracer  # torch.load re-traces the code with it
         _attach(gm, {"onnx_names": dict(self.onnx_names), "onnx_tensors": dict(self.onnx_tensors),
                      "onnx_inputs": inputs, "onnx_outputs": [vi.name for vi in g.output],
                      "onnx_opset": self.opset, "onnx_structure": _structure_key(self.model)})
         return gm
+
+
+def _run_time_helpers() -> tuple[Callable, ...]:
+    """The module-level functions of ops, functional and resize that generated code calls."""
+    found = []
+    for mod in (ops, functional, resize):
+        found += [f for name, f in vars(mod).items()
+                  if name.startswith("_") and inspect.isfunction(f) and f.__module__ == mod.__name__]
+    return tuple(found)
+
+
+class _OnnxTracer(fx.Tracer):
+    """The tracer torch.load uses to rebuild an imported module's graph from its code: onnxbn's
+    run-time helpers (which branch on shapes and values) stay single calls, as import made them."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("autowrap_functions", _run_time_helpers())
+        super().__init__(*args, **kwargs)
 
 
 _PRESERVED = getattr(fx.graph_module, "_USER_PRESERVED_ATTRIBUTES_KEY", "_user_preserved_attributes")
