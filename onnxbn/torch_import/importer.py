@@ -3,7 +3,10 @@
 `_Importer` holds the fx graph being built, the root module, the values of ONNX
 tensors seen so far and the write-back maps; each node goes to its converter in
 `converters._CONVERTERS`. `_attach` sets the onnx_* attributes on a GraphModule so they
-survive copy.deepcopy; `_structure_key` fingerprints a model's nodes for write-back.
+survive copy.deepcopy; `_OnnxTracer` is the tracer torch.load rebuilds the graph with;
+`_structure_key` fingerprints a model's nodes for write-back. Graph inputs of a type the
+module does not run are refused here; uint16/32/64 inputs are widened to int64 and the
+graph outputs of those types narrowed back (see `ops.DTYPES`).
 """
 
 from __future__ import annotations
