@@ -84,10 +84,17 @@ def _array(v) -> np.ndarray:
     return numpy_helper.to_array(v) if isinstance(v, onnx.TensorProto) else np.asarray(v)
 
 
+_FLOAT8 = {np.dtype(ml_dtypes.float8_e4m3fn): torch.float8_e4m3fn, np.dtype(ml_dtypes.float8_e5m2): torch.float8_e5m2,
+           np.dtype(ml_dtypes.float8_e4m3fnuz): torch.float8_e4m3fnuz,
+           np.dtype(ml_dtypes.float8_e5m2fnuz): torch.float8_e5m2fnuz}
+
+
 def _tensor(v) -> torch.Tensor:
     a = _array(v)
     if a.dtype == ml_dtypes.bfloat16:
         return torch.from_numpy(a.astype(np.float32)).to(torch.bfloat16)
+    if a.dtype in _FLOAT8:
+        return torch.from_numpy(np.array(a.view(np.uint8), copy=True)).view(_FLOAT8[a.dtype])
     return torch.from_numpy(np.array(a, copy=True))
 
 
@@ -100,6 +107,8 @@ def _compare(got, expected, case) -> str | None:
         if not isinstance(g, torch.Tensor):
             return f"output {i} is a {type(g).__name__}"
         if g.dtype == torch.bfloat16 and e.dtype == ml_dtypes.bfloat16:
+            g, e = g.float(), e.astype(np.float32)
+        elif e.dtype in _FLOAT8 and g.dtype == _FLOAT8[e.dtype]:  # compare the 8-bit patterns' values
             g, e = g.float(), e.astype(np.float32)
         g = g.detach().cpu().numpy()
         if g.dtype != e.dtype:

@@ -126,13 +126,14 @@ def torch_dtype(ctx: _Importer, elem_type: int, what: str) -> torch.dtype:
 
 @_op("Cast")
 def _cast_op(ctx: _Importer, a: dict):
-    """Cast to `to` (float -> int truncates toward zero); `saturate` only concerns float8, which is refused."""
-    return ctx.call(_cast, ctx.inp(0), torch_dtype(ctx, int(a["to"]), "to"))
+    """Cast to `to` (see `ops._cast`; `saturate`, from opset 19, concerns 8-bit floats only)."""
+    return ctx.call(_cast, ctx.inp(0), torch_dtype(ctx, int(a["to"]), "to"), bool(int(a.get("saturate", 1))))
 
 
 @_op("CastLike")
 def _cast_like_op(ctx: _Importer, a: dict):
     target = ctx.elem_type(ctx.node.input[1])
     if target is not None:
-        return ctx.call(_cast, ctx.inp(0), torch_dtype(ctx, target, "target_type"))
+        return ctx.call(_cast, ctx.inp(0), torch_dtype(ctx, target, "target_type"),
+                        bool(int(a.get("saturate", 1))))
     return ctx.call(_cast_like, ctx.inp(0), ctx.inp(1))

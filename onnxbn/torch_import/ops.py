@@ -34,6 +34,10 @@ DTYPES = {
     onnx.TensorProto.INT8: torch.int8, onnx.TensorProto.INT16: torch.int16, onnx.TensorProto.INT32: torch.int32,
     onnx.TensorProto.INT64: torch.int64, onnx.TensorProto.UINT8: torch.uint8, onnx.TensorProto.BOOL: torch.bool,
 } | {t: torch.int64 for t in UNSIGNED_WIDE}
+# 8-bit floats: torch's own dtypes; ONNX lets only data-movement ops (Cast, Reshape, ...) take them
+FLOAT8 = {onnx.TensorProto.FLOAT8E4M3FN: torch.float8_e4m3fn, onnx.TensorProto.FLOAT8E4M3FNUZ: torch.float8_e4m3fnuz,
+          onnx.TensorProto.FLOAT8E5M2: torch.float8_e5m2, onnx.TensorProto.FLOAT8E5M2FNUZ: torch.float8_e5m2fnuz}
+DTYPES |= FLOAT8
 
 # ============================================================================ modules
 
@@ -422,8 +426,18 @@ def _constant_of_shape(shape, value):
     return torch.full(dims, value.reshape(-1)[0].item(), dtype=value.dtype, device=device)
 
 
-def _cast(x, dtype):
-    """ONNX Cast (float -> int truncates toward zero; -> bool is x != 0)."""
+def _cast(x, dtype, saturate=True):
+    """ONNX Cast (float -> int truncates toward zero; -> bool is x != 0). To an 8-bit float,
+    rounded to nearest even; `saturate` clamps to the type's finite range (+-inf too) first,
+    else values beyond it become NaN (e4m3fn, the fnuz types) or +-inf (e5m2), as ONNX defines."""
+    if dtype not in _FLOAT8_DTYPES or x.dtype == dtype:
+        return x.to(dtype)
+    top = torch.finfo(dtype).max
+    x = x.to(torch.float32)
+    if saturate:
+        return torch.clamp(x, -top, top).to(dtype)
+    if dtype == torch.float8_e4m3fn:  # torch saturates this one; ONNX: NaN beyond max + half a step
+        return torch.where(x.abs() > 464.0, torch.full_like(x, float("nan")), x).to(dtype)
     return x.to(dtype)
 
 
@@ -433,6 +447,9 @@ def _clip(x, lo=None, hi=None):
     return torch.clamp(x, lo, hi)
 
 
+_FLOAT8_DTYPES = frozenset(FLOAT8.values())
+
+
 def _to_tensor(proto: onnx.TensorProto, folder=None) -> torch.Tensor:
     """A torch tensor of its own with `proto`'s values (external data read from `folder`)."""
     if proto.data_type == onnx.TensorProto.STRING:
@@ -440,6 +457,8 @@ def _to_tensor(proto: onnx.TensorProto, folder=None) -> torch.Tensor:
     arr = tensor_array(proto, folder=folder)
     if proto.data_type == onnx.TensorProto.BFLOAT16:
         return torch.from_numpy(arr.astype(np.float32)).to(torch.bfloat16)
+    if proto.data_type in FLOAT8:  # ml_dtypes' array: its bytes, seen as the torch type
+        return torch.from_numpy(np.array(arr.view(np.uint8), copy=True)).view(FLOAT8[proto.data_type])
     # an array read from a file is already ours; one that views the proto's bytes is copied
     return torch.from_numpy(arr if arr.flags.owndata and arr.flags.writeable else np.array(arr, copy=True))
 
