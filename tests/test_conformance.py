@@ -23,10 +23,10 @@ conformance = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(conformance)
 
 # (pattern on the refusal, reason). Each is a deliberate gap, not a blanket except.
-_LOW_PRECISION = r"(FLOAT8E4M3FN|FLOAT8E4M3FNUZ|FLOAT8E5M2|FLOAT8E5M2FNUZ|FLOAT8E8M0|FLOAT4E2M1|U?INT4|U?INT2)"
+_LOW_PRECISION = r"(FLOAT8E8M0|FLOAT4E2M1|U?INT4|U?INT2)"
 REFUSALS: list[tuple[str, str]] = [
     (rf"element type {_LOW_PRECISION} is not supported|(to|target_type)={_LOW_PRECISION} is not supported",
-     "8/4/2-bit float and integer types (quantization formats) are out of scope"),
+     "e8m0, 4-bit float and 4/2-bit integer types (quantization formats) are out of scope"),
     (r"element type STRING is not supported", "string tensors are out of scope"),
     (r"not a tensor is not supported", "sequence and optional values are out of scope"),
     (r"BatchNormalization, opset \d+\): training outputs",
@@ -79,7 +79,7 @@ def test_conformance_summary():
     assert not failed, summary + "\nfailed: " + ", ".join(failed)
     assert all(_expected_refusal(results[k]) for k in refused), summary
     assert passed >= 0.95 * (n - len(refused) - random), summary
-    assert n >= 1000 and passed >= 0.8 * n, summary  # the op coverage of issue 22 stays
+    assert n >= 1000 and passed >= 0.9 * n, summary  # the op coverage of issue 22 stays
 
 
 def test_table_counts_every_case_once():

@@ -870,10 +870,24 @@ def test_cast_and_cast_like(opset):
         _check_any(nodes, {"x": x, "like": np.array([1], np.int32)}, outputs, opset=opset)
     else:
         _check_any(nodes, {"x": x}, outputs, opset=opset)
-    node = helper.make_node("Cast", ["x"], ["y"], to=TensorProto.FLOAT8E4M3FN)
-    model = _model([node], [("x", [1, 6])], [("y", [1, 6], TensorProto.FLOAT8E4M3FN)], opset=max(opset, 19))
-    with pytest.raises(UserError, match=r"\(Cast, opset \d+\): to=FLOAT8E4M3FN is not supported"):
+    node = helper.make_node("Cast", ["x"], ["y"], to=TensorProto.INT4)
+    model = _model([node], [("x", [1, 6])], [("y", [1, 6], TensorProto.INT4)], opset=max(opset, 21))
+    with pytest.raises(UserError, match=r"\(Cast, opset \d+\): to=INT4 is not supported"):
         to_torch(model)
+
+
+@pytest.mark.parametrize("to", [TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT8E4M3FNUZ, TensorProto.FLOAT8E5M2,
+                                TensorProto.FLOAT8E5M2FNUZ])
+@pytest.mark.parametrize("saturate", [1, 0])
+def test_cast_float8_rounds_and_saturates(to, saturate):
+    x = np.array([0.0, -0.3, 1.0e-3, 0.1, 2.7, -17.3, 300.0, 464.0, 470.0, 1.0e5, -1.0e6, np.inf, -np.inf, np.nan],
+                 np.float32)
+    nodes = [helper.make_node("Cast", ["x"], ["q"], to=to, saturate=saturate),
+             helper.make_node("Cast", ["q"], ["y"], to=TensorProto.FLOAT)]
+    model = _typed(_model(nodes, [("x", [14])], [("y", [14])], opset=19))
+    ref = _ort(model, {"x": x})[0]
+    got = _torch(to_torch(model), {"x": x}, ["x"])[0]
+    np.testing.assert_array_equal(got, ref)
 
 
 def test_unsupported_input_type_refused():
@@ -1337,3 +1351,13 @@ def test_torch_save_load_round_trip(tmp_path):
     loaded = torch.load(tmp_path / "m.pt", weights_only=False)
     x = torch.from_numpy(_rand(1, 2, 9, 7))
     assert torch.equal(loaded(x), module(x)) and loaded.onnx_opset == 13
+
+
+def test_initializer_of_an_unsupported_type_refused():
+    w = helper.make_tensor("w", TensorProto.INT4, [4], [1, 2, 3, -4])
+    graph = helper.make_graph([helper.make_node("Cast", ["w"], ["c"], to=F32), helper.make_node("Add", ["x", "c"], ["y"])],
+                              "g", [helper.make_tensor_value_info("x", F32, [4])],
+                              [helper.make_tensor_value_info("y", F32, [4])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    with pytest.raises(UserError, match=r"\(Cast, opset 21\): initializer 'w': INT4 tensors are not supported"):
+        to_torch(model)

@@ -22,9 +22,10 @@ the input's dims, so Shape -> Gather/Slice -> Concat -> Reshape/Expand/Resize ch
 (dynamic axes, `x.view(x.size(0), -1)`, torch's dynamo exporter) run at any input size
 the model accepts. An op, attribute value or element type outside the supported set
 fails at import with a one-line UserError naming the node, the op, the opset and the
-value. Element types: float16/32/64, bfloat16, int8/16/32/64, uint8, bool; uint16/32/64
-are held as int64 inside the module and cast back at the graph outputs; 8/4/2-bit types,
-strings, sequences and optionals are refused.
+value. Element types: float16/32/64, bfloat16, the four 8-bit floats (e4m3fn, e4m3fnuz,
+e5m2, e5m2fnuz: torch's dtypes), int8/16/32/64, uint8, bool; uint16/32/64 are held as
+int64 inside the module and cast back at the graph outputs; e8m0, 4-bit floats, 4/2-bit
+integers, strings, sequences and optionals are refused.
 
 The module carries the maps that make write-back exact:
 `onnx_names` (module path -> ONNX node name) and `onnx_tensors` (state_dict key ->

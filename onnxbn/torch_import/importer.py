@@ -111,8 +111,8 @@ class _Importer:
             if name not in self.init_values:
                 try:
                     self.init_values[name] = self.init_tensor(name)
-                except TypeError:
-                    self.fail(f"initializer {name!r} is a string tensor")
+                except TypeError as exc:  # an element type the module does not run
+                    self.fail(f"initializer {name!r}: {exc}s are not supported")
             return self.init_values[name]
         self.fail(f"input {name!r} is not produced by any earlier node")
 

@@ -451,10 +451,13 @@ _FLOAT8_DTYPES = frozenset(FLOAT8.values())
 
 
 def _to_tensor(proto: onnx.TensorProto, folder=None) -> torch.Tensor:
-    """A torch tensor of its own with `proto`'s values (external data read from `folder`)."""
-    if proto.data_type == onnx.TensorProto.STRING:
-        raise TypeError("string tensor")
+    """A torch tensor of its own with `proto`'s values (external data read from `folder`), of the
+    dtype `DTYPES` gives; TypeError("<TYPE> tensor") for an element type outside DTYPES."""
+    if proto.data_type not in DTYPES:
+        raise TypeError(f"{onnx.TensorProto.DataType.Name(proto.data_type)} tensor")
     arr = tensor_array(proto, folder=folder)
+    if proto.data_type in UNSIGNED_WIDE:
+        return torch.from_numpy(arr.astype(np.int64))
     if proto.data_type == onnx.TensorProto.BFLOAT16:
         return torch.from_numpy(arr.astype(np.float32)).to(torch.bfloat16)
     if proto.data_type in FLOAT8:  # ml_dtypes' array: its bytes, seen as the torch type
