@@ -1355,8 +1355,8 @@ def test_torch_save_load_round_trip(tmp_path):
 
 def test_initializer_of_an_unsupported_type_refused():
     w = helper.make_tensor("w", TensorProto.INT4, [4], [1, 2, 3, -4])
-    graph = helper.make_graph([helper.make_node("Cast", ["w"], ["c"], to=F32), helper.make_node("Add", ["x", "c"], ["y"])],
-                              "g", [helper.make_tensor_value_info("x", F32, [4])],
+    nodes = [helper.make_node("Cast", ["w"], ["c"], to=F32), helper.make_node("Add", ["x", "c"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", F32, [4])],
                               [helper.make_tensor_value_info("y", F32, [4])], [w])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
     with pytest.raises(UserError, match=r"\(Cast, opset 21\): initializer 'w': INT4 tensors are not supported"):
