@@ -66,13 +66,12 @@ same for every architecture:
     fp16                     pass                    pass     pass     pass     pass     refused
     ext                      pass                    pass     pass     pass     pass     pass
     overflow                 pass                    pass     pass     pass     pass     refused
-    shufflenet, any form     (as above)                                refused           refused
 
     refused, v8/v7:    "opset N ... 9 ... onnx.version_converter" (the opset, the minimum, the fix)
     refused, overflow: the loss is not finite (+inf logits), and the message says so
     refused, fp16:     fine-tuning trains float32 models only
-    refused, shufflenet torch/finetune: its channel shuffle reads x.shape at run time (Shape),
-                       which the torch importer does not convert
+    refused, shufflenet finetune (ts9, ts13, ir3, const): no default freeze point (ranks unknown
+                       after its run-time Reshape)
 
 Also: the command line (`python -m onnxbn stats/insert/check`) on the ir3 and const forms.
 """
@@ -409,9 +408,10 @@ REFUSED = {
     ("*", "overflow", "finetune"): r"(?i)\b(nan|inf|infinite|non-finite|not finite|overflow)",
     # fine-tuning trains in float32 only
     ("*", "fp16", "finetune"): r"computes in float16; fine-tuning needs a float32 model",
-    # torchvision-style channel shuffle reads x.shape at run time: the torch importer has no Shape op
-    **{("shufflenet", form, step): r"cannot import node .*\(Shape, opset \d+\): op not supported"
-       for form in FORMS if form not in OLD_OPSET for step in ("torch", "finetune") if (form, step) != ("fp16", "finetune")},
+    # the channel shuffle's run-time Reshape leaves shape inference without the ranks after it at
+    # these opsets, so finetune's default freeze point (training.default_freeze_node) is not found
+    **{("shufflenet", form, "finetune"): r"no convolution block found before the first dense layer"
+       for form in ("ts9", "ts13", "ir3", "const")},
     # weights held in Constant nodes import as constants: after the frozen convolutions, these
     # models (one classifier Gemm after a global pool) have no trainable tensor left
     **{(arch, "const", "finetune"): r"no trainable weights after"

@@ -441,9 +441,9 @@ def test_batchnorm_default_momentum_is_torch_0_1():
 
 def test_unsupported_op_names_op_opset_node():
     nodes = [helper.make_node("Relu", ["x"], ["r"]),
-             helper.make_node("Resize", ["r", "", "scales"], ["y"], name="foo")]
-    model = _model(nodes, [("x", [1, 1, 2, 2])], ["y"], {"scales": np.array([1, 1, 2, 2], np.float32)}, 17)
-    with pytest.raises(UserError, match=r"cannot import node 'foo' \(Resize, opset 17\): op not supported"):
+             helper.make_node("GridSample", ["r", "grid"], ["y"], name="foo")]
+    model = _model(nodes, [("x", [1, 1, 2, 2])], ["y"], {"grid": np.zeros((1, 2, 2, 2), np.float32)}, 17)
+    with pytest.raises(UserError, match=r"cannot import node 'foo' \(GridSample, opset 17\): op not supported"):
         to_torch(model)
 
 
@@ -736,3 +736,628 @@ def test_training_parity_with_hand_written_module():
 
 def test_dropout_module_type():
     assert issubclass(OnnxDropout, nn.Dropout)
+
+
+# ============================================================================ the ops of today's vision models
+# Each op at every opset from 9 to 22 where its definition changes (`_versions`), judged by onnxruntime.
+
+I64, BOOL = TensorProto.INT64, TensorProto.BOOL
+
+
+def _versions(op: str, lo: int = 9, hi: int = 22) -> list[int]:
+    """The opsets in [lo, hi] at which `op` exists with a definition different from the opset before."""
+    out, since = [], None
+    for v in range(lo, hi + 1):
+        try:
+            s = onnx.defs.get_schema(op, v).since_version
+        except onnx.defs.SchemaError:
+            continue
+        if s != since:
+            out.append(v)
+            since = s
+    return out
+
+
+def _typed(model):
+    """The model with its graph outputs typed by onnx's shape inference (outputs given by name only)."""
+    return onnx.shape_inference.infer_shapes(model)
+
+
+def _check_any(nodes, feeds, outputs, inits=(), opset=13, tol=RTOL):
+    """Build a model with `feeds` as typed inputs, compare to_torch with onnxruntime: same dtype and
+    shape, floats within `tol` (relative to the largest reference value), other types exactly."""
+    inputs = [helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(v.dtype), list(v.shape))
+              for k, v in feeds.items()]
+    inits = [numpy_helper.from_array(np.asarray(v), k) for k, v in dict(inits).items()]
+    graph = helper.make_graph(nodes, "g", inputs, [onnx.ValueInfoProto(name=o) for o in outputs], inits)
+    model = _typed(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=_ir(opset)))
+    ref = _ort(model, feeds)
+    got = _torch(to_torch(model), feeds, list(feeds))
+    for r, g in zip(ref, got):
+        assert g.dtype == r.dtype and g.shape == r.shape, (g.dtype, r.dtype, g.shape, r.shape)
+        if r.dtype.kind == "f":
+            assert _rel(g, r) <= tol, _rel(g, r)
+        else:
+            np.testing.assert_array_equal(g, r)
+    return model
+
+
+_UNARY_INPUT = {"Log": lambda x: np.abs(x) + 0.1, "Sqrt": lambda x: np.abs(x), "Reciprocal": lambda x: np.abs(x) + 0.5}
+_UNARY_ATTRS = {"Elu": dict(alpha=0.7), "Selu": dict(alpha=1.5, gamma=1.1), "Celu": dict(alpha=2.0),
+                "HardSigmoid": dict(alpha=0.3, beta=0.4), "ThresholdedRelu": dict(alpha=0.3)}
+_UNARY = ["Abs", "Neg", "Exp", "Log", "Sqrt", "Reciprocal", "Erf", "Sin", "Cos", "Floor", "Ceil", "Round", "Sign",
+          "HardSigmoid", "HardSwish", "Elu", "Selu", "Celu", "Softplus", "Softsign", "Mish", "ThresholdedRelu"]
+
+
+@pytest.mark.parametrize("op,opset", [(op, v) for op in _UNARY for v in _versions(op)])
+def test_unary(op, opset):
+    x = _rand(2, 3, 5, seed=1, scale=2.0)
+    x.flat[:4] = [0.5, -0.5, 1.5, -2.5]  # Round: halves to even
+    x = _UNARY_INPUT.get(op, lambda v: v)(x).astype(np.float32)
+    _check_any([helper.make_node(op, ["x"], ["y"])], {"x": x}, ["y"], opset=opset)
+    if op in _UNARY_ATTRS:
+        _check_any([helper.make_node(op, ["x"], ["y"], **_UNARY_ATTRS[op])], {"x": x}, ["y"], opset=opset)
+
+
+@pytest.mark.parametrize("opset", [20, 22])
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu(opset, approximate):
+    _check_any([helper.make_node("Gelu", ["x"], ["y"], approximate=approximate)], {"x": _rand(3, 7)}, ["y"],
+               opset=opset)
+
+
+@pytest.mark.parametrize("opset", _versions("PRelu"))
+def test_prelu_trainable_slope(opset):
+    slope = _rand(3, 1, 1, seed=2)
+    x = _rand(2, 3, 4, 4)
+    model = _check_any([helper.make_node("PRelu", ["x", "slope"], ["y"], name="act")], {"x": x}, ["y"],
+                       {"slope": slope}, opset)
+    module = to_torch(model)
+    assert isinstance(module.act.weight, nn.Parameter) and module.onnx_tensors["act.weight"] == "slope"
+    # slope as a run-time input (broadcast from the last axis)
+    _check_any([helper.make_node("PRelu", ["x", "s"], ["y"])], {"x": x, "s": _rand(4, seed=3)}, ["y"], opset=opset)
+
+
+@pytest.mark.parametrize("op,opset", [(op, v) for op in ("Min", "Max", "Mean") for v in _versions(op)])
+def test_variadic(op, opset):
+    feeds = {"a": _rand(2, 3, 4, seed=1), "b": _rand(3, 1, seed=2), "c": _rand(4, seed=3)}
+    _check_any([helper.make_node(op, ["a", "b", "c"], ["y"]), helper.make_node(op, ["a"], ["one"])],
+               feeds, ["y", "one"], opset=opset)
+    if op != "Mean" and opset >= 12:  # integer inputs from opset 12
+        ints = {"a": np.array([[1, -5], [7, 2]], np.int64), "b": np.array([3, 0], np.int64)}
+        _check_any([helper.make_node(op, ["a", "b"], ["y"])], ints, ["y"], opset=opset)
+
+
+@pytest.mark.parametrize("op,opset", [(op, v) for op in ("Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual",
+                                                         "And", "Or", "Not", "Where", "Pow")
+                                      for v in _versions(op)])
+def test_compare_logic_where_pow(op, opset):
+    a, b = _rand(2, 3, seed=1), _rand(3, seed=2)
+    a[0, :] = b  # ties
+    if op in ("And", "Or"):
+        feeds = {"a": a > 0, "b": b > 0}
+    elif op == "Not":
+        feeds = {"a": a > 0}
+    elif op == "Where":
+        feeds = {"c": a > 0, "a": a, "b": b}
+    elif op == "Pow":
+        feeds = {"a": np.abs(a) + 0.1, "b": b}
+    elif op == "Equal" and opset < 11:  # integers only before 11
+        feeds = {"a": (a * 3).astype(np.int64), "b": (b * 3).astype(np.int64)}
+    else:
+        feeds = {"a": a, "b": b}
+    _check_any([helper.make_node(op, list(feeds), ["y"])], feeds, ["y"], opset=opset)
+    if op == "Equal":
+        _check_any([helper.make_node(op, ["a", "b"], ["y"])], {"a": np.array([1, 2, 3]), "b": np.array([3, 2, 1])},
+                   ["y"], opset=opset)
+    if op == "Pow" and opset >= 12:  # integer exponent, integer base
+        _check_any([helper.make_node(op, ["a", "b"], ["y"])], {"a": _rand(4), "b": np.array([2, 3, 0, 1])},
+                   ["y"], opset=opset)
+        _check_any([helper.make_node(op, ["a", "b"], ["y"])], {"a": np.array([2, 3, 4]), "b": np.array([2, 1, 0])},
+                   ["y"], opset=opset)
+
+
+@pytest.mark.parametrize("opset", sorted(set(_versions("Cast")) | set(_versions("CastLike"))))
+def test_cast_and_cast_like(opset):
+    x = np.array([[-2.7, -0.5, 0.0, 0.4, 3.9, 200.0]], np.float32)
+    targets = [TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.INT32, TensorProto.INT64, TensorProto.INT8,
+               TensorProto.UINT8, TensorProto.BOOL]
+    nodes = [helper.make_node("Cast", ["x"], [f"y{t}"], to=t) for t in targets if t != TensorProto.UINT8]
+    outputs = [n.output[0] for n in nodes]
+    if opset >= 15:
+        nodes.append(helper.make_node("CastLike", ["x", "like"], ["z"]))
+        outputs.append("z")
+        _check_any(nodes, {"x": x, "like": np.array([1], np.int32)}, outputs, opset=opset)
+    else:
+        _check_any(nodes, {"x": x}, outputs, opset=opset)
+    node = helper.make_node("Cast", ["x"], ["y"], to=TensorProto.INT4)
+    model = _model([node], [("x", [1, 6])], [("y", [1, 6], TensorProto.INT4)], opset=max(opset, 21))
+    with pytest.raises(UserError, match=r"\(Cast, opset \d+\): to=INT4 is not supported"):
+        to_torch(model)
+
+
+@pytest.mark.parametrize("to", [TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT8E4M3FNUZ, TensorProto.FLOAT8E5M2,
+                                TensorProto.FLOAT8E5M2FNUZ])
+@pytest.mark.parametrize("saturate", [1, 0])
+def test_cast_float8_rounds_and_saturates(to, saturate):
+    x = np.array([0.0, -0.3, 1.0e-3, 0.1, 2.7, -17.3, 300.0, 464.0, 470.0, 1.0e5, -1.0e6, np.inf, -np.inf, np.nan],
+                 np.float32)
+    nodes = [helper.make_node("Cast", ["x"], ["q"], to=to, saturate=saturate),
+             helper.make_node("Cast", ["q"], ["y"], to=TensorProto.FLOAT)]
+    model = _typed(_model(nodes, [("x", [14])], [("y", [14])], opset=19))
+    ref = _ort(model, {"x": x})[0]
+    got = _torch(to_torch(model), {"x": x}, ["x"])[0]
+    np.testing.assert_array_equal(got, ref)
+
+
+def test_unsupported_input_type_refused():
+    model = _model([helper.make_node("Identity", ["x"], ["y"])], [("x", [2], TensorProto.STRING)],
+                   [("y", [2], TensorProto.STRING)], opset=13)
+    with pytest.raises(UserError, match=r"graph input 'x' \(opset 13\): element type STRING is not supported"):
+        to_torch(model)
+
+
+def test_uint32_held_as_int64():
+    feeds = {"a": np.array([1, 4000000000], np.uint32), "b": np.array([3, 5], np.uint32)}
+    _check_any([helper.make_node("Add", ["a", "b"], ["s"]), helper.make_node("Less", ["a", "b"], ["l"]),
+                helper.make_node("Max", ["a", "b"], ["m"])], feeds, ["s", "l", "m"], opset=13)
+
+
+# ---------------------------------------------------------------- shape and indexing
+
+@pytest.mark.parametrize("opset", sorted(set(_versions("Shape")) | set(_versions("Size"))))
+def test_shape_size(opset):
+    x = _rand(2, 3, 4)
+    nodes = [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Size", ["x"], ["n"])]
+    outputs = ["s", "n"]
+    if opset >= 15:
+        nodes += [helper.make_node("Shape", ["x"], ["s1"], start=1), helper.make_node("Shape", ["x"], ["s2"], end=-1),
+                  helper.make_node("Shape", ["x"], ["s3"], start=-2, end=10)]
+        outputs += ["s1", "s2", "s3"]
+    _check_any(nodes, {"x": x}, outputs, opset=opset)
+
+
+@pytest.mark.parametrize("opset", sorted(set(_versions("Gather")) | set(_versions("GatherElements"))))
+def test_gather(opset):
+    x = _rand(3, 4, 5)
+    feeds = {"x": x, "i": np.array([[0, -1], [2, 1]], np.int64), "j": np.array(-2, np.int64),
+             "e": np.array([[[1, -1, 0, 2, 3]] * 4] * 3, np.int64)[:, :2]}
+    nodes = [helper.make_node("Gather", ["x", "i"], ["g0"], axis=1), helper.make_node("Gather", ["x", "j"], ["g1"]),
+             helper.make_node("Gather", ["x", "i"], ["g2"], axis=-1),
+             helper.make_node("GatherElements", ["x", "e"], ["ge"], axis=1) if opset >= 11 else
+             helper.make_node("Identity", ["x"], ["ge"])]
+    _check_any(nodes, feeds, ["g0", "g1", "g2", "ge"], opset=opset)
+
+
+@pytest.mark.parametrize("opset", _versions("Slice"))
+def test_slice(opset):
+    x = _rand(4, 5, 6)
+    if opset < 10:
+        nodes = [helper.make_node("Slice", ["x"], ["y"], starts=[1, -4], ends=[100, -1], axes=[0, 2]),
+                 helper.make_node("Slice", ["x"], ["z"], starts=[0, 1, 2], ends=[2, 3, 4])]
+        _check_any(nodes, {"x": x}, ["y", "z"], opset=opset)
+        return
+    inits = {"st": np.array([1, -4, 5], np.int64), "en": np.array([100, -1, -100], np.int64),
+             "ax": np.array([0, 2, 1], np.int64), "sp": np.array([2, 1, -2], np.int64)}
+    nodes = [helper.make_node("Slice", ["x", "st", "en", "ax", "sp"], ["y"]),
+             helper.make_node("Slice", ["x", "st", "en"], ["z"])]
+    _check_any(nodes, {"x": x}, ["y", "z"], inits, opset)
+
+
+@pytest.mark.parametrize("opset", _versions("Split"))
+def test_split(opset):
+    x = _rand(2, 7, 3)
+    if opset < 13:
+        nodes = [helper.make_node("Split", ["x"], ["a", "b", "c"], axis=1, split=[2, 4, 1]),
+                 helper.make_node("Split", ["x"], ["d", "e"], axis=-1, split=[1, 2])]
+        _check_any(nodes, {"x": x}, ["a", "b", "c", "d", "e"], opset=opset)
+    else:
+        nodes = [helper.make_node("Split", ["x", "sp"], ["a", "b", "c"], axis=1),
+                 helper.make_node("Split", ["x", "sp2"], ["d", "e"], axis=-1)]
+        _check_any(nodes, {"x": x}, ["a", "b", "c", "d", "e"], {"sp": np.array([2, 4, 1]), "sp2": np.array([1, 2])},
+                   opset)
+    if opset >= 18:  # num_outputs: ceil(7 / 3) = 3, 3, 1
+        _check_any([helper.make_node("Split", ["x"], ["a", "b", "c"], axis=1, num_outputs=3)], {"x": x},
+                   ["a", "b", "c"], opset=opset)
+    else:  # equal parts
+        _check_any([helper.make_node("Split", ["x"], ["a", "b", "c"], axis=2)], {"x": x}, ["a", "b", "c"], opset=opset)
+
+
+@pytest.mark.parametrize("op,opset", [(op, v) for op in ("Expand", "Tile", "Range") for v in _versions(op)])
+def test_expand_tile_range(op, opset):
+    x = _rand(3, 1)
+    if op == "Expand":
+        _check_any([helper.make_node(op, ["x", "s"], ["y"]), helper.make_node(op, ["x", "t"], ["z"])], {"x": x},
+                   ["y", "z"], {"s": np.array([2, 1, 4]), "t": np.array([1, 1])}, opset)
+    elif op == "Tile":
+        _check_any([helper.make_node(op, ["x", "r"], ["y"])], {"x": x}, ["y"], {"r": np.array([2, 3])}, opset)
+    else:
+        feeds = {"a": np.array(1.5, np.float32), "b": np.array(-2.0, np.float32), "d": np.array(-0.75, np.float32),
+                 "i": np.array(10), "j": np.array(2), "k": np.array(-3)}
+        _check_any([helper.make_node(op, ["a", "b", "d"], ["y"]), helper.make_node(op, ["i", "j", "k"], ["z"])],
+                   feeds, ["y", "z"], opset=opset)
+
+
+@pytest.mark.parametrize("op,opset", [(op, v) for op in ("DepthToSpace", "SpaceToDepth") for v in _versions(op)])
+def test_depth_space(op, opset):
+    x = _rand(2, 8, 3, 4) if op == "DepthToSpace" else _rand(2, 2, 6, 4)
+    modes = ["DCR", "CRD"] if op == "DepthToSpace" and opset >= 11 else [None]
+    for mode in modes:
+        attrs = {"mode": mode} if mode else {}
+        _check_any([helper.make_node(op, ["x"], ["y"], blocksize=2, **attrs)], {"x": x}, ["y"], opset=opset)
+
+
+@pytest.mark.parametrize("opset", _versions("Einsum"))
+@pytest.mark.parametrize("equation,shapes", [("bij, bjk -> bik", [(2, 3, 4), (2, 4, 5)]), ("...ii->...i", [(3, 4, 4)]),
+                                             ("ij->", [(3, 4)]), ("nchw,c->nhw", [(2, 3, 4, 5), (3,)])])
+def test_einsum(opset, equation, shapes):
+    feeds = {f"x{i}": _rand(*s, seed=i) for i, s in enumerate(shapes)}
+    _check_any([helper.make_node("Einsum", list(feeds), ["y"], equation=equation)], feeds, ["y"], opset=opset)
+
+
+# ---------------------------------------------------------------- Resize, Upsample
+
+_COORD = ["half_pixel", "pytorch_half_pixel", "align_corners", "asymmetric", "tf_crop_and_resize"]
+
+
+def _resize_variants(opset):
+    """(attrs, roi, scales, sizes, axes) for Resize at `opset`: every mode, coordinate mode and nearest mode.
+
+    Not here: align_corners / tf_crop_and_resize with scales whose n * scale is not a whole number,
+    where onnxruntime divides by the integer output length and the ONNX reference (whose backend
+    test data the importer follows, tests/test_conformance.py) by n * scale."""
+    up, down = np.array([1, 1, 2.0, 1.5], np.float32), np.array([1, 1, 0.5, 0.8], np.float32)
+    sizes = np.array([2, 3, 7, 3], np.int64)
+    roi = np.array([0, 0, 0.1, 0.3, 1, 1, 0.8, 0.9], np.float32)
+    out = []
+    for coord in _COORD + (["half_pixel_symmetric"] if opset >= 19 else []):
+        for mode in ("nearest", "linear", "cubic"):
+            attrs = dict(mode=mode, coordinate_transformation_mode=coord)
+            r = roi if coord == "tf_crop_and_resize" else None
+            if coord == "tf_crop_and_resize":
+                attrs["extrapolation_value"] = -1.0
+            out += [(attrs, r, up, None, None), (attrs, r, None, sizes, None)]
+            if coord not in ("align_corners", "tf_crop_and_resize"):
+                out.append((attrs, r, down, None, None))
+        out.append((dict(mode="cubic", coordinate_transformation_mode=coord, exclude_outside=1, cubic_coeff_a=-0.5),
+                    None if coord != "tf_crop_and_resize" else roi, up, None, None))
+    for nearest_mode in ("round_prefer_floor", "round_prefer_ceil", "floor", "ceil"):
+        for coord in ("half_pixel", "asymmetric", "align_corners"):
+            attrs = dict(mode="nearest", coordinate_transformation_mode=coord, nearest_mode=nearest_mode)
+            out += [(attrs, None, up, None, None), (attrs, None, None, sizes, None)]
+            if coord != "align_corners":
+                out.append((attrs, None, down, None, None))
+    if opset >= 18:
+        for mode in ("linear", "cubic"):
+            out.append((dict(mode=mode, antialias=1), None, np.array([0.5, 0.6], np.float32), None, [2, 3]))
+        for policy in ("not_larger", "not_smaller"):
+            out.append((dict(mode="linear", keep_aspect_ratio_policy=policy), None, None, np.array([5, 9]), [2, 3]))
+        out.append((dict(mode="nearest"), None, None, np.array([9, 4]), [-1, 2]))
+    return out
+
+
+@pytest.mark.parametrize("opset", [v for v in _versions("Resize") if v >= 11])
+def test_resize(opset):
+    x = _rand(2, 3, 5, 4)
+    for attrs, roi, scales, sizes, axes in _resize_variants(opset):
+        inits = {"roi": roi if roi is not None else np.zeros(0, np.float32)}
+        names = ["x", "roi", "", ""]
+        if scales is not None:
+            inits["scales"], names[2] = scales, "scales"
+        else:
+            inits["sizes"], names[3] = sizes, "sizes"
+        if opset < 13 and scales is None:
+            inits["scales"], names[2] = np.zeros(0, np.float32), "scales"  # required (empty) before 13
+        extra = {"axes": axes} if axes is not None else {}
+        node = helper.make_node("Resize", [n for n in names if n or names.index(n) < 3], ["y"], **attrs, **extra)
+        node.input[:] = names[:4] if names[3] else names[:3]
+        try:
+            _check_any([node], {"x": x}, ["y"], inits, opset, tol=1e-5)
+        except AssertionError as exc:
+            raise AssertionError(f"{attrs} scales={scales} sizes={sizes} axes={axes}: {exc}") from None
+
+
+@pytest.mark.parametrize("opset,op", [(10, "Resize"), (9, "Upsample")])
+@pytest.mark.parametrize("mode", ["nearest", "linear"])
+def test_resize10_upsample9(opset, op, mode):
+    x = _rand(1, 2, 5, 4)
+    for scales in ([1, 1, 2, 3], [1, 1, 1.5, 2.5], [1, 1, 0.5, 0.75]):
+        if op == "Upsample" and min(scales) < 1:
+            continue
+        _check_any([helper.make_node(op, ["x", "s"], ["y"], mode=mode)], {"x": x}, ["y"],
+                   {"s": np.array(scales, np.float32)}, opset)
+
+
+def test_resize_sizes_at_run_time():
+    # FPN-style: the coarse map resized to the fine map's H, W from Shape -> Slice -> Concat
+    nodes = [helper.make_node("MaxPool", ["x"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Shape", ["x"], ["s"]),
+             helper.make_node("Slice", ["s", "st", "en"], ["hw"]),
+             helper.make_node("Concat", ["nc", "hw"], ["sizes"], axis=0),
+             helper.make_node("Resize", ["p", "", "", "sizes"], ["y"], mode="linear")]
+    inits = {"st": np.array([2]), "en": np.array([4]), "nc": np.array([1, 3])}
+    model = _model(nodes, [("x", [1, 3, "H", "W"])], [("y", [1, 3, "H", "W"])], inits, 13)
+    module = to_torch(model)
+    for shape in ((1, 3, 8, 6), (1, 3, 11, 7)):
+        x = _rand(*shape, seed=shape[2])
+        ref = _ort(model, {"x": x})[0]
+        got = _torch(module, {"x": x}, ["x"])[0]
+        assert got.shape == shape and _rel(got, ref) <= RTOL
+
+
+# ---------------------------------------------------------------- ConvTranspose, normalizations
+
+def _conv_transpose_cases():
+    w = _rand(4, 3, 3, 3, seed=1, scale=0.3)   # (C_in, C_out / group, k, k)
+    w2 = _rand(4, 2, 3, 2, seed=2, scale=0.3)  # group 2: C_out = 4
+    return [
+        ("plain", w, {}),
+        ("stride_pads", w, dict(strides=[2, 2], pads=[1, 0, 1, 2])),
+        ("output_padding", w, dict(strides=[2, 3], output_padding=[1, 2])),
+        ("dilation", w, dict(dilations=[2, 1], pads=[1, 1, 0, 0])),
+        ("group", w2, dict(group=2, strides=[2, 1])),
+        ("output_shape", w, dict(strides=[2, 2], output_shape=[10, 12])),
+        ("same_upper", w, dict(strides=[2, 2], auto_pad="SAME_UPPER")),
+        ("same_lower", w, dict(strides=[2, 2], auto_pad="SAME_LOWER")),
+        ("valid", w, dict(strides=[2, 2], auto_pad="VALID")),
+    ]
+
+
+@pytest.mark.parametrize("opset", _versions("ConvTranspose"))
+@pytest.mark.parametrize("case", _conv_transpose_cases(), ids=lambda c: c[0])
+def test_conv_transpose(opset, case):
+    _, w, attrs = case
+    b = _rand(w.shape[1] * attrs.get("group", 1), seed=5)
+    x = _rand(2, 4, 5, 6)
+    model = _check_any([helper.make_node("ConvTranspose", ["x", "W", "B"], ["y"], name="up", **attrs)], {"x": x},
+                       ["y"], {"W": w, "B": b}, opset)
+    module = to_torch(model)
+    assert isinstance(module.up.weight, nn.Parameter) and module.up.weight.requires_grad
+    assert module.onnx_tensors["up.weight"] == "W" and module.onnx_tensors["up.bias"] == "B"
+    # the weight as a run-time input, 1-D
+    _check_any([helper.make_node("ConvTranspose", ["x", "w"], ["y"], strides=[2], output_padding=[1])],
+               {"x": _rand(2, 4, 7), "w": _rand(4, 3, 3, seed=6)}, ["y"], opset=opset)
+
+
+def test_conv_transpose_writes_back(tmp_path):
+    model = _check_any([helper.make_node("ConvTranspose", ["x", "W", "B"], ["y"], name="up", strides=[2, 2])],
+                       {"x": _rand(1, 4, 3, 3)}, ["y"], {"W": _rand(4, 2, 2, 2), "B": _rand(2)}, 17)
+    module = to_torch(model)
+    with torch.no_grad():
+        module.up.weight.mul_(2.0)
+        module.up.bias.add_(1.0)
+    written = write_back(module, model)
+    x = _rand(1, 4, 3, 3, seed=9)
+    assert _rel(_ort(written, {"x": x})[0], _torch(module, {"x": x}, ["x"])[0]) <= RTOL
+
+
+@pytest.mark.parametrize("op,opset", [(op, v) for op in ("LayerNormalization", "InstanceNormalization",
+                                                         "GroupNormalization", "LpNormalization")
+                                      for v in _versions(op)])
+def test_normalizations(op, opset):
+    x = _rand(2, 4, 3, 5, scale=3.0)
+    if op == "LayerNormalization":
+        for axis, shape in ((-1, (5,)), (1, (4, 3, 5)), (2, (1, 5))):
+            model = _check_any([helper.make_node(op, ["x", "s", "b"], ["y", "m", "inv"], name="ln", axis=axis,
+                                                 epsilon=1e-3)],
+                               {"x": x}, ["y", "m", "inv"], {"s": _rand(*shape, seed=1), "b": _rand(*shape, seed=2)},
+                               opset)
+        _check_any([helper.make_node(op, ["x", "s"], ["y"])], {"x": x, "s": _rand(5, seed=1)}, ["y"], opset=opset)
+    elif op == "InstanceNormalization":
+        model = _check_any([helper.make_node(op, ["x", "s", "b"], ["y"], name="ln", epsilon=1e-4)], {"x": x}, ["y"],
+                           {"s": _rand(4, seed=1), "b": _rand(4, seed=2)}, opset)
+    elif op == "GroupNormalization":
+        n = 2 if opset < 21 else 4  # scale/bias per group at 18, per channel from 21
+        model = _check_any([helper.make_node(op, ["x", "s", "b"], ["y"], name="ln", num_groups=2, epsilon=1e-4)],
+                           {"x": x}, ["y"], {"s": _rand(n, seed=1), "b": _rand(n, seed=2)}, opset)
+    else:
+        x[0, 0] = 0.0  # a zero norm gives 0
+        for p, axis in ((2, -1), (1, 1), (2, 0)):
+            _check_any([helper.make_node(op, ["x"], ["y"], p=p, axis=axis)], {"x": np.abs(x) if p == 1 else x},
+                       ["y"], opset=opset)
+        return
+    module = to_torch(model)
+    assert isinstance(module.ln.weight, nn.Parameter) and module.onnx_tensors["ln.weight"] == "s"
+    assert module.onnx_tensors["ln.bias"] == "b"
+
+
+# ---------------------------------------------------------------- reductions
+
+_REDUCE_OPS = ["ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
+               "ReduceLogSumExp", "ReduceSumSquare"]
+
+
+@pytest.mark.parametrize("op,opset", [(op, v) for op in _REDUCE_OPS for v in _versions(op)])
+def test_reduce(op, opset):
+    x = _rand(2, 3, 4, scale=0.8)
+    axes_input = opset >= (13 if op == "ReduceSum" else 18)
+    for axes, keepdims in (([1], 1), ([0, -1], 0), (None, 1), (None, 0)):
+        if axes_input:
+            inits = {} if axes is None else {"axes": np.array(axes, np.int64)}
+            node = helper.make_node(op, ["x"] + (["axes"] if axes is not None else []), ["y"], keepdims=keepdims)
+        else:
+            inits = {}
+            node = helper.make_node(op, ["x"], ["y"], keepdims=keepdims, **({"axes": axes} if axes else {}))
+        _check_any([node], {"x": x}, ["y"], inits, opset)
+    if axes_input:  # noop_with_empty_axes, and axes as a run-time input
+        _check_any([helper.make_node(op, ["x"], ["y"], noop_with_empty_axes=1)], {"x": x}, ["y"], opset=opset)
+        _check_any([helper.make_node(op, ["x", "axes"], ["y"], keepdims=0)], {"x": x, "axes": np.array([2, 0])},
+                   ["y"], opset=opset)
+    if op in ("ReduceMax", "ReduceMin", "ReduceSum", "ReduceProd"):  # integers keep their type
+        ints = {"x": np.array([[3, -1, 7], [2, 5, -4]], np.int64)}
+        node = helper.make_node(op, ["x"] + (["axes"] if axes_input else []), ["y"], keepdims=0,
+                                **({} if axes_input else {"axes": [1]}))
+        _check_any([node], ints, ["y"], {"axes": np.array([1])} if axes_input else {}, opset)
+
+
+@pytest.mark.parametrize("op,opset", [(op, v) for op in ("ArgMax", "ArgMin") for v in _versions(op)])
+def test_arg_reduce(op, opset):
+    x = np.array([[[1, 5, 5, 0], [2, 2, -1, -1], [0, 5, -1, 3]]], np.float32)
+    for axis, keepdims in ((1, 1), (-1, 0), (0, 1)):
+        _check_any([helper.make_node(op, ["x"], ["y"], axis=axis, keepdims=keepdims)], {"x": x}, ["y"], opset=opset)
+        if opset >= 12:
+            _check_any([helper.make_node(op, ["x"], ["y"], axis=axis, keepdims=keepdims, select_last_index=1)],
+                       {"x": x}, ["y"], opset=opset)
+
+
+# ---------------------------------------------------------------- Pad (all modes), Clip (tensor bounds)
+
+@pytest.mark.parametrize("opset", [v for v in _versions("Pad") if v >= 11])
+@pytest.mark.parametrize("mode", ["constant", "reflect", "edge", "wrap"])
+def test_pad_modes_and_run_time_pads(opset, mode):
+    if mode == "wrap" and opset < 19:
+        return
+    x = _rand(2, 3, 4, 5)
+    feeds = {"x": x, "pads": np.array([0, 1, 2, 1, 0, 2, 1, 3], np.int64)}
+    _check_any([helper.make_node("Pad", ["x", "pads"], ["y"], mode=mode)], feeds, ["y"], opset=opset)
+    if opset >= 18:
+        feeds = {"x": x, "pads": np.array([2, 1, 1, 2], np.int64), "axes": np.array([-1, 1], np.int64)}
+        _check_any([helper.make_node("Pad", ["x", "pads", "", "axes"], ["y"], mode=mode)], feeds, ["y"], opset=opset)
+
+
+@pytest.mark.parametrize("opset", [v for v in _versions("Clip") if v >= 11])
+def test_clip_tensor_bounds(opset):
+    x = _rand(3, 4, scale=2.0)
+    feeds = {"x": x, "lo": np.array(-0.5, np.float32), "hi": np.array(0.7, np.float32)}
+    _check_any([helper.make_node("Clip", ["x", "lo", "hi"], ["y"]), helper.make_node("Clip", ["x", "", "hi"], ["z"])],
+               feeds, ["y", "z"], opset=opset)
+    if opset >= 12:
+        ints = {"x": np.array([-5, 0, 3, 9], np.int64), "lo": np.array(-1, np.int64), "hi": np.array(4, np.int64)}
+        _check_any([helper.make_node("Clip", ["x", "lo", "hi"], ["y"])], ints, ["y"], opset=opset)
+
+
+# ---------------------------------------------------------------- run-time shapes in exported models
+
+class _DynamicNet(nn.Module):
+    """x.view(x.size(0), -1), F.interpolate(scale_factor=2) and an FPN-style resize to another map's size."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.c2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x):
+        y = torch.relu(self.c1(x))
+        coarse = torch.nn.functional.max_pool2d(y, 2)
+        y = y + torch.nn.functional.interpolate(coarse, size=y.shape[-2:], mode="bilinear", align_corners=False)
+        y = self.c2(torch.nn.functional.interpolate(y, scale_factor=2.0))
+        y = torch.nn.functional.adaptive_avg_pool2d(y, 1)
+        return self.fc(y.view(y.size(0), -1))
+
+
+@pytest.mark.parametrize("exporter", ["torchscript-9", "torchscript-11", "torchscript-13", "torchscript-17", "dynamo"])
+def test_exported_model_runs_at_any_input_size(exporter, tmp_path):
+    torch.manual_seed(0)
+    net = _DynamicNet().eval()
+    path = tmp_path / "m.onnx"
+    x0 = torch.randn(2, 3, 8, 8)
+    if exporter == "dynamo":
+        pytest.importorskip("onnxscript", reason="torch's dynamo exporter needs onnxscript")
+        dims = {0: torch.export.Dim("N"), 2: torch.export.Dim("H", min=4), 3: torch.export.Dim("W", min=4)}
+        torch.onnx.export(net, (x0,), str(path), dynamo=True, input_names=["x"], dynamic_shapes={"x": dims},
+                          verbose=False)
+    else:
+        torch.onnx.export(net, (x0,), str(path), dynamo=False, opset_version=int(exporter.split("-")[1]),
+                          input_names=["x"], dynamic_axes={"x": {0: "N", 2: "H", 3: "W"}})
+    model = onnx.load(str(path))
+    module = to_torch(model)
+    for shape in ((2, 3, 8, 8), (3, 3, 13, 10)):
+        x = _rand(*shape, seed=shape[0])
+        ref = _ort(model, {"x": x})[0]
+        got = _torch(module, {"x": x}, ["x"])[0]
+        assert got.shape == ref.shape == (shape[0], 5)
+        assert _rel(got, ref) <= RTOL
+
+
+class _ModernNet(nn.Module):
+    """Blocks of today's CNNs: hard-swish stem, squeeze-excite, a ConvNeXt block (depthwise 7x7,
+    LayerNorm, GELU MLP), GroupNorm + SiLU, a U-Net decoder (ConvTranspose, PReLU), a C2f-style
+    split and concat with a nearest resize to the decoder's size."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.se = nn.Conv2d(8, 8, 1)
+        self.dw = nn.Conv2d(8, 8, 7, padding=3, groups=8)
+        self.ln = nn.LayerNorm(8)
+        self.pw1, self.pw2 = nn.Linear(8, 16), nn.Linear(16, 8)
+        self.gn = nn.GroupNorm(2, 8)
+        self.up = nn.ConvTranspose2d(8, 4, 2, stride=2)
+        self.act = nn.PReLU(4)
+        self.fuse = nn.Conv2d(8, 8, 1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        f = torch.nn.functional
+        y = f.hardswish(self.stem(x))
+        y = y * f.hardsigmoid(self.se(y.mean((2, 3), keepdim=True)))
+        z = self.dw(y).permute(0, 2, 3, 1)
+        y = y + self.pw2(f.gelu(self.pw1(self.ln(z)))).permute(0, 3, 1, 2)
+        y = f.silu(self.gn(y))
+        u = self.act(self.up(y))
+        a, b = torch.chunk(u, 2, dim=1)
+        y = self.fuse(torch.cat([a, b, f.interpolate(y, size=u.shape[-2:], mode="nearest")[:, :4]], 1))
+        return self.fc(f.adaptive_avg_pool2d(y, 1).flatten(1))
+
+
+@pytest.mark.parametrize("exporter", ["torchscript-17", "dynamo"])
+def test_modern_cnn_imports_trains_and_writes_back(exporter, tmp_path):
+    torch.manual_seed(0)
+    net = _ModernNet().eval()
+    path = tmp_path / "m.onnx"
+    x0 = torch.randn(2, 3, 16, 16)
+    if exporter == "dynamo":
+        pytest.importorskip("onnxscript", reason="torch's dynamo exporter needs onnxscript")
+        dims = {0: torch.export.Dim("N"), 2: torch.export.Dim("H", min=4), 3: torch.export.Dim("W", min=4)}
+        torch.onnx.export(net, (x0,), str(path), dynamo=True, input_names=["x"], dynamic_shapes={"x": dims},
+                          verbose=False)
+    else:
+        torch.onnx.export(net, (x0,), str(path), dynamo=False, opset_version=17, input_names=["x"],
+                          dynamic_axes={"x": {0: "N", 2: "H", 3: "W"}})
+    model = onnx.load(str(path))
+    module = to_torch(model)
+    for shape in ((2, 3, 16, 16), (1, 3, 22, 18)):
+        x = _rand(*shape, seed=shape[2])
+        assert _rel(_torch(module, {"x": x}, ["x"])[0], _ort(model, {"x": x})[0]) <= RTOL
+    # every weight of the torch network is a trainable, written-back parameter of the import
+    params = dict(module.named_parameters())
+    assert len(params) >= sum(1 for _ in net.parameters())
+    assert {name for name, _ in net.named_parameters()} - set(module.onnx_tensors.values()) <= \
+        {"gn.weight", "gn.bias", "pw1.weight", "pw2.weight", "act.weight"}  # exporters rename these
+    module.train()
+    opt = torch.optim.SGD(module.parameters(), lr=0.1)
+    module(torch.from_numpy(_rand(2, 3, 16, 16, seed=7))).square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params.values())
+    opt.step()
+    written = write_back(module, model)
+    x = _rand(2, 3, 12, 20, seed=8)
+    assert _rel(_ort(written, {"x": x})[0], _torch(module, {"x": x}, ["x"])[0]) <= RTOL
+    assert _rel(_ort(written, {"x": x})[0], _ort(model, {"x": x})[0]) > 1e-4  # the step changed the model
+
+
+def test_torch_save_load_round_trip(tmp_path):
+    """torch.load re-traces an imported module's code: the run-time helpers must stay single calls."""
+    nodes = [helper.make_node("MaxPool", ["x"], ["p"], kernel_shape=[3, 3], pads=[0, 0, 1, 1]),
+             helper.make_node("Shape", ["p"], ["s"]),
+             helper.make_node("Slice", ["s", "st", "en"], ["hw"]),
+             helper.make_node("Concat", ["nc", "hw"], ["sizes"], axis=0),
+             helper.make_node("Resize", ["p", "", "", "sizes"], ["r"], mode="cubic",
+                              coordinate_transformation_mode="asymmetric"),
+             helper.make_node("ReduceMean", ["r"], ["y"], axes=[2, 3], keepdims=0)]
+    inits = {"st": np.array([2]), "en": np.array([4]), "nc": np.array([1, 2])}
+    module = to_torch(_model(nodes, [("x", [1, 2, "H", "W"])], ["y"], inits, 13))
+    torch.save(module, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    x = torch.from_numpy(_rand(1, 2, 9, 7))
+    assert torch.equal(loaded(x), module(x)) and loaded.onnx_opset == 13
+
+
+def test_initializer_of_an_unsupported_type_refused():
+    w = helper.make_tensor("w", TensorProto.INT4, [4], [1, 2, 3, -4])
+    nodes = [helper.make_node("Cast", ["w"], ["c"], to=F32), helper.make_node("Add", ["x", "c"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", F32, [4])],
+                              [helper.make_tensor_value_info("y", F32, [4])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    with pytest.raises(UserError, match=r"\(Cast, opset 21\): initializer 'w': INT4 tensors are not supported"):
+        to_torch(model)

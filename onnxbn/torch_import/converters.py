@@ -2,7 +2,12 @@
 
 A converter gets the importer (`ctx`: the current node, its inputs as values or fx
 nodes, and `ctx.call` / `ctx.module` to emit graph nodes) and the node's attributes,
-and returns the node's output value(s). `SUPPORTED_OPS` is the set of registered ops.
+and returns the node's output value(s), or refuses with `ctx.fail(why)` (a one-line
+UserError naming the node, op, opset and the attribute value). `SUPPORTED_OPS` is the set
+of registered ops. This module holds the registry and the layer converters (Conv,
+pooling, Gemm, MatMul, elementwise with trainable operands, BN, Reshape family, Pad, ...);
+converters_elementwise, converters_shape, converters_nn and resize register the rest when
+imported at the bottom of this module.
 """
 
 from __future__ import annotations
@@ -224,18 +229,47 @@ def _matmul_op(ctx: _Importer, a: dict):
 _BINARY = {"Add": operator.add, "Sub": operator.sub, "Mul": operator.mul, "Div": _div}
 
 
+NORMALIZATIONS = {"BatchNormalization", "InstanceNormalization", "LayerNormalization", "GroupNormalization"}
+_SHAPE_ONLY = {"Reshape", "Flatten", "Squeeze", "Unsqueeze"}
+
+
+def _trainable_operand(ctx: _Importer, node: onnx.NodeProto, depth: int = 0) -> int | None:
+    """Which input (0 or 1) of an Add/Sub/Mul/Div is a trainable bias or scale, or None.
+
+    It is a float initializer of rank >= 1 applied to the output of a linear layer (Conv,
+    ConvTranspose, Gemm, MatMul), of a normalization seen through shape-only ops (GroupNorm
+    as exporters write it: InstanceNormalization -> Reshape -> Mul -> Add), or of an
+    Add/Sub/Mul/Div that itself holds such a bias or scale (Linear's bias, then a layer scale)."""
+    for idx in (1, 0):
+        name, other = node.input[idx], node.input[1 - idx]
+        if not (ctx.is_weight(name) and not ctx.is_weight(other) and len(ctx.inits[name].dims) >= 1):
+            continue
+        producer = ctx.producers.get(other)
+        if producer is None:
+            return None
+        if producer.op_type in LINEAR_PRODUCERS:
+            return idx
+        walk = producer
+        while walk is not None and walk.op_type in _SHAPE_ONLY:
+            walk = ctx.producers.get(walk.input[0])
+        if walk is not None and walk.op_type in NORMALIZATIONS:
+            return idx
+        if producer.op_type in _BINARY and depth < 8 and _trainable_operand(ctx, producer, depth + 1) is not None:
+            return idx
+        return None
+    return None
+
+
 @_op("Add", "Sub", "Mul", "Div")
 def _binary_op(ctx: _Importer, a: dict):
     node = ctx.node
     if ctx.opset < 7 and a.get("broadcast"):
         ctx.fail("legacy broadcast attribute")
-    n0, n1 = node.input[0], node.input[1]
-    for idx, name in ((1, n1), (0, n0)):
-        other = n0 if idx == 1 else n1
-        if ctx.is_weight(name) and not ctx.is_weight(other) and ctx.producer_op.get(other) in LINEAR_PRODUCERS \
-                and len(ctx.inits[name].dims) >= 1:
-            mod = OnnxElementwise(node.op_type, ctx.param(name), param_first=(idx == 0))
-            return ctx.module(mod, ctx.inp(1 - idx), params={"weight": name})
+    idx = _trainable_operand(ctx, node)
+    if idx is not None:
+        name = node.input[idx]
+        mod = OnnxElementwise(node.op_type, ctx.param(name), param_first=(idx == 0))
+        return ctx.module(mod, ctx.inp(1 - idx), params={"weight": name})
     fn = _BINARY[node.op_type]
     if node.op_type == "Div" and ctx.elem_type(node.output[0]) in FLOAT_TYPES:
         fn = operator.truediv
@@ -457,5 +491,8 @@ def _pad_op(ctx: _Importer, a: dict):
         value = value.reshape(-1)[0].item() if value.numel() else None
     return ctx.call(_pad, ctx.inp(0), pads, mode, value, axes)
 
+
+# the other converter families register themselves in _CONVERTERS on import
+from onnxbn.torch_import import converters_elementwise, converters_nn, converters_shape, resize  # noqa: E402,F401,I001
 
 SUPPORTED_OPS = frozenset(_CONVERTERS)

@@ -3,12 +3,16 @@
 `_Importer` holds the fx graph being built, the root module, the values of ONNX
 tensors seen so far and the write-back maps; each node goes to its converter in
 `converters._CONVERTERS`. `_attach` sets the onnx_* attributes on a GraphModule so they
-survive copy.deepcopy; `_structure_key` fingerprints a model's nodes for write-back.
+survive copy.deepcopy; `_OnnxTracer` is the tracer torch.load rebuilds the graph with;
+`_structure_key` fingerprints a model's nodes for write-back. Graph inputs of a type the
+module does not run are refused here; uint16/32/64 inputs are widened to int64 and the
+graph outputs of those types narrowed back (see `ops.DTYPES`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import keyword
 import os
 import re
@@ -31,7 +35,8 @@ from onnxbn.graph import (
 )
 from onnxbn.modelio import load_structure
 from onnxbn.torch_import.converters import _CONVERTERS
-from onnxbn.torch_import.ops import _to_tensor
+from onnxbn.torch_import import functional, ops, resize
+from onnxbn.torch_import.ops import DTYPES, UNSIGNED_WIDE, _cast, _to_tensor
 
 _RESERVED = set(dir(fx.GraphModule)) | {"onnx_names", "onnx_tensors", "onnx_inputs", "onnx_outputs",
                                           "onnx_opset", "onnx_structure", "self"}
@@ -105,7 +110,7 @@ class _Importer:
         self.onnx_tensors: dict[str, str] = {}
         self.recorded: set[str] = set()
         self.types = value_types(model)
-        self.producer_op = {name: node.op_type for name, node in GraphIndex(model).producers.items()}
+        self.producers = GraphIndex(model).producers  # tensor name -> the node that produces it
         self.node: onnx.NodeProto | None = None
 
     # ------------------------------------------------------------------ values
@@ -123,8 +128,8 @@ class _Importer:
             if name not in self.init_values:
                 try:
                     self.init_values[name] = self.init_tensor(name)
-                except TypeError:
-                    self.fail(f"initializer {name!r} is a string tensor")
+                except TypeError as exc:  # an element type the module does not run
+                    self.fail(f"initializer {name!r}: {exc}s are not supported")
             return self.init_values[name]
         self.fail(f"input {name!r} is not produced by any earlier node")
 
@@ -220,9 +225,15 @@ class _Importer:
         for vi in g.input:
             if vi.name in self.inits:
                 continue
+            elem = vi.type.tensor_type.elem_type if vi.type.HasField("tensor_type") else None
+            if elem not in DTYPES:
+                kind = "not a tensor" if elem is None else f"element type {onnx.TensorProto.DataType.Name(elem)}"
+                raise UserError(f"cannot import graph input {vi.name!r} (opset {self.opset}): {kind} is not "
+                                "supported by onnxbn's torch importer")
             ph = self.graph.placeholder(unique_name(_sanitize(vi.name, "input"), arg_names | self.taken))
             arg_names.add(ph.target)
-            self.env[vi.name] = ph
+            self.env[vi.name] = ph if elem not in UNSIGNED_WIDE else \
+                self.graph.call_function(_cast, (ph, torch.int64))
             inputs.append(vi.name)
         for self.index, node in enumerate(g.node):
             self.node = node
@@ -253,13 +264,34 @@ class _Importer:
                 raise UserError(f"graph output {vi.name!r} is not produced by any node")
             self.node = onnx.helper.make_node("Identity", [], [], name="")
             v = self.value(vi.name)
-            results.append(self._lift(v) if isinstance(v, torch.Tensor) else v)
+            v = self._lift(v) if isinstance(v, torch.Tensor) else v
+            elem = vi.type.tensor_type.elem_type
+            results.append(self.graph.call_function(_cast, (v, UNSIGNED_WIDE[elem])) if elem in UNSIGNED_WIDE else v)
         self.graph.output(results[0] if len(results) == 1 else tuple(results))
         gm = fx.GraphModule(self.root, self.graph, class_name="OnnxGraphModule")
+        gm._tracer_cls = _OnnxTracer  # torch.load re-traces the code with it
         _attach(gm, {"onnx_names": dict(self.onnx_names), "onnx_tensors": dict(self.onnx_tensors),
                      "onnx_inputs": inputs, "onnx_outputs": [vi.name for vi in g.output],
                      "onnx_opset": self.opset, "onnx_structure": _structure_key(self.model)})
         return gm
+
+
+def _run_time_helpers() -> tuple[Callable, ...]:
+    """The module-level functions of ops, functional and resize that generated code calls."""
+    found = []
+    for mod in (ops, functional, resize):
+        found += [f for name, f in vars(mod).items()
+                  if name.startswith("_") and inspect.isfunction(f) and f.__module__ == mod.__name__]
+    return tuple(found)
+
+
+class _OnnxTracer(fx.Tracer):
+    """The tracer torch.load uses to rebuild an imported module's graph from its code: onnxbn's
+    run-time helpers (which branch on shapes and values) stay single calls, as import made them."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("autowrap_functions", _run_time_helpers())
+        super().__init__(*args, **kwargs)
 
 
 _PRESERVED = getattr(fx.graph_module, "_USER_PRESERVED_ATTRIBUTES_KEY", "_user_preserved_attributes")

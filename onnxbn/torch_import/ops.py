@@ -2,7 +2,9 @@
 
 The generated forward (and torch.save) refers to these by module-level name, so they
 live here, apart from the import machinery: OnnxGemm, OnnxMatMul, OnnxElementwise,
-OnnxDropout, _BatchNormAnyD, and functional ONNX ops (_conv, _pool, _pad, _clip, ...).
+OnnxDropout, OnnxPRelu, OnnxNorm, OnnxConvTranspose, _BatchNormAnyD, and functional ONNX ops
+(_conv, _conv_transpose, _pool, _pad, _clip, the normalizations, ...); `DTYPES` maps ONNX
+element types to torch dtypes.
 `_to_tensor` turns an initializer or Constant value into a torch tensor.
 """
 
@@ -18,6 +20,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from onnxbn.modelio import tensor_array
+
+
+# ONNX element type -> torch dtype of its values inside an imported module, for the types the
+# importer runs (others are refused at import). uint16/32/64, which torch computes little with,
+# are held as int64 (exact for uint16/32; uint64 arithmetic is modular, comparisons and
+# division of values >= 2**63 are not) and cast back to their type at graph outputs.
+UNSIGNED_WIDE = {onnx.TensorProto.UINT16: torch.uint16, onnx.TensorProto.UINT32: torch.uint32,
+                 onnx.TensorProto.UINT64: torch.uint64}
+DTYPES = {
+    onnx.TensorProto.FLOAT: torch.float32, onnx.TensorProto.DOUBLE: torch.float64,
+    onnx.TensorProto.FLOAT16: torch.float16, onnx.TensorProto.BFLOAT16: torch.bfloat16,
+    onnx.TensorProto.INT8: torch.int8, onnx.TensorProto.INT16: torch.int16, onnx.TensorProto.INT32: torch.int32,
+    onnx.TensorProto.INT64: torch.int64, onnx.TensorProto.UINT8: torch.uint8, onnx.TensorProto.BOOL: torch.bool,
+} | {t: torch.int64 for t in UNSIGNED_WIDE}
+# 8-bit floats: torch's own dtypes; ONNX lets only data-movement ops (Cast, Reshape, ...) take them
+FLOAT8 = {onnx.TensorProto.FLOAT8E4M3FN: torch.float8_e4m3fn, onnx.TensorProto.FLOAT8E4M3FNUZ: torch.float8_e4m3fnuz,
+          onnx.TensorProto.FLOAT8E5M2: torch.float8_e5m2, onnx.TensorProto.FLOAT8E5M2FNUZ: torch.float8_e5m2fnuz}
+DTYPES |= FLOAT8
 
 # ============================================================================ modules
 
@@ -84,6 +104,57 @@ class OnnxDropout(nn.Dropout):
             return x, torch.ones(x.shape, dtype=torch.bool, device=x.device)
         mask = torch.rand(x.shape, device=x.device) >= p
         return x * mask.to(x.dtype) / (1.0 - p), mask
+
+
+class OnnxPRelu(nn.Module):
+    """PRelu with a trainable slope (`weight`, ONNX layout, broadcast onto x): x < 0 ? slope * x : x."""
+
+    def __init__(self, weight: nn.Parameter):
+        super().__init__()
+        self.weight = weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _prelu(x, self.weight)
+
+
+class OnnxNorm(nn.Module):
+    """LayerNormalization / InstanceNormalization / GroupNormalization with a trainable scale
+    (`weight`) and bias (`bias`, None when absent), both in ONNX layout; see `_layer_norm`,
+    `_instance_norm`, `_group_norm` for the math."""
+
+    def __init__(self, kind: str, weight: nn.Parameter, bias: nn.Parameter | None, eps: float,
+                 axis: int = -1, groups: int = 1, per_group: bool = False, stats: bool = False):
+        super().__init__()
+        self.kind, self.eps, self.axis, self.groups = kind, eps, axis, groups
+        self.per_group, self.stats = per_group, stats
+        self.weight = weight
+        self.bias = bias
+
+    def forward(self, x: torch.Tensor):
+        if self.kind == "layer":
+            return _layer_norm(x, self.weight, self.bias, self.axis, self.eps, self.stats)
+        if self.kind == "instance":
+            return _instance_norm(x, self.weight, self.bias, self.eps)
+        return _group_norm(x, self.weight, self.bias, self.groups, self.eps, self.per_group)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, eps={self.eps}, axis={self.axis}, groups={self.groups}"
+
+
+class OnnxConvTranspose(nn.Module):
+    """ConvTranspose with trainable `weight` (C_in, C_out/group, k...) and `bias`; see `_conv_transpose`."""
+
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, **attrs):
+        super().__init__()
+        self.weight = weight
+        self.bias = bias
+        self.attrs = attrs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _conv_transpose(x, self.weight, self.bias, **self.attrs)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.attrs.items())
 
 
 class _BatchNormAnyD(nn.modules.batchnorm._BatchNorm):
@@ -157,6 +228,39 @@ def _conv(x, w, b, strides, pads, dilations, group, auto_pad="NOTSET"):
         x = _pad_spatial(x, begins, ends)
         begins = [0] * nd
     return _CONV_FN[nd](x, w, b, strides, begins, dilations, group)
+
+
+_CONV_T_FN = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+def _conv_transpose(x, w, b, strides, dilations, group, pads=None, output_padding=None, output_shape=None,
+                    auto_pad="NOTSET"):
+    """ONNX ConvTranspose. The full transposed convolution (size s*(n-1) + (k-1)*d + 1 per axis)
+    is extended by output_padding zeros and cropped by pads; with output_shape (or SAME_*
+    auto_pad, where output_shape = n*s) the pads total full + output_padding - output_shape,
+    split total//2 first for SAME_UPPER and total - total//2 first otherwise."""
+    nd = w.dim() - 2
+    kernel = list(w.shape[2:])
+    spatial = [int(n) for n in x.shape[2:]]
+    output_padding = list(output_padding or [0] * nd)
+    full = [s * (n - 1) + (k - 1) * d + 1 for s, n, k, d in zip(strides, spatial, kernel, dilations)]
+    if output_shape or auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        out = list(output_shape)[-nd:] if output_shape else [n * s for n, s in zip(spatial, strides)]
+        total = [f + p - o for f, p, o in zip(full, output_padding, out)]
+        begins = [t // 2 if auto_pad == "SAME_UPPER" else t - t // 2 for t in total]
+    else:
+        pads = list(pads or [0] * (2 * nd)) if auto_pad != "VALID" else [0] * (2 * nd)
+        begins = pads[:nd]
+        out = [f + p - b_ - e for f, p, b_, e in zip(full, output_padding, pads[:nd], pads[nd:])]
+    y = _CONV_T_FN[nd](x, w, None, strides, 0, 0, group, dilations)
+    flat: list[int] = []
+    for f, b_, o in reversed(list(zip(full, begins, out))):
+        flat += [-b_, o + b_ - f]
+    if any(flat):
+        y = F.pad(y, flat)
+    if b is not None:
+        y = y + b.reshape((1, -1) + (1,) * nd)
+    return y
 
 
 def _pool(x, kind, kernel, strides, pads, dilations, ceil_mode, count_include_pad, auto_pad="NOTSET"):
@@ -322,18 +426,86 @@ def _constant_of_shape(shape, value):
     return torch.full(dims, value.reshape(-1)[0].item(), dtype=value.dtype, device=device)
 
 
+def _cast(x, dtype, saturate=True):
+    """ONNX Cast (float -> int truncates toward zero; -> bool is x != 0). To an 8-bit float,
+    rounded to nearest even; `saturate` clamps to the type's finite range (+-inf too) first,
+    else values beyond it become NaN (e4m3fn, the fnuz types) or +-inf (e5m2), as ONNX defines."""
+    if dtype not in _FLOAT8_DTYPES or x.dtype == dtype:
+        return x.to(dtype)
+    top = torch.finfo(dtype).max
+    x = x.to(torch.float32)
+    if saturate:
+        return torch.clamp(x, -top, top).to(dtype)
+    if dtype == torch.float8_e4m3fn:  # torch saturates this one; ONNX: NaN beyond max + half a step
+        return torch.where(x.abs() > 464.0, torch.full_like(x, float("nan")), x).to(dtype)
+    return x.to(dtype)
+
+
 def _clip(x, lo=None, hi=None):
     if lo is None and hi is None:
         return x
     return torch.clamp(x, lo, hi)
 
 
+_FLOAT8_DTYPES = frozenset(FLOAT8.values())
+
+
 def _to_tensor(proto: onnx.TensorProto, folder=None) -> torch.Tensor:
-    """A torch tensor of its own with `proto`'s values (external data read from `folder`)."""
-    if proto.data_type == onnx.TensorProto.STRING:
-        raise TypeError("string tensor")
+    """A torch tensor of its own with `proto`'s values (external data read from `folder`), of the
+    dtype `DTYPES` gives; TypeError("<TYPE> tensor") for an element type outside DTYPES."""
+    if proto.data_type not in DTYPES:
+        raise TypeError(f"{onnx.TensorProto.DataType.Name(proto.data_type)} tensor")
     arr = tensor_array(proto, folder=folder)
+    if proto.data_type in UNSIGNED_WIDE:
+        return torch.from_numpy(arr.astype(np.int64))
     if proto.data_type == onnx.TensorProto.BFLOAT16:
         return torch.from_numpy(arr.astype(np.float32)).to(torch.bfloat16)
+    if proto.data_type in FLOAT8:  # ml_dtypes' array: its bytes, seen as the torch type
+        return torch.from_numpy(np.array(arr.view(np.uint8), copy=True)).view(FLOAT8[proto.data_type])
     # an array read from a file is already ours; one that views the proto's bytes is copied
     return torch.from_numpy(arr if arr.flags.owndata and arr.flags.writeable else np.array(arr, copy=True))
+
+
+def _prelu(x, slope):
+    return torch.where(x < 0, x * slope, x)
+
+
+def _stash(x):
+    return x.to(torch.float32) if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def _layer_norm(x, scale, bias, axis, eps, stats=False):
+    """ONNX LayerNormalization: (x - mean) / sqrt(var + eps) * scale + bias over axes [axis, rank).
+
+    With `stats`, also the mean and 1/sqrt(var + eps) (keepdims shape), as outputs 1 and 2."""
+    axis = axis + x.dim() if axis < 0 else axis
+    xs = _stash(x)
+    dims = tuple(range(axis, x.dim()))
+    mean = xs.mean(dims, keepdim=True)
+    inv = torch.rsqrt(((xs - mean) ** 2).mean(dims, keepdim=True) + eps)
+    y = (xs - mean) * inv * scale
+    if bias is not None:
+        y = y + bias
+    y = y.to(x.dtype)
+    return (y, mean.to(x.dtype), inv.to(x.dtype)) if stats else y
+
+
+def _channel_view(v, x):
+    return v.reshape((1, -1) + (1,) * (x.dim() - 2))
+
+
+def _instance_norm(x, scale, bias, eps):
+    """ONNX InstanceNormalization: per (n, c), normalized over the spatial axes, then * scale[c] + bias[c]."""
+    y = F.instance_norm(_stash(x), eps=eps).to(x.dtype)
+    return y * _channel_view(scale, x) + _channel_view(bias, x)
+
+
+def _group_norm(x, scale, bias, groups, eps, per_group):
+    """ONNX GroupNormalization: per (n, group), normalized over the group's channels and spatial axes.
+
+    scale/bias hold one value per channel (opset 21) or, `per_group`, one per group (opset 18)."""
+    y = F.group_norm(_stash(x), int(groups), eps=eps).to(x.dtype)
+    if per_group:
+        rep = x.shape[1] // int(groups)
+        scale, bias = scale.repeat_interleave(rep), bias.repeat_interleave(rep)
+    return y * _channel_view(scale, x) + _channel_view(bias, x)

@@ -1,0 +1,139 @@
+"""Converters for elementwise ops: unary math, activations, comparisons, logic, Min/Max/Mean, Where, Cast.
+
+Registered in `converters._CONVERTERS` by `_op`; each maps the ONNX op onto the torch
+function of the same math (see `functional` for the ones torch has no single call for).
+PRelu with a float initializer slope becomes an `OnnxPRelu` module whose slope trains.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import onnx
+import torch
+import torch.nn.functional as F
+
+from onnxbn.torch_import.converters import _op
+from onnxbn.torch_import.functional import (
+    _cast_like,
+    _hard_sigmoid,
+    _max,
+    _mean,
+    _min,
+    _pow,
+    _selu,
+    _thresholded_relu,
+)
+from onnxbn.torch_import.ops import DTYPES, OnnxPRelu, _cast, _prelu
+
+if TYPE_CHECKING:
+    from onnxbn.torch_import.importer import _Importer
+
+_UNARY = {
+    "Abs": torch.abs, "Neg": torch.neg, "Exp": torch.exp, "Log": torch.log, "Sqrt": torch.sqrt,
+    "Reciprocal": torch.reciprocal, "Erf": torch.erf, "Sin": torch.sin, "Cos": torch.cos, "Tan": torch.tan,
+    "Floor": torch.floor, "Ceil": torch.ceil, "Round": torch.round,  # round half to even, as ONNX
+    "Sign": torch.sign, "Not": torch.logical_not, "Softsign": F.softsign, "Mish": F.mish,
+    "HardSwish": F.hardswish, "Softplus": F.softplus,
+}
+
+
+@_op(*_UNARY)
+def _unary_op(ctx: _Importer, a: dict):
+    return ctx.call(_UNARY[ctx.node.op_type], ctx.inp(0))
+
+
+@_op("Elu")
+def _elu_op(ctx, a):
+    return ctx.call(F.elu, ctx.inp(0), float(a.get("alpha", 1.0)))
+
+
+@_op("Celu")
+def _celu_op(ctx, a):
+    return ctx.call(F.celu, ctx.inp(0), float(a.get("alpha", 1.0)))
+
+
+@_op("Selu")
+def _selu_op(ctx, a):
+    return ctx.call(_selu, ctx.inp(0), float(a.get("alpha", 1.67326319217681884765625)),
+                    float(a.get("gamma", 1.05070102214813232421875)))
+
+
+@_op("HardSigmoid")
+def _hard_sigmoid_op(ctx, a):
+    return ctx.call(_hard_sigmoid, ctx.inp(0), float(a.get("alpha", 0.2)), float(a.get("beta", 0.5)))
+
+
+@_op("ThresholdedRelu")
+def _thresholded_relu_op(ctx, a):
+    return ctx.call(_thresholded_relu, ctx.inp(0), float(a.get("alpha", 1.0)))
+
+
+@_op("Gelu")
+def _gelu_op(ctx, a):
+    approximate = a.get("approximate", "none")
+    if approximate not in ("none", "tanh"):
+        ctx.fail(f"approximate={approximate!r} is not supported")
+    return ctx.call(F.gelu, ctx.inp(0), approximate=approximate)
+
+
+@_op("PRelu")
+def _prelu_op(ctx: _Importer, a: dict):
+    """y = x < 0 ? slope * x : x, slope broadcast onto x; a float initializer slope is a trainable Parameter."""
+    name = ctx.node.input[1]
+    if ctx.is_weight(name):
+        return ctx.module(OnnxPRelu(ctx.param(name)), ctx.inp(0), params={"weight": name})
+    return ctx.call(_prelu, ctx.inp(0), ctx.inp(1))
+
+
+@_op("Pow")
+def _pow_op(ctx, a):
+    return ctx.call(_pow, ctx.inp(0), ctx.inp(1))
+
+
+_COMPARE = {"Equal": torch.eq, "Less": torch.lt, "LessOrEqual": torch.le, "Greater": torch.gt,
+            "GreaterOrEqual": torch.ge, "And": torch.logical_and, "Or": torch.logical_or,
+            "Xor": torch.logical_xor}
+
+
+@_op(*_COMPARE)
+def _compare_op(ctx, a):
+    return ctx.call(_COMPARE[ctx.node.op_type], ctx.inp(0), ctx.inp(1))
+
+
+@_op("Min", "Max")
+def _minmax_op(ctx: _Importer, a: dict):
+    fn = _min if ctx.node.op_type == "Min" else _max
+    return ctx.call(fn, *[ctx.inp(i) for i in range(len(ctx.node.input))])
+
+
+@_op("Mean")
+def _mean_op(ctx: _Importer, a: dict):
+    return ctx.call(_mean, *[ctx.inp(i) for i in range(len(ctx.node.input))])
+
+
+@_op("Where")
+def _where_op(ctx, a):
+    return ctx.call(torch.where, ctx.inp(0), ctx.inp(1), ctx.inp(2))
+
+
+def torch_dtype(ctx: _Importer, elem_type: int, what: str) -> torch.dtype:
+    """The torch dtype of an ONNX element type, or a refusal naming it."""
+    if elem_type not in DTYPES:
+        ctx.fail(f"{what}={onnx.TensorProto.DataType.Name(elem_type)} is not supported")
+    return DTYPES[elem_type]
+
+
+@_op("Cast")
+def _cast_op(ctx: _Importer, a: dict):
+    """Cast to `to` (see `ops._cast`; `saturate`, from opset 19, concerns 8-bit floats only)."""
+    return ctx.call(_cast, ctx.inp(0), torch_dtype(ctx, int(a["to"]), "to"), bool(int(a.get("saturate", 1))))
+
+
+@_op("CastLike")
+def _cast_like_op(ctx: _Importer, a: dict):
+    target = ctx.elem_type(ctx.node.input[1])
+    if target is not None:
+        return ctx.call(_cast, ctx.inp(0), torch_dtype(ctx, target, "target_type"),
+                        bool(int(a.get("saturate", 1))))
+    return ctx.call(_cast_like, ctx.inp(0), ctx.inp(1))
