@@ -617,16 +617,19 @@ def _refuse_folder_outputs(args) -> None:
 
 
 def _input_failure(command: str, exc: Exception) -> str | None:
-    """The one-line message for a failure that is the input's (its size, or a node onnxruntime cannot run on
-    it), not a bug in onnxbn; else None."""
+    """The one-line message for a failure that is the input's size, not a bug in onnxbn; else None."""
     if isinstance(exc, MemoryError):
         return f"out of memory while running `{command}`: use a smaller --batch-size / --limit, or more memory"
     if isinstance(exc, ValueError) and "array is too big" in str(exc):
         return ("the model declares a tensor too large to allocate (numpy: array is too big); check the dims of its "
                 "initializers and inputs")
-    if type(exc).__module__.startswith("onnxruntime") and "while running" in str(exc):
-        return f"onnxruntime could not run the model: {str(exc).strip().splitlines()[0][:300]}"
     return None
+
+
+def _runtime_failure(exc: Exception) -> bool:
+    """True for onnxruntime failing while it runs a graph: most often the model or the data fed to it,
+    though a graph onnxbn added nodes to can fail the same way (so the details still go to a log)."""
+    return type(exc).__module__.startswith("onnxruntime") and "while running" in str(exc)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -658,6 +661,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         first = (str(exc).strip().splitlines() or [""])[0][:200]
         path = _crash_report(args.command, exc)
+        if _runtime_failure(exc):
+            print(f"onnxbn: error: onnxruntime could not run the model: {first[:300]}; no output was written; the "
+                  f"details are in {path} (if the model runs in onnxruntime alone, please report them)",
+                  file=sys.stderr)
+            return 2
         print(f"onnxbn: error: `{args.command}` failed unexpectedly ({type(exc).__name__}: {first}); no output was "
               f"written; the details are in {path}: please report them (or rerun with --debug)", file=sys.stderr)
         return 2

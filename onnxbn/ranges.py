@@ -215,8 +215,8 @@ def _for_histograms(model: onnx.ModelProto, tensors: list[str]) -> tuple[onnx.Mo
         from onnx import version_converter
 
         converted = version_converter.convert_version(out, SCATTER_OPSET)
-        names = {o for n in converted.graph.node for o in n.output} | {i.name for i in converted.graph.input}
-        if all(t in names for t in tensors):
+        index = GraphIndex(converted)
+        if all(index.known_tensor(t) for t in tensors):
             return converted, True
     except Exception:  # noqa: BLE001 - any converter failure: count with Unique instead
         pass
