@@ -97,6 +97,34 @@ def stats_for(model: Path, workspace: Path) -> None:
 
 # ----------------------------------------------------------------------------- the scanner
 
+def _mutants(data: bytes, count: int, seed: int):
+    """`count` seeded damaged copies of `data`: truncated, a bit flipped, a byte inserted or deleted,
+    or four bytes overwritten; nine in ten at a byte outside the large weights' data."""
+    rng = np.random.default_rng(seed)
+    model = onnx.load_from_string(data)
+    spans = [(data.index(t.raw_data), len(t.raw_data)) for t in model.graph.initializer
+             if t.HasField("raw_data") and len(t.raw_data) > 4096]
+    inside = np.zeros(len(data), bool)
+    for start, length in spans:
+        inside[start:start + length] = True
+    framing = np.flatnonzero(~inside)
+    for _ in range(count):
+        buf = bytearray(data)
+        at = int(rng.choice(framing)) if rng.random() < 0.9 else int(rng.integers(len(buf)))
+        kind = int(rng.integers(5))
+        if kind == 0:
+            buf = buf[:at]
+        elif kind == 1:
+            buf[at] ^= 1 << int(rng.integers(8))
+        elif kind == 2:
+            buf[at:at] = bytes([int(rng.integers(256))])
+        elif kind == 3:
+            del buf[at]
+        else:
+            buf[at:at + 4] = rng.integers(256, size=4, dtype=np.uint8).tobytes()
+        yield bytes(buf)
+
+
 def _scan_bytes(data: bytes) -> onnx.ModelProto:
     """What load_structure's scan makes of `data`: the light model with each left-out raw_data put back."""
     light, offsets = _scan(wire.Source(data), 4096)
@@ -125,29 +153,13 @@ def _same(a: onnx.ModelProto, b: onnx.ModelProto) -> bool:
 
 
 def test_scanner_accepts_and_refuses_what_protobuf_does_on_seeded_mutations():
-    """Truncations, flipped, inserted and deleted bytes, mostly in the model's framing (the 20 KB
-    weight is one field): the scan + the left-out bytes equal protobuf's parse, or both refuse."""
+    """Truncations, flipped, inserted, deleted and overwritten bytes, mostly in the model's framing (the
+    20 KB weight is one field; `_mutants`): the scan + the left-out bytes equal protobuf's parse, or both refuse."""
     data = bn_gemm_model().SerializeToString()
-    rng = np.random.default_rng(21)
-    weight = onnx.load_from_string(data).graph.initializer
-    raw = max(weight, key=lambda t: len(t.raw_data)).raw_data
-    start = data.index(raw)
-    framing = np.r_[0:start, start + len(raw):len(data)]
     outcomes = {"both accept": 0, "both refuse": 0}
-    for _ in range(600):
-        buf = bytearray(data)
-        at = int(rng.choice(framing)) if rng.random() < 0.9 else int(rng.integers(len(buf)))
-        kind = rng.integers(4)
-        if kind == 0:
-            buf = buf[:at]
-        elif kind == 1:
-            buf[at] ^= 1 << int(rng.integers(8))
-        elif kind == 2:
-            buf[at:at] = bytes([int(rng.integers(256))])
-        else:
-            del buf[at]
-        expected, got = _protobuf(bytes(buf)), _scanned(bytes(buf))
-        assert (expected is None) == (got is None), f"mutation {kind} at {at}"
+    for i, mutant in enumerate(_mutants(data, 600, seed=21)):
+        expected, got = _protobuf(mutant), _scanned(mutant)
+        assert (expected is None) == (got is None), f"mutant {i}"
         if expected is not None:
             assert _same(expected, got)
         outcomes["both refuse" if expected is None else "both accept"] += 1
@@ -454,34 +466,6 @@ def test_a_name_that_is_not_utf8_is_a_one_line_error(workspace, capsys):
 
 
 # ----------------------------------------------------------------------------- fuzzing every command
-
-def _mutants(data: bytes, count: int, seed: int):
-    """`count` seeded damaged copies of `data`: truncated, a bit flipped, a byte inserted or deleted,
-    or four bytes overwritten; nine in ten at a byte outside the large weights' data."""
-    rng = np.random.default_rng(seed)
-    model = onnx.load_from_string(data)
-    spans = [(data.index(t.raw_data), len(t.raw_data)) for t in model.graph.initializer
-             if t.HasField("raw_data") and len(t.raw_data) > 4096]
-    inside = np.zeros(len(data), bool)
-    for start, length in spans:
-        inside[start:start + length] = True
-    framing = np.flatnonzero(~inside)
-    for _ in range(count):
-        buf = bytearray(data)
-        at = int(rng.choice(framing)) if rng.random() < 0.9 else int(rng.integers(len(buf)))
-        kind = int(rng.integers(5))
-        if kind == 0:
-            buf = buf[:at]
-        elif kind == 1:
-            buf[at] ^= 1 << int(rng.integers(8))
-        elif kind == 2:
-            buf[at:at] = bytes([int(rng.integers(256))])
-        elif kind == 3:
-            del buf[at]
-        else:
-            buf[at:at + 4] = rng.integers(256, size=4, dtype=np.uint8).tobytes()
-        yield bytes(buf)
-
 
 def test_fuzzed_model_files_through_every_commands_loading_path(workspace, capsys):
     """Every outcome is exit 0, exit 1 (check: a real difference), or exit 2 with one onnxbn line that
