@@ -27,7 +27,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxbn.errors import UserError
-from onnxbn.modelio import skeleton, tensor_array
+from onnxbn.modelio import empty_like, skeleton, tensor_array
 
 FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
                          onnx.TensorProto.BFLOAT16})
@@ -303,3 +303,21 @@ class GraphIndex:
             pending = rest
         del graph.node[:]
         graph.node.extend(ordered)
+
+
+def pruned_copy(model: onnx.ModelProto, wanted: set[str]) -> onnx.ModelProto:
+    """A new model holding only the nodes and initializers that compute `wanted`, no outputs yet.
+
+    Built up from an empty proto, so each kept weight is copied once and dropped ones
+    (the classifier head) never are.
+    """
+    graph = model.graph
+    keep = GraphIndex(model).ancestors(wanted)
+    needed = set(wanted) | {n for node in keep for n in reads(node)}
+    out = empty_like(model)
+    out.graph.node.extend(keep)
+    inits = {t.name for t in graph.initializer}
+    out.graph.initializer.extend(t for t in graph.initializer if t.name in needed)
+    # run-time inputs all stay (they are fed); IR < 4 also lists initializers as inputs
+    out.graph.input.extend(i for i in graph.input if i.name not in inits or i.name in needed)
+    return out

@@ -41,8 +41,8 @@ from onnx import TensorProto, helper
 
 from onnxbn.data import parse_shard
 from onnxbn.errors import UserError
-from onnxbn.graph import GraphIndex, reads, require_opset
-from onnxbn.modelio import atomic_path, detach_weights, empty_like, load_structure, model_sha256, refuse_overwrite
+from onnxbn.graph import GraphIndex, pruned_copy, require_opset
+from onnxbn.modelio import atomic_path, detach_weights, load_structure, model_sha256, refuse_overwrite
 from onnxbn.points import Point, select_points
 from onnxbn.runtime import fit_batch_size, make_session, model_input, open_model_data, run_batches, session_provider
 
@@ -193,24 +193,6 @@ def _reduce(index: GraphIndex, op: str, x: str, axes: list[int], keepdims: int, 
     return helper.make_node(op, [x], [out], name=out, axes=axes, keepdims=keepdims)
 
 
-def _pruned_copy(model: onnx.ModelProto, wanted: set[str]) -> onnx.ModelProto:
-    """A new model holding only the nodes and initializers that compute `wanted`, no outputs yet.
-
-    Built up from an empty proto, so each kept weight is copied once and dropped ones
-    (the classifier head) never are.
-    """
-    graph = model.graph
-    keep = GraphIndex(model).ancestors(wanted)
-    needed = set(wanted) | {n for node in keep for n in reads(node)}
-    out = empty_like(model)
-    out.graph.node.extend(keep)
-    inits = {t.name for t in graph.initializer}
-    out.graph.initializer.extend(t for t in graph.initializer if t.name in needed)
-    # run-time inputs all stay (they are fed); IR < 4 also lists initializers as inputs
-    out.graph.input.extend(i for i in graph.input if i.name not in inits or i.name in needed)
-    return out
-
-
 def augment_for_stats(model: onnx.ModelProto, points: list[Point]) -> onnx.ModelProto:
     """A copy of `model` whose only outputs are, per point i, `onnxbn_stats/i/{mean,m2,count}`.
 
@@ -221,7 +203,7 @@ def augment_for_stats(model: onnx.ModelProto, points: list[Point]) -> onnx.Model
     for a float64 tensor.
     """
     opset = require_opset(model)
-    out = _pruned_copy(model, {p.tensor for p in points})
+    out = pruned_copy(model, {p.tensor for p in points})
     graph = out.graph
     index = GraphIndex(out)
     index.taken |= GraphIndex(model).taken  # the copy's new names must not collide with dropped ones

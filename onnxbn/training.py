@@ -3,14 +3,15 @@
 The notebook's trick: everything up to the last convolution block is frozen, so it
 runs once over the data and its outputs go to a memory-mapped feature cache; the
 epochs then train only the rest (the dense layers and their new BN) on those
-features. The model is imported with `to_torch`, cut with `split_at`, trained with
-Adam (by default) on cross-entropy, and the trained tensors are written back into
-the original ONNX graph with `write_back`, which is then checked against the torch
-module in eval mode through onnxruntime (<= 1e-5 relative, else it fails).
+features. The model is cut after the freeze node (`split_model`): the frozen prefix runs in
+onnxruntime on the ONNX graph itself (any operator onnxruntime runs), and only the suffix is
+imported with `to_torch`, trained with Adam (by default) on cross-entropy, and its trained
+tensors written back into the original ONNX graph, which is then checked through onnxruntime
+against the prefix in onnxruntime + the torch suffix in eval mode (<= 1e-5 relative, else it fails).
 
 Feature cache layout: `CACHE/<key>/{features.npy, labels.npy, meta.json}`, where the
-key hashes the frozen part (its code and tensors, so models that differ only
-after the cut share features), the data (file names, sizes
+key hashes the frozen part (its ONNX graph and weights, so models that differ only
+after the cut share features; versioned by `_CACHE_FORMAT`), the data (file names, sizes
 and times, or array bytes) and the preprocessing; a finished entry is renamed into
 place atomically, so a killed run never leaves a half cache that a later run trusts.
 """
@@ -33,10 +34,10 @@ import onnx
 
 from onnxbn import distributed
 from onnxbn.errors import UserError
-from onnxbn.graph import GraphIndex, require_opset, tensor_shape, value_types
-from onnxbn.modelio import load_structure, materialize
+from onnxbn.graph import GraphIndex, graph_inputs, pruned_copy, reads, require_opset, tensor_shape, value_types
+from onnxbn.modelio import empty_like, load_structure, materialize, metadata, model_sha256, set_metadata
 from onnxbn.points import ACTIVATIONS
-from onnxbn.runtime import check_batch_shape, model_input, open_model_data, progress, rel_error, run_batches
+from onnxbn.runtime import check_batch_shape, fixed_batch, model_input, open_model_data, progress, rel_error, run_batches
 
 log = logging.getLogger("onnxbn")
 DENSE_OPS = {"Gemm", "MatMul"}
@@ -83,13 +84,47 @@ def default_freeze_node(model: onnx.ModelProto) -> str:
 
 # ----------------------------------------------------------------------------- feature cache
 
-def _prefix_fingerprint(prefix) -> str:
-    """Hash of what the frozen part computes: its generated code and every tensor it holds."""
-    h = hashlib.sha256(prefix.code.encode())
-    for name, tensor in sorted(prefix.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
+# Version of what a cache entry holds: the frozen prefix's outputs as onnxruntime computes them on the
+# ONNX graph (entries of earlier releases, computed by the torch import, are never read: other keys).
+_CACHE_FORMAT = "onnxruntime-prefix-1"
+
+
+def split_model(model: onnx.ModelProto, node_name: str) -> tuple[onnx.ModelProto, onnx.ModelProto, str]:
+    """(prefix, suffix, cut): `model` cut after the node `node_name`, at its first output `cut`.
+
+    The prefix computes `cut` from the model's inputs (only the nodes and initializers it needs; its
+    one output is `cut`); the suffix computes the model's outputs from `cut` (its one input) and
+    the initializers and constants of the layers after the cut. Refused: a cut that is not the
+    only tensor the layers after it read from before it (a skip connection across the cut)."""
+    node = next(n for n in model.graph.node if n.name == node_name)
+    cut = node.output[0]
+    needed, suffix_nodes = {o.name for o in model.graph.output}, []
+    for n in reversed(model.graph.node):
+        if cut not in n.output and any(o in needed for o in n.output):
+            suffix_nodes.append(n)
+            needed.update(reads(n))
+    crossing = sorted(needed & {i.name for i in graph_inputs(model)})
+    if crossing:
+        raise UserError(f"--freeze-through {node_name!r}: the layers after it also read what comes before it (through "
+                        f"{crossing[0]!r}, not only {cut!r}); choose a node that all later layers depend on alone")
+    types = value_types(model)
+    elem = model_input(model)[1]
+    cut_info = onnx.ValueInfoProto(name=cut, type=types[cut]) if cut in types else \
+        onnx.helper.make_tensor_value_info(cut, onnx.helper.np_dtype_to_tensor_dtype(elem), None)
+    prefix = pruned_copy(model, {cut})
+    prefix.graph.output.append(cut_info)
+    suffix = empty_like(model)
+    suffix.graph.node.extend(suffix_nodes[::-1])
+    suffix.graph.input.append(cut_info)
+    suffix.graph.initializer.extend(t for t in model.graph.initializer if t.name in needed)
+    suffix.graph.output.extend(model.graph.output)
+    suffix.graph.value_info.extend(v for v in model.graph.value_info if v.name != cut)
+    return prefix, suffix, cut
+
+
+def _prefix_fingerprint(prefix: onnx.ModelProto, folder) -> str:
+    """Hash of what the frozen part computes: its graph and every weight it reads (from the file)."""
+    return hashlib.sha256(f"{_CACHE_FORMAT}\0{model_sha256(prefix, folder=folder)}".encode()).hexdigest()
 
 
 @dataclass
@@ -103,19 +138,19 @@ class Features:
 
 
 def _run_prefix(prefix, dataset, folder: Path, batch_size: int, device, workers: int, desc: str, shape):
-    import torch
-
+    """Run the prefix (`(session, input name, cut)` of onnxruntime) over `dataset` into `folder`'s memory maps."""
+    session, name, cut = prefix
     n = len(dataset)
     features = labels = None
     written = 0
-    with progress(n, desc) as bar, torch.no_grad():
-        for x, y in dataset.batches(batch_size, workers):
+    fixed = fixed_batch(shape)  # onnxruntime holds the model to its fixed batch size
+    with progress(n, desc) as bar:
+        for x, y in dataset.batches(fixed or batch_size, workers):
             check_batch_shape(x, shape, dataset.description)
-            out = prefix(torch.from_numpy(x).to(device))
-            if isinstance(out, (tuple, list)):
-                raise UserError("the frozen part passes several tensors to the rest; choose a --freeze-through node "
-                                "whose output alone feeds the layers after it")
-            out = out.float().cpu().numpy()
+            if fixed is not None and len(x) != fixed:
+                raise UserError(f"{dataset.description}: {len(x)} samples left for a model whose batch size is fixed "
+                                f"at {fixed}; give a multiple of {fixed} samples (--limit)")
+            out = np.asarray(session.run([cut], {name: x})[0], dtype=np.float32)
             if features is None:
                 features = np.lib.format.open_memmap(folder / "features.npy", mode="w+", dtype=np.float32,
                                                      shape=(n, *out.shape[1:]))
@@ -135,7 +170,8 @@ def _run_prefix(prefix, dataset, folder: Path, batch_size: int, device, workers:
 
 def cached_features(prefix, dataset, key: str, cache_dir: Path, batch_size: int, device, workers: int,
                     desc: str, shape) -> Features:
-    """The prefix's outputs over `dataset`, from `cache_dir/key` or computed into it."""
+    """The prefix's outputs over `dataset` (`prefix`: onnxruntime's `(session, input name, cut tensor)`),
+    from `cache_dir/key` or computed into it."""
     entry = cache_dir / key
     started = time.perf_counter()
     if not (entry / "meta.json").is_file():
@@ -273,8 +309,8 @@ def finetune_lazily(model, train, val=None, *, epochs: int = 1, lr: float = 1e-5
     `modelio.save_model(model, path, weights=weights, folder=folder)` writes it."""
     import torch
 
-    from onnxbn.torch_import import split_at, to_torch
-    from onnxbn.torch_import.writeback import write_back_lazily
+    from onnxbn.runtime import make_session
+    from onnxbn.torch_import import to_torch
 
     if epochs < 0 or batch_size < 1 or not lr > 0:
         raise UserError("--epochs must be >= 0, --batch-size >= 1 and --lr > 0")
@@ -297,33 +333,36 @@ def finetune_lazily(model, train, val=None, *, epochs: int = 1, lr: float = 1e-5
         raise UserError(f"--dropout must be in [0, 1) (got {dropout})")
     dev = _torch_device(device)
     torch.manual_seed(seed + rank)
-    imported = time.perf_counter()
-    module = to_torch(proto, folder).to(dev)  # first: an op the importer lacks is the reason to give
-    imported = time.perf_counter() - imported
     node = default_freeze_node(proto) if freeze_through == "auto" else freeze_through
     if node not in {n.name for n in proto.graph.node}:
         raise UserError(f"--freeze-through {node!r}: no ONNX node has that name")
+    prefix_model, suffix_model, cut = split_model(proto, node)
+    imported = time.perf_counter()
+    try:
+        module = to_torch(suffix_model, folder).to(dev)  # only the trained part: the prefix runs in onnxruntime
+    except UserError as exc:
+        raise UserError(f"{exc}; the layers after --freeze-through {node!r} are trained in torch: freeze through "
+                        "that node (--freeze-through NODE) to run it in onnxruntime instead") from None
+    imported = time.perf_counter() - imported
     if dropout is not None:
         for m in module.modules():
             if isinstance(m, torch.nn.Dropout):
                 m.p = dropout
     if sync_bn:
         distributed.convert_sync_batchnorm(module)
-    prefix, suffix = split_at(module, node)
-    module.requires_grad_(False)
-    trainable = list(suffix.parameters())
+    trainable = list(module.parameters())
     if not trainable:
         raise UserError(f"no trainable weights after {node!r}: the layers there hold no initializer weights "
                         "(weights given as Constant nodes import as constants); choose an earlier --freeze-through")
-    for p in trainable:
-        p.requires_grad_(True)
-    prefix.eval()
+    suffix = module
+    name = model_input(proto)[0]
+    prefix = (make_session(prefix_model, device, folder=folder), name, cut)
     _, _, input_shape = model_input(proto)
     classes = tensor_shape(proto.graph.output[0].type)
     classes = classes[1] if classes and len(classes) == 2 and isinstance(classes[1], int) else None
     kind = _ends_in(proto)
 
-    digest = _prefix_fingerprint(prefix)
+    digest = _prefix_fingerprint(prefix_model, folder)
     temp = None
     if cache is None:
         temp = tempfile.TemporaryDirectory(prefix="onnxbn-features-")
@@ -353,8 +392,8 @@ def finetune_lazily(model, train, val=None, *, epochs: int = 1, lr: float = 1e-5
         if temp is not None:
             temp.cleanup()
     module.eval()
-    written, weights = write_back_lazily(module, proto, folder)
-    probe = _probe(module, dev, input_shape, proto) if rank == 0 else WriteBackProbe(reason="rank > 0")
+    written, weights = _write_back_suffix(module, suffix_model, proto, folder)
+    probe = _probe(prefix, module, dev, input_shape, proto) if rank == 0 else WriteBackProbe(reason="rank > 0")
     result_log.update({
         "freeze_through": node,
         "import_seconds": round(imported, 3),
@@ -464,21 +503,42 @@ class WriteBackProbe:
         return {"checked": True, "max_rel_error": error}
 
 
-def _probe(module, device, input_shape, proto, samples: int = 4) -> WriteBackProbe:
-    """The torch module's outputs on `samples` seeded random inputs, for the write-back gate."""
+def _probe(prefix, module, device, input_shape, proto, samples: int = 4) -> WriteBackProbe:
+    """The model's outputs on `samples` seeded random inputs as fine-tuning computes them (the prefix in
+    onnxruntime, `prefix` = (session, input name, cut), then the trained torch `module`), for the
+    write-back gate."""
     import torch
 
     dims = [d if isinstance(d, int) and d > 0 else None for d in input_shape[1:]]
     if any(d is None for d in dims):
         return WriteBackProbe(reason="input shape is not fixed")
-    name, dtype, _ = model_input(proto)
+    session, name, cut = prefix
+    dtype = model_input(proto)[1]
     if isinstance(input_shape[0], int) and input_shape[0] > 0:
         samples = input_shape[0]  # a fixed batch axis
     x = np.random.default_rng(0).standard_normal((samples, *dims)).astype(dtype)
+    features = np.asarray(session.run([cut], {name: x})[0], dtype=np.float32)
     with torch.no_grad():
-        expected = module(torch.from_numpy(x).to(device))
+        expected = module(torch.from_numpy(features).to(device))
         expected = (expected[0] if isinstance(expected, tuple) else expected).float().cpu().numpy()
     return WriteBackProbe(name, x, expected)
+
+
+def _write_back_suffix(module, suffix: onnx.ModelProto, model: onnx.ModelProto,
+                       folder) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """`write_back_lazily` of the trained suffix `module` into the whole `model`: its initializers of the
+    same names become the suffix's written stubs, and its write-back metadata is the suffix's."""
+    from onnxbn.torch_import.writeback import write_back_lazily
+
+    written_suffix, weights = write_back_lazily(module, suffix, folder)
+    stubs = {t.name: t for t in written_suffix.graph.initializer if t.name in weights}
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for t in out.graph.initializer:
+        if t.name in stubs:
+            t.CopyFrom(stubs[t.name])
+    set_metadata(out, {"onnxbn.write_back": metadata(written_suffix)["onnxbn.write_back"]})
+    return out, weights
 
 
 # ----------------------------------------------------------------------------- evaluation

@@ -181,3 +181,55 @@ def test_finetune_command_gates_the_staged_file_and_leaves_nothing_when_it_fails
     assert main(argv) == 0
     log = json.loads((tmp_path / "out.onnx.log.json").read_text())
     assert log["write_back_check"]["checked"] and log["write_back_check"]["max_rel_error"] <= 1e-5
+
+
+def with_shrink_after(model: onnx.ModelProto, tensor: str) -> onnx.ModelProto:
+    """`model` with a Shrink (lambd = bias = 0: the identity but at 0; an op onnxruntime runs and the
+    torch importer does not know) between `tensor` and its readers."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for node in out.graph.node:
+        node.input[:] = [f"{tensor}/shrunk" if i == tensor else i for i in node.input]
+    at = next(i for i, n in enumerate(out.graph.node) if tensor in n.output) + 1
+    out.graph.node.insert(at, helper.make_node("Shrink", [tensor], [f"{tensor}/shrunk"], name=f"{tensor}/shrink"))
+    return out
+
+
+def test_the_frozen_part_runs_in_onnxruntime_and_its_features_equal_the_torch_prefixs(tmp_path):
+    """The cached features are onnxruntime's on the ONNX prefix: equal to the torch import's prefix
+    (split_at) to 1e-5 where both run, and a prefix holding an op the importer lacks fine-tunes."""
+    import torch
+
+    from onnxbn.torch_import import split_at, to_torch
+
+    x, y = labelled()
+    model = small_cnn()
+    onnxbn.finetune(model, (x, y), epochs=0, batch_size=16, cache=tmp_path / "cache")
+    (entry,) = (tmp_path / "cache").iterdir()
+    cached = np.load(entry / "features.npy")
+    prefix, _ = split_at(to_torch(model), "relu2")
+    with torch.no_grad():
+        expected = prefix(torch.from_numpy(x)).numpy()
+    assert cached.shape == expected.shape
+    assert float(np.abs(cached - expected).max() / np.abs(expected).max()) <= 1e-5
+
+    foreign = with_shrink_after(model, "r1")  # in the frozen part
+    with pytest.raises(onnxbn.errors.UserError, match="Shrink"):
+        to_torch(foreign)
+    result = onnxbn.finetune(foreign, (x, y), epochs=1, lr=1e-3, batch_size=16)
+    assert result.log["write_back_check"]["checked"] is True
+    assert not np.array_equal(init(result.model, "f1.w"), init(model, "f1.w"))
+    np.testing.assert_array_equal(init(result.model, "c2.w"), init(model, "c2.w"))
+
+
+def test_an_op_the_importer_lacks_in_the_trained_part_is_one_line_with_the_way_out(tmp_path, capsys):
+    x, y = labelled()
+    onnx.save(with_shrink_after(small_cnn(), "h1"), str(tmp_path / "m.onnx"))  # after the first dense layer
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    code = main(["finetune", str(tmp_path / "m.onnx"), "--train", str(tmp_path / "d.npz"), "--epochs", "1",
+                 "-o", str(tmp_path / "out.onnx")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "cannot import node 'h1/shrink' (Shrink, opset 17): op not supported" in err[0]
+    assert "freeze through that node (--freeze-through NODE) to run it in onnxruntime" in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.npz", "m.onnx"]

@@ -668,12 +668,13 @@ def bench_feature_cache(ctx: Context) -> Result:
         return now() - t
 
     # the one-off caching cost, measured on its own: the frozen prefix over the data into a fresh cache
-    from onnxbn.runtime import model_input, open_model_data
-    from onnxbn.training import cached_features
+    from onnxbn.runtime import make_session, model_input, open_model_data
+    from onnxbn.training import cached_features, split_model
 
-    prefix.eval()
+    prefix_model, _, cut = split_model(bn_model, node)  # finetune's prefix: the ONNX graph in onnxruntime
+    ort_prefix = (make_session(prefix_model, "cpu"), model_input(bn_model)[0], cut)
     t = now()
-    cached_features(prefix, open_model_data(bn_model, (x, y)), "bench", ctx.workdir / "feature-cache-once",
+    cached_features(ort_prefix, open_model_data(bn_model, (x, y)), "bench", ctx.workdir / "feature-cache-once",
                     batch, torch.device("cpu"), 0, "features", model_input(bn_model)[2])
     caching = now() - t
     shutil.rmtree(ctx.workdir / "feature-cache-once", ignore_errors=True)
