@@ -356,7 +356,7 @@ def finetune_lazily(model, train, val=None, *, epochs: int = 1, lr: float = 1e-5
                         "(weights given as Constant nodes import as constants); choose an earlier --freeze-through")
     suffix = module
     name = model_input(proto)[0]
-    prefix = (make_session(prefix_model, device, folder=folder), name, cut)
+    prefix = (make_session(prefix_model, device, folder=folder, arena=False), name, cut)  # freed with each tensor
     _, _, input_shape = model_input(proto)
     classes = tensor_shape(proto.graph.output[0].type)
     classes = classes[1] if classes and len(classes) == 2 and isinstance(classes[1], int) else None
