@@ -219,11 +219,19 @@ def _torch_device(device: str):
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def _ends_in(model: onnx.ModelProto) -> str:
-    """'probs' when the output is a Softmax, 'logprobs' for LogSoftmax, else 'logits'."""
-    out = model.graph.output[0].name
-    producer = GraphIndex(model).producers.get(out)
-    return {"Softmax": "probs", "LogSoftmax": "logprobs"}.get(producer.op_type if producer else "", "logits")
+_SHAPE_ONLY = {"Identity", "Cast", "Reshape", "Flatten", "Squeeze", "Unsqueeze"}
+
+
+def output_kind(model: onnx.ModelProto) -> str:
+    """'probs' when the first output is a Softmax's, 'logprobs' for LogSoftmax, else 'logits'; looked for
+    through ops that only reshape or cast (Identity, Cast, Reshape, Flatten, Squeeze, Unsqueeze).
+    The one rule for fine-tuning's loss and `evaluate`'s: the negative log-likelihood of probabilities
+    is -log p, never log_softmax applied to them."""
+    producers = GraphIndex(model).producers
+    node = producers.get(model.graph.output[0].name)
+    while node is not None and node.op_type in _SHAPE_ONLY and node.input:
+        node = producers.get(node.input[0])
+    return {"Softmax": "probs", "LogSoftmax": "logprobs"}.get(node.op_type if node else "", "logits")
 
 
 def _log_probs(output, kind: str):
@@ -360,7 +368,7 @@ def finetune_lazily(model, train, val=None, *, epochs: int = 1, lr: float = 1e-5
     _, _, input_shape = model_input(proto)
     classes = tensor_shape(proto.graph.output[0].type)
     classes = classes[1] if classes and len(classes) == 2 and isinstance(classes[1], int) else None
-    kind = _ends_in(proto)
+    kind = output_kind(proto)
 
     digest = _prefix_fingerprint(prefix_model, folder)
     temp = None
@@ -547,8 +555,9 @@ def evaluate(model, data, batch_size: int = 32, device: str = "auto", limit: int
              workers: int = 0, preset: str | None = None, strict: bool = False) -> dict:
     """Cross-entropy loss and top-1/top-5 accuracy of `model` on labelled `data`, through onnxruntime.
 
-    Models ending in Softmax (probabilities) or LogSoftmax are handled; otherwise the
-    output is taken as logits.
+    The loss is the negative log-likelihood of the labels under the output read by `output_kind`:
+    probabilities (-log p), log-probabilities, or logits (log_softmax first); `output` in the result
+    says which.
     """
     from onnxbn.runtime import make_session, session_provider
 
@@ -559,7 +568,7 @@ def evaluate(model, data, batch_size: int = 32, device: str = "auto", limit: int
         raise UserError(f"{dataset.description}: evaluation needs labels (class folders, y in the .npz, or (x, y) items)")
     session = make_session(proto, device, folder=folder)
     out_name = proto.graph.output[0].name
-    kind = _ends_in(proto)
+    kind = output_kind(proto)
     loss = top1 = top5 = n = 0.0
     for x, y, (out,) in run_batches(session, dataset, [out_name], proto, batch_size, workers=workers, strict=strict,
                                     desc="eval"):
@@ -581,4 +590,4 @@ def evaluate(model, data, batch_size: int = 32, device: str = "auto", limit: int
         raise UserError(f"{dataset.description}: no sample could be read ({len(dataset.skipped)} unreadable); "
                         "nothing was evaluated")
     return {"samples": int(n), "skipped": len(dataset.skipped), "loss": loss / n, "top1": top1 / n, "top5": top5 / n,
-            "provider": session_provider(session)}
+            "provider": session_provider(session), "output": kind}

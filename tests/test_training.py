@@ -233,3 +233,26 @@ def test_an_op_the_importer_lacks_in_the_trained_part_is_one_line_with_the_way_o
     assert "cannot import node 'h1/shrink' (Shrink, opset 17): op not supported" in err[0]
     assert "freeze through that node (--freeze-through NODE) to run it in onnxruntime" in err[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.npz", "m.onnx"]
+
+
+@pytest.mark.parametrize("after", ["Identity", "Cast", "Flatten", "Reshape"])
+def test_probabilities_behind_shape_ops_are_scored_as_probabilities(after, tmp_path):
+    """A Softmax output behind Identity/Cast/Flatten/Reshape: eval's loss and fine-tuning's epoch-0 loss
+    are numpy's -log p of onnxruntime's probabilities (not log_softmax of probabilities)."""
+    x, y = labelled(n=32)
+    model = small_cnn()
+    model.graph.node[-1].output[0] = "scores"
+    model.graph.node.append(helper.make_node("Softmax", ["scores"], ["probs"], name="softmax", axis=1))
+    extra = {"Cast": {"to": onnx.TensorProto.FLOAT}}.get(after, {})
+    inputs = ["probs"]
+    if after == "Reshape":
+        model.graph.initializer.append(numpy_helper.from_array(np.array([0, -1], np.int64), "shape"))
+        inputs.append("shape")
+    model.graph.node.append(helper.make_node(after, inputs, ["logits"], name="last", **extra))
+    probs = make_session(model, "cpu").run(None, {"input": x})[0].astype(np.float64)
+    expected = float(-np.log(probs[np.arange(len(y)), y]).mean())
+    result = onnxbn.evaluate(model, (x, y), device="cpu")
+    assert result["output"] == "probs"
+    assert result["loss"] == pytest.approx(expected, rel=1e-6)
+    tuned = onnxbn.finetune(model, (x, y), (x, y), epochs=1, lr=1e-3, batch_size=16, cache=tmp_path)
+    assert tuned.log["val_before"]["loss"] == pytest.approx(expected, rel=1e-4)
