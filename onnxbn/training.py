@@ -31,10 +31,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from onnxbn import distributed
 from onnxbn.errors import UserError
-from onnxbn.graph import GraphIndex, graph_inputs, pruned_copy, reads, require_opset, tensor_shape, value_types
+from onnxbn.graph import FLOAT_TYPES, GraphIndex, graph_inputs, pruned_copy, reads, require_opset, tensor_shape, value_types
 from onnxbn.modelio import empty_like, load_structure, materialize, metadata, model_sha256, set_metadata
 from onnxbn.points import ACTIVATIONS
 from onnxbn.runtime import check_batch_shape, fixed_batch, model_input, open_model_data, progress, rel_error, run_batches
@@ -94,7 +95,9 @@ def split_model(model: onnx.ModelProto, node_name: str) -> tuple[onnx.ModelProto
 
     The prefix computes `cut` from the model's inputs (only the nodes and initializers it needs; its
     one output is `cut`); the suffix computes the model's outputs from `cut` (its one input) and
-    the initializers and constants of the layers after the cut. Refused: a cut that is not the
+    the initializers and constants of the layers after the cut, float Constant nodes turned into
+    initializers of their output's name (so weights exporters keep in Constant nodes train; write-back
+    puts them back into their nodes). Refused: a cut that is not the
     only tensor the layers after it read from before it (a skip connection across the cut)."""
     node = next(n for n in model.graph.node if n.name == node_name)
     cut = node.output[0]
@@ -114,7 +117,14 @@ def split_model(model: onnx.ModelProto, node_name: str) -> tuple[onnx.ModelProto
     prefix = pruned_copy(model, {cut})
     prefix.graph.output.append(cut_info)
     suffix = empty_like(model)
-    suffix.graph.node.extend(suffix_nodes[::-1])
+    for n in suffix_nodes[::-1]:
+        value = next((a.t for a in n.attribute if a.name == "value"), None) if n.op_type == "Constant" else None
+        if value is not None and value.data_type in FLOAT_TYPES:  # a weight as exporters such as Paddle write it:
+            weight = suffix.graph.initializer.add()  # an initializer of the suffix, so it trains like one
+            weight.CopyFrom(value)
+            weight.name = n.output[0]
+        else:
+            suffix.graph.node.append(n)
     suffix.graph.input.append(cut_info)
     suffix.graph.initializer.extend(t for t in model.graph.initializer if t.name in needed)
     suffix.graph.output.extend(model.graph.output)
@@ -360,8 +370,8 @@ def finetune_lazily(model, train, val=None, *, epochs: int = 1, lr: float = 1e-5
         distributed.convert_sync_batchnorm(module)
     trainable = list(module.parameters())
     if not trainable:
-        raise UserError(f"no trainable weights after {node!r}: the layers there hold no initializer weights "
-                        "(weights given as Constant nodes import as constants); choose an earlier --freeze-through")
+        raise UserError(f"no trainable weights after {node!r}: the layers there hold no weights "
+                        "(Conv, Gemm, BN, ...); choose an earlier --freeze-through")
     suffix = module
     name = model_input(proto)[0]
     prefix = (make_session(prefix_model, device, folder=folder, arena=False), name, cut)  # freed with each tensor
@@ -535,7 +545,9 @@ def _probe(prefix, module, device, input_shape, proto, samples: int = 4) -> Writ
 def _write_back_suffix(module, suffix: onnx.ModelProto, model: onnx.ModelProto,
                        folder) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """`write_back_lazily` of the trained suffix `module` into the whole `model`: its initializers of the
-    same names become the suffix's written stubs, and its write-back metadata is the suffix's."""
+    same names become the suffix's written stubs (values in the returned weights), the Constant nodes
+    `split_model` turned into initializers get the trained values in place, and the write-back
+    metadata is the suffix's."""
     from onnxbn.torch_import.writeback import write_back_lazily
 
     written_suffix, weights = write_back_lazily(module, suffix, folder)
@@ -544,7 +556,13 @@ def _write_back_suffix(module, suffix: onnx.ModelProto, model: onnx.ModelProto,
     out.CopyFrom(model)
     for t in out.graph.initializer:
         if t.name in stubs:
-            t.CopyFrom(stubs[t.name])
+            t.CopyFrom(stubs.pop(t.name))
+    for node in out.graph.node:  # the rest were Constant nodes: their values, names and types kept
+        if node.op_type == "Constant" and node.output[0] in stubs:
+            value = next(a.t for a in node.attribute if a.name == "value")
+            array = weights.pop(node.output[0])
+            value.CopyFrom(numpy_helper.from_array(array.astype(onnx.helper.tensor_dtype_to_np_dtype(value.data_type)),
+                                                   value.name))
     set_metadata(out, {"onnxbn.write_back": metadata(written_suffix)["onnxbn.write_back"]})
     return out, weights
 

@@ -256,3 +256,31 @@ def test_probabilities_behind_shape_ops_are_scored_as_probabilities(after, tmp_p
     assert result["loss"] == pytest.approx(expected, rel=1e-6)
     tuned = onnxbn.finetune(model, (x, y), (x, y), epochs=1, lr=1e-3, batch_size=16, cache=tmp_path)
     assert tuned.log["val_before"]["loss"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_weights_in_constant_nodes_train_and_go_back_into_their_nodes(tmp_path):
+    """Every weight a Constant node (as Paddle and TensorFlow exports keep them): the dense layers
+    after the cut train, their new values land in the same Constant nodes (names, order, types kept),
+    the frozen ones stay bit-identical, and onnxruntime on the written model passes the gate."""
+    x, y = labelled()
+    model = small_cnn()
+    consts = [helper.make_node("Constant", [], [t.name], name=f"{t.name}/const", value=t) for t in model.graph.initializer]
+    nodes = consts + list(model.graph.node)
+    model.graph.ClearField("initializer")
+    model.graph.ClearField("node")
+    model.graph.node.extend(nodes)
+    result = onnxbn.finetune(model, (x, y), epochs=1, lr=1e-2, batch_size=16, cache=tmp_path)
+    written = result.model
+    assert [(n.op_type, n.name, list(n.output)) for n in written.graph.node] == \
+        [(n.op_type, n.name, list(n.output)) for n in model.graph.node]
+    assert not written.graph.initializer
+
+    def value(m, name):
+        node = next(n for n in m.graph.node if n.output[0] == name)
+        return numpy_helper.to_array(node.attribute[0].t)
+    for frozen in ("c1.w", "c1.b", "c2.w", "c2.b"):
+        np.testing.assert_array_equal(value(written, frozen), value(model, frozen))
+    for trained in ("f1.w", "f2.w", "f3.w", "f3.b"):
+        assert value(written, trained).dtype == np.float32
+        assert not np.array_equal(value(written, trained), value(model, trained))
+    assert result.log["write_back_check"]["checked"] is True
