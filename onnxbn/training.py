@@ -45,6 +45,7 @@ DENSE_OPS = {"Gemm", "MatMul"}
 # Ops whose output has the rank of their first input (for models whose shapes onnx cannot infer).
 _RANK_KEEPING = {"Conv", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "BatchNormalization",
                  "Dropout", "Identity", "LRN"} | ACTIVATIONS
+_BROADCASTING = {"Add", "Sub", "Mul", "Div", "Max", "Min", "Sum"}
 # Ops between the last convolution block and the first dense layer (VGG: avgpool, Flatten).
 _HEAD_PASSTHROUGH = {"Flatten", "Reshape", "Dropout", "Identity", "AveragePool", "GlobalAveragePool",
                      "MaxPool", "GlobalMaxPool", "BatchNormalization"} | ACTIVATIONS
@@ -64,12 +65,23 @@ def default_freeze_node(model: onnx.ModelProto) -> str:
     types = value_types(model)
 
     def rank(tensor: str) -> int | None:
-        """The tensor's rank from shape inference, else through ops that keep their input's rank."""
+        """The tensor's rank from shape inference, else through ops that keep their input's rank, a
+        Reshape to a shape of known length, or a broadcast (the largest known rank of its inputs)."""
         shape = tensor_shape(types.get(tensor))
         if shape is not None:
             return len(shape)
         node = producers.get(tensor)
-        return rank(node.input[0]) if node is not None and node.op_type in _RANK_KEEPING else None
+        if node is None:
+            return None
+        if node.op_type in _RANK_KEEPING:
+            return rank(node.input[0])
+        if node.op_type == "Reshape":
+            target = tensor_shape(types.get(node.input[1]))
+            return target[0] if target and isinstance(target[0], int) else None
+        if node.op_type in _BROADCASTING:
+            known = [r for r in map(rank, node.input) if r is not None]
+            return max(known) if known else None
+        return None
 
     tensor = first_dense.input[0]
     while tensor in producers:

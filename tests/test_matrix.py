@@ -70,8 +70,6 @@ same for every architecture:
     refused, v8/v7:    "opset N ... 9 ... onnx.version_converter" (the opset, the minimum, the fix)
     refused, overflow: the loss is not finite (+inf logits), and the message says so
     refused, fp16:     fine-tuning trains float32 models only
-    refused, shufflenet finetune (ts9, ts13, ir3, const): no default freeze point (ranks unknown
-                       after its run-time Reshape)
 
 Also: the command line (`python -m onnxbn stats/insert/check`) on the ir3 and const forms.
 """
@@ -408,10 +406,6 @@ REFUSED = {
     ("*", "overflow", "finetune"): r"(?i)\b(nan|inf|infinite|non-finite|not finite|overflow)",
     # fine-tuning trains in float32 only
     ("*", "fp16", "finetune"): r"computes in float16; fine-tuning needs a float32 model",
-    # the channel shuffle's run-time Reshape leaves shape inference without the ranks after it at
-    # these opsets, so finetune's default freeze point (training.default_freeze_node) is not found
-    **{("shufflenet", form, "finetune"): r"no convolution block found before the first dense layer"
-       for form in ("ts9", "ts13", "ir3", "const")},
 }
 
 
