@@ -1246,12 +1246,8 @@ class _DynamicNet(nn.Module):
         return self.fc(y.view(y.size(0), -1))
 
 
-@pytest.mark.parametrize("exporter", ["torchscript-9", "torchscript-11", "torchscript-13", "torchscript-17", "dynamo"])
-def test_exported_model_runs_at_any_input_size(exporter, tmp_path):
-    torch.manual_seed(0)
-    net = _DynamicNet().eval()
-    path = tmp_path / "m.onnx"
-    x0 = torch.randn(2, 3, 8, 8)
+def export_dynamic(net, x0, path, exporter: str) -> None:
+    """Export `net` with dynamic batch, H and W: `exporter` is "dynamo" or "torchscript-OPSET"."""
     if exporter == "dynamo":
         pytest.importorskip("onnxscript", reason="torch's dynamo exporter needs onnxscript")
         dims = {0: torch.export.Dim("N"), 2: torch.export.Dim("H", min=4), 3: torch.export.Dim("W", min=4)}
@@ -1260,6 +1256,15 @@ def test_exported_model_runs_at_any_input_size(exporter, tmp_path):
     else:
         torch.onnx.export(net, (x0,), str(path), dynamo=False, opset_version=int(exporter.split("-")[1]),
                           input_names=["x"], dynamic_axes={"x": {0: "N", 2: "H", 3: "W"}})
+
+
+@pytest.mark.parametrize("exporter", ["torchscript-9", "torchscript-11", "torchscript-13", "torchscript-17", "dynamo"])
+def test_exported_model_runs_at_any_input_size(exporter, tmp_path):
+    torch.manual_seed(0)
+    net = _DynamicNet().eval()
+    path = tmp_path / "m.onnx"
+    x0 = torch.randn(2, 3, 8, 8)
+    export_dynamic(net, x0, path, exporter)
     model = onnx.load(str(path))
     module = to_torch(model)
     for shape in ((2, 3, 8, 8), (3, 3, 13, 10)):
@@ -1307,14 +1312,7 @@ def test_modern_cnn_imports_trains_and_writes_back(exporter, tmp_path):
     net = _ModernNet().eval()
     path = tmp_path / "m.onnx"
     x0 = torch.randn(2, 3, 16, 16)
-    if exporter == "dynamo":
-        pytest.importorskip("onnxscript", reason="torch's dynamo exporter needs onnxscript")
-        dims = {0: torch.export.Dim("N"), 2: torch.export.Dim("H", min=4), 3: torch.export.Dim("W", min=4)}
-        torch.onnx.export(net, (x0,), str(path), dynamo=True, input_names=["x"], dynamic_shapes={"x": dims},
-                          verbose=False)
-    else:
-        torch.onnx.export(net, (x0,), str(path), dynamo=False, opset_version=17, input_names=["x"],
-                          dynamic_axes={"x": {0: "N", 2: "H", 3: "W"}})
+    export_dynamic(net, x0, path, exporter)
     model = onnx.load(str(path))
     module = to_torch(model)
     for shape in ((2, 3, 16, 16), (1, 3, 22, 18)):
