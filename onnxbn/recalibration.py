@@ -122,6 +122,8 @@ class BNRecord:
     old_var: np.ndarray | None = None
     new_mean: np.ndarray | None = None
     new_var: np.ndarray | None = None
+    measured_mean: np.ndarray | None = None   # with a prior: what prior 0 measures (new_* is then the blend)
+    measured_var: np.ndarray | None = None
 
     def to_dict(self) -> dict:
         return {"node": self.node, "input": self.input, "channels": self.channels, "pass": self.level + 1,
@@ -152,10 +154,13 @@ class RecalibrationReport:
     provider: str = ""
     seconds: float = 0.0
     cache_mb: float = 0.0
+    prior: float = 0.0
+    prior_not_applied: list = field(default_factory=list)  # BNs whose old mean/var are computed at run time
 
     def to_dict(self) -> dict:
         return {"mode": self.mode, "samples": self.samples, "batch_size": self.batch_size, "data": self.data,
                 "provider": self.provider, "seconds": round(self.seconds, 3), "cache_mb": self.cache_mb,
+                "prior": self.prior, "prior_not_applied": self.prior_not_applied,
                 "passes": self.passes, "nodes": [b.to_dict() for b in self.bns]}
 
     def table(self) -> str:
@@ -173,6 +178,11 @@ class RecalibrationReport:
         lines.append(f"{self.mode}: {len(self.bns)} BN nodes recalibrated in {len(self.passes)} pass(es) over "
                      f"{self.samples} samples (batch {self.batch_size}, {self.data}), {self.seconds:.2f}s on "
                      f"{self.provider}; change = max|new-old| / max(|old|,|new|)")
+        if self.prior > 0:
+            lines.append(f"prior: the old statistics count as {self.prior:g} samples against {self.samples} new")
+        if self.prior_not_applied:
+            lines.append(f"prior not applied to {', '.join(self.prior_not_applied)}: the old mean/var are computed "
+                         "at run time (no old value); they hold the new statistics")
         return "\n".join(lines)
 
 
@@ -670,6 +680,34 @@ def _bn_modules(module, model: onnx.ModelProto, bns: list[BNRecord]) -> dict:
     return found
 
 
+# ----------------------------------------------------------------------------- the prior
+
+def blend(old_mean: np.ndarray, old_var: np.ndarray, new_mean: np.ndarray, new_var: np.ndarray, prior: float,
+          n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The old statistics counted as `prior` samples against `n` new ones: the mean and variance of the
+    mixture, mu = (N mu_old + n mu_new)/(N+n), var = (N (var_old + (mu_old-mu)^2) + n (var_new + (mu_new-mu)^2))/(N+n)."""
+    old_mean, old_var, new_mean, new_var = (np.asarray(a, np.float64) for a in (old_mean, old_var, new_mean, new_var))
+    w_old, w_new = prior / (prior + n), n / (prior + n)
+    mean = w_old * old_mean + w_new * new_mean
+    var = w_old * (old_var + (old_mean - mean) ** 2) + w_new * (new_var + (new_mean - mean) ** 2)
+    return mean, var
+
+
+def _apply_prior(out: onnx.ModelProto, bns: list[BNRecord], prior: float, samples: int) -> list[str]:
+    """Blend each BN's measured statistics with its old ones (`blend`, n = the number of images) and write
+    them; applied once, after everything is measured (the measurement itself is that of prior 0). Returns the
+    BNs whose old mean/var were computed at run time (no old value): they keep the measured statistics."""
+    unblended = []
+    for b in bns:
+        if b.old_mean is None or b.old_var is None:
+            unblended.append(b.node)
+            continue
+        b.measured_mean, b.measured_var = b.new_mean, b.new_var
+        b.new_mean, b.new_var = blend(b.old_mean, b.old_var, b.new_mean, b.new_var, prior, samples)
+        _write_stats(out, None, b, b.new_mean, b.new_var)
+    return unblended
+
+
 # ----------------------------------------------------------------------------- the API
 
 def recalibrate(model, data, mode: str = "exact", nodes=None, **options) -> onnx.ModelProto:
@@ -694,7 +732,7 @@ def recalibrate_with_report(model, data, mode: str = "exact", nodes=None, **opti
 def recalibrate_lazily(model, data, mode: str = "exact", nodes=None, *, batch_size: int = 32,
                        limit: int | None = None, seed: int = 0, preset: str | None = None, workers: int | None = 0,
                        strict: bool = False, device: str = "auto", cache_mb: float = DEFAULT_CACHE_MB,
-                       ) -> tuple[onnx.ModelProto, Path | None, RecalibrationReport]:
+                       prior: float = 0.0) -> tuple[onnx.ModelProto, Path | None, RecalibrationReport]:
     """(model, folder, report): `recalibrate_with_report` without gathering the weights. In exact mode a
     path is read as its structure (`modelio.load_structure`): the weights stay in the file (external data
     in `folder`, the file's folder), onnxruntime reads them from there, and
@@ -703,6 +741,8 @@ def recalibrate_lazily(model, data, mode: str = "exact", nodes=None, *, batch_si
         raise UserError(f"unknown mode {mode!r}: use exact or batch")
     if cache_mb < 0:
         raise UserError(f"--cache-mb must be 0 or more (got {cache_mb})")
+    if not (prior >= 0 and np.isfinite(prior)):
+        raise UserError(f"--prior must be a finite number >= 0 (got {prior})")
     started = time.perf_counter()
     if mode == "exact" and isinstance(model, (str, os.PathLike)):
         out, folder = load_structure(model)
@@ -720,13 +760,16 @@ def recalibrate_lazily(model, data, mode: str = "exact", nodes=None, *, batch_si
     else:
         passes, samples, provider = _batch(out, bns, dataset, batch_size, workers=workers, strict=strict,
                                            device=device)
+    unblended = _apply_prior(out, bns, prior, samples) if prior > 0 else []
     report = RecalibrationReport(mode=mode, bns=bns, passes=passes, samples=samples, batch_size=batch_size,
                                  data=dataset.description, provider=provider, seconds=time.perf_counter() - started,
-                                 cache_mb=cache_mb if mode == "exact" else 0.0)
+                                 cache_mb=cache_mb if mode == "exact" else 0.0, prior=prior,
+                                 prior_not_applied=unblended)
     set_metadata(out, {META_KEY: json.dumps({
         "mode": mode, "nodes": [b.node for b in bns], "passes": len(passes), "samples": samples,
         "batch_size": batch_size, "data": dataset.description, "data_source": dataset.source, "limit": limit,
         "seed": seed, "preset": dataset.preset if dataset.is_images else "array",
         "training_mode_converted": [b.node for b in bns if b.training_mode],
+        "prior": prior, "prior_not_applied": unblended,
     }, separators=(",", ":"))})
     return out, folder, report
