@@ -468,6 +468,10 @@ RECALIBRATE_DATA = InputData(required=True, workers="pool", data_help="data to r
              help="the old statistics count as this many samples against the n new images (mean and variance of "
                   "the mixture; default 0: the new statistics only). BNs whose old mean/var are computed at run "
                   "time keep the new ones"),
+         arg("--var-floor", type=float, default=0.0,
+             help="a channel whose new variance is below this fraction of its old one keeps the fraction times "
+                  "the old variance (e.g. 0.01; default 0 = off, the exact fixed point): a channel constant on the new data would otherwise "
+                  "get variance 0 and divide old-domain inputs by sqrt(eps)"),
          arg("--json", action="store_true", help="print the report as JSON"),
          DEVICE, OUTPUT)
 def cmd_recalibrate(args) -> int:
@@ -486,7 +490,7 @@ def cmd_recalibrate(args) -> int:
 
     refuse_overwrite(args.output, [args.model, args.data], args.force)
     model, folder, report = recalibrate_lazily(args.model, mode=args.mode, nodes=args.nodes, device=args.device,
-                                               cache_mb=args.cache_mb, prior=args.prior, **RECALIBRATE_DATA.options(args))
+                                               cache_mb=args.cache_mb, prior=args.prior, var_floor=args.var_floor, **RECALIBRATE_DATA.options(args))
     # Everything that reads the report is computed before the file is written, so a failure leaves no output.
     table = json.dumps(report.to_dict(), indent=2) if args.json else report.table()
     newly_dead = sum(int(np.count_nonzero((b.old_var > 0) & (b.new_var <= 0))) for b in report.bns

@@ -102,6 +102,7 @@ from onnxbn.stats import ChannelMoments, augment_for_stats
 MODES = ("exact", "batch")
 META_KEY = "onnxbn.recalibrate"
 DEFAULT_CACHE_MB = 1024.0
+DEFAULT_VAR_FLOOR = 0.0  # off: a floor breaks the fixed point; --var-floor 0.01 is the suggested value
 MEAN, VAR = 3, 4  # BatchNormalization input slots
 
 
@@ -156,11 +157,14 @@ class RecalibrationReport:
     cache_mb: float = 0.0
     prior: float = 0.0
     prior_not_applied: list = field(default_factory=list)  # BNs whose old mean/var are computed at run time
+    var_floor: float = 0.0
+    floored: dict = field(default_factory=dict)            # BN -> channels whose variance was floored
 
     def to_dict(self) -> dict:
         return {"mode": self.mode, "samples": self.samples, "batch_size": self.batch_size, "data": self.data,
                 "provider": self.provider, "seconds": round(self.seconds, 3), "cache_mb": self.cache_mb,
-                "prior": self.prior, "prior_not_applied": self.prior_not_applied,
+                "prior": self.prior, "prior_not_applied": self.prior_not_applied, "var_floor": self.var_floor,
+                "floored": self.floored,
                 "passes": self.passes, "nodes": [b.to_dict() for b in self.bns]}
 
     def table(self) -> str:
@@ -183,6 +187,11 @@ class RecalibrationReport:
         if self.prior_not_applied:
             lines.append(f"prior not applied to {', '.join(self.prior_not_applied)}: the old mean/var are computed "
                          "at run time (no old value); they hold the new statistics")
+        if self.floored:
+            lines.append(f"variance floor {self.var_floor:g} x old variance applied to: "
+                         + ", ".join(f"{k} ({v} channel{'s' if v > 1 else ''})" for k, v in self.floored.items())
+                         + " (channels (nearly) constant on the new data; without the floor old-domain inputs "
+                         "there would be divided by sqrt(eps))")
         return "\n".join(lines)
 
 
@@ -693,19 +702,37 @@ def blend(old_mean: np.ndarray, old_var: np.ndarray, new_mean: np.ndarray, new_v
     return mean, var
 
 
-def _apply_prior(out: onnx.ModelProto, bns: list[BNRecord], prior: float, samples: int) -> list[str]:
-    """Blend each BN's measured statistics with its old ones (`blend`, n = the number of images) and write
-    them; applied once, after everything is measured (the measurement itself is that of prior 0). Returns the
-    BNs whose old mean/var were computed at run time (no old value): they keep the measured statistics."""
-    unblended = []
+def _apply_prior(out: onnx.ModelProto, bns: list[BNRecord], prior: float, samples: int,
+                 var_floor: float = 0.0) -> tuple[list[str], dict[str, int]]:
+    """Blend each BN's measured statistics with its old ones (`blend`, n = the number of images), then floor
+    the variance (a channel whose new variance is below var_floor * its old one keeps var_floor * old), and
+    write them; applied once, after everything is measured (the measurement itself is that of prior 0).
+
+    Why the floor: a channel constant on the new data (e.g. a ReLU that never fires there) gets variance 0,
+    and any input that still varies in it (the old domain, an outlier) is then divided by sqrt(eps).
+    Returns (the BNs whose old mean/var are computed at run time: no old value, neither blended nor
+    floored; {BN: number of floored channels})."""
+    unblended, floored = [], {}
     for b in bns:
         if b.old_mean is None or b.old_var is None:
             unblended.append(b.node)
             continue
+        if prior <= 0 and var_floor <= 0:
+            continue
         b.measured_mean, b.measured_var = b.new_mean, b.new_var
-        b.new_mean, b.new_var = blend(b.old_mean, b.old_var, b.new_mean, b.new_var, prior, samples)
-        _write_stats(out, None, b, b.new_mean, b.new_var)
-    return unblended
+        mean, var = b.new_mean, b.new_var
+        if prior > 0:
+            mean, var = blend(b.old_mean, b.old_var, mean, var, prior, samples)
+        if var_floor > 0:
+            floor = var_floor * b.old_var
+            low = var < floor
+            if low.any():
+                var = np.where(low, floor, var)
+                floored[b.node] = int(np.count_nonzero(low))
+        if prior > 0 or b.node in floored:
+            b.new_mean, b.new_var = mean, var
+            _write_stats(out, None, b, b.new_mean, b.new_var)
+    return unblended, floored
 
 
 # ----------------------------------------------------------------------------- the API
@@ -732,7 +759,7 @@ def recalibrate_with_report(model, data, mode: str = "exact", nodes=None, **opti
 def recalibrate_lazily(model, data, mode: str = "exact", nodes=None, *, batch_size: int = 32,
                        limit: int | None = None, seed: int = 0, preset: str | None = None, workers: int | None = 0,
                        strict: bool = False, device: str = "auto", cache_mb: float = DEFAULT_CACHE_MB,
-                       prior: float = 0.0) -> tuple[onnx.ModelProto, Path | None, RecalibrationReport]:
+                       prior: float = 0.0, var_floor: float = DEFAULT_VAR_FLOOR) -> tuple[onnx.ModelProto, Path | None, RecalibrationReport]:
     """(model, folder, report): `recalibrate_with_report` without gathering the weights. In exact mode a
     path is read as its structure (`modelio.load_structure`): the weights stay in the file (external data
     in `folder`, the file's folder), onnxruntime reads them from there, and
@@ -743,6 +770,8 @@ def recalibrate_lazily(model, data, mode: str = "exact", nodes=None, *, batch_si
         raise UserError(f"--cache-mb must be 0 or more (got {cache_mb})")
     if not (prior >= 0 and np.isfinite(prior)):
         raise UserError(f"--prior must be a finite number >= 0 (got {prior})")
+    if not (0 <= var_floor <= 1):
+        raise UserError(f"--var-floor must be between 0 and 1 (got {var_floor})")
     started = time.perf_counter()
     if mode == "exact" and isinstance(model, (str, os.PathLike)):
         out, folder = load_structure(model)
@@ -760,16 +789,18 @@ def recalibrate_lazily(model, data, mode: str = "exact", nodes=None, *, batch_si
     else:
         passes, samples, provider = _batch(out, bns, dataset, batch_size, workers=workers, strict=strict,
                                            device=device)
-    unblended = _apply_prior(out, bns, prior, samples) if prior > 0 else []
+    unblended, floored = _apply_prior(out, bns, prior, samples, var_floor)
+    if prior <= 0:
+        unblended = []
     report = RecalibrationReport(mode=mode, bns=bns, passes=passes, samples=samples, batch_size=batch_size,
                                  data=dataset.description, provider=provider, seconds=time.perf_counter() - started,
                                  cache_mb=cache_mb if mode == "exact" else 0.0, prior=prior,
-                                 prior_not_applied=unblended)
+                                 prior_not_applied=unblended, var_floor=var_floor, floored=floored)
     set_metadata(out, {META_KEY: json.dumps({
         "mode": mode, "nodes": [b.node for b in bns], "passes": len(passes), "samples": samples,
         "batch_size": batch_size, "data": dataset.description, "data_source": dataset.source, "limit": limit,
         "seed": seed, "preset": dataset.preset if dataset.is_images else "array",
         "training_mode_converted": [b.node for b in bns if b.training_mode],
-        "prior": prior, "prior_not_applied": unblended,
+        "prior": prior, "prior_not_applied": unblended, "var_floor": var_floor, "floored": floored,
     }, separators=(",", ":"))})
     return out, folder, report

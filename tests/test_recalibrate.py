@@ -843,3 +843,30 @@ def test_prior_skips_a_bn_whose_old_variance_is_computed(tmp_path):
     # bn2 keeps what prior 0 measures (the measurement never sees a blend)
     np.testing.assert_array_equal(stored(p10, node10.input[3]), stored(p0, node0.input[3]))
     np.testing.assert_array_equal(stored(p10, node10.input[4]), stored(p0, node0.input[4]))
+
+
+def test_variance_floor_keeps_a_fraction_of_the_old_variance(tmp_path, capsys):
+    model = bn_net()
+    w = next(t for t in model.graph.initializer if t.name == "conv1.W")
+    weights = numpy_helper.to_array(w).copy()
+    weights[0] = 0  # conv1 channel 0 is its bias on any data: bn1 channel 0 has variance 0 there
+    w.CopyFrom(numpy_helper.from_array(weights, "conv1.W"))
+    x = data(n=12, size=8, seed=9)
+    p0 = onnxbn.recalibrate(model, x, batch_size=4)
+    assert stored(p0, "bn1.var")[0] == 0
+    floored, report = recalibrate_with_report(model, x, batch_size=4, var_floor=0.01)
+    assert report.floored.get("bn1") == 1
+    for node in bn_nodes(model):
+        old, new = stored(model, node.input[4]), stored(p0, node.input[4])
+        want = np.where(new < 0.01 * old, 0.01 * old, new)
+        np.testing.assert_allclose(stored(floored, node.input[4]), want, rtol=1e-6)
+        np.testing.assert_array_equal(stored(floored, node.input[3]), stored(p0, node.input[3]))
+        assert report.floored.get(node.name, 0) == int(np.count_nonzero(new < 0.01 * old))
+    path = tmp_path / "m.onnx"
+    save_model(model, path)
+    np.savez(tmp_path / "d.npz", x=x)
+    assert main(["recalibrate", str(path), "--data", str(tmp_path / "d.npz"), "--var-floor", "0.01",
+                 "-o", str(tmp_path / "out.onnx")]) == 0
+    assert "variance floor 0.01 x old variance applied to: bn1 (1 channel)" in capsys.readouterr().out
+    np.testing.assert_allclose(stored(onnx.load(tmp_path / "out.onnx"), "bn1.var")[0],
+                               0.01 * stored(model, "bn1.var")[0], rtol=1e-6)
