@@ -717,10 +717,14 @@ def _apply_prior(out: onnx.ModelProto, bns: list[BNRecord], prior: float, sample
         if b.old_mean is None or b.old_var is None:
             unblended.append(b.node)
             continue
+        if b.measured_mean is None:
+            b.measured_mean, b.measured_var = b.new_mean, b.new_var
+        mean, var = b.measured_mean, b.measured_var  # called again (--prior auto): always from the measurement
         if prior <= 0 and var_floor <= 0:
+            if b.new_mean is not mean:
+                b.new_mean, b.new_var = mean, var
+                _write_stats(out, None, b, mean, var)
             continue
-        b.measured_mean, b.measured_var = b.new_mean, b.new_var
-        mean, var = b.new_mean, b.new_var
         if prior > 0:
             mean, var = blend(b.old_mean, b.old_var, mean, var, prior, samples)
         if var_floor > 0:
@@ -729,7 +733,7 @@ def _apply_prior(out: onnx.ModelProto, bns: list[BNRecord], prior: float, sample
             if low.any():
                 var = np.where(low, floor, var)
                 floored[b.node] = int(np.count_nonzero(low))
-        if prior > 0 or b.node in floored:
+        if prior > 0 or b.node in floored or b.new_mean is not b.measured_mean:
             b.new_mean, b.new_var = mean, var
             _write_stats(out, None, b, b.new_mean, b.new_var)
     return unblended, floored

@@ -870,3 +870,61 @@ def test_variance_floor_keeps_a_fraction_of_the_old_variance(tmp_path, capsys):
     assert "variance floor 0.01 x old variance applied to: bn1 (1 channel)" in capsys.readouterr().out
     np.testing.assert_allclose(stored(onnx.load(tmp_path / "out.onnx"), "bn1.var")[0],
                                0.01 * stored(model, "bn1.var")[0], rtol=1e-6)
+
+
+def top1(model, x, y) -> float:
+    out = session(model).run(None, {feed(model): x})[0]
+    return float((out.argmax(axis=1) == y).mean())
+
+
+def guard_files(tmp_path, model, x_recal, x_eval, y_eval):
+    save_model(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "recal.npz", x=x_recal)
+    np.savez(tmp_path / "eval.npz", x=x_eval, y=y_eval.astype(np.int64))
+    return [str(tmp_path / "m.onnx"), "--data", str(tmp_path / "recal.npz"), "--eval", str(tmp_path / "eval.npz"),
+            "-o", str(tmp_path / "out.onnx")]
+
+
+def test_guard_refuses_a_harmful_recalibration(tmp_path, capsys):
+    model = bn_net(seed=3)
+    x_eval = data(n=40, size=8, seed=10, shift=0.0, gain=1.0)
+    y = session(model).run(None, {feed(model): x_eval})[0].argmax(axis=1)  # the original is right on every image
+    x_recal = data(n=40, size=8, seed=11, shift=3.0, gain=6.0)
+    assert top1(onnxbn.recalibrate(model, x_recal), x_eval, y) < 0.95  # numpy judge: it does hurt
+    argv = guard_files(tmp_path, model, x_recal, x_eval, y)
+    assert main(["recalibrate", *argv]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nothing written" in err[0] and "--max-drop 0.5" in err[0]
+    assert not (tmp_path / "out.onnx").exists()
+    assert main(["recalibrate", *argv, "--max-drop", "100"]) == 0 and (tmp_path / "out.onnx").exists()
+
+
+def test_guard_passes_a_helpful_recalibration_and_prior_auto(tmp_path, capsys):
+    model = bn_net(seed=4)
+    x = data(n=40, size=8, seed=12, shift=2.0, gain=3.0)
+    good = onnxbn.recalibrate(model, x)
+    y = session(good).run(None, {feed(good): x})[0].argmax(axis=1)
+    before = top1(model, x, y)
+    assert before < 0.9
+    argv = guard_files(tmp_path, model, x, x, y)
+    assert main(["recalibrate", *argv]) == 0
+    out = capsys.readouterr().out
+    assert f"top-1 {100 * before:.2f}% -> 100.00%" in out
+    written = onnx.load(tmp_path / "out.onnx")
+    assert top1(written, x, y) == 1.0
+    assert main(["recalibrate", *argv, "--prior", "auto", "--force"]) == 0
+    out = capsys.readouterr().out
+    assert "--prior auto" in out and "chose 0" in out and out.count("  prior ") == 5
+    for node in bn_nodes(model):  # prior 0 won: the written statistics are the measured ones
+        np.testing.assert_allclose(stored(onnx.load(tmp_path / "out.onnx"), node.input[4]), stored(good, node.input[4]),
+                                   rtol=1e-6)
+
+
+def test_prior_auto_needs_eval(tmp_path, capsys):
+    save_model(bn_net(), tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", x=data(n=8, size=8))
+    assert main(["recalibrate", str(tmp_path / "m.onnx"), "--data", str(tmp_path / "d.npz"), "--prior", "auto",
+                 "-o", str(tmp_path / "out.onnx")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--eval" in err[0]
+    assert not (tmp_path / "out.onnx").exists()
