@@ -746,7 +746,9 @@ def recalibrate(model, data, mode: str = "exact", nodes=None, **options) -> onnx
 
     `model`: path or ModelProto; `data`: image folder, .npz, array or (x, y), as `collect_stats` takes;
     `mode`: "exact" or "batch"; `nodes`: BN node names (list or comma separated). Keyword options:
-    batch_size, limit, seed, preset, workers, strict, device, cache_mb. See the module docstring
+    batch_size, limit, seed, preset, workers, strict, device, cache_mb, prior (the old statistics count as
+    this many samples against the n new images; `blend`), var_floor (a new variance below var_floor x the
+    old one keeps that; 0 = off). See the module docstring
     (math, passes and cost, the insert + recalibrate recipe); `recalibrate_with_report` also
     returns the report.
     """
