@@ -543,11 +543,14 @@ def cmd_recalibrate(args) -> int:
                                                **RECALIBRATE_DATA.options(args))
     guard = _recalibration_guard(args, model, folder, report, auto) if args.eval_data else None
     # Everything that reads the report is computed before the file is written, so a failure leaves no output.
-    table = json.dumps(report.to_dict(), indent=2) if args.json else report.table()
+    summary = dict(report.to_dict(), **({"eval": {k: guard[k] for k in ("before", "after", "drop", "refused")}}
+                                         if guard is not None else {}))
+    table = json.dumps(summary, indent=2) if args.json else report.table()
     newly_dead = sum(int(np.count_nonzero((b.old_var > 0) & (b.new_var <= 0))) for b in report.bns
                      if b.old_var is not None)  # None: the variance was computed at run time, no old value
     if guard is not None:
-        table += "\n" + guard["text"]
+        if not args.json:
+            table += "\n" + guard["text"]
         if guard["refused"]:
             print(table)
             log.error("recalibrated top-1 %.2f%% is %.2f points below the original %.2f%% on %s (--max-drop %g); "
