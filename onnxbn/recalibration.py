@@ -102,6 +102,7 @@ from onnxbn.stats import ChannelMoments, augment_for_stats
 MODES = ("exact", "batch")
 META_KEY = "onnxbn.recalibrate"
 DEFAULT_CACHE_MB = 1024.0
+DEFAULT_VAR_FLOOR = 0.0  # off: a floor breaks the fixed point; --var-floor 0.01 is the suggested value
 MEAN, VAR = 3, 4  # BatchNormalization input slots
 
 
@@ -122,6 +123,8 @@ class BNRecord:
     old_var: np.ndarray | None = None
     new_mean: np.ndarray | None = None
     new_var: np.ndarray | None = None
+    measured_mean: np.ndarray | None = None   # with a prior: what prior 0 measures (new_* is then the blend)
+    measured_var: np.ndarray | None = None
 
     def to_dict(self) -> dict:
         return {"node": self.node, "input": self.input, "channels": self.channels, "pass": self.level + 1,
@@ -152,10 +155,16 @@ class RecalibrationReport:
     provider: str = ""
     seconds: float = 0.0
     cache_mb: float = 0.0
+    prior: float = 0.0
+    prior_not_applied: list = field(default_factory=list)  # BNs whose old mean/var are computed at run time
+    var_floor: float = 0.0
+    floored: dict = field(default_factory=dict)            # BN -> channels whose variance was floored
 
     def to_dict(self) -> dict:
         return {"mode": self.mode, "samples": self.samples, "batch_size": self.batch_size, "data": self.data,
                 "provider": self.provider, "seconds": round(self.seconds, 3), "cache_mb": self.cache_mb,
+                "prior": self.prior, "prior_not_applied": self.prior_not_applied, "var_floor": self.var_floor,
+                "floored": self.floored,
                 "passes": self.passes, "nodes": [b.to_dict() for b in self.bns]}
 
     def table(self) -> str:
@@ -173,6 +182,16 @@ class RecalibrationReport:
         lines.append(f"{self.mode}: {len(self.bns)} BN nodes recalibrated in {len(self.passes)} pass(es) over "
                      f"{self.samples} samples (batch {self.batch_size}, {self.data}), {self.seconds:.2f}s on "
                      f"{self.provider}; change = max|new-old| / max(|old|,|new|)")
+        if self.prior > 0:
+            lines.append(f"prior: the old statistics count as {self.prior:g} samples against {self.samples} new")
+        if self.prior_not_applied:
+            lines.append(f"prior not applied to {', '.join(self.prior_not_applied)}: the old mean/var are computed "
+                         "at run time (no old value); they hold the new statistics")
+        if self.floored:
+            lines.append(f"variance floor {self.var_floor:g} x old variance applied to: "
+                         + ", ".join(f"{k} ({v} channel{'s' if v > 1 else ''})" for k, v in self.floored.items())
+                         + " (channels (nearly) constant on the new data; without the floor old-domain inputs "
+                         "there would be divided by sqrt(eps))")
         return "\n".join(lines)
 
 
@@ -670,6 +689,56 @@ def _bn_modules(module, model: onnx.ModelProto, bns: list[BNRecord]) -> dict:
     return found
 
 
+# ----------------------------------------------------------------------------- the prior
+
+def blend(old_mean: np.ndarray, old_var: np.ndarray, new_mean: np.ndarray, new_var: np.ndarray, prior: float,
+          n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The old statistics counted as `prior` samples against `n` new ones: the mean and variance of the
+    mixture, mu = (N mu_old + n mu_new)/(N+n), var = (N (var_old + (mu_old-mu)^2) + n (var_new + (mu_new-mu)^2))/(N+n)."""
+    old_mean, old_var, new_mean, new_var = (np.asarray(a, np.float64) for a in (old_mean, old_var, new_mean, new_var))
+    w_old, w_new = prior / (prior + n), n / (prior + n)
+    mean = w_old * old_mean + w_new * new_mean
+    var = w_old * (old_var + (old_mean - mean) ** 2) + w_new * (new_var + (new_mean - mean) ** 2)
+    return mean, var
+
+
+def _apply_prior(out: onnx.ModelProto, bns: list[BNRecord], prior: float, samples: int,
+                 var_floor: float = 0.0) -> tuple[list[str], dict[str, int]]:
+    """Blend each BN's measured statistics with its old ones (`blend`, n = the number of images), then floor
+    the variance (a channel whose new variance is below var_floor * its old one keeps var_floor * old), and
+    write them; applied once, after everything is measured (the measurement itself is that of prior 0).
+
+    Why the floor: a channel constant on the new data (e.g. a ReLU that never fires there) gets variance 0,
+    and any input that still varies in it (the old domain, an outlier) is then divided by sqrt(eps).
+    Returns (the BNs whose old mean/var are computed at run time: no old value, neither blended nor
+    floored; {BN: number of floored channels})."""
+    unblended, floored = [], {}
+    for b in bns:
+        if b.old_mean is None or b.old_var is None:
+            unblended.append(b.node)
+            continue
+        if b.measured_mean is None:
+            b.measured_mean, b.measured_var = b.new_mean, b.new_var
+        mean, var = b.measured_mean, b.measured_var  # called again (--prior auto): always from the measurement
+        if prior <= 0 and var_floor <= 0:
+            if b.new_mean is not mean:
+                b.new_mean, b.new_var = mean, var
+                _write_stats(out, None, b, mean, var)
+            continue
+        if prior > 0:
+            mean, var = blend(b.old_mean, b.old_var, mean, var, prior, samples)
+        if var_floor > 0:
+            floor = var_floor * b.old_var
+            low = var < floor
+            if low.any():
+                var = np.where(low, floor, var)
+                floored[b.node] = int(np.count_nonzero(low))
+        if prior > 0 or b.node in floored or b.new_mean is not b.measured_mean:
+            b.new_mean, b.new_var = mean, var
+            _write_stats(out, None, b, b.new_mean, b.new_var)
+    return unblended, floored
+
+
 # ----------------------------------------------------------------------------- the API
 
 def recalibrate(model, data, mode: str = "exact", nodes=None, **options) -> onnx.ModelProto:
@@ -677,7 +746,9 @@ def recalibrate(model, data, mode: str = "exact", nodes=None, **options) -> onnx
 
     `model`: path or ModelProto; `data`: image folder, .npz, array or (x, y), as `collect_stats` takes;
     `mode`: "exact" or "batch"; `nodes`: BN node names (list or comma separated). Keyword options:
-    batch_size, limit, seed, preset, workers, strict, device, cache_mb. See the module docstring
+    batch_size, limit, seed, preset, workers, strict, device, cache_mb, prior (the old statistics count as
+    this many samples against the n new images; `blend`), var_floor (a new variance below var_floor x the
+    old one keeps that; 0 = off). See the module docstring
     (math, passes and cost, the insert + recalibrate recipe); `recalibrate_with_report` also
     returns the report.
     """
@@ -694,7 +765,7 @@ def recalibrate_with_report(model, data, mode: str = "exact", nodes=None, **opti
 def recalibrate_lazily(model, data, mode: str = "exact", nodes=None, *, batch_size: int = 32,
                        limit: int | None = None, seed: int = 0, preset: str | None = None, workers: int | None = 0,
                        strict: bool = False, device: str = "auto", cache_mb: float = DEFAULT_CACHE_MB,
-                       ) -> tuple[onnx.ModelProto, Path | None, RecalibrationReport]:
+                       prior: float = 0.0, var_floor: float = DEFAULT_VAR_FLOOR) -> tuple[onnx.ModelProto, Path | None, RecalibrationReport]:
     """(model, folder, report): `recalibrate_with_report` without gathering the weights. In exact mode a
     path is read as its structure (`modelio.load_structure`): the weights stay in the file (external data
     in `folder`, the file's folder), onnxruntime reads them from there, and
@@ -703,6 +774,10 @@ def recalibrate_lazily(model, data, mode: str = "exact", nodes=None, *, batch_si
         raise UserError(f"unknown mode {mode!r}: use exact or batch")
     if cache_mb < 0:
         raise UserError(f"--cache-mb must be 0 or more (got {cache_mb})")
+    if not (prior >= 0 and np.isfinite(prior)):
+        raise UserError(f"--prior must be a finite number >= 0 (got {prior})")
+    if not (0 <= var_floor <= 1):
+        raise UserError(f"--var-floor must be between 0 and 1 (got {var_floor})")
     started = time.perf_counter()
     if mode == "exact" and isinstance(model, (str, os.PathLike)):
         out, folder = load_structure(model)
@@ -720,13 +795,18 @@ def recalibrate_lazily(model, data, mode: str = "exact", nodes=None, *, batch_si
     else:
         passes, samples, provider = _batch(out, bns, dataset, batch_size, workers=workers, strict=strict,
                                            device=device)
+    unblended, floored = _apply_prior(out, bns, prior, samples, var_floor)
+    if prior <= 0:
+        unblended = []
     report = RecalibrationReport(mode=mode, bns=bns, passes=passes, samples=samples, batch_size=batch_size,
                                  data=dataset.description, provider=provider, seconds=time.perf_counter() - started,
-                                 cache_mb=cache_mb if mode == "exact" else 0.0)
+                                 cache_mb=cache_mb if mode == "exact" else 0.0, prior=prior,
+                                 prior_not_applied=unblended, var_floor=var_floor, floored=floored)
     set_metadata(out, {META_KEY: json.dumps({
         "mode": mode, "nodes": [b.node for b in bns], "passes": len(passes), "samples": samples,
         "batch_size": batch_size, "data": dataset.description, "data_source": dataset.source, "limit": limit,
         "seed": seed, "preset": dataset.preset if dataset.is_images else "array",
         "training_mode_converted": [b.node for b in bns if b.training_mode],
+        "prior": prior, "prior_not_applied": unblended, "var_floor": var_floor, "floored": floored,
     }, separators=(",", ":"))})
     return out, folder, report

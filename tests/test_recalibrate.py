@@ -764,3 +764,167 @@ def test_a_model_file_gives_the_same_model_with_its_weights_read_from_disk(reque
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
     assert [n.name for n in from_file.graph.node] == [n.name for n in from_proto.graph.node]
+
+
+# ----------------------------------------------------------------------------- the prior (issue 25)
+
+def numpy_blend(mo, vo, mn, vn, prior, n):
+    """The mixture of N samples with (mo, vo) and n with (mn, vn), from pooled sums (numpy, independent)."""
+    s1 = prior * mo + n * mn
+    s2 = prior * (vo + mo ** 2) + n * (vn + mn ** 2)
+    mean = s1 / (prior + n)
+    return mean, s2 / (prior + n) - mean ** 2
+
+
+@pytest.mark.parametrize("mode", ["exact", "batch"])
+def test_prior_blends_old_and_measured_statistics(vgg, mode):
+    _, model = vgg
+    x = data(n=24, seed=5)
+    plain = onnxbn.recalibrate(model, x, mode=mode, batch_size=8)
+    for prior in (6.0, 24.0, 96.0):
+        blended = onnxbn.recalibrate(model, x, mode=mode, batch_size=8, prior=prior)
+        for node in bn_nodes(model):
+            mo, vo = stored(model, node.input[3]), stored(model, node.input[4])
+            mn, vn = stored(plain, node.input[3]), stored(plain, node.input[4])
+            mean, var = numpy_blend(mo, vo, mn, vn, prior, 24)
+            np.testing.assert_allclose(stored(blended, node.input[3]), mean, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(stored(blended, node.input[4]), var, rtol=1e-5, atol=1e-6)
+    meta = json.loads({p.key: p.value for p in blended.metadata_props}["onnxbn.recalibrate"])
+    assert meta["prior"] == 96.0 and meta["prior_not_applied"] == []
+
+
+@pytest.mark.parametrize("mode", ["exact", "batch"])
+def test_prior_zero_is_bit_identical_to_the_default(vgg, mode):
+    _, model = vgg
+    x = data(n=16, seed=6)
+    a = onnxbn.recalibrate(model, x, mode=mode, batch_size=8)
+    b = onnxbn.recalibrate(model, x, mode=mode, batch_size=8, prior=0)
+    assert [t.SerializeToString() for t in a.graph.initializer] == [t.SerializeToString() for t in b.graph.initializer]
+
+
+def test_prior_cli_blends_constant_node_statistics(tmp_path):
+    model = bn_net(constants=True)
+    path = tmp_path / "m.onnx"
+    save_model(model, path)
+    x = (np.random.default_rng(7).standard_normal((12, 3, 8, 8)) * 2 + 1).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x)
+    for prior, out in ((0, "p0.onnx"), (12, "p12.onnx")):
+        assert main(["recalibrate", str(path), "--data", str(tmp_path / "d.npz"), "--prior", str(prior),
+                     "-o", str(tmp_path / out)]) == 0
+    p0, p12 = onnx.load(tmp_path / "p0.onnx"), onnx.load(tmp_path / "p12.onnx")
+    for node in bn_nodes(model):
+        mo, vo = stored(model, node.input[3]), stored(model, node.input[4])
+        mean, var = numpy_blend(mo, vo, stored(p0, bn_nodes(p0)[[n.name for n in bn_nodes(p0)].index(node.name)].input[3]),
+                                stored(p0, next(n for n in bn_nodes(p0) if n.name == node.name).input[4]), 12, 12)
+        got = next(n for n in bn_nodes(p12) if n.name == node.name)
+        np.testing.assert_allclose(stored(p12, got.input[3]), mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(stored(p12, got.input[4]), var, rtol=1e-5, atol=1e-6)
+
+
+def test_prior_must_be_non_negative(vgg):
+    with pytest.raises(UserError, match="--prior"):
+        onnxbn.recalibrate(vgg[1], data(n=8), prior=-1)
+
+
+def test_prior_skips_a_bn_whose_old_variance_is_computed(tmp_path):
+    model = bn_net()
+    bn2 = next(n for n in model.graph.node if n.name == "bn2")
+    at = list(model.graph.node).index(bn2)
+    model.graph.node.insert(at, helper.make_node("Abs", [bn2.input[4]], ["bn2.var.abs"], name="abs"))
+    bn2.input[4] = "bn2.var.abs"
+    x = data(n=10, size=8, seed=8)
+    p0 = onnxbn.recalibrate(model, x, batch_size=5)
+    p10, report = recalibrate_with_report(model, x, batch_size=5, prior=10)
+    assert report.prior_not_applied == ["bn2"] and "prior not applied to bn2" in report.table()
+    node0, node10 = (next(n for n in bn_nodes(m) if n.name == "bn2") for m in (p0, p10))
+    mo = stored(model, "bn1.mean")
+    mean, var = numpy_blend(mo, stored(model, "bn1.var"), stored(p0, "bn1.mean"), stored(p0, "bn1.var"), 10, 10)
+    np.testing.assert_allclose(stored(p10, "bn1.mean"), mean, rtol=1e-5, atol=1e-6)
+    # bn2 keeps what prior 0 measures (the measurement never sees a blend)
+    np.testing.assert_array_equal(stored(p10, node10.input[3]), stored(p0, node0.input[3]))
+    np.testing.assert_array_equal(stored(p10, node10.input[4]), stored(p0, node0.input[4]))
+
+
+def test_variance_floor_keeps_a_fraction_of_the_old_variance(tmp_path, capsys):
+    model = bn_net()
+    w = next(t for t in model.graph.initializer if t.name == "conv1.W")
+    weights = numpy_helper.to_array(w).copy()
+    weights[0] = 0  # conv1 channel 0 is its bias on any data: bn1 channel 0 has variance 0 there
+    w.CopyFrom(numpy_helper.from_array(weights, "conv1.W"))
+    x = data(n=12, size=8, seed=9)
+    p0 = onnxbn.recalibrate(model, x, batch_size=4)
+    assert stored(p0, "bn1.var")[0] == 0
+    floored, report = recalibrate_with_report(model, x, batch_size=4, var_floor=0.01)
+    assert report.floored.get("bn1") == 1
+    for node in bn_nodes(model):
+        old, new = stored(model, node.input[4]), stored(p0, node.input[4])
+        want = np.where(new < 0.01 * old, 0.01 * old, new)
+        np.testing.assert_allclose(stored(floored, node.input[4]), want, rtol=1e-6)
+        np.testing.assert_array_equal(stored(floored, node.input[3]), stored(p0, node.input[3]))
+        assert report.floored.get(node.name, 0) == int(np.count_nonzero(new < 0.01 * old))
+    path = tmp_path / "m.onnx"
+    save_model(model, path)
+    np.savez(tmp_path / "d.npz", x=x)
+    assert main(["recalibrate", str(path), "--data", str(tmp_path / "d.npz"), "--var-floor", "0.01",
+                 "-o", str(tmp_path / "out.onnx")]) == 0
+    assert "variance floor 0.01 x old variance applied to: bn1 (1 channel)" in capsys.readouterr().out
+    np.testing.assert_allclose(stored(onnx.load(tmp_path / "out.onnx"), "bn1.var")[0],
+                               0.01 * stored(model, "bn1.var")[0], rtol=1e-6)
+
+
+def top1(model, x, y) -> float:
+    out = session(model).run(None, {feed(model): x})[0]
+    return float((out.argmax(axis=1) == y).mean())
+
+
+def guard_files(tmp_path, model, x_recal, x_eval, y_eval):
+    save_model(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "recal.npz", x=x_recal)
+    np.savez(tmp_path / "eval.npz", x=x_eval, y=y_eval.astype(np.int64))
+    return [str(tmp_path / "m.onnx"), "--data", str(tmp_path / "recal.npz"), "--eval", str(tmp_path / "eval.npz"),
+            "-o", str(tmp_path / "out.onnx")]
+
+
+def test_guard_refuses_a_harmful_recalibration(tmp_path, capsys):
+    model = bn_net(seed=3)
+    x_eval = data(n=40, size=8, seed=10, shift=0.0, gain=1.0)
+    y = session(model).run(None, {feed(model): x_eval})[0].argmax(axis=1)  # the original is right on every image
+    x_recal = data(n=40, size=8, seed=11, shift=3.0, gain=6.0)
+    assert top1(onnxbn.recalibrate(model, x_recal), x_eval, y) < 0.95  # numpy judge: it does hurt
+    argv = guard_files(tmp_path, model, x_recal, x_eval, y)
+    assert main(["recalibrate", *argv]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nothing written" in err[0] and "--max-drop 0.5" in err[0]
+    assert not (tmp_path / "out.onnx").exists()
+    assert main(["recalibrate", *argv, "--max-drop", "100"]) == 0 and (tmp_path / "out.onnx").exists()
+
+
+def test_guard_passes_a_helpful_recalibration_and_prior_auto(tmp_path, capsys):
+    model = bn_net(seed=4)
+    x = data(n=40, size=8, seed=12, shift=2.0, gain=3.0)
+    good = onnxbn.recalibrate(model, x)
+    y = session(good).run(None, {feed(good): x})[0].argmax(axis=1)
+    before = top1(model, x, y)
+    assert before < 0.9
+    argv = guard_files(tmp_path, model, x, x, y)
+    assert main(["recalibrate", *argv]) == 0
+    out = capsys.readouterr().out
+    assert f"top-1 {100 * before:.2f}% -> 100.00%" in out
+    written = onnx.load(tmp_path / "out.onnx")
+    assert top1(written, x, y) == 1.0
+    assert main(["recalibrate", *argv, "--prior", "auto", "--force"]) == 0
+    out = capsys.readouterr().out
+    assert "--prior auto" in out and "chose 0" in out and out.count("  prior ") == 5
+    for node in bn_nodes(model):  # prior 0 won: the written statistics are the measured ones
+        np.testing.assert_allclose(stored(onnx.load(tmp_path / "out.onnx"), node.input[4]), stored(good, node.input[4]),
+                                   rtol=1e-6)
+
+
+def test_prior_auto_needs_eval(tmp_path, capsys):
+    save_model(bn_net(), tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", x=data(n=8, size=8))
+    assert main(["recalibrate", str(tmp_path / "m.onnx"), "--data", str(tmp_path / "d.npz"), "--prior", "auto",
+                 "-o", str(tmp_path / "out.onnx")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--eval" in err[0]
+    assert not (tmp_path / "out.onnx").exists()

@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
-BENCHMARKS = ("cost", "memory", "domain-shift")
+BENCHMARKS = ("cost", "memory", "domain-shift", "prior")
 SHIFTS = ("none", "contrast", "colour", "blur", "all")
 
 
@@ -363,24 +363,73 @@ def print_domain_shift(results: dict) -> None:
         print(f"  {kind:<10}" + "".join(f"{row[k]['accuracy']:>9.1%} / {row[k]['loss']:.3f}" for k in columns))
 
 
+def bench_prior(sizes: dict) -> dict:
+    """Accuracy after recalibrating with prior N in {0, n/4, n, 4n} (and as trained), for calibration sets of
+    n images that are (a) a narrow in-domain slice (source images of 2 of the 10 classes) or (b) shifted
+    ("all"), evaluated on the matching domain (all classes); mean and std over seeds (training seed too)."""
+    import onnxbn
+    from onnxbn.demo_data import make_task, to_model_input
+
+    n_train, cal_sizes, n_val, epochs, seeds = sizes["prior"]
+    torch, _ = _torch()
+    torch.set_num_threads(1)
+    images, labels = make_task("source", n_train, seed=0)
+    val_images, val_labels = make_task("source", n_val, seed=1)
+    pool, pool_labels = make_task("source", 20 * max(cal_sizes), seed=2)
+    acc = {}
+    for seed in range(seeds):
+        torch.manual_seed(seed)
+        module = small_bn_cnn()
+        train(module, to_model_input(images), labels, epochs, seed=seed)
+        model = export(module, 32)
+        rng = np.random.default_rng(seed)
+        for domain in ("narrow", "shifted"):
+            val = to_model_input(val_images if domain == "narrow" else shift(val_images, "all"))
+            key = (domain, "as trained", 0)
+            acc.setdefault(key, []).append(onnxbn.evaluate(model, (val, val_labels), batch_size=256, device="cpu")["top1"])
+            for n in cal_sizes:
+                if domain == "narrow":
+                    idx = rng.permutation(np.flatnonzero(pool_labels < 2))[:n]
+                    cal = to_model_input(pool[idx])
+                else:
+                    cal = to_model_input(shift(pool[rng.permutation(len(pool))[:n]], "all"))
+                for label, prior in (("0", 0.0), ("n/4", n / 4), ("n", float(n)), ("4n", 4.0 * n)):
+                    adapted = onnxbn.recalibrate(model, cal, batch_size=64, device="cpu", prior=prior)
+                    r = onnxbn.evaluate(adapted, (val, val_labels), batch_size=256, device="cpu")
+                    acc.setdefault((domain, label, n), []).append(r["top1"])
+    rows = [{"domain": d, "prior": p, "n": n, "mean": float(np.mean(v)), "std": float(np.std(v)), "runs": len(v)}
+            for (d, p, n), v in acc.items()]
+    return {"train_images": n_train, "val_images": n_val, "epochs": epochs, "seeds": seeds, "rows": rows}
+
+
+def print_prior(results: dict) -> None:
+    print(f"\n[prior] BN CNN, {results['epochs']} epochs on {results['train_images']} source images, "
+          f"{results['seeds']} seeds; top-1 on {results['val_images']} images (mean +- std)")
+    for r in results["rows"]:
+        print(f"  {r['domain']:<8} n={r['n']:<4} prior {r['prior']:<10} {100 * r['mean']:6.2f} +- {100 * r['std']:.2f}")
+
+
 # ----------------------------------------------------------------------------- main
 
 def sizes_for(profile: str) -> dict:
     if profile == "tiny":
         return {"cost": [("VGG16-BN layout, channels /16", lambda: vgg_bn(16, 64, 10, 32), 4, 32, 2),
                          ("ResNet-18 layout, channels /16", lambda: resnet18_style(16, 10), 4, 32, 2)],
-                "memory": (8, 32, 16), "domain-shift": (200, 64, 100, 1)}
+                "memory": (8, 32, 16), "domain-shift": (200, 64, 100, 1),
+                "prior": (200, (8, 32), 100, 1, 2)}
     if profile == "quick":
         return {"cost": [("VGG16-BN layout, channels /4", lambda: vgg_bn(4, 512, 100, 128), 8, 128, 4),
                          ("ResNet-18 layout, channels /2", lambda: resnet18_style(2, 100), 16, 128, 8)],
-                "memory": (16, 64, 4), "domain-shift": (1000, 256, 500, 2)}
+                "memory": (16, 64, 4), "domain-shift": (1000, 256, 500, 2),
+                "prior": (1000, (16, 128), 500, 2, 3)}
     return {"cost": [("VGG16-BN (torchvision vgg16_bn layout)", vgg_bn, 4, 224, 2),
                      ("ResNet-18 layout", resnet18_style, 16, 224, 8)],
-            "memory": (32, 112, 1), "domain-shift": (5000, 500, 1000, 8)}
+            "memory": (32, 112, 1), "domain-shift": (5000, 500, 1000, 8),
+            "prior": (5000, (32, 500), 1000, 8, 3)}
 
 
 RUNNERS = {"cost": (bench_cost, print_cost), "memory": (bench_memory, print_memory),
-           "domain-shift": (bench_domain_shift, print_domain_shift)}
+           "domain-shift": (bench_domain_shift, print_domain_shift), "prior": (bench_prior, print_prior)}
 
 
 def run_one(name: str, profile: str, workdir: Path, out: Path) -> None:
