@@ -32,7 +32,6 @@ format onnxbn-ranges/1, model_sha256, samples, shard, data, ...).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -45,7 +44,8 @@ from onnx import TensorProto, helper
 
 from onnxbn.errors import UserError
 from onnxbn.graph import GraphIndex, opset_version, value_types
-from onnxbn.modelio import atomic_path, detach_weights, load_structure, model_sha256, refuse_overwrite
+from onnxbn.modelio import detach_weights, load_structure, model_sha256
+from onnxbn.npzfile import format_of, read_rows, write_rows
 from onnxbn.runtime import fit_batch_size, make_session, model_input, open_model_data, run_batches, session_provider
 
 FORMAT = "onnxbn-ranges/1"
@@ -105,49 +105,25 @@ class Ranges:
     meta: dict = field(default_factory=dict)
 
     def save(self, path: str | os.PathLike, inputs=(), force: bool = False) -> Path:
-        path = Path(path)
-        refuse_overwrite(path, inputs, force)
-        arrays = {"tensors": np.array(list(self.tensors), dtype=str),
-                  "meta": np.array(json.dumps(self.meta, sort_keys=True))}
-        for i, r in enumerate(self.tensors.values()):
-            arrays.update({f"count_{i}": np.array(r.count, np.int64), f"min_{i}": np.array(r.min),
-                           f"max_{i}": np.array(r.max), f"exp_{i}": np.array(r.exp if r.exp is not None else 0),
-                           f"hist_{i}": r.hist})
-        with atomic_path(path) as tmp:
-            with open(tmp, "wb") as fh:
-                np.savez(fh, **arrays)
-        return path
+        rows = {name: {"count": np.array(r.count, np.int64), "min": np.array(r.min), "max": np.array(r.max),
+                       "exp": np.array(r.exp if r.exp is not None else 0), "hist": r.hist}
+                for name, r in self.tensors.items()}
+        return write_rows(path, self.meta, rows, inputs, force)
 
 
 def is_ranges_file(path: str | os.PathLike) -> bool:
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            return json.loads(str(npz["meta"])).get("format") == FORMAT
-    except Exception:
-        return False
+    return format_of(path) == FORMAT
 
 
 def load_ranges(ranges: str | os.PathLike | Ranges) -> Ranges:
     """Read a ranges file written by `onnxbn stats --ranges` (or pass a Ranges through)."""
     if isinstance(ranges, Ranges):
         return ranges
-    path = Path(ranges)
-    if not path.is_file():
-        raise UserError(f"{path}: no such ranges file")
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            meta = json.loads(str(npz["meta"]))
-            if meta.get("format") != FORMAT:
-                raise UserError(f"{path}: not an onnxbn ranges file (format {meta.get('format')!r}); "
-                                "write it with `onnxbn stats --ranges`")
-            tensors = {}
-            for i, name in enumerate(npz["tensors"].tolist()):
-                tensors[name] = TensorRange(int(npz[f"count_{i}"]), float(npz[f"min_{i}"]), float(npz[f"max_{i}"]),
-                                            int(npz[f"exp_{i}"]), npz[f"hist_{i}"].astype(np.int64))
-    except UserError:
-        raise
-    except Exception as exc:
-        raise UserError(f"{path}: not a readable onnxbn ranges file ({type(exc).__name__})") from exc
+    tensors, meta = read_rows(
+        ranges, FORMAT, "ranges file", lambda npz, i: TensorRange(
+            int(npz[f"count_{i}"]), float(npz[f"min_{i}"]), float(npz[f"max_{i}"]), int(npz[f"exp_{i}"]),
+            npz[f"hist_{i}"].astype(np.int64)),
+        format_hint="; write it with `onnxbn stats --ranges`")
     return Ranges(tensors, meta)
 
 

@@ -27,7 +27,6 @@ selector, samples, preset, shard, onnxbn version).
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import logging
 import os
 import time
@@ -42,7 +41,8 @@ from onnx import TensorProto, helper
 from onnxbn.data import parse_shard
 from onnxbn.errors import UserError
 from onnxbn.graph import GraphIndex, pruned_copy, require_opset
-from onnxbn.modelio import atomic_path, detach_weights, load_structure, model_sha256, refuse_overwrite
+from onnxbn.modelio import detach_weights, load_structure, model_sha256
+from onnxbn.npzfile import read_rows, write_rows
 from onnxbn.points import Point, select_points
 from onnxbn.runtime import fit_batch_size, make_session, model_input, open_model_data, run_batches, session_provider
 
@@ -100,41 +100,19 @@ class Stats:
 
     def save(self, path: str | os.PathLike, inputs=(), force: bool = False) -> Path:
         """Write the stats file atomically (see the module docstring for its layout)."""
-        path = Path(path)
-        refuse_overwrite(path, inputs, force)
-        arrays: dict[str, np.ndarray] = {"tensors": np.array(self.tensors, dtype=str),
-                                         "meta": np.array(json.dumps(self.meta, sort_keys=True))}
-        for i, m in enumerate(self.moments.values()):
-            arrays[f"count_{i}"] = np.array(m.count, dtype=np.int64)
-            arrays[f"mean_{i}"] = m.mean
-            arrays[f"var_{i}"] = m.var
-            arrays[f"m2_{i}"] = m.m2
-        with atomic_path(path) as tmp:
-            with open(tmp, "wb") as fh:
-                np.savez(fh, **arrays)
-        return path
+        rows = {name: {"count": np.array(m.count, dtype=np.int64), "mean": m.mean, "var": m.var, "m2": m.m2}
+                for name, m in self.moments.items()}
+        return write_rows(path, self.meta, rows, inputs, force)
 
 
 def load_stats(stats: str | os.PathLike | Stats) -> Stats:
     """Read a stats file written by `onnxbn stats` (or pass a Stats through)."""
     if isinstance(stats, Stats):
         return stats
-    path = Path(stats)
-    if not path.is_file():
-        raise UserError(f"{path}: no such stats file")
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            meta = json.loads(str(npz["meta"]))
-            if meta.get("format") != FORMAT:
-                raise UserError(f"{path}: not an onnxbn stats file (format {meta.get('format')!r})")
-            moments = {}
-            for i, name in enumerate(npz["tensors"].tolist()):
-                moments[name] = ChannelMoments(int(npz[f"count_{i}"]), npz[f"mean_{i}"].astype(np.float64),
-                                               npz[f"m2_{i}"].astype(np.float64))
-    except UserError:
-        raise
-    except Exception as exc:
-        raise UserError(f"{path}: not a readable onnxbn stats file ({type(exc).__name__}); write it with `onnxbn stats`") from exc
+    moments, meta = read_rows(
+        stats, FORMAT, "stats file", lambda npz, i: ChannelMoments(
+            int(npz[f"count_{i}"]), npz[f"mean_{i}"].astype(np.float64), npz[f"m2_{i}"].astype(np.float64)),
+        readable_hint="; write it with `onnxbn stats`")
     return Stats(moments, meta)
 
 

@@ -1246,6 +1246,16 @@ class _DynamicNet(nn.Module):
         return self.fc(y.view(y.size(0), -1))
 
 
+def export_and_import(net_class, shape, tmp_path, exporter: str):
+    """(the seeded torch net, its ONNX export with dynamic batch, H and W, the export's to_torch import)."""
+    torch.manual_seed(0)
+    net = net_class().eval()
+    path = tmp_path / "m.onnx"
+    export_dynamic(net, torch.randn(*shape), path, exporter)
+    model = onnx.load(str(path))
+    return net, model, to_torch(model)
+
+
 def export_dynamic(net, x0, path, exporter: str) -> None:
     """Export `net` with dynamic batch, H and W: `exporter` is "dynamo" or "torchscript-OPSET"."""
     if exporter == "dynamo":
@@ -1260,13 +1270,7 @@ def export_dynamic(net, x0, path, exporter: str) -> None:
 
 @pytest.mark.parametrize("exporter", ["torchscript-9", "torchscript-11", "torchscript-13", "torchscript-17", "dynamo"])
 def test_exported_model_runs_at_any_input_size(exporter, tmp_path):
-    torch.manual_seed(0)
-    net = _DynamicNet().eval()
-    path = tmp_path / "m.onnx"
-    x0 = torch.randn(2, 3, 8, 8)
-    export_dynamic(net, x0, path, exporter)
-    model = onnx.load(str(path))
-    module = to_torch(model)
+    _, model, module = export_and_import(_DynamicNet, (2, 3, 8, 8), tmp_path, exporter)
     for shape in ((2, 3, 8, 8), (3, 3, 13, 10)):
         x = _rand(*shape, seed=shape[0])
         ref = _ort(model, {"x": x})[0]
@@ -1308,13 +1312,7 @@ class _ModernNet(nn.Module):
 
 @pytest.mark.parametrize("exporter", ["torchscript-17", "dynamo"])
 def test_modern_cnn_imports_trains_and_writes_back(exporter, tmp_path):
-    torch.manual_seed(0)
-    net = _ModernNet().eval()
-    path = tmp_path / "m.onnx"
-    x0 = torch.randn(2, 3, 16, 16)
-    export_dynamic(net, x0, path, exporter)
-    model = onnx.load(str(path))
-    module = to_torch(model)
+    net, model, module = export_and_import(_ModernNet, (2, 3, 16, 16), tmp_path, exporter)
     for shape in ((2, 3, 16, 16), (1, 3, 22, 18)):
         x = _rand(*shape, seed=shape[2])
         assert _rel(_torch(module, {"x": x}, ["x"])[0], _ort(model, {"x": x})[0]) <= RTOL
