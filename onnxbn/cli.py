@@ -222,14 +222,15 @@ def cmd_merge(args) -> int:
          arg("--eps", type=float, default=1e-5, help="BatchNormalization epsilon (default: 1e-5)"), OUTPUT)
 def cmd_insert(args) -> int:
     """Splice identity BatchNormalization nodes at the tensors in the stats file."""
-    from onnxbn.modelio import refuse_overwrite, save_model
-    from onnxbn.insert import dead_channels, insert_lazily
+    from onnxbn.insert import dead_channels, insert
+    from onnxbn.model import Model
+    from onnxbn.modelio import refuse_overwrite
     from onnxbn.stats import load_stats
 
     refuse_overwrite(args.output, [args.model, args.stats], args.force)
     stats = load_stats(args.stats)
-    model, folder = insert_lazily(args.model, stats, eps=args.eps)
-    save_model(model, args.output, inputs=[args.model, args.stats], force=args.force, folder=folder)
+    model = insert(Model.open(args.model), stats, eps=args.eps)
+    model.save(args.output, inputs=[args.model, args.stats], force=args.force)
     for name, dead in dead_channels(stats).items():
         log.info("  BN after %s: %d channels, %d dead (zero variance)", name, stats.mean(name).size, dead)
     log.info("inserted %d BatchNormalization nodes; wrote %s", len(stats.tensors), args.output)
@@ -405,8 +406,9 @@ def cmd_fold(args) -> int:
     (--precision: the arithmetic asked of the runtimes that take one, e.g. openvino);
     the model is written only when every check passes."""
     from onnxbn.check import compare
-    from onnxbn.fold import fold_lazily
-    from onnxbn.modelio import StagedOutput, refuse_overwrite
+    from onnxbn.fold import fold
+    from onnxbn.model import Model
+    from onnxbn.modelio import refuse_overwrite
     from onnxbn.runtimes import check_runtime, parse_runtime, supports_precision
 
     options = FOLD_DATA.options(args)
@@ -418,12 +420,12 @@ def cmd_fold(args) -> int:
                         f"{', '.join(verify) or 'onnxruntime alone'} run(s) the model in its own types")
     for spec in verify:  # an unknown or missing runtime fails before any work
         check_runtime(spec, args.device)
-    folded, weights, folder, decisions = fold_lazily(args.model)
+    folded, fold_report = fold(Model.open(args.model))
+    decisions = fold_report.decisions
     # The folded model is staged next to the output (its unchanged weights copied from the input file, never
     # held) and the new weights are dropped, so onnxruntime reads both models' weights from disk.
-    with StagedOutput(folded, args.output, [args.model, args.data], args.force, weights=weights,
-                      folder=folder) as staged:
-        del folded, weights
+    with folded.stage(args.output, [args.model, args.data], args.force) as staged:
+        del folded
         report = compare(args.model, staged.candidate, atol=args.atol, rtol=args.rtol, device=args.device, **options)
         checks = {}
         for spec, name in zip(verify, names):

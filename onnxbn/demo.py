@@ -846,7 +846,8 @@ def run_demo(out: str | Path = "demo-out", *, model: str | Path | None = None, s
     """
     import onnxbn
     from onnxbn.check import compare
-    from onnxbn.fold import fold_with_decisions
+    from onnxbn.fold import fold
+    from onnxbn.model import Model
     from onnxbn.insert import dead_channels
 
     started = time.perf_counter()
@@ -942,7 +943,8 @@ def run_demo(out: str | Path = "demo-out", *, model: str | Path | None = None, s
     save_model(model_ft, out / "model_ft.onnx")
 
     log.info("demo: folding %s", best_bn)
-    folded, decisions = fold_with_decisions(model_ft)
+    folded_model, fold_report = fold(Model.open(model_ft))
+    folded, decisions = folded_model.to_proto(), fold_report.decisions
     fold_check = compare(model_ft, folded, val, batch_size=256)
     save_model(folded, out / "deploy.onnx")
     fold_out = fold_check.to_dict()["outputs"][folded.graph.output[0].name]

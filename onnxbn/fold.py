@@ -16,15 +16,14 @@ and `explain_fold` says why.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import onnx
 
 from onnxbn.graph import FLOAT_TYPES, GraphIndex, require_opset, tensor_shape, value_types
-
-from onnxbn.modelio import load_own, load_structure, materialize, memory_stub, set_metadata
+from onnxbn.model import Model
+from onnxbn.modelio import memory_stub, set_metadata
 
 # Ops a BN output may pass through on its way to the layer it folds forward into.
 PASSTHROUGH = {"Dropout", "Identity", "Flatten", "Reshape"}
@@ -402,26 +401,37 @@ def _remove_bn(g: _Graph, bn: onnx.NodeProto) -> None:
     g.touched.update(bn.input[1:])
 
 
-def fold_with_decisions(model) -> tuple[onnx.ModelProto, list[dict]]:
-    """The folded copy of `model` (path or ModelProto) and one decision per BN node, in graph order."""
-    out, weights, folder, report = fold_lazily(model)
-    return materialize(out, weights, folder), report
+@dataclass
+class FoldReport:
+    """What `fold` decided, one entry per BN node in graph order: {"bn", "action": "folded"|"kept",
+    "into", "direction": "backward"|"forward"|None, "reason"}."""
+
+    decisions: list[dict]
+
+    @property
+    def folded(self) -> int:
+        return sum(d["action"] == "folded" for d in self.decisions)
+
+    @property
+    def kept(self) -> int:
+        return len(self.decisions) - self.folded
+
+    def summary(self) -> str:
+        return _summary(self.decisions)
 
 
-def fold_lazily(model) -> tuple[onnx.ModelProto, dict[str, np.ndarray], Path | None, list[dict]]:
-    """(folded model, new weights, folder, decisions): `fold_with_decisions` without gathering the weights.
+def fold(model: Model) -> tuple[Model, FoldReport]:
+    """(`model` with every exactly foldable BatchNormalization merged into a linear layer, what was decided);
+    `model` is left as it is.
 
-    A path is read as its structure (`modelio.load_structure`): the weights folding leaves alone stay
-    in the file (external data in `folder`, the file's folder) and those it computes are IN_MEMORY
-    stubs whose values are in `weights`, so `modelio.save_model(out, path, weights=, folder=)` writes
-    the folded model while Python holds only the changed tensors. A ModelProto is copied (folder None).
+    The weights folding leaves alone stay where they are (in the model's file, for a Model opened from
+    a path) and those it computes are arrays of the result (see `onnxbn.model`), so a VGG16 folds while
+    Python holds only the changed tensors.
     """
-    if isinstance(model, onnx.ModelProto):
-        out, folder = load_own(model), None
-    else:
-        out, folder = load_structure(model)
+    result = model.copy()
+    out = result.proto
     require_opset(out)
-    g = _Graph(out, value_types(out), {}, folder)
+    g = _Graph(out, value_types(out), result.arrays, result.folder)
     report = []
     for bn in [n for n in out.graph.node if n.op_type == "BatchNormalization" and n.domain in ("", "ai.onnx")]:
         g.refresh()
@@ -434,7 +444,8 @@ def fold_lazily(model) -> tuple[onnx.ModelProto, dict[str, np.ndarray], Path | N
     g.prune(g.touched)
     set_metadata(out, {"onnxbn.fold": _summary(report)})
     kept = {t.name for t in out.graph.initializer}
-    return out, {k: v for k, v in g.weights.items() if k in kept}, folder, report
+    result.arrays = {k: v for k, v in result.arrays.items() if k in kept}
+    return result, FoldReport(report)
 
 
 def _summary(report: list[dict]) -> str:
@@ -444,16 +455,16 @@ def _summary(report: list[dict]) -> str:
     return text + ("; kept " + ", ".join(kept) if kept else "")
 
 
-def fold_bn(model: onnx.ModelProto) -> onnx.ModelProto:
+def fold_bn(model) -> onnx.ModelProto:
     """A copy of `model` with every exactly foldable BatchNormalization merged into a linear layer.
 
     The input is not modified. Node names, graph output names, opset and metadata are kept;
     metadata_props gains `onnxbn.fold` ("folded K of N BN", plus the BN kept and why).
     """
-    return fold_with_decisions(model)[0]
+    return fold(Model.open(model))[0].to_proto()
 
 
-def explain_fold(model: onnx.ModelProto) -> list[dict]:
+def explain_fold(model) -> list[dict]:
     """One entry per BN node, in graph order: {"bn", "action": "folded"|"kept", "into",
     "direction": "backward"|"forward"|None, "reason"}, exactly as `fold_bn` decides."""
-    return fold_with_decisions(model)[1]
+    return fold(Model.open(model))[1].decisions

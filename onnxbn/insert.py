@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -34,7 +32,8 @@ from onnx import helper
 
 from onnxbn.errors import UserError
 from onnxbn.graph import GraphIndex, require_opset, tensor_shape, value_types
-from onnxbn.modelio import load_own, load_structure, materialize, model_sha256, set_metadata
+from onnxbn.model import Model
+from onnxbn.modelio import set_metadata
 from onnxbn.stats import Stats, load_stats
 
 BN_SUFFIX = "/onnxbn_bn"
@@ -75,17 +74,11 @@ def dead_channels(stats: Stats) -> dict[str, int]:
     return {name: int(np.count_nonzero(m.var == 0)) for name, m in stats.moments.items()}
 
 
-def _provenance(model) -> Callable[[], str]:
-    """The model's sha256, computed in a thread (hashlib releases the GIL) while the caller loads
-    and edits the model; a file is hashed from disk, in 1 MiB reads."""
-    if isinstance(model, (str, os.PathLike)):
-        def job() -> str:
-            proto, folder = load_structure(model)
-            return model_sha256(proto, folder=folder)
-    else:
-        job = lambda: model_sha256(model)  # noqa: E731
+def _provenance(model: Model) -> Callable[[], str]:
+    """The model's sha256 (`Model.sha256`), computed in a thread (hashlib releases the GIL) while the
+    caller edits a copy; weights in a file are hashed from disk, in 1 MiB reads."""
     pool = concurrent.futures.ThreadPoolExecutor(1)
-    future = pool.submit(job)
+    future = pool.submit(model.sha256)
     pool.shutdown(wait=False)
     return future.result
 
@@ -113,22 +106,17 @@ def insert_bn(model, stats, eps: float = 1e-5) -> onnx.ModelProto:
 
     `model`: path or ModelProto; `stats`: path or Stats. See the module docstring.
     """
-    out, folder = insert_lazily(model, stats, eps)
-    return materialize(out, folder=folder)
+    return insert(Model.open(model), stats, eps).to_proto()
 
 
-def insert_lazily(model, stats, eps: float = 1e-5) -> tuple[onnx.ModelProto, Path | None]:
-    """(model, folder): `insert_bn` without gathering the weights. A path is read as its structure
-    (`modelio.load_structure`): the weights stay in the file (external data in `folder`, the file's
-    folder) and `modelio.save_model(model, path, folder=folder)` copies them file to file; a
-    ModelProto is copied (folder None)."""
+def insert(model: Model, stats, eps: float = 1e-5) -> Model:
+    """`model` (unchanged) with an identity BatchNormalization after every tensor in `stats` (path or
+    Stats); weights that stay in a file stay there (see `onnxbn.model`)."""
     if not eps > 0:
         raise UserError(f"--eps must be positive (got {eps})")
     digest = _provenance(model)
-    if isinstance(model, onnx.ModelProto):
-        out, folder = load_own(model), None
-    else:
-        out, folder = load_structure(model)
+    result = model.copy()
+    out = result.proto
     stats = load_stats(stats)
     require_opset(out)
     types = value_types(out)
@@ -172,4 +160,4 @@ def insert_lazily(model, stats, eps: float = 1e-5) -> tuple[onnx.ModelProto, Pat
         "dead_channels": sum(dead.values()),
         "float32_bn": widened,
     })})
-    return out, folder
+    return result

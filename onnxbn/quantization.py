@@ -167,10 +167,12 @@ def _fold(model: onnx.ModelProto, report: QuantizeReport) -> tuple[onnx.ModelPro
     """(model with its BN folded, per folded layer's node name the BN parameters of `_bn_parameters`)."""
     if not any(n.op_type == "BatchNormalization" for n in model.graph.node):
         return model, {}
-    from onnxbn.fold import fold_with_decisions
+    from onnxbn.fold import fold
+    from onnxbn.model import Model
 
     params = _bn_parameters(model)
-    folded, decisions = fold_with_decisions(model)
+    folded_model, fold_report = fold(Model.open(model))
+    folded, decisions = folded_model.to_proto(), fold_report.decisions
     into = {}
     for d in decisions:
         if d["action"] == "folded":

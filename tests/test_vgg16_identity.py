@@ -11,6 +11,7 @@ from onnx import helper, numpy_helper
 
 import onnxbn
 import onnxbn.fold
+import onnxbn.model
 from onnxbn.cli import main
 from onnxbn.modelio import metadata
 from onnxbn.runtime import make_session
@@ -85,7 +86,8 @@ def test_identity_insert_is_exact(vgg_model, vgg_inputs, selector, count):
 
     # fold for deployment: everything folds for dense/linear; for relu the BN before a
     # padded Conv or a MaxPool stay, with the reason
-    folded, decisions = onnxbn.fold.fold_with_decisions(bn_model)
+    folded_model, fold_report = onnxbn.fold.fold(onnxbn.model.Model.open(bn_model))
+    folded, decisions = folded_model.to_proto(), fold_report.decisions
     kept = [d for d in decisions if d["action"] == "kept"]
     remaining = sum(n.op_type == "BatchNormalization" for n in folded.graph.node)
     if selector == "relu":

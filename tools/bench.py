@@ -512,8 +512,8 @@ def bench_stats_memory(ctx: Context) -> Result:
 def bench_insert_time(ctx: Context) -> Result:
     import onnx
 
-    from onnxbn.insert import insert_lazily
-    from onnxbn.modelio import save_model
+    from onnxbn.insert import insert
+    from onnxbn.model import Model
 
     src = ctx.model_path
     out = ctx.workdir / "insert-out"
@@ -523,8 +523,8 @@ def bench_insert_time(ctx: Context) -> Result:
     def run_insert(selector):
         def fn():
             t = now()
-            model, folder = insert_lazily(src, stats[selector])  # as `onnxbn insert` does
-            save_model(model, out / f"bn-{selector}.onnx", force=True, folder=folder)
+            model = insert(Model.open(src), stats[selector])  # as `onnxbn insert` does
+            model.save(out / f"bn-{selector}.onnx", force=True)
             return now() - t
         return fn
 
