@@ -337,27 +337,28 @@ def cmd_finetune(args) -> int:
     import gc
 
     from onnxbn import distributed
-    from onnxbn.modelio import StagedOutput, refuse_overwrite
-    from onnxbn.runtime import make_session
-    from onnxbn.training import finetune_lazily
+    from onnxbn.model import Model
+    from onnxbn.modelio import refuse_overwrite
+    from onnxbn.training import finetune_model
 
     log_path = args.output + ".log.json"
     inputs = [args.model, args.train, args.val]
     refuse_overwrite(args.output, inputs, args.force)
     refuse_overwrite(log_path, inputs, args.force)
-    model, weights, folder, result_log, probe = finetune_lazily(
-        args.model, args.train, args.val, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+    model, report = finetune_model(
+        Model.open(args.model), args.train, args.val, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
         freeze_through=args.freeze_through, cache=args.cache, device=args.device, seed=args.seed,
         optimizer=args.optimizer, bf16=args.bf16, workers=args.workers, limit=args.limit, dropout=args.dropout,
         sync_bn=args.sync_bn)
     if not distributed.is_main():
         return 0
     # The gate runs the staged file: onnxruntime reads its weights from disk once the module's are dropped.
-    with StagedOutput(model, args.output, inputs, args.force, weights=weights, folder=folder) as staged:
-        del model, weights
+    with model.stage(args.output, inputs, args.force) as staged:
+        del model
         gc.collect()  # frees the torch module (its fx graph holds reference cycles) before onnxruntime loads
-        result_log["write_back_check"] = probe.check(lambda: make_session(staged.candidate, "cpu"))
+        report.gate(staged.candidate)
         staged.commit()
+    result_log = report.log
     _write_json(log_path, result_log, inputs)
     before, after = result_log["val_before"], result_log["val_after"]
     if before and after:

@@ -83,16 +83,16 @@ class Model:
         return tensor_array(tensor, self.arrays, self.folder)
 
     def set_array(self, name: str, value: np.ndarray) -> None:
-        """Initializer `name` holds `value` from now on (added when the model has none of that name); the
-        file its old bytes were in is not touched."""
-        value = np.asarray(value)
-        stub = memory_stub(name, onnx.helper.np_dtype_to_tensor_dtype(value.dtype), value.shape)
-        for tensor in self.proto.graph.initializer:
-            if tensor.name == name:
-                tensor.CopyFrom(stub)
-                break
+        """Initializer `name` holds `value` from now on, in its own element type (added, of `value`'s type,
+        when the model has none of that name); the file its old bytes were in is not touched."""
+        tensor = next((t for t in self.proto.graph.initializer if t.name == name), None)
+        if tensor is None:
+            tensor = self.proto.graph.initializer.add()
+            data_type = onnx.helper.np_dtype_to_tensor_dtype(np.asarray(value).dtype)
         else:
-            self.proto.graph.initializer.append(stub)
+            data_type = tensor.data_type
+        value = np.asarray(value, dtype=onnx.helper.tensor_dtype_to_np_dtype(data_type))
+        tensor.CopyFrom(memory_stub(name, data_type, value.shape))
         self.arrays[name] = value
 
     # -- out

@@ -36,7 +36,8 @@ from onnx import numpy_helper
 from onnxbn import distributed
 from onnxbn.errors import UserError
 from onnxbn.graph import FLOAT_TYPES, GraphIndex, graph_inputs, pruned_copy, reads, require_opset, tensor_shape, value_types
-from onnxbn.modelio import empty_like, load_structure, materialize, metadata, model_sha256, set_metadata
+from onnxbn.model import Model
+from onnxbn.modelio import empty_like, load_structure, metadata, set_metadata
 from onnxbn.points import ACTIVATIONS
 from onnxbn.runtime import check_batch_shape, fixed_batch, model_input, open_model_data, progress, rel_error, run_batches
 
@@ -144,9 +145,9 @@ def split_model(model: onnx.ModelProto, node_name: str) -> tuple[onnx.ModelProto
     return prefix, suffix, cut
 
 
-def _prefix_fingerprint(prefix: onnx.ModelProto, folder) -> str:
-    """Hash of what the frozen part computes: its graph and every weight it reads (from the file)."""
-    return hashlib.sha256(f"{_CACHE_FORMAT}\0{model_sha256(prefix, folder=folder)}".encode()).hexdigest()
+def _prefix_fingerprint(prefix: Model) -> str:
+    """Hash of what the frozen part computes: its graph and every weight it reads (from where it lives)."""
+    return hashlib.sha256(f"{_CACHE_FORMAT}\0{prefix.sha256()}".encode()).hexdigest()
 
 
 @dataclass
@@ -315,28 +316,40 @@ def finetune(model, train, val=None, *, epochs: int = 1, lr: float = 1e-5, batch
     each rank caches and trains on its shard of the data (items rank::ranks) with
     batch_size / ranks samples per step, the same number of steps on every rank.
     """
-    from onnxbn.runtime import make_session
-
-    out, weights, folder, result_log, probe = finetune_lazily(
-        model, train, val, epochs=epochs, lr=lr, batch_size=batch_size, freeze_through=freeze_through, cache=cache,
-        device=device, seed=seed, optimizer=optimizer, bf16=bf16, workers=workers, limit=limit, dropout=dropout,
-        sync_bn=sync_bn)
-    written = materialize(out, weights, folder)
-    result_log["write_back_check"] = probe.check(lambda: make_session(written, "cpu"))
-    return FinetuneResult(written, result_log)
+    out, report = finetune_model(
+        Model.open(model), train, val, epochs=epochs, lr=lr, batch_size=batch_size, freeze_through=freeze_through,
+        cache=cache, device=device, seed=seed, optimizer=optimizer, bf16=bf16, workers=workers, limit=limit,
+        dropout=dropout, sync_bn=sync_bn)
+    written = out.to_proto()
+    report.gate(written)
+    return FinetuneResult(written, report.log)
 
 
-def finetune_lazily(model, train, val=None, *, epochs: int = 1, lr: float = 1e-5, batch_size: int = 64,
-                    freeze_through: str = "auto", cache: str | os.PathLike | None = None, device: str = "auto",
-                    seed: int = 0, optimizer: str = "adam", bf16: bool = False, workers: int = 0,
-                    limit: int | None = None, dropout: float | None = None, sync_bn: bool = False,
-                    ) -> tuple[onnx.ModelProto, dict[str, np.ndarray], Path | None, dict, WriteBackProbe]:
-    """(model, weights, folder, log, probe): `finetune` without gathering the weights, and without its last
-    step, the write-back gate (`probe.check`, whose result goes to log["write_back_check"]). A path is read
-    as its structure (`modelio.load_structure`): each weight goes from the file into its torch tensor once,
-    the written model's trained tensors are IN_MEMORY stubs whose values in `weights` share the module's
-    memory, and the others stay in the file (external data in `folder`, the file's folder).
-    `modelio.save_model(model, path, weights=weights, folder=folder)` writes it."""
+@dataclass
+class FinetuneReport:
+    """A fine-tuning run's log (per-epoch metrics, cache use, timings) and its write-back gate, still to run
+    on the model as written (`gate`)."""
+
+    log: dict
+    probe: WriteBackProbe
+
+    def gate(self, written: onnx.ModelProto | str) -> None:
+        """Run the write-back gate on `written` (the ModelProto, or the file it was staged to): a RuntimeError
+        past 1e-5; the result goes to log["write_back_check"]."""
+        from onnxbn.runtime import make_session
+
+        self.log["write_back_check"] = self.probe.check(lambda: make_session(written, "cpu"))
+
+
+def finetune_model(model: Model, train, val=None, *, epochs: int = 1, lr: float = 1e-5, batch_size: int = 64,
+                   freeze_through: str = "auto", cache: str | os.PathLike | None = None, device: str = "auto",
+                   seed: int = 0, optimizer: str = "adam", bf16: bool = False, workers: int = 0,
+                   limit: int | None = None, dropout: float | None = None, sync_bn: bool = False,
+                   ) -> tuple[Model, FinetuneReport]:
+    """`finetune` as a Model transform (`model` left as it is), without its last step, the write-back gate
+    (`report.gate(written)`, once the result is written where it will be read). Each weight goes from
+    where it lives (the model's file, for one opened from a path) into its torch tensor once; the result's
+    trained tensors are arrays that share the module's memory, and the others stay where they were."""
     import torch
 
     from onnxbn.runtime import make_session
@@ -347,10 +360,7 @@ def finetune_lazily(model, train, val=None, *, epochs: int = 1, lr: float = 1e-5
     if optimizer not in ("adam", "sgd"):
         raise UserError(f"unknown optimizer {optimizer!r}: use adam or sgd")
     started = time.perf_counter()
-    if isinstance(model, onnx.ModelProto):
-        proto, folder = model, None
-    else:
-        proto, folder = load_structure(model)
+    proto, folder = model.proto, model.folder
     require_opset(proto)
     input_type = model_input(proto)[1]
     if input_type != np.float32:
@@ -369,7 +379,7 @@ def finetune_lazily(model, train, val=None, *, epochs: int = 1, lr: float = 1e-5
     prefix_model, suffix_model, cut = split_model(proto, node)
     imported = time.perf_counter()
     try:
-        module = to_torch(suffix_model, folder).to(dev)  # only the trained part: the prefix runs in onnxruntime
+        module = to_torch(Model(suffix_model, model.arrays, folder)).to(dev)  # only the trained part: the prefix runs in onnxruntime
     except UserError as exc:
         raise UserError(f"{exc}; the layers after --freeze-through {node!r} are trained in torch: freeze through "
                         "that node (--freeze-through NODE) to run it in onnxruntime instead") from None
@@ -386,13 +396,13 @@ def finetune_lazily(model, train, val=None, *, epochs: int = 1, lr: float = 1e-5
                         "(Conv, Gemm, BN, ...); choose an earlier --freeze-through")
     suffix = module
     name = model_input(proto)[0]
-    prefix = (make_session(prefix_model, device, folder=folder, arena=False), name, cut)  # freed with each tensor
+    prefix = (make_session(prefix_model, device, weights=model.arrays, folder=folder, arena=False), name, cut)  # freed with each tensor
     _, _, input_shape = model_input(proto)
     classes = tensor_shape(proto.graph.output[0].type)
     classes = classes[1] if classes and len(classes) == 2 and isinstance(classes[1], int) else None
     kind = output_kind(proto)
 
-    digest = _prefix_fingerprint(prefix_model, folder)
+    digest = _prefix_fingerprint(Model(prefix_model, model.arrays, folder))
     temp = None
     if cache is None:
         temp = tempfile.TemporaryDirectory(prefix="onnxbn-features-")
@@ -422,7 +432,7 @@ def finetune_lazily(model, train, val=None, *, epochs: int = 1, lr: float = 1e-5
         if temp is not None:
             temp.cleanup()
     module.eval()
-    written, weights = _write_back_suffix(module, suffix_model, proto, folder)
+    written = _write_back_suffix(module, Model(suffix_model, model.arrays, folder), model)
     probe = _probe(prefix, module, dev, input_shape, proto) if rank == 0 else WriteBackProbe(reason="rank > 0")
     result_log.update({
         "freeze_through": node,
@@ -433,7 +443,7 @@ def finetune_lazily(model, train, val=None, *, epochs: int = 1, lr: float = 1e-5
         "device": str(dev), "lr": lr, "epochs": epochs, "batch_size": batch_size, "optimizer": optimizer,
         "seed": seed, "ranks": ranks, "dropout": dropout, "sync_bn": sync_bn, "seconds": round(time.perf_counter() - started, 3),
     })
-    return written, weights, folder, result_log, probe
+    return written, FinetuneReport(result_log, probe)
 
 
 def _batch_bounds(samples: int, batch_size: int) -> list[int]:
@@ -554,29 +564,26 @@ def _probe(prefix, module, device, input_shape, proto, samples: int = 4) -> Writ
     return WriteBackProbe(name, x, expected)
 
 
-def _write_back_suffix(module, suffix: onnx.ModelProto, model: onnx.ModelProto,
-                       folder) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
-    """`write_back_lazily` of the trained suffix `module` into the whole `model`: its initializers of the
-    same names become the suffix's written stubs (values in the returned weights), the Constant nodes
-    `split_model` turned into initializers get the trained values in place, and the write-back
-    metadata is the suffix's."""
-    from onnxbn.torch_import.writeback import write_back_lazily
+def _write_back_suffix(module, suffix: Model, model: Model) -> Model:
+    """`write_into` of the trained suffix `module` into the whole `model`: its initializers of the same
+    names take the suffix's written values, the Constant nodes `split_model` turned into initializers
+    get the trained values in place, and the write-back metadata is the suffix's."""
+    from onnxbn.torch_import.writeback import write_into
 
-    written_suffix, weights = write_back_lazily(module, suffix, folder)
-    stubs = {t.name: t for t in written_suffix.graph.initializer if t.name in weights}
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    for t in out.graph.initializer:
-        if t.name in stubs:
-            t.CopyFrom(stubs.pop(t.name))
-    for node in out.graph.node:  # the rest were Constant nodes: their values, names and types kept
-        if node.op_type == "Constant" and node.output[0] in stubs:
+    written_suffix = write_into(suffix, module)
+    trained = {name: written_suffix.arrays[name] for name in module.onnx_tensors.values()}
+    out = model.copy()
+    initializers = {t.name for t in out.proto.graph.initializer}
+    for name in [n for n in trained if n in initializers]:
+        out.set_array(name, trained.pop(name))
+    for node in out.proto.graph.node:  # the rest were Constant nodes: their values, names and types kept
+        if node.op_type == "Constant" and node.output[0] in trained:
             value = next(a.t for a in node.attribute if a.name == "value")
-            array = weights.pop(node.output[0])
+            array = trained.pop(node.output[0])
             value.CopyFrom(numpy_helper.from_array(array.astype(onnx.helper.tensor_dtype_to_np_dtype(value.data_type)),
                                                    value.name))
-    set_metadata(out, {"onnxbn.write_back": metadata(written_suffix)["onnxbn.write_back"]})
-    return out, weights
+    set_metadata(out.proto, {"onnxbn.write_back": metadata(written_suffix.proto)["onnxbn.write_back"]})
+    return out
 
 
 # ----------------------------------------------------------------------------- evaluation

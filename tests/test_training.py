@@ -12,7 +12,7 @@ from onnx import helper, numpy_helper
 import onnxbn
 from onnxbn.cli import main
 from onnxbn.runtime import make_session
-from onnxbn.torch_import.writeback import write_back_lazily
+from onnxbn.torch_import.writeback import write_into
 from onnxbn.training import default_freeze_node
 
 from conftest import small_cnn
@@ -144,11 +144,11 @@ def test_finetune_full_vgg16(vgg16, tmp_path):
                                rtol=1e-4, atol=1e-6)
 
 
-def drifting_write_back(module, model, folder=None):
-    """write_back_lazily, then one trained weight drifted by 1e-3 (what the gate must catch)."""
-    written, weights = write_back_lazily(module, model, folder)
-    weights["f3.w"] = weights["f3.w"] * 1.001
-    return written, weights
+def drifting_write_back(model, module):
+    """write_into, then one trained weight drifted by 1e-3 (what the gate must catch)."""
+    written = write_into(model, module)
+    written.set_array("f3.w", written.array("f3.w") * 1.001)
+    return written
 
 
 def test_write_back_gate_catches_a_wrong_written_model(monkeypatch):
@@ -157,7 +157,7 @@ def test_write_back_gate_catches_a_wrong_written_model(monkeypatch):
     import onnxbn.training
     import onnxbn.torch_import.writeback
 
-    monkeypatch.setattr(onnxbn.torch_import.writeback, "write_back_lazily", drifting_write_back)
+    monkeypatch.setattr(onnxbn.torch_import.writeback, "write_into", drifting_write_back)
     x, y = labelled()
     model = small_cnn()
     with pytest.raises(RuntimeError, match="write-back check failed"):
@@ -175,7 +175,7 @@ def test_finetune_command_gates_the_staged_file_and_leaves_nothing_when_it_fails
     argv = ["finetune", str(tmp_path / "m.onnx"), "--train", str(tmp_path / "d.npz"), "--epochs", "1", "--lr", "1e-3",
             "--batch-size", "16", "-o", str(tmp_path / "out.onnx")]
     with monkeypatch.context() as patch:
-        patch.setattr(onnxbn.torch_import.writeback, "write_back_lazily", drifting_write_back)
+        patch.setattr(onnxbn.torch_import.writeback, "write_into", drifting_write_back)
         assert main(argv) == 2 and "write-back check failed" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.npz", "m.onnx"]
     assert main(argv) == 0

@@ -33,7 +33,7 @@ from onnxbn.graph import (
     unique_name,
     value_types,
 )
-from onnxbn.modelio import load_structure
+from onnxbn.model import Model
 from onnxbn.torch_import.converters import _CONVERTERS
 from onnxbn.torch_import import functional, ops, resize
 from onnxbn.torch_import.ops import DTYPES, UNSIGNED_WIDE, _cast, _to_tensor
@@ -90,9 +90,10 @@ class _Unsupported(Exception):
 
 
 class _Importer:
-    def __init__(self, model: onnx.ModelProto, folder=None):
+    def __init__(self, source: Model):
+        model = source.proto
         self.model = model
-        self.folder = folder  # where the model's external data lies
+        self.source = source  # where the weights' bytes live
         self.opset = opset_version(model)
         self.graph = fx.Graph()
         self.root = nn.Module()
@@ -135,7 +136,7 @@ class _Importer:
 
     def init_tensor(self, name: str) -> torch.Tensor:
         """The initializer `name` as a torch tensor of its own."""
-        return _to_tensor(self.inits[name], self.folder)
+        return _to_tensor(self.inits[name], self.source)
 
     def inp(self, i: int):
         return self.value(self.node.input[i]) if i < len(self.node.input) else None
@@ -305,11 +306,9 @@ def _attach(gm: fx.GraphModule, info: dict[str, Any]) -> None:
 
 
 
-def to_torch(model: onnx.ModelProto | str | os.PathLike, folder: str | os.PathLike | None = None) -> fx.GraphModule:
-    """Import an ONNX model (proto or path) as a torch.fx GraphModule; see the module docstring.
+def to_torch(model: Model | onnx.ModelProto | str | os.PathLike) -> fx.GraphModule:
+    """Import an ONNX model (Model, proto or path) as a torch.fx GraphModule; see the module docstring.
 
-    A path is read as its structure (`modelio.load_structure`) and each weight goes from the file
-    straight into its torch tensor; `folder`: where a proto's external data lies, if it has any."""
-    if isinstance(model, onnx.ModelProto):
-        return _Importer(model, folder).run()
-    return _Importer(*load_structure(model)).run()
+    A path is read as its structure (`Model.open`) and each weight goes from the file straight
+    into its torch tensor."""
+    return _Importer(Model.open(model)).run()

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from onnxbn.model import Model
 from onnxbn.modelio import tensor_array
 
 
@@ -450,12 +451,12 @@ def _clip(x, lo=None, hi=None):
 _FLOAT8_DTYPES = frozenset(FLOAT8.values())
 
 
-def _to_tensor(proto: onnx.TensorProto, folder=None) -> torch.Tensor:
-    """A torch tensor of its own with `proto`'s values (external data read from `folder`), of the
-    dtype `DTYPES` gives; TypeError("<TYPE> tensor") for an element type outside DTYPES."""
+def _to_tensor(proto: onnx.TensorProto, model: Model | None = None) -> torch.Tensor:
+    """A torch tensor of its own with `proto`'s values (data held outside the proto read where `model`
+    keeps it), of the dtype `DTYPES` gives; TypeError("<TYPE> tensor") for an element type outside DTYPES."""
     if proto.data_type not in DTYPES:
         raise TypeError(f"{onnx.TensorProto.DataType.Name(proto.data_type)} tensor")
-    arr = tensor_array(proto, folder=folder)
+    arr = tensor_array(proto) if model is None else model.tensor_array(proto)
     if proto.data_type in UNSIGNED_WIDE:
         return torch.from_numpy(arr.astype(np.int64))
     if proto.data_type == onnx.TensorProto.BFLOAT16:

@@ -12,8 +12,8 @@ import torch.fx as fx
 from torch import nn
 
 from onnxbn.errors import UserError
-from onnxbn.modelio import (FileRange, data_source, file_chunks, load_structure, materialize, memory_stub,
-                            set_metadata, tensor_array)
+from onnxbn.model import Model
+from onnxbn.modelio import FileRange, file_chunks, set_metadata
 from onnxbn.torch_import.importer import _attach, _structure_key
 
 
@@ -33,30 +33,22 @@ def write_back(module: fx.GraphModule, model: onnx.ModelProto | str | os.PathLik
     initializer's original dtype; nothing else in the model changes except a
     `onnxbn.write_back` metadata entry (JSON: tensors written, tensors changed).
     """
-    if isinstance(model, onnx.ModelProto):
-        out, weights = write_back_lazily(module, model)
-        return materialize(out, weights)
-    out, folder = load_structure(model)
-    out, weights = write_back_lazily(module, out, folder)
-    return materialize(out, weights, folder)
+    return write_into(Model.open(model), module).to_proto()
 
 
-def write_back_lazily(module: fx.GraphModule, model: onnx.ModelProto,
-                      folder: str | os.PathLike | None = None) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
-    """(model, weights): `write_back` without copying the module's values. Each written initializer
-    becomes an IN_MEMORY stub whose values in `weights` share the module's memory where the dtype
-    allows (so they change when the module does). `folder`: where `model`'s external data lies;
-    `modelio.save_model(model, path, weights=, folder=)` writes the result."""
+def write_into(model: Model, module: fx.GraphModule) -> Model:
+    """`write_back` as a Model transform (`model` left as it is): each written initializer's values are an
+    array of the result that shares the module's memory where the dtype allows (so it changes when the
+    module does); the other weights stay where they were (in the model's file, for one opened from a path)."""
     mapping = getattr(module, "onnx_tensors", None)
     if mapping is None:
         raise UserError("this module was not made by onnxbn.to_torch (no onnx_tensors map); import the model with to_torch")
     key = getattr(module, "onnx_structure", None)
-    if key is not None and key != _structure_key(model):
+    if key is not None and key != _structure_key(model.proto):
         raise UserError("the module was imported from a different model (nodes differ); write back into the model it came from")
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    by_name = {t.name: t for t in out.graph.initializer}
-    weights, changed = {}, 0
+    result = model.copy()
+    by_name = {t.name: t for t in result.proto.graph.initializer}
+    written, changed = 0, 0
     for state_key, init_name in mapping.items():
         target = by_name.get(init_name)
         if target is None:
@@ -68,20 +60,20 @@ def write_back_lazily(module: fx.GraphModule, model: onnx.ModelProto,
         np_dtype = onnx.helper.tensor_dtype_to_np_dtype(target.data_type)
         arr = value.float().numpy() if value.dtype == torch.bfloat16 else value.numpy()
         arr = np.ascontiguousarray(arr.astype(np_dtype, copy=False))
-        if not _same(target, arr, folder):
+        if not _same(model, target, arr):
             changed += 1
-        weights[init_name] = arr
-        target.CopyFrom(memory_stub(init_name, target.data_type, arr.shape))
-    set_metadata(out, {"onnxbn.write_back": json.dumps({"tensors": len(weights), "changed": changed},
-                                                       separators=(",", ":"))})
-    return out, weights
+        written += 1
+        result.set_array(init_name, arr)
+    set_metadata(result.proto, {"onnxbn.write_back": json.dumps({"tensors": written, "changed": changed},
+                                                                separators=(",", ":"))})
+    return result
 
 
-def _same(tensor: onnx.TensorProto, values: np.ndarray, folder) -> bool:
-    """Whether `tensor` holds `values` (np.array_equal); data in a file is compared 16 MiB at a time."""
-    source = data_source(tensor, {}, folder)
+def _same(model: Model, tensor: onnx.TensorProto, values: np.ndarray) -> bool:
+    """Whether `tensor` of `model` holds `values` (np.array_equal); data in a file is compared 16 MiB at a time."""
+    source = model.source(tensor.name)
     if not isinstance(source, FileRange):
-        old = tensor_array(tensor)
+        old = model.tensor_array(tensor)
         return old.shape == values.shape and np.array_equal(old, values)
     if source.length != values.nbytes:
         return False
