@@ -32,6 +32,7 @@ _API = {
     "collect_ranges": "onnxbn.ranges",
     "merge_ranges": "onnxbn.ranges",
     "UserError": "onnxbn.errors",
+    "Model": "onnxbn.model",
 }
 
 __all__ = sorted(_API)
