@@ -419,8 +419,8 @@ def cmd_eval(args) -> int:
     else:
         skipped = f", {result['skipped']} unreadable skipped" if result["skipped"] else ""
         print(f"loss {result['loss']:.4f}  top-1 {result['top1']:.2%}  top-5 {result['top5']:.2%}  "
-              f"({result['samples']} samples{skipped}, the output read as {result['output']}, onnxruntime on "
-              f"{result['provider']})")
+              f"({result['samples']} samples{skipped}, the output read as {result['output']} ({result['output_read_by']}), "
+              f"onnxruntime on {result['provider']})")
     return 0
 
 

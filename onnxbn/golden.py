@@ -10,7 +10,7 @@ ONNX's test-data layout.
 inputs came from), `model` and `model_sha256` (modelio.model_sha256: graph and weights,
 metadata excluded), `runtime` (the reference side's runtime, version, device and precision).
 It is written uncompressed and streamed: each batch's outputs are appended to a temporary
-file per output next to the target, and the archive is assembled from those files 1 MiB at
+file per output next to the target, and the archive is assembled from those files 64 KiB at
 a time, so memory holds one batch whatever the data size. It is read memory-mapped, a
 batch's rows at a time.
 
@@ -135,7 +135,7 @@ class GoldenWriter:
                 with zf.open(f"output_{k}.npy", "w", force_zip64=True) as fh:
                     np.lib.format.write_array_header_2_0(fh, {"descr": np.lib.format.dtype_to_descr(dtype),
                                                               "fortran_order": False, "shape": (self.samples, *shape)})
-                    for chunk in file_chunks(FileRange(raw, 0, raw.stat().st_size)):
+                    for chunk in file_chunks(FileRange(raw, 0, raw.stat().st_size), size=1 << 16):
                         fh.write(chunk)
             for key, value in (("input_sha256", digests), ("meta", np.array(json.dumps(meta, sort_keys=True)))):
                 with zf.open(f"{key}.npy", "w", force_zip64=True) as fh:
@@ -169,7 +169,7 @@ class GoldenOutputs:
     def _read_npz(self) -> None:
         try:
             with np.load(self.path, allow_pickle=False) as npz:
-                self.meta = json.loads(str(npz["meta"]))
+                self.meta = json.loads(str(npz["meta"])) if "meta" in npz.files else {}
                 if self.meta.get("format") != FORMAT:
                     raise UserError(f"{self.path}: not onnxbn golden outputs (format {self.meta.get('format')!r}); "
                                     "write them with `onnxbn check REF --data X --save-outputs FILE.npz`")

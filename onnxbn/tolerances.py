@@ -20,8 +20,8 @@ Rule keys, each a number (a = reference, b = candidate, d = |a - b| over every e
 A rule with gates but none of atol/rtol/scaled is decided by its gates alone (a quantized model
 judged on p99 and top-1, say); with both, the element rule and every gate must pass.
 
-Quantiles are numpy's default (method "linear": virtual index v = n*q + (1 - q) - 1 over the n
-sorted d, interpolated between d[i] and d[i+1], i = floor(v)). Memory stays flat over the
+Quantiles are numpy's default (method "linear": virtual index v = (n - 1)*q over the n sorted
+d, interpolated between d[i] and d[i+1], i = floor(v), with numpy's own rounding). Memory stays flat over the
 data and the pass/fail decision is exact: per gate, three numbers are kept while streaming:
 c, how many d are <= bound; the largest of those (which is d[c-1]); the smallest d above it
 (d[c]). The quantile is <= bound when c >= i+2 (c >= i+1 when v is whole), > bound when
@@ -58,7 +58,10 @@ _BUCKET_SHIFT = 42  # float64 bits kept: sign, 11 exponent, 10 mantissa -> 1024 
 
 
 def _lerp(a: float, b: float, t: float) -> float:
-    """numpy's quantile interpolation (numpy.lib._function_base_impl._lerp), same rounding."""
+    """numpy's quantile interpolation (numpy.lib._function_base_impl._lerp), same rounding; a == b gives a
+    (numpy's gives NaN for two infinite errors)."""
+    if a == b:
+        return a
     diff = b - a
     return b - diff * (1 - t) if t >= 0.5 else a + diff * t
 
@@ -101,7 +104,7 @@ class QuantileGate:
         n, c = self.n, self.within
         if n == 0:
             return 0.0, True
-        v = n * self.q + (1 - self.q) - 1
+        v = (n - 1) * self.q
         if v >= n - 1 or v < 0:
             i, t = (n - 1 if v >= n - 1 else 0), 0.0
         else:
