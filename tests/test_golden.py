@@ -87,6 +87,11 @@ def test_golden_npz_round_trip_holds_the_outputs_digests_and_provenance(models, 
     assert report["reference_outputs"]["model_sha256"] == meta["model_sha256"]
     assert "reference: golden outputs" in out
 
+    # with both models, the check runs as usual (exit 1: they differ) and the reference's outputs are stored too
+    code, _, _ = run(capsys, "check", t / "a.onnx", t / "b.onnx", "--data", t / "x.npz", "--save-outputs", t / "g2.npz")
+    with np.load(t / "g2.npz") as g:
+        assert code == 1 and json.loads(str(g["meta"]))["inputs_sha256"] == meta["inputs_sha256"]
+        np.testing.assert_array_equal(g["output_0"], expected)
     # the Python API: the same file from save_outputs, and compare against it
     saved = onnxbn.save_outputs(str(t / "a.onnx"), t / "api.npz", data=x)
     assert saved["inputs_sha256"] == meta["inputs_sha256"]
@@ -227,9 +232,14 @@ def test_golden_usage_errors_are_one_line(models, capsys):
             (["--reference-outputs", t / "g.npz", t / "a.onnx", "--layerwise"], "--layerwise needs the reference"),
             (["--reference-outputs", t / "x.npz", t / "a.onnx"], "not onnxbn golden outputs"),
             (["--reference-outputs", t, t / "a.onnx"], "no test_data_set_<i> folders"),
-            ([t / "a.onnx", "--save-outputs", t / "x.npz", "--data", t / "x.npz"], "also an input")):
+            ([t / "a.onnx", "--save-outputs", t / "x.npz", "--data", t / "x.npz"], "also an input"),
+            ([t / "a.onnx", "--save-outputs", t / "new.npz", "--data", t / "x.npz", "--min-samples", "21"],
+             "only 20 sample(s)"),
+            ([t / "a.onnx", "--save-outputs", t / "new", "--data", t / "x.npz", "--min-samples", "21"],
+             "only 20 sample(s)")):
         code, _, err = run(capsys, "check", *argv)
         one_line_error(code, err, needle)
+    assert sorted(p.name for p in t.iterdir()) == ["a.onnx", "b.onnx", "g.npz", "x.npz"]  # nothing half-written
 
 
 # ----------------------------------------------------------------------------- tolerance files
