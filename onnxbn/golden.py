@@ -10,9 +10,9 @@ ONNX's test-data layout.
 inputs came from), `model` and `model_sha256` (modelio.model_sha256: graph and weights,
 metadata excluded), `runtime` (the reference side's runtime, version, device and precision).
 It is written uncompressed and streamed: each batch's outputs are appended to a temporary
-file per output next to the target, and the archive is assembled from those files 64 KiB at
-a time, so memory holds one batch whatever the data size. It is read memory-mapped, a
-batch's rows at a time.
+file per output (and one for the digests) next to the target, and the archive is assembled
+from those files 64 KiB at a time, so memory holds one batch whatever the data size. It is
+read memory-mapped, a batch's rows (and their digests) at a time.
 
 Folder: `test_data_set_<i>/input_0.pb` and `output_<k>.pb` (TensorProto files, one set per
 batch when onnxbn writes them), the layout of the ONNX model zoo and of onnx's backend test
@@ -86,7 +86,7 @@ class GoldenWriter:
                             "(remove it, or name another)")
         self.stage = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent))
         self.samples, self.sets = 0, 0
-        self.digests: list[np.ndarray] = []
+        self.inputs_hash = hashlib.sha256()  # digest_of, fed a batch at a time
         self.layout: dict[str, tuple[np.dtype, tuple]] = {}  # name -> (dtype, shape past the first axis)
 
     def add(self, x: np.ndarray, outputs: list[np.ndarray]) -> None:
@@ -100,11 +100,12 @@ class GoldenWriter:
                 raise UserError(f"{key!r} is {value.dtype} {value.shape[1:]} per sample in one batch and {want[0]} "
                                 f"{want[1]} in another; the .npz layout keeps one shape per output: save to a "
                                 "folder (ONNX test-data layout, one set per batch) instead")
-        self.digests.append(sample_digests(x))
+        digests = sample_digests(x)
+        self.inputs_hash.update(digests.tobytes())
         if self.npz:
-            for k, out in enumerate(outputs):
-                with open(self.stage / f"output_{k}.raw", "ab") as fh:
-                    fh.write(np.ascontiguousarray(out).reshape(-1).view(np.uint8))
+            for k, value in enumerate([digests, *outputs]):
+                with open(self.stage / f"{k}.raw", "ab") as fh:
+                    fh.write(np.ascontiguousarray(value).reshape(-1).view(np.uint8))
         else:
             folder = self.stage / f"test_data_set_{self.sets}"
             folder.mkdir()
@@ -119,27 +120,26 @@ class GoldenWriter:
     def commit(self, meta: dict) -> dict:
         if not self.samples:
             raise UserError("no sample was run: no golden outputs to write")
-        digests = np.concatenate(self.digests)
         dtype, shape = self.layout["input"]
         meta = {**meta, "format": FORMAT, "outputs": self.names, "samples": self.samples,
-                "inputs_sha256": digest_of(digests),
+                "inputs_sha256": self.inputs_hash.hexdigest(),
                 "input": {"name": self.input_name, "dtype": dtype.str, "shape": list(shape)}}
         if not self.npz:
             (self.stage / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
             os.rename(self.stage, self.path)  # fails rather than replace a folder made meanwhile
             return meta
         with atomic_path(self.path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-            for k, name in enumerate(self.names):
-                raw = self.stage / f"output_{k}.raw"
-                dtype, shape = self.layout[name]
-                with zf.open(f"output_{k}.npy", "w", force_zip64=True) as fh:
+            members = [("input_sha256", (np.dtype(np.uint8), (32,)))]
+            members += [(f"output_{k}", self.layout[name]) for k, name in enumerate(self.names)]
+            for k, (member, (dtype, shape)) in enumerate(members):
+                raw = self.stage / f"{k}.raw"
+                with zf.open(f"{member}.npy", "w", force_zip64=True) as fh:
                     np.lib.format.write_array_header_2_0(fh, {"descr": np.lib.format.dtype_to_descr(dtype),
                                                               "fortran_order": False, "shape": (self.samples, *shape)})
                     for chunk in file_chunks(FileRange(raw, 0, raw.stat().st_size), size=1 << 16):
                         fh.write(chunk)
-            for key, value in (("input_sha256", digests), ("meta", np.array(json.dumps(meta, sort_keys=True)))):
-                with zf.open(f"{key}.npy", "w", force_zip64=True) as fh:
-                    np.lib.format.write_array(fh, value, allow_pickle=False)
+            with zf.open("meta.npy", "w", force_zip64=True) as fh:
+                np.lib.format.write_array(fh, np.array(json.dumps(meta, sort_keys=True)), allow_pickle=False)
         return meta
 
     def __enter__(self) -> "GoldenWriter":
@@ -173,7 +173,8 @@ class GoldenOutputs:
                 if self.meta.get("format") != FORMAT:
                     raise UserError(f"{self.path}: not onnxbn golden outputs (format {self.meta.get('format')!r}); "
                                     "write them with `onnxbn check REF --data X --save-outputs FILE.npz`")
-                self.digests = npz["input_sha256"]
+                self.digests = _mmap_npz(self.path, "input_sha256")
+                self.digests = npz["input_sha256"] if self.digests is None else self.digests
                 self.names = list(self.meta["outputs"])
                 self._arrays = [_mmap_npz(self.path, f"output_{k}") for k in range(len(self.names))]
                 self._arrays = [npz[f"output_{k}"] if a is None else a for k, a in enumerate(self._arrays)]
