@@ -28,7 +28,7 @@ import os
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence, cast
 
 import numpy as np
 
@@ -65,16 +65,16 @@ def preprocess(img, preset: str, size: int) -> np.ndarray:
         short = round(size * 256 / 224)
         w, h = img.size
         scale = short / min(w, h)
-        img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
+        img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BILINEAR)
         w, h = img.size
         left, top = (w - size) // 2, (h - size) // 2
         img = img.crop((left, top, left + size, top + size))
         arr = (np.asarray(img, dtype=np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
     elif preset == "imagenet-squash":
-        img = img.resize((size, size), Image.BILINEAR) if img.size != (size, size) else img
+        img = img.resize((size, size), Image.Resampling.BILINEAR) if img.size != (size, size) else img
         arr = (np.asarray(img, dtype=np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
     elif preset == "caffe-squash":
-        img = img.resize((size, size), Image.BILINEAR)
+        img = img.resize((size, size), Image.Resampling.BILINEAR)
         arr = (np.asarray(img, dtype=np.float32) - CAFFE_MEAN_RGB)[:, :, ::-1]
     else:
         raise UserError(f"unknown preset {preset!r}: use one of {', '.join(PRESETS)}")
@@ -160,7 +160,12 @@ class Dataset:
     source: str = ""  # identity of the whole data source, before --limit and --shard (see source_id)
 
     def __len__(self) -> int:
-        return len(self.files) if self.files is not None else len(self.index)
+        return len(self.files) if self.files is not None else len(self._rows()[1])
+
+    def _rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """(array, index) of an array dataset: `open_data` sets both exactly when `files` is None."""
+        assert self.array is not None and self.index is not None, "an array Dataset holds its array and index"
+        return self.array, self.index
 
     @property
     def total(self) -> int:
@@ -184,10 +189,11 @@ class Dataset:
         if batch_size < 1:
             raise UserError(f"--batch-size must be at least 1 (got {batch_size})")
         self.consumed = start
-        if not self.is_images:
-            for begin in range(start, len(self.index), batch_size):
-                rows = self.index[begin:begin + batch_size]
-                x = np.asarray(self.array[rows], dtype=dtype)  # reads only these rows of a memmap
+        if self.files is None:
+            array, index = self._rows()
+            for begin in range(start, len(index), batch_size):
+                rows = index[begin:begin + batch_size]
+                x = np.asarray(array[rows], dtype=dtype)  # reads only these rows of a memmap
                 y = None if self.labels is None else self.labels[begin:begin + batch_size]
                 self.consumed = begin + len(rows)
                 yield x, y
@@ -208,15 +214,16 @@ class Dataset:
     def fingerprint(self) -> str:
         """Hash of the inputs (file names, sizes and times, or array bytes), labels and preprocessing."""
         h = hashlib.sha256()
-        if self.is_images:
+        if self.files is not None:
             for f in self.files:
                 st = os.stat(f)
                 h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
             h.update(f"{self.preset}/{self.size}".encode())
         else:
-            h.update(np.ascontiguousarray(self.index).tobytes())
-            for begin in range(0, len(self.index), 1024):
-                h.update(np.ascontiguousarray(self.array[self.index[begin:begin + 1024]]).tobytes())
+            array, index = self._rows()
+            h.update(np.ascontiguousarray(index).tobytes())
+            for begin in range(0, len(index), 1024):
+                h.update(np.ascontiguousarray(array[index[begin:begin + 1024]]).tobytes())
         if self.labels is not None:
             h.update(np.ascontiguousarray(self.labels).tobytes())
         return h.hexdigest()
@@ -255,7 +262,7 @@ class Stream:
     """
 
     description: str
-    source_object: object
+    source_object: Any  # duck-typed: a torch Dataset, a DataLoader or an iterable (`_indexable` tells which)
     order: np.ndarray | None = None  # item indices of an indexable source
     skipped: list[str] = field(default_factory=list)
     consumed: int = 0
@@ -299,7 +306,7 @@ class Stream:
             raise UserError(f"--batch-size must be at least 1 (got {batch_size})")
         self.consumed = start
         if self.order is not None:
-            for x, y in self._dataset_batches(batch_size, workers, start):
+            for x, y in self._dataset_batches(self.order[start:], batch_size, workers):
                 self.consumed += len(x)
                 yield x.astype(dtype, copy=False), y
             return
@@ -318,10 +325,9 @@ class Stream:
         else:
             yield from self.source_object
 
-    def _dataset_batches(self, batch_size: int, workers: int, start: int):
+    def _dataset_batches(self, rows: np.ndarray, batch_size: int, workers: int):
         import torch.utils.data as tud
 
-        rows = self.order[start:]
         loader = tud.DataLoader(tud.Subset(self.source_object, rows.tolist()), batch_size=batch_size,
                                 num_workers=max(workers, 0), collate_fn=_collate,
                                 prefetch_factor=2 if workers > 0 else None)
@@ -337,9 +343,17 @@ def _collate(items: list) -> tuple[np.ndarray, np.ndarray | None]:
     return x, np.asarray(labels).astype(np.int64).reshape(len(items))
 
 
+def _labels_of(ys: list[np.ndarray | None]) -> np.ndarray | None:
+    """The labels of held batches joined, or None when any batch has none."""
+    labels = [y for y in ys if y is not None]
+    return np.concatenate(labels) if len(labels) == len(ys) else None
+
+
 def _rebatch(items, batch_size: int):
     """Batches of exactly `batch_size` rows (the last one shorter) from batches of any size."""
-    xs, ys, held = [], [], 0
+    xs: list[np.ndarray] = []
+    ys: list[np.ndarray | None] = []
+    held = 0
     for item in items:
         x, y = _split(item)
         if x.ndim == 0:
@@ -348,12 +362,12 @@ def _rebatch(items, batch_size: int):
         ys.append(None if y is None else np.asarray(y).astype(np.int64).reshape(len(x)))
         held += len(x)
         while held >= batch_size:
-            x_all, y_all = np.concatenate(xs), (None if any(v is None for v in ys) else np.concatenate(ys))
+            x_all, y_all = np.concatenate(xs), _labels_of(ys)
             yield x_all[:batch_size], (None if y_all is None else y_all[:batch_size])
             xs, ys = [x_all[batch_size:]], [None if y_all is None else y_all[batch_size:]]
             held -= batch_size
     if held:
-        yield np.concatenate(xs), (None if any(v is None for v in ys) else np.concatenate(ys))
+        yield np.concatenate(xs), _labels_of(ys)
 
 
 def _indexable(data) -> bool:
@@ -425,8 +439,9 @@ def _decode_in_order(chunks, preset, size, workers):
         return
     import torch.utils.data as tud
 
-    yield from tud.DataLoader(items, batch_size=None, shuffle=False, num_workers=min(workers, len(chunks)),
-                              collate_fn=_as_is, prefetch_factor=2)
+    # a map-style dataset by duck typing: torch's Dataset is a nominal class, and importing torch is avoided above
+    yield from tud.DataLoader(cast("tud.Dataset", items), batch_size=None, shuffle=False,
+                              num_workers=min(workers, len(chunks)), collate_fn=_as_is, prefetch_factor=2)
 
 
 # ----------------------------------------------------------------------------- ONNX test-data folders
@@ -541,6 +556,7 @@ def source_id(files: list[str] | None, root: Path | None, array: np.ndarray | No
         for f in files:
             h.update(f"{os.path.relpath(f, root)}\0{os.path.getsize(f)}\n".encode())
     else:
+        assert array is not None, "a data source is image files or an array"
         h.update(f"{array.shape}{array.dtype}".encode())
         for row in np.unique(np.linspace(0, len(array) - 1, 64).astype(np.int64)):
             h.update(np.ascontiguousarray(array[row]).tobytes())
@@ -595,11 +611,16 @@ def open_data(data, *, preset: str | None = None, size: int = 224, limit: int | 
         if labels is not None:
             labels = np.asarray(labels)
             if labels.shape != (len(array),) or labels.dtype.kind not in "iu":
-                raise UserError(f"{description}: y must be N integers matching x (got {labels.dtype} {labels.shape} for {len(array)} inputs)")
+                raise UserError(f"{description}: y must be N integers matching x "
+                                f"(got {labels.dtype} {labels.shape} for {len(array)} inputs)")
             labels = labels.astype(np.int64)
         if len(array) == 0:
             raise UserError(f"{description}: x holds no samples")
-    n = len(files) if files is not None else len(array)
+    if files is not None:
+        n = len(files)
+    else:
+        assert array is not None, "every branch above sets files or array, or raises"
+        n = len(array)
     source = source_id(files, path if files is not None else None, array, labels)
     order = np.arange(n)
     if limit is not None:

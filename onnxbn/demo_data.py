@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 
@@ -71,10 +72,19 @@ _PIX = 2.0 / IMAGE_SIZE  # one pixel in normalised [-1, 1] image coordinates
 _c = (np.arange(IMAGE_SIZE, dtype=np.float32) + 0.5) * _PIX - 1.0
 _GY, _GX = np.meshgrid(_c, _c, indexing="ij")  # (H, W): y down, x right
 
+
+class _Difficulty(TypedDict):
+    scale: tuple[float, float]
+    max_rot: float
+    noise: tuple[float, float]
+    n_clutter: int
+    p_occluder: float
+
+
 # Target-task difficulty. Tuned so that a fresh dense head trained for ~3 epochs
 # (Adam, lr 1e-3, ~2000 images) on the bundled model's frozen conv features is
 # clearly short of 100% (see models/README.md for the measured numbers).
-_TARGET = dict(
+_TARGET = _Difficulty(
     scale=(0.55, 0.80),  # figure size: local unit radius, in half-image units
     max_rot=np.pi / 6,  # heads tilt up to +-30 degrees
     noise=(0.02, 0.06),  # pixel noise sigma range (in [0, 1] intensity)
@@ -153,19 +163,12 @@ def _animal(name: str, u, v, ear: np.ndarray):
     head = np.hypot(u, v - 0.15) - 0.62
     if name == "cat":
         # two upward-pointing triangles at the top of the head
-        ears = None
-        for sx in (-1.0, 1.0):
-            eu, ev = (u - sx * 0.38) / ear, (v + 0.52) / ear
-            t = _polygon(eu, ev, 3, 0.2, np.pi / 2) * ear
-            ears = t if ears is None else np.minimum(ears, t)
+        left, right = (_polygon((u - sx * 0.38) / ear, (v + 0.52) / ear, 3, 0.2, np.pi / 2) * ear
+                       for sx in (-1.0, 1.0))
     else:
         # two long ellipses hanging at the sides of the head
-        ears = None
-        for sx in (-1.0, 1.0):
-            eu, ev = (u - sx * 0.62) / ear, (v - 0.05) / ear
-            t = _ellipse(eu, ev, 0.17, 0.42) * ear
-            ears = t if ears is None else np.minimum(ears, t)
-    return np.minimum(head, ears)
+        left, right = (_ellipse((u - sx * 0.62) / ear, (v - 0.05) / ear, 0.17, 0.42) * ear for sx in (-1.0, 1.0))
+    return np.minimum(head, np.minimum(left, right))
 
 
 def _coverage(d, s):
@@ -419,6 +422,6 @@ def write_image_folder(root, task: str, n: int, seed: int) -> Path:
     for name in names:
         (root / name).mkdir(parents=True, exist_ok=True)
     width = max(5, len(str(max(n - 1, 0))))
-    for i, (img, lab) in enumerate(zip(images, labels)):
+    for i, (img, lab) in enumerate(zip(images, labels, strict=True)):
         Image.fromarray(img).save(root / names[int(lab)] / f"{i:0{width}d}.png")
     return root

@@ -46,7 +46,7 @@ def gather(obj) -> list:
 
 def all_sum(values: list[float]) -> list[float]:
     """Element-wise sum of `values` over the ranks."""
-    return [sum(v) for v in zip(*gather(list(values)))]
+    return [sum(v) for v in zip(*gather(list(values)), strict=True)]
 
 
 def sync_batchnorm_class():
@@ -68,6 +68,8 @@ def sync_batchnorm_class():
                 raise ValueError(f"expected at least 2D input (got {input.dim()}D)")
 
         def forward(self, x):
+            # converted BNs are imported ones (torch_import): a float momentum, running statistics tracked
+            assert self.momentum is not None, "GlobalBatchNorm needs a float momentum"
             if not self.training or world()[1] == 1:
                 return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
                                     self.training, self.momentum, self.eps)
@@ -79,6 +81,8 @@ def sync_batchnorm_class():
             mean = all_reduce(x.sum(dims)) / count
             var = all_reduce(((x - mean.view(shape)) ** 2).sum(dims)) / count
             with torch.no_grad():
+                assert self.running_mean is not None and self.running_var is not None \
+                    and self.num_batches_tracked is not None, "GlobalBatchNorm tracks running statistics"
                 self.num_batches_tracked += 1
                 self.running_mean.mul_(1 - self.momentum).add_(mean.detach(), alpha=self.momentum)
                 unbiased = var.detach() * count / (count - 1).clamp_min(1)

@@ -40,7 +40,8 @@ def load_state_dict(path: str | os.PathLike) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{path}: not a plain torch state_dict (only tensors are loaded, never code): {first[:160]}") from exc
+        raise UserError(f"{path}: not a plain torch state_dict (only tensors are loaded, never code): "
+                        f"{first[:160]}") from exc
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -59,7 +60,8 @@ def _load_weights(model, state: dict, source: str) -> None:
             parts.append(f"missing {len(missing)} key(s) e.g. {missing[0]!r}")
         if unexpected:
             parts.append(f"unexpected {len(unexpected)} key(s) e.g. {unexpected[0]!r}")
-        raise UserError(f"{source}: does not match this VGG ({'; '.join(parts)}); is it the right architecture (vgg11/13/16/19, no _bn)?")
+        raise UserError(f"{source}: does not match this VGG ({'; '.join(parts)}); "
+                        "is it the right architecture (vgg11/13/16/19, no _bn)?")
     for key, value in expected.items():
         if tuple(state[key].shape) != tuple(value.shape):
             raise UserError(f"{source}: {key} has shape {tuple(state[key].shape)}, this VGG expects {tuple(value.shape)}")
@@ -158,8 +160,10 @@ def export_module(model, sample_shape: tuple[int, ...], opset: int = 17, metadat
     model.train()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-        torch.onnx.export(model, (torch.zeros(1, *sample_shape),), buffer, dynamo=False,
-                          opset_version=opset, input_names=["input"], output_names=["logits"],
+        torch.onnx.export(model, (torch.zeros(1, *sample_shape),),
+                          # torch annotates `f` as a path; its TorchScript exporter also writes to a file object
+                          buffer,  # pyright: ignore[reportArgumentType]
+                          dynamo=False, opset_version=opset, input_names=["input"], output_names=["logits"],
                           training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False,
                           dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
     model.eval()
@@ -167,7 +171,7 @@ def export_module(model, sample_shape: tuple[int, ...], opset: int = 17, metadat
     x = np.random.default_rng(0).standard_normal((2, *sample_shape)).astype(np.float32)
     with torch.no_grad():
         expected = model(torch.from_numpy(x)).numpy()
-    got = make_session(proto, "cpu").run(None, {"input": x})[0]
+    got = np.asarray(make_session(proto, "cpu").run(None, {"input": x})[0])  # the dense logits
     error = rel_error(expected, got)
     if not error <= EXPORT_TOLERANCE:
         raise RuntimeError(f"export check failed: onnxruntime differs from torch by {error:.3g} relative "

@@ -92,12 +92,13 @@ def _check_provenance(stats: Stats, digest: Callable[[], str]) -> None:
 
 def _check_stats_match(model: onnx.ModelProto, stats: Stats, types: dict) -> None:
     index = GraphIndex(model)
-    for name, m in stats.moments.items():
+    for name in stats.tensors:
         if not index.known_tensor(name):
-            raise UserError(f"the stats name tensor {name!r}, which is not in this model; were they gathered on another model?")
-        shape = tensor_shape(types.get(name))
-        if shape and len(shape) > 1 and isinstance(shape[1], int) and shape[1] > 0 and shape[1] != m.mean.size:
-            raise UserError(f"tensor {name!r} has {shape[1]} channels but the stats have {m.mean.size}; "
+            raise UserError(f"the stats name tensor {name!r}, which is not in this model; "
+                            "were they gathered on another model?")
+        shape, channels = tensor_shape(types.get(name)), stats.mean(name).size
+        if shape and len(shape) > 1 and isinstance(shape[1], int) and shape[1] > 0 and shape[1] != channels:
+            raise UserError(f"tensor {name!r} has {shape[1]} channels but the stats have {channels}; "
                             "were they gathered on another model?")
 
 
@@ -126,7 +127,7 @@ def insert(model: Model, stats, eps: float = 1e-5) -> Model:
     new_nodes: dict[int, list[onnx.NodeProto]] = {}  # BN nodes to put after a producer (by id)
     leading: list[onnx.NodeProto] = []          # BN nodes on graph inputs
     widened = 0
-    for tensor, m in stats.moments.items():
+    for tensor in stats.tensors:
         elem = types[tensor].tensor_type.elem_type if tensor in types else onnx.TensorProto.FLOAT
         producer = index.producers.get(tensor)
         base = (producer.name or tensor) if producer is not None else tensor
@@ -137,7 +138,7 @@ def insert(model: Model, stats, eps: float = 1e-5) -> Model:
         else:
             x, y = index.unique_name(f"{tensor}/pre_bn"), tensor
             producer.output[:] = [x if o == tensor else o for o in producer.output]
-        nodes = _identity_bn_nodes(index, x, y, node_name, m.mean, m.var, eps, elem)
+        nodes = _identity_bn_nodes(index, x, y, node_name, stats.mean(tensor), stats.var(tensor), eps, elem)
         widened += len(nodes) > 1
         if producer is None:
             leading.extend(nodes)

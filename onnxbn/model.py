@@ -24,8 +24,17 @@ from typing import Iterable
 import numpy as np
 import onnx
 
-from onnxbn.modelio import (FileRange, StagedOutput, data_source, load_structure, materialize, memory_stub,
-                            model_sha256, save_model, tensor_array)
+from onnxbn.modelio import (
+    FileRange,
+    StagedOutput,
+    data_source,
+    load_structure,
+    materialize,
+    memory_stub,
+    model_sha256,
+    save_model,
+    tensor_array,
+)
 
 
 class Model:

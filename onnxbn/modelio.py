@@ -357,7 +357,7 @@ def _new_file_mode() -> int:
 def load_own(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
     """A ModelProto the caller may edit: the one loaded from a path, or a copy of the caller's proto."""
     proto = load_model(model)
-    if proto is model:
+    if isinstance(model, onnx.ModelProto):  # load_model handed the caller's proto back
         proto = onnx.ModelProto()
         proto.CopyFrom(model)
     return proto
@@ -445,13 +445,17 @@ class StagedOutput:
 
     @property
     def candidate(self) -> str | onnx.ModelProto:
-        return str(self.file) if self.file is not None else self.model
+        if self.file is not None:
+            return str(self.file)
+        assert self.model is not None, "the staged model was committed already"
+        return self.model
 
     def commit(self) -> Path:
         if self.file is not None:
             os.replace(self.file, self.path)
             self.file = None
         else:
+            assert self.model is not None, "the staged model was committed already"
             save_model(self.model, self.path, self.inputs, self.force)
         return self.path
 
@@ -572,11 +576,11 @@ def _write_model(model: onnx.ModelProto, dest: Path, data: Path | None, data_nam
     _copy_fields(model, light, skip="graph")
     _copy_fields(model.graph, light.graph, skip="initializer")
     g = light.graph
-    for t, source in zip(model.graph.initializer, sources):
+    for t, source in zip(model.graph.initializer, sources, strict=True):
         g.initializer.append(t if source is None else _header(t))
     if data is not None:
         with open(data, "wb") as out:
-            for t, source in zip(g.initializer, sources):
+            for t, source in zip(g.initializer, sources, strict=True):
                 if source is None:
                     continue
                 out.write(b"\0" * (-out.tell() % 4096))
@@ -645,6 +649,7 @@ def tensor_array(tensor: onnx.TensorProto, weights: dict[str, np.ndarray] | None
     if source is None:
         return numpy_helper.to_array(tensor)
     if isinstance(source, np.ndarray):
+        assert weights is not None  # data_source took the array from `weights`
         return weights[tensor.name]
     path, offset, length = source
     dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).newbyteorder("<")
@@ -653,7 +658,7 @@ def tensor_array(tensor: onnx.TensorProto, weights: dict[str, np.ndarray] | None
         array = np.empty(tuple(tensor.dims), dtype)  # owns its memory: a caller may keep it without a copy
         with open(path, "rb") as fh:
             fh.seek(offset)
-            if fh.readinto(array.reshape(-1).view(np.uint8)) != length:
+            if fh.readinto(array.reshape(-1).view(np.uint8).data) != length:
                 raise UserError(f"{path}: ends before the data of tensor {tensor.name!r}; the model file is damaged")
         return array
     copy = _header(tensor)
@@ -685,7 +690,7 @@ def model_sha256(model: onnx.ModelProto, weights: dict[str, np.ndarray] | None =
                 h.update(chunk)
             continue
         array = numpy_helper.to_array(t) if source is None else source
-        h.update(np.ascontiguousarray(array).view(np.uint8) if array.dtype != object else str(array.tolist()).encode())
+        h.update(np.ascontiguousarray(array).view(np.uint8).data if array.dtype != object else str(array.tolist()).encode())
     return h.hexdigest()
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable, TypeVar
 
 import numpy as np
+from numpy.lib.npyio import NpzFile
 
 from onnxbn.errors import UserError
 from onnxbn.modelio import atomic_path, refuse_overwrite
@@ -29,7 +30,7 @@ def write_rows(path: str | os.PathLike, meta: dict, rows: dict[str, dict[str, np
         arrays.update({f"{key}_{i}": value for key, value in row.items()})
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)
+            np.savez(fh, allow_pickle=True, **arrays)  # numpy's default, named so **arrays cannot fill it
     return path
 
 
@@ -42,7 +43,7 @@ def format_of(path: str | os.PathLike) -> str | None:
         return None
 
 
-def read_rows(path: str | os.PathLike, file_format: str, kind: str, row: Callable[[object, int], Row], *,
+def read_rows(path: str | os.PathLike, file_format: str, kind: str, row: Callable[[NpzFile, int], Row], *,
               format_hint: str = "", readable_hint: str = "") -> tuple[dict[str, Row], dict]:
     """({tensor: row(npz, i)}, meta) of a file of `file_format`; a UserError naming `kind` ("stats file")
     for a missing, foreign or unreadable file, the hints appended to those messages."""

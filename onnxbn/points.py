@@ -132,13 +132,14 @@ def select_points(model, after: str | Iterable[str] = "dense") -> list[Point]:
             raise UserError("no tensor names given; pass a selector (dense, conv, relu, linear) or tensor names")
         missing = [n for n in names if not index.known_tensor(n)]
         if missing:
-            raise UserError(f"tensor {missing[0]!r} is not in the model (see `onnxbn points MODEL --after linear` for names)")
+            raise UserError(f"tensor {missing[0]!r} is not in the model "
+                            "(see `onnxbn points MODEL --after linear` for names)")
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise UserError(f"tensor {sorted(dup)[0]!r} is named twice")
         for name in names:
             shape = tensor_shape(types.get(name))
-            if _matmul_features_last(index, name, shape):
+            if shape is not None and _matmul_features_last(index, name, shape):
                 raise UserError(f"tensor {name!r} is a rank-{len(shape)} MatMul output: its features are on the last "
                                 "axis, and BN normalises axis 1; pick a tensor of shape (N, C, ...)")
     points = []

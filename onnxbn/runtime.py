@@ -162,7 +162,8 @@ def make_session(model: onnx.ModelProto | bytes | str, device: str = "auto", thr
         if status in MODEL_ERRORS:
             raise UserError(f"onnxruntime cannot run this model: {str(exc).splitlines()[0]}") from exc
         raise
-    session._onnxbn_weights = arrays  # onnxruntime reads the arrays in place: keep them alive
+    # onnxruntime reads the arrays in place: keep them alive as long as the session (an attribute it does not declare)
+    vars(session)["_onnxbn_weights"] = arrays
     if device == "cuda" and session_provider(session) != "cuda":
         raise UserError("--device cuda: the CUDA provider did not load (CUDA 12/13 + cuDNN 9 needed); use --device cpu")
     return session
@@ -221,7 +222,8 @@ def image_size_for(model: onnx.ModelProto) -> int:
 
 def check_batch_shape(x: np.ndarray, shape: list, source: str) -> None:
     expected = shape[1:]
-    if len(x.shape) != len(shape) or any(isinstance(e, int) and e > 0 and e != g for e, g in zip(expected, x.shape[1:])):
+    if len(x.shape) != len(shape) or any(isinstance(e, int) and e > 0 and e != g
+                                         for e, g in zip(expected, x.shape[1:], strict=True)):
         raise UserError(f"{source}: inputs have shape {tuple(x.shape[1:])} per sample, the model expects "
                         f"{tuple(e if isinstance(e, int) and e > 0 else '?' for e in expected)}")
 

@@ -11,8 +11,8 @@ one run of W values along the last axis:
 
 with count n = N * prod(spatial). Float32 sums stay short (W values) and all long
 sums are float64, so the result matches a float64 pass to ~1e-7 relative.
-(N, C) tensors, and tensors of unknown rank, go to float64 before any sum. The model's own outputs are pruned away, so a stats pass
-costs about one forward pass. On the host, batches (and shards, and resumed
+(N, C) tensors, and tensors of unknown rank, go to float64 before any sum. The model's own outputs
+are pruned away, so a stats pass costs about one forward pass. On the host, batches (and shards, and resumed
 runs) merge with Chan's parallel formula in float64:
 
     n = na + nb,  d = mean_b - mean_a,  mean = mean_a + d * nb / n,
@@ -60,14 +60,18 @@ class ChannelMoments:
     mean: np.ndarray | None = None
     m2: np.ndarray | None = None
 
-    def merge(self, count: int, mean: np.ndarray, m2: np.ndarray) -> None:
-        mean = np.asarray(mean, dtype=np.float64)
-        m2 = np.asarray(m2, dtype=np.float64)
+    def merge(self, count: int, mean: np.ndarray | None, m2: np.ndarray | None) -> None:
+        """Merge `count` samples of per-channel `mean` and `m2` (both None only with count 0: an empty
+        ChannelMoments merged in)."""
         if count == 0:
             return
+        assert mean is not None and m2 is not None, "samples have a mean and an m2"
+        mean = np.asarray(mean, dtype=np.float64)
+        m2 = np.asarray(m2, dtype=np.float64)
         if self.count == 0:
             self.count, self.mean, self.m2 = int(count), mean.copy(), m2.copy()
             return
+        assert self.mean is not None and self.m2 is not None, "a ChannelMoments with samples has a mean and an m2"
         if mean.shape != self.mean.shape:
             raise UserError(f"channel count changed from {self.mean.size} to {mean.size} between batches")
         total = self.count + count
@@ -78,6 +82,7 @@ class ChannelMoments:
 
     @property
     def var(self) -> np.ndarray:
+        assert self.m2 is not None, "the variance of no samples"
         return self.m2 / self.count
 
 
@@ -93,7 +98,9 @@ class Stats:
         return list(self.moments)
 
     def mean(self, name: str) -> np.ndarray:
-        return self.moments[name].mean
+        mean = self.moments[name].mean
+        assert mean is not None, f"no samples of {name!r}"
+        return mean
 
     def var(self, name: str) -> np.ndarray:
         return self.moments[name].var
@@ -130,7 +137,7 @@ def merge_stats(parts: list[str | os.PathLike | Stats]) -> Stats:
     if not loaded:
         raise UserError("no stats files to merge")
     first = loaded[0]
-    for other, source in zip(loaded[1:], parts[1:]):
+    for other, source in zip(loaded[1:], parts[1:], strict=True):
         for key in MERGE_KEYS:
             if other.meta.get(key) != first.meta.get(key):
                 raise UserError(f"{source}: its {key} ({other.meta.get(key)!r}) differs from {parts[0]}'s "
@@ -138,7 +145,7 @@ def merge_stats(parts: list[str | os.PathLike | Stats]) -> Stats:
         if other.tensors != first.tensors:
             raise UserError(f"{source}: holds other tensors than {parts[0]}; merge only shards of one selector")
     seen: dict[str, object] = {}
-    for part, source in zip(loaded, parts):
+    for part, source in zip(loaded, parts, strict=True):
         shard = str(part.meta.get("shard"))
         if shard in seen:
             raise UserError(f"{source} and {seen[shard]} are both shard {shard}; give each shard once")
@@ -219,8 +226,8 @@ def augment_for_stats(model: onnx.ModelProto, points: list[Point]) -> onnx.Model
                 x = node("Cast", [x], f"{p}/float", to=TensorProto.FLOAT)
         else:
             # (N, C) or unknown rank: every value is its own row, all in float64
-            x = node("Reshape", [node("Cast", [x], f"{p}/double", to=TensorProto.DOUBLE), shape("shape_rows", [0, 0, -1, 1])],
-                     f"{p}/rows")
+            x = node("Reshape", [node("Cast", [x], f"{p}/double", to=TensorProto.DOUBLE),
+                                 shape("shape_rows", [0, 0, -1, 1])], f"{p}/rows")
             rank = 4
         last = rank - 1  # a positive axis: opsets before 11 take no negative axes
         row_mean = reduce("ReduceMean", x, [last], 1, f"{p}/row_mean")

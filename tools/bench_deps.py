@@ -258,7 +258,7 @@ def child_main(mode: str, model: str, stats_path: str, out: str) -> None:
         ir_insert_bn(model, stats, out, stage=mark, external=mode == "ir-ext")
     elif mode == "gs":
         import onnx
-        import onnx_graphsurgeon as gs
+        import onnx_graphsurgeon as gs  # pyright: ignore[reportMissingImports]  # optional, not in the dev venv
 
         mark("imports")
         proto = onnx.load(model)
@@ -452,7 +452,8 @@ def section_memory(rep: Report, label: str, src: Path, stats_path: Path, work: P
     modes = ["floor", "own-nohash"] + (["ir", "ir-ext"] if have_ir else []) + (["gs"] if have_gs else [])
     names = {"floor": "floor: onnx.load + onnx.save", "own-nohash": "own: insert_bn(path) + save_model",
              "ir": "onnx-ir: ir.load + splice + ir.save",
-             "ir-ext": "onnx-ir: same, ir.save(external_data=) [other layout]", "gs": "gs: onnx.load + import/export_onnx + onnx.save"}
+             "ir-ext": "onnx-ir: same, ir.save(external_data=) [other layout]",
+             "gs": "gs: onnx.load + import/export_onnx + onnx.save"}
     details: dict[str, list] = {m: [] for m in modes}
 
     def measure(mode):
@@ -478,7 +479,7 @@ def section_gs(rep: Report, label: str, src: Path, reps: int, have_ir: bool, hav
     proto = onnx.load(str(src))
     contenders = {}
     if have_gs:
-        import onnx_graphsurgeon as gs
+        import onnx_graphsurgeon as gs  # pyright: ignore[reportMissingImports]  # optional, not in the dev venv
 
         contenders["gs: export_onnx(import_onnx(proto))"] = lambda: gs.export_onnx(gs.import_onnx(proto))
     if have_ir:
@@ -507,13 +508,13 @@ def section_gs(rep: Report, label: str, src: Path, reps: int, have_ir: bool, hav
     facts = {"original": header_facts(proto)}
     from onnxbn.runtime import rel_error
 
-    y0 = ort_session(str(src)).run(None, {"input": x})[0]
+    y0 = np.asarray(ort_session(str(src)).run(None, {"input": x})[0])  # dense outputs
     if have_gs:
         exported = gs.export_onnx(gs.import_onnx(proto))
         facts["gs"] = header_facts(exported)
         p = work / f"{label}-gs-roundtrip.onnx"
         onnx.save(exported, str(p))
-        facts["gs"]["rel_err_vs_original"] = rel_error(y0, ort_session(str(p)).run(None, {"input": x})[0])
+        facts["gs"]["rel_err_vs_original"] = rel_error(y0, np.asarray(ort_session(str(p)).run(None, {"input": x})[0]))
         del exported
     if have_ir:
         back = ir.to_proto(ir.from_proto(proto))
@@ -581,7 +582,7 @@ def print_table(rep: Report) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0])
     ap.add_argument("--json", type=Path, help="write every raw number here")
     ap.add_argument("--workdir", type=Path, help="keep models here (VGG16 is reused when present)")
     ap.add_argument("--reps", type=int, default=3, help="alternations for VGG16 (demo: 2x + 1)")
@@ -675,8 +676,8 @@ def main(argv=None) -> int:
         info["total_s"] = now() - t_start
         print(f"\ntotal {info['total_s']:.0f}s; load average {info['machine']['loadavg_start']} -> {info['loadavg_end']}")
         if args.json:
-            args.json.write_text(json.dumps({"info": info, "summary": summary, "rows": rep.rows, "checks": rep.checks}, indent=1,
-                                            default=str))
+            args.json.write_text(json.dumps({"info": info, "summary": summary, "rows": rep.rows, "checks": rep.checks},
+                                            indent=1, default=str))
             print(f"wrote {args.json}")
     finally:
         if cleanup is not None:

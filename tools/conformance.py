@@ -47,7 +47,6 @@ from onnxbn.errors import UserError  # noqa: E402
 from onnxbn.graph import MIN_OPSET, opset_version  # noqa: E402
 from onnxbn.torch_import import SUPPORTED_OPS, to_torch  # noqa: E402
 
-
 OLD_OPSET = 16  # onnx2torch's converters are registered for opsets up to about here
 
 # cases whose expected outputs come from numpy's random generator: no importer can reproduce them
@@ -102,7 +101,7 @@ def _compare(got, expected, case) -> str | None:
     got = list(got) if isinstance(got, (tuple, list)) else [got]
     if len(got) != len(expected):
         return f"{len(got)} outputs, expected {len(expected)}"
-    for i, (g, e) in enumerate(zip(got, expected)):
+    for i, (g, e) in enumerate(zip(got, expected, strict=True)):
         e = _array(e)
         if not isinstance(g, torch.Tensor):
             return f"output {i} is a {type(g).__name__}"
@@ -134,7 +133,7 @@ def model_of(case) -> onnx.ModelProto:
         return case.model
 
 
-def run_case(case, convert=to_torch, refusal=UserError) -> str:
+def run_case(case, convert=to_torch, refusal: type[Exception] = UserError) -> str:
     """'pass', 'refused: why', 'fail: why' or 'random: why' (see RANDOM) for one case."""
     if case.name in RANDOM:
         return "random: " + RANDOM[case.name]
@@ -158,7 +157,7 @@ def run_case(case, convert=to_torch, refusal=UserError) -> str:
     return "pass"
 
 
-def run_all(cases, convert=to_torch, refusal=UserError) -> dict[str, str]:
+def run_all(cases, convert=to_torch, refusal: type[Exception] = UserError) -> dict[str, str]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return {c.name: run_case(c, convert, refusal) for c in cases}
@@ -167,14 +166,14 @@ def run_all(cases, convert=to_torch, refusal=UserError) -> dict[str, str]:
 def _onnx2torch():
     """onnx2torch's convert, or None (with the reason) when it cannot be imported here."""
     try:
-        import torchvision  # noqa: F401
+        import torchvision  # noqa: F401  # pyright: ignore[reportMissingImports]  # optional, often absent
     except Exception:  # noqa: BLE001 - missing or broken beside this torch
-        stub = types.ModuleType("torchvision")
-        stub.ops = types.ModuleType("torchvision.ops")
-        stub.ops.roi_align = stub.ops.nms = None
-        sys.modules["torchvision"], sys.modules["torchvision.ops"] = stub, stub.ops
+        stub, ops = types.ModuleType("torchvision"), types.ModuleType("torchvision.ops")
+        vars(ops).update(roi_align=None, nms=None)  # the names onnx2torch imports; ModuleType declares none
+        vars(stub).update(ops=ops)
+        sys.modules["torchvision"], sys.modules["torchvision.ops"] = stub, ops
     try:
-        from onnx2torch import convert
+        from onnx2torch import convert  # pyright: ignore[reportMissingImports]  # optional, not in the dev venv
     except Exception as exc:  # noqa: BLE001
         return None, f"onnx2torch cannot be imported here ({type(exc).__name__}: {exc})"
     from importlib.metadata import version
@@ -219,7 +218,7 @@ def _reasons(results: dict[str, str]) -> list[str]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--no-onnx2torch", action="store_true", help="skip the onnx2torch column")
     p.add_argument("--failures", action="store_true", help="list every failed and refused case with its reason")
     p.add_argument("-o", "--output", help="also write the report to this markdown file")

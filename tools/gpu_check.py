@@ -6,6 +6,7 @@ Exits 0 when both agree within tolerance, 1 when they do not, 77 when there is n
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 import time
@@ -21,7 +22,8 @@ def main() -> int:
 
     import onnxbn
     from onnxbn.runtime import cuda_available
-    from conftest import small_cnn
+
+    small_cnn = importlib.import_module("conftest").small_cnn  # tests/conftest.py, on sys.path above
 
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to check")

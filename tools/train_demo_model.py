@@ -61,7 +61,8 @@ class DemoVGG(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:  # as torchvision's init: a Conv2d built with bias=False has none
+                    nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, 0.0, 0.01)
                 nn.init.zeros_(m.bias)
@@ -204,7 +205,7 @@ def target_check(model: DemoVGG, args) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("-o", "--output", type=Path, default=ROOT / "models" / "demo_vgg.onnx")
     ap.add_argument("--n-train", type=int, default=10000)
     ap.add_argument("--n-val", type=int, default=2000)

@@ -52,7 +52,8 @@ def init_like_torchvision(model: nn.Module, generator: torch.Generator) -> None:
             std = (2.0 / (m.out_channels * m.kernel_size[0] * m.kernel_size[1])) ** 0.5
             with torch.no_grad():
                 m.weight.copy_(torch.randn(m.weight.shape, generator=generator) * std)
-                m.bias.zero_()
+                if m.bias is not None:  # as torchvision's init: a Conv2d built with bias=False has none
+                    m.bias.zero_()
         elif isinstance(m, nn.Linear):
             with torch.no_grad():
                 m.weight.copy_(torch.randn(m.weight.shape, generator=generator) * 0.01)
