@@ -149,7 +149,7 @@ def submessage(number: int, payload: bytes) -> bytes:
 
 def unknown_fields(message) -> bytes:
     """The fields of `message` that its type does not know, encoded as they were read."""
-    # the protobuf stubs pyright bundles lack this module (protobuf >= 4.23 has it)
+    # the protobuf stubs pyright bundles lack this module, which the protobuf runtime ships
     from google.protobuf import unknown_fields as unknown  # pyright: ignore[reportAttributeAccessIssue]
 
     return _encode_unknown(unknown.UnknownFieldSet(message))
