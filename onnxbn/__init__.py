@@ -21,6 +21,8 @@ _API = {
     "select_points": "onnxbn.points",
     "insert_bn": "onnxbn.insert",
     "compare": "onnxbn.check",
+    "save_outputs": "onnxbn.check",
+    "load_outputs": "onnxbn.golden",
     "fold_bn": "onnxbn.fold",
     "explain_fold": "onnxbn.fold",
     "to_torch": "onnxbn.torch_import",

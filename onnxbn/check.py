@@ -8,6 +8,7 @@ Per output, over all samples, with a = reference and b = candidate (in float64):
                       that summed to them, so every value is floored at max |a|)
     mean_abs_error    mean |a - b|
     cosine_similarity <a, b> / (|a| |b|) over the whole output
+    psnr_db           10 log10(max|a|^2 / mean (a - b)^2), in dB (inf when a == b)
     top1/top5         for (N, classes) outputs: share of samples whose top-1 class
                       (top-5 set) is the same
 An element passes when |a - b| <= atol + rtol * |a| (NaN/Inf must match); an element of
@@ -17,6 +18,11 @@ passes when every element of every output does. At bf16, f16 or tf32 (a runtime 
 lowers the model, or a model that computes in float16/bfloat16) the default rule adds
 `scaled * max|a|` over the element's sample (all axes but the first), as rounding error
 follows the sample's scale (runtimes.TOLERANCES).
+`tolerances` (a file or dict, see onnxbn.tolerances) gives outputs their own element rule
+and gates (median and p99 error, cosine, PSNR, top-k, ...); the report names the rule that
+decided each output and each gate's value against its bound.
+The reference may be golden outputs stored earlier (onnxbn.golden, `save_outputs`): the
+candidate runs alone on the data they were made from, checked sample by sample by digest.
 `layerwise` runs the first few samples (LAYERWISE_SAMPLES) with every tensor name the
 two graphs share exposed and names the first one, in the reference's topological order,
 that fails the same rule.
@@ -34,6 +40,7 @@ cannot load the exposed graph, the report says so instead of comparing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -45,10 +52,13 @@ import numpy as np
 import onnx
 
 from onnxbn.errors import UserError
+from onnxbn.golden import GoldenOutputs, GoldenWriter, sample_digests
 from onnxbn.graph import FLOAT_TYPES, GraphIndex, graph_inputs, value_types
-from onnxbn.modelio import load_model, load_structure
+from onnxbn.modelio import load_model, load_structure, model_sha256
 from onnxbn.runtime import fit_batch_size, fixed_batch, model_input, open_model_data, run_batches
-from onnxbn.runtimes import TOLERANCES, check_runtime, expose, open_session, parse_runtime, tolerance_choice
+from onnxbn.runtimes import (TOLERANCES, RuntimeInfo, check_runtime, expose, model_precision, open_session,
+                             parse_runtime, tolerance_choice)
+from onnxbn.tolerances import QuantileGate, Rule, load_tolerances
 
 LAYERWISE_SAMPLES = 4  # every intermediate tensor is held at once: keep the batch small
 RANDOM_BATCH_BYTES = 2**30  # the most one batch of --random inputs may take (a sample over it is refused)
@@ -73,6 +83,11 @@ class OutputMetrics:
     exact: bool = False  # a non-numeric output (strings, objects): compared for equality only
     samples: int = 0  # of an exact output, to place its first mismatch
     first_mismatch: dict | None = None  # of an exact output: sample, index within it, both values
+    sum_sq_error: float = 0.0
+    name: str = ""
+    rule: Rule | None = None  # from a tolerance file (None: the plain element rule decides)
+    quantiles: dict[str, QuantileGate] = field(default_factory=dict)  # the rule's median/p99 gates, streamed
+    gates: list[dict] = field(default_factory=list)  # the rule's gates, judged by `finish`
 
     def update(self, a: np.ndarray, b: np.ndarray, atol: float, rtol: float, scaled: float = 0.0) -> None:
         if a.shape != b.shape:
@@ -98,6 +113,9 @@ class OutputMetrics:
             self.max_abs_error = max(self.max_abs_error, float(diff.max()))
             self.max_reference = max(self.max_reference, float(np.abs(finite_a).max()))
         self.sum_abs_error += float(diff[np.isfinite(diff)].sum())
+        self.sum_sq_error += float(np.square(diff).sum())
+        for gate in self.quantiles.values():
+            gate.update(diff)
         fb = np.where(np.isfinite(b), b, 0.0)
         self.dot += float((finite_a * fb).sum())
         self.norm_a += float((finite_a * finite_a).sum())
@@ -128,7 +146,13 @@ class OutputMetrics:
 
     @property
     def passed(self) -> bool:
-        return self.violations == 0
+        elements = self.violations == 0 or (self.rule is not None and not self.rule.elements)
+        return elements and all(g["passed"] for g in self.gates)
+
+    def finish(self) -> None:
+        """Judge the rule's gates on the metrics gathered (a UserError for a gate the output cannot have)."""
+        if self.rule is not None and self.rule.gates:
+            self.gates = self.rule.judge(self.name, {} if self.exact else self.metrics(), self.quantiles)
 
     @property
     def max_rel_error(self) -> float:
@@ -136,19 +160,44 @@ class OutputMetrics:
             return self.max_abs_error / self.max_reference
         return 0.0 if self.max_abs_error == 0 else math.inf
 
-    def to_dict(self) -> dict:
-        if self.exact:
-            return {"passed": self.passed, "elements": self.elements, "violations": self.violations,
-                    "comparison": "exact", "first_mismatch": self.first_mismatch}
+    def metrics(self) -> dict:
+        """The error statistics of a numeric output (median/p99 where the rule gates them)."""
         cos = self.dot / math.sqrt(self.norm_a * self.norm_b) if self.norm_a > 0 and self.norm_b > 0 else \
             (1.0 if self.norm_a == self.norm_b else 0.0)
-        out = {"passed": self.passed, "elements": self.elements, "violations": self.violations,
+        mse = self.sum_sq_error / max(self.elements, 1)
+        peak = self.max_reference ** 2
+        psnr = math.inf if mse == 0 else (10 * math.log10(peak / mse) if peak > 0 else -math.inf)
+        out = {"elements": self.elements, "violations": self.violations,
                "max_abs_error": self.max_abs_error, "max_rel_error": self.max_rel_error,
-               "mean_abs_error": self.sum_abs_error / max(self.elements, 1), "cosine_similarity": cos}
+               "mean_abs_error": self.sum_abs_error / max(self.elements, 1), "cosine_similarity": cos,
+               "psnr_db": psnr}
+        for gate, quantile in self.quantiles.items():
+            out[f"{gate}_error"] = quantile.result()[0]
         if self.has_classes:
             out["top1_agreement"] = self.top1_same / self.rows
             out["top5_agreement"] = self.top5_same / self.rows
         return out
+
+    def to_dict(self) -> dict:
+        if self.exact:
+            out = {"passed": self.passed, "elements": self.elements, "violations": self.violations,
+                   "comparison": "exact", "first_mismatch": self.first_mismatch}
+        else:
+            out = {"passed": self.passed, **self.metrics()}
+        if self.rule is not None:
+            out["rule"] = {"key": self.rule.key, "atol": self.rule.atol, "rtol": self.rule.rtol,
+                           "scaled": self.rule.scaled, "elements_decide": self.rule.elements}
+            out["gates"] = self.gates
+        return out
+
+    def result_text(self) -> str:
+        """PASS, or FAIL with the elements outside the rule and the gates that failed."""
+        if self.passed:
+            return "PASS"
+        why = [f"{self.violations} of {self.elements}"] if self.violations and (
+            self.rule is None or self.rule.elements) else []
+        why += [g["gate"] for g in self.gates if not g["passed"]]
+        return f"FAIL ({'; '.join(why)})"
 
 
 def _cell(metrics: dict, key: str, spec: str) -> str:
@@ -175,6 +224,8 @@ class Report:
     tolerance: str = "given"  # "given", or the precision whose default tolerances applied
     scaled_atol: float = 0.0  # times max|a| of each sample, added to atol (the bf16/f16/tf32 defaults)
     tolerance_reason: str = ""  # why these tolerances: which were given, what set the precision of the defaults
+    tolerances: str | None = None  # the tolerance file whose rules judged the outputs
+    golden: dict | None = None  # the stored reference outputs compared with (path and their meta)
 
     @property
     def passed(self) -> bool:
@@ -189,6 +240,10 @@ class Report:
             d["tolerance"] = self.tolerance
             d["tolerance_reason"] = self.tolerance_reason
             d["scaled_atol"] = self.scaled_atol
+        if self.tolerances is not None:
+            d["tolerances"] = self.tolerances
+        if self.golden is not None:
+            d["reference_outputs"] = self.golden
         if self.layerwise is not None:
             d["layerwise"] = self.layerwise
         d["skipped"] = len(self.skipped_inputs)
@@ -197,14 +252,14 @@ class Report:
         return d
 
     def table(self) -> str:
-        rows = [("output", "max abs", "max rel", "mean abs", "cosine", "top-1", "top-5", "result")]
+        rule = ("rule",) if self.tolerances is not None else ()
+        rows = [("output", "max abs", "max rel", "mean abs", "cosine", "top-1", "top-5", *rule, "result")]
         for name, m in self.outputs.items():
             d = m.to_dict()
             rows.append((name, *(_cell(d, k, f) for k, f in (("max_abs_error", ".3g"), ("max_rel_error", ".3g"),
                          ("mean_abs_error", ".3g"), ("cosine_similarity", ".9f"), ("top1_agreement", ".2%"),
-                         ("top5_agreement", ".2%"))),
-                         ("PASS" if m.passed else f"FAIL ({m.violations} of {m.elements})")
-                         + (" exact" if m.exact else "")))
+                         ("top5_agreement", ".2%"))), *((m.rule.key,) if rule else ()),
+                         m.result_text() + (" exact" if m.exact else "")))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
@@ -212,8 +267,12 @@ class Report:
         skipped = f", {len(self.skipped_inputs)} unreadable skipped" if self.skipped_inputs else ""
         tolerance = "" if self.tolerance in ("given", "f32", "f64") else f" (default for {self.tolerance})"
         scale = f" + {self.scaled_atol:g}*max|a(sample)|" if self.scaled_atol else ""
+        rules = f" (default; per-output rules from {self.tolerances})" if self.tolerances is not None else ""
         lines.append(f"{verdict}: {self.samples} samples compared ({self.inputs}{skipped}), "
-                     f"|a-b| <= {self.atol:g}{scale} + {self.rtol:g}*|a|{tolerance}, {self._runtimes_text()}")
+                     f"|a-b| <= {self.atol:g}{scale} + {self.rtol:g}*|a|{tolerance}{rules}, {self._runtimes_text()}")
+        lines += self._rule_lines()
+        if self.golden is not None:
+            lines.append(f"reference: golden outputs {self.golden['path']} ({self.golden['origin']})")
         for side, info in (("reference", self.reference_runtime), ("candidate", self.candidate_runtime)):
             if info.get("note"):
                 lines.append(f"{side}: {info['note']}")
@@ -226,6 +285,23 @@ class Report:
                              + (f"first divergence at {first['tensor']!r} (max abs {first['max_abs_error']:.3g})"
                                 if first else "none diverges"))
         return "\n".join(lines)
+
+    def _rule_lines(self, code: str = "") -> list[str]:
+        """Per output under a tolerance file: the rule that decided it, its element rule, each gate's value
+        against its bound (`code` quotes names and metrics, for Markdown)."""
+        if self.tolerances is None:
+            return []
+        lines = []
+        for name, m in self.outputs.items():
+            r = m.rule
+            element = (f"|a-b| <= {r.atol:g} + {r.rtol:g}*|a|" + (f" + {r.scaled:g}*max|a(sample)|" if r.scaled else "")
+                       if r.elements else "element rule off (gates decide)")
+            if code:
+                element = element.replace("|", "\\|")
+            gates = [f"{code}{g['gate']}{code} {g['value']:.4g} {g['op']} {g['bound']:g} "
+                     f"{'pass' if g['passed'] else 'FAIL'}" for g in m.gates]
+            lines.append(f"{code}{name}{code}: rule {code}{r.key}{code}: " + "; ".join([element, *gates]))
+        return lines
 
     def _runtimes_text(self) -> str:
         ref, cand = self.reference_runtime, self.candidate_runtime
@@ -249,12 +325,13 @@ class Report:
                  "| output | max abs | max rel | cosine | top-1 | result |", "|---|---|---|---|---|---|"]
         for name, m in self.outputs.items():
             d = m.to_dict()
-            result = ("pass" if m.passed else f"**fail** ({m.violations} of {m.elements})") + (" (exact)" if m.exact
-                                                                                              else "")
+            result = ("pass" if m.passed else f"**fail** {m.result_text()[5:]}") + (" (exact)" if m.exact else "")
             lines.append(f"| `{name}` | {_cell(d, 'max_abs_error', '.3g')} | {_cell(d, 'max_rel_error', '.3g')} | "
                          f"{_cell(d, 'cosine_similarity', '.9f')} | {_cell(d, 'top1_agreement', '.2%')} | {result} |")
         scale = f" + {self.scaled_atol:g}*max\\|a(sample)\\|" if self.scaled_atol else ""
-        lines += ["", f"Rule: \\|a-b\\| <= {self.atol:g}{scale} + {self.rtol:g}*\\|a\\|."]
+        rules = f" (default; per-output rules from `{self.tolerances}`)" if self.tolerances is not None else ""
+        lines += ["", f"Rule: \\|a-b\\| <= {self.atol:g}{scale} + {self.rtol:g}*\\|a\\|{rules}."]
+        lines += [f"- {line}" for line in self._rule_lines(code="`")]
         if self.layerwise is not None:
             first = self.layerwise.get("first_divergence")
             if not self.layerwise.get("available", True):
@@ -324,9 +401,18 @@ class Report:
             ET.SubElement(props, "property", name="scaled_atol", value=f"{self.scaled_atol:g}")
         for name, m in self.outputs.items():
             case = ET.SubElement(suite, "testcase", classname="onnxbn.check", name=name)
+            if m.rule is not None:
+                props = ET.SubElement(case, "properties")
+                ET.SubElement(props, "property", name="rule", value=m.rule.key)
+                for g in m.gates:
+                    ET.SubElement(props, "property", name=f"gate.{g['gate']}",
+                                  value=f"{g['value']:.6g} {g['op']} {g['bound']:g} {'pass' if g['passed'] else 'fail'}")
             if not m.passed:
-                failure = ET.SubElement(case, "failure", message=f"{m.violations} of {m.elements} elements "
-                                        + ("differ" if m.exact else "outside tolerance"))
+                failed = [f"{g['gate']} {g['value']:.4g} not {g['op']} {g['bound']:g}" for g in m.gates if not g["passed"]]
+                counted = m.violations and (m.rule is None or m.rule.elements)
+                message = [f"{m.violations} of {m.elements} elements " + ("differ" if m.exact else "outside tolerance")
+                           ] if counted else []
+                failure = ET.SubElement(case, "failure", message="; ".join(message + failed))
                 failure.text = json.dumps(m.to_dict(), indent=1)
         return ET.tostring(suite, encoding="unicode")
 
@@ -435,12 +521,73 @@ def _side_model(model, side: dict) -> tuple[onnx.ModelProto, str | None]:
     return load_model(model), None
 
 
+def _open_inputs(model: onnx.ModelProto, data, random: int | None, seed: int, limit: int | None, preset,
+                 batch_size: int):
+    """(dataset, description, batch size) of compare's inputs: `data`, or `random` seeded normal inputs."""
+    _, _, shape = model_input(model)
+    if data is None:
+        if limit is not None:
+            raise UserError("--limit samples --data; with --random N, N is the number of inputs")
+        dataset, batch_size = random_inputs(model, random if random is not None else 8, seed, batch_size)
+        description = dataset.description
+    else:
+        description = str(data) if isinstance(data, (str, os.PathLike)) else "array"
+        dataset = open_model_data(model, data, preset=preset, limit=limit, seed=seed)
+    return dataset, description, fit_batch_size(shape, batch_size, dataset.total)
+
+
+def _require_samples(dataset, samples: int, min_samples: int) -> None:
+    if samples < min_samples:
+        skipped = f"; {len(dataset.skipped)} unreadable, e.g. {dataset.skipped[0]}" if dataset.skipped else ""
+        raise UserError(f"{dataset.description}: only {samples} sample(s) could be compared (at least {min_samples} "
+                        f"needed){skipped}; nothing was verified")
+
+
+def _golden_meta(reference, proto: onnx.ModelProto, folder, info: RuntimeInfo, description: str, dataset) -> dict:
+    """What golden outputs record about where they came from (onnxbn.golden)."""
+    return {"model": str(reference) if isinstance(reference, (str, os.PathLike)) else "<model>",
+            "model_sha256": model_sha256(proto, folder=folder), "runtime": info.to_dict(), "data": description,
+            "skipped": len(dataset.skipped)}
+
+
+def _golden_info(golden: GoldenOutputs, candidate: onnx.ModelProto) -> RuntimeInfo:
+    """The runtime that made golden outputs, from their meta; for ONNX test data, which does not record
+    it, an f32 reference of unknown runtime."""
+    stored = golden.meta.get("runtime")
+    if stored:
+        return RuntimeInfo(**{k: stored[k] for k in RuntimeInfo.__dataclass_fields__ if k in stored})
+    return RuntimeInfo("unrecorded", "", "unrecorded", "f32", "default", model_precision(candidate),
+                       note=f"{golden.path} does not record the runtime that made its outputs")
+
+
+def _golden_batches(golden: GoldenOutputs, session, dataset, names: list[str], model: onnx.ModelProto,
+                    batch_size: int, workers: int, strict: bool):
+    """(x, golden outputs, candidate outputs) batch by batch; a UserError as soon as a sample's digest
+    differs from the stored one or the data runs past the stored samples."""
+    seen = 0
+    made_from = f"{golden.meta.get('data') or golden.path}, {golden.samples} samples"
+    for x, _, outputs in run_batches(session, dataset, names, model, batch_size, workers=workers, strict=strict,
+                                     desc="check"):
+        end = seen + len(x)
+        if end > golden.samples:
+            raise UserError(f"{dataset.description}: holds more samples than the {golden.samples} the golden outputs "
+                            f"{golden.path} were made from ({made_from}); give the same data")
+        differ = np.flatnonzero((sample_digests(x) != golden.digests[seen:end]).any(axis=1))
+        if len(differ):
+            raise UserError(f"{dataset.description}: sample {seen + int(differ[0])} differs from the input the golden "
+                            f"outputs {golden.path} were made from ({made_from}; inputs sha256 "
+                            f"{golden.meta.get('inputs_sha256', 'of its inputs')[:16]}); give the same data "
+                            "(and --limit, --seed, --preset)")
+        yield x, golden.rows(seen, end), outputs
+        seen = end
+
+
 def compare(reference, candidate, data=None, atol: float | None = None, rtol: float | None = None,
             batch_size: int = 32, device: str = "auto", layerwise: bool = False, random: int | None = None,
             seed: int = 0, limit: int | None = None, workers: int = 0, preset: str | None = None, strict: bool = False,
             min_samples: int = 1, *, runtime: str | None = None, reference_runtime: str | None = None,
             candidate_runtime: str | None = None, precision: str | None = None,
-            reference_precision: str | None = "f32") -> Report:
+            reference_precision: str | None = "f32", tolerances=None, save_outputs=None) -> Report:
     """Run both models on the same inputs and report how far apart their outputs are.
 
     `reference`/`candidate`: paths or ModelProtos with the same input and outputs;
@@ -457,38 +604,56 @@ def compare(reference, candidate, data=None, atol: float | None = None, rtol: fl
     float16/bfloat16 (1e-5 at full precision; at bf16/f16/tf32 looser,
     plus a term relative to each sample's scale, see runtimes.TOLERANCES); giving either
     one applies the plain rule |a-b| <= atol + rtol*|a| (the other defaulting as above).
+    `tolerances`: per-output rules and gates, a JSON/YAML file or a dict (onnxbn.tolerances); outputs
+    no rule matches keep the rule above.
+    `reference` may be golden outputs (`onnxbn.load_outputs`): the candidate alone runs on `data`
+    (default: a test-data folder's own inputs; else as above), which must be the inputs the outputs
+    were made from: a sample whose digest differs, or a different number of samples, is a UserError.
+    The tolerance defaults then follow the runtime and precision the golden outputs record.
+    `save_outputs`: also store the reference model's outputs there, as `save_outputs` does.
     """
+    golden = reference if isinstance(reference, GoldenOutputs) else None
     if runtime is not None and (reference_runtime is not None or candidate_runtime is not None):
         raise UserError("give --runtime (both sides) or --reference-runtime/--candidate-runtime, not both")
     ref_side = {"runtime": reference_runtime or runtime or "onnxruntime", "device": device,
                 "precision": reference_precision}
     cand_side = {"runtime": candidate_runtime or runtime or "onnxruntime", "device": device, "precision": precision}
-    for side in (cand_side, ref_side):  # a missing runtime or a precision it cannot take fails before any work
+    for side in (cand_side,) if golden is not None else (cand_side, ref_side):  # fail before any work
         check_runtime(**side)
-    # onnxruntime reads a model file's weights itself: Python holds only the graph (load_structure)
-    (ref, ref_folder), (cand, cand_folder) = (_side_model(m, side) for m, side in ((reference, ref_side),
-                                                                                   (candidate, cand_side)))
     if (atol is not None and atol < 0) or (rtol is not None and rtol < 0):
         raise UserError("--atol and --rtol must not be negative")
+    if golden is not None:
+        if layerwise or save_outputs is not None:
+            raise UserError(f"{'--layerwise' if layerwise else '--save-outputs'} needs the reference model; golden "
+                            "outputs hold only its outputs")
+        ref, ref_folder = cand, cand_folder = _side_model(candidate, cand_side)
+        out_names = golden.output_names(cand)
+        if data is None and golden.inputs is not None:
+            data = golden.inputs
+        if np.dtype(model_input(cand)[1]) != golden.input_dtype:
+            raise UserError(f"the candidate takes {np.dtype(model_input(cand)[1]).name} inputs; the golden outputs "
+                            f"{golden.path} were made from {golden.input_dtype.name} inputs")
+    else:
+        # onnxruntime reads a model file's weights itself: Python holds only the graph (load_structure)
+        (ref, ref_folder), (cand, cand_folder) = (_side_model(m, side) for m, side in ((reference, ref_side),
+                                                                                       (candidate, cand_side)))
+        out_names = [o.name for o in ref.graph.output]
+        missing = [n for n in out_names if n not in {o.name for o in cand.graph.output}]
+        if missing:
+            raise UserError(f"the candidate has no output {missing[0]!r}; compare models with the same outputs")
     feed_name, dtype, shape = model_input(ref)
     if [i.name for i in graph_inputs(cand)] != [feed_name]:
         raise UserError(f"the candidate's inputs {[i.name for i in graph_inputs(cand)]} differ from the reference's [{feed_name!r}]")
-    out_names = [o.name for o in ref.graph.output]
-    missing = [n for n in out_names if n not in {o.name for o in cand.graph.output}]
-    if missing:
-        raise UserError(f"the candidate has no output {missing[0]!r}; compare models with the same outputs")
-    if data is None:
-        if limit is not None:
-            raise UserError("--limit samples --data; with --random N, N is the number of inputs")
-        dataset, batch_size = random_inputs(ref, random if random is not None else 8, seed, batch_size)
-        description = dataset.description
-    else:
-        description = str(data) if isinstance(data, (str, os.PathLike)) else "array"
-        dataset = open_model_data(ref, data, preset=preset, limit=limit, seed=seed)
-    batch_size = fit_batch_size(shape, batch_size, dataset.total)
-    s_ref = open_session(ref, folder=ref_folder, **ref_side)
+    rules = load_tolerances(tolerances) if tolerances is not None else None
+    if rules is not None:
+        rules.check_covers(out_names)
+    dataset, description, batch_size = _open_inputs(ref, data, random, seed, limit, preset, batch_size)
+    if golden is not None and data is golden.inputs:
+        description = str(golden.path)
+    s_ref = open_session(ref, folder=ref_folder, **ref_side) if golden is None else None
     s_cand = open_session(cand, folder=cand_folder, **cand_side)
-    precision, why = tolerance_choice(s_ref.info, s_cand.info)
+    ref_info = s_ref.info if golden is None else _golden_info(golden, cand)
+    precision, why = tolerance_choice(ref_info, s_cand.info)
     d_atol, d_rtol, d_scaled = TOLERANCES.get(precision, TOLERANCES["f32"])
     if atol is None and rtol is None:
         tolerance, reason, scaled = precision, why, d_scaled
@@ -499,25 +664,72 @@ def compare(reference, candidate, data=None, atol: float | None = None, rtol: fl
             reason += f"; {'rtol' if given == ['atol'] else 'atol'} the {precision} default ({why})"
     atol = d_atol if atol is None else atol
     rtol = d_rtol if rtol is None else rtol
-    metrics = {n: OutputMetrics() for n in out_names}
+    metrics = {}
+    for n in out_names:
+        rule = rules.rule_for(n, atol, rtol, scaled) if rules is not None else None
+        metrics[n] = OutputMetrics(name=n, rule=rule, quantiles=rule.quantile_gates() if rule else {})
     samples, first_batch = 0, None
-    for x, _, a_vals in run_batches(s_ref, dataset, out_names, ref, batch_size, workers=workers, strict=strict,
-                                    desc="check"):
-        first_batch = x if first_batch is None else first_batch
-        for name, a, b in zip(out_names, a_vals, s_cand.run(out_names, {feed_name: x})):
-            metrics[name].update(a, b, atol, rtol, scaled)
-        samples += len(x)
-    if samples < min_samples:
-        skipped = f"; {len(dataset.skipped)} unreadable, e.g. {dataset.skipped[0]}" if dataset.skipped else ""
-        raise UserError(f"{dataset.description}: only {samples} sample(s) could be compared (at least {min_samples} "
-                        f"needed){skipped}; nothing was verified")
+    if golden is not None:
+        batches = _golden_batches(golden, s_cand, dataset, out_names, cand, batch_size, workers, strict)
+    else:
+        batches = ((x, a_vals, s_cand.run(out_names, {feed_name: x})) for x, _, a_vals in run_batches(
+            s_ref, dataset, out_names, ref, batch_size, workers=workers, strict=strict, desc="check"))
+    inputs = [m for m in (reference, candidate, data) if isinstance(m, (str, os.PathLike))]
+    with GoldenWriter(save_outputs, out_names, feed_name, inputs) if save_outputs is not None else \
+            contextlib.nullcontext() as writer:
+        for x, a_vals, b_vals in batches:
+            first_batch = x if first_batch is None else first_batch
+            if writer is not None:
+                writer.add(x, a_vals)
+            for name, a, b in zip(out_names, a_vals, b_vals):
+                m = metrics[name]
+                m.update(a, b, *((m.rule.atol, m.rule.rtol, m.rule.scaled) if m.rule else (atol, rtol, scaled)))
+            samples += len(x)
+        if golden is not None and samples != golden.samples:
+            raise UserError(f"{dataset.description}: {samples} samples compared, but the golden outputs {golden.path} "
+                            f"hold {golden.samples}; give the data they were made from")
+        _require_samples(dataset, samples, min_samples)
+        for m in metrics.values():
+            m.finish()
+        if writer is not None:
+            writer.commit(_golden_meta(reference, ref, ref_folder, s_ref.info, description, dataset))
     report = Report(metrics, atol, rtol, samples, description, s_cand.info.device,
-                    reference=str(reference) if not isinstance(reference, onnx.ModelProto) else "<model>",
+                    reference=str(golden.path) if golden is not None else str(reference)
+                    if not isinstance(reference, onnx.ModelProto) else "<model>",
                     candidate=str(candidate) if not isinstance(candidate, onnx.ModelProto) else "<model>",
-                    skipped_inputs=dataset.skipped, reference_runtime=s_ref.info.to_dict(),
+                    skipped_inputs=dataset.skipped, reference_runtime=ref_info.to_dict(),
                     candidate_runtime=s_cand.info.to_dict(), tolerance=tolerance, scaled_atol=scaled,
-                    tolerance_reason=reason)
+                    tolerance_reason=reason, tolerances=rules.source if rules is not None else None,
+                    golden=golden.summary() if golden is not None else None)
     if layerwise and first_batch is not None:
         report.layerwise = _layerwise(ref, cand, first_batch[:LAYERWISE_SAMPLES], feed_name, atol, rtol,
                                       dict(ref_side, folder=ref_folder), dict(cand_side, folder=cand_folder), scaled)
     return report
+
+
+def save_outputs(reference, path, data=None, *, random: int | None = None, seed: int = 0, limit: int | None = None,
+                 batch_size: int = 32, device: str = "auto", runtime: str | None = None,
+                 precision: str | None = "f32", preset: str | None = None, workers: int = 0, strict: bool = False,
+                 min_samples: int = 1, force: bool = False) -> dict:
+    """Run `reference` alone on `data` (or `random` seeded normal inputs, as `compare` makes them) and
+    store its outputs at `path` as golden outputs (onnxbn.golden: a `.npz`, or any other path a new
+    folder in ONNX's test-data layout), streamed batch by batch, with the inputs' digests, the model's
+    sha256 and the runtime and precision that made them; returns that meta. `runtime` and `precision`
+    are the reference side's (onnxruntime, f32). Later: `compare(load_outputs(path), candidate, data)`.
+    """
+    side = {"runtime": runtime or "onnxruntime", "device": device, "precision": precision}
+    check_runtime(**side)
+    proto, folder = _side_model(reference, side)
+    feed_name, _, _ = model_input(proto)
+    names = [o.name for o in proto.graph.output]
+    dataset, description, batch_size = _open_inputs(proto, data, random, seed, limit, preset, batch_size)
+    session = open_session(proto, folder=folder, **side)
+    inputs = [m for m in (reference, data) if isinstance(m, (str, os.PathLike))]
+    with GoldenWriter(path, names, feed_name, inputs, force) as writer:
+        samples = 0
+        for x, _, outputs in run_batches(session, dataset, names, proto, batch_size, workers=workers, strict=strict,
+                                         desc="golden"):
+            writer.add(x, outputs)
+            samples += len(x)
+        _require_samples(dataset, samples, min_samples)
+        return writer.commit(_golden_meta(reference, proto, folder, session.info, description, dataset))

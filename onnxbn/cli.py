@@ -237,7 +237,8 @@ def cmd_insert(args) -> int:
     return 0
 
 
-CHECK_DATA = InputData(random=True, data_help="image folder or .npz of inputs", verified=True)
+CHECK_DATA = InputData(random=True, data_help="image folder, .npz of inputs, or a folder in ONNX's test-data layout "
+                       "(test_data_set_N/input_0.pb)", verified=True)
 RUNTIME_HELP = "onnxruntime (default), openvino, tract or reference; NAME:DEVICE for onnxruntime:cuda"
 PRECISION_CHOICES = ["default", "f32", "bf16", "f16"]
 # check and fold: tolerances default to the precisions the two sides ran at (onnxbn.runtimes.TOLERANCES)
@@ -252,8 +253,16 @@ PRECISION = arg("--precision", choices=PRECISION_CHOICES,
                      "bf16, f16 (openvino; a hint the CPU cannot honour is reported as what ran)")
 
 
-@command(arg("reference", help="reference ONNX model"), arg("candidate", help="candidate ONNX model"),
+@command(arg("models", nargs="+", metavar="MODEL",
+             help="REFERENCE CANDIDATE; REFERENCE alone with --save-outputs; CANDIDATE alone with --reference-outputs"),
          CHECK_DATA, RUNTIME_TOLERANCE,
+         arg("--tolerances", metavar="FILE", help="per-output rules: JSON (or YAML with PyYAML installed) mapping an "
+             "output name or glob to atol/rtol/scaled and gates max_abs, mean_abs, median_abs, p99_abs, max_rel, "
+             "cosine, psnr, top1, top5; the first matching key wins"),
+         arg("--save-outputs", metavar="FILE.npz|DIR", help="store the reference's outputs here as golden outputs "
+             "(.npz, or a new folder in ONNX's test-data layout); the candidate is optional"),
+         arg("--reference-outputs", metavar="FILE.npz|DIR", help="compare the candidate with golden outputs stored "
+             "by --save-outputs (or an ONNX test-data folder) instead of running a reference model"),
          arg("--layerwise", action="store_true", help="also compare every shared tensor and name the first divergence"),
          arg("--report", help="write the report as JSON here"), arg("--junit", help="write a JUnit XML report here"),
          arg("--summary-md", metavar="FILE", help="write a short Markdown summary here (also appended to "
@@ -276,21 +285,50 @@ def cmd_check(args) -> int:
     Both models run on onnxruntime unless --runtime (both sides) or --reference-runtime /
     --candidate-runtime say otherwise: `onnxbn check m.onnx m.onnx --candidate-runtime openvino`
     checks one model on the runtime it ships to. The report names each side's runtime,
-    version, device and the precision the runtime chose."""
-    from onnxbn.check import compare
+    version, device and the precision the runtime chose.
+
+    Golden outputs for CI: `onnxbn check REF --data X --save-outputs golden.npz` runs the reference
+    alone and stores its outputs, the inputs' digest, the model's sha256 and the runtime that ran;
+    `onnxbn check --reference-outputs golden.npz CAND --data X` compares a candidate with them (exit
+    2 when the data is not the data they were made from). A folder in ONNX's test-data layout
+    works as either."""
+    from onnxbn.check import compare, save_outputs
+    from onnxbn.golden import load_outputs
     from onnxbn.modelio import atomic_path, refuse_overwrite
 
     options = CHECK_DATA.options(args)
-    inputs = [args.reference, args.candidate, args.data]
+    count = len(args.models)
+    if args.save_outputs and args.reference_outputs:
+        raise UserError("give --save-outputs (store a reference's outputs) or --reference-outputs (compare with "
+                        "stored ones), not both")
+    if args.reference_outputs and count != 1:
+        raise UserError("with --reference-outputs give one model, the candidate")
+    if not args.reference_outputs and count != 2 and not (args.save_outputs and count == 1):
+        raise UserError("give two models, REFERENCE CANDIDATE (or REFERENCE alone with --save-outputs, CANDIDATE "
+                        "alone with --reference-outputs)")
+    inputs = [*args.models, args.data, args.reference_outputs, args.tolerances]
     for out in (args.report, args.junit, args.summary_md, args.plot, args.node_data):
         if out:
             refuse_overwrite(out, inputs)
     if (args.plot or args.node_data) and not args.layerwise:
         raise UserError("--plot and --node-data draw the layerwise errors: add --layerwise")
-    report = compare(args.reference, args.candidate, atol=args.atol, rtol=args.rtol, device=args.device,
+    if args.save_outputs and len(args.models) == 1:
+        if args.tolerances or args.layerwise:
+            raise UserError("--tolerances and --layerwise judge a candidate; with --save-outputs alone there is none")
+        meta = save_outputs(args.models[0], args.save_outputs, device=args.device,
+                            runtime=args.reference_runtime or args.runtime, precision=args.reference_precision,
+                            **options)
+        rt = meta["runtime"]
+        print(f"saved the outputs of {args.models[0]} on {meta['samples']} samples ({meta['data']}) to "
+              f"{args.save_outputs}: {rt['runtime']} {rt['version']} on {rt['device']}, {rt['precision']}; inputs "
+              f"sha256 {meta['inputs_sha256'][:16]}, model sha256 {meta['model_sha256'][:16]}")
+        return 0
+    reference = load_outputs(args.reference_outputs) if args.reference_outputs else args.models[0]
+    report = compare(reference, args.models[-1], atol=args.atol, rtol=args.rtol, device=args.device,
                      layerwise=args.layerwise, runtime=args.runtime, reference_runtime=args.reference_runtime,
                      candidate_runtime=args.candidate_runtime, precision=args.precision,
-                     reference_precision=args.reference_precision, **options)
+                     reference_precision=args.reference_precision, tolerances=args.tolerances,
+                     save_outputs=args.save_outputs, **options)
     print(report.table())
     if args.report:
         _write_json(args.report, report.to_dict(), inputs)
@@ -383,8 +421,8 @@ def cmd_eval(args) -> int:
     else:
         skipped = f", {result['skipped']} unreadable skipped" if result["skipped"] else ""
         print(f"loss {result['loss']:.4f}  top-1 {result['top1']:.2%}  top-5 {result['top5']:.2%}  "
-              f"({result['samples']} samples{skipped}, the output read as {result['output']}, onnxruntime on "
-              f"{result['provider']})")
+              f"({result['samples']} samples{skipped}, the output read as {result['output']} ({result['output_read_by']}), "
+              f"onnxruntime on {result['provider']})")
     return 0
 
 

@@ -3,7 +3,9 @@
 An image folder with class sub-folders (ImageNet layout) gives labels from the
 folder names, sorted; a folder of loose images gives none. A `.npz` holds `x`
 (N, C, H, W float, already preprocessed) and optionally `y` (N integers); an
-uncompressed `.npz` (`np.savez`) is memory-mapped, so its size does not matter.
+uncompressed `.npz` (`np.savez`) is memory-mapped, so its size does not matter. A folder in
+ONNX's test-data layout (`test_data_set_<i>/input_0.pb`, as in the ONNX model zoo and onnx's
+backend tests) gives its sets' inputs, concatenated along the first axis in set order.
 
 Preprocessing presets, at the model's input size S (224 for VGG):
   imagenet      RGB, resize the short side to round(S*256/224), centre crop S, /255,
@@ -427,6 +429,54 @@ def _decode_in_order(chunks, preset, size, workers):
                               collate_fn=_as_is, prefetch_factor=2)
 
 
+# ----------------------------------------------------------------------------- ONNX test-data folders
+
+def test_data_sets(folder: Path) -> list[Path]:
+    """The `test_data_set_<i>` folders of an ONNX test-data folder in numeric order (empty: not one)."""
+    sets = [p for p in Path(folder).glob("test_data_set_*") if p.is_dir() and p.name[14:].isdigit()]
+    return sorted(sets, key=lambda p: int(p.name[14:]))
+
+
+def read_tensors(data_set: Path, kind: str) -> list[np.ndarray]:
+    """The arrays of `<kind>_0.pb`, `<kind>_1.pb`, ... (TensorProto files) in one test-data set."""
+    from onnx import TensorProto, numpy_helper
+
+    files = sorted((p for p in data_set.glob(f"{kind}_*.pb") if p.stem[len(kind) + 1:].isdigit()),
+                   key=lambda p: int(p.stem[len(kind) + 1:]))
+    arrays = []
+    for k, path in enumerate(files):
+        if path.stem != f"{kind}_{k}":
+            raise UserError(f"{data_set}: {kind}_{k}.pb is missing (found {path.name})")
+        tensor = TensorProto()
+        try:
+            tensor.ParseFromString(path.read_bytes())
+            arrays.append(numpy_helper.to_array(tensor))
+        except Exception as exc:
+            raise UserError(f"{path}: not a readable TensorProto file ({type(exc).__name__})") from exc
+    return arrays
+
+
+def concat_sets(arrays: list[np.ndarray], what: str) -> np.ndarray:
+    """Per-set arrays joined along the first axis; a UserError when their shapes past it or types differ."""
+    first = arrays[0]
+    for k, a in enumerate(arrays):
+        if a.ndim == 0 or a.shape[1:] != first.shape[1:] or a.dtype != first.dtype:
+            raise UserError(f"{what}: set {k} holds {a.dtype} {a.shape}, set 0 {first.dtype} {first.shape}; onnxbn "
+                            "joins the sets along the first axis, so their shapes past it and types must agree")
+    return np.concatenate(arrays)
+
+
+def read_test_inputs(folder: Path) -> np.ndarray:
+    """The inputs of an ONNX test-data folder (one input per set: onnxbn feeds single-input models)."""
+    arrays = []
+    for data_set in test_data_sets(folder):
+        inputs = read_tensors(data_set, "input")
+        if len(inputs) != 1:
+            raise UserError(f"{data_set}: holds {len(inputs)} inputs; onnxbn feeds single-input models (input_0.pb only)")
+        arrays.append(inputs[0])
+    return concat_sets(arrays, f"{folder} inputs")
+
+
 def default_workers() -> int:
     return max(1, min(8, (os.cpu_count() or 1)))
 
@@ -522,7 +572,9 @@ def open_data(data, *, preset: str | None = None, size: int = 224, limit: int | 
     else:
         path = Path(data)
         description = str(path)
-        if path.is_dir():
+        if path.is_dir() and test_data_sets(path):
+            array = read_test_inputs(path)
+        elif path.is_dir():
             files, labels, classes = _list_images(path)
             if not files:
                 raise UserError(f"{path}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)}, "

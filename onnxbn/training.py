@@ -245,16 +245,33 @@ def _torch_device(device: str):
 _SHAPE_ONLY = {"Identity", "Cast", "Reshape", "Flatten", "Squeeze", "Unsqueeze"}
 
 
-def output_kind(model: onnx.ModelProto) -> str:
-    """'probs' when the first output is a Softmax's, 'logprobs' for LogSoftmax, else 'logits'; looked for
-    through ops that only reshape or cast (Identity, Cast, Reshape, Flatten, Squeeze, Unsqueeze).
-    The one rule for fine-tuning's loss and `evaluate`'s: the negative log-likelihood of probabilities
-    is -log p, never log_softmax applied to them."""
+PROBABILITY_SUM_TOLERANCE = 1e-4  # a row of probabilities sums to 1 within this
+
+
+def are_probabilities(rows) -> bool:
+    """True when every row (axis 0; classes on axis 1) is non-negative and sums to 1 within 1e-4."""
+    rows = np.asarray(rows, dtype=np.float64)
+    return bool(rows.ndim == 2 and rows.size and (rows >= 0).all()
+                and (np.abs(rows.sum(axis=1) - 1) <= PROBABILITY_SUM_TOLERANCE).all())
+
+
+def output_kind(model: onnx.ModelProto, rows_are_probabilities: bool = False) -> tuple[str, str]:
+    """(kind, how it was read) of the model's first output: 'probs' when it is a Softmax's, 'logprobs'
+    for LogSoftmax (looked for through ops that only reshape or cast: Identity, Cast, Reshape,
+    Flatten, Squeeze, Unsqueeze); else 'probs' when the caller saw every output row non-negative and
+    summing to 1 within 1e-4 (`are_probabilities`: a normalisation the graph does another way),
+    else 'logits'. The one rule for fine-tuning's loss and `evaluate`'s: the negative
+    log-likelihood of probabilities is -log p, never log_softmax applied to them."""
     producers = GraphIndex(model).producers
     node = producers.get(model.graph.output[0].name)
     while node is not None and node.op_type in _SHAPE_ONLY and node.input:
         node = producers.get(node.input[0])
-    return {"Softmax": "probs", "LogSoftmax": "logprobs"}.get(node.op_type if node else "", "logits")
+    op = node.op_type if node else ""
+    if op in ("Softmax", "LogSoftmax"):
+        return {"Softmax": "probs", "LogSoftmax": "logprobs"}[op], f"graph: the output is a {op}'s"
+    if rows_are_probabilities:
+        return "probs", f"data: every row is >= 0 and sums to 1 within {PROBABILITY_SUM_TOLERANCE:g}"
+    return "logits", "neither a Softmax/LogSoftmax output nor rows of probabilities"
 
 
 def _log_probs(output, kind: str):
@@ -400,7 +417,6 @@ def finetune_model(model: Model, train, val=None, *, epochs: int = 1, lr: float 
     _, _, input_shape = model_input(proto)
     classes = tensor_shape(proto.graph.output[0].type)
     classes = classes[1] if classes and len(classes) == 2 and isinstance(classes[1], int) else None
-    kind = output_kind(proto)
 
     digest = _prefix_fingerprint(Model(prefix_model, model.arrays, folder))
     temp = None
@@ -426,6 +442,7 @@ def finetune_model(model: Model, train, val=None, *, epochs: int = 1, lr: float 
                 _check_labels(sets[split].y, classes, dataset.description)
                 if split == "train":
                     _warn_unused_outputs(sets[split].y, classes, dataset.description)
+        kind, how = _suffix_output_kind(proto, suffix, sets["train"], batch_size // ranks, dev)
         result_log = _train(suffix, trainable, sets, epochs=epochs, lr=lr, batch_size=batch_size // ranks,
                             seed=seed, device=dev, kind=kind, optimizer=optimizer, bf16=bf16)
     finally:
@@ -435,7 +452,7 @@ def finetune_model(model: Model, train, val=None, *, epochs: int = 1, lr: float 
     written = _write_back_suffix(module, Model(suffix_model, model.arrays, folder), model)
     probe = _probe(prefix, module, dev, input_shape, proto) if rank == 0 else WriteBackProbe(reason="rank > 0")
     result_log.update({
-        "freeze_through": node,
+        "freeze_through": node, "output": kind, "output_read_by": how,
         "import_seconds": round(imported, 3),
         "trainable_parameters": int(sum(p.numel() for p in trainable)),
         "cache": {k: {"hit": f.hit, "samples": int(len(f.y)), "shape": list(f.x.shape[1:]), "seconds": f.seconds}
@@ -444,6 +461,21 @@ def finetune_model(model: Model, train, val=None, *, epochs: int = 1, lr: float 
         "seed": seed, "ranks": ranks, "dropout": dropout, "sync_bn": sync_bn, "seconds": round(time.perf_counter() - started, 3),
     })
     return written, FinetuneReport(result_log, probe)
+
+
+def _suffix_output_kind(proto: onnx.ModelProto, suffix, train: Features, batch_size: int, device) -> tuple[str, str]:
+    """`output_kind` for fine-tuning, decided before the first step: where the graph does not say, from the
+    rows the module gives (eval mode) on the first training batch of every rank."""
+    import torch
+
+    kind = output_kind(proto)
+    if kind[0] != "logits":
+        return kind
+    suffix.eval()
+    with torch.no_grad():
+        rows = suffix(torch.from_numpy(np.array(train.x[:batch_size])).to(device)).float().cpu().numpy()
+    agree = distributed.all_sum([float(are_probabilities(rows))])[0] == distributed.world()[1]
+    return output_kind(proto, agree)
 
 
 def _batch_bounds(samples: int, batch_size: int) -> list[int]:
@@ -594,7 +626,7 @@ def evaluate(model, data, batch_size: int = 32, device: str = "auto", limit: int
 
     The loss is the negative log-likelihood of the labels under the output read by `output_kind`:
     probabilities (-log p), log-probabilities, or logits (log_softmax first); `output` in the result
-    says which.
+    says which, `output_read_by` how (the graph, or every row of the data being probabilities).
     """
     from onnxbn.runtime import make_session, session_provider
 
@@ -605,26 +637,30 @@ def evaluate(model, data, batch_size: int = 32, device: str = "auto", limit: int
         raise UserError(f"{dataset.description}: evaluation needs labels (class folders, y in the .npz, or (x, y) items)")
     session = make_session(proto, device, folder=folder)
     out_name = proto.graph.output[0].name
-    kind = output_kind(proto)
-    loss = top1 = top5 = n = 0.0
+    graph_kind = output_kind(proto)[0]
+    nll = {"probs": 0.0, "logprobs": 0.0, "logits": 0.0}  # summed -log p of the labels under each reading
+    top1 = top5 = n = 0.0
+    rows_are_probs = True  # every row so far non-negative and summing to 1 (are_probabilities)
     for x, y, (out,) in run_batches(session, dataset, [out_name], proto, batch_size, workers=workers, strict=strict,
                                     desc="eval"):
         out = out.astype(np.float64)
         _check_labels(y, out.shape[1], dataset.description)
-        if kind == "probs":
-            lp = np.log(np.clip(out, 1e-30, None))
-        elif kind == "logprobs":
-            lp = out
-        else:
+        picked = np.arange(len(y)), y
+        if graph_kind == "logprobs":
+            nll["logprobs"] -= float(out[picked].sum())
+        if graph_kind == "probs" or rows_are_probs:
+            rows_are_probs = rows_are_probs and are_probabilities(out)
+            nll["probs"] -= float(np.log(np.clip(out[picked], 1e-30, None)).sum())
+        if graph_kind == "logits":
             shifted = out - out.max(axis=1, keepdims=True)
-            lp = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-        loss -= float(lp[np.arange(len(y)), y].sum())
-        order = np.argsort(-lp, axis=1)[:, :5]
+            nll["logits"] -= float((shifted[picked] - np.log(np.exp(shifted).sum(axis=1))).sum())
+        order = np.argsort(-out, axis=1, kind="stable")[:, :5]  # every reading ranks the classes as the output does
         top1 += float((order[:, 0] == y).sum())
         top5 += float((order == y[:, None]).any(axis=1).sum())
         n += len(y)
     if n == 0:
         raise UserError(f"{dataset.description}: no sample could be read ({len(dataset.skipped)} unreadable); "
                         "nothing was evaluated")
-    return {"samples": int(n), "skipped": len(dataset.skipped), "loss": loss / n, "top1": top1 / n, "top5": top5 / n,
-            "provider": session_provider(session), "output": kind}
+    kind, how = output_kind(proto, rows_are_probs)
+    return {"samples": int(n), "skipped": len(dataset.skipped), "loss": nll[kind] / n, "top1": top1 / n, "top5": top5 / n,
+            "provider": session_provider(session), "output": kind, "output_read_by": how}

@@ -252,10 +252,43 @@ def test_probabilities_behind_shape_ops_are_scored_as_probabilities(after, tmp_p
     probs = make_session(model, "cpu").run(None, {"input": x})[0].astype(np.float64)
     expected = float(-np.log(probs[np.arange(len(y)), y]).mean())
     result = onnxbn.evaluate(model, (x, y), device="cpu")
-    assert result["output"] == "probs"
+    assert result["output"] == "probs" and result["output_read_by"] == "graph: the output is a Softmax's"
     assert result["loss"] == pytest.approx(expected, rel=1e-6)
     tuned = onnxbn.finetune(model, (x, y), (x, y), epochs=1, lr=1e-3, batch_size=16, cache=tmp_path)
     assert tuned.log["val_before"]["loss"] == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("head, kind", [("normalised", "probs"), ("relu", "logits")])
+def test_probabilities_without_a_softmax_are_read_from_the_data(head, kind, tmp_path, capsys):
+    """exp(z) / sum(exp(z)) written without a Softmax: every row is >= 0 and sums to 1, so eval and fine-tuning
+    score -log p (numpy's, of onnxruntime's outputs) and say it was read from the data; Relu(z) rows are
+    non-negative but do not sum to 1: logits, log_softmax (numpy's)."""
+    x, y = labelled(n=32)
+    model = small_cnn()
+    model.graph.node[-1].output[0] = "scores"
+    if head == "normalised":
+        model.graph.initializer.append(numpy_helper.from_array(np.array([1], np.int64), "axes"))
+        model.graph.node.extend([helper.make_node("Exp", ["scores"], ["e"], name="exp"),
+                                 helper.make_node("ReduceSum", ["e", "axes"], ["total"], name="total", keepdims=1),
+                                 helper.make_node("Div", ["e", "total"], ["logits"], name="normalise")])
+    else:
+        model.graph.node.append(helper.make_node("Relu", ["scores"], ["logits"], name="last"))
+    out = make_session(model, "cpu").run(None, {"input": x})[0].astype(np.float64)
+    if kind == "probs":
+        expected = float(-np.log(out[np.arange(len(y)), y]).mean())
+    else:
+        shifted = out - out.max(axis=1, keepdims=True)
+        expected = float(-(shifted[np.arange(len(y)), y] - np.log(np.exp(shifted).sum(axis=1))).mean())
+    result = onnxbn.evaluate(model, (x, y), device="cpu")
+    assert result["output"] == kind and result["loss"] == pytest.approx(expected, rel=1e-6)
+    assert result["output_read_by"].startswith("data: every row" if kind == "probs" else "neither")
+    tuned = onnxbn.finetune(model, (x, y), (x, y), epochs=1, lr=1e-3, batch_size=16, cache=tmp_path)
+    assert tuned.log["output"] == kind and tuned.log["output_read_by"] == result["output_read_by"]
+    assert tuned.log["val_before"]["loss"] == pytest.approx(expected, rel=1e-4)
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    assert main(["eval", str(tmp_path / "m.onnx"), "--data", str(tmp_path / "d.npz")]) == 0
+    assert f"the output read as {kind} ({result['output_read_by']})" in capsys.readouterr().out
 
 
 def test_weights_in_constant_nodes_train_and_go_back_into_their_nodes(tmp_path):
