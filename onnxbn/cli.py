@@ -17,6 +17,7 @@ import os
 import sys
 from pathlib import Path
 
+from onnxbn.activations import MAX_MARKED
 from onnxbn.data import PRESETS
 from onnxbn.errors import UserError
 from onnxbn.runtime import DEVICES, quiet_onnxruntime
@@ -263,7 +264,10 @@ PRECISION = arg("--precision", choices=PRECISION_CHOICES,
              "(.npz, or a new folder in ONNX's test-data layout); the candidate is optional"),
          arg("--reference-outputs", metavar="FILE.npz|DIR", help="compare the candidate with golden outputs stored "
              "by --save-outputs (or an ONNX test-data folder) instead of running a reference model"),
-         arg("--layerwise", action="store_true", help="also compare every shared tensor and name the first divergence"),
+         arg("--layerwise", action="store_true", help="also compare every shared activation (max, mean, p99 and "
+             "relative error) and name the first divergence"),
+         arg("--max-marked", type=int, default=MAX_MARKED, metavar="N", help="with --layerwise: at most N tensors "
+             f"exposed per runtime session (more take more passes; default {MAX_MARKED})"),
          arg("--report", help="write the report as JSON here"), arg("--junit", help="write a JUnit XML report here"),
          arg("--summary-md", metavar="FILE", help="write a short Markdown summary here (also appended to "
              "$GITHUB_STEP_SUMMARY when that is set)"),
@@ -325,7 +329,7 @@ def cmd_check(args) -> int:
         return 0
     reference = load_outputs(args.reference_outputs) if args.reference_outputs else args.models[0]
     report = compare(reference, args.models[-1], atol=args.atol, rtol=args.rtol, device=args.device,
-                     layerwise=args.layerwise, runtime=args.runtime, reference_runtime=args.reference_runtime,
+                     layerwise=args.layerwise, max_marked=args.max_marked, runtime=args.runtime, reference_runtime=args.reference_runtime,
                      candidate_runtime=args.candidate_runtime, precision=args.precision,
                      reference_precision=args.reference_precision, tolerances=args.tolerances,
                      save_outputs=args.save_outputs, **options)
