@@ -363,15 +363,15 @@ class Report:
     def node_data(self) -> dict:
         """The layerwise errors as Model Explorer node data (one graph's `GraphNodeData`): `results`
         keyed by tensor name (Model Explorer matches a node by its output tensor names) with each
-        tensor's max relative error as `value` (its other statistics alongside), and thresholds colouring
-        a node green within the relative tolerance, orange up to 100x it, red beyond. JSON has no
-        infinity: inf becomes 1e308."""
+        tensor's max relative error as `value` (Model Explorer's schema takes one value per node; the
+        other statistics are in the JSON report), and thresholds colouring a node green within the
+        relative tolerance, orange up to 100x it, red beyond. JSON has no infinity: inf becomes 1e308."""
         if not self.layerwise or not self.layerwise.get("tensors"):
             raise UserError("node data needs layerwise errors: add --layerwise (and models that share tensor names)")
         results = {}
         for t in self.layerwise["tensors"]:
-            finite = {k: (t[k] if math.isfinite(t[k]) else 1e308) for k in LAYERWISE_STATS if k in t}
-            results[t["tensor"]] = {"value": finite.get("max_rel_error", 1e308), **finite}
+            value = t.get("max_rel_error", math.inf)
+            results[t["tensor"]] = {"value": value if math.isfinite(value) else 1e308}
         bound = max(self.rtol, 1e-12)
         return {"results": results,
                 "thresholds": [{"value": bound, "bgColor": "#a5d6a7"}, {"value": 100 * bound, "bgColor": "#ffcc80"},
