@@ -6,22 +6,21 @@ that is not an initializer) or another activation, directly or inside one of its
 Initializers, Constant outputs and everything computed only from them are not: they are the
 same for every input, so comparing them says nothing about a run.
 
-`exposed_values` returns the values of activations by adding them as graph outputs, at most
-`max_marked` to one runtime session (sessions one after another, each a full run over the
-same inputs), so the values held at once are bounded by `max_marked` tensors, not by the size
-of the model.
+Callers read activations by adding them as graph outputs (runtimes.expose), at most
+`max_marked` to one runtime session (`chunks`; sessions one after another, each a full run over
+the same inputs), so the values held at once are bounded by `max_marked` tensors, not by the
+size of the model.
 """
 
 from __future__ import annotations
 
 from typing import Iterator
 
-import numpy as np
 import onnx
 
 from onnxbn.graph import graph_inputs, reads
-from onnxbn.runtimes import expose, open_session
 
+LAYERWISE_SAMPLES = 4  # inputs check --layerwise and reduce run on: up to MAX_MARKED tensors of them held at once
 MAX_MARKED = 64  # tensors exposed per session by default: one pass for most CNNs, bounded memory for any
 
 
@@ -41,9 +40,3 @@ def chunks(names: list[str], max_marked: int) -> Iterator[list[str]]:
     """`names` in consecutive groups of at most `max_marked`."""
     for start in range(0, len(names), max_marked):
         yield names[start:start + max_marked]
-
-
-def exposed_values(model: onnx.ModelProto, names: list[str], types: dict, feeds: dict, side: dict) -> list[np.ndarray]:
-    """The values of `names` (at most one chunk's worth) on `feeds`: `model` with them as extra graph
-    outputs, run once in a session opened with `side` (open_session keyword arguments)."""
-    return open_session(expose(model, names, types), **side).run(names, feeds)

@@ -52,17 +52,16 @@ from typing import Iterator
 import numpy as np
 import onnx
 
-from onnxbn.activations import MAX_MARKED, activation_names, chunks, exposed_values
+from onnxbn.activations import LAYERWISE_SAMPLES, MAX_MARKED, activation_names, chunks
 from onnxbn.errors import UserError
 from onnxbn.golden import GoldenOutputs, GoldenWriter, sample_digests
 from onnxbn.graph import FLOAT_TYPES, graph_inputs, value_types
 from onnxbn.modelio import load_model, load_structure, model_sha256
 from onnxbn.runtime import fit_batch_size, fixed_batch, model_input, open_model_data, run_batches
-from onnxbn.runtimes import (TOLERANCES, RuntimeInfo, check_runtime, model_precision, open_session,
+from onnxbn.runtimes import (TOLERANCES, RuntimeInfo, check_runtime, expose, model_precision, open_session,
                              parse_runtime, tolerance_choice)
 from onnxbn.tolerances import QuantileGate, Rule, load_tolerances
 
-LAYERWISE_SAMPLES = 4  # up to max_marked intermediate tensors of these samples are held at once
 RANDOM_BATCH_BYTES = 2**30  # the most one batch of --random inputs may take (a sample over it is refused)
 
 
@@ -522,7 +521,7 @@ def _layerwise(ref: onnx.ModelProto, cand: onnx.ModelProto, x: np.ndarray, feed_
         values = []
         for model, types, side in ((ref, ref_types, ref_side), (cand, cand_types, cand_side)):
             try:
-                values.append(exposed_values(model, group, types, {feed_name: x}, side))
+                values.append(open_session(expose(model, group, types), **side).run(group, {feed_name: x}))
             except UserError as exc:
                 return {"available": False, "compared": 0, "first_divergence": None, "tensors": [],
                         "reason": f"{side['runtime']} cannot return this graph's intermediate tensors ({exc})"}
