@@ -41,7 +41,7 @@ from onnx import helper
 from onnxbn.activations import LAYERWISE_SAMPLES, MAX_MARKED, activation_names
 from onnxbn.check import Report, compare
 from onnxbn.errors import UserError
-from onnxbn.graph import graph_inputs, reads, value_types
+from onnxbn.graph import GraphIndex, graph_inputs, reads, value_types
 from onnxbn.modelio import empty_like, load_model
 from onnxbn.runtime import check_batch_shape, model_input, open_model_data
 from onnxbn.runtimes import expose, open_session
@@ -76,20 +76,12 @@ class ReduceResult:
 def _between(model: onnx.ModelProto, cut: str, target: str, runtime_inputs: set[str]) -> list[onnx.NodeProto] | None:
     """The nodes (graph order) that compute `target` from `cut` and constants, or None when `cut` does
     not dominate `target` (a path from another run-time input, or `target` does not read `cut`)."""
-    needed, keep, read = {target}, [], set()
-    for node in reversed(model.graph.node):
-        if any(o in needed for o in node.output):
-            keep.append(node)
-            for name in reads(node):
-                read.add(name)
-                if name != cut:
-                    needed.add(name)
-    produced = {o for node in keep for o in node.output}
-    if cut not in read or cut in produced or target not in produced:
+    keep = GraphIndex(model).ancestors([target], stop=[cut])
+    read = {name for node in keep for name in reads(node)}
+    produced = {name for node in keep for name in node.output}
+    if cut not in read or cut in produced or target not in produced or (read - produced) & (runtime_inputs - {cut}):
         return None
-    if (needed - produced) & (runtime_inputs - {cut}):
-        return None
-    return keep[::-1]
+    return keep
 
 
 def _subgraph(model: onnx.ModelProto, nodes: list[onnx.NodeProto], cut: str, target: str, types: dict) -> onnx.ModelProto:
@@ -175,8 +167,8 @@ def reduce(reference, candidate, data, output=None, *, atol: float | None = None
     feed = model_input(ref)[0]
     ref_types, cand_types = value_types(ref), value_types(cand)
     ref_inputs, cand_inputs = {i.name for i in graph_inputs(ref)}, {i.name for i in graph_inputs(cand)}
-    shared = set(activation_names(ref)) & set(activation_names(cand))
-    order = [o for node in ref.graph.node for o in node.output if o in shared]
+    cand_activations = set(activation_names(cand))
+    order = [o for o in activation_names(ref) if o in cand_activations]  # shared, in the reference's node order
     cuts = [c for c in reversed(order[:order.index(target)] if target in order else order) if c != target] + [feed]
     ref_side = {"runtime": reference_runtime or runtime or "onnxruntime", "device": device, "precision": "f32"}
     for cut in cuts:
