@@ -25,6 +25,7 @@ _API = {
     "load_outputs": "onnxbn.golden",
     "fold_bn": "onnxbn.fold",
     "explain_fold": "onnxbn.fold",
+    "reduce": "onnxbn.reduction",
     "to_torch": "onnxbn.torch_import",
     "write_back": "onnxbn.torch_import",
     "finetune": "onnxbn.training",

@@ -23,9 +23,10 @@ and gates (median and p99 error, cosine, PSNR, top-k, ...); the report names the
 decided each output and each gate's value against its bound.
 The reference may be golden outputs stored earlier (onnxbn.golden, `save_outputs`): the
 candidate runs alone on the data they were made from, checked sample by sample by digest.
-`layerwise` runs the first few samples (LAYERWISE_SAMPLES) with every tensor name the
-two graphs share exposed and names the first one, in the reference's topological order,
-that fails the same rule.
+`layerwise` runs the first few samples (LAYERWISE_SAMPLES) with the activations the two graphs
+share exposed (not initializers or what constants alone compute), at most `max_marked` per
+session, and names the first one, in the reference's topological order, that fails the same
+rule; per tensor it reports max, mean and p99 |a - b| and the max relative error.
 
 Each side runs on a runtime of `onnxbn.runtimes` (onnxruntime by default; openvino,
 tract, reference), so one model can be checked on the runtime it ships to against
@@ -51,16 +52,16 @@ from typing import Iterator
 import numpy as np
 import onnx
 
+from onnxbn.activations import LAYERWISE_SAMPLES, MAX_MARKED, activation_names, chunks
 from onnxbn.errors import UserError
 from onnxbn.golden import GoldenOutputs, GoldenWriter, sample_digests
-from onnxbn.graph import FLOAT_TYPES, GraphIndex, graph_inputs, value_types
+from onnxbn.graph import FLOAT_TYPES, graph_inputs, value_types
 from onnxbn.modelio import load_model, load_structure, model_sha256
 from onnxbn.runtime import fit_batch_size, fixed_batch, model_input, open_model_data, run_batches
 from onnxbn.runtimes import (TOLERANCES, RuntimeInfo, check_runtime, expose, model_precision, open_session,
                              parse_runtime, tolerance_choice)
 from onnxbn.tolerances import QuantileGate, Rule, load_tolerances
 
-LAYERWISE_SAMPLES = 4  # every intermediate tensor is held at once: keep the batch small
 RANDOM_BATCH_BYTES = 2**30  # the most one batch of --random inputs may take (a sample over it is refused)
 
 
@@ -200,6 +201,22 @@ class OutputMetrics:
         return f"FAIL ({'; '.join(why)})"
 
 
+def _layerwise_text(layerwise: dict) -> str:
+    """'120 shared activations compared (2 passes, at most 64 exposed per session)'."""
+    passes = layerwise.get("passes", 1)
+    return (f"{layerwise['compared']} shared activations compared ({passes} pass{'es' if passes != 1 else ''}, "
+            f"at most {layerwise.get('max_marked', MAX_MARKED)} exposed per session)")
+
+
+def _tensor_stats(entry: dict) -> str:
+    """A layerwise tensor's statistics: 'max abs 4.5, mean abs 0.3, p99 abs 2.1, max rel 0.8' (or why not)."""
+    if "reason" in entry:
+        return entry["reason"]
+    return ", ".join(f"{label} {entry[key]:.3g}" for key, label in (
+        ("max_abs_error", "max abs"), ("mean_abs_error", "mean abs"), ("p99_abs_error", "p99 abs"),
+        ("max_rel_error", "max rel")))
+
+
 def _cell(metrics: dict, key: str, spec: str) -> str:
     """One table cell: the metric formatted, or '-' where the output has none (no classes, not numeric)."""
     return format(metrics[key], spec) if key in metrics else "-"
@@ -281,8 +298,8 @@ class Report:
             if not self.layerwise.get("available", True):
                 lines.append(f"layerwise: not available: {self.layerwise['reason']}")
             else:
-                lines.append(f"layerwise: {self.layerwise['compared']} shared tensors compared; "
-                             + (f"first divergence at {first['tensor']!r} (max abs {first['max_abs_error']:.3g})"
+                lines.append(f"layerwise: {_layerwise_text(self.layerwise)}; "
+                             + (f"first divergence at {first['tensor']!r} ({_tensor_stats(first)})"
                                 if first else "none diverges"))
         return "\n".join(lines)
 
@@ -337,15 +354,16 @@ class Report:
             if not self.layerwise.get("available", True):
                 lines.append(f"Layerwise: not available ({self.layerwise['reason']}).")
             else:
-                lines.append(f"Layerwise: {self.layerwise['compared']} shared tensors compared; " + (
-                    f"first divergence at `{first['tensor']}` (max abs {first['max_abs_error']:.3g})." if first
+                lines.append(f"Layerwise: {_layerwise_text(self.layerwise)}; " + (
+                    f"first divergence at `{first['tensor']}` ({_tensor_stats(first)})." if first
                     else "none diverges."))
         return "\n".join(lines) + "\n"
 
     def node_data(self) -> dict:
         """The layerwise errors as Model Explorer node data (one graph's `GraphNodeData`): `results`
         keyed by tensor name (Model Explorer matches a node by its output tensor names) with each
-        tensor's max relative error as `value`, and thresholds colouring a node green within the
+        tensor's max relative error as `value` (Model Explorer's schema takes one value per node; the
+        other statistics are in the JSON report), and thresholds colouring a node green within the
         relative tolerance, orange up to 100x it, red beyond. JSON has no infinity: inf becomes 1e308."""
         if not self.layerwise or not self.layerwise.get("tensors"):
             raise UserError("node data needs layerwise errors: add --layerwise (and models that share tensor names)")
@@ -359,8 +377,8 @@ class Report:
                                {"value": 1e308, "bgColor": "#ef9a9a"}]}
 
     def plot(self, path) -> None:
-        """Max relative error per shared tensor in the reference's topological order (log scale),
-        the relative tolerance as a line and the first divergence marked; a PNG at `path`."""
+        """Max relative error, p99 and mean |a-b| per shared tensor in the reference's topological order
+        (log scale), the relative tolerance as a line and the first divergence marked; a PNG at `path`."""
         if not self.layerwise or not self.layerwise.get("tensors"):
             raise UserError("--plot needs layerwise errors: add --layerwise")
         try:
@@ -375,13 +393,16 @@ class Report:
         values = [max(min(t.get("max_rel_error", math.inf), 1e6), floor) for t in tensors]
         fig, ax = plt.subplots(figsize=(max(6.0, 0.25 * len(values)), 4), dpi=100)
         ax.semilogy(range(len(values)), values, marker="o", markersize=3, linewidth=1, label="max rel error")
+        for key, label in (("p99_abs_error", "p99 |a-b|"), ("mean_abs_error", "mean |a-b|")):
+            ax.semilogy(range(len(values)), [max(min(t.get(key, math.inf), 1e6), floor) for t in tensors],
+                        linewidth=1, alpha=0.7, label=label)
         ax.axhline(max(self.rtol, floor), color="tab:orange", linestyle="--", label=f"rtol {self.rtol:g}")
         first = self.layerwise.get("first_divergence")
         if first is not None:
             i = next(k for k, t in enumerate(tensors) if t["tensor"] == first["tensor"])
             ax.axvline(i, color="tab:red", linewidth=1, label=f"first divergence: {first['tensor']}")
         ax.set_xlabel("shared tensor (reference's topological order)")
-        ax.set_ylabel(f"max |a-b| / max |a| (floor {floor:g})")
+        ax.set_ylabel(f"error (floor {floor:g})")
         ax.set_title("onnxbn check --layerwise: " + ("PASS" if self.passed else "FAIL"))
         ax.legend(loc="best", fontsize=8)
         fig.tight_layout()
@@ -474,39 +495,51 @@ def random_inputs(model: onnx.ModelProto, count: int, seed: int = 0, batch_size:
     return RandomInputs(tuple(dims), count, seed), min(batch_size, RANDOM_BATCH_BYTES // sample_bytes)
 
 
-def _layerwise(ref: onnx.ModelProto, cand: onnx.ModelProto, x: np.ndarray, feed_name: str, atol, rtol,
-               ref_side: dict, cand_side: dict, scaled: float = 0.0):
-    """Every float tensor the two graphs share, exposed as graph outputs and compared on the first inputs.
+LAYERWISE_STATS = ("max_abs_error", "mean_abs_error", "p99_abs_error", "max_rel_error")
 
-    `ref_side` / `cand_side`: open_session keyword arguments (runtime, device, precision). A
-    runtime that cannot load the exposed graph gives {"available": False, "reason": ...}.
+
+def _layerwise(ref: onnx.ModelProto, cand: onnx.ModelProto, x: np.ndarray, feed_name: str, atol, rtol,
+               ref_side: dict, cand_side: dict, scaled: float = 0.0, max_marked: int = MAX_MARKED):
+    """Every float activation the two graphs share (onnxbn.activations: not initializers, Constant
+    outputs or what is computed from them alone), compared on the first inputs under the same rule,
+    at most `max_marked` exposed per session (one run of both sides per group of tensors).
+
+    Per tensor: max, mean and 99th-percentile |a - b| (the percentile as the tolerance files' p99
+    gate computes it, at most 0.1 % low) and max |a - b| / max |a|. `ref_side` / `cand_side`:
+    open_session keyword arguments (runtime, device, precision). A runtime that cannot load the
+    exposed graph gives {"available": False, "reason": ...}.
     """
+    if max_marked < 1:
+        raise UserError(f"--max-marked must be at least 1 (got {max_marked})")
     ref_types, cand_types = value_types(ref), value_types(cand)
-    cand_outputs = GraphIndex(cand).producers
-    names = [o for o in GraphIndex(ref).producers  # in the reference's node order
-             if o in cand_outputs and o in ref_types and o in cand_types
+    cand_names = set(activation_names(cand))
+    names = [o for o in activation_names(ref)  # in the reference's node order
+             if o in cand_names and o in ref_types and o in cand_types
              and ref_types[o].tensor_type.elem_type in FLOAT_TYPES]
-    if not names:
-        return {"compared": 0, "first_divergence": None, "tensors": []}
-    values = []
-    for model, types, side in ((ref, ref_types, ref_side), (cand, cand_types, cand_side)):
-        try:
-            values.append(open_session(expose(model, names, types), **side).run(names, {feed_name: x}))
-        except UserError as exc:
-            return {"available": False, "compared": 0, "first_divergence": None, "tensors": [],
-                    "reason": f"{side['runtime']} cannot return this graph's intermediate tensors ({exc})"}
     tensors, first = [], None
-    for name, a, b in zip(names, *values):
-        m = OutputMetrics()
-        if a.shape != b.shape:
-            entry = {"tensor": name, "passed": False, "max_abs_error": math.inf, "reason": f"shape {a.shape} vs {b.shape}"}
-        else:
-            m.update(a, b, atol, rtol, scaled)
-            entry = {"tensor": name, "passed": m.passed, "max_abs_error": m.max_abs_error, "max_rel_error": m.max_rel_error}
-        tensors.append(entry)
-        if first is None and not entry["passed"]:
-            first = entry
-    out = {"compared": len(names), "first_divergence": first, "tensors": tensors}
+    for group in chunks(names, max_marked):
+        values = []
+        for model, types, side in ((ref, ref_types, ref_side), (cand, cand_types, cand_side)):
+            try:
+                values.append(open_session(expose(model, group, types), **side).run(group, {feed_name: x}))
+            except UserError as exc:
+                return {"available": False, "compared": 0, "first_divergence": None, "tensors": [],
+                        "reason": f"{side['runtime']} cannot return this graph's intermediate tensors ({exc})"}
+        for name, a, b in zip(group, *values):
+            if a.shape != b.shape:
+                entry = {"tensor": name, "passed": False, "max_abs_error": math.inf,
+                         "reason": f"shape {a.shape} vs {b.shape}"}
+            else:
+                m = OutputMetrics(quantiles={"p99_abs": QuantileGate(0.99, math.inf)})
+                m.update(a, b, atol, rtol, scaled)
+                stats = m.metrics()
+                entry = {"tensor": name, "passed": m.passed, **{k: stats[k] for k in LAYERWISE_STATS}}
+            tensors.append(entry)
+            if first is None and not entry["passed"]:
+                first = entry
+        del values
+    out = {"compared": len(names), "max_marked": max_marked, "passes": -(-len(names) // max_marked),
+           "first_divergence": first, "tensors": tensors}
     if {ref_side["runtime"], cand_side["runtime"]} - {"onnxruntime", "reference"}:
         out["method"] = ("intermediate tensors exposed as graph outputs: an optimising runtime may fuse less "
                          "around them than in the deployed graph")
@@ -587,7 +620,8 @@ def compare(reference, candidate, data=None, atol: float | None = None, rtol: fl
             seed: int = 0, limit: int | None = None, workers: int = 0, preset: str | None = None, strict: bool = False,
             min_samples: int = 1, *, runtime: str | None = None, reference_runtime: str | None = None,
             candidate_runtime: str | None = None, precision: str | None = None,
-            reference_precision: str | None = "f32", tolerances=None, save_outputs=None) -> Report:
+            reference_precision: str | None = "f32", tolerances=None, save_outputs=None,
+            max_marked: int = MAX_MARKED) -> Report:
     """Run both models on the same inputs and report how far apart their outputs are.
 
     `reference`/`candidate`: paths or ModelProtos with the same input and outputs;
@@ -611,6 +645,8 @@ def compare(reference, candidate, data=None, atol: float | None = None, rtol: fl
     were made from: a sample whose digest differs, or a different number of samples, is a UserError.
     The tolerance defaults then follow the runtime and precision the golden outputs record.
     `save_outputs`: also store the reference model's outputs there, as `save_outputs` does.
+    `layerwise`: also compare every shared activation on the first LAYERWISE_SAMPLES inputs, at most
+    `max_marked` exposed per runtime session (see _layerwise).
     """
     golden = reference if isinstance(reference, GoldenOutputs) else None
     if runtime is not None and (reference_runtime is not None or candidate_runtime is not None):
@@ -703,7 +739,8 @@ def compare(reference, candidate, data=None, atol: float | None = None, rtol: fl
                     golden=golden.summary() if golden is not None else None)
     if layerwise and first_batch is not None:
         report.layerwise = _layerwise(ref, cand, first_batch[:LAYERWISE_SAMPLES], feed_name, atol, rtol,
-                                      dict(ref_side, folder=ref_folder), dict(cand_side, folder=cand_folder), scaled)
+                                      dict(ref_side, folder=ref_folder), dict(cand_side, folder=cand_folder), scaled,
+                                      max_marked)
     return report
 
 

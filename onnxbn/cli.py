@@ -17,6 +17,7 @@ import os
 import sys
 from pathlib import Path
 
+from onnxbn.activations import LAYERWISE_SAMPLES, MAX_MARKED
 from onnxbn.data import PRESETS
 from onnxbn.errors import UserError
 from onnxbn.runtime import DEVICES, quiet_onnxruntime
@@ -263,7 +264,10 @@ PRECISION = arg("--precision", choices=PRECISION_CHOICES,
              "(.npz, or a new folder in ONNX's test-data layout); the candidate is optional"),
          arg("--reference-outputs", metavar="FILE.npz|DIR", help="compare the candidate with golden outputs stored "
              "by --save-outputs (or an ONNX test-data folder) instead of running a reference model"),
-         arg("--layerwise", action="store_true", help="also compare every shared tensor and name the first divergence"),
+         arg("--layerwise", action="store_true", help="also compare every shared activation (max, mean, p99 and "
+             "relative error) and name the first divergence"),
+         arg("--max-marked", type=int, default=MAX_MARKED, metavar="N", help="with --layerwise: at most N tensors "
+             f"exposed per runtime session (more take more passes; default {MAX_MARKED})"),
          arg("--report", help="write the report as JSON here"), arg("--junit", help="write a JUnit XML report here"),
          arg("--summary-md", metavar="FILE", help="write a short Markdown summary here (also appended to "
              "$GITHUB_STEP_SUMMARY when that is set)"),
@@ -325,7 +329,7 @@ def cmd_check(args) -> int:
         return 0
     reference = load_outputs(args.reference_outputs) if args.reference_outputs else args.models[0]
     report = compare(reference, args.models[-1], atol=args.atol, rtol=args.rtol, device=args.device,
-                     layerwise=args.layerwise, runtime=args.runtime, reference_runtime=args.reference_runtime,
+                     layerwise=args.layerwise, max_marked=args.max_marked, runtime=args.runtime, reference_runtime=args.reference_runtime,
                      candidate_runtime=args.candidate_runtime, precision=args.precision,
                      reference_precision=args.reference_precision, tolerances=args.tolerances,
                      save_outputs=args.save_outputs, **options)
@@ -347,6 +351,43 @@ def cmd_check(args) -> int:
         with atomic_path(args.plot, suffix=".png") as tmp:
             report.plot(tmp)
     return 0 if report.passed else 1
+
+
+@command(arg("reference", help="reference ONNX model"), arg("candidate", help="candidate ONNX model"),
+         arg("--data", required=True, help="image folder or .npz of inputs (the first --samples are used)"),
+         arg("--samples", type=int, default=LAYERWISE_SAMPLES,
+             help=f"inputs to reduce on, each fed its own values (default: {LAYERWISE_SAMPLES})"),
+         arg("--preset", choices=PRESETS, help="image preprocessing (default: from the model's metadata, else imagenet)"),
+         arg("-o", "--output", dest="repro", required=True,
+             help="new folder for the repro: ref.onnx, cand.onnx, inputs.npz"),
+         RUNTIME_TOLERANCE, DEVICE,
+         arg("--runtime", help=f"run both models here: {RUNTIME_HELP}"),
+         arg("--reference-runtime", help=f"run the reference here (default: onnxruntime): {RUNTIME_HELP}"),
+         arg("--candidate-runtime", help=f"run the candidate here (default: onnxruntime): {RUNTIME_HELP}"),
+         PRECISION,
+         arg("--max-marked", type=int, default=MAX_MARKED, metavar="N",
+             help=f"at most N tensors exposed per runtime session while finding the divergence (default: {MAX_MARKED})"))
+def cmd_reduce(args) -> int:
+    """Find the smallest subgraph on which the candidate still fails: exit 1 with a repro written, 0 when
+    nothing fails, 2 on bad input.
+
+    Starts from the first diverging shared tensor (as check --layerwise finds it), cuts both graphs
+    to the nodes between one tensor every path to it passes through and that tensor, feeds each
+    sample the reference's own value of that tensor, and grows the cut until the failure stays.
+    Writes ref.onnx, cand.onnx and inputs.npz (keyed by the subgraph input's name) to the folder
+    and prints the `onnxbn check` line that replays it."""
+    from onnxbn.reduction import reduce
+
+    result = reduce(args.reference, args.candidate, args.data, args.repro, atol=args.atol, rtol=args.rtol,
+                    samples=args.samples, preset=args.preset, device=args.device, runtime=args.runtime,
+                    reference_runtime=args.reference_runtime, candidate_runtime=args.candidate_runtime,
+                    precision=args.precision, max_marked=args.max_marked)
+    print(result.summary())
+    if not result.failing:
+        return 0
+    print(result.report.table())
+    print(f"reproduce: {result.command}")
+    return 1
 
 
 @command(arg("model", help="ONNX model (typically with BN from `onnxbn insert`)"),

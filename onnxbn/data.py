@@ -123,16 +123,19 @@ def _mmap_npz(path: Path, key: str) -> np.ndarray | None:
     return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
 
 
-def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+def _load_npz(path: Path, input_name: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """(x, y or None): the inputs are `x`, or the array named `input_name` (the model's input, as
+    `onnxbn reduce` writes them)."""
     try:
         with np.load(path, allow_pickle=False) as npz:
             keys = set(npz.files)
-            if "x" not in keys:
+            key = "x" if "x" in keys or input_name not in keys else input_name
+            if key not in keys:
                 raise UserError(f"{path}: no array 'x' in the .npz (found: {', '.join(sorted(keys)) or 'nothing'}); "
                                 "store inputs as x=(N,C,H,W) float32")
-            x = _mmap_npz(path, "x")
+            x = _mmap_npz(path, key)
             if x is None:
-                x = npz["x"]
+                x = npz[key]
             y = npz["y"] if "y" in keys else None
     except UserError:
         raise
@@ -566,9 +569,11 @@ def source_id(files: list[str] | None, root: Path | None, array: np.ndarray | No
 
 
 def open_data(data, *, preset: str | None = None, size: int = 224, limit: int | None = None,
-              seed: int = 0, shard: str | tuple[int, int] | None = None) -> Dataset | Stream:
+              seed: int = 0, shard: str | tuple[int, int] | None = None,
+              input_name: str | None = None) -> Dataset | Stream:
     """A Dataset from a folder, a .npz path or a numpy array (x) / (x, y) tuple; a Stream from a
     torch Dataset, a DataLoader or any iterable of batches (see Stream); a tuple is always (x, y).
+    A .npz without `x` may hold the inputs under `input_name` (the model's input tensor name).
 
     `limit` takes a seeded, class-balanced random sample; `shard` "I/N" then keeps
     every N-th item starting at I, so N shards partition the (limited) data.
@@ -600,7 +605,7 @@ def open_data(data, *, preset: str | None = None, size: int = 224, limit: int | 
             if preset not in PRESETS:
                 raise UserError(f"unknown preset {preset!r}: use one of {', '.join(PRESETS)}")
         elif path.suffix.lower() == ".npz" and path.is_file():
-            array, labels = _load_npz(path)
+            array, labels = _load_npz(path, input_name)
         elif not path.exists():
             raise UserError(f"{path}: no such file or folder")
         else:

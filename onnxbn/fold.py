@@ -11,6 +11,9 @@ without padding: padded zeros would not receive the shift t. Gemm's alpha and be
 into W and C (and then dropped). All arithmetic is float64, cast once to each tensor's dtype;
 a shared weight is copied, never changed in place. A BN that cannot be folded exactly stays,
 and `explain_fold` says why.
+Every tensor name keeps its value (a folded layer writes the BN's output name; tensors that
+now hold other values are renamed: `<name>/pre_bn` before a forward-folded BN, `<name>/bn_folded`
+for a MatMul folded with its bias Add), so `check --layerwise` compares like with like.
 """
 
 from __future__ import annotations
@@ -383,22 +386,41 @@ def _apply(g: _Graph, bn: onnx.NodeProto, plan: _Plan) -> None:
     kept = [a for a in layer.attribute if not (layer.op_type == "Gemm" and a.name in ("alpha", "beta"))]
     del layer.attribute[:]
     layer.attribute.extend(kept)
-    _remove_bn(g, bn)
+    _remove_bn(g, bn, plan)
 
 
-def _remove_bn(g: _Graph, bn: onnx.NodeProto) -> None:
-    """Drop the BN; its readers read its input, or, when its output is a graph output, the
-    producer of its input writes that name (graph output names never change)."""
+def _remove_bn(g: _Graph, bn: onnx.NodeProto, plan: _Plan) -> None:
+    """Drop the BN so that every tensor name keeps its value. Backward: the layer (or the Add after
+    a MatMul) writes the BN's output name; its own output, which only the BN read, goes. Forward:
+    the BN's readers read its input, and the tensors between it and the layer (Dropout, Identity,
+    Flatten, Reshape outputs), which now hold values before the BN, are renamed `<name>/pre_bn`
+    (none is a graph output: such a BN does not fold forward). A MatMul whose bias Add takes the
+    BN's shift computes other values now: its output becomes `<name>/bn_folded`. Graph output
+    names never change."""
     x, y = bn.input[0], bn.output[0]
-    if y in g.outputs:
+    if plan.direction == "backward":
         producer = g.producers[x]
         producer.output[list(producer.output).index(x)] = y
         g.drop_value_info(x)
     else:
+        tensor = y
+        while (node := next(n for n in g.consumers[tensor] if n.op_type not in SHAPE_ONLY)) is not plan.layer:
+            tensor = node.output[0]
+            _rename_output(g, node, g.unique_name(f"{tensor}/pre_bn"))
         g.replace_uses(y, x)
         g.drop_value_info(y)
+    if plan.layer is not plan.bias_node:  # a MatMul before its bias Add: it computes other values now
+        _rename_output(g, plan.layer, g.unique_name(f"{plan.layer.output[0]}/bn_folded"))
     g.graph.node.remove(bn)
     g.touched.update(bn.input[1:])
+
+
+def _rename_output(g: _Graph, node: onnx.NodeProto, name: str) -> None:
+    """`node`'s first output (not a graph output) and its reads become `name`."""
+    old = node.output[0]
+    g.replace_uses(old, name)
+    node.output[0] = name
+    g.drop_value_info(old)
 
 
 @dataclass

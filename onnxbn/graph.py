@@ -271,13 +271,14 @@ class GraphIndex:
             self.refresh()
             dead = {i for node in gone for i in node.input if i and not self.read_count.get(i)}
 
-    def ancestors(self, wanted: Iterable[str]) -> list[onnx.NodeProto]:
-        """The nodes (in graph order) that `wanted` tensors depend on, subgraph reads followed."""
-        needed, keep = set(wanted), []
+    def ancestors(self, wanted: Iterable[str], stop: Iterable[str] = ()) -> list[onnx.NodeProto]:
+        """The nodes (in graph order) that `wanted` tensors depend on, subgraph reads followed; the
+        producers of `stop` tensors (and what only they need) are left out."""
+        needed, keep, stop = set(wanted), [], set(stop)
         for node in reversed(self.graph.node):
             if any(o in needed for o in node.output):
                 keep.append(node)
-                needed.update(reads(node))
+                needed.update(n for n in reads(node) if n not in stop)
         return keep[::-1]
 
     def sort(self) -> None:

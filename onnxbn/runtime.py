@@ -229,9 +229,10 @@ def check_batch_shape(x: np.ndarray, shape: list, source: str) -> None:
 
 
 def open_model_data(model: onnx.ModelProto, data, *, preset=None, limit=None, seed=0, shard=None):
-    """open_data with the preset and image size taken from the model when not given."""
+    """open_data with the preset and image size taken from the model when not given, and a .npz's
+    inputs found under `x` or the model's input name."""
     return open_data(data, preset=preset or metadata(model).get("onnxbn.preset") or "imagenet",
-                     size=image_size_for(model), limit=limit, seed=seed, shard=shard)
+                     size=image_size_for(model), limit=limit, seed=seed, shard=shard, input_name=model_input(model)[0])
 
 
 def progress(total: int, desc: str, unit: str = "img"):

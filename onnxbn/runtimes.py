@@ -15,7 +15,10 @@ A runtime is named `NAME` or `NAME:DEVICE`:
                   AVX512-BF16/AMX, emulated on plain AVX-512), f32 elsewhere. A hint the CPU
                   cannot honour is ignored by OpenVINO: the precision it reports back is
                   the one recorded (and `RuntimeInfo.note` says what was asked).
-    tract         CPU (the `tract` wheel, sonos/tract); the model's own types.
+                  Dynamic dimensions compile as they are (OpenVINO resolves them per request).
+    tract         CPU (the `tract` wheel, sonos/tract); the model's own types. tract runs only
+                  determined input shapes: a model whose inputs are not all fixed is built for
+                  the shapes and types each batch brings (explicit input facts, one build held).
     reference     `onnx.reference.ReferenceEvaluator`: numpy, slow, independent of every
                   optimising runtime; the model's own types.
 
@@ -241,14 +244,26 @@ class OpenVinoSession(Session):
 
 
 class TractSession(Session):
-    def __init__(self, model, info, runnable, feed_order):
+    """`runnable` for a model whose inputs are all fixed; otherwise `build(facts)` makes one per set of
+    feed shapes (tract needs every input's shape determined: the data gives it)."""
+
+    def __init__(self, model, info, runnable, feed_order, build=None):
         super().__init__(model, info)
         self.runnable = runnable
         self.feed_order = feed_order
+        self._build = build
+        self._by_shapes: dict = {}
 
     def run(self, fetch, feeds):
+        arrays = [np.ascontiguousarray(feeds[n]) for n in self.feed_order]
+        runnable = self.runnable
+        if runnable is None:
+            key = tuple((a.shape, a.dtype.str) for a in arrays)
+            if key not in self._by_shapes:
+                self._by_shapes = {key: self._build([tract_fact(a) for a in arrays])}  # one shape set held
+            runnable = self._by_shapes[key]
         try:
-            values = [t.to_numpy() for t in self.runnable.run([np.ascontiguousarray(feeds[n]) for n in self.feed_order])]
+            values = [t.to_numpy() for t in runnable.run(arrays)]
         except Exception as exc:
             raise self._run_error(exc) from exc
         return self._select(fetch, values)
@@ -377,19 +392,56 @@ def _cpu_flags() -> frozenset:
     return frozenset()
 
 
+def fixed_inputs(model: onnx.ModelProto) -> bool:
+    """True when every run-time input's shape is known: every dimension a number."""
+    from onnxbn.graph import graph_inputs, tensor_shape
+
+    shapes = [tensor_shape(i.type) for i in graph_inputs(model)]
+    return all(shape is not None and all(isinstance(d, int) and d > 0 for d in shape) for shape in shapes)
+
+
+_TRACT_TYPES = {"float32": "f32", "float64": "f64", "float16": "f16", "int64": "i64", "int32": "i32",
+                "int16": "i16", "int8": "i8", "uint8": "u8", "uint16": "u16", "bool": "bool"}
+
+
+def tract_fact(array: np.ndarray) -> str:
+    """tract's input fact for `array`: '2,3,224,224,f32'."""
+    kind = _TRACT_TYPES.get(array.dtype.name)
+    if kind is None:
+        raise UserError(f"tract: onnxbn cannot give tract an input of type {array.dtype.name}")
+    return ",".join([*map(str, array.shape), kind])
+
+
 def _open_tract(model, device, requested, threads):
+    """A model whose inputs are all fixed is built once; any other is built for each set of input shapes
+    the data brings (tract's explicit input facts), as tract cannot run an undetermined input."""
     tract = runtime_module("tract")
     from onnxbn.graph import graph_inputs
 
     workdir, path = _write(model)
+
+    def build(facts=()):
+        try:
+            inference = tract.onnx().load(path)
+            for i, fact in enumerate(facts):
+                inference.set_input_fact(i, fact)
+            return inference.into_model().into_runnable()
+        except Exception as exc:
+            raise load_error("tract", exc, model) from exc
+
     try:
-        with workdir:
-            runnable = tract.onnx().load(path).into_model().into_runnable()
-    except Exception as exc:
-        raise load_error("tract", exc, model) from exc
+        runnable = build() if fixed_inputs(model) else None
+    except UserError:
+        workdir.cleanup()
+        raise
+    if runnable is not None:
+        workdir.cleanup()
     info = RuntimeInfo("tract", runtime_version("tract"), "cpu", model_precision(model), requested,
                        model_precision(model), provider="CPU (default runtime, one thread)")
-    return TractSession(model, info, runnable, [i.name for i in graph_inputs(model)])
+    session = TractSession(model, info, runnable, [i.name for i in graph_inputs(model)],
+                           None if runnable is not None else build)
+    session._workdir = workdir  # the model file the builds read: kept until the session goes
+    return session
 
 
 def _open_reference(model, device, requested, threads):

@@ -382,3 +382,46 @@ def test_fold_is_exact_property(kind, forward, seed, out_ch, in_ch, kernel, grou
         b.bn(y, out_ch, "bn", out="y")
     check_fold(b.model(inputs, outputs), 0)
     assert verdicts(b.model(inputs, outputs)) == [("bn", "folded", "lin", "forward" if forward else "backward")]
+
+
+# ----------------------------------------------------------------------------- tensor names after a fold
+
+def test_folded_tensor_names_keep_their_values_so_layerwise_finds_no_divergence():
+    """Conv -> BN (backward fold), Relu -> BN -> Flatten -> Gemm (forward fold), a MatMul+Add -> BN:
+    every name the folded model shares with the original holds the same values (numpy judges on
+    both graphs with every shared tensor exposed), the BN outputs included, and check --layerwise
+    agrees."""
+    import onnxbn
+
+    b = Builder(3)
+    y = b.bn(b.conv("input", 3, 4, "conv", pad=0), 4, "bn1", out="bn1_out")
+    y = b.bn(b.node("Relu", [y], "relu"), 4, "bn2", out="bn2_out")
+    y = b.node("Flatten", [y], "flat")
+    y = b.node("Relu", [b.gemm(y, 4 * 4 * 4, 6, "fc")], "relu_fc")
+    y = b.node("Add", [b.node("MatMul", [y, b.weight("mm.W", (6, 5))], "mm"), b.weight("mm.b", (5,))], "mm_add")
+    y = b.bn(y, 5, "bn3", out="bn3_out")
+    y = b.bn(b.node("Relu", [y], "relu3"), 5, "bn4")
+    b.node("Add", [b.node("MatMul", [y, b.weight("mm2.W", (5, 5))], "mm2"), b.weight("mm2.b", (5,))],
+           "logits")
+    model = b.model({"input": ["N", 3, 6, 6]}, {"logits": ["N", 5]})
+    folded = fold_bn(model)
+    assert bn_count(folded) == 0 and [d["direction"] for d in explain_fold(model)] == ["backward", "forward",
+                                                                                       "backward", "forward"]
+    x = np.random.default_rng(0).standard_normal((4, 3, 6, 6)).astype(np.float32)
+
+    def all_values(m):
+        m2 = onnx.ModelProto()
+        m2.CopyFrom(m)
+        names = [o for n in m2.graph.node for o in n.output if o not in {v.name for v in m2.graph.output}]
+        m2.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names)
+        return dict(zip([o.name for o in m2.graph.output], run(m2, {"input": x})))
+
+    before, after = all_values(model), all_values(folded)
+    shared = sorted(set(before) & set(after))
+    assert {"bn1_out", "relu", "bn3_out", "logits"} <= set(shared)
+    assert not {"flat", "mm", "mm2"} & set(shared)  # renamed: they hold other values now
+    for name in shared:
+        assert rel_error(before[name], after[name]) <= FLOAT32_BOUND, name
+    report = onnxbn.compare(model, folded, x, batch_size=4, layerwise=True)
+    assert report.passed and report.layerwise["first_divergence"] is None
+    assert sorted(t["tensor"] for t in report.layerwise["tensors"]) == shared

@@ -124,6 +124,43 @@ def test_fold_verify_on_every_runtime_writes_only_when_all_pass(models, tmp_path
     assert "verify on tract:" in out and "on openvino; nothing written" in err
 
 
+# ----------------------------------------------------------------------------- shapes from the data
+
+def dynamic_hw_net() -> onnx.ModelProto:
+    """Conv+BN+Relu, GlobalAveragePool, Flatten, Gemm with batch, height and width left unnamed
+    (no dim_param: tract alone cannot determine them)."""
+    n = Net(7, bn=BN_WIDE)
+    y = n.node("Relu", [n.bn(n.conv("input", 3, 6, "conv"), 6, "bn")], "relu")
+    n.gemm(n.node("Flatten", [n.node("GlobalAveragePool", [y], "gap")], "flat"), 6, 4, "fc", out="logits")
+    return n.model({"input": [None, 3, None, None]}, {"logits": [None, 4]}, 13)
+
+
+@pytest.mark.parametrize("runtime", [pytest.param("tract", marks=needs["tract"]),
+                                     pytest.param("openvino", marks=needs["openvino"])])
+def test_dynamic_height_and_width_check_and_fold_on_the_runtime(tmp_path, capsys, runtime):
+    path, out_path = tmp_path / "dyn.onnx", tmp_path / "deploy.onnx"
+    model = dynamic_hw_net()
+    onnx.save(model, str(path))
+    x = inputs_for([3, 10, 13], 5, seed=3)  # 5 samples at batch size 2: batches of 2, 2 and 1
+    np.savez(tmp_path / "x.npz", x=x)
+    code, out, err = run(capsys, "check", path, path, "--data", tmp_path / "x.npz", "--batch-size", "2",
+                         "--candidate-runtime", runtime, "--precision", "f32", "--report", tmp_path / "r.json")
+    assert code == 0, err
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["samples"] == 5 and report["runtimes"]["candidate"]["runtime"] == runtime
+    code, out, err = run(capsys, "fold", path, "--data", tmp_path / "x.npz", "--batch-size", "2", "--verify-on",
+                         runtime, "--precision", "f32", "-o", out_path)
+    assert code == 0, err
+    # the folded model on the runtime, at two more shapes, against the unfolded model on onnxruntime
+    session = open_session(onnx.load(str(out_path)), runtime, precision="f32")
+    for shape in ((2, 3, 10, 13), (1, 3, 7, 5)):
+        xs = inputs_for(shape[1:], shape[0], seed=4)
+        want = open_session(model).run(["logits"], {"input": xs})[0]
+        got = session.run(["logits"], {"input": xs})[0]
+        assert got.shape == (shape[0], 4)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- precision
 
 @needs["openvino"]
