@@ -124,7 +124,7 @@ def split_model(model: onnx.ModelProto, node_name: str) -> tuple[onnx.ModelProto
                 n = onnx.helper.make_node("Shape", [cut], list(n.output), name=n.name, start=0, end=1)
             suffix_nodes.append(n)
             needed.update(reads(n))
-    crossing = sorted(needed & {i.name for i in graph_inputs(model)})
+    crossing = sorted(needed & inputs)
     if crossing:
         raise UserError(f"--freeze-through {node_name!r}: the layers after it also read what comes before it (through "
                         f"{crossing[0]!r}, not only {cut!r}); choose a node that all later layers depend on alone")
