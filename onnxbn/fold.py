@@ -88,7 +88,7 @@ class _Graph(GraphIndex):
                 self.producers[name].op_type not in _COMPUTED:
             return
         node.input[slot] = self.add_initializer(self.constant(name), name)
-        todo = [name]
+        todo, freed = [name], set()
         while todo:
             self.refresh()
             producer = self.producers.get(todo.pop())
@@ -97,7 +97,8 @@ class _Graph(GraphIndex):
                 continue
             self.graph.node.remove(producer)
             todo.extend(i for i in producer.input if i)
-        self.refresh()
+            freed.update(producer.input)
+        self.prune(freed)  # the chain's initializers nothing else reads
 
     def shape(self, name: str) -> list | None:
         return tensor_shape(self.types.get(name))
