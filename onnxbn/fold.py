@@ -9,7 +9,9 @@ tensor becomes features c*H*W .. (c+1)*H*W - 1) it folds forward: W' = W*s along
 channels and b' = b + W t. Forward folding is exact for Gemm and MatMul, and for a Conv only
 without padding: padded zeros would not receive the shift t. Gemm's alpha and beta are baked
 into W and C (and then dropped). All arithmetic is float64, cast once to each tensor's dtype;
-a shared weight is copied, never changed in place. A BN that cannot be folded exactly stays,
+a shared weight is copied, never changed in place. A bias that Shape/Expand/CastLike compute from
+fixed tensors (torch's dynamo exporter without its optimizer writes zero biases so) counts as fixed:
+it becomes an initializer and its chain goes. A BN that cannot be folded exactly stays,
 and `explain_fold` says why.
 """
 
