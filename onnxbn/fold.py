@@ -9,7 +9,9 @@ tensor becomes features c*H*W .. (c+1)*H*W - 1) it folds forward: W' = W*s along
 channels and b' = b + W t. Forward folding is exact for Gemm and MatMul, and for a Conv only
 without padding: padded zeros would not receive the shift t. Gemm's alpha and beta are baked
 into W and C (and then dropped). All arithmetic is float64, cast once to each tensor's dtype;
-a shared weight is copied, never changed in place. A BN that cannot be folded exactly stays,
+a shared weight is copied, never changed in place. A bias that Shape/Expand/CastLike compute from
+fixed tensors (torch's dynamo exporter without its optimizer writes zero biases so) counts as fixed:
+it becomes an initializer and its chain goes. A BN that cannot be folded exactly stays,
 and `explain_fold` says why.
 Every tensor name keeps its value (a folded layer writes the BN's output name; tensors that
 now hold other values are renamed: `<name>/pre_bn` before a forward-folded BN, `<name>/bn_folded`
@@ -23,11 +25,14 @@ from typing import Iterator
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from onnxbn.graph import FLOAT_TYPES, GraphIndex, require_opset, tensor_shape, value_types
 from onnxbn.model import Model
 from onnxbn.modelio import memory_stub, set_metadata
 
+# Ops whose value `_Graph.constant` computes from fixed tensors (a bias as torch's dynamo exporter writes it).
+_COMPUTED = {"Shape", "Expand", "CastLike"}
 # Ops a BN output may pass through on its way to the layer it folds forward into.
 PASSTHROUGH = {"Dropout", "Identity", "Flatten", "Reshape"}
 SHAPE_ONLY = {"Shape", "Size"}
@@ -48,6 +53,56 @@ class _Graph(GraphIndex):
 
     def array(self, name: str) -> np.ndarray:
         return self.constant_array(name).astype(np.float64)
+
+    def constant(self, name: str) -> onnx.TensorProto | None:
+        """GraphIndex.constant, and also what Shape, Expand and CastLike compute from fixed tensors:
+        torch's dynamo exporter without its optimizer writes a Conv's zero bias as
+        Expand(CastLike(0, x), Expand(Shape(W, end=1), [1])) (CastLike reads x's element type only)."""
+        tensor = super().constant(name)
+        node = self.producers.get(name)
+        if tensor is not None or node is None or node.op_type not in _COMPUTED:
+            return tensor
+        if node.op_type == "Shape":
+            shape = self.shape(node.input[0])
+            if shape is None or not all(isinstance(d, int) for d in shape):
+                return None
+            value = np.array(shape[_attr(node, "start", 0):_attr(node, "end", len(shape))], np.int64)
+        else:
+            value, other = self.constant_array(node.input[0]), node.input[1]
+            if value is None:
+                return None
+            if node.op_type == "CastLike":
+                elem = self.types[other].tensor_type.elem_type if other in self.types else 0
+                if not elem:
+                    return None
+                value = value.astype(onnx.helper.tensor_dtype_to_np_dtype(elem))
+            else:
+                shape = self.constant_array(other)
+                if shape is None:
+                    return None
+                value = value * np.ones(shape.astype(np.int64), value.dtype)  # Expand broadcasts both ways
+        return numpy_helper.from_array(value, name)
+
+    def own_bias(self, node: onnx.NodeProto, slot: int) -> None:
+        """A computed bias (`constant`'s Shape/Expand/CastLike chain) becomes an initializer of its own,
+        and the nodes that computed it go once nothing else reads them (so the layer's weight, which
+        the chain's Shape read, is written in place)."""
+        name = node.input[slot]
+        if name in self.initializers or self.producers.get(name) is None or \
+                self.producers[name].op_type not in _COMPUTED:
+            return
+        node.input[slot] = self.add_initializer(self.constant(name), name)
+        todo, freed = [name], set()
+        while todo:
+            self.refresh()
+            producer = self.producers.get(todo.pop())
+            if producer is None or producer.op_type not in _COMPUTED | {"Constant"} or \
+                    any(self.read_count.get(o) or o in self.outputs for o in producer.output):
+                continue
+            self.graph.node.remove(producer)
+            todo.extend(i for i in producer.input if i)
+            freed.update(producer.input)
+        self.prune(freed)  # the chain's initializers nothing else reads
 
     def shape(self, name: str) -> list | None:
         return tensor_shape(self.types.get(name))
@@ -356,6 +411,8 @@ def _part(index: np.ndarray, where: tuple) -> np.ndarray:
 
 def _apply(g: _Graph, bn: onnx.NodeProto, plan: _Plan) -> None:
     layer = plan.layer
+    if plan.bias_slot < len(plan.bias_node.input) and plan.bias_node.input[plan.bias_slot]:
+        g.own_bias(plan.bias_node, plan.bias_slot)
     weight = g.constant(layer.input[1])
     layout = _layout(layer, tuple(weight.dims))
     bias_name = plan.bias_node.input[plan.bias_slot] if plan.bias_slot < len(plan.bias_node.input) else ""

@@ -111,15 +111,21 @@ def split_model(model: onnx.ModelProto, node_name: str) -> tuple[onnx.ModelProto
     the initializers and constants of the layers after the cut, float Constant nodes turned into
     initializers of their output's name (so weights exporters keep in Constant nodes train; write-back
     puts them back into their nodes). Refused: a cut that is not the
-    only tensor the layers after it read from before it (a skip connection across the cut)."""
+    only tensor the layers after it read from before it (a skip connection across the cut). The batch
+    size read from the model's input (`Shape(input, start=0, end=1)`, as torch's dynamo exporter writes
+    `x.size(0)`) is read from `cut` instead: one feature row per sample, the same batch size."""
     node = next(n for n in model.graph.node if n.name == node_name)
     cut = node.output[0]
     needed, suffix_nodes = {o.name for o in model.graph.output}, []
+    inputs = {i.name for i in graph_inputs(model)}
     for n in reversed(model.graph.node):
         if cut not in n.output and any(o in needed for o in n.output):
+            if n.op_type == "Shape" and n.input[0] in inputs and \
+                    {(a.name, a.i) for a in n.attribute} in ({("end", 1)}, {("start", 0), ("end", 1)}):
+                n = onnx.helper.make_node("Shape", [cut], list(n.output), name=n.name, start=0, end=1)
             suffix_nodes.append(n)
             needed.update(reads(n))
-    crossing = sorted(needed & {i.name for i in graph_inputs(model)})
+    crossing = sorted(needed & inputs)
     if crossing:
         raise UserError(f"--freeze-through {node_name!r}: the layers after it also read what comes before it (through "
                         f"{crossing[0]!r}, not only {cut!r}); choose a node that all later layers depend on alone")
@@ -158,6 +164,7 @@ class Features:
     y: np.ndarray
     hit: bool
     seconds: float = 0.0
+    input_shape: list[int] | None = None  # one input sample's shape (None: an entry of an earlier release)
 
 
 def _run_prefix(prefix, dataset, folder: Path, batch_size: int, device, workers: int, desc: str, shape):
@@ -187,6 +194,7 @@ def _run_prefix(prefix, dataset, folder: Path, batch_size: int, device, workers:
     features.flush()
     labels.flush()
     (folder / "meta.json").write_text(json.dumps({"samples": written, "shape": list(features.shape[1:]),
+                                                  "input_shape": list(x.shape[1:]),
                                                   "skipped": dataset.skipped[:20]}))
     return written
 
@@ -213,10 +221,11 @@ def cached_features(prefix, dataset, key: str, cache_dir: Path, batch_size: int,
     else:
         hit = True
         log.info("feature cache hit: %s", entry)
-    samples = json.loads((entry / "meta.json").read_text())["samples"]
-    x = np.load(entry / "features.npy", mmap_mode="r")[:samples]
-    y = np.load(entry / "labels.npy", mmap_mode="r")[:samples]
-    return Features(x, np.asarray(y), hit, 0.0 if hit else round(time.perf_counter() - started, 3))
+    meta = json.loads((entry / "meta.json").read_text())
+    x = np.load(entry / "features.npy", mmap_mode="r")[:meta["samples"]]
+    y = np.load(entry / "labels.npy", mmap_mode="r")[:meta["samples"]]
+    return Features(x, np.asarray(y), hit, 0.0 if hit else round(time.perf_counter() - started, 3),
+                    meta.get("input_shape"))
 
 
 # ----------------------------------------------------------------------------- training
@@ -450,7 +459,8 @@ def finetune_model(model: Model, train, val=None, *, epochs: int = 1, lr: float 
             temp.cleanup()
     module.eval()
     written = _write_back_suffix(module, Model(suffix_model, model.arrays, folder), model)
-    probe = _probe(prefix, module, dev, input_shape, proto) if rank == 0 else WriteBackProbe(reason="rank > 0")
+    probe = _probe(prefix, module, dev, input_shape, proto, sets["train"].input_shape) if rank == 0 else \
+        WriteBackProbe(reason="rank > 0")
     result_log.update({
         "freeze_through": node, "output": kind, "output_read_by": how,
         "import_seconds": round(imported, 3),
@@ -575,13 +585,16 @@ class WriteBackProbe:
         return {"checked": True, "max_rel_error": error}
 
 
-def _probe(prefix, module, device, input_shape, proto, samples: int = 4) -> WriteBackProbe:
+def _probe(prefix, module, device, input_shape, proto, seen: list[int] | None, samples: int = 4) -> WriteBackProbe:
     """The model's outputs on `samples` seeded random inputs as fine-tuning computes them (the prefix in
     onnxruntime, `prefix` = (session, input name, cut), then the trained torch `module`), for the
-    write-back gate."""
+    write-back gate. A dimension the model leaves open (dynamic H and W) takes the size of the
+    training inputs (`seen`: one sample's shape)."""
     import torch
 
     dims = [d if isinstance(d, int) and d > 0 else None for d in input_shape[1:]]
+    if seen is not None and len(seen) == len(dims):
+        dims = [s if d is None else d for d, s in zip(dims, seen)]
     if any(d is None for d in dims):
         return WriteBackProbe(reason="input shape is not fixed")
     session, name, cut = prefix

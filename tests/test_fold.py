@@ -425,3 +425,35 @@ def test_folded_tensor_names_keep_their_values_so_layerwise_finds_no_divergence(
     report = onnxbn.compare(model, folded, x, batch_size=4, layerwise=True)
     assert report.passed and report.layerwise["first_divergence"] is None
     assert sorted(t["tensor"] for t in report.layerwise["tensors"]) == shared
+
+
+def test_bias_computed_as_dynamo_writes_it_folds():
+    """torch's dynamo exporter without its optimizer writes a Conv's zero bias as
+    Expand(CastLike(0, x), Expand(Shape(W, end=1), [1])): the BN folds (it was kept: "Conv bias is not an
+    initializer"), the chain goes, and the weight is written in place (one copy, not two)."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.array([1], np.int64), "one"),
+             numpy_helper.from_array(rng.uniform(0.5, 1.5, 4).astype(np.float32), "scale"),
+             numpy_helper.from_array(rng.normal(0, 0.3, 4).astype(np.float32), "shift"),
+             numpy_helper.from_array(rng.normal(0, 0.3, 4).astype(np.float32), "mean"),
+             numpy_helper.from_array(rng.uniform(0.5, 2.0, 4).astype(np.float32), "var")]
+    nodes = [helper.make_node("Shape", ["w"], ["cout"], start=0, end=1),
+             helper.make_node("Expand", ["cout", "one"], ["bias_shape"]),
+             helper.make_node("Constant", [], ["zero"], value=numpy_helper.from_array(np.array(0.0, np.float32))),
+             helper.make_node("CastLike", ["zero", "x"], ["zero_like"]),
+             helper.make_node("Expand", ["zero_like", "bias_shape"], ["bias"]),
+             helper.make_node("Conv", ["x", "w", "bias"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c", "scale", "shift", "mean", "var"], ["b"], name="bn"),
+             helper.make_node("Relu", ["b"], ["y"])]
+    model = helper.make_model(
+        helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])], inits),
+        opset_imports=[helper.make_opsetid("", 20)])
+    folded = fold_bn(model)
+    onnx.checker.check_model(folded)
+    assert [n.op_type for n in folded.graph.node] == ["Conv", "Relu"]
+    assert len(folded.graph.initializer) == 2 and "w" in {t.name for t in folded.graph.initializer}  # and the bias
+    x = np.random.default_rng(1).standard_normal((4, 3, 8, 8)).astype(np.float32)
+    expected = make_session(model, "cpu").run(None, {"x": x})[0]
+    assert rel_error(expected, make_session(folded, "cpu").run(None, {"x": x})[0]) <= 1e-6

@@ -1357,3 +1357,30 @@ def test_initializer_of_an_unsupported_type_refused():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
     with pytest.raises(UserError, match=r"\(Cast, opset 21\): initializer 'w': INT4 tensors are not supported"):
         to_torch(model)
+
+
+def test_parameter_passed_on_by_identity_is_one_tied_parameter():
+    """torch's exporter writes a parameter equal to another (two LayerNorms at their default init) as an
+    Identity of the first. Both layers hold that one Parameter, so a trained value is what onnxruntime
+    computes with after write-back (the second layer held a frozen copy: 0.06 apart after training)."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.uniform(0.5, 1.5, 8).astype(np.float32), "s"),
+             numpy_helper.from_array(rng.normal(0, 0.3, 8).astype(np.float32), "b")]
+    nodes = [helper.make_node("Identity", ["s"], ["s2"]), helper.make_node("Identity", ["b"], ["b2"]),
+             helper.make_node("LayerNormalization", ["x", "s", "b"], ["y"], name="ln1"),
+             helper.make_node("LayerNormalization", ["y", "s2", "b2"], ["z"], name="ln2")]
+    model = helper.make_model(
+        helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                          [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", 8])], inits),
+        opset_imports=[helper.make_opsetid("", 17)])
+    module = to_torch(model)
+    assert sorted(p.numel() for p in module.parameters()) == [8, 8]  # one scale, one bias: shared
+    with torch.no_grad():
+        for p in module.parameters():
+            p.mul_(2.0).add_(0.25)
+    x = rng.standard_normal((4, 8)).astype(np.float32)
+    written = write_back(module, model)
+    got = make_session(written, "cpu").run(None, {"x": x})[0]
+    with torch.no_grad():
+        expected = module(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)

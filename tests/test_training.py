@@ -7,7 +7,7 @@ import json
 import numpy as np
 import onnx
 import pytest
-from onnx import helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 import onnxbn
 from onnxbn.cli import main
@@ -317,3 +317,36 @@ def test_weights_in_constant_nodes_train_and_go_back_into_their_nodes(tmp_path):
         assert value(written, trained).dtype == np.float32
         assert not np.array_equal(value(written, trained), value(model, trained))
     assert result.log["write_back_check"]["checked"] is True
+
+
+def test_dynamo_batch_size_and_dynamic_hw_pass_the_write_back_gate():
+    """A model with dynamic batch, H and W whose head reshapes to (Shape(input)[0:1], -1), as torch's dynamo
+    exporter writes x.view(x.size(0), -1): fine-tuning past the first Conv reads the batch size from the cut
+    (it was refused: the layers read 'input'), and the write-back gate runs at the training inputs' H and W
+    (it was skipped: "input shape is not fixed")."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.normal(0, 0.3, (4, 4, 1, 1)).astype(np.float32), "w2"),
+             numpy_helper.from_array(np.array([-1], np.int64), "minus1"),
+             numpy_helper.from_array(rng.normal(0, 0.3, (3, 4)).astype(np.float32), "fc"),
+             numpy_helper.from_array(np.zeros(3, np.float32), "fc_b")]
+    nodes = [helper.make_node("Shape", ["x"], ["n"], name="batch", start=0, end=1),
+             helper.make_node("Conv", ["x", "w"], ["c"], name="stem", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "w2"], ["c2"], name="conv2"),
+             helper.make_node("GlobalAveragePool", ["c2"], ["p"], name="gap"),
+             helper.make_node("Concat", ["n", "minus1"], ["shape"], name="shape", axis=0),
+             helper.make_node("Reshape", ["p", "shape"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "fc", "fc_b"], ["logits"], name="fc", transB=1)]
+    model = helper.make_model(
+        helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])], inits),
+        opset_imports=[helper.make_opsetid("", 17)])
+    x = rng.standard_normal((8, 3, 12, 12)).astype(np.float32)
+    y = rng.integers(0, 3, 8)
+    result = onnxbn.finetune(model, (x, y), epochs=1, lr=1e-2, batch_size=4, device="cpu", freeze_through="stem")
+    assert result.log["write_back_check"]["checked"]
+    assert result.log["write_back_check"]["max_rel_error"] <= 1e-5
+    written = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}
+    assert not np.array_equal(written["w2"], numpy_helper.to_array(inits[1]))  # trained past the cut
+    assert [n.input for n in result.model.graph.node] == [n.input for n in model.graph.node]  # graph unchanged

@@ -110,6 +110,7 @@ class _Importer:
         self.onnx_names: dict[str, str] = {}
         self.onnx_tensors: dict[str, str] = {}
         self.recorded: set[str] = set()
+        self.aliases: dict[str, str] = {}  # Identity output -> the initializer it passes on
         self.types = value_types(model)
         self.producers = GraphIndex(model).producers  # tensor name -> the node that produces it
         self.node: onnx.NodeProto | None = None
@@ -121,6 +122,7 @@ class _Importer:
     def value(self, name: str):
         if not name:
             return None
+        name = self.aliases.get(name, name)
         if name in self.env:
             return self.env[name]
         if name in self.param_keys:  # a weight also used as a plain value elsewhere
@@ -237,6 +239,11 @@ class _Importer:
                 self.graph.call_function(_cast, (ph, torch.int64))
             inputs.append(vi.name)
         for self.index, node in enumerate(g.node):
+            if any(i in self.aliases for i in node.input):
+                node = _reading_through(node, self.aliases)
+            if node.op_type == "Identity" and node.input[0] in self.inits:
+                self.aliases[node.output[0]] = node.input[0]
+                continue
             self.node = node
             label = f"cannot import node {node.name!r} ({node.op_type}, opset {self.opset})"
             if node.domain not in ("", "ai.onnx"):
@@ -275,6 +282,16 @@ class _Importer:
                      "onnx_inputs": inputs, "onnx_outputs": [vi.name for vi in g.output],
                      "onnx_opset": self.opset, "onnx_structure": _structure_key(self.model)})
         return gm
+
+
+def _reading_through(node: onnx.NodeProto, aliases: dict[str, str]) -> onnx.NodeProto:
+    """A copy of `node` that reads each initializer passed on by an Identity (torch's exporter writes one
+    for a parameter equal to another) from the initializer itself: both layers then hold the one
+    Parameter, trained once and written back once, as the ONNX graph shares it."""
+    copy = onnx.NodeProto()
+    copy.CopyFrom(node)
+    copy.input[:] = [aliases.get(i, i) for i in node.input]
+    return copy
 
 
 def _run_time_helpers() -> tuple[Callable, ...]:
