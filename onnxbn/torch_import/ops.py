@@ -21,6 +21,7 @@ from torch import nn
 
 from onnxbn.model import Model
 from onnxbn.modelio import tensor_array
+from onnxbn.torch_import.narrow import NARROW
 
 
 # ONNX element type -> torch dtype of its values inside an imported module, for the types the
@@ -39,6 +40,7 @@ DTYPES = {
 FLOAT8 = {onnx.TensorProto.FLOAT8E4M3FN: torch.float8_e4m3fn, onnx.TensorProto.FLOAT8E4M3FNUZ: torch.float8_e4m3fnuz,
           onnx.TensorProto.FLOAT8E5M2: torch.float8_e5m2, onnx.TensorProto.FLOAT8E5M2FNUZ: torch.float8_e5m2fnuz}
 DTYPES |= FLOAT8
+DTYPES |= NARROW  # 4/2-bit integers and floats, FLOAT8E8M0: carried in a wider dtype (see narrow.py)
 
 # ============================================================================ modules
 
@@ -461,6 +463,8 @@ def _to_tensor(proto: onnx.TensorProto, model: Model | None = None) -> torch.Ten
         return torch.from_numpy(arr.astype(np.int64))
     if proto.data_type == onnx.TensorProto.BFLOAT16:
         return torch.from_numpy(arr.astype(np.float32)).to(torch.bfloat16)
+    if proto.data_type in NARROW:
+        return torch.from_numpy(arr.astype(torch.empty(0, dtype=NARROW[proto.data_type]).numpy().dtype))
     if proto.data_type in FLOAT8:  # ml_dtypes' array: its bytes, seen as the torch type
         return torch.from_numpy(np.array(arr.view(np.uint8), copy=True)).view(FLOAT8[proto.data_type])
     # an array read from a file is already ours; one that views the proto's bytes is copied
