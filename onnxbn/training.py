@@ -355,7 +355,8 @@ class FinetuneReport:
         past 1e-5; the result goes to log["write_back_check"]."""
         from onnxbn.runtime import make_session
 
-        self.log["write_back_check"] = self.probe.check(lambda: make_session(written, "cpu"))
+        # a session that runs one probe: opened without repacking its weights for speed
+        self.log["write_back_check"] = self.probe.check(lambda: make_session(written, "cpu", prepack=False))
 
 
 def finetune_model(model: Model, train, val=None, *, epochs: int = 1, lr: float = 1e-5, batch_size: int = 64,
