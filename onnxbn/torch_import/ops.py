@@ -495,7 +495,7 @@ def _to_tensor(proto: onnx.TensorProto, model: Model | None = None) -> torch.Ten
     if proto.data_type == onnx.TensorProto.BFLOAT16:
         return torch.from_numpy(arr.astype(np.float32)).to(torch.bfloat16)
     if proto.data_type in NARROW:
-        return torch.from_numpy(arr.astype(torch.empty(0, dtype=NARROW[proto.data_type]).numpy().dtype))
+        return torch.from_numpy(arr.astype(np.float32)).to(NARROW[proto.data_type])  # each value exact in both
     if proto.data_type in FLOAT8:  # ml_dtypes' array: its bytes, seen as the torch type
         return torch.from_numpy(np.array(arr.view(np.uint8), copy=True)).view(FLOAT8[proto.data_type])
     # an array read from a file is already ours; one that views the proto's bytes is copied
