@@ -23,15 +23,9 @@ conformance = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(conformance)
 
 # (pattern on the refusal, reason). Each is a deliberate gap, not a blanket except.
-_LOW_PRECISION = r"(FLOAT8E8M0|FLOAT4E2M1|U?INT4|U?INT2)"
 REFUSALS: list[tuple[str, str]] = [
-    (rf"element type {_LOW_PRECISION} is not supported|(to|target_type)={_LOW_PRECISION} is not supported",
-     "e8m0, 4-bit float and 4/2-bit integer types (quantization formats) are out of scope"),
     (r"element type STRING is not supported", "string tensors are out of scope"),
     (r"not a tensor is not supported", "sequence and optional values are out of scope"),
-    (r"BatchNormalization, opset \d+\): training outputs",
-     "BatchNormalization's training-mode outputs are out of scope"),
-    (r"MaxPool, opset \d+\): the Indices output", "MaxPool's Indices output is out of scope"),
 ]
 
 
@@ -79,7 +73,7 @@ def test_conformance_summary():
     assert not failed, summary + "\nfailed: " + ", ".join(failed)
     assert all(_expected_refusal(results[k]) for k in refused), summary
     assert passed >= 0.95 * (n - len(refused) - random), summary
-    assert n >= 1000 and passed >= 0.9 * n, summary  # the op coverage of issue 22 stays
+    assert n >= 1000 and passed >= 0.95 * n, summary  # issue 22's target: >= 95% of all the cases pass
 
 
 def test_table_counts_every_case_once():

@@ -88,8 +88,16 @@ _FLOAT8 = {np.dtype(ml_dtypes.float8_e4m3fn): torch.float8_e4m3fn, np.dtype(ml_d
            np.dtype(ml_dtypes.float8_e5m2fnuz): torch.float8_e5m2fnuz}
 
 
+# types narrower than torch's: carried in a wider dtype holding their values (onnxbn/torch_import/narrow.py)
+_NARROW = {np.dtype(ml_dtypes.int4): np.int8, np.dtype(ml_dtypes.int2): np.int8,
+           np.dtype(ml_dtypes.uint4): np.uint8, np.dtype(ml_dtypes.uint2): np.uint8,
+           np.dtype(ml_dtypes.float4_e2m1fn): np.float32, np.dtype(ml_dtypes.float8_e8m0fnu): np.float32}
+
+
 def _tensor(v) -> torch.Tensor:
     a = _array(v)
+    if a.dtype in _NARROW:
+        a = a.astype(_NARROW[a.dtype])
     if a.dtype == ml_dtypes.bfloat16:
         return torch.from_numpy(a.astype(np.float32)).to(torch.bfloat16)
     if a.dtype in _FLOAT8:
@@ -109,6 +117,8 @@ def _compare(got, expected, case) -> str | None:
             g, e = g.float(), e.astype(np.float32)
         elif e.dtype in _FLOAT8 and g.dtype == _FLOAT8[e.dtype]:  # compare the 8-bit patterns' values
             g, e = g.float(), e.astype(np.float32)
+        elif e.dtype in _NARROW:  # the values, in their carrier
+            e = e.astype(_NARROW[e.dtype])
         g = g.detach().cpu().numpy()
         if g.dtype != e.dtype:
             return f"output {i} dtype {g.dtype} != {e.dtype}"

@@ -29,6 +29,7 @@ from onnxbn.torch_import.ops import (
     OnnxGemm,
     OnnxMatMul,
     _BatchNormAnyD,
+    _batch_norm_training,
     _clip,
     _constant_of_shape,
     _conv,
@@ -38,6 +39,7 @@ from onnxbn.torch_import.ops import (
     _global_pool,
     _ints,
     _lrn,
+    _max_pool_indices,
     _pad,
     _pad_same,
     _pad_spatial,
@@ -138,10 +140,6 @@ def _conv_op(ctx: _Importer, a: dict):
 
 def _pool_op(ctx: _Importer, a: dict, kind: str):
     node = ctx.node
-    if len([o for o in node.output if o]) > 1:
-        ctx.fail("the Indices output is not supported")
-    if int(a.get("storage_order", 0)) and len(node.output) > 1:
-        ctx.fail("storage_order with Indices")
     kernel = list(a["kernel_shape"])
     nd = len(kernel)
     if nd not in (1, 2, 3):
@@ -150,6 +148,11 @@ def _pool_op(ctx: _Importer, a: dict, kind: str):
     ceil_mode = int(a.get("ceil_mode", 0))
     cip = int(a.get("count_include_pad", 0))
     x = ctx.inp(0)
+    if len(node.output) > 1 and node.output[1]:  # MaxPool's Indices
+        both = ctx.call(_max_pool_indices, x, kernel, strides, pads, dilations, ceil_mode, auto_pad,
+                        int(a.get("storage_order", 0)))
+        return [both[i] if isinstance(both, tuple) else ctx.graph.call_function(operator.getitem, (both, i))
+                for i in (0, 1)]
     static = _static_pads(ctx, node.input[0], kernel, strides, dilations, pads, auto_pad)
     if static is not None and static[0] == static[1]:
         pad = static[0]
@@ -397,15 +400,17 @@ def _dropout_op(ctx: _Importer, a: dict):
 @_op("BatchNormalization")
 def _bn_op(ctx: _Importer, a: dict):
     node = ctx.node
-    if len([o for o in node.output if o]) > 1:
-        ctx.fail("training outputs (running mean/var, saved mean/var) are not supported")
-    if int(a.get("training_mode", 0)):
-        ctx.fail("training_mode=1 is not supported")
     if ctx.opset < 9 and not int(a.get("spatial", 1)):
         ctx.fail("spatial=0 is not supported")
     # attributes are float32: 0.9f -> 0.10000002; keep the decimal the exporter meant
     eps = float(f"{float(a.get('epsilon', 1e-5)):.7g}")
     momentum = float(f"{float(a.get('momentum', 0.9)):.7g}")
+    if int(a.get("training_mode", 0)):  # opset 14+: batch statistics, and the updated running ones
+        outs = ctx.call(_batch_norm_training, *(ctx.inp(i) for i in range(5)), eps, momentum)
+        return [outs[i] if isinstance(outs, tuple) else ctx.graph.call_function(operator.getitem, (outs, i))
+                for i in range(3)]
+    if len([o for o in node.output if o]) > 1:
+        ctx.fail("training outputs (running mean/var, saved mean/var) are not supported")
     names = list(node.input[1:5])
     if all(ctx.is_weight(n) for n in names):
         scale, bias = ctx.param(names[0]), ctx.param(names[1])

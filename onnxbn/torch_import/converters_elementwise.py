@@ -24,6 +24,7 @@ from onnxbn.torch_import.functional import (
     _selu,
     _thresholded_relu,
 )
+from onnxbn.torch_import.narrow import NARROW, _cast_narrow
 from onnxbn.torch_import.ops import DTYPES, OnnxPRelu, _cast, _prelu
 
 if TYPE_CHECKING:
@@ -126,14 +127,21 @@ def torch_dtype(ctx: _Importer, elem_type: int, what: str) -> torch.dtype:
 
 @_op("Cast")
 def _cast_op(ctx: _Importer, a: dict):
-    """Cast to `to` (see `ops._cast`; `saturate`, from opset 19, concerns 8-bit floats only)."""
-    return ctx.call(_cast, ctx.inp(0), torch_dtype(ctx, int(a["to"]), "to"), bool(int(a.get("saturate", 1))))
+    """Cast to `to` (see `ops._cast`, and `narrow._cast_narrow` for the types narrower than a byte and
+    FLOAT8E8M0; `saturate`, from opset 19, concerns 8-bit floats only; `round_mode` FLOAT8E8M0 only)."""
+    return _cast_to(ctx, ctx.inp(0), int(a["to"]), "to", a)
+
+
+def _cast_to(ctx: _Importer, x, elem: int, what: str, a: dict):
+    saturate = bool(int(a.get("saturate", 1)))
+    if elem in NARROW:
+        return ctx.call(_cast_narrow, x, elem, saturate, a.get("round_mode", "up"))
+    return ctx.call(_cast, x, torch_dtype(ctx, elem, what), saturate)
 
 
 @_op("CastLike")
 def _cast_like_op(ctx: _Importer, a: dict):
     target = ctx.elem_type(ctx.node.input[1])
     if target is not None:
-        return ctx.call(_cast, ctx.inp(0), torch_dtype(ctx, target, "target_type"),
-                        bool(int(a.get("saturate", 1))))
+        return _cast_to(ctx, ctx.inp(0), target, "target_type", a)
     return ctx.call(_cast_like, ctx.inp(0), ctx.inp(1))

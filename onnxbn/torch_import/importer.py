@@ -35,7 +35,7 @@ from onnxbn.graph import (
 )
 from onnxbn.model import Model
 from onnxbn.torch_import.converters import _CONVERTERS
-from onnxbn.torch_import import functional, ops, resize
+from onnxbn.torch_import import functional, narrow, ops, resize
 from onnxbn.torch_import.ops import DTYPES, UNSIGNED_WIDE, _cast, _to_tensor
 
 _RESERVED = set(dir(fx.GraphModule)) | {"onnx_names", "onnx_tensors", "onnx_inputs", "onnx_outputs",
@@ -295,9 +295,9 @@ def _reading_through(node: onnx.NodeProto, aliases: dict[str, str]) -> onnx.Node
 
 
 def _run_time_helpers() -> tuple[Callable, ...]:
-    """The module-level functions of ops, functional and resize that generated code calls."""
+    """The module-level functions of ops, functional, resize and narrow that generated code calls."""
     found = []
-    for mod in (ops, functional, resize):
+    for mod in (ops, functional, resize, narrow):
         found += [f for name, f in vars(mod).items()
                   if name.startswith("_") and inspect.isfunction(f) and f.__module__ == mod.__name__]
     return tuple(found)

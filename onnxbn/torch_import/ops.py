@@ -21,6 +21,7 @@ from torch import nn
 
 from onnxbn.model import Model
 from onnxbn.modelio import tensor_array
+from onnxbn.torch_import.narrow import NARROW
 
 
 # ONNX element type -> torch dtype of its values inside an imported module, for the types the
@@ -39,6 +40,7 @@ DTYPES = {
 FLOAT8 = {onnx.TensorProto.FLOAT8E4M3FN: torch.float8_e4m3fn, onnx.TensorProto.FLOAT8E4M3FNUZ: torch.float8_e4m3fnuz,
           onnx.TensorProto.FLOAT8E5M2: torch.float8_e5m2, onnx.TensorProto.FLOAT8E5M2FNUZ: torch.float8_e5m2fnuz}
 DTYPES |= FLOAT8
+DTYPES |= NARROW  # 4/2-bit integers and floats, FLOAT8E8M0: carried in a wider dtype (see narrow.py)
 
 # ============================================================================ modules
 
@@ -264,6 +266,48 @@ def _conv_transpose(x, w, b, strides, dilations, group, pads=None, output_paddin
     return y
 
 
+def _pool_geometry(x, kernel, strides, pads, dilations, ceil_mode, auto_pad):
+    """(begin pads, end pads, output sizes, extra end padding that completes the last window) per axis."""
+    begins, ends = _resolve_pads(x, kernel, strides, pads, dilations, auto_pad)
+    eff = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]
+    ceil_mode = bool(ceil_mode) and auto_pad not in ("SAME_UPPER", "SAME_LOWER")
+    outs, extra = [], []
+    for n, b, e, k, s in zip((int(n) for n in x.shape[2:]), begins, ends, eff, strides):
+        span = n + b + e - k
+        out = (-(-span // s) if ceil_mode else span // s) + 1
+        if ceil_mode and (out - 1) * s >= n + b:
+            out -= 1
+        out = max(out, 0)
+        outs.append(out)
+        extra.append(max(0, (out - 1) * s + k - (n + b + e)))
+    return begins, ends, outs, extra
+
+
+def _max_pool_indices(x, kernel, strides, pads, dilations, ceil_mode, auto_pad="NOTSET", storage_order=0):
+    """ONNX MaxPool's (Y, Indices): each index counts over the whole input tensor, the planes (n, c) in
+    order and, within a plane, the spatial position row-major (storage_order 0) or column-major (1).
+
+    torch gives each maximum's position within its plane of the explicitly padded input (the first of
+    equal maxima in scan order, as onnx's reference); it is moved back by the begin pads and flattened
+    in the asked order, plus the plane's offset n*C*S + c*S (S: the plane's size)."""
+    nd = len(kernel)
+    spatial = [int(n) for n in x.shape[2:]]
+    begins, ends, outs, extra = _pool_geometry(x, kernel, strides, pads, dilations, ceil_mode, auto_pad)
+    low = float("-inf") if x.is_floating_point() else torch.iinfo(x.dtype).min
+    padded = _pad_spatial(x, begins, [e + x_ for e, x_ in zip(ends, extra)], low)
+    y, where = _MAXPOOL_FN[nd](padded, kernel, strides, 0, dilations, return_indices=True)
+    for axis, out in enumerate(outs):
+        y, where = y.narrow(2 + axis, 0, out), where.narrow(2 + axis, 0, out)
+    coords = torch.unravel_index(where, tuple(padded.shape[2:]))
+    order = range(nd) if storage_order else reversed(range(nd))  # fastest-varying axis first
+    index, step = torch.zeros_like(where), 1
+    for axis in order:
+        index = index + (coords[axis] - begins[axis]) * step
+        step *= spatial[axis]
+    planes = torch.arange(x.shape[0] * x.shape[1], device=x.device).reshape(x.shape[0], x.shape[1], *([1] * nd))
+    return y, index + planes * step
+
+
 def _pool(x, kind, kernel, strides, pads, dilations, ceil_mode, count_include_pad, auto_pad="NOTSET"):
     """ONNX MaxPool/AveragePool for any padding, dilation and ceil mode.
 
@@ -275,18 +319,7 @@ def _pool(x, kind, kernel, strides, pads, dilations, ceil_mode, count_include_pa
     """
     nd = len(kernel)
     spatial = [int(n) for n in x.shape[2:]]
-    begins, ends = _resolve_pads(x, kernel, strides, pads, dilations, auto_pad)
-    eff = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]
-    ceil_mode = bool(ceil_mode) and auto_pad not in ("SAME_UPPER", "SAME_LOWER")
-    outs, extra = [], []
-    for n, b, e, k, s in zip(spatial, begins, ends, eff, strides):
-        span = n + b + e - k
-        out = (-(-span // s) if ceil_mode else span // s) + 1
-        if ceil_mode and (out - 1) * s >= n + b:
-            out -= 1
-        out = max(out, 0)
-        outs.append(out)
-        extra.append(max(0, (out - 1) * s + k - (n + b + e)))
+    begins, ends, outs, extra = _pool_geometry(x, kernel, strides, pads, dilations, ceil_mode, auto_pad)
     ends_x = [e + x_ for e, x_ in zip(ends, extra)]
     if kind == "max":
         low = float("-inf") if x.is_floating_point() else torch.iinfo(x.dtype).min
@@ -461,6 +494,8 @@ def _to_tensor(proto: onnx.TensorProto, model: Model | None = None) -> torch.Ten
         return torch.from_numpy(arr.astype(np.int64))
     if proto.data_type == onnx.TensorProto.BFLOAT16:
         return torch.from_numpy(arr.astype(np.float32)).to(torch.bfloat16)
+    if proto.data_type in NARROW:
+        return torch.from_numpy(arr.astype(np.float32)).to(NARROW[proto.data_type])  # each value exact in both
     if proto.data_type in FLOAT8:  # ml_dtypes' array: its bytes, seen as the torch type
         return torch.from_numpy(np.array(arr.view(np.uint8), copy=True)).view(FLOAT8[proto.data_type])
     # an array read from a file is already ours; one that views the proto's bytes is copied
@@ -489,6 +524,20 @@ def _layer_norm(x, scale, bias, axis, eps, stats=False):
         y = y + bias
     y = y.to(x.dtype)
     return (y, mean.to(x.dtype), inv.to(x.dtype)) if stats else y
+
+
+def _batch_norm_training(x, scale, bias, mean, var, eps, momentum):
+    """ONNX BatchNormalization with training_mode=1: (Y, running_mean, running_var), where
+    Y = (x - m) / sqrt(v + eps) * scale + bias with m, v the batch's mean and population variance per
+    channel (axis 1), and running_mean = mean * momentum + m * (1 - momentum), likewise running_var."""
+    xs = _stash(x)
+    dims = [d for d in range(x.dim()) if d != 1]
+    m = xs.mean(dims)
+    v = ((xs - _channel_view(m, x)) ** 2).mean(dims)
+    y = (xs - _channel_view(m, x)) * torch.rsqrt(_channel_view(v, x) + eps) * _channel_view(scale, x) \
+        + _channel_view(bias, x)
+    return (y.to(x.dtype), (mean * momentum + m * (1 - momentum)).to(mean.dtype),
+            (var * momentum + v * (1 - momentum)).to(var.dtype))
 
 
 def _channel_view(v, x):
