@@ -465,18 +465,19 @@ RECALIBRATE_DATA = InputData(required=True, workers="pool", data_help="data to r
          arg("--nodes", help="BatchNormalization node names, comma separated (default: all)"),
          arg("--cache-mb", type=float, default=1024.0,
              help="exact mode: keep up to this many MiB of activations between passes (default: 1024; 0 = none)"),
-         arg("--prior", default="0",
+         arg("--prior", default="2n",
              help="the old statistics count as this many samples against the n new images (mean and variance of "
-                  "the mixture; default 0: the new statistics only). BNs whose old mean/var are computed at run "
-                  "time keep the new ones. auto (needs --eval): the best of 0, n/4, n, 4n, 16n on --eval"),
+                  "the mixture), a number or a multiple of n (default 2n: keeps a narrow in-domain set from "
+                  "hurting; 0: the new statistics only, to adapt to a shift). BNs whose old mean/var are computed "
+                  "at run time keep the new ones. auto (needs --eval): the best of 0, n/4, n, 4n, 16n on --eval"),
          arg("--eval", dest="eval_data", metavar="DATA",
              help="labelled data (class folders or .npz with x, y): top-1 and loss before and after are reported, "
                   "and nothing is written when top-1 drops by more than --max-drop"),
          arg("--max-drop", type=float, default=0.5,
              help="with --eval: the largest top-1 drop, in points, that is still written (default 0.5)"),
-         arg("--var-floor", type=float, default=0.0,
+         arg("--var-floor", type=float, default=0.01,
              help="a channel whose new variance is below this fraction of its old one keeps the fraction times "
-                  "the old variance (e.g. 0.01; default 0 = off, the exact fixed point): a channel constant on the new data would otherwise "
+                  "the old variance (default 0.01; 0 = off): a channel constant on the new data would otherwise "
                   "get variance 0 and divide old-domain inputs by sqrt(eps)"),
          arg("--json", action="store_true", help="print the report as JSON"),
          DEVICE, OUTPUT)
