@@ -536,42 +536,6 @@ def cmd_fold(args) -> int:
     return 0
 
 
-def _recalibration_guard(args, model, folder, report, auto: bool) -> dict:
-    """--eval: top-1/loss of the original and the recalibrated model on labelled data (training.evaluate);
-    with --prior auto, the measured statistics are blended per grid point (cheap: the measurement does not
-    depend on the prior) and the best top-1 (then lowest loss) is kept in `model`."""
-    import onnx
-
-    from onnxbn.modelio import materialize
-    from onnxbn.recalibration import _apply_prior
-    from onnxbn.training import evaluate
-
-    def score():
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-        return evaluate(materialize(copy, folder=folder), args.eval_data, device=args.device)
-
-    before = evaluate(args.model, args.eval_data, device=args.device)
-    lines, n = [], report.samples
-    if auto:
-        grid = []
-        for prior in (0.0, n / 4, float(n), 4.0 * n, 16.0 * n):
-            report.prior_not_applied, report.floored = _apply_prior(model, report.bns, prior, n, args.var_floor)
-            r = score()
-            grid.append((prior, r))
-            lines.append(f"  prior {prior:g}: top-1 {100 * r['top1']:.2f}%, loss {r['loss']:.4f}")
-        best_prior, after = max(grid, key=lambda g: (g[1]["top1"], -g[1]["loss"]))
-        report.prior_not_applied, report.floored = _apply_prior(model, report.bns, best_prior, n, args.var_floor)
-        report.prior, report.var_floor = best_prior, args.var_floor
-        lines.insert(0, f"--prior auto on {args.eval_data} (n = {n}): chose {best_prior:g}")
-    else:
-        after = score()
-    drop = 100 * (before["top1"] - after["top1"])
-    lines.append(f"eval on {args.eval_data}: top-1 {100 * before['top1']:.2f}% -> {100 * after['top1']:.2f}%, "
-                 f"loss {before['loss']:.4f} -> {after['loss']:.4f}")
-    return {"before": before, "after": after, "drop": drop, "refused": drop > args.max_drop, "text": "\n".join(lines)}
-
-
 RECALIBRATE_DATA = InputData(required=True, workers="pool", data_help="data to recalibrate on, labels unused "
                              "(image folder or .npz with x)")
 
@@ -583,18 +547,19 @@ RECALIBRATE_DATA = InputData(required=True, workers="pool", data_help="data to r
          arg("--nodes", help="BatchNormalization node names, comma separated (default: all)"),
          arg("--cache-mb", type=float, default=1024.0,
              help="exact mode: keep up to this many MiB of activations between passes (default: 1024; 0 = none)"),
-         arg("--prior", default="0",
+         arg("--prior", default="2n",
              help="the old statistics count as this many samples against the n new images (mean and variance of "
-                  "the mixture; default 0: the new statistics only). BNs whose old mean/var are computed at run "
-                  "time keep the new ones. auto (needs --eval): the best of 0, n/4, n, 4n, 16n on --eval"),
+                  "the mixture), a number or a multiple of n (default 2n: keeps a narrow in-domain set from "
+                  "hurting; 0: the new statistics only, to adapt to a shift). BNs whose old mean/var are computed "
+                  "at run time keep the new ones. auto (needs --eval): the best of 0, n/4, n, 4n, 16n on --eval"),
          arg("--eval", dest="eval_data", metavar="DATA",
              help="labelled data (class folders or .npz with x, y): top-1 and loss before and after are reported, "
                   "and nothing is written when top-1 drops by more than --max-drop"),
          arg("--max-drop", type=float, default=0.5,
              help="with --eval: the largest top-1 drop, in points, that is still written (default 0.5)"),
-         arg("--var-floor", type=float, default=0.0,
+         arg("--var-floor", type=float, default=0.01,
              help="a channel whose new variance is below this fraction of its old one keeps the fraction times "
-                  "the old variance (e.g. 0.01; default 0 = off, the exact fixed point): a channel constant on the new data would otherwise "
+                  "the old variance (default 0.01; 0 = off): a channel constant on the new data would otherwise "
                   "get variance 0 and divide old-domain inputs by sqrt(eps)"),
          arg("--json", action="store_true", help="print the report as JSON"),
          DEVICE, OUTPUT)
@@ -613,33 +578,21 @@ def cmd_recalibrate(args) -> int:
     from onnxbn.recalibration import recalibrate_lazily
 
     refuse_overwrite(args.output, [args.model, args.data], args.force)
-    auto = args.prior.strip().lower() == "auto"
-    if auto and not args.eval_data:
-        raise UserError("--prior auto picks the prior on labelled data: give --eval DATA")
-    try:
-        prior = 0.0 if auto else float(args.prior)
-    except ValueError:
-        raise UserError(f"--prior: {args.prior!r} is neither a number nor auto") from None
     model, folder, report = recalibrate_lazily(args.model, mode=args.mode, nodes=args.nodes, device=args.device,
-                                               cache_mb=args.cache_mb, prior=prior,
-                                               var_floor=0.0 if auto else args.var_floor,
+                                               cache_mb=args.cache_mb, prior=args.prior, var_floor=args.var_floor,
+                                               eval_data=args.eval_data, max_drop=args.max_drop,
                                                **RECALIBRATE_DATA.options(args))
-    guard = _recalibration_guard(args, model, folder, report, auto) if args.eval_data else None
     # Everything that reads the report is computed before the file is written, so a failure leaves no output.
-    summary = dict(report.to_dict(), **({"eval": {k: guard[k] for k in ("before", "after", "drop", "refused")}}
-                                         if guard is not None else {}))
-    table = json.dumps(summary, indent=2) if args.json else report.table()
+    table = json.dumps(report.to_dict(), indent=2) if args.json else report.table()
     newly_dead = sum(int(np.count_nonzero((b.old_var > 0) & (b.new_var <= 0))) for b in report.bns
                      if b.old_var is not None)  # None: the variance was computed at run time, no old value
-    if guard is not None:
-        if not args.json:
-            table += "\n" + guard["text"]
-        if guard["refused"]:
-            print(table)
-            log.error("recalibrated top-1 %.2f%% is %.2f points below the original %.2f%% on %s (--max-drop %g); "
-                      "nothing written", 100 * guard["after"]["top1"], guard["drop"], 100 * guard["before"]["top1"],
-                      args.eval_data, args.max_drop)
-            return 1
+    if report.eval is not None and report.eval["refused"]:
+        print(table)
+        e = report.eval
+        log.error("recalibrated top-1 %.2f%% is %.2f points below the original %.2f%% on %s (--max-drop %g); "
+                  "nothing written", 100 * e["after"]["top1"], e["drop"], 100 * e["before"]["top1"], args.eval_data,
+                  args.max_drop)
+        return 1
     save_model(model, args.output, inputs=[args.model, args.data, args.eval_data] if args.eval_data
                else [args.model, args.data], force=args.force, folder=folder)
     print(table)

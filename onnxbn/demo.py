@@ -537,9 +537,11 @@ def _plot_activations(path: Path, stats) -> None:
 # ----------------------------------------------------------------------------- recalibration and deployment
 
 def _recalibration_story(models: dict, clean_val: Path, shifted_eval: Path, shifted_unlabelled: Path,
-                         seed: int) -> dict:
+                         seed: int, full: tuple = ()) -> dict:
     """Each model on clean and shifted validation images, before and after recalibrating its BN statistics on
-    unlabelled shifted images (exact and batch mode). `models`: name -> (ModelProto, whether it has BN)."""
+    unlabelled shifted images (exact and batch mode), with recalibrate's default prior and variance floor,
+    except the models named in `full`: prior 0 (the insert + recalibrate recipe, whose identity BNs hold the
+    clean statistics as the old ones). `models`: name -> (ModelProto, whether it has BN)."""
     from onnxbn.recalibration import recalibrate_with_report
 
     rows = {}
@@ -549,8 +551,11 @@ def _recalibration_story(models: dict, clean_val: Path, shifted_eval: Path, shif
             for mode in ("exact", "batch"):
                 log.info("demo: recalibrating %s (%s) on %s", name, mode, shifted_unlabelled.name)
                 started = time.perf_counter()
-                new, rep = recalibrate_with_report(model, str(shifted_unlabelled), mode=mode, batch_size=64, seed=seed)
+                new, rep = recalibrate_with_report(model, str(shifted_unlabelled), mode=mode, batch_size=64, seed=seed,
+                                                   **({"prior": 0} if name in full else {}))
                 info = {"bn_nodes": len(rep.bns), "passes": len(rep.passes), "samples": rep.samples,
+                        "prior": rep.prior, "var_floor": rep.var_floor,
+                        "floored_channels": int(sum(rep.floored.values())),
                         "newly_dead_channels": int(sum(np.count_nonzero((b.old_var > 0) & (b.new_var <= 0))
                                                        for b in rep.bns if b.old_var is not None)),
                         "max_mean_change": max((b.to_dict()["mean_change"] or 0.0 for b in rep.bns), default=0.0),
@@ -711,7 +716,12 @@ def _recalibrate_md(rec: dict) -> list[str]:
         "## 5. Recalibration under a domain shift", "",
         (f"Shift: {rec['shift_text']}. BN statistics re-estimated on {rec['unlabelled_samples']} unlabelled shifted "
          f"images (`onnxbn.recalibrate`, a split of its own), evaluated on {rec['eval_samples']} other shifted "
-         "images and on the clean validation images (`onnxbn.evaluate`; loss / top-1)."), "",
+         "images and on the clean validation images (`onnxbn.evaluate`; loss / top-1). Settings: "
+         + "; ".join(f"{rec['labels'][name].split(' (')[0]}: prior {row['shifted_exact']['prior']:g}, variance "
+                     f"floor {row['shifted_exact']['var_floor']:g} ({row['shifted_exact']['floored_channels']} "
+                     "channels floored)" for name, row in rec["models"].items() if "shifted_exact" in row)
+         + " (recalibrate's defaults: prior 2n, floor 0.01; the identity-BN model follows the insert + "
+           "recalibrate recipe, prior 0)."), "",
         ("| model | clean | shifted, as is | shifted, recalibrated (exact) | shifted, recalibrated (batch) | "
          "clean, after exact recalibration |"),
         "|---|---|---|---|---|---|",
@@ -965,7 +975,8 @@ def run_demo(out: str | Path = "demo-out", *, model: str | Path | None = None, s
         nobn_name = f"nobn_lr{best_nobn_key}_seed0"
         recal_models[nobn_name] = (finetuned[("nobn", best_nobn_key)], False)
         labels[nobn_name] = f"no BN (`{nobn_name}`, its best lr)"
-    recal_rows = _recalibration_story(recal_models, val, shifted_eval, shifted_unlabelled, seed)
+    recal_rows = _recalibration_story(recal_models, val, shifted_eval, shifted_unlabelled, seed,
+                                      full=(f"{best_bn}+conv_bn",))
     shift_text = (f"contrast x{SHIFT['contrast']} around each image's mean, RGB gain {SHIFT['gain']}, "
                   f"brightness +{SHIFT['brightness']}, {SHIFT['blur']}x{SHIFT['blur']} box blur (target-task images "
                   "drawn with their own seeds)")

@@ -348,7 +348,8 @@ def test_fold_recalibrate_and_insert_copy_unchanged_weights_file_to_file(tmp_pat
     x = np.random.default_rng(3).standard_normal((8, 4, 16, 32)).astype(np.float32)
     np.savez(tmp_path / "x.npz", x=x)
     argv = {"fold": ["fold", str(tmp_path / "m.onnx"), "--data", str(tmp_path / "x.npz")],
-            "recalibrate": ["recalibrate", str(tmp_path / "m.onnx"), "--data", str(tmp_path / "x.npz"), "--workers", "0"],
+            "recalibrate": ["recalibrate", str(tmp_path / "m.onnx"), "--data", str(tmp_path / "x.npz"), "--workers", "0",
+                            "--prior", "0"],
             "insert": ["insert", str(tmp_path / "m.onnx"), "--stats", str(tmp_path / "s.npz")]}[step]
     if step == "insert":
         assert main(["stats", str(tmp_path / "m.onnx"), "--data", str(tmp_path / "x.npz"), "--after", "relu",

@@ -224,7 +224,7 @@ def test_exact_is_a_fixed_point_at_every_depth(request, which, cache_mb):
     x = data()
     before = fixed_point_errors(model, x)
     assert max(before.values()) > 0.1  # stale statistics to begin with
-    out, report = recalibrate_with_report(model, x, batch_size=8, cache_mb=cache_mb)
+    out, report = recalibrate_with_report(model, x, batch_size=8, cache_mb=cache_mb, prior=0)
     errors = fixed_point_errors(out, x)
     assert len(errors) == len(bn_nodes(model)) and max(errors.values()) <= 1e-6, errors
     # one pass per level: the longest chain of BNs (ResNet: stem + 2 per block; VGG: 5 in a row)
@@ -242,14 +242,14 @@ def levels(which):
 def test_cache_runs_each_node_once_and_gives_the_same_statistics(resnet):
     _, model = resnet
     x = data(n=24)
-    _, r1 = recalibrate_with_report(model, x, batch_size=8)
-    _, r0 = recalibrate_with_report(model, x, batch_size=8, cache_mb=0)
+    _, r1 = recalibrate_with_report(model, x, batch_size=8, prior=0)
+    _, r0 = recalibrate_with_report(model, x, batch_size=8, cache_mb=0, prior=0)
     for a, b in zip(r1.bns, r0.bns):
         assert rel(b.new_mean, a.new_mean) < 1e-6 and rel(b.new_var, a.new_var) < 1e-6
     total = sum(p["nodes"] for p in r1.passes)
     assert total <= len(model.graph.node) < sum(p["nodes"] for p in r0.passes)
     # a budget too small for any cut: every pass reads the data again, same statistics
-    _, small = recalibrate_with_report(model, x, batch_size=8, cache_mb=1e-3)
+    _, small = recalibrate_with_report(model, x, batch_size=8, cache_mb=1e-3, prior=0)
     assert {p["source"] for p in small.passes} == {"data"}
     assert all(rel(b.new_var, a.new_var) < 1e-6 for a, b in zip(r1.bns, small.bns))
 
@@ -272,7 +272,7 @@ def test_kept_activations_without_a_batch_axis():
     model = export(stale_bn(ShapeFromInput()))
     assert any(n.op_type == "Shape" for n in model.graph.node)
     x = data(n=20)
-    out, report = recalibrate_with_report(model, x, batch_size=8)
+    out, report = recalibrate_with_report(model, x, batch_size=8, prior=0)
     assert report.samples == 20 and report.passes[-1]["source"] == "kept activations"
     assert any(t for p in report.passes for t in p["kept"] if "Concat" in t)
     assert max(fixed_point_errors(out, x).values()) <= 1e-6
@@ -281,8 +281,8 @@ def test_kept_activations_without_a_batch_axis():
 def test_already_exact_statistics_are_unchanged(vgg):
     _, model = vgg
     x = data(seed=3)
-    once = onnxbn.recalibrate(model, x, batch_size=8)
-    twice, report = recalibrate_with_report(once, x, batch_size=8)
+    once = onnxbn.recalibrate(model, x, batch_size=8, prior=0)
+    twice, report = recalibrate_with_report(once, x, batch_size=8, prior=0)
     for node in bn_nodes(once):
         for slot in (3, 4):
             a, b = stored(once, node.input[slot]), stored(twice, node.input[slot])
@@ -297,7 +297,7 @@ def test_nothing_else_changes_and_metadata_records_the_run(vgg):
     model = copy.deepcopy(model)
     model.metadata_props.add(key="owner", value="test")
     x = data()
-    out = onnxbn.recalibrate(model, x, batch_size=8)
+    out = onnxbn.recalibrate(model, x, batch_size=8, prior=0)
     assert [(n.name, n.op_type, list(n.input), list(n.output), n.attribute) for n in out.graph.node] == \
         [(n.name, n.op_type, list(n.input), list(n.output), n.attribute) for n in model.graph.node]
     assert out.opset_import == model.opset_import and out.ir_version == model.ir_version
@@ -322,7 +322,7 @@ def test_selected_nodes_only(resnet):
     x = data(n=16)
     names = [n.name for n in bn_nodes(model)]
     picked = [names[1], names[4]]
-    out = onnxbn.recalibrate(model, x, nodes=",".join(picked), batch_size=8)
+    out = onnxbn.recalibrate(model, x, nodes=",".join(picked), batch_size=8, prior=0)
     errors = fixed_point_errors(out, x)
     for node in bn_nodes(model):
         if node.name in picked:
@@ -351,7 +351,7 @@ def vgg_default_affine():
 def test_batch_equals_torch_update_bn(request, which):
     module, model = request.getfixturevalue(which)
     x = data(n=36)  # 4 batches of 8 and a last one of 4
-    out, report = recalibrate_with_report(model, x, mode="batch", batch_size=8)
+    out, report = recalibrate_with_report(model, x, mode="batch", batch_size=8, prior=0)
     assert len(report.passes) == 1
     # on the original torch module
     reference = copy.deepcopy(module)
@@ -376,7 +376,7 @@ def test_batch_differs_from_exact_as_the_math_says(vgg):
     _, model = vgg
     x = data(n=32)
     x[16:] += 1.0  # two batches with different means
-    out = onnxbn.recalibrate(model, x, mode="batch", batch_size=16)
+    out = onnxbn.recalibrate(model, x, mode="batch", batch_size=16, prior=0)
     first = bn_nodes(model)[0]
     (t,) = exposed(model, x, [first.input[0]])
     parts = [moments(t[:16]), moments(t[16:])]
@@ -395,14 +395,14 @@ def test_training_mode_bn_becomes_inference_mode(opset):
     bns = bn_nodes(model)
     assert all(len(n.output) > 1 for n in bns)
     x = data(n=16)
-    out, report = recalibrate_with_report(model, x, batch_size=8)
+    out, report = recalibrate_with_report(model, x, batch_size=8, prior=0)
     for before, after in zip(bns, bn_nodes(out)):
         assert list(after.output) == [before.output[0]]
         assert all(a.name != "training_mode" for a in after.attribute)
     assert all(b.training_mode for b in report.bns)
     assert max(fixed_point_errors(out, x).values()) <= 1e-6
     # training-mode BNs are always recalibrated, even when not named
-    picked = onnxbn.recalibrate(model, x, nodes=bns[0].name, batch_size=8)
+    picked = onnxbn.recalibrate(model, x, nodes=bns[0].name, batch_size=8, prior=0)
     assert all(len(n.output) == 1 for n in bn_nodes(picked))
 
 
@@ -411,13 +411,13 @@ def test_training_outputs_in_use_are_refused():
     node = bn_nodes(model)[0]
     model.graph.output.append(helper.make_tensor_value_info(node.output[1], TensorProto.FLOAT, None))
     with pytest.raises(UserError, match="training mode.*remove that use"):
-        onnxbn.recalibrate(model, data(n=8))
+        onnxbn.recalibrate(model, data(n=8), prior=0)
 
 
 def test_shared_statistics_get_fresh_initializers():
     model = bn_net(shared=True)
     x = data(n=16, size=8)
-    out, report = recalibrate_with_report(model, x, batch_size=8)
+    out, report = recalibrate_with_report(model, x, batch_size=8, prior=0, var_floor=0)
     for name in ("bn1.mean", "bn1.var"):  # the shared tensors are left alone
         np.testing.assert_array_equal(stored(out, name), stored(model, name))
     bn1, bn2 = bn_nodes(out)[:2]
@@ -429,10 +429,10 @@ def test_shared_statistics_get_fresh_initializers():
 def test_statistics_from_constant_nodes_are_rewritten_in_place():
     model = bn_net(constants=True)
     x = data(n=16, size=8)
-    out = onnxbn.recalibrate(model, x, batch_size=8)
+    out = onnxbn.recalibrate(model, x, batch_size=8, prior=0, var_floor=0)
     assert [n.name for n in out.graph.node] == [n.name for n in model.graph.node]
     assert max(fixed_point_errors(out, x).values()) <= 1e-6
-    batch = onnxbn.recalibrate(model, x, mode="batch", batch_size=8)
+    batch = onnxbn.recalibrate(model, x, mode="batch", batch_size=8, prior=0, var_floor=0)
     assert [n.name for n in batch.graph.node] == [n.name for n in model.graph.node]
     assert not np.array_equal(stored(batch, "bn2.var"), stored(model, "bn2.var"))
 
@@ -441,7 +441,7 @@ def test_statistics_from_constant_nodes_are_rewritten_in_place():
 def test_opsets(opset):
     model = bn_net(opset)
     x = data(n=16, size=8)
-    out = onnxbn.recalibrate(model, x, batch_size=8)
+    out = onnxbn.recalibrate(model, x, batch_size=8, prior=0)
     assert out.opset_import == model.opset_import
     assert max(fixed_point_errors(out, x).values()) <= 1e-6
 
@@ -449,17 +449,17 @@ def test_opsets(opset):
 def test_ir3_initializers_as_inputs():
     model = bn_net(9, ir_version=3, inits_as_inputs=True)
     x = data(n=16, size=8)
-    out = onnxbn.recalibrate(model, x, batch_size=8)
+    out = onnxbn.recalibrate(model, x, batch_size=8, prior=0)
     assert out.ir_version == 3
     assert max(fixed_point_errors(out, x).values()) <= 1e-6
-    batch = onnxbn.recalibrate(model, x, mode="batch", batch_size=8)
+    batch = onnxbn.recalibrate(model, x, mode="batch", batch_size=8, prior=0)
     assert batch.ir_version == 3
 
 
 def test_fixed_batch():
     model = bn_net(batch=8)
     x = data(n=24, size=8)
-    out = onnxbn.recalibrate(model, x, batch_size=5)  # the model's own batch size wins
+    out = onnxbn.recalibrate(model, x, batch_size=5, prior=0)  # the model's own batch size wins
     errors = {}
     for node in bn_nodes(out):
         values = np.concatenate([exposed(out, x[i:i + 8], [node.input[0]])[0] for i in range(0, 24, 8)])
@@ -467,13 +467,13 @@ def test_fixed_batch():
         errors[node.name] = max(rel(mean, stored(out, node.input[3])), rel(var, stored(out, node.input[4])))
     assert max(errors.values()) <= 1e-6
     with pytest.raises(UserError, match="fixed at 8"):
-        onnxbn.recalibrate(model, x[:20])
+        onnxbn.recalibrate(model, x[:20], prior=0)
 
 
 def test_float16():
     model = bn_net(dtype=np.float16)
     x = data(n=16, size=8).astype(np.float16)
-    out = onnxbn.recalibrate(model, x, batch_size=8)
+    out = onnxbn.recalibrate(model, x, batch_size=8, prior=0)
     for t in out.graph.initializer:
         assert t.data_type == TensorProto.FLOAT16
     assert max(fixed_point_errors(out, x).values()) <= 2e-3  # float16 storage
@@ -485,7 +485,7 @@ def test_external_data(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "model.onnx.data").is_file()
     x = data(n=16, size=8)
     np.savez(tmp_path / "x.npz", x=x)
-    code, _, err = run(capsys, "recalibrate", path, "--data", tmp_path / "x.npz", "-o", tmp_path / "out.onnx")
+    code, _, err = run(capsys, "recalibrate", "--prior", "0", path, "--data", tmp_path / "x.npz", "-o", tmp_path / "out.onnx")
     assert code == 0, err
     assert (tmp_path / "out.onnx.data").is_file()
     out = onnxbn.modelio.load_model(tmp_path / "out.onnx")
@@ -500,7 +500,7 @@ def test_insert_then_recalibrate_aligns_target_features_to_the_source():
     source = rng.standard_normal((48, 3, 8, 8)).astype(np.float32)
     target = (0.4 * rng.standard_normal((48, 3, 8, 8)) + 1.5).astype(np.float32)  # contrast and brightness shift
     stats = onnxbn.collect_stats(model, source, after="conv", batch_size=16)
-    adapted = onnxbn.recalibrate(onnxbn.insert_bn(model, stats), target, batch_size=16)
+    adapted = onnxbn.recalibrate(onnxbn.insert_bn(model, stats), target, batch_size=16, prior=0, var_floor=0)
     bns = bn_nodes(adapted)
     assert [n.input[0] for n in bns] == ["r1/pre_bn", "r2/pre_bn"]
     source_t = exposed(model, source, ["r1", "r2"])          # the original model on source data
@@ -534,12 +534,12 @@ def files(tmp_path, vgg):
 
 def test_cli_writes_the_model_and_reports(files, capsys):
     out = files / "out.onnx"
-    code, stdout, err = run(capsys, "recalibrate", files / "model.onnx", "--data", files / "x.npz", "-o", out,
+    code, stdout, err = run(capsys, "recalibrate", "--prior", "0", files / "model.onnx", "--data", files / "x.npz", "-o", out,
                             "--batch-size", "8")
     assert code == 0, err
     assert "mean change" in stdout and "pass 5:" in stdout and "exact: 5 BN nodes" in stdout
     assert max(fixed_point_errors(onnx.load(str(out)), data(n=16)).values()) <= 1e-6
-    code, stdout, err = run(capsys, "recalibrate", files / "model.onnx", "--data", files / "x.npz", "-o", out,
+    code, stdout, err = run(capsys, "recalibrate", "--prior", "0", files / "model.onnx", "--data", files / "x.npz", "-o", out,
                             "--mode", "batch", "--json")
     assert code == 0, err
     report = json.loads(stdout)
@@ -582,20 +582,20 @@ def test_bad_input_is_exit_2_one_line_nothing_written(files, capsys):
 def test_any_data_source_collect_stats_takes(vgg):
     _, model = vgg
     x = data(n=20)
-    expected = onnxbn.recalibrate(model, x, batch_size=8)
+    expected = onnxbn.recalibrate(model, x, batch_size=8, prior=0)
     names = [n.input[s] for n in bn_nodes(model) for s in (3, 4)]
     sources = {"list of batches": [x[i:i + 8] for i in range(0, 20, 8)],
                "torch Dataset": torch.utils.data.TensorDataset(torch.from_numpy(x)),
                "DataLoader": torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.from_numpy(x)),
                                                          batch_size=8)}
     for label, source in sources.items():
-        out = onnxbn.recalibrate(model, source, batch_size=8)
+        out = onnxbn.recalibrate(model, source, batch_size=8, prior=0)
         for name in names:
             np.testing.assert_array_equal(stored(out, name), stored(expected, name), err_msg=label)
     with pytest.raises(UserError, match="read only once"):  # exact mode reads the data once per level
-        onnxbn.recalibrate(model, (x[i:i + 8] for i in range(0, 20, 8)), batch_size=8)
-    once = onnxbn.recalibrate(model, (x[i:i + 8] for i in range(0, 20, 8)), mode="batch", batch_size=8)
-    batch = onnxbn.recalibrate(model, x, mode="batch", batch_size=8)
+        onnxbn.recalibrate(model, (x[i:i + 8] for i in range(0, 20, 8)), batch_size=8, prior=0)
+    once = onnxbn.recalibrate(model, (x[i:i + 8] for i in range(0, 20, 8)), mode="batch", batch_size=8, prior=0)
+    batch = onnxbn.recalibrate(model, x, mode="batch", batch_size=8, prior=0)
     for name in names:
         np.testing.assert_array_equal(stored(once, name), stored(batch, name))
 
@@ -603,8 +603,8 @@ def test_any_data_source_collect_stats_takes(vgg):
 def test_api_is_callable_twice():
     model = bn_net()
     x = data(n=8, size=8)
-    a = onnxbn.recalibrate(model, x)
-    b = onnxbn.recalibrate(model, x, mode="batch")
+    a = onnxbn.recalibrate(model, x, prior=0)
+    b = onnxbn.recalibrate(model, x, mode="batch", prior=0)
     assert bn_nodes(a) and bn_nodes(b)
     with pytest.raises(UserError, match="unknown mode"):
         onnxbn.recalibrate(model, x, mode="train")
@@ -630,7 +630,7 @@ def test_vgg16_bn_fixed_point_and_update_bn():
     stale_bn(module)
     model = export(module, size=224)
     x = data(n=4, size=224, gain=1.0, shift=0.0)
-    out, report = recalibrate_with_report(model, x, batch_size=2)
+    out, report = recalibrate_with_report(model, x, batch_size=2, prior=0)
     assert len(report.passes) == 13
     # 13 conv layers deep, two valid float32 executions of the same model (onnxruntime with and without
     # its graph optimisations) already differ by ~1e-6 in these statistics: that is the floor
@@ -639,7 +639,7 @@ def test_vgg16_bn_fixed_point_and_update_bn():
     for name, error in errors.items():
         assert error <= max(1e-6, 2 * floor[name]), (name, error, floor[name])
     assert max(list(errors.values())[:8]) <= 1e-6
-    batch = onnxbn.recalibrate(model, x, mode="batch", batch_size=2)
+    batch = onnxbn.recalibrate(model, x, mode="batch", batch_size=2, prior=0)
     reference = copy.deepcopy(module)
     torch.optim.swa_utils.update_bn(batches_of(x, 2), reference)
     for path, m in reference.named_modules():
@@ -694,7 +694,7 @@ def test_cli_warns_when_recalibration_makes_channels_constant(tmp_path, capsys):
     x = np.random.default_rng(0).standard_normal((8, 2, 4, 4)).astype(np.float32)
     x[:, 0] = -np.abs(x[:, 0])
     np.savez(tmp_path / "new.npz", x=x)
-    code = main([str(a) for a in ("recalibrate", tmp_path / "m.onnx", "--data", tmp_path / "new.npz",
+    code = main([str(a) for a in ("recalibrate", "--prior", "0", "--var-floor", "0", tmp_path / "m.onnx", "--data", tmp_path / "new.npz",
                                   "-o", tmp_path / "out.onnx")])
     err = capsys.readouterr().err
     assert code == 0 and "1 channel(s) are constant on this data but were not before" in err
@@ -719,7 +719,7 @@ def test_cli_recalibrates_a_bn_whose_variance_is_computed_at_run_time(tmp_path, 
     x[:, 0] = -np.abs(x[:, 0])  # channel 0 is constant (0) after the Relu
     np.savez(tmp_path / "new.npz", x=x)
     out = tmp_path / "out.onnx"
-    code, stdout, err = run(capsys, "recalibrate", tmp_path / "m.onnx", "--data", tmp_path / "new.npz", "-o", out)
+    code, stdout, err = run(capsys, "recalibrate", "--prior", "0", tmp_path / "m.onnx", "--data", tmp_path / "new.npz", "-o", out)
     assert code == 0, err
     assert "constant on this data" not in err and err.strip().endswith(f"wrote {out}")
     written = onnx.load(str(out))
@@ -738,7 +738,7 @@ def test_cli_failure_after_recalibrating_writes_nothing_as_it_says(files, capsys
 
     monkeypatch.setattr(RecalibrationReport, "table", broken)
     out = files / "out.onnx"
-    code, stdout, err = run(capsys, "recalibrate", files / "model.onnx", "--data", files / "x.npz", "-o", out)
+    code, stdout, err = run(capsys, "recalibrate", "--prior", "0", files / "model.onnx", "--data", files / "x.npz", "-o", out)
     assert code == 2 and stdout == ""
     assert "failed unexpectedly (RuntimeError: simulated report bug); no output was written" in err
     assert not out.exists() and sorted(p.name for p in files.iterdir()) == ["model.onnx", "x.npz"]
@@ -756,8 +756,8 @@ def test_a_model_file_gives_the_same_model_with_its_weights_read_from_disk(reque
     save_model(model, path)
     assert any(t.data_location == TensorProto.EXTERNAL for t in load_structure(path)[0].graph.initializer)
     x = data(n=24)
-    from_file = onnxbn.recalibrate(str(path), x, batch_size=8, cache_mb=cache_mb)
-    from_proto = onnxbn.recalibrate(onnx.load(str(path)), x, batch_size=8, cache_mb=cache_mb)
+    from_file = onnxbn.recalibrate(str(path), x, batch_size=8, cache_mb=cache_mb, prior=0)
+    from_proto = onnxbn.recalibrate(onnx.load(str(path)), x, batch_size=8, cache_mb=cache_mb, prior=0)
     a = {t.name: numpy_helper.to_array(t) for t in from_file.graph.initializer}
     b = {t.name: numpy_helper.to_array(t) for t in from_proto.graph.initializer}
     assert a.keys() == b.keys()
@@ -780,7 +780,7 @@ def numpy_blend(mo, vo, mn, vn, prior, n):
 def test_prior_blends_old_and_measured_statistics(vgg, mode):
     _, model = vgg
     x = data(n=24, seed=5)
-    plain = onnxbn.recalibrate(model, x, mode=mode, batch_size=8)
+    plain = onnxbn.recalibrate(model, x, mode=mode, batch_size=8, prior=0)
     for prior in (6.0, 24.0, 96.0):
         blended = onnxbn.recalibrate(model, x, mode=mode, batch_size=8, prior=prior)
         for node in bn_nodes(model):
@@ -794,10 +794,11 @@ def test_prior_blends_old_and_measured_statistics(vgg, mode):
 
 
 @pytest.mark.parametrize("mode", ["exact", "batch"])
-def test_prior_zero_is_bit_identical_to_the_default(vgg, mode):
+def test_prior_zero_is_bit_identical_to_the_measurement(vgg, mode):
+    """prior 0 with the default floor (no channel below it here) stores exactly what is measured."""
     _, model = vgg
     x = data(n=16, seed=6)
-    a = onnxbn.recalibrate(model, x, mode=mode, batch_size=8)
+    a = onnxbn.recalibrate(model, x, mode=mode, batch_size=8, prior=0, var_floor=0)
     b = onnxbn.recalibrate(model, x, mode=mode, batch_size=8, prior=0)
     assert [t.SerializeToString() for t in a.graph.initializer] == [t.SerializeToString() for t in b.graph.initializer]
 
@@ -809,7 +810,7 @@ def test_prior_cli_blends_constant_node_statistics(tmp_path):
     x = (np.random.default_rng(7).standard_normal((12, 3, 8, 8)) * 2 + 1).astype(np.float32)
     np.savez(tmp_path / "d.npz", x=x)
     for prior, out in ((0, "p0.onnx"), (12, "p12.onnx")):
-        assert main(["recalibrate", str(path), "--data", str(tmp_path / "d.npz"), "--prior", str(prior),
+        assert main(["recalibrate", str(path), "--data", str(tmp_path / "d.npz"), "--prior", str(prior), "--var-floor", "0",
                      "-o", str(tmp_path / out)]) == 0
     p0, p12 = onnx.load(tmp_path / "p0.onnx"), onnx.load(tmp_path / "p12.onnx")
     for node in bn_nodes(model):
@@ -833,7 +834,7 @@ def test_prior_skips_a_bn_whose_old_variance_is_computed(tmp_path):
     model.graph.node.insert(at, helper.make_node("Abs", [bn2.input[4]], ["bn2.var.abs"], name="abs"))
     bn2.input[4] = "bn2.var.abs"
     x = data(n=10, size=8, seed=8)
-    p0 = onnxbn.recalibrate(model, x, batch_size=5)
+    p0 = onnxbn.recalibrate(model, x, batch_size=5, prior=0)
     p10, report = recalibrate_with_report(model, x, batch_size=5, prior=10)
     assert report.prior_not_applied == ["bn2"] and "prior not applied to bn2" in report.table()
     node0, node10 = (next(n for n in bn_nodes(m) if n.name == "bn2") for m in (p0, p10))
@@ -852,9 +853,9 @@ def test_variance_floor_keeps_a_fraction_of_the_old_variance(tmp_path, capsys):
     weights[0] = 0  # conv1 channel 0 is its bias on any data: bn1 channel 0 has variance 0 there
     w.CopyFrom(numpy_helper.from_array(weights, "conv1.W"))
     x = data(n=12, size=8, seed=9)
-    p0 = onnxbn.recalibrate(model, x, batch_size=4)
+    p0 = onnxbn.recalibrate(model, x, batch_size=4, prior=0, var_floor=0)
     assert stored(p0, "bn1.var")[0] == 0
-    floored, report = recalibrate_with_report(model, x, batch_size=4, var_floor=0.01)
+    floored, report = recalibrate_with_report(model, x, batch_size=4, var_floor=0.01, prior=0)
     assert report.floored.get("bn1") == 1
     for node in bn_nodes(model):
         old, new = stored(model, node.input[4]), stored(p0, node.input[4])
@@ -865,7 +866,7 @@ def test_variance_floor_keeps_a_fraction_of_the_old_variance(tmp_path, capsys):
     path = tmp_path / "m.onnx"
     save_model(model, path)
     np.savez(tmp_path / "d.npz", x=x)
-    assert main(["recalibrate", str(path), "--data", str(tmp_path / "d.npz"), "--var-floor", "0.01",
+    assert main(["recalibrate", "--prior", "0", str(path), "--data", str(tmp_path / "d.npz"), "--var-floor", "0.01",
                  "-o", str(tmp_path / "out.onnx")]) == 0
     assert "variance floor 0.01 x old variance applied to: bn1 (1 channel)" in capsys.readouterr().out
     np.testing.assert_allclose(stored(onnx.load(tmp_path / "out.onnx"), "bn1.var")[0],
@@ -890,24 +891,24 @@ def test_guard_refuses_a_harmful_recalibration(tmp_path, capsys):
     x_eval = data(n=40, size=8, seed=10, shift=0.0, gain=1.0)
     y = session(model).run(None, {feed(model): x_eval})[0].argmax(axis=1)  # the original is right on every image
     x_recal = data(n=40, size=8, seed=11, shift=3.0, gain=6.0)
-    assert top1(onnxbn.recalibrate(model, x_recal), x_eval, y) < 0.95  # numpy judge: it does hurt
+    assert top1(onnxbn.recalibrate(model, x_recal, prior=0), x_eval, y) < 0.95  # numpy judge: it does hurt
     argv = guard_files(tmp_path, model, x_recal, x_eval, y)
-    assert main(["recalibrate", *argv]) == 1
+    assert main(["recalibrate", "--prior", "0", *argv]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nothing written" in err[0] and "--max-drop 0.5" in err[0]
     assert not (tmp_path / "out.onnx").exists()
-    assert main(["recalibrate", *argv, "--max-drop", "100"]) == 0 and (tmp_path / "out.onnx").exists()
+    assert main(["recalibrate", "--prior", "0", *argv, "--max-drop", "100"]) == 0 and (tmp_path / "out.onnx").exists()
 
 
 def test_guard_passes_a_helpful_recalibration_and_prior_auto(tmp_path, capsys):
     model = bn_net(seed=4)
     x = data(n=40, size=8, seed=12, shift=2.0, gain=3.0)
-    good = onnxbn.recalibrate(model, x)
+    good = onnxbn.recalibrate(model, x, prior=0)
     y = session(good).run(None, {feed(good): x})[0].argmax(axis=1)
     before = top1(model, x, y)
     assert before < 0.9
     argv = guard_files(tmp_path, model, x, x, y)
-    assert main(["recalibrate", *argv]) == 0
+    assert main(["recalibrate", "--prior", "0", *argv]) == 0
     out = capsys.readouterr().out
     assert f"top-1 {100 * before:.2f}% -> 100.00%" in out
     written = onnx.load(tmp_path / "out.onnx")

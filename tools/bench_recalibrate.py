@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmarks of `onnxbn recalibrate`: cost, memory, and what it does after a domain shift.
 
-    python tools/bench_recalibrate.py [cost] [memory] [domain-shift] [--quick] [--json OUT]
+    python tools/bench_recalibrate.py [cost] [memory] [domain-shift] [prior] [--quick] [--json OUT]
 
 cost          passes and wall time of exact (with the activation cache, and without it), batch, and
               a plain forward pass over the same images (onnxruntime, and torch eval for batch mode),
@@ -13,7 +13,12 @@ memory        peak RSS (a fresh process per run) of exact (cache off, default ca
               grows until its budget, --cache-mb, and no further).
 domain-shift  a small BN CNN trained in torch on onnxbn.demo_data's "source" task, exported, and
               evaluated on shifted images (contrast, colour, blur, all three) before and after
-              recalibrate (exact and batch) on other, unlabelled, shifted images: accuracy and loss.
+              recalibrate (exact and batch; prior 0, no floor) on other, unlabelled, shifted images:
+              accuracy and loss.
+prior         the same BN CNN (3 seeds, kept in --workdir) recalibrated with prior N (multiples of n
+              and fixed N) and variance floor 0 / 0.01 on n = 32, 128, 500 images of the source domain
+              (a random sample, or 2 of the 10 classes) or of the shifted domain: top-1 on the
+              matching domain, mean and std over seeds (how the defaults were chosen).
 
 No timing is asserted anywhere; numbers go to stdout (and --json). `--quick` shrinks every
 size for a smoke run (tests/test_recalibrate.py runs it with --tiny).
@@ -336,7 +341,8 @@ def bench_domain_shift(sizes: dict) -> dict:
     cal_images, _ = make_task("source", n_cal, seed=2)  # unlabelled images of the shifted domain
     # the same model with exact statistics of the source domain: separates adapting to the shift from
     # merely replacing the running averages that training left behind
-    source_exact = onnxbn.recalibrate(model, to_model_input(cal_images), batch_size=64, device="cpu")
+    full = {"prior": 0, "var_floor": 0}  # full recalibration (AdaBN), not the protective default
+    source_exact = onnxbn.recalibrate(model, to_model_input(cal_images), batch_size=64, device="cpu", **full)
     results = {"train_seconds": round(seconds, 1), "train_images": n_train, "calibration_images": n_cal,
                "val_images": n_val, "epochs": epochs, "rows": {}}
     for kind in SHIFTS if sizes.get("profile") != "tiny" else ("all",):
@@ -345,7 +351,7 @@ def bench_domain_shift(sizes: dict) -> dict:
         row = {"as trained": onnxbn.evaluate(model, (val, val_labels), batch_size=256, device="cpu"),
                "exact on source": onnxbn.evaluate(source_exact, (val, val_labels), batch_size=256, device="cpu")}
         for label, mode, batch in (("exact", "exact", 64), ("batch 64", "batch", 64), ("batch 8", "batch", 8)):
-            adapted = onnxbn.recalibrate(model, cal, mode=mode, batch_size=batch, device="cpu")
+            adapted = onnxbn.recalibrate(model, cal, mode=mode, batch_size=batch, device="cpu", **full)
             row[label] = onnxbn.evaluate(adapted, (val, val_labels), batch_size=256, device="cpu")
         results["rows"][kind] = {k: {"accuracy": v["top1"], "loss": v["loss"]} for k, v in row.items()}
     return results
@@ -363,50 +369,80 @@ def print_domain_shift(results: dict) -> None:
         print(f"  {kind:<10}" + "".join(f"{row[k]['accuracy']:>9.1%} / {row[k]['loss']:.3f}" for k in columns))
 
 
-def bench_prior(sizes: dict) -> dict:
-    """Accuracy after recalibrating with prior N in {0, n/4, n, 4n} (and as trained), for calibration sets of
-    n images that are (a) a narrow in-domain slice (source images of 2 of the 10 classes) or (b) shifted
-    ("all"), evaluated on the matching domain (all classes); mean and std over seeds (training seed too)."""
+PRIORS = (("0", 0, 0), ("n/4", 0.25, 0), ("n", 1, 0), ("2n", 2, 0), ("3n", 3, 0), ("4n", 4, 0), ("16n", 16, 0),
+          ("16", 0, 16), ("32", 0, 32), ("64", 0, 64), ("128", 0, 128), ("256", 0, 256))  # (label, x n, + fixed)
+FLOORS = (0.0, 0.01)
+CALIBRATIONS = ("in-domain, random", "in-domain, 2 classes", "shifted")
+
+
+def calibration_set(kind: str, pool: np.ndarray, pool_labels: np.ndarray, n: int, rng) -> np.ndarray:
+    """n unlabelled images: a random sample of the source domain, source images of classes 0 and 1 only
+    (a narrow slice of the model's own domain), or a random sample under the "all" shift."""
+    if kind == "in-domain, 2 classes":
+        return pool[rng.permutation(np.flatnonzero(pool_labels < 2))[:n]]
+    picked = pool[rng.permutation(len(pool))[:n]]
+    return shift(picked, "all") if kind == "shifted" else picked
+
+
+def bench_prior(sizes: dict, workdir: Path) -> dict:
+    """Top-1 after recalibrating with prior N (relative to n, or fixed) and variance floor F, for calibration
+    sets of n images (`calibration_set`), evaluated on the matching domain (all classes); one model per seed
+    (training seed, calibration draw), mean and std over seeds. Trained models are kept in `workdir`."""
+    import onnx
+
     import onnxbn
     from onnxbn.demo_data import make_task, to_model_input
 
     n_train, cal_sizes, n_val, epochs, seeds = sizes["prior"]
+    priors, floors = (PRIORS[:4], FLOORS) if sizes.get("profile") == "tiny" else (PRIORS, FLOORS)
     torch, _ = _torch()
     torch.set_num_threads(1)
     images, labels = make_task("source", n_train, seed=0)
     val_images, val_labels = make_task("source", n_val, seed=1)
-    pool, pool_labels = make_task("source", 20 * max(cal_sizes), seed=2)
+    pool, pool_labels = make_task("source", 10 * max(cal_sizes), seed=2)
+    vals = {"source": to_model_input(val_images), "shifted": to_model_input(shift(val_images, "all"))}
     acc = {}
     for seed in range(seeds):
-        torch.manual_seed(seed)
-        module = small_bn_cnn()
-        train(module, to_model_input(images), labels, epochs, seed=seed)
-        model = export(module, 32)
+        path = workdir / f"prior_model_{n_train}_{epochs}_{seed}.onnx"
+        if path.exists():
+            model = onnx.load(path)
+        else:
+            torch.manual_seed(seed)
+            module = small_bn_cnn()
+            train(module, to_model_input(images), labels, epochs, seed=seed)
+            model = export(module, 32, path)
         rng = np.random.default_rng(seed)
-        for domain in ("narrow", "shifted"):
-            val = to_model_input(val_images if domain == "narrow" else shift(val_images, "all"))
-            key = (domain, "as trained", 0)
-            acc.setdefault(key, []).append(onnxbn.evaluate(model, (val, val_labels), batch_size=256, device="cpu")["top1"])
+        for kind in CALIBRATIONS:
+            val = (vals["shifted" if kind == "shifted" else "source"], val_labels)
+            acc.setdefault((kind, "as trained", 0.0, 0), []).append(
+                onnxbn.evaluate(model, val, batch_size=256, device="cpu")["top1"])
             for n in cal_sizes:
-                if domain == "narrow":
-                    idx = rng.permutation(np.flatnonzero(pool_labels < 2))[:n]
-                    cal = to_model_input(pool[idx])
-                else:
-                    cal = to_model_input(shift(pool[rng.permutation(len(pool))[:n]], "all"))
-                for label, prior in (("0", 0.0), ("n/4", n / 4), ("n", float(n)), ("4n", 4.0 * n)):
-                    adapted = onnxbn.recalibrate(model, cal, batch_size=64, device="cpu", prior=prior)
-                    r = onnxbn.evaluate(adapted, (val, val_labels), batch_size=256, device="cpu")
-                    acc.setdefault((domain, label, n), []).append(r["top1"])
-    rows = [{"domain": d, "prior": p, "n": n, "mean": float(np.mean(v)), "std": float(np.std(v)), "runs": len(v)}
-            for (d, p, n), v in acc.items()]
+                cal = to_model_input(calibration_set(kind, pool, pool_labels, n, rng))
+                for label, times, fixed in priors:
+                    for floor in floors:
+                        adapted = onnxbn.recalibrate(model, cal, batch_size=64, device="cpu",
+                                                     prior=times * n + fixed, var_floor=floor)
+                        acc.setdefault((kind, label, floor, n), []).append(
+                            onnxbn.evaluate(adapted, val, batch_size=256, device="cpu")["top1"])
+    rows = [{"calibration": k, "prior": p, "var_floor": f, "n": n, "mean": float(np.mean(v)),
+             "std": float(np.std(v)), "runs": len(v)} for (k, p, f, n), v in acc.items()]
     return {"train_images": n_train, "val_images": n_val, "epochs": epochs, "seeds": seeds, "rows": rows}
 
 
 def print_prior(results: dict) -> None:
     print(f"\n[prior] BN CNN, {results['epochs']} epochs on {results['train_images']} source images, "
-          f"{results['seeds']} seeds; top-1 on {results['val_images']} images (mean +- std)")
+          f"{results['seeds']} seeds; top-1 on {results['val_images']} images (mean +- std), per var floor")
+    trained = {r["calibration"]: r for r in results["rows"] if r["prior"] == "as trained"}
+    table = {}
     for r in results["rows"]:
-        print(f"  {r['domain']:<8} n={r['n']:<4} prior {r['prior']:<10} {100 * r['mean']:6.2f} +- {100 * r['std']:.2f}")
+        if r["prior"] != "as trained":
+            table.setdefault((r["calibration"], r["var_floor"], r["n"]), {})[r["prior"]] = r
+    labels = list(dict.fromkeys(r["prior"] for r in results["rows"] if r["prior"] != "as trained"))
+    print(f"  {'calibration':<22}{'floor':>6}{'n':>5}{'as trained':>13}" + "".join(f"{p:>13}" for p in labels))
+    for (kind, floor, n), row in table.items():
+        t = trained[kind]
+        print(f"  {kind:<22}{floor:>6g}{n:>5}{100 * t['mean']:>7.1f}+-{100 * t['std']:<4.1f}" + "".join(
+            f"{100 * row[p]['mean']:>7.1f}+-{100 * row[p]['std']:<4.1f}" for p in labels))
 
 
 # ----------------------------------------------------------------------------- main
@@ -421,11 +457,11 @@ def sizes_for(profile: str) -> dict:
         return {"cost": [("VGG16-BN layout, channels /4", lambda: vgg_bn(4, 512, 100, 128), 8, 128, 4),
                          ("ResNet-18 layout, channels /2", lambda: resnet18_style(2, 100), 16, 128, 8)],
                 "memory": (16, 64, 4), "domain-shift": (1000, 256, 500, 2),
-                "prior": (1000, (16, 128), 500, 2, 3)}
+                "prior": (1000, (32, 128), 500, 2, 3)}
     return {"cost": [("VGG16-BN (torchvision vgg16_bn layout)", vgg_bn, 4, 224, 2),
                      ("ResNet-18 layout", resnet18_style, 16, 224, 8)],
             "memory": (32, 112, 1), "domain-shift": (5000, 500, 1000, 8),
-            "prior": (5000, (32, 500), 1000, 8, 3)}
+            "prior": (5000, (32, 128, 500), 1000, 8, 3)}
 
 
 RUNNERS = {"cost": (bench_cost, print_cost), "memory": (bench_memory, print_memory),
@@ -437,7 +473,7 @@ def run_one(name: str, profile: str, workdir: Path, out: Path) -> None:
     sizes = dict(sizes_for(profile), profile=profile)
     bench, show = RUNNERS[name]
     started = time.perf_counter()
-    result = bench(sizes, workdir) if name == "memory" else bench(sizes)
+    result = bench(sizes, workdir) if name in ("memory", "prior") else bench(sizes)
     result["seconds"] = round(time.perf_counter() - started, 1)
     show(result)
     out.write_text(json.dumps(result, default=str))
