@@ -35,7 +35,7 @@ _API = {
     "collect_ranges": "onnxbn.ranges",
     "merge_ranges": "onnxbn.ranges",
     "UserError": "onnxbn.errors",
-    "Model": "onnxbn.model",
+    "Model": "onnxbn.io.model",
 }
 
 __all__ = sorted(_API)

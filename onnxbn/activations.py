@@ -6,7 +6,7 @@ that is not an initializer) or another activation, directly or inside one of its
 Initializers, Constant outputs and everything computed only from them are not: they are the
 same for every input, so comparing them says nothing about a run.
 
-Callers read activations by adding them as graph outputs (runtimes.expose), at most
+Callers read activations by adding them as graph outputs (runtimes.base.expose), at most
 `max_marked` to one runtime session (`chunks`; sessions one after another, each a full run over
 the same inputs), so the values held at once are bounded by `max_marked` tensors, not by the
 size of the model.

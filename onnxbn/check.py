@@ -17,7 +17,7 @@ reports only its element and mismatch counts and the first mismatch. The compari
 passes when every element of every output does. At bf16, f16 or tf32 (a runtime that
 lowers the model, or a model that computes in float16/bfloat16) the default rule adds
 `scaled * max|a|` over the element's sample (all axes but the first), as rounding error
-follows the sample's scale (runtimes.TOLERANCES).
+follows the sample's scale (runtimes.precision.TOLERANCES).
 `tolerances` (a file or dict, see onnxbn.tolerances) gives outputs their own element rule
 and gates (median and p99 error, cosine, PSNR, top-k, ...); the report names the rule that
 decided each output and each gate's value against its bound.
@@ -33,7 +33,7 @@ tract, reference), so one model can be checked on the runtime it ships to agains
 another on onnxruntime. The report names each side's runtime, version, device and the
 precision the runtime chose. Tolerances left as None take the default for the precisions
 the two sides actually ran at, and for a float16/bfloat16 model its own type's
-(runtimes.tolerance_choice: 1e-5 at full precision); the report says which applied and why
+(runtimes.precision.tolerance_choice: 1e-5 at full precision); the report says which applied and why
 (`tolerance`, `tolerance_reason`).
 Layerwise exposes the shared tensors as graph outputs on both runtimes; where a runtime
 cannot load the exposed graph, the report says so instead of comparing.
@@ -54,12 +54,14 @@ import onnx
 
 from onnxbn.activations import LAYERWISE_SAMPLES, MAX_MARKED, activation_names, chunks
 from onnxbn.errors import UserError
+from onnxbn.feeding import fit_batch_size, fixed_batch, model_input, open_model_data, run_batches
 from onnxbn.golden import GoldenOutputs, GoldenWriter, sample_digests
 from onnxbn.graph import FLOAT_TYPES, graph_inputs, value_types
-from onnxbn.modelio import load_model, load_structure, model_sha256
-from onnxbn.runtime import fit_batch_size, fixed_batch, model_input, open_model_data, run_batches
-from onnxbn.runtimes import (TOLERANCES, RuntimeInfo, check_runtime, expose, model_precision, open_session,
-                             parse_runtime, tolerance_choice)
+from onnxbn.io.copies import model_sha256
+from onnxbn.io.load import load_model, load_structure
+from onnxbn.runtimes.base import check_runtime, expose, parse_runtime
+from onnxbn.runtimes.precision import TOLERANCES, RuntimeInfo, model_precision, tolerance_choice
+from onnxbn.runtimes.sessions import open_session
 from onnxbn.tolerances import QuantileGate, Rule, load_tolerances
 
 RANDOM_BATCH_BYTES = 2**30  # the most one batch of --random inputs may take (a sample over it is refused)
@@ -636,7 +638,7 @@ def compare(reference, candidate, data=None, atol: float | None = None, rtol: fl
     `reference_precision` the reference's (f32). `atol` and `rtol` both None: the defaults
     for the precisions the two sides ran at, or the model's own float type where that is
     float16/bfloat16 (1e-5 at full precision; at bf16/f16/tf32 looser,
-    plus a term relative to each sample's scale, see runtimes.TOLERANCES); giving either
+    plus a term relative to each sample's scale, see runtimes.precision.TOLERANCES); giving either
     one applies the plain rule |a-b| <= atol + rtol*|a| (the other defaulting as above).
     `tolerances`: per-output rules and gates, a JSON/YAML file or a dict (onnxbn.tolerances); outputs
     no rule matches keep the rule above.

@@ -5,7 +5,7 @@ input or usage (one line on stderr saying what and how to fix it; a model onnxru
 refuses, a folder given as an output file, running out of memory and a tensor too large
 to allocate are bad input), or an unexpected failure (one line naming the command, the
 traceback in a log file whose path it gives; --debug shows the traceback instead), 130
-interrupted. onnxruntime's own log lines are kept off stderr (runtime.quiet_onnxruntime).
+interrupted. onnxruntime's own log lines are kept off stderr (runtimes.ort_backend.quiet_onnxruntime).
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import sys
 from pathlib import Path
 
 from onnxbn.activations import LAYERWISE_SAMPLES, MAX_MARKED
-from onnxbn.data import PRESETS
+from onnxbn.data.images import PRESETS
 from onnxbn.errors import UserError
-from onnxbn.runtime import DEVICES, quiet_onnxruntime
+from onnxbn.runtimes.ort_backend import DEVICES, quiet_onnxruntime
 
 log = logging.getLogger("onnxbn")
 COMMANDS: dict[str, tuple] = {}
@@ -96,7 +96,7 @@ class InputData:
 
 
 def _write_json(path: str, payload: dict, inputs=()) -> None:
-    from onnxbn.modelio import atomic_path, refuse_overwrite
+    from onnxbn.io.save import atomic_path, refuse_overwrite
 
     refuse_overwrite(path, inputs)
     with atomic_path(path) as tmp:
@@ -113,7 +113,7 @@ def _write_json(path: str, payload: dict, inputs=()) -> None:
 def cmd_export(args) -> int:
     """Export a torchvision-layout VGG to ONNX, checked against torch (dynamic batch axis)."""
     from onnxbn.export import export_vgg
-    from onnxbn.modelio import refuse_overwrite, save_model
+    from onnxbn.io.save import refuse_overwrite, save_model
 
     refuse_overwrite(args.output, [args.weights] if args.weights else [], args.force)
     model = export_vgg(args.arch, weights=args.weights, opset=args.opset, image_size=args.image_size)
@@ -125,7 +125,7 @@ def cmd_export(args) -> int:
 @command(arg("model", help="ONNX model"), SELECTOR, arg("--json", action="store_true", help="print JSON"))
 def cmd_points(args) -> int:
     """List the tensors a selector picks: producer op, channel count and shape."""
-    from onnxbn.modelio import load_model
+    from onnxbn.io.load import load_model
     from onnxbn.points import select_points
 
     points = select_points(load_model(args.model), args.after)
@@ -160,8 +160,8 @@ def cmd_stats(args) -> int:
     and gives the same result. Under torchrun, every rank takes a shard of the data
     and rank 0 writes the merged file."""
     from onnxbn import distributed
-    from onnxbn.modelio import refuse_overwrite
     from onnxbn.insert import dead_channels
+    from onnxbn.io.save import refuse_overwrite
     from onnxbn.stats import collect_stats
 
     rank, ranks = distributed.world()
@@ -224,8 +224,8 @@ def cmd_merge(args) -> int:
 def cmd_insert(args) -> int:
     """Splice identity BatchNormalization nodes at the tensors in the stats file."""
     from onnxbn.insert import dead_channels, insert
-    from onnxbn.model import Model
-    from onnxbn.modelio import refuse_overwrite
+    from onnxbn.io.model import Model
+    from onnxbn.io.save import refuse_overwrite
     from onnxbn.stats import load_stats
 
     refuse_overwrite(args.output, [args.model, args.stats], args.force)
@@ -242,7 +242,7 @@ CHECK_DATA = InputData(random=True, data_help="image folder, .npz of inputs, or 
                        "(test_data_set_N/input_0.pb)", verified=True)
 RUNTIME_HELP = "onnxruntime (default), openvino, tract or reference; NAME:DEVICE for onnxruntime:cuda"
 PRECISION_CHOICES = ["default", "f32", "bf16", "f16"]
-# check and fold: tolerances default to the precisions the two sides ran at (onnxbn.runtimes.TOLERANCES)
+# check and fold: tolerances default to the precisions the two sides ran at (onnxbn.runtimes.precision.TOLERANCES)
 RUNTIME_TOLERANCE = [
     arg("--atol", type=float, help="absolute tolerance (default: 1e-5; for a float16/bfloat16 model, or where a runtime computes in bf16, "
         "f16 or tf32, "
@@ -298,7 +298,7 @@ def cmd_check(args) -> int:
     works as either."""
     from onnxbn.check import compare, save_outputs
     from onnxbn.golden import load_outputs
-    from onnxbn.modelio import atomic_path, refuse_overwrite
+    from onnxbn.io.save import atomic_path, refuse_overwrite
 
     options = CHECK_DATA.options(args)
     count = len(args.models)
@@ -416,8 +416,8 @@ def cmd_finetune(args) -> int:
     import gc
 
     from onnxbn import distributed
-    from onnxbn.model import Model
-    from onnxbn.modelio import refuse_overwrite
+    from onnxbn.io.model import Model
+    from onnxbn.io.save import refuse_overwrite
     from onnxbn.training import finetune_model
 
     log_path = args.output + ".log.json"
@@ -487,9 +487,10 @@ def cmd_fold(args) -> int:
     the model is written only when every check passes."""
     from onnxbn.check import compare
     from onnxbn.fold import fold
-    from onnxbn.model import Model
-    from onnxbn.modelio import refuse_overwrite
-    from onnxbn.runtimes import check_runtime, parse_runtime, supports_precision
+    from onnxbn.io.model import Model
+    from onnxbn.io.save import refuse_overwrite
+    from onnxbn.runtimes.base import check_runtime, parse_runtime
+    from onnxbn.runtimes.precision import supports_precision
 
     options = FOLD_DATA.options(args)
     refuse_overwrite(args.output, [args.model, args.data], args.force)
@@ -574,7 +575,7 @@ def cmd_recalibrate(args) -> int:
     |new-old| / max(|old|,|new|)), dead channels and the pass; --json prints it as JSON."""
     import numpy as np
 
-    from onnxbn.modelio import refuse_overwrite, save_model
+    from onnxbn.io.save import refuse_overwrite, save_model
     from onnxbn.recalibration import recalibrate_lazily
 
     refuse_overwrite(args.output, [args.model, args.data], args.force)
@@ -631,7 +632,7 @@ def cmd_quantize(args) -> int:
     activation ranges from onnxbn's streaming in-graph histograms. The INT8 model is compared
     with the float one on onnxruntime and written only when every output's cosine similarity
     and top-1 agreement pass the gate (exit 1 otherwise, nothing written)."""
-    from onnxbn.modelio import refuse_overwrite, save_model
+    from onnxbn.io.save import refuse_overwrite, save_model
     from onnxbn.quantization import quantize_with_report
 
     inputs = [args.model, args.data, args.ranges, args.verify_data]

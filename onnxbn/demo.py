@@ -36,7 +36,8 @@ from onnx import numpy_helper
 
 from onnxbn import demo_data
 from onnxbn.errors import UserError
-from onnxbn.modelio import atomic_path, load_model, save_model
+from onnxbn.io.load import load_model
+from onnxbn.io.save import atomic_path, save_model
 
 log = logging.getLogger("onnxbn")
 BUNDLED = Path(str(importlib.resources.files("onnxbn.models") / "demo_vgg.onnx"))  # package data (models/ links to it)
@@ -589,8 +590,9 @@ def _deploy_story(unfolded: onnx.ModelProto, folded: onnx.ModelProto, val: Path,
     """The folded model on every installed runtime vs the unfolded one on onnxruntime (f32): max abs/rel error,
     top-1 agreement, the precision the runtime reports, and the folded model's median latency at batch 1 and 8."""
     from onnxbn.check import compare
-    from onnxbn.runtime import model_input
-    from onnxbn.runtimes import INSTALL, available, open_session
+    from onnxbn.feeding import model_input
+    from onnxbn.runtimes.base import INSTALL, available
+    from onnxbn.runtimes.sessions import open_session
 
     rows, skipped = {}, []
     feed = model_input(folded)[0]
@@ -857,8 +859,8 @@ def run_demo(out: str | Path = "demo-out", *, model: str | Path | None = None, s
     import onnxbn
     from onnxbn.check import compare
     from onnxbn.fold import fold
-    from onnxbn.model import Model
     from onnxbn.insert import dead_channels
+    from onnxbn.io.model import Model
 
     started = time.perf_counter()
     out = Path(out)

@@ -23,7 +23,7 @@ import onnx
 
 from onnxbn.errors import UserError
 from onnxbn.graph import GraphIndex
-from onnxbn.modelio import with_metadata
+from onnxbn.io.copies import with_metadata
 
 log = logging.getLogger("onnxbn")
 EXPORT_TOLERANCE = 1e-5
@@ -152,7 +152,8 @@ def export_module(model, sample_shape: tuple[int, ...], opset: int = 17, metadat
     """
     import torch
 
-    from onnxbn.runtime import make_session, rel_error
+    from onnxbn.feeding import rel_error
+    from onnxbn.runtimes.ort_backend import make_session
 
     if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         raise UserError("the module has BatchNorm layers: export it in eval mode with torch.onnx.export directly")

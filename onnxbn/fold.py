@@ -28,8 +28,9 @@ import onnx
 from onnx import numpy_helper
 
 from onnxbn.graph import FLOAT_TYPES, GraphIndex, require_opset, tensor_shape, value_types
-from onnxbn.model import Model
-from onnxbn.modelio import memory_stub, set_metadata
+from onnxbn.io.copies import set_metadata
+from onnxbn.io.model import Model
+from onnxbn.io.tensors import memory_stub
 
 # Ops whose value `_Graph.constant` computes from fixed tensors (a bias as torch's dynamo exporter writes it).
 _COMPUTED = {"Shape", "Expand", "CastLike"}
@@ -504,7 +505,7 @@ def fold(model: Model) -> tuple[Model, FoldReport]:
     `model` is left as it is.
 
     The weights folding leaves alone stay where they are (in the model's file, for a Model opened from
-    a path) and those it computes are arrays of the result (see `onnxbn.model`), so a VGG16 folds while
+    a path) and those it computes are arrays of the result (see `onnxbn.io.model`), so a VGG16 folds while
     Python holds only the changed tensors.
     """
     result = model.copy()

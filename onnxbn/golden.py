@@ -7,7 +7,7 @@ ONNX's test-data layout.
 `input_sha256` (N, 32) uint8, each sample's digest (below); `meta`, JSON: format
 `onnxbn-golden/1`, `outputs` (names), `input` (name, dtype, shape past the first axis),
 `samples`, `inputs_sha256` (sha256 of the per-sample digests in order), `data` (where the
-inputs came from), `model` and `model_sha256` (modelio.model_sha256: graph and weights,
+inputs came from), `model` and `model_sha256` (io.copies.model_sha256: graph and weights,
 metadata excluded), `runtime` (the reference side's runtime, version, device and precision).
 It is written uncompressed and streamed: each batch's outputs are appended to a temporary
 file per output (and one for the digests) next to the target, and the archive is assembled
@@ -17,7 +17,7 @@ read memory-mapped, a batch's rows (and their digests) at a time.
 Folder: `test_data_set_<i>/input_0.pb` and `output_<k>.pb` (TensorProto files, one set per
 batch when onnxbn writes them), the layout of the ONNX model zoo and of onnx's backend test
 data, plus `onnxbn.json` holding the meta above when onnxbn wrote it. Such a folder is read
-whole (they hold a few samples): the sets are joined along the first axis (data.concat_sets),
+whole (they hold a few samples): the sets are joined along the first axis (data.sources.concat_sets),
 output_<k> is the model's k-th output, and its inputs are the data to compare on.
 
 A sample's digest is sha256(dtype + shape past the first axis + its bytes in C order), so the
@@ -39,9 +39,10 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxbn.data import _mmap_npz, concat_sets, read_test_inputs, read_tensors, test_data_sets
+from onnxbn.data.sources import _mmap_npz, concat_sets, read_tensors, read_test_inputs, test_data_sets
 from onnxbn.errors import UserError
-from onnxbn.modelio import atomic_path, file_chunks, FileRange, refuse_overwrite
+from onnxbn.io.save import atomic_path, refuse_overwrite
+from onnxbn.io.tensors import FileRange, file_chunks
 
 FORMAT = "onnxbn-golden/1"
 META_FILE = "onnxbn.json"  # the meta beside the sets of a test-data folder onnxbn wrote

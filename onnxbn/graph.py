@@ -27,7 +27,8 @@ import onnx
 from onnx import numpy_helper
 
 from onnxbn.errors import UserError
-from onnxbn.modelio import empty_like, skeleton, tensor_array
+from onnxbn.io.copies import empty_like, skeleton
+from onnxbn.io.tensors import tensor_array
 
 FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
                          onnx.TensorProto.BFLOAT16})
@@ -153,7 +154,7 @@ class GraphIndex:
 
     Edits go to `model` itself (the index never copies); see the module docstring. Values of tensors
     held outside the proto come from `weights` (IN_MEMORY stubs) and from files in `folder`
-    (external data, e.g. of a `modelio.load_structure` model): see `modelio.tensor_array`.
+    (external data, e.g. of a `io.load.load_structure` model): see `io.tensors.tensor_array`.
     """
 
     def __init__(self, model: onnx.ModelProto, weights: dict[str, np.ndarray] | None = None,

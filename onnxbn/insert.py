@@ -32,8 +32,8 @@ from onnx import helper
 
 from onnxbn.errors import UserError
 from onnxbn.graph import GraphIndex, require_opset, tensor_shape, value_types
-from onnxbn.model import Model
-from onnxbn.modelio import set_metadata
+from onnxbn.io.copies import set_metadata
+from onnxbn.io.model import Model
 from onnxbn.stats import Stats, load_stats
 
 BN_SUFFIX = "/onnxbn_bn"
@@ -112,7 +112,7 @@ def insert_bn(model, stats, eps: float = 1e-5) -> onnx.ModelProto:
 
 def insert(model: Model, stats, eps: float = 1e-5) -> Model:
     """`model` (unchanged) with an identity BatchNormalization after every tensor in `stats` (path or
-    Stats); weights that stay in a file stay there (see `onnxbn.model`)."""
+    Stats); weights that stay in a file stay there (see `onnxbn.io.model`)."""
     if not eps > 0:
         raise UserError(f"--eps must be positive (got {eps})")
     digest = _provenance(model)

@@ -15,7 +15,7 @@ import onnx
 
 from onnxbn.errors import UserError
 from onnxbn.graph import FLOAT_TYPES, GraphIndex, tensor_shape, value_types
-from onnxbn.modelio import load_model
+from onnxbn.io.load import load_model
 
 SELECTORS = ("dense", "conv", "relu", "linear")
 ACTIVATIONS = {"Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Sigmoid", "Tanh", "Clip", "HardSigmoid",

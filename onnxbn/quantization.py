@@ -168,7 +168,7 @@ def _fold(model: onnx.ModelProto, report: QuantizeReport) -> tuple[onnx.ModelPro
     if not any(n.op_type == "BatchNormalization" for n in model.graph.node):
         return model, {}
     from onnxbn.fold import fold
-    from onnxbn.model import Model
+    from onnxbn.io.model import Model
 
     params = _bn_parameters(model)
     folded_model, fold_report = fold(Model.open(model))
@@ -350,8 +350,9 @@ def quantized_layers(qdq: onnx.ModelProto, float_model: onnx.ModelProto) -> list
 def _moments(model: onnx.ModelProto, tensors: list[str], open_dataset, batch_size: int, workers, strict: bool,
              device: str, desc: str) -> dict:
     """Per-channel (count, mean, M2) of `tensors` over the data, reduced in the graph (onnxbn.stats)."""
-    from onnxbn.modelio import detach_weights
-    from onnxbn.runtime import make_session, run_batches
+    from onnxbn.feeding import run_batches
+    from onnxbn.io.copies import detach_weights
+    from onnxbn.runtimes.ort_backend import make_session
     from onnxbn.stats import ChannelMoments, augment_for_stats
 
     types = value_types(model)
@@ -460,8 +461,8 @@ def quantize_with_report(model, data, *, method: str = "minmax", percentile: flo
     """(INT8 QDQ model, QuantizeReport); see `quantize`. `verify=False` skips the check against the
     float model (the report's `check` stays empty and `passed` is False)."""
     from onnxbn.check import compare
-    from onnxbn.modelio import load_own
-    from onnxbn.runtime import open_model_data
+    from onnxbn.feeding import open_model_data
+    from onnxbn.io.load import load_own
 
     started = time.perf_counter()
     if method not in METHODS:

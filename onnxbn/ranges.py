@@ -43,10 +43,12 @@ import onnx
 from onnx import TensorProto, helper
 
 from onnxbn.errors import UserError
+from onnxbn.feeding import fit_batch_size, model_input, open_model_data, run_batches
 from onnxbn.graph import GraphIndex, opset_version, value_types
-from onnxbn.modelio import detach_weights, load_structure, model_sha256
-from onnxbn.npzfile import format_of, read_rows, write_rows
-from onnxbn.runtime import fit_batch_size, make_session, model_input, open_model_data, run_batches, session_provider
+from onnxbn.io.copies import detach_weights, model_sha256
+from onnxbn.io.load import load_structure
+from onnxbn.io.npzfile import format_of, read_rows, write_rows
+from onnxbn.runtimes.ort_backend import make_session, session_provider
 
 FORMAT = "onnxbn-ranges/1"
 PREFIX = "onnxbn_ranges"
@@ -282,7 +284,8 @@ def collect_ranges(model, data, batch_size: int = 32, limit: int | None = None, 
     `model`: path or ModelProto; `data`: image folder, .npz or array, as `collect_stats` takes;
     `shard`: "I/N" (merge the shards with `merge_ranges`). See the module docstring.
     """
-    from onnxbn.data import default_workers, parse_shard
+    from onnxbn.data.images import default_workers
+    from onnxbn.data.streams import parse_shard
 
     proto, folder = load_structure(model) if isinstance(model, (str, os.PathLike)) else (model, None)
     names = activation_tensors(proto) if tensors is None else list(tensors)

@@ -90,13 +90,15 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxbn.data import default_workers
+from onnxbn.data.images import default_workers
 from onnxbn.errors import UserError
+from onnxbn.feeding import check_batch_shape, fit_batch_size, model_input, open_model_data, progress, run_batches
 from onnxbn.graph import GraphIndex, graph_inputs, reads, require_opset, tensor_shape, value_types
-from onnxbn.modelio import IN_MEMORY, detach_weights, empty_like, load_own, load_structure, materialize, set_metadata
+from onnxbn.io.copies import detach_weights, empty_like, set_metadata
+from onnxbn.io.load import load_own, load_structure
+from onnxbn.io.tensors import IN_MEMORY, materialize
 from onnxbn.points import Point
-from onnxbn.runtime import (check_batch_shape, fit_batch_size, make_session, model_input, open_model_data, progress,
-                            run_batches, session_provider)
+from onnxbn.runtimes.ort_backend import make_session, session_provider
 from onnxbn.stats import ChannelMoments, augment_for_stats
 
 MODES = ("exact", "batch")
@@ -363,7 +365,7 @@ def _write_stats(model: onnx.ModelProto, weights: dict | None, bn: BNRecord, mea
                  var: np.ndarray) -> None:
     """Store mean/var in the BN's own tensors (prepared by `_own_slot`), in their dtype.
 
-    A detached initializer (`modelio.detach_weights`) is updated in `weights`, its stub left as it is."""
+    A detached initializer (`io.copies.detach_weights`) is updated in `weights`, its stub left as it is."""
     index = GraphIndex(model)
     node = index.producers[bn.key]
     for slot, value in ((MEAN, mean), (VAR, var)):
@@ -877,9 +879,9 @@ def recalibrate_lazily(model, data, mode: str = "exact", nodes=None, *, batch_si
                        max_drop: float = DEFAULT_MAX_DROP) -> tuple[onnx.ModelProto, Path | None, RecalibrationReport]:
     """(model, folder, report): `recalibrate_with_report` without gathering the weights, and without raising
     when the guard refuses (report.eval["refused"] says so; the command line then writes nothing and exits 1).
-    In exact mode a path is read as its structure (`modelio.load_structure`): the weights stay in the file
+    In exact mode a path is read as its structure (`io.load.load_structure`): the weights stay in the file
     (external data in `folder`, the file's folder), onnxruntime reads them from there, and
-    `modelio.save_model(model, path, folder=folder)` writes the result; otherwise folder is None."""
+    `io.save.save_model(model, path, folder=folder)` writes the result; otherwise folder is None."""
     if mode not in MODES:
         raise UserError(f"unknown mode {mode!r}: use exact or batch")
     if cache_mb < 0:

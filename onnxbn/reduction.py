@@ -41,10 +41,12 @@ from onnx import helper
 from onnxbn.activations import LAYERWISE_SAMPLES, MAX_MARKED, activation_names
 from onnxbn.check import Report, compare
 from onnxbn.errors import UserError
+from onnxbn.feeding import check_batch_shape, model_input, open_model_data
 from onnxbn.graph import GraphIndex, graph_inputs, reads, value_types
-from onnxbn.modelio import empty_like, load_model
-from onnxbn.runtime import check_batch_shape, model_input, open_model_data
-from onnxbn.runtimes import expose, open_session
+from onnxbn.io.copies import empty_like
+from onnxbn.io.load import load_model
+from onnxbn.runtimes.base import expose
+from onnxbn.runtimes.sessions import open_session
 
 
 @dataclass
@@ -113,7 +115,7 @@ def _first_samples(ref: onnx.ModelProto, data, samples: int, preset) -> np.ndarr
     return np.ascontiguousarray(batch[0])
 
 
-def _write(folder: Path, ref: onnx.ModelProto, cand: onnx.ModelProto, cut: str, values: np.ndarray) -> None:
+def write_temporary(folder: Path, ref: onnx.ModelProto, cand: onnx.ModelProto, cut: str, values: np.ndarray) -> None:
     """ref.onnx, cand.onnx, inputs.npz in `folder` (new, or an empty folder), written in a temporary
     sibling and renamed into place: all three or nothing."""
     if folder.exists() and not (folder.is_dir() and not any(folder.iterdir())):
@@ -190,7 +192,7 @@ def reduce(reference, candidate, data, output=None, *, atol: float | None = None
         result.candidate_nodes = [n.name or n.output[0] for n in cand_nodes]
         if output is not None:
             folder = Path(output)
-            _write(folder, sub_ref, sub_cand, cut, values)
+            write_temporary(folder, sub_ref, sub_cand, cut, values)
             result.folder = str(folder)
             result.command = _command(folder, atol, rtol, runtime, reference_runtime, candidate_runtime, precision,
                                       device)

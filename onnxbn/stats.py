@@ -38,13 +38,15 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from onnxbn.data import parse_shard
+from onnxbn.data.streams import parse_shard
 from onnxbn.errors import UserError
+from onnxbn.feeding import fit_batch_size, model_input, open_model_data, run_batches
 from onnxbn.graph import GraphIndex, pruned_copy, require_opset
-from onnxbn.modelio import detach_weights, load_structure, model_sha256
-from onnxbn.npzfile import read_rows, write_rows
+from onnxbn.io.copies import detach_weights, model_sha256
+from onnxbn.io.load import load_structure
+from onnxbn.io.npzfile import read_rows, write_rows
 from onnxbn.points import Point, select_points
-from onnxbn.runtime import fit_batch_size, make_session, model_input, open_model_data, run_batches, session_provider
+from onnxbn.runtimes.ort_backend import make_session, session_provider
 
 FORMAT = "onnxbn-stats/1"
 STATS_PREFIX = "onnxbn_stats"
@@ -331,7 +333,7 @@ def collect_stats(model, data, after="dense", batch_size: int = 32, limit: int |
     See the module docstring.
     """
     from onnxbn import distributed
-    from onnxbn.data import default_workers
+    from onnxbn.data.images import default_workers
 
     rank, ranks = distributed.world()
     if ranks > 1:

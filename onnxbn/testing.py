@@ -1,6 +1,5 @@
 """Equivalence assertions for a user's own test suite (pytest, unittest, or plain asserts).
 
-    from onnxbn.testing import assert_equivalent
 
     def test_fold_keeps_the_outputs():
         assert_equivalent("model_bn.onnx", "model_deploy.onnx", data="val.npz")

@@ -35,11 +35,12 @@ from onnx import numpy_helper
 
 from onnxbn import distributed
 from onnxbn.errors import UserError
+from onnxbn.feeding import check_batch_shape, fixed_batch, model_input, open_model_data, progress, rel_error, run_batches
 from onnxbn.graph import FLOAT_TYPES, GraphIndex, graph_inputs, pruned_copy, reads, require_opset, tensor_shape, value_types
-from onnxbn.model import Model
-from onnxbn.modelio import empty_like, load_structure, metadata, set_metadata
+from onnxbn.io.copies import empty_like, metadata, set_metadata
+from onnxbn.io.load import load_structure
+from onnxbn.io.model import Model
 from onnxbn.points import ACTIVATIONS
-from onnxbn.runtime import check_batch_shape, fixed_batch, model_input, open_model_data, progress, rel_error, run_batches
 
 log = logging.getLogger("onnxbn")
 DENSE_OPS = {"Gemm", "MatMul"}
@@ -362,7 +363,7 @@ class FinetuneReport:
     def gate(self, written: onnx.ModelProto | str) -> None:
         """Run the write-back gate on `written` (the ModelProto, or the file it was staged to): a RuntimeError
         past 1e-5; the result goes to log["write_back_check"]."""
-        from onnxbn.runtime import make_session
+        from onnxbn.runtimes.ort_backend import make_session
 
         # a session that runs one probe: opened without repacking its weights for speed
         self.log["write_back_check"] = self.probe.check(lambda: make_session(written, "cpu", prepack=False))
@@ -379,7 +380,7 @@ def finetune_model(model: Model, train, val=None, *, epochs: int = 1, lr: float 
     trained tensors are arrays that share the module's memory, and the others stay where they were."""
     import torch
 
-    from onnxbn.runtime import make_session
+    from onnxbn.runtimes.ort_backend import make_session
     from onnxbn.torch_import import to_torch
 
     if epochs < 0 or batch_size < 1 or not lr > 0:
@@ -644,7 +645,7 @@ def evaluate(model, data, batch_size: int = 32, device: str = "auto", limit: int
     probabilities (-log p), log-probabilities, or logits (log_softmax first); `output` in the result
     says which, `output_read_by` how (the graph, or every row of the data being probabilities).
     """
-    from onnxbn.runtime import make_session, session_provider
+    from onnxbn.runtimes.ort_backend import make_session, session_provider
 
     # a model file is read as structure only: onnxruntime reads its weights from the file itself
     proto, folder = load_structure(model) if isinstance(model, (str, os.PathLike)) else (model, None)

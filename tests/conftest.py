@@ -73,7 +73,7 @@ def vgg16_images(tmp_path_factory):
 def pytest_collection_modifyitems(config, items):
     """Tests marked `gpu` run where onnxruntime's CUDA provider loads and torch sees a GPU; elsewhere
     they are skipped, saying so (CI has no GPU)."""
-    from onnxbn.runtime import cuda_available
+    from onnxbn.runtimes.ort_backend import cuda_available
 
     try:
         import torch

@@ -13,10 +13,9 @@ from onnx import TensorProto, helper
 
 import onnxbn
 import onnxbn.check
+from models import Net, ort_outputs, small_net
 from onnxbn.check import RANDOM_BATCH_BYTES, random_inputs
 from onnxbn.cli import main
-
-from models import Net, ort_outputs, small_net
 
 
 def run(capsys, *argv):
@@ -175,7 +174,7 @@ def _typed_model(inputs: int, outputs: int, weights: dict[int, int]) -> onnx.Mod
     (TensorProto.INT64, TensorProto.STRING, {}, "f32"),
 ])
 def test_model_precision_is_the_lowest_float_type_of_io_and_weights(inputs, outputs, weights, expected):
-    from onnxbn.runtimes import RuntimeInfo, default_tolerance, model_precision, tolerance_choice
+    from onnxbn.runtimes.precision import RuntimeInfo, default_tolerance, model_precision, tolerance_choice
 
     model = _typed_model(inputs, outputs, weights)
     assert model_precision(model) == expected

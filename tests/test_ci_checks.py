@@ -11,13 +11,12 @@ import math
 import numpy as np
 import onnx
 import pytest
+from conftest import small_cnn, write_images
 
 import onnxbn
 from onnxbn.check import OutputMetrics
 from onnxbn.cli import main
 from onnxbn.errors import UserError
-
-from conftest import small_cnn, write_images
 
 
 def run(capsys, *argv):
@@ -138,7 +137,7 @@ def test_preset_changes_what_check_eval_and_fold_feed(tmp_path, two_models, caps
 
 def test_preset_reaches_compare(tmp_path):
     """What compare feeds under each preset equals onnxbn.data's preprocessing of the files."""
-    from onnxbn.data import open_data
+    from onnxbn.data.sources import open_data
 
     data = tmp_path / "imgs"
     write_images(data, n_per_class=2, size=(40, 40))

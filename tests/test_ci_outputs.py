@@ -13,10 +13,9 @@ import pytest
 from onnx import helper, numpy_helper
 
 import onnxbn
+from models import small_cnn
 from onnxbn.cli import main
 from onnxbn.testing import assert_equivalent
-
-from models import small_cnn
 
 X = np.random.default_rng(5).standard_normal((16, 3, 8, 8)).astype(np.float32)
 

@@ -10,11 +10,10 @@ import xml.etree.ElementTree as ET
 import numpy as np
 import onnx
 import pytest
-
-from onnxbn.cli import main
-
 from conftest import write_images
+
 from models import small_cnn
+from onnxbn.cli import main
 
 
 @pytest.fixture
@@ -227,7 +226,7 @@ def test_cli_quiets_onnxruntimes_default_logger_and_restores_it(files, capsys, m
     and onnxruntime's default WARNING (2) after the command; make_session alone leaves it alone."""
     import onnxruntime
 
-    from onnxbn.runtime import make_session
+    from onnxbn.runtimes.ort_backend import make_session
 
     calls = []
     monkeypatch.setattr(onnxruntime, "set_default_logger_severity", calls.append)

@@ -22,8 +22,8 @@ from onnxbn.demo import (
     summarize_cells,
     sweep_verdict,
 )
-from onnxbn.modelio import load_model
-from onnxbn.runtimes import available
+from onnxbn.io.load import load_model
+from onnxbn.runtimes.base import available
 
 pytestmark = pytest.mark.skipif(not BUNDLED.is_file(), reason="bundled demo model missing")
 

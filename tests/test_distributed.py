@@ -10,12 +10,11 @@ import sys
 import numpy as np
 import onnx
 import pytest
+from conftest import small_cnn
 from onnx import numpy_helper
 
 import onnxbn
 from onnxbn.stats import load_stats
-
-from conftest import small_cnn
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
             "-m", "onnxbn", "-q"]

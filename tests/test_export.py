@@ -9,7 +9,7 @@ import torch
 from onnx import numpy_helper
 
 from onnxbn.cli import main
-from onnxbn.modelio import metadata
+from onnxbn.io.copies import metadata
 from onnxbn.models.vgg import vgg
 
 pytestmark = pytest.mark.slow

@@ -11,10 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxbn.fold import explain_fold, fold_bn
-from onnxbn.runtime import make_session
-
 from models import BN_WIDE, Net, bn_count, rel_error
+from onnxbn.fold import explain_fold, fold_bn
+from onnxbn.runtimes.ort_backend import make_session
 
 FLOAT32_BOUND = 1e-5
 FLOAT16_BOUND = 4e-3  # four fp16 ulps (2**-10) of the largest output: weights, BN and the sums each round

@@ -16,10 +16,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxbn
+from models import ort_outputs, small_cnn
 from onnxbn.cli import main
 from onnxbn.tolerances import QuantileGate
-
-from models import ort_outputs, small_cnn
 
 
 def run(capsys, *argv):
@@ -77,7 +76,7 @@ def test_golden_npz_round_trip_holds_the_outputs_digests_and_provenance(models, 
         np.testing.assert_array_equal(g["input_sha256"], digests(x))
     assert meta["samples"] == 20 and meta["outputs"] == ["logits"] and meta["input"]["dtype"] == "<f4"
     assert meta["inputs_sha256"] == hashlib.sha256(digests(x).tobytes()).hexdigest()
-    assert meta["model_sha256"] == onnxbn.modelio.model_sha256(onnx.load(str(t / "a.onnx")))
+    assert meta["model_sha256"] == onnxbn.io.copies.model_sha256(onnx.load(str(t / "a.onnx")))
     assert meta["runtime"]["runtime"] == "onnxruntime" and meta["runtime"]["precision"] == "f32"
 
     code, out, _ = run(capsys, "check", "--reference-outputs", t / "g.npz", t / "a.onnx", "--data", t / "x.npz",

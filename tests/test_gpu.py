@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 import onnxbn
-
 from models import small_cnn
 
 pytestmark = pytest.mark.gpu

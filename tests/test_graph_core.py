@@ -223,7 +223,7 @@ def test_bfloat16_bn_folds_like_float32():
 
 def test_make_session_leaves_onnxruntimes_logger_alone(capfd):
     """make_session sets only its own session's log level, not onnxruntime's process-wide one."""
-    from onnxbn.runtime import make_session
+    from onnxbn.runtimes.ort_backend import make_session
 
     model = conv_model()
     ir3 = conv_model(ir_version=3, opset=9)
@@ -279,7 +279,8 @@ def big_gemm_model(path):
 
 
 def test_structure_points_into_the_file_and_hashes_the_same(tmp_path):
-    from onnxbn.modelio import load_model, load_structure, model_sha256
+    from onnxbn.io.copies import model_sha256
+    from onnxbn.io.load import load_model, load_structure
 
     model = big_gemm_model(tmp_path / "m.onnx")
     structure, _ = load_structure(tmp_path / "m.onnx")
@@ -391,12 +392,14 @@ def test_fold_recalibrate_and_insert_copy_unchanged_weights_file_to_file(tmp_pat
 def test_save_model_streams_a_structure_model_into_an_equal_file(tmp_path, monkeypatch, external):
     """save_model(load_structure(path), folder=...) writes the same model as onnx.load + onnx.save would,
     inline or (past the protobuf limit, here made tiny) with a data file, new IN_MEMORY values included."""
-    import onnxbn.modelio
-    from onnxbn.modelio import load_structure, memory_stub, save_model
+    import onnxbn.io.save
+    from onnxbn.io.load import load_structure
+    from onnxbn.io.save import save_model
+    from onnxbn.io.tensors import memory_stub
 
     model = gemm_bn_model(tmp_path / "m.onnx")
     if external:
-        monkeypatch.setattr(onnxbn.modelio, "PROTOBUF_LIMIT", 1000)
+        monkeypatch.setattr(onnxbn.io.save, "PROTOBUF_LIMIT", 1000)
     structure, _ = load_structure(tmp_path / "m.onnx")
     new_w2 = np.arange(10 * 4096, dtype=np.float32).reshape(10, 4096)
     w2 = next(t for t in structure.graph.initializer if t.name == "w2")

@@ -28,7 +28,7 @@ Forms (each built from the export; N = 16 seeded N(0, 1) inputs, 5 classes):
                 (filled with that bias' mean) instead of an initializer
     batch1      ts17 with the batch dimension fixed at 1 (input and output)
     fp16        ts17 with weights, constants and I/O in float16
-    ext         ts17 saved by onnxbn.modelio.save_model with external data (the protobuf
+    ext         ts17 saved by onnxbn.io.save.save_model with external data (the protobuf
                 limit lowered), every step given the path
     overflow    ts17 whose classifier has weights |W| * 1e38 and biases of the largest float32:
                 its float32 logits are +inf (test_overflow_form_overflows checks that)
@@ -91,11 +91,10 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 import onnxbn
-import onnxbn.modelio
+import onnxbn.io.save
+from models import feed_name
 from onnxbn import UserError
 from onnxbn.export import export_module
-
-from models import feed_name
 
 SAMPLE = (3, 16, 16)
 CLASSES = 5
@@ -441,9 +440,9 @@ class Matrix:
                 folder = self.root / arch
                 folder.mkdir()
                 with pytest.MonkeyPatch.context() as mp:
-                    mp.setattr(onnxbn.modelio, "PROTOBUF_LIMIT", 1000)
-                    mp.setattr(onnxbn.modelio, "EXTERNAL_THRESHOLD", 64)  # these small models hold no 1 KiB tensor
-                    path = onnxbn.modelio.save_model(exported(arch, 17), folder / "model.onnx")
+                    mp.setattr(onnxbn.io.save, "PROTOBUF_LIMIT", 1000)
+                    mp.setattr(onnxbn.io.save, "EXTERNAL_THRESHOLD", 64)  # these small models hold no 1 KiB tensor
+                    path = onnxbn.io.save.save_model(exported(arch, 17), folder / "model.onnx")
                 assert (folder / "model.onnx.data").is_file()
                 stored = onnx.load(str(path), load_external_data=False)
                 assert any(t.data_location == TensorProto.EXTERNAL for t in stored.graph.initializer)

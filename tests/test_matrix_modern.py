@@ -72,12 +72,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from modern_archs import ARCHS, CLASSES, build
 from onnx import helper, numpy_helper
 
 import onnxbn
 from onnxbn import UserError
-
-from modern_archs import ARCHS, CLASSES, build
 
 EXPORT_SIZE = 32
 RUN_SIZE = {"dyn": 48, "const": 48, "dynamo": 48, "dynamo-noopt": 48}  # forms with dynamic H, W

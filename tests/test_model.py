@@ -1,4 +1,4 @@
-"""onnxbn.model.Model: where each initializer's bytes live, read and written without changing the input.
+"""onnxbn.io.model.Model: where each initializer's bytes live, read and written without changing the input.
 
 Judged against onnx.load of the file and numpy: the arrays a Model gives equal the file's,
 a saved Model loads back to the same values, its hash equals the hash of the whole proto,
@@ -14,10 +14,10 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from onnxbn.model import Model
-from onnxbn.modelio import FileRange, model_sha256
-
 from models import inputs_for, ort_outputs, rel_error, small_cnn
+from onnxbn.io.copies import model_sha256
+from onnxbn.io.model import Model
+from onnxbn.io.tensors import FileRange
 
 
 @pytest.fixture

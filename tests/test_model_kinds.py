@@ -17,12 +17,12 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-import onnxbn.modelio
-from onnxbn import UserError, collect_stats, compare, explain_fold, fold_bn, insert_bn, select_points, to_torch
-from onnxbn.modelio import load_model, save_model
-from onnxbn.runtime import make_session
-
+import onnxbn.io.save
 from models import Net, bn_count, inputs_for, ort_outputs, rel_error, small_net
+from onnxbn import UserError, collect_stats, compare, explain_fold, fold_bn, insert_bn, select_points, to_torch
+from onnxbn.io.load import load_model
+from onnxbn.io.save import save_model
+from onnxbn.runtimes.ort_backend import make_session
 
 IDENTITY_BOUND = 1e-6   # insert_bn is an identity up to float32 rounding
 FOLD_BOUND = 1e-5       # folding re-associates the float32 sums
@@ -280,7 +280,7 @@ def test_float16_model():
 def test_external_data_model_runs_from_the_saved_files(tmp_path, monkeypatch):
     """A model over protobuf's 2 GB limit is saved as model.onnx + model.onnx.data; here the limit is
     lowered so a small model takes that path, then every step reads the saved files."""
-    monkeypatch.setattr(onnxbn.modelio, "PROTOBUF_LIMIT", 1000)
+    monkeypatch.setattr(onnxbn.io.save, "PROTOBUF_LIMIT", 1000)
     model = small_net(13)
     before = model.SerializeToString()
     path = save_model(model, tmp_path / "model.onnx")

@@ -17,9 +17,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxbn import cli, wire
+from onnxbn import cli
 from onnxbn.errors import UserError
-from onnxbn.modelio import _scan, load_model, load_structure
+from onnxbn.io import wire
+from onnxbn.io.load import _scan, load_model, load_structure
 from tests.models import Net, ort_outputs, rel_error
 
 _OPENED: list[str] | None = None

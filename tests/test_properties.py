@@ -13,11 +13,10 @@ import onnx
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
-from onnxbn import UserError, collect_stats, compare, explain_fold, fold_bn, insert_bn, select_points
-from onnxbn.runtime import make_session
-from onnxbn.stats import FORMAT, ChannelMoments, Stats, load_stats, merge_stats
-
 from models import BN_WIDE, Net, small_cnn
+from onnxbn import UserError, collect_stats, compare, explain_fold, fold_bn, insert_bn, select_points
+from onnxbn.runtimes.ort_backend import make_session
+from onnxbn.stats import FORMAT, ChannelMoments, Stats, load_stats, merge_stats
 
 SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 

@@ -12,11 +12,10 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from models import Net, inputs_for, small_cnn
 from onnxbn.cli import main
 from onnxbn.quantization import quantize_with_report
 from onnxbn.ranges import BINS, HALF, collect_ranges, load_ranges, merge_ranges
-
-from models import Net, inputs_for, small_cnn
 
 WIDE_BN = {"scale": (1.0, 0.5), "B": (0.0, 0.5), "mean": (0.0, 1.0), "var": (0.2, 3.0)}
 

@@ -21,12 +21,11 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 import onnxbn
+from models import Net, small_cnn
 from onnxbn.cli import main
 from onnxbn.errors import UserError
-from onnxbn.modelio import save_model
+from onnxbn.io.save import save_model
 from onnxbn.recalibration import recalibrate_with_report
-
-from models import Net, small_cnn
 
 EPS = 1e-5
 
@@ -480,7 +479,7 @@ def test_float16():
 
 
 def test_external_data(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(onnxbn.modelio, "PROTOBUF_LIMIT", 1000)
+    monkeypatch.setattr(onnxbn.io.save, "PROTOBUF_LIMIT", 1000)
     path = save_model(bn_net(), tmp_path / "model.onnx")
     assert (tmp_path / "model.onnx.data").is_file()
     x = data(n=16, size=8)
@@ -488,7 +487,7 @@ def test_external_data(tmp_path, monkeypatch, capsys):
     code, _, err = run(capsys, "recalibrate", "--prior", "0", path, "--data", tmp_path / "x.npz", "-o", tmp_path / "out.onnx")
     assert code == 0, err
     assert (tmp_path / "out.onnx.data").is_file()
-    out = onnxbn.modelio.load_model(tmp_path / "out.onnx")
+    out = onnxbn.io.load.load_model(tmp_path / "out.onnx")
     assert max(fixed_point_errors(out, x).values()) <= 1e-6
 
 
@@ -747,9 +746,9 @@ def test_cli_failure_after_recalibrating_writes_nothing_as_it_says(files, capsys
 @pytest.mark.parametrize("which", ["resnet", "vgg"])
 @pytest.mark.parametrize("cache_mb", [1024, 0])
 def test_a_model_file_gives_the_same_model_with_its_weights_read_from_disk(request, which, cache_mb, tmp_path):
-    """From a path, the passes' sessions read the weights from the file itself (modelio.load_structure):
+    """From a path, the passes' sessions read the weights from the file itself (io.load.load_structure):
     the result equals recalibrating the loaded proto, tensor for tensor."""
-    from onnxbn.modelio import load_structure
+    from onnxbn.io.load import load_structure
 
     _, model = request.getfixturevalue(which)
     path = tmp_path / "m.onnx"

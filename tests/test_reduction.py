@@ -14,9 +14,8 @@ import pytest
 from onnx import helper, numpy_helper
 
 import onnxbn
-from onnxbn.cli import main
-
 from models import ort_outputs, small_cnn
+from onnxbn.cli import main
 
 X = np.random.default_rng(5).standard_normal((16, 3, 8, 8)).astype(np.float32)
 

@@ -20,11 +20,12 @@ import onnx
 import pytest
 
 import onnxbn
+from models import BN_WIDE, Net, bn_count, inputs_for, small_net
 from onnxbn.cli import main
 from onnxbn.errors import UserError
-from onnxbn.runtimes import RuntimeInfo, available, default_tolerance, open_session, tolerance_precision
-
-from models import BN_WIDE, Net, bn_count, inputs_for, small_net
+from onnxbn.runtimes.base import available
+from onnxbn.runtimes.precision import RuntimeInfo, default_tolerance, tolerance_precision
+from onnxbn.runtimes.sessions import open_session
 
 ROOT = Path(__file__).resolve().parent.parent
 needs = {name: pytest.mark.skipif(not available(name), reason=f"{name} not installed: pip install 'onnxbn[{name}]'")
@@ -333,11 +334,11 @@ def test_onnxbn_runs_without_openvino_and_tract():
     """Importing onnxbn and checking on onnxruntime never imports the optional runtimes."""
     code = ("import sys; sys.modules['openvino'] = None; sys.modules['tract'] = None\n"
             "sys.path.insert(0, 'tests')\n"
-            "import onnxbn, onnxbn.cli, onnxbn.runtimes\n"
+            "import onnxbn, onnxbn.cli, onnxbn.runtimes.base\n"
             "from models import small_net\n"
             "m = small_net(13)\n"
             "assert onnxbn.compare(m, onnxbn.fold_bn(m), random=4).passed\n"
-            "assert not onnxbn.runtimes.available('openvino') and not onnxbn.runtimes.available('tract')\n"
+            "assert not onnxbn.runtimes.base.available('openvino') and not onnxbn.runtimes.base.available('tract')\n"
             "print('ok')\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]

@@ -11,9 +11,8 @@ import torch
 import torch.utils.data as tud
 
 import onnxbn
-from onnxbn.errors import UserError
-
 from models import small_cnn
+from onnxbn.errors import UserError
 
 X = np.random.default_rng(3).standard_normal((37, 3, 8, 8)).astype(np.float32)
 Y = np.arange(37) % 10

@@ -5,18 +5,18 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from conftest import write_images
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import helper
 
 import onnxbn
-from onnxbn.data import balanced_sample, open_data, preprocess
-from onnxbn.points import select_points
-from onnxbn.runtime import make_session
-from onnxbn.stats import ChannelMoments, augment_for_stats, load_stats, merge_stats
-
-from conftest import write_images
 from models import small_cnn
+from onnxbn.data.images import preprocess
+from onnxbn.data.sources import balanced_sample, open_data
+from onnxbn.points import select_points
+from onnxbn.runtimes.ort_backend import make_session
+from onnxbn.stats import ChannelMoments, augment_for_stats, load_stats, merge_stats
 
 
 def exposed_values(model, names, x):

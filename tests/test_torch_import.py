@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from onnxbn.errors import UserError
-from onnxbn.runtime import make_session
+from onnxbn.runtimes.ort_backend import make_session
 from onnxbn.torch_import import OnnxDropout, split_at, to_torch, write_back
 
 F32 = TensorProto.FLOAT

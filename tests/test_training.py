@@ -7,15 +7,14 @@ import json
 import numpy as np
 import onnx
 import pytest
+from conftest import small_cnn
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxbn
 from onnxbn.cli import main
-from onnxbn.runtime import make_session
+from onnxbn.runtimes.ort_backend import make_session
 from onnxbn.torch_import.writeback import write_into
 from onnxbn.training import default_freeze_node
-
-from conftest import small_cnn
 
 
 def labelled(n=48, seed=0, size=8):
@@ -154,8 +153,8 @@ def drifting_write_back(model, module):
 def test_write_back_gate_catches_a_wrong_written_model(monkeypatch):
     """The gate compares onnxruntime on the written model with torch: a write-back that drifts by
     1e-3 in one trained weight must stop finetune, not be reported as checked."""
-    import onnxbn.training
     import onnxbn.torch_import.writeback
+    import onnxbn.training
 
     monkeypatch.setattr(onnxbn.torch_import.writeback, "write_into", drifting_write_back)
     x, y = labelled()

@@ -11,11 +11,11 @@ from onnx import helper, numpy_helper
 
 import onnxbn
 import onnxbn.fold
-import onnxbn.model
+import onnxbn.io.model
 from onnxbn.cli import main
-from onnxbn.modelio import metadata
-from onnxbn.runtime import make_session
-from onnxbn.runtime import open_model_data
+from onnxbn.feeding import open_model_data
+from onnxbn.io.copies import metadata
+from onnxbn.runtimes.ort_backend import make_session
 
 pytestmark = pytest.mark.slow
 
@@ -86,7 +86,7 @@ def test_identity_insert_is_exact(vgg_model, vgg_inputs, selector, count):
 
     # fold for deployment: everything folds for dense/linear; for relu the BN before a
     # padded Conv or a MaxPool stay, with the reason
-    folded_model, fold_report = onnxbn.fold.fold(onnxbn.model.Model.open(bn_model))
+    folded_model, fold_report = onnxbn.fold.fold(onnxbn.io.model.Model.open(bn_model))
     folded, decisions = folded_model.to_proto(), fold_report.decisions
     kept = [d for d in decisions if d["action"] == "kept"]
     remaining = sum(n.op_type == "BatchNormalization" for n in folded.graph.node)

@@ -38,7 +38,7 @@ prefix and a suffix that share the original's parameters:
 
 The package's modules: `ops` (the nn.Module classes and tensor helpers the generated
 forward calls) and `functional` (the run-time helpers of the shape, indexing, reduction
-and elementwise ops); `converters` (the registry `_CONVERTERS` / `SUPPORTED_OPS` and the
+and elementwise ops); `registry` (the converter contract and `CONVERTERS`), `converters` (the
 layer converters: Conv, pooling, Gemm, MatMul, BN, ...), `converters_elementwise`,
 `converters_shape`, `converters_nn` (ConvTranspose, normalizations, reductions) and
 `resize` (Resize, Upsample), one converter per supported ONNX op; `importer` (`to_torch`
@@ -46,8 +46,7 @@ and the `_Importer` that walks the graph) and `writeback` (`write_back` and `spl
 tools/conformance.py runs onnx's backend node tests through the importer.
 """
 
-from onnxbn.torch_import.converters import SUPPORTED_OPS
-from onnxbn.torch_import.importer import to_torch
+from onnxbn.torch_import.importer import SUPPORTED_OPS, to_torch
 from onnxbn.torch_import.ops import OnnxDropout, OnnxElementwise, OnnxGemm, OnnxMatMul
 from onnxbn.torch_import.writeback import split_at, write_back
 

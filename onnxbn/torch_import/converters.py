@@ -1,4 +1,4 @@
-"""One converter per ONNX op: `_op("Conv")` registers `_conv_op` in `_CONVERTERS`.
+"""The layer converters: `@converter("Conv")` registers `_conv_op` (the contract: `registry`).
 
 A converter gets the importer (`ctx`: the current node, its inputs as values or fx
 nodes, and `ctx.call` / `ctx.module` to emit graph nodes) and the node's attributes,
@@ -13,7 +13,6 @@ imported at the bottom of this module.
 from __future__ import annotations
 
 import operator
-from typing import TYPE_CHECKING, Any, Callable
 
 import onnx
 import torch
@@ -28,8 +27,8 @@ from onnxbn.torch_import.ops import (
     OnnxElementwise,
     OnnxGemm,
     OnnxMatMul,
-    _BatchNormAnyD,
     _batch_norm_training,
+    _BatchNormAnyD,
     _clip,
     _constant_of_shape,
     _conv,
@@ -52,24 +51,13 @@ from onnxbn.torch_import.ops import (
     _transpose,
     _unsqueeze,
 )
-
-if TYPE_CHECKING:
-    from onnxbn.torch_import.importer import _Importer
+from onnxbn.torch_import.registry import ConvertContext, converter
 
 LINEAR_PRODUCERS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 
-_CONVERTERS: dict[str, Callable[[_Importer, dict], Any]] = {}
 
 
-def _op(*names):
-    def deco(fn):
-        for n in names:
-            _CONVERTERS[n] = fn
-        return fn
-    return deco
-
-
-def _spatial_attrs(ctx: _Importer, a: dict, nd: int):
+def _spatial_attrs(ctx: ConvertContext, a: dict, nd: int):
     """strides, dilations, pads (an empty list is the default, as onnxruntime reads it) and auto_pad;
     a list of another length than the `nd` spatial axes need is refused."""
     strides = list(a.get("strides") or [1] * nd)
@@ -84,7 +72,7 @@ def _spatial_attrs(ctx: _Importer, a: dict, nd: int):
     return strides, dilations, pads, auto_pad
 
 
-def _static_pads(ctx: _Importer, x_name: str, kernel, strides, dilations, pads, auto_pad):
+def _static_pads(ctx: ConvertContext, x_name: str, kernel, strides, dilations, pads, auto_pad):
     """(begins, ends) at import, or None when SAME padding depends on an unknown input size."""
     nd = len(kernel)
     eff = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]
@@ -100,8 +88,8 @@ def _static_pads(ctx: _Importer, x_name: str, kernel, strides, dilations, pads, 
     return list(pads[:nd]), list(pads[nd:])
 
 
-@_op("Conv")
-def _conv_op(ctx: _Importer, a: dict):
+@converter("Conv")
+def _conv_op(ctx: ConvertContext, a: dict):
     node = ctx.node
     x = ctx.inp(0)
     w_name = node.input[1]
@@ -138,7 +126,7 @@ def _conv_op(ctx: _Importer, a: dict):
     return ctx.call(_conv, x, w, b, strides, pads, dilations, group, auto_pad)
 
 
-def _pool_op(ctx: _Importer, a: dict, kind: str):
+def _pool_op(ctx: ConvertContext, a: dict, kind: str):
     node = ctx.node
     kernel = list(a["kernel_shape"])
     nd = len(kernel)
@@ -165,28 +153,28 @@ def _pool_op(ctx: _Importer, a: dict, kind: str):
     return ctx.call(_pool, x, kind, kernel, strides, pads, dilations, ceil_mode, cip, auto_pad)
 
 
-@_op("MaxPool")
+@converter("MaxPool")
 def _maxpool_op(ctx, a):
     return _pool_op(ctx, a, "max")
 
 
-@_op("AveragePool")
+@converter("AveragePool")
 def _avgpool_op(ctx, a):
     return _pool_op(ctx, a, "avg")
 
 
-@_op("GlobalAveragePool")
+@converter("GlobalAveragePool")
 def _gap_op(ctx, a):
     return ctx.call(_global_pool, ctx.inp(0), "avg")
 
 
-@_op("GlobalMaxPool")
+@converter("GlobalMaxPool")
 def _gmp_op(ctx, a):
     return ctx.call(_global_pool, ctx.inp(0), "max")
 
 
-@_op("Gemm")
-def _gemm_op(ctx: _Importer, a: dict):
+@converter("Gemm")
+def _gemm_op(ctx: ConvertContext, a: dict):
     node = ctx.node
     alpha, beta = float(a.get("alpha", 1.0)), float(a.get("beta", 1.0))
     ta, tb = bool(a.get("transA", 0)), bool(a.get("transB", 0))
@@ -218,8 +206,8 @@ def _gemm_op(ctx: _Importer, a: dict):
     return ctx.call(_gemm, x, ctx.inp(1), ctx.inp(2), alpha, beta, ta, tb)
 
 
-@_op("MatMul")
-def _matmul_op(ctx: _Importer, a: dict):
+@converter("MatMul")
+def _matmul_op(ctx: ConvertContext, a: dict):
     n0, n1 = ctx.node.input[0], ctx.node.input[1]
     for idx, name in ((1, n1), (0, n0)):
         other = n0 if idx == 1 else n1
@@ -236,7 +224,7 @@ NORMALIZATIONS = {"BatchNormalization", "InstanceNormalization", "LayerNormaliza
 _SHAPE_ONLY = {"Reshape", "Flatten", "Squeeze", "Unsqueeze"}
 
 
-def _trainable_operand(ctx: _Importer, node: onnx.NodeProto, depth: int = 0) -> int | None:
+def _trainable_operand(ctx: ConvertContext, node: onnx.NodeProto, depth: int = 0) -> int | None:
     """Which input (0 or 1) of an Add/Sub/Mul/Div is a trainable bias or scale, or None.
 
     It is a float initializer of rank >= 1 applied to the output of a linear layer (Conv,
@@ -263,8 +251,8 @@ def _trainable_operand(ctx: _Importer, node: onnx.NodeProto, depth: int = 0) -> 
     return None
 
 
-@_op("Add", "Sub", "Mul", "Div")
-def _binary_op(ctx: _Importer, a: dict):
+@converter("Add", "Sub", "Mul", "Div")
+def _binary_op(ctx: ConvertContext, a: dict):
     node = ctx.node
     if ctx.opset < 7 and a.get("broadcast"):
         ctx.fail("legacy broadcast attribute")
@@ -279,8 +267,8 @@ def _binary_op(ctx: _Importer, a: dict):
     return ctx.call(fn, ctx.inp(0), ctx.inp(1))
 
 
-@_op("Sum")
-def _sum_op(ctx: _Importer, a: dict):
+@converter("Sum")
+def _sum_op(ctx: ConvertContext, a: dict):
     vals = [ctx.inp(i) for i in range(len(ctx.node.input))]
     acc = vals[0]
     for v in vals[1:]:
@@ -288,28 +276,28 @@ def _sum_op(ctx: _Importer, a: dict):
     return acc
 
 
-@_op("Relu")
+@converter("Relu")
 def _relu_op(ctx, a):
     return ctx.call(F.relu, ctx.inp(0))
 
 
-@_op("LeakyRelu")
+@converter("LeakyRelu")
 def _leaky_op(ctx, a):
     return ctx.call(F.leaky_relu, ctx.inp(0), float(a.get("alpha", 0.01)))
 
 
-@_op("Sigmoid")
+@converter("Sigmoid")
 def _sigmoid_op(ctx, a):
     return ctx.call(torch.sigmoid, ctx.inp(0))
 
 
-@_op("Tanh")
+@converter("Tanh")
 def _tanh_op(ctx, a):
     return ctx.call(torch.tanh, ctx.inp(0))
 
 
-@_op("Clip")
-def _clip_op(ctx: _Importer, a: dict):
+@converter("Clip")
+def _clip_op(ctx: ConvertContext, a: dict):
     x = ctx.inp(0)
     if ctx.opset < 11:
         lo, hi = a.get("min"), a.get("max")
@@ -320,7 +308,7 @@ def _clip_op(ctx: _Importer, a: dict):
     return ctx.call(_clip, x, lo, hi)
 
 
-def _softmax_common(ctx: _Importer, a: dict, log: bool):
+def _softmax_common(ctx: ConvertContext, a: dict, log: bool):
     x = ctx.inp(0)
     rank = ctx.rank(ctx.node.input[0])
     if ctx.opset >= 13:
@@ -331,18 +319,18 @@ def _softmax_common(ctx: _Importer, a: dict, log: bool):
     return ctx.call(_softmax_2d, x, axis, log)
 
 
-@_op("Softmax")
+@converter("Softmax")
 def _softmax_op(ctx, a):
     return _softmax_common(ctx, a, False)
 
 
-@_op("LogSoftmax")
+@converter("LogSoftmax")
 def _logsoftmax_op(ctx, a):
     return _softmax_common(ctx, a, True)
 
 
-@_op("Flatten")
-def _flatten_op(ctx: _Importer, a: dict):
+@converter("Flatten")
+def _flatten_op(ctx: ConvertContext, a: dict):
     axis = int(a.get("axis", 1))
     rank = ctx.rank(ctx.node.input[0])
     if axis == 1 and rank is not None and rank >= 2:
@@ -350,8 +338,8 @@ def _flatten_op(ctx: _Importer, a: dict):
     return ctx.call(_flatten, ctx.inp(0), axis)
 
 
-@_op("Reshape")
-def _reshape_op(ctx: _Importer, a: dict):
+@converter("Reshape")
+def _reshape_op(ctx: ConvertContext, a: dict):
     if ctx.opset < 5:
         ctx.fail("shape attribute (opset < 5)")
     x, shape = ctx.inp(0), ctx.inp(1)
@@ -364,22 +352,22 @@ def _reshape_op(ctx: _Importer, a: dict):
     return ctx.call(_reshape, x, shape, allowzero)
 
 
-@_op("Transpose")
-def _transpose_op(ctx: _Importer, a: dict):
+@converter("Transpose")
+def _transpose_op(ctx: ConvertContext, a: dict):
     perm = a.get("perm")
     if perm is None:
         return ctx.call(_transpose, ctx.inp(0))
     return ctx.call(torch.permute, ctx.inp(0), list(perm))
 
 
-@_op("Concat")
-def _concat_op(ctx: _Importer, a: dict):
+@converter("Concat")
+def _concat_op(ctx: ConvertContext, a: dict):
     vals = [ctx.inp(i) for i in range(len(ctx.node.input))]
     return ctx.call(torch.cat, vals, int(a["axis"]))
 
 
-@_op("Dropout")
-def _dropout_op(ctx: _Importer, a: dict):
+@converter("Dropout")
+def _dropout_op(ctx: ConvertContext, a: dict):
     node = ctx.node
     ratio = float(a.get("ratio", 0.5))
     dyn_ratio = None
@@ -397,8 +385,8 @@ def _dropout_op(ctx: _Importer, a: dict):
     return [ctx.graph.call_function(operator.getitem, (out, 0)), ctx.graph.call_function(operator.getitem, (out, 1))]
 
 
-@_op("BatchNormalization")
-def _bn_op(ctx: _Importer, a: dict):
+@converter("BatchNormalization")
+def _bn_op(ctx: ConvertContext, a: dict):
     node = ctx.node
     if ctx.opset < 9 and not int(a.get("spatial", 1)):
         ctx.fail("spatial=0 is not supported")
@@ -427,19 +415,19 @@ def _bn_op(ctx: _Importer, a: dict):
     return ctx.call(F.batch_norm, x, mean, var, scale, bias, False, 0.0, eps)
 
 
-@_op("LRN")
-def _lrn_op(ctx: _Importer, a: dict):
+@converter("LRN")
+def _lrn_op(ctx: ConvertContext, a: dict):
     return ctx.call(_lrn, ctx.inp(0), int(a["size"]), float(a.get("alpha", 1e-4)), float(a.get("beta", 0.75)),
                     float(a.get("bias", 1.0)))
 
 
-@_op("Identity")
-def _identity_op(ctx: _Importer, a: dict):
+@converter("Identity")
+def _identity_op(ctx: ConvertContext, a: dict):
     return ctx.inp(0)
 
 
-@_op("Constant")
-def _constant_op(ctx: _Importer, a: dict):
+@converter("Constant")
+def _constant_op(ctx: ConvertContext, a: dict):
     if "value" in a:
         if a["value"].data_type == onnx.TensorProto.STRING:
             ctx.fail("string constants are not supported")
@@ -455,22 +443,22 @@ def _constant_op(ctx: _Importer, a: dict):
     ctx.fail(f"attribute {next(iter(a), '?')!r} is not supported")
 
 
-@_op("ConstantOfShape")
-def _cos_op(ctx: _Importer, a: dict):
+@converter("ConstantOfShape")
+def _cos_op(ctx: ConvertContext, a: dict):
     value = _to_tensor(a["value"]) if "value" in a else torch.zeros(1, dtype=torch.float32)
     return ctx.call(_constant_of_shape, ctx.inp(0), value)
 
 
-@_op("Unsqueeze")
-def _unsqueeze_op(ctx: _Importer, a: dict):
+@converter("Unsqueeze")
+def _unsqueeze_op(ctx: ConvertContext, a: dict):
     axes = ctx.inp(1) if ctx.opset >= 13 else list(a["axes"])
     if isinstance(axes, torch.Tensor):
         axes = _ints(axes)
     return ctx.call(_unsqueeze, ctx.inp(0), axes)
 
 
-@_op("Squeeze")
-def _squeeze_op(ctx: _Importer, a: dict):
+@converter("Squeeze")
+def _squeeze_op(ctx: ConvertContext, a: dict):
     axes = ctx.inp(1) if ctx.opset >= 13 else a.get("axes")
     if isinstance(axes, torch.Tensor):
         axes = _ints(axes)
@@ -479,8 +467,8 @@ def _squeeze_op(ctx: _Importer, a: dict):
     return ctx.call(_squeeze, ctx.inp(0), axes)
 
 
-@_op("Pad")
-def _pad_op(ctx: _Importer, a: dict):
+@converter("Pad")
+def _pad_op(ctx: ConvertContext, a: dict):
     mode = a.get("mode", "constant") or "constant"
     if mode not in ("constant", "reflect", "edge", "wrap"):
         ctx.fail(f"mode {mode!r} is not supported")
@@ -496,8 +484,3 @@ def _pad_op(ctx: _Importer, a: dict):
         value = value.reshape(-1)[0].item() if value.numel() else None
     return ctx.call(_pad, ctx.inp(0), pads, mode, value, axes)
 
-
-# the other converter families register themselves in _CONVERTERS on import
-from onnxbn.torch_import import converters_elementwise, converters_nn, converters_shape, resize  # noqa: E402,F401,I001
-
-SUPPORTED_OPS = frozenset(_CONVERTERS)

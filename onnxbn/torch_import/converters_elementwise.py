@@ -7,13 +7,10 @@ PRelu with a float initializer slope becomes an `OnnxPRelu` module whose slope t
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import onnx
 import torch
 import torch.nn.functional as F
 
-from onnxbn.torch_import.converters import _op
 from onnxbn.torch_import.functional import (
     _cast_like,
     _hard_sigmoid,
@@ -26,9 +23,7 @@ from onnxbn.torch_import.functional import (
 )
 from onnxbn.torch_import.narrow import NARROW, _cast_narrow
 from onnxbn.torch_import.ops import DTYPES, OnnxPRelu, _cast, _prelu
-
-if TYPE_CHECKING:
-    from onnxbn.torch_import.importer import _Importer
+from onnxbn.torch_import.registry import ConvertContext, converter
 
 _UNARY = {
     "Abs": torch.abs, "Neg": torch.neg, "Exp": torch.exp, "Log": torch.log, "Sqrt": torch.sqrt,
@@ -39,38 +34,38 @@ _UNARY = {
 }
 
 
-@_op(*_UNARY)
-def _unary_op(ctx: _Importer, a: dict):
+@converter(*_UNARY)
+def _unary_op(ctx: ConvertContext, a: dict):
     return ctx.call(_UNARY[ctx.node.op_type], ctx.inp(0))
 
 
-@_op("Elu")
+@converter("Elu")
 def _elu_op(ctx, a):
     return ctx.call(F.elu, ctx.inp(0), float(a.get("alpha", 1.0)))
 
 
-@_op("Celu")
+@converter("Celu")
 def _celu_op(ctx, a):
     return ctx.call(F.celu, ctx.inp(0), float(a.get("alpha", 1.0)))
 
 
-@_op("Selu")
+@converter("Selu")
 def _selu_op(ctx, a):
     return ctx.call(_selu, ctx.inp(0), float(a.get("alpha", 1.67326319217681884765625)),
                     float(a.get("gamma", 1.05070102214813232421875)))
 
 
-@_op("HardSigmoid")
+@converter("HardSigmoid")
 def _hard_sigmoid_op(ctx, a):
     return ctx.call(_hard_sigmoid, ctx.inp(0), float(a.get("alpha", 0.2)), float(a.get("beta", 0.5)))
 
 
-@_op("ThresholdedRelu")
+@converter("ThresholdedRelu")
 def _thresholded_relu_op(ctx, a):
     return ctx.call(_thresholded_relu, ctx.inp(0), float(a.get("alpha", 1.0)))
 
 
-@_op("Gelu")
+@converter("Gelu")
 def _gelu_op(ctx, a):
     approximate = a.get("approximate", "none")
     if approximate not in ("none", "tanh"):
@@ -78,8 +73,8 @@ def _gelu_op(ctx, a):
     return ctx.call(F.gelu, ctx.inp(0), approximate=approximate)
 
 
-@_op("PRelu")
-def _prelu_op(ctx: _Importer, a: dict):
+@converter("PRelu")
+def _prelu_op(ctx: ConvertContext, a: dict):
     """y = x < 0 ? slope * x : x, slope broadcast onto x; a float initializer slope is a trainable Parameter."""
     name = ctx.node.input[1]
     if ctx.is_weight(name):
@@ -87,7 +82,7 @@ def _prelu_op(ctx: _Importer, a: dict):
     return ctx.call(_prelu, ctx.inp(0), ctx.inp(1))
 
 
-@_op("Pow")
+@converter("Pow")
 def _pow_op(ctx, a):
     return ctx.call(_pow, ctx.inp(0), ctx.inp(1))
 
@@ -97,50 +92,50 @@ _COMPARE = {"Equal": torch.eq, "Less": torch.lt, "LessOrEqual": torch.le, "Great
             "Xor": torch.logical_xor}
 
 
-@_op(*_COMPARE)
+@converter(*_COMPARE)
 def _compare_op(ctx, a):
     return ctx.call(_COMPARE[ctx.node.op_type], ctx.inp(0), ctx.inp(1))
 
 
-@_op("Min", "Max")
-def _minmax_op(ctx: _Importer, a: dict):
+@converter("Min", "Max")
+def _minmax_op(ctx: ConvertContext, a: dict):
     fn = _min if ctx.node.op_type == "Min" else _max
     return ctx.call(fn, *[ctx.inp(i) for i in range(len(ctx.node.input))])
 
 
-@_op("Mean")
-def _mean_op(ctx: _Importer, a: dict):
+@converter("Mean")
+def _mean_op(ctx: ConvertContext, a: dict):
     return ctx.call(_mean, *[ctx.inp(i) for i in range(len(ctx.node.input))])
 
 
-@_op("Where")
+@converter("Where")
 def _where_op(ctx, a):
     return ctx.call(torch.where, ctx.inp(0), ctx.inp(1), ctx.inp(2))
 
 
-def torch_dtype(ctx: _Importer, elem_type: int, what: str) -> torch.dtype:
+def torch_dtype(ctx: ConvertContext, elem_type: int, what: str) -> torch.dtype:
     """The torch dtype of an ONNX element type, or a refusal naming it."""
     if elem_type not in DTYPES:
         ctx.fail(f"{what}={onnx.TensorProto.DataType.Name(elem_type)} is not supported")
     return DTYPES[elem_type]
 
 
-@_op("Cast")
-def _cast_op(ctx: _Importer, a: dict):
+@converter("Cast")
+def _cast_op(ctx: ConvertContext, a: dict):
     """Cast to `to` (see `ops._cast`, and `narrow._cast_narrow` for the types narrower than a byte and
     FLOAT8E8M0; `saturate`, from opset 19, concerns 8-bit floats only; `round_mode` FLOAT8E8M0 only)."""
     return _cast_to(ctx, ctx.inp(0), int(a["to"]), "to", a)
 
 
-def _cast_to(ctx: _Importer, x, elem: int, what: str, a: dict):
+def _cast_to(ctx: ConvertContext, x, elem: int, what: str, a: dict):
     saturate = bool(int(a.get("saturate", 1)))
     if elem in NARROW:
         return ctx.call(_cast_narrow, x, elem, saturate, a.get("round_mode", "up"))
     return ctx.call(_cast, x, torch_dtype(ctx, elem, what), saturate)
 
 
-@_op("CastLike")
-def _cast_like_op(ctx: _Importer, a: dict):
+@converter("CastLike")
+def _cast_like_op(ctx: ConvertContext, a: dict):
     target = ctx.elem_type(ctx.node.input[1])
     if target is not None:
         return _cast_to(ctx, ctx.inp(0), target, "target_type", a)

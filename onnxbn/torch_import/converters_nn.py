@@ -8,9 +8,7 @@ module: their weights are nn.Parameters recorded for write-back, as Conv's are.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from onnxbn.torch_import.converters import _op, _spatial_attrs
+from onnxbn.torch_import.converters import _spatial_attrs
 from onnxbn.torch_import.converters_shape import _const_ints, outputs
 from onnxbn.torch_import.functional import _arg_reduce, _lp_norm, _reduce
 from onnxbn.torch_import.ops import (
@@ -21,13 +19,11 @@ from onnxbn.torch_import.ops import (
     _instance_norm,
     _layer_norm,
 )
-
-if TYPE_CHECKING:
-    from onnxbn.torch_import.importer import _Importer
+from onnxbn.torch_import.registry import ConvertContext, converter
 
 
-@_op("ConvTranspose")
-def _conv_transpose_op(ctx: _Importer, a: dict):
+@converter("ConvTranspose")
+def _conv_transpose_op(ctx: ConvertContext, a: dict):
     node = ctx.node
     w_name = node.input[1]
     b_name = node.input[2] if len(node.input) > 2 else ""
@@ -45,7 +41,7 @@ def _conv_transpose_op(ctx: _Importer, a: dict):
     return ctx.call(_conv_transpose, ctx.inp(0), ctx.inp(1), ctx.inp(2), **attrs)
 
 
-def _norm(ctx: _Importer, kind: str, n_out: int = 1, **settings):
+def _norm(ctx: ConvertContext, kind: str, n_out: int = 1, **settings):
     """An OnnxNorm module when scale (and bias) are float initializers, else the functional form."""
     node = ctx.node
     s_name = node.input[1]
@@ -65,8 +61,8 @@ def _norm(ctx: _Importer, kind: str, n_out: int = 1, **settings):
     return outputs(ctx, out, n_out) if n_out > 1 else out
 
 
-@_op("LayerNormalization")
-def _layer_norm_op(ctx: _Importer, a: dict):
+@converter("LayerNormalization")
+def _layer_norm_op(ctx: ConvertContext, a: dict):
     """Normalized over axes [axis, rank), in float32 for half inputs (stash_type 1); outputs Mean and
     InvStdDev when the node asks for them."""
     stash = int(a.get("stash_type", 1))
@@ -76,13 +72,13 @@ def _layer_norm_op(ctx: _Importer, a: dict):
     return _norm(ctx, "layer", n_out, eps=a.get("epsilon", 1e-5), axis=int(a.get("axis", -1)), stats=n_out > 1)
 
 
-@_op("InstanceNormalization")
+@converter("InstanceNormalization")
 def _instance_norm_op(ctx, a):
     return _norm(ctx, "instance", eps=a.get("epsilon", 1e-5))
 
 
-@_op("GroupNormalization")
-def _group_norm_op(ctx: _Importer, a: dict):
+@converter("GroupNormalization")
+def _group_norm_op(ctx: ConvertContext, a: dict):
     """scale/bias per group at opset 18, per channel from opset 21."""
     stash = int(a.get("stash_type", 1))
     if stash != 1:
@@ -90,8 +86,8 @@ def _group_norm_op(ctx: _Importer, a: dict):
     return _norm(ctx, "group", eps=a.get("epsilon", 1e-5), groups=int(a["num_groups"]), per_group=ctx.opset < 21)
 
 
-@_op("LpNormalization")
-def _lp_norm_op(ctx: _Importer, a: dict):
+@converter("LpNormalization")
+def _lp_norm_op(ctx: ConvertContext, a: dict):
     p = int(a.get("p", 2))
     if p not in (1, 2):
         ctx.fail(f"p={p} is not supported (1 or 2)")
@@ -102,8 +98,8 @@ _REDUCE = {"ReduceMean": "Mean", "ReduceSum": "Sum", "ReduceMax": "Max", "Reduce
            "ReduceL1": "L1", "ReduceL2": "L2", "ReduceLogSumExp": "LogSumExp", "ReduceSumSquare": "SumSquare"}
 
 
-@_op(*_REDUCE)
-def _reduce_op(ctx: _Importer, a: dict):
+@converter(*_REDUCE)
+def _reduce_op(ctx: ConvertContext, a: dict):
     """axes: an attribute until opset 12 (ReduceSum) / 17 (the others), then an optional input;
     no axes reduce all, or none when noop_with_empty_axes=1."""
     op = ctx.node.op_type
@@ -116,8 +112,8 @@ def _reduce_op(ctx: _Importer, a: dict):
                     bool(int(a.get("noop_with_empty_axes", 0))))
 
 
-@_op("ArgMax", "ArgMin")
-def _arg_op(ctx: _Importer, a: dict):
+@converter("ArgMax", "ArgMin")
+def _arg_op(ctx: ConvertContext, a: dict):
     kind = "max" if ctx.node.op_type == "ArgMax" else "min"
     return ctx.call(_arg_reduce, ctx.inp(0), kind, int(a.get("axis", 0)), bool(int(a.get("keepdims", 1))),
                     bool(int(a.get("select_last_index", 0))))

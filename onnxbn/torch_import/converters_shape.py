@@ -10,12 +10,10 @@ evaluates it at import instead.
 from __future__ import annotations
 
 import operator
-from typing import TYPE_CHECKING
 
 import torch
 import torch.fx as fx
 
-from onnxbn.torch_import.converters import _op
 from onnxbn.torch_import.functional import (
     _depth_to_space,
     _expand,
@@ -30,12 +28,10 @@ from onnxbn.torch_import.functional import (
     _tile,
 )
 from onnxbn.torch_import.ops import _ints
-
-if TYPE_CHECKING:
-    from onnxbn.torch_import.importer import _Importer
+from onnxbn.torch_import.registry import ConvertContext, converter
 
 
-def outputs(ctx: _Importer, result, n: int) -> list:
+def outputs(ctx: ConvertContext, result, n: int) -> list:
     """The first n items of a multi-output result: graph getitem nodes, or the folded values."""
     if isinstance(result, fx.Node):
         return [ctx.call(operator.getitem, result, i) for i in range(n)]
@@ -47,29 +43,29 @@ def _const_ints(v):
     return _ints(v) if isinstance(v, torch.Tensor) else v
 
 
-@_op("Shape")
-def _shape_op(ctx: _Importer, a: dict):
+@converter("Shape")
+def _shape_op(ctx: ConvertContext, a: dict):
     start, end = int(a.get("start", 0)), a.get("end")
     return ctx.call(_shape, ctx.inp(0), start, None if end is None else int(end))
 
 
-@_op("Size")
+@converter("Size")
 def _size_op(ctx, a):
     return ctx.call(_size, ctx.inp(0))
 
 
-@_op("Gather")
+@converter("Gather")
 def _gather_op(ctx, a):
     return ctx.call(_gather, ctx.inp(0), ctx.inp(1), int(a.get("axis", 0)))
 
 
-@_op("GatherElements")
+@converter("GatherElements")
 def _gather_elements_op(ctx, a):
     return ctx.call(_gather_elements, ctx.inp(0), ctx.inp(1), int(a.get("axis", 0)))
 
 
-@_op("Slice")
-def _slice_op(ctx: _Importer, a: dict):
+@converter("Slice")
+def _slice_op(ctx: ConvertContext, a: dict):
     """starts/ends/axes as attributes before opset 10, then inputs (with steps)."""
     if ctx.opset < 10:
         axes = a.get("axes")
@@ -78,8 +74,8 @@ def _slice_op(ctx: _Importer, a: dict):
     return ctx.call(_slice, ctx.inp(0), *args)
 
 
-@_op("Split")
-def _split_op(ctx: _Importer, a: dict):
+@converter("Split")
+def _split_op(ctx: ConvertContext, a: dict):
     """Sizes: the `split` attribute before opset 13, the second input from 13; else equal parts
     (opset 18: `num_outputs` parts of ceil(n / num_outputs), the last smaller)."""
     node = ctx.node
@@ -97,23 +93,23 @@ def _split_op(ctx: _Importer, a: dict):
     return outputs(ctx, ctx.call(_split, ctx.inp(0), axis, sizes, count), n)
 
 
-@_op("Expand")
+@converter("Expand")
 def _expand_op(ctx, a):
     return ctx.call(_expand, ctx.inp(0), _const_ints(ctx.inp(1)))
 
 
-@_op("Tile")
+@converter("Tile")
 def _tile_op(ctx, a):
     return ctx.call(_tile, ctx.inp(0), _const_ints(ctx.inp(1)))
 
 
-@_op("Range")
+@converter("Range")
 def _range_op(ctx, a):
     return ctx.call(_range, ctx.inp(0), ctx.inp(1), ctx.inp(2))
 
 
-@_op("DepthToSpace", "SpaceToDepth")
-def _depth_space_op(ctx: _Importer, a: dict):
+@converter("DepthToSpace", "SpaceToDepth")
+def _depth_space_op(ctx: ConvertContext, a: dict):
     mode = a.get("mode", "DCR")
     if mode not in ("DCR", "CRD"):
         ctx.fail(f"mode={mode!r} is not supported")
@@ -121,7 +117,7 @@ def _depth_space_op(ctx: _Importer, a: dict):
     return ctx.call(fn, ctx.inp(0), int(a["blocksize"]), mode)
 
 
-@_op("Einsum")
-def _einsum_op(ctx: _Importer, a: dict):
+@converter("Einsum")
+def _einsum_op(ctx: ConvertContext, a: dict):
     equation = a["equation"].replace(" ", "")
     return ctx.call(torch.einsum, equation, *[ctx.inp(i) for i in range(len(ctx.node.input))])

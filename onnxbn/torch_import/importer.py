@@ -2,7 +2,7 @@
 
 `_Importer` holds the fx graph being built, the root module, the values of ONNX
 tensors seen so far and the write-back maps; each node goes to its converter in
-`converters._CONVERTERS`. `_attach` sets the onnx_* attributes on a GraphModule so they
+`registry.CONVERTERS`. `_attach` sets the onnx_* attributes on a GraphModule so they
 survive copy.deepcopy; `_OnnxTracer` is the tracer torch.load rebuilds the graph with;
 `_structure_key` fingerprints a model's nodes for write-back. Graph inputs of a type the
 module does not run are refused here; uint16/32/64 inputs are widened to int64 and the
@@ -33,10 +33,19 @@ from onnxbn.graph import (
     unique_name,
     value_types,
 )
-from onnxbn.model import Model
-from onnxbn.torch_import.converters import _CONVERTERS
-from onnxbn.torch_import import functional, narrow, ops, resize
+from onnxbn.io.model import Model
+from onnxbn.torch_import import (  # noqa: F401 (each converter module registers its ops on import)
+    converters,
+    converters_elementwise,
+    converters_nn,
+    converters_shape,
+    functional,
+    narrow,
+    ops,
+    resize,
+)
 from onnxbn.torch_import.ops import DTYPES, UNSIGNED_WIDE, _cast, _to_tensor
+from onnxbn.torch_import.registry import CONVERTERS
 
 _RESERVED = set(dir(fx.GraphModule)) | {"onnx_names", "onnx_tensors", "onnx_inputs", "onnx_outputs",
                                           "onnx_opset", "onnx_structure", "self"}
@@ -248,7 +257,7 @@ class _Importer:
             label = f"cannot import node {node.name!r} ({node.op_type}, opset {self.opset})"
             if node.domain not in ("", "ai.onnx"):
                 raise UserError(f"{label}: domain {node.domain!r} not supported by onnxbn's torch importer")
-            conv = _CONVERTERS.get(node.op_type)
+            conv = CONVERTERS.get(node.op_type)
             if conv is None:
                 raise UserError(f"{label}: op not supported by onnxbn's torch importer")
             invalid = _invalid_attribute(node, self.opset)
@@ -313,6 +322,9 @@ class _OnnxTracer(fx.Tracer):
 
 
 _PRESERVED = getattr(fx.graph_module, "_USER_PRESERVED_ATTRIBUTES_KEY", "_user_preserved_attributes")
+
+
+SUPPORTED_OPS = frozenset(CONVERTERS)  # every converter module is imported above
 
 
 def _attach(gm: fx.GraphModule, info: dict[str, Any]) -> None:

@@ -19,10 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from onnxbn.model import Model
-from onnxbn.modelio import tensor_array
+from onnxbn.io.model import Model
+from onnxbn.io.tensors import tensor_array
 from onnxbn.torch_import.narrow import NARROW
-
 
 # ONNX element type -> torch dtype of its values inside an imported module, for the types the
 # importer runs (others are refused at import). uint16/32/64, which torch computes little with,

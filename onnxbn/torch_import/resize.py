@@ -19,16 +19,12 @@ Integer inputs are rounded and clamped to their type's range.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from onnxbn.torch_import.converters import _op
 from onnxbn.torch_import.ops import _ints
-
-if TYPE_CHECKING:
-    from onnxbn.torch_import.importer import _Importer
+from onnxbn.torch_import.registry import ConvertContext, converter
 
 _COORD_MODES = ("half_pixel", "half_pixel_symmetric", "pytorch_half_pixel", "align_corners", "asymmetric",
                 "tf_crop_and_resize")
@@ -204,8 +200,8 @@ def _const_floats(v):
     return [float(f) for f in v.reshape(-1).tolist()] if isinstance(v, torch.Tensor) else v
 
 
-@_op("Resize")
-def _resize_op(ctx: _Importer, a: dict):
+@converter("Resize")
+def _resize_op(ctx: ConvertContext, a: dict):
     """Inputs: (X, scales) at opset 10; (X, roi, scales, sizes) from 11 (roi, scales optional from 13);
     antialias, axes and keep_aspect_ratio_policy from 18; half_pixel_symmetric from 19."""
     mode = a.get("mode", "nearest")
@@ -241,8 +237,8 @@ def _resize_op(ctx: _Importer, a: dict):
                     float(a.get("extrapolation_value", 0.0)), antialias, policy)
 
 
-@_op("Upsample")
-def _upsample_op(ctx: _Importer, a: dict):
+@converter("Upsample")
+def _upsample_op(ctx: ConvertContext, a: dict):
     """Upsample-9 (the importer's oldest opset; deprecated at 10): scales as the second input,
     asymmetric mapping. (Upsample-7's scales attribute becomes that input in
     onnx.version_converter's conversion to opset 9, which the importer asks for.)"""

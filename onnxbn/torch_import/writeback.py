@@ -12,8 +12,9 @@ import torch.fx as fx
 from torch import nn
 
 from onnxbn.errors import UserError
-from onnxbn.model import Model
-from onnxbn.modelio import FileRange, file_chunks, set_metadata
+from onnxbn.io.copies import set_metadata
+from onnxbn.io.model import Model
+from onnxbn.io.tensors import FileRange, file_chunks
 from onnxbn.torch_import.importer import _attach, _structure_key
 
 

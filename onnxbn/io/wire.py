@@ -1,7 +1,7 @@
 """The protocol-buffer wire format, as far as onnxbn reads and writes it by hand.
 
-onnxbn scans a model file's framing itself (`modelio.load_structure`), so that large weights
-stay in the file, and writes the framing around weights it streams (`modelio.save_model`).
+onnxbn scans a model file's framing itself (`io.load.load_structure`), so that large weights
+stay in the file, and writes the framing around weights it streams (`io.save.save_model`).
 The scan must accept exactly the framings protobuf's parser accepts, and refuse the rest:
 
 - a field is a tag varint (at most 5 bytes, a value below 2**32, field number 1 or more) and

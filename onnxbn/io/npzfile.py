@@ -15,7 +15,7 @@ import numpy as np
 from numpy.lib.npyio import NpzFile
 
 from onnxbn.errors import UserError
-from onnxbn.modelio import atomic_path, refuse_overwrite
+from onnxbn.io.save import atomic_path, refuse_overwrite
 
 Row = TypeVar("Row")
 

@@ -5,7 +5,7 @@ like onnx-ir's `ExternalTensor` (a tensor that names a file range) beside its in
 
     inline     the initializer's own raw_data / typed fields (small tensors, models built in Python)
     file       external data: `length` bytes at `offset` of a file in `folder` (a model opened from a
-               path keeps its large weights in its own file: `modelio.load_structure`)
+               path keeps its large weights in its own file: `io.load.load_structure`)
     array      a numpy array in `arrays`, the initializer a stub naming it (location IN_MEMORY); what a
                transform writes (folded weights, recalibrated statistics, fine-tuned parameters)
 
@@ -24,17 +24,10 @@ from typing import Iterable
 import numpy as np
 import onnx
 
-from onnxbn.modelio import (
-    FileRange,
-    StagedOutput,
-    data_source,
-    load_structure,
-    materialize,
-    memory_stub,
-    model_sha256,
-    save_model,
-    tensor_array,
-)
+from onnxbn.io.copies import model_sha256
+from onnxbn.io.load import load_structure
+from onnxbn.io.save import StagedOutput, save_model
+from onnxbn.io.tensors import FileRange, data_source, materialize, memory_stub, tensor_array
 
 
 class Model:
@@ -107,15 +100,15 @@ class Model:
     # -- out
 
     def save(self, path: str | os.PathLike, inputs: Iterable = (), force: bool = False) -> Path:
-        """Write the model to `path` atomically (`modelio.save_model`): never over one of `inputs` unless `force`."""
+        """Write the model to `path` atomically (`io.save.save_model`): never over one of `inputs` unless `force`."""
         return save_model(self.proto, path, inputs, force, weights=self.arrays, folder=self.folder)
 
     def stage(self, path: str | os.PathLike, inputs: Iterable = (), force: bool = False) -> StagedOutput:
-        """The model written next to `path` for a check before it takes `path`'s place (`modelio.StagedOutput`)."""
+        """The model written next to `path` for a check before it takes `path`'s place (`io.save.StagedOutput`)."""
         return StagedOutput(self.proto, path, inputs, force, weights=self.arrays, folder=self.folder)
 
     def sha256(self) -> str:
-        """The provenance hash of graph and weights (`modelio.model_sha256`), files read in 1 MiB pieces."""
+        """The provenance hash of graph and weights (`io.copies.model_sha256`), files read in 1 MiB pieces."""
         return model_sha256(self.proto, self.arrays, self.folder)
 
     def to_proto(self) -> onnx.ModelProto:
