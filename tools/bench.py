@@ -298,7 +298,7 @@ class Context:
         p = self.profile
         path = self.workdir / f"{p.name}-{p.arch}-{p.image_size}.onnx"
         if not path.is_file():
-            from onnxbn.modelio import save_model
+            from onnxbn.io.save import save_model
 
             print(f"building {p.description} -> {path}", file=sys.stderr, flush=True)
             if p.name == "full":
@@ -313,7 +313,7 @@ class Context:
     @property
     def model(self):
         if "model" not in self._cache:
-            from onnxbn.modelio import load_model
+            from onnxbn.io.load import load_model
 
             self._cache["model"] = load_model(self.model_path)
         return self._cache["model"]
@@ -341,12 +341,12 @@ class Context:
         return self._cache[key]
 
     def session(self, model):
-        from onnxbn.runtime import make_session
+        from onnxbn.runtimes.ort_backend import make_session
 
         return make_session(model, "cpu")
 
     def input_name(self) -> str:
-        from onnxbn.runtime import model_input
+        from onnxbn.feeding import model_input
 
         return model_input(self.model)[0]
 
@@ -440,10 +440,10 @@ if mode == "onnxbn":
     onnxbn.collect_stats(model, folder, after=selector, batch_size=batch, workers=workers, device="cpu")
 else:
     import onnx
-    from onnxbn.modelio import load_model
+    from onnxbn.io.load import load_model
     from onnxbn.points import select_points
-    from onnxbn.runtime import make_session
-    from onnxbn.runtime import model_input, open_model_data
+    from onnxbn.runtimes.ort_backend import make_session
+    from onnxbn.feeding import model_input, open_model_data
     proto = load_model(model)
     names = [p.tensor for p in select_points(proto, selector)]
     proto.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names)
@@ -513,7 +513,7 @@ def bench_insert_time(ctx: Context) -> Result:
     import onnx
 
     from onnxbn.insert import insert
-    from onnxbn.model import Model
+    from onnxbn.io.model import Model
 
     src = ctx.model_path
     out = ctx.workdir / "insert-out"
@@ -543,7 +543,7 @@ def bench_insert_time(ctx: Context) -> Result:
     size = src.stat().st_size / 2**20
     return Result("insert-time", "insert <= 1.3x load+save", rows, worst, worst <= 1.3,
                   [f"model file {size:.0f} MiB; stats loaded from .npz; the model read as its structure and saved with "
-                   "onnxbn.modelio.save_model, weights copied file to file (as `onnxbn insert`); ratio = worst "
+                   "onnxbn.io.save.save_model, weights copied file to file (as `onnxbn insert`); ratio = worst "
                    "selector"], {"ratios": ratios})
 
 
@@ -668,7 +668,8 @@ def bench_feature_cache(ctx: Context) -> Result:
         return now() - t
 
     # the one-off caching cost, measured on its own: the frozen prefix over the data into a fresh cache
-    from onnxbn.runtime import make_session, model_input, open_model_data
+    from onnxbn.feeding import model_input, open_model_data
+    from onnxbn.runtimes.ort_backend import make_session
     from onnxbn.training import cached_features, split_model
 
     prefix_model, _, cut = split_model(bn_model, node)  # finetune's prefix: the ONNX graph in onnxruntime
@@ -703,8 +704,8 @@ def bench_feature_cache(ctx: Context) -> Result:
 
 def bench_data_pipeline(ctx: Context) -> Result:
     import onnxbn
-    from onnxbn.data import default_workers
-    from onnxbn.runtime import open_model_data
+    from onnxbn.data.images import default_workers
+    from onnxbn.feeding import open_model_data
 
     p = ctx.profile
     n = p.pipeline_images
@@ -803,9 +804,12 @@ def bench_deploy_runtimes(ctx: Context) -> Result:
     import onnx
 
     import onnxbn
-    from onnxbn.demo_data import make_task, to_model_input
     from onnxbn.check import OutputMetrics
-    from onnxbn.runtimes import OrtSession, RuntimeInfo, available, default_tolerance, open_session, runtime_version
+    from onnxbn.demo_data import make_task, to_model_input
+    from onnxbn.runtimes.base import available, runtime_version
+    from onnxbn.runtimes.ort_backend import OrtSession
+    from onnxbn.runtimes.precision import RuntimeInfo, default_tolerance
+    from onnxbn.runtimes.sessions import open_session
 
     p = ctx.profile
     runtimes = [("onnxruntime", None), ("openvino", "f32"), ("openvino", None), ("tract", None)]
@@ -940,7 +944,7 @@ def bench_fixed_cost(ctx: Context) -> Result:
     np.savez(work / "x8.npz", x=ctx.arrays(8, seed=9))
     bn = work / "bn.onnx"
     if not bn.is_file():
-        from onnxbn.modelio import save_model
+        from onnxbn.io.save import save_model
 
         save_model(ctx.bn_model("dense"), bn, force=True)
     stats = str(ctx.stats_path("dense"))
@@ -1023,7 +1027,7 @@ threading.Thread(target=sample, daemon=True).start()
 t = time.perf_counter()
 if contender.startswith("onnxbn"):
     from onnxbn.quantization import quantize_with_report
-    from onnxbn.modelio import save_model
+    from onnxbn.io.save import save_model
     method, _, recover = contender.split()[1].partition("+")
     q, report = quantize_with_report(model, x, method=method, recover=recover or "none", batch_size=batch, device="cpu",
                                      verify=False)
@@ -1145,7 +1149,6 @@ def _recovery_rows(p: Profile) -> dict:
     seeds of top-1 agreement and cosine with the float model on held-out inputs."""
     sys.path.insert(0, str(ROOT / "tests"))
     from models import Net
-
     from onnxbn.quantization import quantize_with_report
     from onnxbn.recalibration import recalibrate
 

@@ -20,7 +20,7 @@ repeats, and reports the median, with the ratio to a reference contender:
                onnxruntime on a seeded random input (max |a - b| / max |a|), node lists,
                initializer values and metadata_props.
   b. session   onnxruntime session creation for the BN model: from the file path, from an
-               in-memory ModelProto through `onnxbn.runtime.make_session` (weights as
+               in-memory ModelProto through `onnxbn.runtimes.ort_backend.make_session` (weights as
                in-memory external initializers), from serialised bytes, and from an onnx-ir
                model (`ir.to_proto(...).SerializeToString()`, and `ir.to_proto` handed to
                make_session).
@@ -207,7 +207,7 @@ def ir_insert_bn(path, stats, out_path, eps: float = 1e-5, stage=lambda name: No
 
 def own_insert(path, stats, out_path, stage=lambda name: None) -> None:
     from onnxbn.insert import insert_bn
-    from onnxbn.modelio import save_model
+    from onnxbn.io.save import save_model
 
     proto = insert_bn(path, stats)  # loads the file itself (the CLI's route): no defensive copy
     stage("load+insert")
@@ -217,7 +217,8 @@ def own_insert(path, stats, out_path, stage=lambda name: None) -> None:
 
 def own_insert_proto_api(path, stats, out_path, stage=lambda name: None) -> None:
     from onnxbn.insert import insert_bn
-    from onnxbn.modelio import load_model, save_model
+    from onnxbn.io.load import load_model
+    from onnxbn.io.save import save_model
 
     proto = load_model(path)
     stage("load")
@@ -308,7 +309,7 @@ def compare_outputs(original: Path, own: Path, ir_out: Path, x: np.ndarray) -> d
     import onnx
     from onnx import numpy_helper
 
-    from onnxbn.runtime import rel_error
+    from onnxbn.feeding import rel_error
 
     ys = {}
     for key, p in (("original", original), ("own", own), ("ir", ir_out)):
@@ -417,8 +418,8 @@ def section_insert(rep: Report, label: str, src: Path, stats_by_sel: dict, work:
 
 
 def section_session(rep: Report, label: str, bn_path: Path, reps: int, have_ir: bool):
-    from onnxbn.modelio import load_model
-    from onnxbn.runtime import make_session
+    from onnxbn.io.load import load_model
+    from onnxbn.runtimes.ort_backend import make_session
 
     proto = load_model(bn_path)
     contenders = {
@@ -506,7 +507,7 @@ def section_gs(rep: Report, label: str, src: Path, reps: int, have_ir: bool, hav
     for name, values in raw.items():
         rep.add("d. in-memory round trip", label, name, values, "s", reference="ModelProto.CopyFrom (one full copy)")
     facts = {"original": header_facts(proto)}
-    from onnxbn.runtime import rel_error
+    from onnxbn.feeding import rel_error
 
     y0 = np.asarray(ort_session(str(src)).run(None, {"input": x})[0])  # dense outputs
     if have_gs:
@@ -560,7 +561,7 @@ def prepare_vgg16(work: Path) -> tuple[Path, bool]:
     if path.is_file():
         return path, True
     import onnxbn
-    from onnxbn.modelio import save_model
+    from onnxbn.io.save import save_model
 
     save_model(onnxbn.export_vgg("vgg16"), path, force=True)
     return path, False
@@ -595,8 +596,8 @@ def main(argv=None) -> int:
         return 0
 
     import onnxbn
-    from onnxbn.modelio import load_model
-    from onnxbn.runtime import image_size_for
+    from onnxbn.feeding import image_size_for
+    from onnxbn.io.load import load_model
 
     t_start = now()
     have_ir, have_gs = available("onnx_ir") is not None, available("onnx_graphsurgeon") is not None
@@ -721,7 +722,7 @@ def decision_numbers(rep: Report) -> dict:
 def src_weight_mb(path: Path) -> float:
     import onnx
 
-    from onnxbn.modelio import weight_bytes
+    from onnxbn.io.tensors import weight_bytes
 
     return weight_bytes(onnx.load(str(path), load_external_data=False)) / 2**20
 

@@ -156,7 +156,7 @@ def export(module, size: int, path: Path | None = None, opset: int = 17):
                           dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}}, opset_version=opset)
     model = onnx.load_from_string(f.getvalue())
     if path is not None:
-        from onnxbn.modelio import save_model
+        from onnxbn.io.save import save_model
 
         save_model(model, path)
     return model
@@ -166,7 +166,7 @@ def export(module, size: int, path: Path | None = None, opset: int = 17):
 
 def plain_forward(model, x: np.ndarray, batch_size: int) -> float:
     """Seconds for session set-up plus one onnxruntime forward pass over x (outputs fetched)."""
-    from onnxbn.runtime import make_session
+    from onnxbn.runtimes.ort_backend import make_session
 
     started = time.perf_counter()
     session = make_session(model, "cpu")
@@ -234,7 +234,7 @@ import numpy as np
 from onnxbn.recalibration import recalibrate_with_report
 model, data, mode, cache = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
 if mode == "load":
-    from onnxbn.modelio import load_model
+    from onnxbn.io.load import load_model
     load_model(model); np.load(data)["x"].shape
 else:
     recalibrate_with_report(model, data, mode=mode, batch_size=8, device="cpu", cache_mb=cache)

@@ -21,7 +21,7 @@ def main() -> int:
     import torch
 
     import onnxbn
-    from onnxbn.runtime import cuda_available
+    from onnxbn.runtimes.ort_backend import cuda_available
 
     small_cnn = importlib.import_module("conftest").small_cnn  # tests/conftest.py, on sys.path above
 

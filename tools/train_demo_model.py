@@ -143,7 +143,7 @@ def train(args) -> tuple[DemoVGG, dict]:
 def export(model: DemoVGG, path: Path, val_top1: float) -> dict:
     """Export with onnxbn's own exporter (Dropout kept, checked against torch), write atomically."""
     from onnxbn.export import export_module
-    from onnxbn.modelio import save_model
+    from onnxbn.io.save import save_model
 
     path.parent.mkdir(parents=True, exist_ok=True)
     m = export_module(model, (3, demo_data.IMAGE_SIZE, demo_data.IMAGE_SIZE), opset=17, metadata={
