@@ -38,7 +38,7 @@ Steps (one test id per architecture x form x step; N = 16 seeded N(0, 1) inputs,
                 convs, LayerNorm, weights in Constant nodes); the loss is finite, the write-back gate
                 ran and passed (onnxruntime on the written model = the trained torch module, 1e-5,
                 at the training inputs' size for dynamic H/W), the graph is unchanged, weights changed
-    recalibrate recalibrate(mode="batch", batch size 8): every BN's mean and var equal, within BOUND
+    recalibrate recalibrate(mode="batch", batch size 8, prior=0, var_floor=0: plain re-estimation): every BN's mean and var equal, within BOUND
                 relative, the running statistics that torch.optim.swa_utils.update_bn computes on
                 the original torch module (matched to its ONNX BN by its scale)
     fold        fold_bn(model): no BatchNormalization left, onnxruntime agrees with the original
@@ -246,7 +246,7 @@ def step_finetune(arch: str, form: str) -> None:
 def step_recalibrate(arch: str, form: str) -> None:
     model = model_of(arch, form)
     x, _ = inputs(form)
-    out = onnxbn.recalibrate(model, x, mode="batch", batch_size=BATCH)
+    out = onnxbn.recalibrate(model, x, mode="batch", batch_size=BATCH, prior=0, var_floor=0)
     reference = build(arch)
     torch.optim.swa_utils.update_bn([torch.from_numpy(x[i:i + BATCH]) for i in range(0, SAMPLES, BATCH)], reference)
     by_scale = {m.weight.detach().numpy().tobytes(): m for m in reference.modules()
