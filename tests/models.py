@@ -168,6 +168,19 @@ def small_net(opset: int, batch="N", dtype=np.float32, seed: int = 0, size: int 
     return n.model({"input": [batch, 3, size, size]}, {"logits": [batch, 5]}, opset)
 
 
+def notebook_bn(with_bn: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of an identity-BN model with the 2017 notebook's mistake: every BN's scale (gamma) set
+    to its variance."""
+    notebook = onnx.ModelProto()
+    notebook.CopyFrom(with_bn)
+    inits = {t.name: t for t in notebook.graph.initializer}
+    for node in notebook.graph.node:
+        if node.op_type == "BatchNormalization":
+            var = numpy_helper.to_array(inits[node.input[4]])
+            inits[node.input[1]].CopyFrom(numpy_helper.from_array(var, node.input[1]))
+    return notebook
+
+
 def inputs_for(shape, count: int = 16, seed: int = 1, dtype=np.float32) -> np.ndarray:
     """`count` seeded standard-normal samples of `shape` (the batch axis is added)."""
     return np.random.default_rng(seed).standard_normal((count, *shape)).astype(dtype)
@@ -193,6 +206,14 @@ def ort_outputs(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
     options.log_severity_level = 3
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return session.run(None, {feed_name(model): x})
+
+
+def weight_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Initializers and Constant-node values by name (weights an exporter keeps in Constant nodes count)."""
+    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    values.update({n.output[0]: numpy_helper.to_array(a.t) for n in model.graph.node if n.op_type == "Constant"
+                   for a in n.attribute if a.name == "value"})
+    return values
 
 
 def rel_error(a: np.ndarray, b: np.ndarray) -> float:

@@ -10,10 +10,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import helper, numpy_helper
+from onnx import helper
 
 import onnxbn
-from models import small_cnn
+from models import notebook_bn, small_cnn
 from onnxbn.cli import main
 from onnxbn.testing import assert_equivalent
 
@@ -23,13 +23,7 @@ X = np.random.default_rng(5).standard_normal((16, 3, 8, 8)).astype(np.float32)
 def identity_and_notebook_models():
     model = small_cnn()
     with_bn = onnxbn.insert_bn(model, onnxbn.collect_stats(model, X, after="dense", device="cpu", workers=0))
-    notebook = onnx.ModelProto()
-    notebook.CopyFrom(with_bn)
-    inits = {t.name: t for t in notebook.graph.initializer}
-    for node in notebook.graph.node:
-        if node.op_type == "BatchNormalization":  # the 2017 notebook: gamma = variance
-            var = numpy_helper.to_array(inits[node.input[4]])
-            inits[node.input[1]].CopyFrom(numpy_helper.from_array(var, node.input[1]))
+    notebook = notebook_bn(with_bn)
     return model, with_bn, notebook
 
 

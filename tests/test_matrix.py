@@ -92,7 +92,7 @@ from torch import nn
 
 import onnxbn
 import onnxbn.io.save
-from models import feed_name
+from models import feed_name, weight_values
 from onnxbn import UserError
 from onnxbn.export import export_module
 
@@ -624,13 +624,6 @@ def step_fold(m: Matrix, arch: str, form: str) -> None:
     assert report.passed, report.table()
     assert_close(ort_run(original, x)[0], ort_run(folded, x)[0], bound(form), "folded vs original")
 
-
-def weight_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """Initializers and Constant-node values by name (the const form keeps its weights in Constant nodes)."""
-    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    values.update({n.output[0]: numpy_helper.to_array(a.t) for n in model.graph.node if n.op_type == "Constant"
-                   for a in n.attribute if a.name == "value"})
-    return values
 
 
 def step_finetune(m: Matrix, arch: str, form: str) -> None:

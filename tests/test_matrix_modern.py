@@ -72,8 +72,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from models import weight_values
 from modern_archs import ARCHS, CLASSES, build
-from onnx import helper, numpy_helper
+from onnx import helper
 
 import onnxbn
 from onnxbn import UserError
@@ -196,13 +197,6 @@ def rel(expected, got) -> float:
     assert expected.shape == got.shape, (expected.shape, got.shape)
     return float(np.abs(expected - got).max() / np.abs(expected).max())
 
-
-def weight_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """Initializers and Constant-node values by name."""
-    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    values.update({n.output[0]: numpy_helper.to_array(a.t) for n in model.graph.node if n.op_type == "Constant"
-                   for a in n.attribute if a.name == "value"})
-    return values
 
 
 def bn_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:

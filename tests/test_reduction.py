@@ -14,7 +14,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 import onnxbn
-from models import ort_outputs, small_cnn
+from models import notebook_bn, ort_outputs, small_cnn
 from onnxbn.cli import main
 
 X = np.random.default_rng(5).standard_normal((16, 3, 8, 8)).astype(np.float32)
@@ -26,13 +26,7 @@ def models(tmp_path_factory):
     t = tmp_path_factory.mktemp("reduce")
     model = small_cnn()
     with_bn = onnxbn.insert_bn(model, onnxbn.collect_stats(model, X, after="dense", device="cpu", workers=0))
-    notebook = onnx.ModelProto()
-    notebook.CopyFrom(with_bn)
-    inits = {i.name: i for i in notebook.graph.initializer}
-    for node in notebook.graph.node:
-        if node.op_type == "BatchNormalization":  # the 2017 notebook: gamma = variance
-            inits[node.input[1]].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(inits[node.input[4]]),
-                                                                  node.input[1]))
+    notebook = notebook_bn(with_bn)
     for name, m in (("ref", model), ("bn", with_bn), ("nb", notebook)):
         onnx.save(m, str(t / f"{name}.onnx"))
     np.savez(t / "x.npz", x=X)
