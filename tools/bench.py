@@ -676,7 +676,7 @@ def bench_feature_cache(ctx: Context) -> Result:
     ort_prefix = (make_session(prefix_model, "cpu"), model_input(bn_model)[0], cut)
     t = now()
     cached_features(ort_prefix, open_model_data(bn_model, (x, y)), "bench", ctx.workdir / "feature-cache-once",
-                    batch, torch.device("cpu"), 0, "features", model_input(bn_model)[2])
+                    batch, 0, "features", model_input(bn_model)[2])
     caching = now() - t
     shutil.rmtree(ctx.workdir / "feature-cache-once", ignore_errors=True)
     t = now()
