@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from onnxbn.activations import LAYERWISE_SAMPLES, MAX_MARKED
+from onnxbn.check.activations import LAYERWISE_SAMPLES, MAX_MARKED
 from onnxbn.data.images import PRESETS
 from onnxbn.errors import UserError
 from onnxbn.runtimes.ort_backend import DEVICES, quiet_onnxruntime
@@ -296,8 +296,8 @@ def cmd_check(args) -> int:
     `onnxbn check --reference-outputs golden.npz CAND --data X` compares a candidate with them (exit
     2 when the data is not the data they were made from). A folder in ONNX's test-data layout
     works as either."""
-    from onnxbn.check import compare, save_outputs
-    from onnxbn.golden import load_outputs
+    from onnxbn.check.comparison import compare, save_outputs
+    from onnxbn.check.golden import load_outputs
     from onnxbn.io.save import atomic_path, refuse_overwrite
 
     options = CHECK_DATA.options(args)
@@ -376,7 +376,7 @@ def cmd_reduce(args) -> int:
     sample the reference's own value of that tensor, and grows the cut until the failure stays.
     Writes ref.onnx, cand.onnx and inputs.npz (keyed by the subgraph input's name) to the folder
     and prints the `onnxbn check` line that replays it."""
-    from onnxbn.reduction import reduce
+    from onnxbn.check.reduction import reduce
 
     result = reduce(args.reference, args.candidate, args.data, args.repro, atol=args.atol, rtol=args.rtol,
                     samples=args.samples, preset=args.preset, device=args.device, runtime=args.runtime,
@@ -485,7 +485,7 @@ def cmd_fold(args) -> int:
     also runs the folded model there against the unfolded one on onnxruntime
     (--precision: the arithmetic asked of the runtimes that take one, e.g. openvino);
     the model is written only when every check passes."""
-    from onnxbn.check import compare
+    from onnxbn.check.comparison import compare
     from onnxbn.fold import fold
     from onnxbn.io.model import Model
     from onnxbn.io.save import refuse_overwrite

@@ -15,7 +15,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 import onnxbn
-from onnxbn.activations import activation_names
+from onnxbn.check.activations import activation_names
 
 DEPTH, SHAPE = 40, (4, 16, 32, 32)  # 80 activations of 256 KiB each (4 samples)
 

@@ -31,7 +31,9 @@ LAYERS = [
     ("transforms", ["onnxbn.stats", "onnxbn.ranges", "onnxbn.insert", "onnxbn.fold", "onnxbn.export",
                     "onnxbn.torch_import", "onnxbn.models"]),
     ("training", ["onnxbn.training", "onnxbn.recalibration"]),
-    ("check", ["onnxbn.tolerances", "onnxbn.activations", "onnxbn.golden", "onnxbn.check", "onnxbn.reduction"]),
+    ("check", ["onnxbn.tolerances", "onnxbn.check.activations", "onnxbn.check.metrics", "onnxbn.check.report",
+               "onnxbn.check.inputs", "onnxbn.check.golden", "onnxbn.check.layerwise"]),
+    ("compare", ["onnxbn.check.comparison", "onnxbn.check.reduction", "onnxbn.check"]),
     ("workflows", ["onnxbn.quantization"]),
     ("front", ["onnxbn.demo", "onnxbn.demo_data", "onnxbn.cli", "onnxbn.testing", "onnxbn.__main__", "onnxbn"]),
 ]

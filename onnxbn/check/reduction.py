@@ -38,8 +38,9 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from onnxbn.activations import LAYERWISE_SAMPLES, MAX_MARKED, activation_names
-from onnxbn.check import Report, compare
+from onnxbn.check.activations import LAYERWISE_SAMPLES, MAX_MARKED, activation_names
+from onnxbn.check.comparison import compare
+from onnxbn.check.report import Report
 from onnxbn.errors import UserError
 from onnxbn.feeding import check_batch_shape, model_input, open_model_data
 from onnxbn.graph import GraphIndex, graph_inputs, reads, value_types
