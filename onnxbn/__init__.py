@@ -25,6 +25,7 @@ _API = {
     "load_outputs": "onnxbn.check.golden",
     "fold_bn": "onnxbn.fold",
     "explain_fold": "onnxbn.fold",
+    "fold_verified": "onnxbn.deploy",
     "reduce": "onnxbn.check.reduction",
     "to_torch": "onnxbn.torch_import",
     "write_back": "onnxbn.torch_import",

@@ -160,24 +160,21 @@ def cmd_stats(args) -> int:
     and gives the same result. Under torchrun, every rank takes a shard of the data
     and rank 0 writes the merged file."""
     from onnxbn import distributed
+    from onnxbn.checkpoints import checkpointed
     from onnxbn.insert import dead_channels
     from onnxbn.io.save import refuse_overwrite
     from onnxbn.stats import collect_stats
 
     rank, ranks = distributed.world()
     refuse_overwrite(args.output, [args.model, args.data], args.force)
-    checkpoint = Path(args.output + ".checkpoint.npz" if ranks == 1 else f"{args.output}.checkpoint.rank{rank}.npz")
-    if args.resume and not checkpoint.is_file():
-        raise UserError(f"--resume: no checkpoint {checkpoint} to continue from; run without --resume")
-    if not args.resume and checkpoint.is_file():
-        raise UserError(f"{checkpoint} exists from an interrupted run: add --resume to continue it, or delete it")
-    if args.ranges:
-        return _stats_ranges(args, ranks, checkpoint)
-    stats = collect_stats(args.model, after=args.after, device=args.device, shard=args.shard, checkpoint=checkpoint,
-                          resume=args.resume, checkpoint_every=args.checkpoint_every, **STATS_DATA.options(args))
-    if rank == 0:
-        stats.save(args.output, inputs=[args.model, args.data], force=args.force)
-    checkpoint.unlink(missing_ok=True)
+    with checkpointed(args.output, args.resume) as checkpoint:
+        if args.ranges:
+            return _stats_ranges(args, ranks, checkpoint)
+        stats = collect_stats(args.model, after=args.after, device=args.device, shard=args.shard,
+                              checkpoint=checkpoint, resume=args.resume, checkpoint_every=args.checkpoint_every,
+                              **STATS_DATA.options(args))
+        if rank == 0:
+            stats.save(args.output, inputs=[args.model, args.data], force=args.force)
     if rank != 0:
         return 0
     meta, dead = stats.meta, dead_channels(stats)
@@ -196,7 +193,6 @@ def _stats_ranges(args, ranks: int, checkpoint: Path) -> int:
     ranges = collect_ranges(args.model, device=args.device, shard=args.shard, checkpoint=checkpoint,
                             resume=args.resume, checkpoint_every=args.checkpoint_every, **STATS_DATA.options(args))
     ranges.save(args.output, inputs=[args.model, args.data], force=args.force)
-    checkpoint.unlink(missing_ok=True)
     log.info("ranges of %d tensors, %d samples in %.1fs on %s; wrote %s", len(ranges.tensors), ranges.meta["samples"],
              ranges.meta["seconds"], ranges.meta["provider"], args.output)
     return 0
@@ -485,55 +481,26 @@ def cmd_fold(args) -> int:
     also runs the folded model there against the unfolded one on onnxruntime
     (--precision: the arithmetic asked of the runtimes that take one, e.g. openvino);
     the model is written only when every check passes."""
-    from onnxbn.check.comparison import compare
-    from onnxbn.fold import fold
-    from onnxbn.io.model import Model
-    from onnxbn.io.save import refuse_overwrite
-    from onnxbn.runtimes.base import check_runtime, parse_runtime
-    from onnxbn.runtimes.precision import supports_precision
+    from onnxbn.deploy import fold_verified
 
-    options = FOLD_DATA.options(args)
-    refuse_overwrite(args.output, [args.model, args.data], args.force)
-    verify = list(dict.fromkeys(args.verify_on or []))
-    names = [parse_runtime(r, args.device)[0] for r in verify]
-    if args.precision not in (None, "default") and not any(supports_precision(n, args.precision) for n in names):
-        raise UserError(f"--precision {args.precision} applies to --verify-on openvino; "
-                        f"{', '.join(verify) or 'onnxruntime alone'} run(s) the model in its own types")
-    for spec in verify:  # an unknown or missing runtime fails before any work
-        check_runtime(spec, args.device)
-    folded, fold_report = fold(Model.open(args.model))
-    decisions = fold_report.decisions
-    # The folded model is staged next to the output (its unchanged weights copied from the input file, never
-    # held) and the new weights are dropped, so onnxruntime reads both models' weights from disk.
-    with folded.stage(args.output, [args.model, args.data], args.force) as staged:
-        del folded
-        report = compare(args.model, staged.candidate, atol=args.atol, rtol=args.rtol, device=args.device, **options)
-        checks = {}
-        for spec, name in zip(verify, names):
-            precision = args.precision if supports_precision(name, args.precision) else None
-            checks[spec] = compare(args.model, staged.candidate, atol=args.atol, rtol=args.rtol, device=args.device,
-                                   reference_runtime="onnxruntime", candidate_runtime=spec, precision=precision,
-                                   **options)
-        if args.json:
-            print(json.dumps({"decisions": decisions, "check": report.to_dict(),
-                              **({"verify_on": {k: r.to_dict() for k, r in checks.items()}} if checks else {})},
-                             indent=2))
-        else:
-            for d in decisions:
-                print(f"{d['bn']}: " + (f"folded into {d['into']} ({d['direction']})" if d["action"] == "folded"
-                                        else f"kept: {d['reason']}"))
-            print(report.table())
-            for spec, r in checks.items():
-                print(f"\nverify on {spec}:\n{r.table()}")
-        failed = [k for k, r in {"onnxruntime": report, **checks}.items() if not r.passed]
-        if failed:
-            log.error("the folded model differs from the input beyond tolerance on %s; nothing written",
-                      ", ".join(failed))
-            return 1
-        staged.commit()
-    kept = sum(d["action"] == "kept" for d in decisions)
-    log.info("folded %d of %d BatchNormalization nodes (%d kept); wrote %s", len(decisions) - kept, len(decisions),
-             kept, args.output)
+    result = fold_verified(args.model, args.output, verify_on=args.verify_on or [], atol=args.atol, rtol=args.rtol,
+                           precision=args.precision, device=args.device, force=args.force, **FOLD_DATA.options(args))
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        for d in result.decisions:
+            print(f"{d['bn']}: " + (f"folded into {d['into']} ({d['direction']})" if d["action"] == "folded"
+                                    else f"kept: {d['reason']}"))
+        print(result.check.table())
+        for spec, r in result.verify_on.items():
+            print(f"\nverify on {spec}:\n{r.table()}")
+    if not result.written:
+        log.error("the folded model differs from the input beyond tolerance on %s; nothing written",
+                  ", ".join(result.failed))
+        return 1
+    kept = sum(d["action"] == "kept" for d in result.decisions)
+    log.info("folded %d of %d BatchNormalization nodes (%d kept); wrote %s", len(result.decisions) - kept,
+             len(result.decisions), kept, args.output)
     return 0
 
 
