@@ -69,7 +69,8 @@ class InputData:
         self.arguments += [
             arg("--batch-size", type=int, default=batch_size, help=f"samples per batch (default: {batch_size})"),
             arg("--limit", type=int, help="use a seeded, class-balanced random sample of N items"),
-            arg("--seed", type=int, default=0, help="seed for --limit" + (" and --random" if random else "") + " (default: 0)"),
+            arg("--seed", type=int, default=0,
+                help="seed for --limit" + (" and --random" if random else "") + " (default: 0)"),
             arg("--preset", choices=PRESETS, help="image preprocessing (default: from the model's metadata, else imagenet)"),
             arg("--workers", type=int, help="image decoding processes (default: the core count, at most 8; 0 = in-process)"
                 if workers == "pool" else "image decoding processes (default: 0: decode in-process, "
@@ -137,7 +138,7 @@ def cmd_points(args) -> int:
              for p in points]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
     return 0
 
 
@@ -240,10 +241,9 @@ RUNTIME_HELP = "onnxruntime (default), openvino, tract or reference; NAME:DEVICE
 PRECISION_CHOICES = ["default", "f32", "bf16", "f16"]
 # check and fold: tolerances default to the precisions the two sides ran at (onnxbn.runtimes.precision.TOLERANCES)
 RUNTIME_TOLERANCE = [
-    arg("--atol", type=float, help="absolute tolerance (default: 1e-5; for a float16/bfloat16 model, or where a runtime computes in bf16, "
-        "f16 or tf32, "
-        "looser defaults that also scale with each sample's largest value: see the README; giving --atol or --rtol "
-        "applies the plain rule |a-b| <= atol + rtol*|a|)"),
+    arg("--atol", type=float, help="absolute tolerance (default: 1e-5; for a float16/bfloat16 model, or where a "
+        "runtime computes in bf16, f16 or tf32, looser defaults that also scale with each sample's largest value: "
+        "see the README; giving --atol or --rtol applies the plain rule |a-b| <= atol + rtol*|a|)"),
     arg("--rtol", type=float, help="relative tolerance (default: 1e-5; 3e-2 at bf16, 4e-3 at f16/tf32)")]
 PRECISION = arg("--precision", choices=PRECISION_CHOICES,
                 help="the candidate runtime's arithmetic: default (the runtime's own choice, reported), f32, "
@@ -325,7 +325,8 @@ def cmd_check(args) -> int:
         return 0
     reference = load_outputs(args.reference_outputs) if args.reference_outputs else args.models[0]
     report = compare(reference, args.models[-1], atol=args.atol, rtol=args.rtol, device=args.device,
-                     layerwise=args.layerwise, max_marked=args.max_marked, runtime=args.runtime, reference_runtime=args.reference_runtime,
+                     layerwise=args.layerwise, max_marked=args.max_marked, runtime=args.runtime,
+                     reference_runtime=args.reference_runtime,
                      candidate_runtime=args.candidate_runtime, precision=args.precision,
                      reference_precision=args.reference_precision, tolerances=args.tolerances,
                      save_outputs=args.save_outputs, **options)
@@ -379,7 +380,7 @@ def cmd_reduce(args) -> int:
                     reference_runtime=args.reference_runtime, candidate_runtime=args.candidate_runtime,
                     precision=args.precision, max_marked=args.max_marked)
     print(result.summary())
-    if not result.failing:
+    if result.report is None:  # nothing fails
         return 0
     print(result.report.table())
     print(f"reproduce: {result.command}")
@@ -636,7 +637,8 @@ def cmd_demo(args) -> int:
             continue
         print(f"fine-tune {name:>12}: val loss {v['val_loss_before']:.4f} -> {v['val_loss']:.4f}, "
               f"accuracy {v['val_accuracy_before']:.2%} -> {v['val_accuracy']:.2%}")
-    print(f"fold {fold['model']}: {fold['bn_before']} BN -> {fold['bn_remaining']}, max rel error {fold['max_rel_error']:.3g}")
+    print(f"fold {fold['model']}: {fold['bn_before']} BN -> {fold['bn_remaining']}, "
+          f"max rel error {fold['max_rel_error']:.3g}")
     print(f"report: {Path(args.out) / 'report.md'} ({report['seconds']:.0f} s)")
     return 0 if ident["passed"] and fold["passed"] else 1
 
@@ -644,7 +646,7 @@ def cmd_demo(args) -> int:
 # ----------------------------------------------------------------------------- entry point
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="onnxbn", description=__doc__.splitlines()[0].rstrip("."),
+    parser = argparse.ArgumentParser(prog="onnxbn", description=(__doc__ or "").splitlines()[0].rstrip("."),
                                      epilog="Run `onnxbn COMMAND --help` for a command's options.")
     parser.add_argument("--version", action="version", version=f"onnxbn {__import__('onnxbn').__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")

@@ -59,8 +59,8 @@ def fold_verified(model: str | os.PathLike, output: str | os.PathLike, *, verify
     that take one (openvino); a UserError when none of them does. `output` is never one of the inputs
     unless `force`. Unknown or missing runtimes fail before any work.
     """
-    data = inputs.get("data")
-    refuse_overwrite(output, [model, data], force)
+    paths = [p for p in (model, inputs.get("data")) if isinstance(p, (str, os.PathLike))]
+    refuse_overwrite(output, paths, force)
     verify = list(dict.fromkeys(verify_on))
     names = [parse_runtime(r, device)[0] for r in verify]
     if precision not in (None, "default") and not any(supports_precision(n, precision) for n in names):
@@ -69,7 +69,7 @@ def fold_verified(model: str | os.PathLike, output: str | os.PathLike, *, verify
     for spec in verify:  # an unknown or missing runtime fails before any work
         check_runtime(spec, device)
     folded, report = folding.fold(Model.open(model))
-    with folded.stage(output, [model, data], force) as staged:
+    with folded.stage(output, paths, force) as staged:
         del folded
         check = compare(model, staged.candidate, atol=atol, rtol=rtol, device=device, **inputs)
         checks = {}

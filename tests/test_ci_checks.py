@@ -199,7 +199,7 @@ def numpy_metrics(a: np.ndarray, b: np.ndarray) -> dict:
     if a.ndim == 2:
         out["top1_agreement"] = float(np.mean(a.argmax(1) == b.argmax(1)))
         top5 = lambda v: [set(np.argsort(-row, kind="stable")[:5]) for row in v]  # noqa: E731
-        out["top5_agreement"] = float(np.mean([sa == sb for sa, sb in zip(top5(a), top5(b))]))
+        out["top5_agreement"] = float(np.mean([sa == sb for sa, sb in zip(top5(a), top5(b), strict=True)]))
     return out
 
 

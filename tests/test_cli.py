@@ -114,7 +114,8 @@ def bad_inputs(tmp):
         ("merge across models", ["merge", tmp / "other_stats.npz", tmp / "model_stats.npz", "-o", tmp / "m.npz"],
          "differs"),
         ("check with different inputs", ["check", model, tmp / "nodense.onnx", "--random", "2"], "output"),
-        ("missing weights", ["export", "vgg11", "--weights", tmp / "none.pth", "-o", tmp / "v.onnx"], "no such weights file"),
+        ("missing weights", ["export", "vgg11", "--weights", tmp / "none.pth", "-o", tmp / "v.onnx"],
+         "no such weights file"),
     ]
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -31,7 +32,7 @@ from onnxbn.runtimes.sessions import open_session
 from onnxbn.tolerances import load_tolerances
 
 
-def _side_model(model, side: dict) -> tuple[onnx.ModelProto, str | None]:
+def _side_model(model, side: dict) -> tuple[onnx.ModelProto, Path | None]:
     """(proto, folder) for one side: a file for onnxruntime as its structure (the weights stay in
     the file, read by onnxruntime from `folder`); anything else loaded whole."""
     if isinstance(model, (str, os.PathLike)) and parse_runtime(side["runtime"])[0] == "onnxruntime":
@@ -111,9 +112,12 @@ def compare(reference, candidate, data=None, atol: float | None = None, rtol: fl
     dataset, description, batch_size = open_inputs(ref, data, random, seed, limit, preset, batch_size)
     if golden is not None and data is golden.inputs:
         description = str(golden.path)
-    s_ref = open_session(ref, folder=ref_folder, **ref_side) if golden is None else None
+    if golden is None:
+        s_ref = open_session(ref, folder=ref_folder, **ref_side)
+        ref_info = s_ref.info
+    else:
+        s_ref, ref_info = None, recorded_runtime(golden, cand)
     s_cand = open_session(cand, folder=cand_folder, **cand_side)
-    ref_info = s_ref.info if golden is None else recorded_runtime(golden, cand)
     precision, why = tolerance_choice(ref_info, s_cand.info)
     d_atol, d_rtol, d_scaled = TOLERANCES.get(precision, TOLERANCES["f32"])
     if atol is None and rtol is None:
@@ -153,7 +157,7 @@ def compare(reference, candidate, data=None, atol: float | None = None, rtol: fl
         for m in metrics.values():
             m.finish()
         if writer is not None:
-            writer.commit(golden_meta(reference, ref, ref_folder, s_ref.info, description, dataset))
+            writer.commit(golden_meta(reference, ref, ref_folder, ref_info, description, dataset))
     report = Report(metrics, atol, rtol, samples, description, s_cand.info.device,
                     reference=str(golden.path) if golden is not None else str(reference)
                     if not isinstance(reference, onnx.ModelProto) else "<model>",

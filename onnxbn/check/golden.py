@@ -110,7 +110,7 @@ class GoldenWriter:
         if self.npz:
             for k, value in enumerate([digests, *outputs]):
                 with open(self.stage / f"{k}.raw", "ab") as fh:
-                    fh.write(np.ascontiguousarray(value).reshape(-1).view(np.uint8))
+                    fh.write(np.ascontiguousarray(value).reshape(-1).view(np.uint8).data)
         else:
             folder = self.stage / f"test_data_set_{self.sets}"
             folder.mkdir()
@@ -169,7 +169,8 @@ class GoldenOutputs:
         else:
             self._read_npz()
         self.samples = len(self.digests)
-        self.input_dtype = np.dtype(self.meta["input"]["dtype"]) if self.meta else self.inputs.dtype
+        self.input_dtype = np.dtype(self.meta["input"]["dtype"]) if self.meta or self.inputs is None \
+            else self.inputs.dtype
 
     def _read_npz(self) -> None:
         try:
@@ -178,11 +179,11 @@ class GoldenOutputs:
                 if self.meta.get("format") != FORMAT:
                     raise UserError(f"{self.path}: not onnxbn golden outputs (format {self.meta.get('format')!r}); "
                                     "write them with `onnxbn check REF --data X --save-outputs FILE.npz`")
-                self.digests = _mmap_npz(self.path, "input_sha256")
-                self.digests = npz["input_sha256"] if self.digests is None else self.digests
+                digests = _mmap_npz(self.path, "input_sha256")
+                self.digests = npz["input_sha256"] if digests is None else digests
                 self.names = list(self.meta["outputs"])
-                self._arrays = [_mmap_npz(self.path, f"output_{k}") for k in range(len(self.names))]
-                self._arrays = [npz[f"output_{k}"] if a is None else a for k, a in enumerate(self._arrays)]
+                arrays = [_mmap_npz(self.path, f"output_{k}") for k in range(len(self.names))]
+                self._arrays = [npz[f"output_{k}"] if a is None else a for k, a in enumerate(arrays)]
         except UserError:
             raise
         except Exception as exc:
@@ -226,16 +227,17 @@ class GoldenOutputs:
         """The golden outputs' names: stored ones, or the model's first outputs by position (a folder without
         onnxbn's meta); a UserError when the model lacks one or the counts differ."""
         model_names = [o.name for o in model.graph.output]
-        if None in self.names:
+        stored = [n for n in self.names if n is not None]
+        if len(stored) != len(self.names):
             if len(model_names) != len(self.names):
                 raise UserError(f"{self.path}: holds {len(self.names)} outputs per set, the candidate has "
                                 f"{len(model_names)}; output_<k>.pb is compared with the model's k-th output")
             return model_names
-        missing = [n for n in self.names if n not in model_names]
+        missing = [n for n in stored if n not in model_names]
         if missing:
             raise UserError(f"the candidate has no output {missing[0]!r}; the golden outputs hold "
-                            f"{', '.join(self.names)}")
-        return self.names
+                            f"{', '.join(stored)}")
+        return stored
 
 
 def load_outputs(path: str | os.PathLike) -> GoldenOutputs:

@@ -9,6 +9,7 @@ import os
 from typing import Iterator
 
 import numpy as np
+import numpy.typing as npt
 import onnx
 
 from onnxbn.errors import UserError
@@ -37,7 +38,7 @@ class RandomInputs:
         return False
 
     def batches(self, batch_size: int, workers: int = 0, strict: bool = False, start: int = 0,
-                dtype=np.float32) -> Iterator[tuple[np.ndarray, None]]:
+                dtype: npt.DTypeLike = np.float32) -> Iterator[tuple[np.ndarray, None]]:
         """(x of `dtype`, None) batches of `batch_size` samples from sample `start` on."""
         if batch_size < 1:
             raise UserError(f"--batch-size must be at least 1 (got {batch_size})")

@@ -83,12 +83,13 @@ class Report:
 
     def table(self) -> str:
         rule = ("rule",) if self.tolerances is not None else ()
-        rows = [("output", "max abs", "max rel", "mean abs", "cosine", "top-1", "top-5", *rule, "result")]
+        rows: list[tuple[str, ...]] = [
+            ("output", "max abs", "max rel", "mean abs", "cosine", "top-1", "top-5", *rule, "result")]
         for name, m in self.outputs.items():
             d = m.to_dict()
             rows.append((name, *(_cell(d, k, f) for k, f in (("max_abs_error", ".3g"), ("max_rel_error", ".3g"),
                          ("mean_abs_error", ".3g"), ("cosine_similarity", ".9f"), ("top1_agreement", ".2%"),
-                         ("top5_agreement", ".2%"))), *((m.rule.key,) if rule else ()),
+                         ("top5_agreement", ".2%"))), *((m.rule.key,) if rule and m.rule else ()),
                          m.result_text() + (" exact" if m.exact else "")))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
@@ -124,6 +125,8 @@ class Report:
         lines = []
         for name, m in self.outputs.items():
             r = m.rule
+            if r is None:  # every output has a rule under a tolerance file
+                continue
             element = (f"|a-b| <= {r.atol:g} + {r.rtol:g}*|a|" + (f" + {r.scaled:g}*max|a(sample)|" if r.scaled else "")
                        if r.elements else "element rule off (gates decide)")
             if code:
