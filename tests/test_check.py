@@ -1,4 +1,4 @@
-"""check.py: --random inputs within a memory budget, tolerances by the model's float type,
+"""onnxbn.check: --random inputs within a memory budget, tolerances by the model's float type,
 non-numeric outputs compared exactly."""
 
 from __future__ import annotations

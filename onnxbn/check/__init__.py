@@ -24,9 +24,25 @@ Rooms, each one job, imports running down this list:
 
 from __future__ import annotations
 
-from onnxbn.check.comparison import compare, save_outputs
-from onnxbn.check.inputs import random_inputs
-from onnxbn.check.metrics import OutputMetrics
-from onnxbn.check.report import Report
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from onnxbn.check.comparison import compare, save_outputs
+    from onnxbn.check.inputs import random_inputs
+    from onnxbn.check.metrics import OutputMetrics
+    from onnxbn.check.report import Report
+
+# imported on first use, as the top-level package does: `onnxbn.check.activations` (which the command line
+# reads at start) stays light
+_API = {"compare": "onnxbn.check.comparison", "save_outputs": "onnxbn.check.comparison",
+        "random_inputs": "onnxbn.check.inputs", "OutputMetrics": "onnxbn.check.metrics",
+        "Report": "onnxbn.check.report"}
 
 __all__ = ["OutputMetrics", "Report", "compare", "random_inputs", "save_outputs"]
+
+
+def __getattr__(name: str):
+    if name in _API:
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'onnxbn.check' has no attribute {name!r}")

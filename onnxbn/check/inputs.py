@@ -76,7 +76,7 @@ def random_inputs(model: onnx.ModelProto, count: int, seed: int = 0, batch_size:
 
 
 def open_inputs(model: onnx.ModelProto, data, random: int | None, seed: int, limit: int | None, preset,
-                 batch_size: int):
+                batch_size: int):
     """(dataset, description, batch size) of compare's inputs: `data`, or `random` seeded normal inputs."""
     _, _, shape = model_input(model)
     if data is None:
@@ -91,6 +91,7 @@ def open_inputs(model: onnx.ModelProto, data, random: int | None, seed: int, lim
 
 
 def require_samples(dataset, samples: int, min_samples: int) -> None:
+    """A UserError when fewer than `min_samples` samples were compared: a check of nothing never passes."""
     if samples < min_samples:
         skipped = f"; {len(dataset.skipped)} unreadable, e.g. {dataset.skipped[0]}" if dataset.skipped else ""
         raise UserError(f"{dataset.description}: only {samples} sample(s) could be compared (at least {min_samples} "
