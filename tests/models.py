@@ -9,7 +9,8 @@ identity, the default) or `BN_WIDE` (means far from 0, variances 0.2..3, for fol
 
 The ready-made models: `small_cnn` (VGG in miniature, the conftest fixture's model) and
 `small_net` (the same shape with `Net`'s layer names, any dtype). `inputs_for` gives
-seeded inputs; `ort_outputs`, `rel_error` and `bn_count` are the checks tests share.
+seeded inputs; `bn_count` and `weight_values` read a model back. The judges that run a model
+(onnxruntime, numpy moments, rel_error) are in oracles.py.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 # (mean, standard deviation) of scale, B and mean; (low, high) of the uniform variance.
-BN_NARROW = {"scale": (1.0, 0.3), "B": (0.0, 0.3), "mean": (0.0, 0.3), "var": (0.5, 2.0)}
-BN_WIDE = {"scale": (1.0, 0.5), "B": (0.0, 0.5), "mean": (0.0, 1.0), "var": (0.2, 3.0)}
+BN_NARROW: dict[str, tuple[float, float]] = {"scale": (1.0, 0.3), "B": (0.0, 0.3), "mean": (0.0, 0.3), "var": (0.5, 2.0)}
+BN_WIDE: dict[str, tuple[float, float]] = {"scale": (1.0, 0.5), "B": (0.0, 0.5), "mean": (0.0, 1.0), "var": (0.2, 3.0)}
 
 
 class Net:
@@ -30,7 +31,8 @@ class Net:
     and the order of the calls that built it.
     """
 
-    def __init__(self, seed: int = 0, dtype=np.float32, *, gain: float = 2.0, bn: dict = BN_NARROW):
+    def __init__(self, seed: int = 0, dtype=np.float32, *, gain: float = 2.0,
+                 bn: dict[str, tuple[float, float]] = BN_NARROW):
         self.rng = np.random.default_rng(seed)
         self.dtype = np.dtype(dtype)
         self.gain = gain
@@ -192,31 +194,9 @@ def bn_count(model: onnx.ModelProto) -> int:
     return sum(n.op_type == "BatchNormalization" for n in model.graph.node)
 
 
-def feed_name(model: onnx.ModelProto) -> str:
-    """The one graph input fed at run time (initializers listed as inputs, IR < 4, skipped)."""
-    inits = {t.name for t in model.graph.initializer}
-    return next(i.name for i in model.graph.input if i.name not in inits)
-
-
-def ort_outputs(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
-    """All outputs of `model` on `x`, through a plain onnxruntime CPU session."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return session.run(None, {feed_name(model): x})
-
-
 def weight_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     """Initializers and Constant-node values by name (weights an exporter keeps in Constant nodes count)."""
     values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     values.update({n.output[0]: numpy_helper.to_array(a.t) for n in model.graph.node if n.op_type == "Constant"
                    for a in n.attribute if a.name == "value"})
     return values
-
-
-def rel_error(a: np.ndarray, b: np.ndarray) -> float:
-    """max|a - b| / max|a| over the whole tensor, in float64."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(a).max())

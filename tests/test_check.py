@@ -10,10 +10,11 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
+from oracles import ort_outputs
 
 import onnxbn
 import onnxbn.check
-from models import Net, ort_outputs, small_net
+from models import Net, small_net
 from onnxbn.check import RANDOM_BATCH_BYTES, random_inputs
 from onnxbn.cli import main
 

@@ -10,8 +10,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
+from oracles import rel_error
 
-from models import BN_WIDE, Net, bn_count, rel_error
+from models import BN_WIDE, Net, bn_count
 from onnxbn.fold import explain_fold, fold_bn
 from onnxbn.runtimes.ort_backend import make_session
 

@@ -14,9 +14,10 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from oracles import ort_outputs
 
 import onnxbn
-from models import ort_outputs, small_cnn
+from models import small_cnn
 from onnxbn.cli import main
 from onnxbn.tolerances import QuantileGate
 

@@ -13,6 +13,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from oracles import exposed, ort_outputs
 
 import onnxbn
 from onnxbn.errors import UserError
@@ -52,8 +53,7 @@ def test_replace_uses_reaches_subgraphs_and_prune_keeps_what_they_read():
     index.replace_uses("w", "w_1")
     index.prune(["w", "w_1"])
     assert [t.name for t in model.graph.initializer] == ["w_1"]
-    out = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
-        None, {"x": np.array([[-1, 0, 2], [3, -4, 5]], np.float32)})[0]
+    (out,) = ort_outputs(model, np.array([[-1, 0, 2], [3, -4, 5]], np.float32))
     np.testing.assert_array_equal(out, np.maximum([[-1, 0, 2], [3, -4, 5]], 0) + 3.0)
 
 
@@ -170,10 +170,7 @@ def test_float64_model_gets_float64_statistics():
                               [helper.make_tensor_value_info("y", TensorProto.DOUBLE, ["N", 4, 8, 8])], [w])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
     x = np.random.default_rng(1).standard_normal((6, 4, 8, 8)) + 1e4
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    probe.graph.output.append(helper.make_tensor_value_info("c", TensorProto.DOUBLE, None))
-    c = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"]).run(["c"], {"x": x})[0]
+    (c,) = exposed(model, ["c"], x)
     stats = onnxbn.collect_stats(model, x, after=["c"], device="cpu", workers=0)
     np.testing.assert_allclose(stats.mean("c"), c.mean(axis=(0, 2, 3)), rtol=1e-13)
     np.testing.assert_allclose(stats.var("c"), c.var(axis=(0, 2, 3)), rtol=1e-11)
@@ -314,9 +311,7 @@ def test_stats_check_and_eval_never_hold_a_model_files_weights_in_python(tmp_pat
     tracemalloc.stop()
     assert peak < 8 * 2**20, peak
     if step == "stats":  # and the statistics are right: numpy on the exposed tensor
-        m = onnx.load(path)
-        m.graph.output.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, None))
-        r = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(["r"], {"x": x})[0]
+        (r,) = exposed(onnx.load(path), ["r"], x)
         np.testing.assert_allclose(stats.var("r"), r.astype(np.float64).var(axis=0), rtol=1e-6, atol=1e-9)
 
 

@@ -21,7 +21,8 @@ from onnxbn import cli
 from onnxbn.errors import UserError
 from onnxbn.io import wire
 from onnxbn.io.load import _scan, load_model, load_structure
-from tests.models import Net, ort_outputs, rel_error
+from tests.models import Net
+from tests.oracles import ort_outputs, rel_error
 
 _OPENED: list[str] | None = None
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
+import oracles
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from oracles import session
 
 from models import Net, inputs_for, small_cnn
 from onnxbn.cli import main
@@ -35,22 +36,9 @@ def bn_cnn(seed: int = 0, w: int = 8, size: int = 8, opset: int = 13) -> onnx.Mo
 CONV_TO_BN = {"conv1": "bn1.out", "conv2": "bn2.out", "conv3": "bn3.out"}
 
 
-def session(model: onnx.ModelProto):
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-
 def exposed(model: onnx.ModelProto, names: list[str], x: np.ndarray, batch: int = 16) -> dict[str, np.ndarray]:
-    """The values of `names` on `x` (run `batch` samples at a time, as the code under test does, so that
-    onnxruntime picks the same kernels), each made a graph output of a copy of `model`."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    del m.graph.output[:]
-    m.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in names)
-    s = session(m)
-    parts = [s.run(names, {m.graph.input[0].name: x[i:i + batch]}) for i in range(0, len(x), batch)]
-    return {n: np.concatenate([p[k] for p in parts]) for k, n in enumerate(names)}
+    """oracles.exposed by name, `batch` samples at a time as the code under test runs them (same kernels)."""
+    return dict(zip(names, oracles.exposed(model, names, x, batch=batch), strict=True))
 
 
 def float_tensors(model: onnx.ModelProto) -> list[str]:

@@ -15,9 +15,13 @@ import warnings
 import numpy as np
 import onnx
 import onnxruntime as ort
+import oracles
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
+from oracles import feed_name as feed
+from oracles import moments, session
+from oracles import rel_error as rel
 from torch import nn
 
 import onnxbn
@@ -146,19 +150,6 @@ def bn_net(opset: int = 13, dtype=np.float32, batch="N", ir_version=None, inits_
 
 # ----------------------------------------------------------------------------- independent checks
 
-def session(model: onnx.ModelProto, level=None):
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if level is not None:
-        options.graph_optimization_level = level
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-
-def feed(model):
-    inits = {t.name for t in model.graph.initializer}
-    return next(i.name for i in model.graph.input if i.name not in inits)
-
-
 def bn_nodes(model):
     return [n for n in model.graph.node if n.op_type == "BatchNormalization"]
 
@@ -178,24 +169,8 @@ def stored(model, name) -> np.ndarray:
 
 
 def exposed(model, x, names, level=None) -> list[np.ndarray]:
-    """The tensors `names` on inputs x, as graph outputs of a copy run by plain onnxruntime."""
-    probe = copy.deepcopy(model)
-    elem = next(i for i in model.graph.input if i.name == feed(model)).type.tensor_type.elem_type
-    del probe.graph.output[:]
-    for name in names:
-        probe.graph.output.append(helper.make_tensor_value_info(name, elem, None))
-    return session(probe, level).run(names, {feed(model): x})
-
-
-def moments(t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel (axis 1) mean and population variance in float64 (numpy)."""
-    t = np.moveaxis(t.astype(np.float64), 1, 0).reshape(t.shape[1], -1)
-    return t.mean(axis=1), t.var(axis=1)
-
-
-def rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(a).max())
+    """oracles.exposed with this file's argument order."""
+    return oracles.exposed(model, names, x, level=level)
 
 
 def fixed_point_errors(model, x, level=None, reference=None) -> dict[str, float]:

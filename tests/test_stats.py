@@ -8,7 +8,7 @@ import pytest
 from conftest import write_images
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from onnx import helper
+from oracles import exposed
 
 import onnxbn
 from models import small_cnn
@@ -17,14 +17,6 @@ from onnxbn.data.sources import balanced_sample, open_data
 from onnxbn.points import select_points
 from onnxbn.runtimes.ort_backend import make_session
 from onnxbn.stats import ChannelMoments, augment_for_stats, load_stats, merge_stats
-
-
-def exposed_values(model, names, x):
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    for name in names:
-        m.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    return make_session(m, "cpu").run(names, {"input": x})
 
 
 @given(data=st.lists(st.floats(-1e3, 1e3, allow_nan=False, width=64), min_size=2, max_size=60),
@@ -50,7 +42,7 @@ def test_chan_merge_equals_single_pass(data, cuts, order_seed):
 def test_stats_match_numpy(opset, selector, cnn_inputs):
     model = small_cnn(opset)
     stats = onnxbn.collect_stats(model, cnn_inputs, after=selector, batch_size=5)
-    values = exposed_values(model, stats.tensors, cnn_inputs)
+    values = exposed(model, stats.tensors, cnn_inputs)
     for name, v in zip(stats.tensors, values):
         v = v.astype(np.float64)
         axes = (0,) + tuple(range(2, v.ndim))
