@@ -14,7 +14,6 @@ from onnx import TensorProto, helper, numpy_helper
 from oracles import session
 
 from models import Net, inputs_for, small_cnn
-from onnxbn.cli import main
 from onnxbn.quantization import quantize_with_report
 from onnxbn.ranges import BINS, HALF, collect_ranges, load_ranges, merge_ranges
 
@@ -324,12 +323,6 @@ def test_cross_layer_equalization_keeps_the_function_and_balances_ranges():
 
 # ----------------------------------------------------------------------------- command line
 
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 @pytest.fixture
 def files(tmp_path):
     onnx.save(small_cnn(opset=11), str(tmp_path / "m.onnx"))
@@ -337,18 +330,18 @@ def files(tmp_path):
     return tmp_path
 
 
-def test_cli_quantize_stats_ranges_and_merge(files, capsys):
+def test_cli_quantize_stats_ranges_and_merge(files, cli):
     m, cal = files / "m.onnx", files / "cal.npz"
     for i in range(2):
-        assert run(capsys, "stats", m, "--data", cal, "--ranges", "--shard", f"{i}/2", "-o", files / f"r{i}.npz")[0] == 0
+        assert cli("stats", m, "--data", cal, "--ranges", "--shard", f"{i}/2", "-o", files / f"r{i}.npz")[0] == 0
     assert not list(files.glob("*.checkpoint.npz"))  # removed on success
-    assert run(capsys, "merge", files / "r0.npz", files / "r1.npz", "-o", files / "r.npz")[0] == 0
+    assert cli("merge", files / "r0.npz", files / "r1.npz", "-o", files / "r.npz")[0] == 0
     one = collect_ranges(str(m), str(cal), device="cpu")
     merged = load_ranges(files / "r.npz")
     assert all(np.array_equal(merged.tensors[k].hist, v.hist) for k, v in one.tensors.items())
-    code, _, err = run(capsys, "quantize", m, "--data", cal, "--ranges", files / "r.npz", "-o", files / "q.onnx")
+    code, _, err = cli("quantize", m, "--data", cal, "--ranges", files / "r.npz", "-o", files / "q.onnx")
     assert code == 2 and "--recover cle" in err and not (files / "q.onnx").exists()  # the default recovery has cle
-    code, out, _ = run(capsys, "quantize", m, "--data", cal, "--ranges", files / "r.npz", "--recover", "bias",
+    code, out, _ = cli("quantize", m, "--data", cal, "--ranges", files / "r.npz", "--recover", "bias",
                        "-o", files / "q.onnx")
     assert code == 0 and "PASS" in out
     q = onnx.load(str(files / "q.onnx"))
@@ -371,7 +364,7 @@ def softmax_model():
 
 
 @pytest.mark.parametrize("case", ["quantized", "no-float", "nothing-to-quantize", "exclude", "recover", "opset"])
-def test_cli_refusals_exit_2_one_line_nothing_written(files, capsys, monkeypatch, case):
+def test_cli_refusals_exit_2_one_line_nothing_written(files, cli, monkeypatch, case):
     cal = files / "cal.npz"
     model, extra = files / "m.onnx", []
     if case == "quantized":
@@ -395,7 +388,7 @@ def test_cli_refusals_exit_2_one_line_nothing_written(files, capsys, monkeypatch
         monkeypatch.setattr(version_converter, "convert_version", fail)
     else:
         extra = ["--recover", "bias,dfq"]
-    code, out, err = run(capsys, "quantize", model, "--data", cal, *extra, "-o", files / "out.onnx")
+    code, out, err = cli("quantize", model, "--data", cal, *extra, "-o", files / "out.onnx")
     assert code == 2 and out == ""
     assert len(err.strip().splitlines()) == 1 and err.startswith("onnxbn: error: ")
     assert not (files / "out.onnx").exists()
