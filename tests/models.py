@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+from numpy.typing import DTypeLike
 from onnx import helper, numpy_helper
 
 # (mean, standard deviation) of scale, B and mean; (low, high) of the uniform variance.
@@ -31,7 +32,7 @@ class Net:
     and the order of the calls that built it.
     """
 
-    def __init__(self, seed: int = 0, dtype=np.float32, *, gain: float = 2.0,
+    def __init__(self, seed: int = 0, dtype: DTypeLike = np.float32, *, gain: float = 2.0,
                  bn: dict[str, tuple[float, float]] = BN_NARROW):
         self.rng = np.random.default_rng(seed)
         self.dtype = np.dtype(dtype)
@@ -135,7 +136,7 @@ class Net:
 
 # ----------------------------------------------------------------------------- ready-made models
 
-def small_cnn(opset: int = 17, seed: int = 0, size: int = 8, batch="N") -> onnx.ModelProto:
+def small_cnn(opset: int = 17, seed: int = 0, size: int = 8, batch: int | str = "N") -> onnx.ModelProto:
     """Conv-Relu-MaxPool-Conv-Relu-Flatten-Gemm-Relu-Gemm-Relu-Gemm, VGG in miniature.
 
     Tensors: c1 r1 p1 c2 r2 flat g1 h1 g2 h2 logits (10 classes); weights c1.w, c1.b, ... f3.w,
@@ -158,7 +159,8 @@ def small_cnn(opset: int = 17, seed: int = 0, size: int = 8, batch="N") -> onnx.
                    graph_name="small_cnn")
 
 
-def small_net(opset: int, batch="N", dtype=np.float32, seed: int = 0, size: int = 8) -> onnx.ModelProto:
+def small_net(opset: int, batch: int | str = "N", dtype: DTypeLike = np.float32, seed: int = 0,
+              size: int = 8) -> onnx.ModelProto:
     """conv/relu/pool/flatten/gemm: Conv-Relu-MaxPool-Conv-Relu-Flatten-Gemm-Relu-Gemm (5 classes)."""
     n = Net(seed, dtype)
     y = n.node("Relu", [n.conv("input", 3, 4, "conv1")], "relu1")
@@ -168,6 +170,22 @@ def small_net(opset: int, batch="N", dtype=np.float32, seed: int = 0, size: int 
     y = n.node("Relu", [n.gemm(y, 6 * (size // 2) ** 2, 12, "fc1")], "relu3")
     n.gemm(y, 12, 5, "fc2", out="logits")
     return n.model({"input": [batch, 3, size, size]}, {"logits": [batch, 5]}, opset)
+
+
+def conv_model(dtype: DTypeLike = np.float32, scale=1.0, ir_version=8, opset=13) -> onnx.ModelProto:
+    """x (N, 3, 8, 8) -> 3x3 Conv `conv` (padded) -> c -> Relu -> r -> GlobalAveragePool -> y, in `dtype`;
+    weights and bias normal times `scale` (seed 3)."""
+    rng = np.random.default_rng(3)
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    w = (rng.standard_normal((4, 3, 3, 3)) * scale).astype(dtype)
+    b = (rng.standard_normal(4) * scale).astype(dtype)
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("GlobalAveragePool", ["r"], ["y"], name="gap")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", elem, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", elem, ["N", 4, 1, 1])],
+                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=ir_version)
 
 
 def notebook_bn(with_bn: onnx.ModelProto) -> onnx.ModelProto:
@@ -183,7 +201,7 @@ def notebook_bn(with_bn: onnx.ModelProto) -> onnx.ModelProto:
     return notebook
 
 
-def inputs_for(shape, count: int = 16, seed: int = 1, dtype=np.float32) -> np.ndarray:
+def inputs_for(shape, count: int = 16, seed: int = 1, dtype: DTypeLike = np.float32) -> np.ndarray:
     """`count` seeded standard-normal samples of `shape` (the batch axis is added)."""
     return np.random.default_rng(seed).standard_normal((count, *shape)).astype(dtype)
 

@@ -17,10 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
+from onnx import helper
 
 import onnxbn
-from models import BN_WIDE, Net, bn_count, inputs_for, small_net
+from models import BN_WIDE, Net, bn_count, conv_model, inputs_for, small_net
 from onnxbn.errors import UserError
 from onnxbn.runtimes.base import available
 from onnxbn.runtimes.precision import RuntimeInfo, default_tolerance, tolerance_precision
@@ -368,3 +370,23 @@ def test_reference_and_tract_sessions_return_what_onnxruntime_returns(models):
         got = session.run(None, {"input": x})[0]
         assert got.shape == want.shape and np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
         assert session.info.runtime == runtime and session.info.precision == "f32"
+
+
+# ----------------------------------------------------------------------------- moved from test_graph_core.py
+
+def test_make_session_leaves_onnxruntimes_logger_alone(capfd):
+    """make_session sets only its own session's log level, not onnxruntime's process-wide one."""
+    from onnxbn.runtimes.ort_backend import make_session
+
+    model = conv_model()
+    ir3 = conv_model(ir_version=3, opset=9)
+    ir3.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in ir3.graph.initializer)
+    ort.set_default_logger_severity(0)  # the caller wants verbose logs
+    try:
+        make_session(ir3, "cpu")
+        capfd.readouterr()
+        ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        verbose = capfd.readouterr().err
+    finally:
+        ort.set_default_logger_severity(2)
+    assert verbose.strip() != ""  # still verbose after onnxbn made its session

@@ -8,6 +8,7 @@ import pytest
 from conftest import write_images
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
 from oracles import exposed
 
 import onnxbn
@@ -225,3 +226,20 @@ def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path, cnn, cnn_inputs
     onnxbn.collect_stats(cnn, cnn_inputs, after="relu", batch_size=4, checkpoint=path, checkpoint_every=0)
     with pytest.raises(onnxbn.UserError, match="other settings"):
         onnxbn.collect_stats(cnn, cnn_inputs, after="relu", batch_size=8, checkpoint=path, resume=True)
+
+
+# ----------------------------------------------------------------------------- moved from test_graph_core.py
+
+def test_float64_model_gets_float64_statistics():
+    """Large values with a small spread: float32 row sums would be off by ~1e-7 relative; float64 is ~1e-16."""
+    w = numpy_helper.from_array(np.random.default_rng(4).uniform(0.5, 2, (1, 4, 1, 1)), "w")
+    nodes = [helper.make_node("Mul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "w"], ["c"]),
+             helper.make_node("Relu", ["c"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.DOUBLE, ["N", 4, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.DOUBLE, ["N", 4, 8, 8])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    x = np.random.default_rng(1).standard_normal((6, 4, 8, 8)) + 1e4
+    (c,) = exposed(model, ["c"], x)
+    stats = onnxbn.collect_stats(model, x, after=["c"], device="cpu", workers=0)
+    np.testing.assert_allclose(stats.mean("c"), c.mean(axis=(0, 2, 3)), rtol=1e-13)
+    np.testing.assert_allclose(stats.var("c"), c.var(axis=(0, 2, 3)), rtol=1e-11)

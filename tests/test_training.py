@@ -13,6 +13,7 @@ from oracles import exposed
 
 import onnxbn
 from onnxbn.cli import main
+from onnxbn.errors import UserError
 from onnxbn.runtimes.ort_backend import make_session
 from onnxbn.torch_import.writeback import write_into
 from onnxbn.training import default_freeze_node
@@ -343,3 +344,25 @@ def test_dynamo_batch_size_and_dynamic_hw_pass_the_write_back_gate():
     written = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}
     assert not np.array_equal(written["w2"], numpy_helper.to_array(inits[1]))  # trained past the cut
     assert [n.input for n in result.model.graph.node] == [n.input for n in model.graph.node]  # graph unchanged
+
+
+# ----------------------------------------------------------------------------- moved from test_graph_core.py
+
+def test_finetune_merges_a_last_batch_of_one():
+    from onnxbn.training import _batch_bounds
+
+    assert _batch_bounds(17, 16) == [0, 17]
+    assert _batch_bounds(24, 16) == [0, 16, 24]
+    assert _batch_bounds(39, 16) == [0, 16, 39]
+    assert _batch_bounds(40, 16) == [0, 16, 32, 40]
+    assert _batch_bounds(32, 16) == [0, 16, 32]
+    with pytest.raises(UserError, match="at least 2 training samples"):
+        _batch_bounds(1, 16)
+    from conftest import small_cnn
+
+    model = small_cnn()
+    x = np.random.default_rng(0).standard_normal((17, 3, 8, 8)).astype(np.float32)
+    stats = onnxbn.collect_stats(model, x, after="dense", device="cpu", workers=0)
+    result = onnxbn.finetune(onnxbn.insert_bn(model, stats), (x, np.arange(17) % 10), epochs=1, batch_size=16,
+                             device="cpu", lr=1e-3)  # a batch of 1 would raise in BatchNorm1d
+    assert len(result.log["history"]) == 1
