@@ -43,6 +43,23 @@ def crash_logs(tmp_path_factory, monkeypatch):
 
 
 @pytest.fixture
+def cli(capsys):
+    """`cli(*args)` runs `onnxbn ARGS...` in this process: (exit code, stdout, stderr) of that call.
+
+    Arguments are passed through str(), so paths can be given as they are. The output is what
+    was captured since the last read (capsys), so a test may also read capsys itself between calls.
+    """
+    from onnxbn.cli import main
+
+    def run(*argv) -> tuple[int, str, str]:
+        code = main([str(a) for a in argv])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+@pytest.fixture
 def cnn():
     return small_cnn()
 

@@ -9,19 +9,20 @@ identity, the default) or `BN_WIDE` (means far from 0, variances 0.2..3, for fol
 
 The ready-made models: `small_cnn` (VGG in miniature, the conftest fixture's model) and
 `small_net` (the same shape with `Net`'s layer names, any dtype). `inputs_for` gives
-seeded inputs; `ort_outputs`, `rel_error` and `bn_count` are the checks tests share.
+seeded inputs; `bn_count` and `weight_values` read a model back. The judges that run a model
+(onnxruntime, numpy moments, rel_error) are in oracles.py.
 """
 
 from __future__ import annotations
 
 import numpy as np
-import numpy.typing as npt
 import onnx
+from numpy.typing import DTypeLike
 from onnx import helper, numpy_helper
 
 # (mean, standard deviation) of scale, B and mean; (low, high) of the uniform variance.
-BN_NARROW = {"scale": (1.0, 0.3), "B": (0.0, 0.3), "mean": (0.0, 0.3), "var": (0.5, 2.0)}
-BN_WIDE = {"scale": (1.0, 0.5), "B": (0.0, 0.5), "mean": (0.0, 1.0), "var": (0.2, 3.0)}
+BN_NARROW: dict[str, tuple[float, float]] = {"scale": (1.0, 0.3), "B": (0.0, 0.3), "mean": (0.0, 0.3), "var": (0.5, 2.0)}
+BN_WIDE: dict[str, tuple[float, float]] = {"scale": (1.0, 0.5), "B": (0.0, 0.5), "mean": (0.0, 1.0), "var": (0.2, 3.0)}
 
 
 class Net:
@@ -31,7 +32,8 @@ class Net:
     and the order of the calls that built it.
     """
 
-    def __init__(self, seed: int = 0, dtype: npt.DTypeLike = np.float32, *, gain: float = 2.0, bn: dict = BN_NARROW):
+    def __init__(self, seed: int = 0, dtype: DTypeLike = np.float32, *, gain: float = 2.0,
+                 bn: dict[str, tuple[float, float]] = BN_NARROW):
         self.rng = np.random.default_rng(seed)
         self.dtype = np.dtype(dtype)
         self.gain = gain
@@ -134,7 +136,7 @@ class Net:
 
 # ----------------------------------------------------------------------------- ready-made models
 
-def small_cnn(opset: int = 17, seed: int = 0, size: int = 8, batch: str | int = "N") -> onnx.ModelProto:
+def small_cnn(opset: int = 17, seed: int = 0, size: int = 8, batch: int | str = "N") -> onnx.ModelProto:
     """Conv-Relu-MaxPool-Conv-Relu-Flatten-Gemm-Relu-Gemm-Relu-Gemm, VGG in miniature.
 
     Tensors: c1 r1 p1 c2 r2 flat g1 h1 g2 h2 logits (10 classes); weights c1.w, c1.b, ... f3.w,
@@ -157,7 +159,7 @@ def small_cnn(opset: int = 17, seed: int = 0, size: int = 8, batch: str | int = 
                    graph_name="small_cnn")
 
 
-def small_net(opset: int, batch: str | int = "N", dtype: npt.DTypeLike = np.float32, seed: int = 0,
+def small_net(opset: int, batch: int | str = "N", dtype: DTypeLike = np.float32, seed: int = 0,
               size: int = 8) -> onnx.ModelProto:
     """conv/relu/pool/flatten/gemm: Conv-Relu-MaxPool-Conv-Relu-Flatten-Gemm-Relu-Gemm (5 classes)."""
     n = Net(seed, dtype)
@@ -168,6 +170,22 @@ def small_net(opset: int, batch: str | int = "N", dtype: npt.DTypeLike = np.floa
     y = n.node("Relu", [n.gemm(y, 6 * (size // 2) ** 2, 12, "fc1")], "relu3")
     n.gemm(y, 12, 5, "fc2", out="logits")
     return n.model({"input": [batch, 3, size, size]}, {"logits": [batch, 5]}, opset)
+
+
+def conv_model(dtype: DTypeLike = np.float32, scale=1.0, ir_version=8, opset=13) -> onnx.ModelProto:
+    """x (N, 3, 8, 8) -> 3x3 Conv `conv` (padded) -> c -> Relu -> r -> GlobalAveragePool -> y, in `dtype`;
+    weights and bias normal times `scale` (seed 3)."""
+    rng = np.random.default_rng(3)
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    w = (rng.standard_normal((4, 3, 3, 3)) * scale).astype(dtype)
+    b = (rng.standard_normal(4) * scale).astype(dtype)
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("GlobalAveragePool", ["r"], ["y"], name="gap")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", elem, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", elem, ["N", 4, 1, 1])],
+                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=ir_version)
 
 
 def notebook_bn(with_bn: onnx.ModelProto) -> onnx.ModelProto:
@@ -183,7 +201,7 @@ def notebook_bn(with_bn: onnx.ModelProto) -> onnx.ModelProto:
     return notebook
 
 
-def inputs_for(shape, count: int = 16, seed: int = 1, dtype=np.float32) -> np.ndarray:
+def inputs_for(shape, count: int = 16, seed: int = 1, dtype: DTypeLike = np.float32) -> np.ndarray:
     """`count` seeded standard-normal samples of `shape` (the batch axis is added)."""
     return np.random.default_rng(seed).standard_normal((count, *shape)).astype(dtype)
 
@@ -194,31 +212,9 @@ def bn_count(model: onnx.ModelProto) -> int:
     return sum(n.op_type == "BatchNormalization" for n in model.graph.node)
 
 
-def feed_name(model: onnx.ModelProto) -> str:
-    """The one graph input fed at run time (initializers listed as inputs, IR < 4, skipped)."""
-    inits = {t.name for t in model.graph.initializer}
-    return next(i.name for i in model.graph.input if i.name not in inits)
-
-
-def ort_outputs(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
-    """All outputs of `model` on `x`, through a plain onnxruntime CPU session."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return session.run(None, {feed_name(model): x})
-
-
 def weight_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     """Initializers and Constant-node values by name (weights an exporter keeps in Constant nodes count)."""
     values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     values.update({n.output[0]: numpy_helper.to_array(a.t) for n in model.graph.node if n.op_type == "Constant"
                    for a in n.attribute if a.name == "value"})
     return values
-
-
-def rel_error(a: np.ndarray, b: np.ndarray) -> float:
-    """max|a - b| / max|a| over the whole tensor, in float64."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(a).max())

@@ -11,7 +11,8 @@ from torch import nn
 CLASSES = 5
 
 
-def conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1, act=nn.ReLU) -> nn.Sequential:
+def conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1,
+            act: type[nn.Module] | None = nn.ReLU) -> nn.Sequential:
     """Conv (no bias) - BatchNorm - activation (None: none), as torchvision writes them."""
     layers = [nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
     return nn.Sequential(*layers, *([act()] if act else []))
@@ -20,7 +21,7 @@ def conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1, a
 class SqueezeExcite(nn.Module):
     """GAP, 1x1 reduce, activation, 1x1 expand, gate, channel-wise Mul."""
 
-    def __init__(self, channels: int, squeezed: int, act=nn.ReLU, gate=nn.Hardsigmoid):
+    def __init__(self, channels: int, squeezed: int, act: type[nn.Module] = nn.ReLU, gate: type[nn.Module] = nn.Hardsigmoid):
         super().__init__()
         self.reduce = nn.Conv2d(channels, squeezed, 1)
         self.act = act()
@@ -155,10 +156,10 @@ class C2f(nn.Module):
 
     def __init__(self, cin: int, cout: int):
         super().__init__()
-        self.half = cout // 2
+        half = cout // 2  # a local: an attribute `half` would shadow nn.Module.half()
         self.cv1 = conv_bn(cin, cout, 1, act=nn.SiLU)
-        self.m = nn.Sequential(conv_bn(self.half, self.half, act=nn.SiLU), conv_bn(self.half, self.half, act=nn.SiLU))
-        self.cv2 = conv_bn(cout + self.half, cout, 1, act=nn.SiLU)
+        self.m = nn.Sequential(conv_bn(half, half, act=nn.SiLU), conv_bn(half, half, act=nn.SiLU))
+        self.cv2 = conv_bn(cout + half, cout, 1, act=nn.SiLU)
 
     def forward(self, x):
         a, b = self.cv1(x).chunk(2, 1)
@@ -205,6 +206,7 @@ def build(arch: str, seed: int = 0) -> nn.Module:
     with torch.no_grad():
         for m in module.modules():
             if isinstance(m, nn.BatchNorm2d):
+                assert m.running_mean is not None and m.running_var is not None  # track_running_stats is on
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.normal_(0, 0.3)
                 m.running_mean.normal_(0, 0.3)

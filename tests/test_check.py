@@ -10,18 +10,12 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
+from oracles import ort_outputs
 
 import onnxbn
 import onnxbn.check.inputs
-from models import Net, ort_outputs, small_net
+from models import Net, small_net
 from onnxbn.check.inputs import RANDOM_BATCH_BYTES, random_inputs
-from onnxbn.cli import main
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def conv_bn_net(height: int, width: int, batch="N", dtype=np.float32) -> onnx.ModelProto:
@@ -80,7 +74,7 @@ def test_random_refuses_a_fixed_batch_over_the_budget(monkeypatch):
     assert random_inputs(small_net(13, batch=3), 9)[1] == 3  # exactly at the budget: accepted
 
 
-def test_random_refuses_a_sample_over_the_budget_exit_2_nothing_written(tmp_path, capsys):
+def test_random_refuses_a_sample_over_the_budget_exit_2_nothing_written(tmp_path, cli):
     """A valid model declaring (N, 3, 20000, 20000) float32: 4.5 GiB a sample. check and fold refuse
     it in one line, exit 2, before generating anything (the old code allocated 8 x 9.6 GB)."""
     assert RANDOM_BATCH_BYTES == 2**30
@@ -89,9 +83,9 @@ def test_random_refuses_a_sample_over_the_budget_exit_2_nothing_written(tmp_path
     expected = ("onnxbn: error: --random: the model's input (N, 3, 20000, 20000) float32 takes 4.5 GiB per sample, "
                 "over the 1 GiB that generated inputs may take; give --data with real inputs, or use a model with "
                 "smaller fixed dims")
-    code, out, err = run(capsys, "check", path, path, "--random", "2", "--report", tmp_path / "r.json")
+    code, out, err = cli("check", path, path, "--random", "2", "--report", tmp_path / "r.json")
     assert code == 2 and err.strip().splitlines() == [expected] and out == ""
-    code, out, err = run(capsys, "fold", path, "--random", "2", "-o", tmp_path / "deploy.onnx")
+    code, out, err = cli("fold", path, "--random", "2", "-o", tmp_path / "deploy.onnx")
     assert code == 2 and err.strip().splitlines() == [expected]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx"]
 
@@ -107,17 +101,17 @@ def test_random_with_limit_is_refused():
 F16_WHY = "the model computes in f16: a change to it moves the outputs by f16 rounding"
 
 
-def test_float16_insert_check_and_fold_use_the_f16_default(tmp_path, capsys):
+def test_float16_insert_check_and_fold_use_the_f16_default(tmp_path, cli):
     """The identity BN rounds at float16: the check passes at f16's default tolerance and says why;
     the same check at float32's 1e-5 fails, as it did when that was the default."""
     model, bn, folded = tmp_path / "m.onnx", tmp_path / "bn.onnx", tmp_path / "deploy.onnx"
     onnx.save(small_net(13, dtype=np.float16), str(model))
     x = np.random.default_rng(1).standard_normal((16, 3, 8, 8)).astype(np.float16)
     np.savez(tmp_path / "x.npz", x=x)
-    assert run(capsys, "stats", model, "--data", tmp_path / "x.npz", "--after", "relu",
+    assert cli("stats", model, "--data", tmp_path / "x.npz", "--after", "relu",
                "-o", tmp_path / "s.npz")[0] == 0
-    assert run(capsys, "insert", model, "--stats", tmp_path / "s.npz", "-o", bn)[0] == 0
-    code, out, _ = run(capsys, "check", model, bn, "--data", tmp_path / "x.npz", "--report", tmp_path / "r.json")
+    assert cli("insert", model, "--stats", tmp_path / "s.npz", "-o", bn)[0] == 0
+    code, out, _ = cli("check", model, bn, "--data", tmp_path / "x.npz", "--report", tmp_path / "r.json")
     report = json.loads((tmp_path / "r.json").read_text())
     assert code == 0 and report["passed"] and "(default for f16)" in out
     assert (report["tolerance"], report["atol"], report["rtol"], report["scaled_atol"]) == ("f16", 1e-5, 4e-3, 4e-3)
@@ -125,18 +119,18 @@ def test_float16_insert_check_and_fold_use_the_f16_default(tmp_path, capsys):
     a, b = ort_outputs(onnx.load(str(model)), x)[0], ort_outputs(onnx.load(str(bn)), x)[0]
     diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
     assert report["outputs"]["logits"]["max_abs_error"] == diff.max() > 1e-4  # float16 rounding, not 1e-5
-    code, _, _ = run(capsys, "check", model, bn, "--data", tmp_path / "x.npz", "--atol", "1e-5", "--rtol", "1e-5",
+    code, _, _ = cli("check", model, bn, "--data", tmp_path / "x.npz", "--atol", "1e-5", "--rtol", "1e-5",
                      "--report", tmp_path / "r32.json")
     report = json.loads((tmp_path / "r32.json").read_text())
     assert code == 1 and report["tolerance"] == "given" and report["tolerance_reason"] == "atol and rtol given"
     assert report["outputs"]["logits"]["violations"] == int((diff > 1e-5 + 1e-5 * np.abs(a.astype(np.float64))).sum())
 
-    code, out, _ = run(capsys, "fold", bn, "--data", tmp_path / "x.npz", "--json", "-o", folded)
+    code, out, _ = cli("fold", bn, "--data", tmp_path / "x.npz", "--json", "-o", folded)
     check = json.loads(out)["check"]
     assert code == 0 and folded.exists() and check["passed"]
     assert (check["tolerance"], check["rtol"], check["tolerance_reason"]) == ("f16", 4e-3, F16_WHY)
     folded.unlink()
-    code, _, err = run(capsys, "fold", bn, "--data", tmp_path / "x.npz", "--atol", "1e-5", "--rtol", "1e-5",
+    code, _, err = cli("fold", bn, "--data", tmp_path / "x.npz", "--atol", "1e-5", "--rtol", "1e-5",
                        "-o", folded)
     assert code == 1 and "nothing written" in err and not folded.exists()
 
@@ -201,7 +195,7 @@ def labelled_net(pick: str = "ArgMax") -> onnx.ModelProto:
     return model
 
 
-def test_string_outputs_are_compared_exactly_by_check_and_fold(tmp_path, capsys):
+def test_string_outputs_are_compared_exactly_by_check_and_fold(tmp_path, cli):
     reference, other, deploy = tmp_path / "a.onnx", tmp_path / "b.onnx", tmp_path / "deploy.onnx"
     onnx.save(labelled_net(), str(reference))
     onnx.save(labelled_net("ArgMin"), str(other))
@@ -210,14 +204,14 @@ def test_string_outputs_are_compared_exactly_by_check_and_fold(tmp_path, capsys)
     labels = logits.argmax(1).astype(str)
     assert (ort_outputs(labelled_net(), x)[1] == labels).all()
 
-    code, out, _ = run(capsys, "check", reference, reference, "--random", "16", "--report", tmp_path / "same.json")
+    code, out, _ = cli("check", reference, reference, "--random", "16", "--report", tmp_path / "same.json")
     label = json.loads((tmp_path / "same.json").read_text())["outputs"]["label"]
     assert code == 0 and label == {"passed": True, "elements": 16, "violations": 0, "comparison": "exact",
                                    "first_mismatch": None}
     assert out.splitlines()[3].split() == ["label", "-", "-", "-", "-", "-", "-", "PASS", "exact"]
 
     np.savez(tmp_path / "x.npz", x=x)
-    code, out, _ = run(capsys, "check", reference, other, "--data", tmp_path / "x.npz", "--report", tmp_path / "r.json")
+    code, out, _ = cli("check", reference, other, "--data", tmp_path / "x.npz", "--report", tmp_path / "r.json")
     report = json.loads((tmp_path / "r.json").read_text())
     differ = labels != logits.argmin(1).astype(str)
     first = int(np.flatnonzero(differ)[0])
@@ -227,7 +221,7 @@ def test_string_outputs_are_compared_exactly_by_check_and_fold(tmp_path, capsys)
         "first_mismatch": {"sample": first, "index": [], "reference": labels[first],
                            "candidate": str(logits.argmin(1)[first])}}
 
-    code, out, _ = run(capsys, "fold", reference, "--random", "16", "--json", "-o", deploy)
+    code, out, _ = cli("fold", reference, "--random", "16", "--json", "-o", deploy)
     result = json.loads(out)
     assert code == 0 and deploy.exists() and result["decisions"][0]["action"] == "folded"
     assert result["check"]["outputs"]["label"]["violations"] == 0

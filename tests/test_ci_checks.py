@@ -19,12 +19,6 @@ from onnxbn.cli import main
 from onnxbn.errors import UserError
 
 
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 @pytest.fixture
 def two_models(tmp_path):
     onnx.save(small_cnn(size=32), str(tmp_path / "a.onnx"))
@@ -43,14 +37,14 @@ def unreadable_folder(root, n=3):
 # ----------------------------------------------------------------------------- zero samples
 
 @pytest.mark.parametrize("command", ["check", "fold", "eval"])
-def test_no_readable_sample_is_an_error_not_a_pass(tmp_path, two_models, capsys, command):
+def test_no_readable_sample_is_an_error_not_a_pass(tmp_path, two_models, cli, command):
     a, b = two_models
     data = unreadable_folder(tmp_path / "broken")
     out = tmp_path / "out.onnx"
     argv = {"check": ["check", a, b, "--data", data, "--report", tmp_path / "r.json"],
             "fold": ["fold", a, "--data", data, "-o", out],
             "eval": ["eval", a, "--data", data]}[command]
-    code, stdout, err = run(capsys, *argv)
+    code, stdout, err = cli(*argv)
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert "PASS" not in stdout
@@ -58,20 +52,20 @@ def test_no_readable_sample_is_an_error_not_a_pass(tmp_path, two_models, capsys,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.onnx", "b.onnx", "broken"]
 
 
-def test_partly_unreadable_data_is_counted_and_strict_fails(tmp_path, two_models, capsys):
+def test_partly_unreadable_data_is_counted_and_strict_fails(tmp_path, two_models, cli):
     a, _ = two_models
     data = tmp_path / "imgs"
     write_images(data, n_per_class=3, size=(40, 40))
     (data / "cat" / "zz_broken.jpg").write_bytes(b"garbage")
-    code, out, _ = run(capsys, "check", a, a, "--data", data, "--preset", "imagenet", "--report", tmp_path / "r.json")
+    code, out, _ = cli("check", a, a, "--data", data, "--preset", "imagenet", "--report", tmp_path / "r.json")
     assert code == 0
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["samples"] == 6 and report["skipped"] == 1
     assert report["skipped_inputs"][0].startswith(str(data / "cat" / "zz_broken.jpg"))
     assert "6 samples compared" in out and "1 unreadable skipped" in out
-    code, _, err = run(capsys, "check", a, a, "--data", data, "--strict")
+    code, _, err = cli("check", a, a, "--data", data, "--strict")
     assert code == 2 and "zz_broken.jpg" in err
-    code, _, err = run(capsys, "check", a, a, "--data", data, "--min-samples", "7")
+    code, _, err = cli("check", a, a, "--data", data, "--min-samples", "7")
     assert code == 2 and "only 6 sample(s)" in err and "at least 7" in err
 
 
@@ -83,7 +77,7 @@ def test_compare_api_refuses_zero_samples(tmp_path):
 
 # ----------------------------------------------------------------------------- exit codes
 
-def test_unexpected_failure_is_exit_2_with_a_log_file(two_models, capsys, monkeypatch):
+def test_unexpected_failure_is_exit_2_with_a_log_file(two_models, cli, monkeypatch):
     import onnxbn.check.comparison
 
     def broken(*args, **kwargs):
@@ -91,7 +85,7 @@ def test_unexpected_failure_is_exit_2_with_a_log_file(two_models, capsys, monkey
 
     monkeypatch.setattr(onnxbn.check.comparison, "compare", broken)
     a, b = two_models
-    code, out, err = run(capsys, "check", a, b, "--random", "2")
+    code, out, err = cli("check", a, b, "--random", "2")
     assert code == 2 and out == ""
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in err
@@ -103,7 +97,7 @@ def test_unexpected_failure_is_exit_2_with_a_log_file(two_models, capsys, monkey
         main(["--debug", "check", str(a), str(b), "--random", "2"])
 
 
-def test_mismatched_candidate_input_is_exit_2(tmp_path, capsys):
+def test_mismatched_candidate_input_is_exit_2(tmp_path, cli):
     a = small_cnn()
     b = small_cnn()
     b.graph.input[0].name = "image"
@@ -111,22 +105,22 @@ def test_mismatched_candidate_input_is_exit_2(tmp_path, capsys):
         node.input[:] = ["image" if i == "input" else i for i in node.input]
     onnx.save(a, str(tmp_path / "a.onnx"))
     onnx.save(b, str(tmp_path / "b.onnx"))
-    code, _, err = run(capsys, "check", tmp_path / "a.onnx", tmp_path / "b.onnx", "--random", "2")
+    code, _, err = cli("check", tmp_path / "a.onnx", tmp_path / "b.onnx", "--random", "2")
     assert code == 2 and "candidate's inputs ['image'] differ from the reference's ['input']" in err
 
 
 # ----------------------------------------------------------------------------- presets
 
-def test_preset_changes_what_check_eval_and_fold_feed(tmp_path, two_models, capsys):
+def test_preset_changes_what_check_eval_and_fold_feed(tmp_path, two_models, cli):
     a, b = two_models
     data = tmp_path / "imgs"
     write_images(data, n_per_class=3, size=(40, 40))
     errors, losses = {}, {}
     for preset in ("imagenet", "caffe-squash"):
-        code, _, _ = run(capsys, "check", a, b, "--data", data, "--preset", preset, "--report", tmp_path / f"{preset}.json")
+        code, _, _ = cli("check", a, b, "--data", data, "--preset", preset, "--report", tmp_path / f"{preset}.json")
         assert code == 1
         errors[preset] = json.loads((tmp_path / f"{preset}.json").read_text())["outputs"]["logits"]["max_abs_error"]
-        code, out, _ = run(capsys, "eval", a, "--data", data, "--preset", preset, "--json")
+        code, out, _ = cli("eval", a, "--data", data, "--preset", preset, "--json")
         assert code == 0
         losses[preset] = json.loads(out)["loss"]
     assert errors["imagenet"] != errors["caffe-squash"]
@@ -152,30 +146,30 @@ def test_preset_reaches_compare(tmp_path):
 # ----------------------------------------------------------------------------- merge
 
 @pytest.fixture
-def shard_files(tmp_path, capsys):
+def shard_files(tmp_path, cli):
     onnx.save(small_cnn(), str(tmp_path / "m.onnx"))
     x = np.random.default_rng(0).standard_normal((12, 3, 8, 8)).astype(np.float32)
     np.savez(tmp_path / "d.npz", x=x)
     np.savez(tmp_path / "other.npz", x=x + 1)
     for i in range(3):
-        assert run(capsys, "stats", tmp_path / "m.onnx", "--data", tmp_path / "d.npz", "--shard", f"{i}/3",
+        assert cli("stats", tmp_path / "m.onnx", "--data", tmp_path / "d.npz", "--shard", f"{i}/3",
                    "-o", tmp_path / f"s{i}.npz")[0] == 0
     return tmp_path
 
 
-def test_merge_refuses_a_shard_given_twice(shard_files, capsys):
+def test_merge_refuses_a_shard_given_twice(shard_files, cli):
     t = shard_files
-    code, _, err = run(capsys, "merge", t / "s0.npz", t / "s1.npz", t / "s0.npz", "-o", t / "m.npz")
+    code, _, err = cli("merge", t / "s0.npz", t / "s1.npz", t / "s0.npz", "-o", t / "m.npz")
     assert code == 2 and "both shard 0/3" in err and not (t / "m.npz").exists()
 
 
 @pytest.mark.parametrize("extra,key", [(["--data", "other.npz"], "data"), (["--data", "d.npz", "--seed", "3"], "seed"),
                                        (["--data", "d.npz", "--limit", "9"], "limit")])
-def test_merge_refuses_shards_of_other_data_or_settings(shard_files, capsys, extra, key):
+def test_merge_refuses_shards_of_other_data_or_settings(shard_files, cli, extra, key):
     t = shard_files
     extra = [str(t / e) if e.endswith(".npz") else e for e in extra]
-    assert run(capsys, "stats", t / "m.onnx", *extra, "--shard", "2/3", "-o", t / "odd.npz")[0] == 0
-    code, _, err = run(capsys, "merge", t / "s0.npz", t / "s1.npz", t / "odd.npz", "-o", t / "m.npz")
+    assert cli("stats", t / "m.onnx", *extra, "--shard", "2/3", "-o", t / "odd.npz")[0] == 0
+    code, _, err = cli("merge", t / "s0.npz", t / "s1.npz", t / "odd.npz", "-o", t / "m.npz")
     assert code == 2 and f"its {key} " in err and "odd.npz" in err and not (t / "m.npz").exists()
 
 

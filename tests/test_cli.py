@@ -23,27 +23,21 @@ def files(tmp_path, cnn, cnn_inputs):
     return tmp_path
 
 
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def test_points_table_and_json(files, capsys):
-    code, out, _ = run(capsys, "points", files / "model.onnx", "--after", "relu")
+def test_points_table_and_json(files, cli):
+    code, out, _ = cli("points", files / "model.onnx", "--after", "relu")
     assert code == 0
     lines = out.splitlines()
     assert lines[0].split() == ["tensor", "producer", "channels", "shape"]
     assert lines[1].split() == ["r1", "Relu", "4", "Nx4x8x8"]
-    code, out, _ = run(capsys, "points", files / "model.onnx", "--json")
+    code, out, _ = cli("points", files / "model.onnx", "--json")
     assert [p["tensor"] for p in json.loads(out)] == ["h1", "h2"]
 
 
-def test_stats_insert_check_round_trip(files, capsys):
+def test_stats_insert_check_round_trip(files, cli):
     model, data = files / "model.onnx", files / "data.npz"
-    assert run(capsys, "stats", model, "--data", data, "--after", "relu", "--batch-size", "5", "-o", files / "s.npz")[0] == 0
-    assert run(capsys, "insert", model, "--stats", files / "s.npz", "-o", files / "bn.onnx")[0] == 0
-    code, out, _ = run(capsys, "check", model, files / "bn.onnx", "--data", data, "--report", files / "r.json",
+    assert cli("stats", model, "--data", data, "--after", "relu", "--batch-size", "5", "-o", files / "s.npz")[0] == 0
+    assert cli("insert", model, "--stats", files / "s.npz", "-o", files / "bn.onnx")[0] == 0
+    code, out, _ = cli("check", model, files / "bn.onnx", "--data", data, "--report", files / "r.json",
                        "--junit", files / "r.xml", "--layerwise")
     assert code == 0 and "PASS" in out.splitlines()[-2]
     report = json.loads((files / "r.json").read_text())
@@ -57,20 +51,20 @@ def test_stats_insert_check_round_trip(files, capsys):
     assert sum(n.op_type == "BatchNormalization" for n in bn.graph.node) == 4
 
 
-def test_check_random_inputs_and_mismatch_exit_code(files, capsys):
+def test_check_random_inputs_and_mismatch_exit_code(files, cli):
     other = small_cnn(seed=5)
     onnx.save(other, str(files / "other.onnx"))
-    assert run(capsys, "check", files / "model.onnx", files / "model.onnx", "--random", "4")[0] == 0
-    code, out, _ = run(capsys, "check", files / "model.onnx", files / "other.onnx", "--random", "4")
+    assert cli("check", files / "model.onnx", files / "model.onnx", "--random", "4")[0] == 0
+    code, out, _ = cli("check", files / "model.onnx", files / "other.onnx", "--random", "4")
     assert code == 1 and "FAIL" in out
 
 
-def test_merge_of_shards(files, capsys):
+def test_merge_of_shards(files, cli):
     model, data = files / "model.onnx", files / "data.npz"
     for i in range(2):
-        assert run(capsys, "stats", model, "--data", data, "--shard", f"{i}/2", "-o", files / f"s{i}.npz")[0] == 0
-    assert run(capsys, "stats", model, "--data", data, "-o", files / "all.npz")[0] == 0
-    assert run(capsys, "merge", files / "s0.npz", files / "s1.npz", "-o", files / "m.npz")[0] == 0
+        assert cli("stats", model, "--data", data, "--shard", f"{i}/2", "-o", files / f"s{i}.npz")[0] == 0
+    assert cli("stats", model, "--data", data, "-o", files / "all.npz")[0] == 0
+    assert cli("merge", files / "s0.npz", files / "s1.npz", "-o", files / "m.npz")[0] == 0
     with np.load(files / "m.npz") as merged, np.load(files / "all.npz") as whole:
         np.testing.assert_allclose(merged["var_1"], whole["var_1"], rtol=1e-12)
         assert int(merged["count_1"]) == int(whole["count_1"]) == 24
@@ -119,13 +113,13 @@ def bad_inputs(tmp):
     ]
 
 
-def test_bad_inputs_exit_2_with_one_line(files, capsys):
+def test_bad_inputs_exit_2_with_one_line(files, capsys, cli):
     main(["-q", "stats", str(files / "model.onnx"), "--data", str(files / "data.npz"), "-o", str(files / "model_stats.npz")])
     cases = bad_inputs(files)
     capsys.readouterr()
     before = sorted(p.name for p in files.iterdir())
     for name, argv, words in cases:
-        code, _, err = run(capsys, *argv)
+        code, _, err = cli(*argv)
         assert code == 2, name
         lines = err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("onnxbn: error: "), (name, err)
@@ -142,7 +136,7 @@ def test_real_process_exit_code_and_no_traceback(tmp_path):
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
 
 
-def test_crash_log_goes_to_onnxbn_log_dir(files, capsys, monkeypatch, tmp_path_factory):
+def test_crash_log_goes_to_onnxbn_log_dir(files, cli, monkeypatch, tmp_path_factory):
     """An unexpected failure writes its traceback to a file in ONNXBN_LOG_DIR (made when missing)."""
     import onnxbn.points
 
@@ -152,7 +146,7 @@ def test_crash_log_goes_to_onnxbn_log_dir(files, capsys, monkeypatch, tmp_path_f
     folder = tmp_path_factory.mktemp("logs") / "new"
     monkeypatch.setenv("ONNXBN_LOG_DIR", str(folder))
     monkeypatch.setattr(onnxbn.points, "select_points", broken)
-    code, out, err = run(capsys, "points", files / "model.onnx")
+    code, out, err = cli("points", files / "model.onnx")
     assert code == 2 and out == ""
     (log,) = folder.iterdir()
     assert log.name.startswith("onnxbn-points-") and log.suffix == ".log"
@@ -222,7 +216,7 @@ def test_models_onnxruntime_refuses_are_user_errors(case, tmp_path, capfd, crash
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"] and list(crash_logs.iterdir()) == []
 
 
-def test_cli_quiets_onnxruntimes_default_logger_and_restores_it(files, capsys, monkeypatch):
+def test_cli_quiets_onnxruntimes_default_logger_and_restores_it(files, cli, monkeypatch):
     """onnxruntime has no getter for its default logger: the CLI sets FATAL (4) before its first session
     and onnxruntime's default WARNING (2) after the command; make_session alone leaves it alone."""
     import onnxruntime
@@ -233,20 +227,20 @@ def test_cli_quiets_onnxruntimes_default_logger_and_restores_it(files, capsys, m
     monkeypatch.setattr(onnxruntime, "set_default_logger_severity", calls.append)
     make_session(str(files / "model.onnx"), "cpu")
     assert calls == []
-    code, _, err = run(capsys, "check", files / "model.onnx", files / "model.onnx", "--random", "2")
+    code, _, err = cli("check", files / "model.onnx", files / "model.onnx", "--random", "2")
     assert code == 0, err
     assert calls == [4, 2]
-    code, _, err = run(capsys, "points", files / "model.onnx")  # no session: the logger is not touched
+    code, _, err = cli("points", files / "model.onnx")  # no session: the logger is not touched
     assert code == 0 and calls == [4, 2]
 
 
-def test_output_folder_is_refused_before_any_work(files, capsys, crash_logs):
+def test_output_folder_is_refused_before_any_work(files, cli, crash_logs):
     (files / "out").mkdir()
     before = sorted(p.name for p in files.rglob("*"))
     for argv, flag in [(["stats", files / "model.onnx", "--data", files / "data.npz", "-o", files / "out"], "-o"),
                        (["check", files / "model.onnx", files / "model.onnx", "--random", "2",
                          "--report", files / "out"], "--report")]:
-        code, out, err = run(capsys, *argv)
+        code, out, err = cli(*argv)
         assert code == 2 and out == ""
         assert err == f"onnxbn: error: {files / 'out'} is a folder; give a file path for {flag}\n"
     assert sorted(p.name for p in files.rglob("*")) == before and list(crash_logs.iterdir()) == []
@@ -257,7 +251,7 @@ def test_output_folder_is_refused_before_any_work(files, capsys, crash_logs):
      "the model declares a tensor too large to allocate (numpy: array is too big); check the dims of its "
      "initializers and inputs"),
     (MemoryError(), "out of memory while running `check`: use a smaller --batch-size / --limit, or more memory")])
-def test_inputs_too_large_for_memory_are_user_errors(failure, message, tmp_path, capsys, crash_logs, monkeypatch):
+def test_inputs_too_large_for_memory_are_user_errors(failure, message, tmp_path, cli, crash_logs, monkeypatch):
     """numpy's 'array is too big' and a MemoryError raised while a command runs (here from inside compare;
     --random itself refuses a declared shape over its budget first, see test_check.py) are one line, no crash log."""
     from onnx import helper
@@ -268,13 +262,13 @@ def test_inputs_too_large_for_memory_are_user_errors(failure, message, tmp_path,
         raise failure
     monkeypatch.setattr(onnxbn.check.comparison, "compare", fail)
     onnx.save(graph_model([helper.make_node("Relu", ["x"], ["y"])]), str(tmp_path / "m.onnx"))
-    code, out, err = run(capsys, "check", tmp_path / "m.onnx", tmp_path / "m.onnx", "--random", "2")
+    code, out, err = cli("check", tmp_path / "m.onnx", tmp_path / "m.onnx", "--random", "2")
     assert code == 2 and out == "" and err == f"onnxbn: error: {message}\n"
     assert list(crash_logs.iterdir()) == []
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
-def test_corrupt_weights_file_is_refused_not_run(tmp_path, capsys):
+def test_corrupt_weights_file_is_refused_not_run(tmp_path, cli):
     import pickle
 
     class Evil:
@@ -282,15 +276,15 @@ def test_corrupt_weights_file_is_refused_not_run(tmp_path, capsys):
             return (exec, ("open('PWNED', 'w').write('x')",))
 
     (tmp_path / "evil.pth").write_bytes(pickle.dumps({"features.0.weight": Evil()}))
-    code, _, err = run(capsys, "export", "vgg11", "--weights", tmp_path / "evil.pth", "-o", tmp_path / "v.onnx")
+    code, _, err = cli("export", "vgg11", "--weights", tmp_path / "evil.pth", "-o", tmp_path / "v.onnx")
     assert code == 2 and "never code" in err
     assert not (tmp_path / "PWNED").exists() and not (tmp_path / "v.onnx").exists()
 
 
-def test_image_folder_stats_from_cli(tmp_path, capsys):
+def test_image_folder_stats_from_cli(tmp_path, cli):
     onnx.save(small_cnn(size=16), str(tmp_path / "m.onnx"))
     write_images(tmp_path / "imgs", n_per_class=4)
-    code, _, err = run(capsys, "stats", tmp_path / "m.onnx", "--data", tmp_path / "imgs", "--after", "conv",
+    code, _, err = cli("stats", tmp_path / "m.onnx", "--data", tmp_path / "imgs", "--after", "conv",
                        "--workers", "2", "--batch-size", "3", "-o", tmp_path / "s.npz")
     assert code == 0, err
     with np.load(tmp_path / "s.npz") as npz:
@@ -298,11 +292,11 @@ def test_image_folder_stats_from_cli(tmp_path, capsys):
         assert meta["samples"] == 8 and meta["preset"] == "imagenet" and meta["selector"] == "conv"
 
 
-def test_fold_verifies_reports_and_writes(files, capsys):
+def test_fold_verifies_reports_and_writes(files, cli):
     model, data = files / "model.onnx", files / "data.npz"
-    run(capsys, "stats", model, "--data", data, "--after", "relu", "-o", files / "s.npz")
-    run(capsys, "insert", model, "--stats", files / "s.npz", "-o", files / "bn.onnx")
-    code, out, _ = run(capsys, "fold", files / "bn.onnx", "--data", data, "-o", files / "deploy.onnx")
+    cli("stats", model, "--data", data, "--after", "relu", "-o", files / "s.npz")
+    cli("insert", model, "--stats", files / "s.npz", "-o", files / "bn.onnx")
+    code, out, _ = cli("fold", files / "bn.onnx", "--data", data, "-o", files / "deploy.onnx")
     assert code == 0
     lines = out.splitlines()
     # r1 feeds a MaxPool then a padded Conv: kept; the rest fold forward into the next layer
@@ -310,16 +304,16 @@ def test_fold_verifies_reports_and_writes(files, capsys):
     assert [line.split(":")[1].split()[0] for line in lines[1:4]] == ["folded"] * 3
     deploy = onnx.load(str(files / "deploy.onnx"))
     assert sum(n.op_type == "BatchNormalization" for n in deploy.graph.node) == 1
-    code, out, _ = run(capsys, "check", files / "bn.onnx", files / "deploy.onnx", "--data", data)
+    code, out, _ = cli("check", files / "bn.onnx", files / "deploy.onnx", "--data", data)
     assert code == 0
 
 
-def test_fold_refuses_to_write_a_wrong_model(files, capsys, monkeypatch):
+def test_fold_refuses_to_write_a_wrong_model(files, cli, monkeypatch):
     import onnxbn.fold
 
     model, data = files / "model.onnx", files / "data.npz"
-    run(capsys, "stats", model, "--data", data, "--after", "dense", "-o", files / "s.npz")
-    run(capsys, "insert", model, "--stats", files / "s.npz", "-o", files / "bn.onnx")
+    cli("stats", model, "--data", data, "--after", "dense", "-o", files / "s.npz")
+    cli("insert", model, "--stats", files / "s.npz", "-o", files / "bn.onnx")
     real = onnxbn.fold.fold
 
     def broken(m):
@@ -328,22 +322,22 @@ def test_fold_refuses_to_write_a_wrong_model(files, capsys, monkeypatch):
         return folded, report
 
     monkeypatch.setattr(onnxbn.fold, "fold", broken)
-    code, out, err = run(capsys, "fold", files / "bn.onnx", "--random", "4", "-o", files / "deploy.onnx")
+    code, out, err = cli("fold", files / "bn.onnx", "--random", "4", "-o", files / "deploy.onnx")
     assert code == 1 and "FAIL" in out and "nothing written" in err
     assert not (files / "deploy.onnx").exists()
 
 
-def test_nan_inputs_and_strict_images_exit_2_and_write_nothing(tmp_path, capsys):
+def test_nan_inputs_and_strict_images_exit_2_and_write_nothing(tmp_path, cli):
     onnx.save(small_cnn(), str(tmp_path / "m.onnx"))
     x = np.random.default_rng(0).standard_normal((12, 3, 8, 8)).astype(np.float32)
     x[9, 1, 2, 3] = np.nan
     np.savez(tmp_path / "nan.npz", x=x)
-    code, _, err = run(capsys, "stats", tmp_path / "m.onnx", "--data", tmp_path / "nan.npz", "--after", "relu",
+    code, _, err = cli("stats", tmp_path / "m.onnx", "--data", tmp_path / "nan.npz", "--after", "relu",
                        "--batch-size", "4", "-o", tmp_path / "s.npz")
     assert code == 2 and "'r1' has NaN or Inf" in err and "samples 8..11" in err
     write_images(tmp_path / "imgs", n_per_class=2, size=(8, 8), fmt="PNG")
     (tmp_path / "imgs" / "cat" / "zz_broken.png").write_bytes(b"not a png")
-    code, _, err = run(capsys, "stats", tmp_path / "m.onnx", "--data", tmp_path / "imgs", "--strict", "--workers", "0",
+    code, _, err = cli("stats", tmp_path / "m.onnx", "--data", tmp_path / "imgs", "--strict", "--workers", "0",
                        "-o", tmp_path / "s.npz")
     assert code == 2 and "zz_broken.png" in err and "--strict" in err
     assert not (tmp_path / "s.npz").exists() and not list(tmp_path.glob("s.npz.*"))

@@ -10,8 +10,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
+from oracles import rel_error
 
-from models import BN_WIDE, Net, bn_count, rel_error
+import onnxbn
+from models import BN_WIDE, Net, bn_count
 from onnxbn.fold import explain_fold, fold_bn
 from onnxbn.runtimes.ort_backend import make_session
 
@@ -456,3 +458,32 @@ def test_bias_computed_as_dynamo_writes_it_folds():
     x = np.random.default_rng(1).standard_normal((4, 3, 8, 8)).astype(np.float32)
     expected = make_session(model, "cpu").run(None, {"x": x})[0]
     assert rel_error(expected, make_session(folded, "cpu").run(None, {"x": x})[0]) <= 1e-6
+
+
+# ----------------------------------------------------------------------------- moved from test_graph_core.py
+
+def test_bfloat16_bn_folds_like_float32():
+    """bfloat16 is a float type everywhere: fold merges a bf16 BN into its Conv, exactly as numpy computes it."""
+    import ml_dtypes
+
+    bf16 = ml_dtypes.bfloat16
+    rng = np.random.default_rng(2)
+    w, b = rng.standard_normal((4, 3, 1, 1)).astype(bf16), rng.standard_normal(4).astype(bf16)
+    scale, shift, mean = (rng.standard_normal(4).astype(bf16) for _ in range(3))
+    var = rng.uniform(0.5, 2, 4).astype(bf16)
+    inits = {"w": w, "b": b, "s": scale, "t": shift, "m": mean, "v": var}
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv"),
+             helper.make_node("BatchNormalization", ["c", "s", "t", "m", "v"], ["y"], name="bn", epsilon=1e-5)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.BFLOAT16, ["N", 3, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.BFLOAT16, ["N", 4, 4, 4])],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)], ir_version=8)
+    assert [p.dtype for p in onnxbn.select_points(model, ["c"])] == ["bfloat16"]
+    decisions = onnxbn.explain_fold(model)
+    assert decisions[0]["action"] == "folded" and decisions[0]["into"] == "conv"
+    folded = onnxbn.fold_bn(model)
+    got = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in folded.graph.initializer}
+    f = {k: v.astype(np.float64) for k, v in inits.items()}
+    s = f["s"] / np.sqrt(f["v"] + 1e-5)
+    np.testing.assert_array_equal(got["w"], (f["w"] * s[:, None, None, None]).astype(bf16).astype(np.float64))
+    np.testing.assert_array_equal(got["b"], ((f["b"] - f["m"]) * s + f["t"]).astype(bf16).astype(np.float64))

@@ -14,17 +14,11 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from oracles import ort_outputs
 
 import onnxbn
-from models import ort_outputs, small_cnn
-from onnxbn.cli import main
+from models import small_cnn
 from onnxbn.tolerances import QuantileGate
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def one_line_error(code: int, err: str, *needles: str) -> None:
@@ -64,9 +58,9 @@ def digests(x: np.ndarray) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- golden outputs
 
-def test_golden_npz_round_trip_holds_the_outputs_digests_and_provenance(models, capsys):
+def test_golden_npz_round_trip_holds_the_outputs_digests_and_provenance(models, cli):
     t, x = models
-    code, out, _ = run(capsys, "check", t / "a.onnx", "--data", t / "x.npz", "--save-outputs", t / "g.npz",
+    code, out, _ = cli("check", t / "a.onnx", "--data", t / "x.npz", "--save-outputs", t / "g.npz",
                        "--batch-size", "6")
     assert code == 0 and "saved the outputs of" in out and "20 samples" in out
     expected = ort_outputs(onnx.load(str(t / "a.onnx")), x)[0]
@@ -79,7 +73,7 @@ def test_golden_npz_round_trip_holds_the_outputs_digests_and_provenance(models, 
     assert meta["model_sha256"] == onnxbn.io.copies.model_sha256(onnx.load(str(t / "a.onnx")))
     assert meta["runtime"]["runtime"] == "onnxruntime" and meta["runtime"]["precision"] == "f32"
 
-    code, out, _ = run(capsys, "check", "--reference-outputs", t / "g.npz", t / "a.onnx", "--data", t / "x.npz",
+    code, out, _ = cli("check", "--reference-outputs", t / "g.npz", t / "a.onnx", "--data", t / "x.npz",
                        "--batch-size", "7", "--report", t / "r.json")
     report = json.loads((t / "r.json").read_text())
     assert code == 0 and report["outputs"]["logits"]["max_abs_error"] == 0 and report["samples"] == 20
@@ -87,7 +81,7 @@ def test_golden_npz_round_trip_holds_the_outputs_digests_and_provenance(models, 
     assert "reference: golden outputs" in out
 
     # with both models, the check runs as usual (exit 1: they differ) and the reference's outputs are stored too
-    code, _, _ = run(capsys, "check", t / "a.onnx", t / "b.onnx", "--data", t / "x.npz", "--save-outputs", t / "g2.npz")
+    code, _, _ = cli("check", t / "a.onnx", t / "b.onnx", "--data", t / "x.npz", "--save-outputs", t / "g2.npz")
     with np.load(t / "g2.npz") as g:
         assert code == 1 and json.loads(str(g["meta"]))["inputs_sha256"] == meta["inputs_sha256"]
         np.testing.assert_array_equal(g["output_0"], expected)
@@ -98,11 +92,11 @@ def test_golden_npz_round_trip_holds_the_outputs_digests_and_provenance(models, 
     assert report.passed and report.samples == 20
 
 
-def test_a_mismatch_is_caught_from_the_golden_file_alone(models, capsys):
+def test_a_mismatch_is_caught_from_the_golden_file_alone(models, cli):
     t, x = models
-    assert run(capsys, "check", t / "a.onnx", "--data", t / "x.npz", "--save-outputs", t / "g.npz")[0] == 0
+    assert cli("check", t / "a.onnx", "--data", t / "x.npz", "--save-outputs", t / "g.npz")[0] == 0
     (t / "a.onnx").unlink()  # the reference model is not needed any more
-    code, out, _ = run(capsys, "check", "--reference-outputs", t / "g.npz", t / "b.onnx", "--data", t / "x.npz",
+    code, out, _ = cli("check", "--reference-outputs", t / "g.npz", t / "b.onnx", "--data", t / "x.npz",
                        "--batch-size", "8", "--report", t / "r.json")
     a = ort_outputs(small_cnn(size=8), x)[0].astype(np.float64)
     b = ort_outputs(nudged(small_cnn(size=8)), x)[0].astype(np.float64)
@@ -113,21 +107,21 @@ def test_a_mismatch_is_caught_from_the_golden_file_alone(models, capsys):
     assert logits["violations"] == int(np.count_nonzero(diff > 1e-5 + 1e-5 * np.abs(a)))
 
 
-def test_data_other_than_the_golden_inputs_is_exit_2_with_nothing_written(models, capsys):
+def test_data_other_than_the_golden_inputs_is_exit_2_with_nothing_written(models, cli):
     t, x = models
-    assert run(capsys, "check", t / "a.onnx", "--data", t / "x.npz", "--save-outputs", t / "g.npz")[0] == 0
+    assert cli("check", t / "a.onnx", "--data", t / "x.npz", "--save-outputs", t / "g.npz")[0] == 0
     changed = x.copy()
     changed[13, 0, 0, 0] += 1e-6
     for name, data in (("reordered", x[::-1]), ("one_value", changed), ("fewer", x[:19]),
                        ("more", np.concatenate([x, x[:1]]))):
         np.savez(t / f"{name}.npz", x=data)
-        code, _, err = run(capsys, "check", "--reference-outputs", t / "g.npz", t / "a.onnx", "--data",
+        code, _, err = cli("check", "--reference-outputs", t / "g.npz", t / "a.onnx", "--data",
                            t / f"{name}.npz", "--report", t / "r.json")
         one_line_error(code, err, "golden outputs")
         assert {"reordered": "sample 0 differs", "one_value": "sample 13 differs", "fewer": "19 samples compared",
                 "more": "holds more samples than the 20"}[name] in err
         assert not (t / "r.json").exists()
-    code, _, err = run(capsys, "check", "--reference-outputs", t / "g.npz", t / "a.onnx", "--random", "20")
+    code, _, err = cli("check", "--reference-outputs", t / "g.npz", t / "a.onnx", "--random", "20")
     one_line_error(code, err, "sample 0 differs", "x.npz, 20 samples")
 
 
@@ -183,9 +177,9 @@ def backend_case(tmp_path):
     return root, case.model, x
 
 
-def test_an_onnx_backend_test_case_is_a_reference(tmp_path, capsys):
+def test_an_onnx_backend_test_case_is_a_reference(tmp_path, cli):
     root, model, x = backend_case(tmp_path)
-    code, out, _ = run(capsys, "check", "--reference-outputs", root, root / "model.onnx", "--report", tmp_path / "r.json")
+    code, out, _ = cli("check", "--reference-outputs", root, root / "model.onnx", "--report", tmp_path / "r.json")
     report = json.loads((tmp_path / "r.json").read_text())
     assert code == 0 and report["samples"] == 3 and report["inputs"] == str(root)
     assert report["outputs"]["y"]["max_abs_error"] == 0  # onnxruntime's LeakyRelu is numpy's here
@@ -193,15 +187,15 @@ def test_an_onnx_backend_test_case_is_a_reference(tmp_path, capsys):
     other.CopyFrom(model)
     other.graph.node[0].attribute[0].f = 0.2
     onnx.save(other, str(tmp_path / "other.onnx"))
-    code, _, _ = run(capsys, "check", "--reference-outputs", root, tmp_path / "other.onnx", "--data", root,
+    code, _, _ = cli("check", "--reference-outputs", root, tmp_path / "other.onnx", "--data", root,
                      "--report", tmp_path / "r.json")
     y = json.loads((tmp_path / "r.json").read_text())["outputs"]["y"]
     assert code == 1 and y["max_abs_error"] == pytest.approx(float(np.abs(0.1 * x[x < 0]).max()), rel=1e-6)
 
 
-def test_onnx_test_data_layout_is_written_and_read_as_data(models, capsys):
+def test_onnx_test_data_layout_is_written_and_read_as_data(models, cli):
     t, x = models
-    code, _, _ = run(capsys, "check", t / "a.onnx", "--data", t / "x.npz", "--save-outputs", t / "sets",
+    code, _, _ = cli("check", t / "a.onnx", "--data", t / "x.npz", "--save-outputs", t / "sets",
                      "--batch-size", "8")
     assert code == 0
     sets = sorted(p.name for p in (t / "sets").iterdir())
@@ -219,18 +213,18 @@ def test_onnx_test_data_layout_is_written_and_read_as_data(models, capsys):
     np.testing.assert_array_equal(np.concatenate([a for _, a in outputs]), ort_outputs(small_cnn(size=8), x)[0])
     # the folder as --data: the same comparison as the .npz it was made from
     for data in (t / "sets", t / "x.npz"):
-        code, _, _ = run(capsys, "check", t / "a.onnx", t / "b.onnx", "--data", data, "--report", t / f"{data.stem}.json")
+        code, _, _ = cli("check", t / "a.onnx", t / "b.onnx", "--data", data, "--report", t / f"{data.stem}.json")
         assert code == 1
     from_sets, from_npz = (json.loads((t / f"{n}.json").read_text())["outputs"] for n in ("sets", "x"))
     assert from_sets == from_npz
     # an existing folder is never replaced
-    code, _, err = run(capsys, "check", t / "a.onnx", "--data", t / "x.npz", "--save-outputs", t / "sets")
+    code, _, err = cli("check", t / "a.onnx", "--data", t / "x.npz", "--save-outputs", t / "sets")
     one_line_error(code, err, "exists")
 
 
-def test_golden_usage_errors_are_one_line(models, capsys):
+def test_golden_usage_errors_are_one_line(models, cli):
     t, _ = models
-    assert run(capsys, "check", t / "a.onnx", "--data", t / "x.npz", "--save-outputs", t / "g.npz")[0] == 0
+    assert cli("check", t / "a.onnx", "--data", t / "x.npz", "--save-outputs", t / "g.npz")[0] == 0
     for argv, needle in (
             (["--reference-outputs", t / "g.npz", t / "a.onnx", t / "b.onnx"], "give one model, the candidate"),
             ([t / "a.onnx"], "give two models"),
@@ -242,7 +236,7 @@ def test_golden_usage_errors_are_one_line(models, capsys):
              "only 20 sample(s)"),
             ([t / "a.onnx", "--save-outputs", t / "new", "--data", t / "x.npz", "--min-samples", "21"],
              "only 20 sample(s)")):
-        code, _, err = run(capsys, "check", *argv)
+        code, _, err = cli("check", *argv)
         one_line_error(code, err, needle)
     assert sorted(p.name for p in t.iterdir()) == ["a.onnx", "b.onnx", "g.npz", "x.npz"]  # nothing half-written
 
@@ -296,7 +290,7 @@ def gated(tmp_path):
 
 @pytest.mark.parametrize("gate", ["max_abs", "mean_abs", "median_abs", "p99_abs", "max_rel", "cosine", "psnr",
                                   "top1", "top5"])
-def test_every_gate_passes_and_fails_as_numpy_judges(gate, gated, capsys):
+def test_every_gate_passes_and_fails_as_numpy_judges(gate, gated, cli):
     t, a, b = gated
     value = numpy_gates(a, b)[gate]
     upper = gate not in ("cosine", "psnr", "top1", "top5")  # the statistic must stay below the bound
@@ -304,7 +298,7 @@ def test_every_gate_passes_and_fails_as_numpy_judges(gate, gated, capsys):
     step = 1 / 64 if gate.startswith("top") else 1e-9 * abs(value)  # a sample's share; a hair for the rest
     for bound, passes in ((value + step, upper), (value - step, not upper)):
         (t / "tol.json").write_text(json.dumps({"scores": {gate: bound}}))
-        code, out, _ = run(capsys, "check", "--reference-outputs", t / "golden", t / "cand.onnx", "--tolerances",
+        code, out, _ = cli("check", "--reference-outputs", t / "golden", t / "cand.onnx", "--tolerances",
                            t / "tol.json", "--report", t / "r.json")
         scores = json.loads((t / "r.json").read_text())["outputs"]["scores"]
         (result,) = scores["gates"]
@@ -339,7 +333,7 @@ def test_quantile_decisions_equal_numpy_on_ties_and_bounds_at_elements():
                     assert exact * (1 - 2 ** -10) <= value <= exact, (d, q, bound, value)
 
 
-def test_first_matching_key_decides_and_unmatched_outputs_keep_the_defaults(tmp_path, capsys):
+def test_first_matching_key_decides_and_unmatched_outputs_keep_the_defaults(tmp_path, cli):
     rng = np.random.default_rng(4)
     x = rng.standard_normal((8, 6)).astype(np.float32)
     boxes, scores, extra = x + 1e-3, x + 1e-6, x + 1e-6
@@ -348,7 +342,7 @@ def test_first_matching_key_decides_and_unmatched_outputs_keep_the_defaults(tmp_
 
     def check(rules: dict):
         (tmp_path / "tol.json").write_text(json.dumps(rules))
-        code, out, _ = run(capsys, "check", "--reference-outputs", tmp_path / "golden", tmp_path / "cand.onnx",
+        code, out, _ = cli("check", "--reference-outputs", tmp_path / "golden", tmp_path / "cand.onnx",
                            "--tolerances", tmp_path / "tol.json", "--report", tmp_path / "r.json",
                            "--summary-md", tmp_path / "s.md", "--junit", tmp_path / "j.xml")
         return code, out, json.loads((tmp_path / "r.json").read_text())["outputs"]
@@ -382,25 +376,25 @@ def test_first_matching_key_decides_and_unmatched_outputs_keep_the_defaults(tmp_
     ({"scroes": {"atol": 1e-3}}, "'scroes' matches no output"),
     ([], "holds no such mapping"),
 ])
-def test_bad_tolerance_files_are_exit_2_with_one_line(rules, needle, gated, capsys):
+def test_bad_tolerance_files_are_exit_2_with_one_line(rules, needle, gated, cli):
     t, _, _ = gated
     (t / "tol.json").write_text(json.dumps(rules))
-    code, _, err = run(capsys, "check", "--reference-outputs", t / "golden", t / "cand.onnx", "--tolerances",
+    code, _, err = cli("check", "--reference-outputs", t / "golden", t / "cand.onnx", "--tolerances",
                        t / "tol.json", "--report", t / "r.json")
     one_line_error(code, err, needle)
     assert not (t / "r.json").exists()
 
 
-def test_a_gate_the_output_cannot_have_and_yaml_without_pyyaml_are_exit_2(tmp_path, capsys):
+def test_a_gate_the_output_cannot_have_and_yaml_without_pyyaml_are_exit_2(tmp_path, cli):
     x = np.random.default_rng(0).standard_normal((4, 2, 3)).astype(np.float32)
     golden_folder(tmp_path / "golden", x, [x])
     onnx.save(identity_model(["y"], [2, 3]), str(tmp_path / "cand.onnx"))
     (tmp_path / "tol.json").write_text(json.dumps({"y": {"top1": 1.0}}))
-    code, _, err = run(capsys, "check", "--reference-outputs", tmp_path / "golden", tmp_path / "cand.onnx",
+    code, _, err = cli("check", "--reference-outputs", tmp_path / "golden", tmp_path / "cand.onnx",
                        "--tolerances", tmp_path / "tol.json")
     one_line_error(code, err, "gates top1 but output 'y' has no classes")
     (tmp_path / "tol.yaml").write_text("y:\n  atol: 1.0e-3\n")
-    code, out, err = run(capsys, "check", "--reference-outputs", tmp_path / "golden", tmp_path / "cand.onnx",
+    code, out, err = cli("check", "--reference-outputs", tmp_path / "golden", tmp_path / "cand.onnx",
                          "--tolerances", tmp_path / "tol.yaml")
     try:
         import yaml  # noqa: F401

@@ -83,16 +83,16 @@ import sys
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
+from oracles import exposed, feed_name, ort_outputs
 from torch import nn
 
 import onnxbn
 import onnxbn.io.save
-from models import feed_name, weight_values
+from models import weight_values
 from onnxbn import UserError
 from onnxbn.export import export_module
 
@@ -516,22 +516,11 @@ def expected_points(model: onnx.ModelProto, selector: str) -> list[str]:
 
 
 def ort_run(model, x: np.ndarray, fetch: list[str] | None = None) -> list[np.ndarray]:
-    """A plain onnxruntime CPU session (a path, or a proto with `fetch` exposed as outputs)."""
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
+    """The oracles' plain onnxruntime run of a path or a proto (`fetch` exposed as its outputs)."""
     proto = onnx.load(model) if isinstance(model, str) else model  # external data loaded by onnx
-    if fetch:
-        exposed = onnx.ModelProto()
-        exposed.CopyFrom(proto)
-        elem = exposed.graph.input[0].type.tensor_type.elem_type
-        del exposed.graph.output[:]
-        exposed.graph.output.extend(helper.make_tensor_value_info(n, elem, None) for n in fetch)
-        proto = exposed
-    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    batch = session.get_inputs()[0].shape[0]
-    step = batch if isinstance(batch, int) else len(x)  # a fixed batch is fed that many samples at a time
-    runs = [session.run(None, {feed_name(proto): x[i:i + step]}) for i in range(0, len(x), step)]
-    return [np.concatenate(parts) for parts in zip(*runs)]
+    dim = next(i for i in proto.graph.input if i.name == feed_name(proto)).type.tensor_type.shape.dim[0]
+    step = dim.dim_value or None  # a fixed batch is fed that many samples at a time
+    return exposed(proto, fetch, x, batch=step) if fetch else ort_outputs(proto, x, batch=step)
 
 
 def assert_close(expected: np.ndarray, got: np.ndarray, bound: float, what: str) -> None:
@@ -564,7 +553,7 @@ def step_stats(m: Matrix, arch: str, form: str, selector: str) -> None:
     names = expected_points(proto, selector)
     assert stats.tensors == names
     x = m.x(form)
-    for name, value in zip(names, ort_run(proto, x, fetch=names)):
+    for name, value in zip(names, ort_run(proto, x, fetch=names), strict=True):
         value = value.astype(np.float64)
         axes = (0, *range(2, value.ndim))
         moments = stats.moments[name]

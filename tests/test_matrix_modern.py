@@ -38,8 +38,9 @@ Steps (one test id per architecture x form x step; N = 16 seeded N(0, 1) inputs,
                 convs, LayerNorm, weights in Constant nodes); the loss is finite, the write-back gate
                 ran and passed (onnxruntime on the written model = the trained torch module, 1e-5,
                 at the training inputs' size for dynamic H/W), the graph is unchanged, weights changed
-    recalibrate recalibrate(mode="batch", batch size 8, prior=0, var_floor=0: plain re-estimation): every BN's mean and var equal, within BOUND
-                relative, the running statistics that torch.optim.swa_utils.update_bn computes on
+    recalibrate recalibrate(mode="batch", batch size 8, prior=0, var_floor=0: plain re-estimation):
+                every BN's mean and var equal, within BOUND relative, the running statistics that
+                torch.optim.swa_utils.update_bn computes on
                 the original torch module (matched to its ONNX BN by its scale)
     fold        fold_bn(model): no BatchNormalization left, onnxruntime agrees with the original
                 within BOUND
@@ -69,14 +70,14 @@ import warnings
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
-from models import weight_values
 from modern_archs import ARCHS, CLASSES, build
 from onnx import helper
+from oracles import ort_outputs, rel_error
 
 import onnxbn
+from models import weight_values
 from onnxbn import UserError
 
 EXPORT_SIZE = 32
@@ -183,22 +184,6 @@ def inputs(form: str) -> tuple[np.ndarray, np.ndarray]:
     return x, np.random.default_rng(2).integers(0, CLASSES, SAMPLES)
 
 
-# ----------------------------------------------------------------------------- independent judges
-
-def ort_run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return session.run(None, {"input": x})[0]
-
-
-def rel(expected, got) -> float:
-    expected, got = np.asarray(expected, np.float64), np.asarray(got, np.float64)
-    assert expected.shape == got.shape, (expected.shape, got.shape)
-    return float(np.abs(expected - got).max() / np.abs(expected).max())
-
-
-
 def bn_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     return [n for n in model.graph.node if n.op_type == "BatchNormalization"]
 
@@ -211,7 +196,7 @@ def step_torch(arch: str, form: str) -> None:
     module = onnxbn.to_torch(model).eval()
     with torch.no_grad():
         out = module(torch.from_numpy(x))
-    error = rel(ort_run(model, x), out.numpy())
+    error = rel_error(ort_outputs(model, x)[0], out.numpy())
     assert error <= BOUND, f"torch vs onnxruntime: {error:.3g}"
 
 
@@ -233,7 +218,7 @@ def step_finetune(arch: str, form: str) -> None:
     changed = [k for k in before if not np.array_equal(before[k], after[k])]
     stem_weight = next(n.input[1] for n in model.graph.node if n.name == stem)
     assert changed and stem_weight not in changed, "the trained part changed, the frozen stem did not"
-    out = ort_run(written, x)
+    out = ort_outputs(written, x)[0]
     assert out.shape == (SAMPLES, CLASSES) and np.isfinite(out).all()
 
 
@@ -249,8 +234,8 @@ def step_recalibrate(arch: str, form: str) -> None:
     assert len(bn_nodes(out)) == len(by_scale) > 0
     for node in bn_nodes(out):
         bn = by_scale[values[node.input[1]].tobytes()]
-        assert rel(bn.running_mean.numpy(), values[node.input[3]]) <= BOUND, node.name
-        assert rel(bn.running_var.numpy(), values[node.input[4]]) <= BOUND, node.name
+        assert rel_error(bn.running_mean.numpy(), values[node.input[3]]) <= BOUND, node.name
+        assert rel_error(bn.running_var.numpy(), values[node.input[4]]) <= BOUND, node.name
 
 
 def step_fold(arch: str, form: str) -> None:
@@ -259,7 +244,7 @@ def step_fold(arch: str, form: str) -> None:
     folded = onnxbn.fold_bn(model)
     onnx.checker.check_model(folded)
     assert not bn_nodes(folded), onnxbn.explain_fold(model)
-    error = rel(ort_run(model, x), ort_run(folded, x))
+    error = rel_error(ort_outputs(model, x)[0], ort_outputs(folded, x)[0])
     assert error <= BOUND, f"folded vs original: {error:.3g}"
 
 

@@ -13,8 +13,9 @@ import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
+from oracles import ort_outputs, rel_error
 
-from models import inputs_for, ort_outputs, rel_error, small_cnn
+from models import inputs_for, small_cnn
 from onnxbn.io.copies import model_sha256
 from onnxbn.io.model import Model
 from onnxbn.io.tensors import FileRange

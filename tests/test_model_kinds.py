@@ -15,14 +15,14 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, numpy_helper
+from oracles import exposed, ort_outputs, rel_error
 
 import onnxbn.io.save
-from models import Net, bn_count, inputs_for, ort_outputs, rel_error, small_net
+from models import Net, bn_count, inputs_for, small_net
 from onnxbn import UserError, collect_stats, compare, explain_fold, fold_bn, insert_bn, select_points, to_torch
 from onnxbn.io.load import load_model
 from onnxbn.io.save import save_model
-from onnxbn.runtimes.ort_backend import make_session
 
 IDENTITY_BOUND = 1e-6   # insert_bn is an identity up to float32 rounding
 FOLD_BOUND = 1e-5       # folding re-associates the float32 sums
@@ -53,7 +53,7 @@ def pipeline(model, x: np.ndarray, selector, *, kept_after_fold: int, batch_size
     assert points
     stats = collect_stats(model, x, after=selector, batch_size=batch_size, device="cpu", workers=0)
     assert stats.tensors == [p.tensor for p in points]
-    assert all(m.count > 0 and m.mean.size == p.channels for p, m in zip(points, stats.moments.values())
+    assert all(m.count > 0 and m.mean.size == p.channels for p, m in zip(points, stats.moments.values(), strict=True)
                if p.channels is not None)
     with_bn = insert_bn(model, stats)
     onnx.checker.check_model(with_bn)
@@ -70,7 +70,7 @@ def pipeline(model, x: np.ndarray, selector, *, kept_after_fold: int, batch_size
     worst_fold = max(m.max_rel_error for m in report.outputs.values())
     assert report.passed and worst_fold <= fold_bound, report.table()
     reference = ort_outputs(with_bn, x[:batch_size])
-    for a, b in zip(reference, torch_outputs(with_bn, x[:batch_size])):
+    for a, b in zip(reference, torch_outputs(with_bn, x[:batch_size]), strict=True):
         assert rel_error(a, b) <= torch_bound
     return {"points": points, "stats": stats, "with_bn": with_bn, "folded": folded,
             "identity_error": worst, "fold_error": worst_fold}
@@ -261,10 +261,7 @@ def test_float16_model():
     # within fp16 rounding of the activations (u = 2**-11 of their scale): onnxruntime's CPU
     # provider runs fp16 Conv in float32, and in the stats graph the Cast back to float32 after
     # it can be optimised away, so the stats may see the unrounded values.
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    probe.graph.output.append(helper.make_tensor_value_info("conv1.out", TensorProto.FLOAT16, None))
-    act = make_session(probe, "cpu").run(["conv1.out"], {"input": x})[0].astype(np.float64)
+    act = exposed(model, ["conv1.out"], x)[0].astype(np.float64)
     m = stats.moments["conv1.out"]
     assert m.mean.dtype == np.float64
     u = 2.0**-11

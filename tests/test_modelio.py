@@ -17,11 +17,13 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+import onnxbn
 from onnxbn import cli
 from onnxbn.errors import UserError
 from onnxbn.io import wire
 from onnxbn.io.load import _scan, load_model, load_structure
-from tests.models import Net, ort_outputs, rel_error
+from tests.models import Net
+from tests.oracles import exposed, ort_outputs, rel_error
 
 _OPENED: list[str] | None = None
 
@@ -500,3 +502,158 @@ def test_fuzzed_model_files_through_every_commands_loading_path(workspace, capsy
         under_tmp = [Path(p).resolve() for p in opened if Path(p).resolve().is_relative_to(workspace)]
         assert all(any(p.is_relative_to(a) for a in allowed) for p in under_tmp), where
     assert codes.get(0, 0) > 20 and codes.get(2, 0) > 20, codes  # both kinds of outcome were exercised
+
+
+# ----------------------------------------------------------------------------- weights stay in the file
+
+def big_gemm_model(path):
+    """A model whose one big weight (32 MiB) dominates: Python holding it would show in tracemalloc."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((4096, 2048)).astype(np.float32)
+    nodes = [helper.make_node("Flatten", ["x"], ["f"]), helper.make_node("Gemm", ["f", "w", "b"], ["h"], transB=1),
+             helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Gemm", ["r", "w2", "b2"], ["y"], transB=1)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 16, 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])],
+                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.zeros(4096, np.float32), "b"),
+                               numpy_helper.from_array(rng.standard_normal((10, 4096)).astype(np.float32), "w2"),
+                               numpy_helper.from_array(np.zeros(10, np.float32), "b2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    onnx.save(model, str(path))
+    return model
+
+
+def test_structure_points_into_the_file_and_hashes_the_same(tmp_path):
+    from onnxbn.io.copies import model_sha256
+    from onnxbn.io.load import load_model, load_structure
+
+    model = big_gemm_model(tmp_path / "m.onnx")
+    structure, _ = load_structure(tmp_path / "m.onnx")
+    raw = (tmp_path / "m.onnx").read_bytes()
+    w = next(t for t in structure.graph.initializer if t.name == "w")
+    entries = {e.key: e.value for e in w.external_data}
+    assert w.data_location == TensorProto.EXTERNAL and entries["location"] == "m.onnx"
+    offset, length = int(entries["offset"]), int(entries["length"])
+    np.testing.assert_array_equal(np.frombuffer(raw[offset:offset + length], np.float32).reshape(4096, 2048),
+                                  numpy_helper.to_array(model.graph.initializer[0]))
+    assert next(t for t in structure.graph.initializer if t.name == "b2").raw_data  # small ones stay inline
+    assert model_sha256(structure, folder=tmp_path) == model_sha256(load_model(tmp_path / "m.onnx"))
+
+
+@pytest.mark.parametrize("step", ["stats", "check", "eval"])
+def test_stats_check_and_eval_never_hold_a_model_files_weights_in_python(tmp_path, step):
+    """onnxruntime reads the weights from the file; Python's own allocations stay far below their 32 MiB."""
+    import tracemalloc
+
+    big_gemm_model(tmp_path / "m.onnx")
+    x = np.random.default_rng(1).standard_normal((8, 4, 16, 32)).astype(np.float32)
+    path = str(tmp_path / "m.onnx")
+    tracemalloc.start()
+    if step == "stats":
+        stats = onnxbn.collect_stats(path, x, after="dense", device="cpu", workers=0)
+    elif step == "check":
+        assert onnxbn.compare(path, path, data=x).passed
+    else:
+        onnxbn.evaluate(path, (x, np.arange(8) % 10))
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 8 * 2**20, peak
+    if step == "stats":  # and the statistics are right: numpy on the exposed tensor
+        (r,) = exposed(onnx.load(path), ["r"], x)
+        np.testing.assert_allclose(stats.var("r"), r.astype(np.float64).var(axis=0), rtol=1e-6, atol=1e-9)
+
+
+def gemm_bn_model(path):
+    """big_gemm_model with a BN (10 channels) on its output: folding and recalibrating it change only small
+    tensors, so the 32 MiB weight can go from the input file to the output file without Python holding it."""
+    model = big_gemm_model(path)
+    rng = np.random.default_rng(2)
+    for t in model.graph.initializer:  # unit-scale activations: float32 error stays near 1e-7
+        if t.name in ("w", "w2"):
+            t.CopyFrom(numpy_helper.from_array((numpy_helper.to_array(t) / np.sqrt(t.dims[1])).astype(np.float32), t.name))
+    model.graph.node[-1].output[0] = "z"
+    model.graph.node.append(helper.make_node("BatchNormalization", ["z", "s", "B", "m", "v"], ["y"], epsilon=1e-5))
+    for name, value in (("s", rng.uniform(0.5, 2, 10)), ("B", rng.standard_normal(10)),
+                        ("m", rng.standard_normal(10)), ("v", rng.uniform(0.5, 2, 10))):
+        model.graph.initializer.append(numpy_helper.from_array(value.astype(np.float32), name))
+    onnx.save(model, str(path))
+    return model
+
+
+@pytest.mark.parametrize("step", ["fold", "recalibrate", "insert"])
+def test_fold_recalibrate_and_insert_copy_unchanged_weights_file_to_file(tmp_path, step, capsys):
+    """The CLI writes the result while Python never holds the unchanged 32 MiB weight, and the result is
+    right: the big weight byte for byte, the changed or new tensors against numpy."""
+    import tracemalloc
+
+    from onnxbn.cli import main
+
+    model = gemm_bn_model(tmp_path / "m.onnx")
+    x = np.random.default_rng(3).standard_normal((8, 4, 16, 32)).astype(np.float32)
+    np.savez(tmp_path / "x.npz", x=x)
+    argv = {"fold": ["fold", str(tmp_path / "m.onnx"), "--data", str(tmp_path / "x.npz")],
+            "recalibrate": ["recalibrate", str(tmp_path / "m.onnx"), "--data", str(tmp_path / "x.npz"), "--workers", "0",
+                            "--prior", "0"],
+            "insert": ["insert", str(tmp_path / "m.onnx"), "--stats", str(tmp_path / "s.npz")]}[step]
+    if step == "insert":
+        assert main(["stats", str(tmp_path / "m.onnx"), "--data", str(tmp_path / "x.npz"), "--after", "relu",
+                     "--workers", "0", "-o", str(tmp_path / "s.npz")]) == 0
+    tracemalloc.start()
+    code = main(argv + ["-o", str(tmp_path / "out.onnx")])
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    capsys.readouterr()
+    assert code == 0 and peak < 8 * 2**20, peak
+    out = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "out.onnx")).graph.initializer}
+    given = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    np.testing.assert_array_equal(out["w"], given["w"])
+    s, B, m, v = (given[k].astype(np.float64) for k in "sBmv")
+    if step == "insert":  # an identity BN after r = relu(w x + b): scale = sqrt(var + eps), B = mean = mean of r
+        with np.load(tmp_path / "s.npz") as saved:
+            assert list(saved["tensors"]) == ["r"]
+            mean, var = saved["mean_0"], saved["var_0"]
+        bn = {t.name[len("r/onnxbn_bn."):]: numpy_helper.to_array(t)
+              for t in onnx.load(str(tmp_path / "out.onnx")).graph.initializer if t.name.startswith("r/onnxbn_bn.")}
+        r = np.maximum(x.reshape(8, -1).astype(np.float64) @ given["w"].T.astype(np.float64) + given["b"], 0)
+        np.testing.assert_allclose(mean, r.mean(axis=0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(var, r.var(axis=0), rtol=1e-4, atol=1e-9)
+        np.testing.assert_allclose(bn["scale"], np.sqrt(var + 1e-5), rtol=1e-6)
+        np.testing.assert_array_equal(bn["B"], mean.astype(np.float32))
+        np.testing.assert_array_equal(bn["mean"], mean.astype(np.float32))
+    elif step == "fold":  # y = s * (w2 r + b2 - m) / sqrt(v + eps) + B
+        scale = s / np.sqrt(v + 1e-5)
+        np.testing.assert_allclose(out["w2"], given["w2"] * scale[:, None], rtol=1e-6)
+        np.testing.assert_allclose(out["b2"], (given["b2"] - m) * scale + B, rtol=1e-6, atol=1e-6)
+    else:  # mean/var of z = w2 relu(w x + b) + b2 over the 8 samples
+        z = np.maximum(x.reshape(8, -1).astype(np.float64) @ given["w"].T.astype(np.float64) + given["b"], 0) \
+            @ given["w2"].T.astype(np.float64) + given["b2"]
+        np.testing.assert_allclose(out["m"], z.mean(axis=0), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(out["v"], z.var(axis=0), rtol=1e-4)
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_save_model_streams_a_structure_model_into_an_equal_file(tmp_path, monkeypatch, external):
+    """save_model(load_structure(path), folder=...) writes the same model as onnx.load + onnx.save would,
+    inline or (past the protobuf limit, here made tiny) with a data file, new IN_MEMORY values included."""
+    import onnxbn.io.save
+    from onnxbn.io.load import load_structure
+    from onnxbn.io.save import save_model
+    from onnxbn.io.tensors import memory_stub
+
+    model = gemm_bn_model(tmp_path / "m.onnx")
+    if external:
+        monkeypatch.setattr(onnxbn.io.save, "PROTOBUF_LIMIT", 1000)
+    structure, _ = load_structure(tmp_path / "m.onnx")
+    new_w2 = np.arange(10 * 4096, dtype=np.float32).reshape(10, 4096)
+    w2 = next(t for t in structure.graph.initializer if t.name == "w2")
+    w2.CopyFrom(memory_stub("w2", TensorProto.FLOAT, new_w2.shape))
+    save_model(structure, tmp_path / "out.onnx", weights={"w2": new_w2}, folder=tmp_path)
+    assert (tmp_path / "out.onnx.data").is_file() == external
+    written = onnx.load(str(tmp_path / "out.onnx"))
+    expected = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer} | {"w2": new_w2}
+    got = {t.name: numpy_helper.to_array(t) for t in written.graph.initializer}
+    assert list(got) == [t.name for t in model.graph.initializer]
+    for name, value in expected.items():
+        np.testing.assert_array_equal(got[name], value, err_msg=name)
+    del written.graph.initializer[:], model.graph.initializer[:]
+    assert written == model

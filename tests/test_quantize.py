@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
+import oracles
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from oracles import session
 
 from models import Net, inputs_for, small_cnn
-from onnxbn.cli import main
 from onnxbn.quantization import quantize_with_report
 from onnxbn.ranges import BINS, HALF, collect_ranges, load_ranges, merge_ranges
 
@@ -35,22 +35,9 @@ def bn_cnn(seed: int = 0, w: int = 8, size: int = 8, opset: int = 13) -> onnx.Mo
 CONV_TO_BN = {"conv1": "bn1.out", "conv2": "bn2.out", "conv3": "bn3.out"}
 
 
-def session(model: onnx.ModelProto):
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-
 def exposed(model: onnx.ModelProto, names: list[str], x: np.ndarray, batch: int = 16) -> dict[str, np.ndarray]:
-    """The values of `names` on `x` (run `batch` samples at a time, as the code under test does, so that
-    onnxruntime picks the same kernels), each made a graph output of a copy of `model`."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    del m.graph.output[:]
-    m.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in names)
-    s = session(m)
-    parts = [s.run(names, {m.graph.input[0].name: x[i:i + batch]}) for i in range(0, len(x), batch)]
-    return {n: np.concatenate([p[k] for p in parts]) for k, n in enumerate(names)}
+    """oracles.exposed by name, `batch` samples at a time as the code under test runs them (same kernels)."""
+    return dict(zip(names, oracles.exposed(model, names, x, batch=batch), strict=True))
 
 
 def float_tensors(model: onnx.ModelProto) -> list[str]:
@@ -336,12 +323,6 @@ def test_cross_layer_equalization_keeps_the_function_and_balances_ranges():
 
 # ----------------------------------------------------------------------------- command line
 
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 @pytest.fixture
 def files(tmp_path):
     onnx.save(small_cnn(opset=11), str(tmp_path / "m.onnx"))
@@ -349,18 +330,18 @@ def files(tmp_path):
     return tmp_path
 
 
-def test_cli_quantize_stats_ranges_and_merge(files, capsys):
+def test_cli_quantize_stats_ranges_and_merge(files, cli):
     m, cal = files / "m.onnx", files / "cal.npz"
     for i in range(2):
-        assert run(capsys, "stats", m, "--data", cal, "--ranges", "--shard", f"{i}/2", "-o", files / f"r{i}.npz")[0] == 0
+        assert cli("stats", m, "--data", cal, "--ranges", "--shard", f"{i}/2", "-o", files / f"r{i}.npz")[0] == 0
     assert not list(files.glob("*.checkpoint.npz"))  # removed on success
-    assert run(capsys, "merge", files / "r0.npz", files / "r1.npz", "-o", files / "r.npz")[0] == 0
+    assert cli("merge", files / "r0.npz", files / "r1.npz", "-o", files / "r.npz")[0] == 0
     one = collect_ranges(str(m), str(cal), device="cpu")
     merged = load_ranges(files / "r.npz")
     assert all(np.array_equal(merged.tensors[k].hist, v.hist) for k, v in one.tensors.items())
-    code, _, err = run(capsys, "quantize", m, "--data", cal, "--ranges", files / "r.npz", "-o", files / "q.onnx")
+    code, _, err = cli("quantize", m, "--data", cal, "--ranges", files / "r.npz", "-o", files / "q.onnx")
     assert code == 2 and "--recover cle" in err and not (files / "q.onnx").exists()  # the default recovery has cle
-    code, out, _ = run(capsys, "quantize", m, "--data", cal, "--ranges", files / "r.npz", "--recover", "bias",
+    code, out, _ = cli("quantize", m, "--data", cal, "--ranges", files / "r.npz", "--recover", "bias",
                        "-o", files / "q.onnx")
     assert code == 0 and "PASS" in out
     q = onnx.load(str(files / "q.onnx"))
@@ -383,7 +364,7 @@ def softmax_model():
 
 
 @pytest.mark.parametrize("case", ["quantized", "no-float", "nothing-to-quantize", "exclude", "recover", "opset"])
-def test_cli_refusals_exit_2_one_line_nothing_written(files, capsys, monkeypatch, case):
+def test_cli_refusals_exit_2_one_line_nothing_written(files, cli, monkeypatch, case):
     cal = files / "cal.npz"
     model, extra = files / "m.onnx", []
     if case == "quantized":
@@ -407,7 +388,7 @@ def test_cli_refusals_exit_2_one_line_nothing_written(files, capsys, monkeypatch
         monkeypatch.setattr(version_converter, "convert_version", fail)
     else:
         extra = ["--recover", "bias,dfq"]
-    code, out, err = run(capsys, "quantize", model, "--data", cal, *extra, "-o", files / "out.onnx")
+    code, out, err = cli("quantize", model, "--data", cal, *extra, "-o", files / "out.onnx")
     assert code == 2 and out == ""
     assert len(err.strip().splitlines()) == 1 and err.startswith("onnxbn: error: ")
     assert not (files / "out.onnx").exists()

@@ -15,9 +15,13 @@ import warnings
 import numpy as np
 import onnx
 import onnxruntime as ort
+import oracles
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
+from oracles import feed_name as feed
+from oracles import moments, session
+from oracles import rel_error as rel
 from torch import nn
 
 import onnxbn
@@ -146,19 +150,6 @@ def bn_net(opset: int = 13, dtype=np.float32, batch="N", ir_version=None, inits_
 
 # ----------------------------------------------------------------------------- independent checks
 
-def session(model: onnx.ModelProto, level=None):
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if level is not None:
-        options.graph_optimization_level = level
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-
-def feed(model):
-    inits = {t.name for t in model.graph.initializer}
-    return next(i.name for i in model.graph.input if i.name not in inits)
-
-
 def bn_nodes(model):
     return [n for n in model.graph.node if n.op_type == "BatchNormalization"]
 
@@ -178,24 +169,8 @@ def stored(model, name) -> np.ndarray:
 
 
 def exposed(model, x, names, level=None) -> list[np.ndarray]:
-    """The tensors `names` on inputs x, as graph outputs of a copy run by plain onnxruntime."""
-    probe = copy.deepcopy(model)
-    elem = next(i for i in model.graph.input if i.name == feed(model)).type.tensor_type.elem_type
-    del probe.graph.output[:]
-    for name in names:
-        probe.graph.output.append(helper.make_tensor_value_info(name, elem, None))
-    return session(probe, level).run(names, {feed(model): x})
-
-
-def moments(t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel (axis 1) mean and population variance in float64 (numpy)."""
-    t = np.moveaxis(t.astype(np.float64), 1, 0).reshape(t.shape[1], -1)
-    return t.mean(axis=1), t.var(axis=1)
-
-
-def rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(a).max())
+    """oracles.exposed with this file's argument order."""
+    return oracles.exposed(model, names, x, level=level)
 
 
 def fixed_point_errors(model, x, level=None, reference=None) -> dict[str, float]:
@@ -478,13 +453,13 @@ def test_float16():
     assert max(fixed_point_errors(out, x).values()) <= 2e-3  # float16 storage
 
 
-def test_external_data(tmp_path, monkeypatch, capsys):
+def test_external_data(tmp_path, monkeypatch, cli):
     monkeypatch.setattr(onnxbn.io.save, "PROTOBUF_LIMIT", 1000)
     path = save_model(bn_net(), tmp_path / "model.onnx")
     assert (tmp_path / "model.onnx.data").is_file()
     x = data(n=16, size=8)
     np.savez(tmp_path / "x.npz", x=x)
-    code, _, err = run(capsys, "recalibrate", "--prior", "0", path, "--data", tmp_path / "x.npz", "-o", tmp_path / "out.onnx")
+    code, _, err = cli("recalibrate", "--prior", "0", path, "--data", tmp_path / "x.npz", "-o", tmp_path / "out.onnx")
     assert code == 0, err
     assert (tmp_path / "out.onnx.data").is_file()
     out = onnxbn.io.load.load_model(tmp_path / "out.onnx")
@@ -518,12 +493,6 @@ def test_insert_then_recalibrate_aligns_target_features_to_the_source():
 
 # ----------------------------------------------------------------------------- the command line and bad input
 
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 @pytest.fixture
 def files(tmp_path, vgg):
     onnx.save(vgg[1], str(tmp_path / "model.onnx"))
@@ -531,14 +500,14 @@ def files(tmp_path, vgg):
     return tmp_path
 
 
-def test_cli_writes_the_model_and_reports(files, capsys):
+def test_cli_writes_the_model_and_reports(files, cli):
     out = files / "out.onnx"
-    code, stdout, err = run(capsys, "recalibrate", "--prior", "0", files / "model.onnx", "--data", files / "x.npz", "-o", out,
+    code, stdout, err = cli("recalibrate", "--prior", "0", files / "model.onnx", "--data", files / "x.npz", "-o", out,
                             "--batch-size", "8")
     assert code == 0, err
     assert "mean change" in stdout and "pass 5:" in stdout and "exact: 5 BN nodes" in stdout
     assert max(fixed_point_errors(onnx.load(str(out)), data(n=16)).values()) <= 1e-6
-    code, stdout, err = run(capsys, "recalibrate", "--prior", "0", files / "model.onnx", "--data", files / "x.npz", "-o", out,
+    code, stdout, err = cli("recalibrate", "--prior", "0", files / "model.onnx", "--data", files / "x.npz", "-o", out,
                             "--mode", "batch", "--json")
     assert code == 0, err
     report = json.loads(stdout)
@@ -567,12 +536,12 @@ def bad_inputs(root):
     }
 
 
-def test_bad_input_is_exit_2_one_line_nothing_written(files, capsys):
+def test_bad_input_is_exit_2_one_line_nothing_written(files, cli):
     for label, (argv, message) in bad_inputs(files).items():
         before = sorted(p.name for p in files.iterdir())
         if "-o" not in argv:
             argv = [*argv, "-o", files / "out.onnx"]
-        code, _, err = run(capsys, *argv)
+        code, _, err = cli(*argv)
         assert code == 2, (label, err)
         assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and message in err, (label, err)
         assert sorted(p.name for p in files.iterdir()) == before, label
@@ -701,7 +670,7 @@ def test_cli_warns_when_recalibration_makes_channels_constant(tmp_path, capsys):
     assert var[0] == 0 and var[1] == pytest.approx(np.maximum(x[:, 1], 0).astype(np.float64).var(), rel=1e-6)
 
 
-def test_cli_recalibrates_a_bn_whose_variance_is_computed_at_run_time(tmp_path, capsys):
+def test_cli_recalibrates_a_bn_whose_variance_is_computed_at_run_time(tmp_path, cli):
     """The BN's var is Add(v0, zero), not an initializer: there is no old variance to compare with, so no
     newly-constant warning; the BN gets a fresh var initializer holding the data's variance and the file
     is written."""
@@ -718,7 +687,7 @@ def test_cli_recalibrates_a_bn_whose_variance_is_computed_at_run_time(tmp_path, 
     x[:, 0] = -np.abs(x[:, 0])  # channel 0 is constant (0) after the Relu
     np.savez(tmp_path / "new.npz", x=x)
     out = tmp_path / "out.onnx"
-    code, stdout, err = run(capsys, "recalibrate", "--prior", "0", tmp_path / "m.onnx", "--data", tmp_path / "new.npz", "-o", out)
+    code, stdout, err = cli("recalibrate", "--prior", "0", tmp_path / "m.onnx", "--data", tmp_path / "new.npz", "-o", out)
     assert code == 0, err
     assert "constant on this data" not in err and err.strip().endswith(f"wrote {out}")
     written = onnx.load(str(out))
@@ -728,7 +697,7 @@ def test_cli_recalibrates_a_bn_whose_variance_is_computed_at_run_time(tmp_path, 
     assert bn.input[4] != "v" and var[0] == 0 and var[1] == pytest.approx(expected[1], rel=1e-6)
 
 
-def test_cli_failure_after_recalibrating_writes_nothing_as_it_says(files, capsys, monkeypatch):
+def test_cli_failure_after_recalibrating_writes_nothing_as_it_says(files, cli, monkeypatch):
     """The report is rendered before the model is written: when that fails, "no output was written" holds."""
     from onnxbn.recalibration import RecalibrationReport
 
@@ -737,7 +706,7 @@ def test_cli_failure_after_recalibrating_writes_nothing_as_it_says(files, capsys
 
     monkeypatch.setattr(RecalibrationReport, "table", broken)
     out = files / "out.onnx"
-    code, stdout, err = run(capsys, "recalibrate", "--prior", "0", files / "model.onnx", "--data", files / "x.npz", "-o", out)
+    code, stdout, err = cli("recalibrate", "--prior", "0", files / "model.onnx", "--data", files / "x.npz", "-o", out)
     assert code == 2 and stdout == ""
     assert "failed unexpectedly (RuntimeError: simulated report bug); no output was written" in err
     assert not out.exists() and sorted(p.name for p in files.iterdir()) == ["model.onnx", "x.npz"]

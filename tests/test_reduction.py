@@ -11,10 +11,11 @@ import shlex
 import numpy as np
 import onnx
 import pytest
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
+from oracles import exposed
 
 import onnxbn
-from models import notebook_bn, ort_outputs, small_cnn
+from models import notebook_bn, small_cnn
 from onnxbn.cli import main
 
 X = np.random.default_rng(5).standard_normal((16, 3, 8, 8)).astype(np.float32)
@@ -31,14 +32,6 @@ def models(tmp_path_factory):
         onnx.save(m, str(t / f"{name}.onnx"))
     np.savez(t / "x.npz", x=X)
     return t, model, with_bn, notebook
-
-
-def exposed(model: onnx.ModelProto, name: str, x: np.ndarray) -> np.ndarray:
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    del m.graph.output[:]
-    m.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    return ort_outputs(m, x)[0]
 
 
 def test_notebook_mistake_reduces_to_the_wrong_bn_and_its_producer(models, tmp_path, capsys):
@@ -61,7 +54,7 @@ def test_notebook_mistake_reduces_to_the_wrong_bn_and_its_producer(models, tmp_p
     # every sample's own value of the cut, each recomputed alone on the reference prefix
     assert values.shape[0] == 6
     for i in range(6):
-        np.testing.assert_allclose(values[i], exposed(model, cut, X[i:i + 1])[0], rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(values[i], exposed(model, [cut], X[i:i + 1])[0][0], rtol=1e-6, atol=1e-6)
     assert not np.allclose(values[0], values[1])
     # numpy: the repro's candidate computes BN(relu(cut)) with gamma = var, the reference relu(cut)
     inits = {i.name: numpy_helper.to_array(i) for i in cand.graph.initializer}

@@ -17,11 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
+from onnx import helper
 
 import onnxbn
-from models import BN_WIDE, Net, bn_count, inputs_for, small_net
-from onnxbn.cli import main
+from models import BN_WIDE, Net, bn_count, conv_model, inputs_for, small_net
 from onnxbn.errors import UserError
 from onnxbn.runtimes.base import available
 from onnxbn.runtimes.precision import RuntimeInfo, default_tolerance, tolerance_precision
@@ -30,12 +31,6 @@ from onnxbn.runtimes.sessions import open_session
 ROOT = Path(__file__).resolve().parent.parent
 needs = {name: pytest.mark.skipif(not available(name), reason=f"{name} not installed: pip install 'onnxbn[{name}]'")
          for name in ("openvino", "tract")}
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def resnet_style(seed: int = 11) -> onnx.ModelProto:
@@ -80,11 +75,11 @@ def models(tmp_path_factory):
                                                pytest.param("openvino", "f32", marks=needs["openvino"]),
                                                pytest.param("tract", None, marks=needs["tract"])])
 @pytest.mark.parametrize("name", ["demo", "resnet"])
-def test_folded_passes_on_runtime_against_unfolded_on_onnxruntime(models, tmp_path, capsys, name, runtime, precision):
+def test_folded_passes_on_runtime_against_unfolded_on_onnxruntime(models, tmp_path, cli, name, runtime, precision):
     unfolded, folded, data = models[name]
     argv = ["check", unfolded, folded, *data, "--reference-runtime", "onnxruntime", "--candidate-runtime", runtime,
             "--report", tmp_path / "r.json", "--junit", tmp_path / "r.xml"]
-    code, out, err = run(capsys, *argv, *(["--precision", precision] if precision else []))
+    code, out, err = cli(*argv, *(["--precision", precision] if precision else []))
     assert code == 0, out + err
     report = json.loads((tmp_path / "r.json").read_text())
     cand, ref = report["runtimes"]["candidate"], report["runtimes"]["reference"]
@@ -102,10 +97,10 @@ def test_folded_passes_on_runtime_against_unfolded_on_onnxruntime(models, tmp_pa
 
 @needs["openvino"]
 @needs["tract"]
-def test_fold_verify_on_every_runtime_writes_only_when_all_pass(models, tmp_path, capsys):
+def test_fold_verify_on_every_runtime_writes_only_when_all_pass(models, tmp_path, cli):
     unfolded, _, data = models["resnet"]
     out_path = tmp_path / "deploy.onnx"
-    code, out, err = run(capsys, "fold", unfolded, *data, "--verify-on", "openvino", "--verify-on", "tract",
+    code, out, err = cli("fold", unfolded, *data, "--verify-on", "openvino", "--verify-on", "tract",
                          "--verify-on", "reference", "--precision", "f32", "--json", "-o", out_path)
     assert code == 0, err
     result = json.loads(out)
@@ -117,7 +112,7 @@ def test_fold_verify_on_every_runtime_writes_only_when_all_pass(models, tmp_path
     assert bn_count(onnx.load(str(out_path))) == 0
     # OpenVINO at bf16 with f32 tolerances fails: nothing is written, exit 1, the failing runtime named
     out_path.unlink()
-    code, out, err = run(capsys, "fold", unfolded, *data, "--verify-on", "tract", "--verify-on", "openvino",
+    code, out, err = cli("fold", unfolded, *data, "--verify-on", "tract", "--verify-on", "openvino",
                          "--precision", "bf16", "--atol", "1e-5", "--rtol", "1e-5", "-o", out_path)
     if "bf16 (asked bf16)" not in out:
         pytest.skip("this CPU has no bf16 for OpenVINO (it ran f32); the bf16 failure cannot be shown here")
@@ -138,18 +133,18 @@ def dynamic_hw_net() -> onnx.ModelProto:
 
 @pytest.mark.parametrize("runtime", [pytest.param("tract", marks=needs["tract"]),
                                      pytest.param("openvino", marks=needs["openvino"])])
-def test_dynamic_height_and_width_check_and_fold_on_the_runtime(tmp_path, capsys, runtime):
+def test_dynamic_height_and_width_check_and_fold_on_the_runtime(tmp_path, cli, runtime):
     path, out_path = tmp_path / "dyn.onnx", tmp_path / "deploy.onnx"
     model = dynamic_hw_net()
     onnx.save(model, str(path))
     x = inputs_for([3, 10, 13], 5, seed=3)  # 5 samples at batch size 2: batches of 2, 2 and 1
     np.savez(tmp_path / "x.npz", x=x)
-    code, out, err = run(capsys, "check", path, path, "--data", tmp_path / "x.npz", "--batch-size", "2",
+    code, out, err = cli("check", path, path, "--data", tmp_path / "x.npz", "--batch-size", "2",
                          "--candidate-runtime", runtime, "--precision", "f32", "--report", tmp_path / "r.json")
     assert code == 0, err
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["samples"] == 5 and report["runtimes"]["candidate"]["runtime"] == runtime
-    code, out, err = run(capsys, "fold", path, "--data", tmp_path / "x.npz", "--batch-size", "2", "--verify-on",
+    code, out, err = cli("fold", path, "--data", tmp_path / "x.npz", "--batch-size", "2", "--verify-on",
                          runtime, "--precision", "f32", "-o", out_path)
     assert code == 0, err
     # the folded model on the runtime, at two more shapes, against the unfolded model on onnxruntime
@@ -165,7 +160,7 @@ def test_dynamic_height_and_width_check_and_fold_on_the_runtime(tmp_path, capsys
 # ----------------------------------------------------------------------------- precision
 
 @needs["openvino"]
-def test_openvino_bf16_fails_at_f32_tolerance_and_says_bf16(models, tmp_path, capsys):
+def test_openvino_bf16_fails_at_f32_tolerance_and_says_bf16(models, tmp_path, cli):
     """Forced bf16 (not the CPU's default) with the f32 tolerances: exit 1, report says bf16.
 
     OpenVINO honours a bf16 hint on CPUs with AVX-512 (native AVX512-BF16/AMX, or emulated with
@@ -173,7 +168,7 @@ def test_openvino_bf16_fails_at_f32_tolerance_and_says_bf16(models, tmp_path, ca
     say f32 and that bf16 was asked, and the exit-1 half cannot be shown (skipped, saying why)."""
     unfolded, folded, data = models["demo"]
     argv = ["check", unfolded, folded, *data, "--candidate-runtime", "openvino", "--precision", "bf16"]
-    code, out, err = run(capsys, *argv, "--atol", "1e-5", "--rtol", "1e-5", "--layerwise", "--report", tmp_path / "r.json")
+    code, out, err = cli(*argv, "--atol", "1e-5", "--rtol", "1e-5", "--layerwise", "--report", tmp_path / "r.json")
     report = json.loads((tmp_path / "r.json").read_text())
     cand = report["runtimes"]["candidate"]
     assert cand["requested"] == "bf16"
@@ -190,7 +185,7 @@ def test_openvino_bf16_fails_at_f32_tolerance_and_says_bf16(models, tmp_path, ca
     assert report["layerwise"]["compared"] > 10 and first is not None
     assert first == report["layerwise"]["tensors"][0] and first["tensor"].startswith("/features/features.0/Conv")
     # the same run with the default tolerances for bf16 passes and says which defaults applied
-    code, out, _ = run(capsys, *argv, "--report", tmp_path / "r2.json")
+    code, out, _ = cli(*argv, "--report", tmp_path / "r2.json")
     report = json.loads((tmp_path / "r2.json").read_text())
     assert code == 0 and report["tolerance"] == "bf16"
     assert (report["atol"], report["rtol"], report["scaled_atol"]) == (1e-5, 3e-2, 3e-2)
@@ -198,11 +193,11 @@ def test_openvino_bf16_fails_at_f32_tolerance_and_says_bf16(models, tmp_path, ca
 
 
 @needs["openvino"]
-def test_precision_default_reports_what_openvino_picked(models, tmp_path, capsys):
+def test_precision_default_reports_what_openvino_picked(models, tmp_path, cli):
     import openvino as ov
 
     unfolded, folded, data = models["resnet"]
-    code, out, _ = run(capsys, "check", unfolded, folded, *data, "--candidate-runtime", "openvino",
+    code, out, _ = cli("check", unfolded, folded, *data, "--candidate-runtime", "openvino",
                        "--report", tmp_path / "r.json")
     report = json.loads((tmp_path / "r.json").read_text())
     picked = ov.Core().compile_model(str(folded), "CPU").get_property("INFERENCE_PRECISION_HINT").to_string()
@@ -280,18 +275,18 @@ def det_net() -> onnx.ModelProto:
                                                                 marks=needs["tract"]),
                                                    pytest.param("openvino", det_net, "Det", "determinant",
                                                                 marks=needs["openvino"])])
-def test_runtime_lacking_an_operator_is_exit_2_naming_it(tmp_path, capsys, runtime, build, op, node):
+def test_runtime_lacking_an_operator_is_exit_2_naming_it(tmp_path, cli, runtime, build, op, node):
     path = tmp_path / "m.onnx"
     onnx.save(build(), str(path))
-    assert run(capsys, "check", path, path, "--random", "4")[0] == 0  # onnxruntime runs it
-    code, out, err = run(capsys, "check", path, path, "--random", "4", "--candidate-runtime", runtime)
+    assert cli("check", path, path, "--random", "4")[0] == 0  # onnxruntime runs it
+    code, out, err = cli("check", path, path, "--random", "4", "--candidate-runtime", runtime)
     assert code == 2 and out == ""
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in err, err
     assert lines[0] == (f"onnxbn: error: {runtime} cannot load the model: it has no implementation of operator {op} "
                         f"(node {node!r}); run it on another runtime, or replace that operator")
     if build is lp_pool_net:  # fold --verify-on: the same line, nothing written
-        code, _, err = run(capsys, "fold", path, "--random", "4", "--verify-on", runtime, "-o", tmp_path / "d.onnx")
+        code, _, err = cli("fold", path, "--random", "4", "--verify-on", runtime, "-o", tmp_path / "d.onnx")
         assert code == 2 and f"it has no implementation of operator {op}" in err and len(err.strip().splitlines()) == 1
         assert not (tmp_path / "d.onnx").exists()
 
@@ -303,30 +298,30 @@ def test_runtime_lacking_an_operator_is_exit_2_naming_it(tmp_path, capsys, runti
     (["--candidate-runtime", "openvino:gpu"], "openvino runs on the CPU"),
     (["--runtime", "tract", "--device", "cuda"], "--device cuda applies to onnxruntime"),
 ])
-def test_bad_runtime_arguments_are_exit_2(tmp_path, capsys, argv, message):
+def test_bad_runtime_arguments_are_exit_2(tmp_path, cli, argv, message):
     path = tmp_path / "m.onnx"
     onnx.save(small_net(13), str(path))
-    code, _, err = run(capsys, "check", path, path, "--random", "2", *argv)
+    code, _, err = cli("check", path, path, "--random", "2", *argv)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
 
 
-def test_fold_precision_for_no_runtime_that_takes_it_is_exit_2(tmp_path, capsys):
+def test_fold_precision_for_no_runtime_that_takes_it_is_exit_2(tmp_path, cli):
     path = tmp_path / "m.onnx"
     onnx.save(resnet_style(), str(path))
-    code, _, err = run(capsys, "fold", path, "--random", "2", "--precision", "bf16", "-o", tmp_path / "d.onnx")
+    code, _, err = cli("fold", path, "--random", "2", "--precision", "bf16", "-o", tmp_path / "d.onnx")
     assert code == 2 and "--precision bf16 applies to --verify-on openvino" in err
     assert not (tmp_path / "d.onnx").exists()
 
 
 @pytest.mark.parametrize("runtime", ["openvino", "tract"])
-def test_missing_runtime_is_exit_2_with_the_pip_command(tmp_path, capsys, monkeypatch, runtime):
+def test_missing_runtime_is_exit_2_with_the_pip_command(tmp_path, cli, monkeypatch, runtime):
     monkeypatch.setitem(sys.modules, runtime, None)  # import openvino / tract -> ImportError
     path = tmp_path / "m.onnx"
     onnx.save(small_net(13), str(path))
-    code, _, err = run(capsys, "check", path, path, "--random", "2", "--candidate-runtime", runtime)
+    code, _, err = cli("check", path, path, "--random", "2", "--candidate-runtime", runtime)
     assert code == 2
     assert err.strip() == f"onnxbn: error: the {runtime} runtime is not installed: pip install 'onnxbn[{runtime}]'"
-    code, _, err = run(capsys, "fold", path, "--random", "2", "--verify-on", runtime, "-o", tmp_path / "d.onnx")
+    code, _, err = cli("fold", path, "--random", "2", "--verify-on", runtime, "-o", tmp_path / "d.onnx")
     assert code == 2 and f"pip install 'onnxbn[{runtime}]'" in err and not (tmp_path / "d.onnx").exists()
 
 
@@ -346,7 +341,7 @@ def test_onnxbn_runs_without_openvino_and_tract():
 
 # ----------------------------------------------------------------------------- layerwise where it cannot
 
-def test_layerwise_says_so_where_a_runtime_cannot_expose_tensors(models, monkeypatch, capsys):
+def test_layerwise_says_so_where_a_runtime_cannot_expose_tensors(models, monkeypatch, cli):
     from onnxbn.check import layerwise
 
     unfolded, folded, data = models["resnet"]
@@ -358,7 +353,7 @@ def test_layerwise_says_so_where_a_runtime_cannot_expose_tensors(models, monkeyp
         return real(model, runtime, **kw)
 
     monkeypatch.setattr(layerwise, "open_session", picky)
-    code, out, _ = run(capsys, "check", unfolded, folded, *data, "--layerwise")
+    code, out, _ = cli("check", unfolded, folded, *data, "--layerwise")
     assert code == 0
     assert out.splitlines()[-1].startswith("layerwise: not available: onnxruntime cannot return this graph's "
                                            "intermediate tensors (fake cannot load")
@@ -375,3 +370,23 @@ def test_reference_and_tract_sessions_return_what_onnxruntime_returns(models):
         got = session.run(None, {"input": x})[0]
         assert got.shape == want.shape and np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
         assert session.info.runtime == runtime and session.info.precision == "f32"
+
+
+# ----------------------------------------------------------------------------- moved from test_graph_core.py
+
+def test_make_session_leaves_onnxruntimes_logger_alone(capfd):
+    """make_session sets only its own session's log level, not onnxruntime's process-wide one."""
+    from onnxbn.runtimes.ort_backend import make_session
+
+    model = conv_model()
+    ir3 = conv_model(ir_version=3, opset=9)
+    ir3.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in ir3.graph.initializer)
+    ort.set_default_logger_severity(0)  # the caller wants verbose logs
+    try:
+        make_session(ir3, "cpu")
+        capfd.readouterr()
+        ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        verbose = capfd.readouterr().err
+    finally:
+        ort.set_default_logger_severity(2)
+    assert verbose.strip() != ""  # still verbose after onnxbn made its session

@@ -8,7 +8,8 @@ import pytest
 from conftest import write_images
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from onnx import helper
+from onnx import TensorProto, helper, numpy_helper
+from oracles import exposed
 
 import onnxbn
 from models import small_cnn
@@ -17,14 +18,6 @@ from onnxbn.data.sources import balanced_sample, open_data
 from onnxbn.points import select_points
 from onnxbn.runtimes.ort_backend import make_session
 from onnxbn.stats import ChannelMoments, augment_for_stats, load_stats, merge_stats
-
-
-def exposed_values(model, names, x):
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    for name in names:
-        m.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    return make_session(m, "cpu").run(names, {"input": x})
 
 
 @given(data=st.lists(st.floats(-1e3, 1e3, allow_nan=False, width=64), min_size=2, max_size=60),
@@ -50,7 +43,7 @@ def test_chan_merge_equals_single_pass(data, cuts, order_seed):
 def test_stats_match_numpy(opset, selector, cnn_inputs):
     model = small_cnn(opset)
     stats = onnxbn.collect_stats(model, cnn_inputs, after=selector, batch_size=5)
-    values = exposed_values(model, stats.tensors, cnn_inputs)
+    values = exposed(model, stats.tensors, cnn_inputs)
     for name, v in zip(stats.tensors, values):
         v = v.astype(np.float64)
         axes = (0,) + tuple(range(2, v.ndim))
@@ -233,3 +226,20 @@ def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path, cnn, cnn_inputs
     onnxbn.collect_stats(cnn, cnn_inputs, after="relu", batch_size=4, checkpoint=path, checkpoint_every=0)
     with pytest.raises(onnxbn.UserError, match="other settings"):
         onnxbn.collect_stats(cnn, cnn_inputs, after="relu", batch_size=8, checkpoint=path, resume=True)
+
+
+# ----------------------------------------------------------------------------- moved from test_graph_core.py
+
+def test_float64_model_gets_float64_statistics():
+    """Large values with a small spread: float32 row sums would be off by ~1e-7 relative; float64 is ~1e-16."""
+    w = numpy_helper.from_array(np.random.default_rng(4).uniform(0.5, 2, (1, 4, 1, 1)), "w")
+    nodes = [helper.make_node("Mul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "w"], ["c"]),
+             helper.make_node("Relu", ["c"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.DOUBLE, ["N", 4, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.DOUBLE, ["N", 4, 8, 8])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    x = np.random.default_rng(1).standard_normal((6, 4, 8, 8)) + 1e4
+    (c,) = exposed(model, ["c"], x)
+    stats = onnxbn.collect_stats(model, x, after=["c"], device="cpu", workers=0)
+    np.testing.assert_allclose(stats.mean("c"), c.mean(axis=(0, 2, 3)), rtol=1e-13)
+    np.testing.assert_allclose(stats.var("c"), c.var(axis=(0, 2, 3)), rtol=1e-11)

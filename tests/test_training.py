@@ -9,9 +9,11 @@ import onnx
 import pytest
 from conftest import small_cnn
 from onnx import TensorProto, helper, numpy_helper
+from oracles import exposed
 
 import onnxbn
 from onnxbn.cli import main
+from onnxbn.errors import UserError
 from onnxbn.runtimes.ort_backend import make_session
 from onnxbn.torch_import.writeback import write_into
 from onnxbn.training import default_freeze_node
@@ -24,13 +26,6 @@ def labelled(n=48, seed=0, size=8):
 
 def init(model, name):
     return next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name == name)
-
-
-def exposed(model, name, x):
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    m.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    return make_session(m, "cpu").run([name], {"input": x})[0]
 
 
 def test_finetune_small_model(tmp_path):
@@ -72,7 +67,7 @@ def test_bn_running_stats_follow_torch_momentum(tmp_path):
     old_mean, old_var = init(bn, bn_node.input[3]), init(bn, bn_node.input[4])
     # one step on one batch of all 32 samples: the first BN sees relu(fc1(...)) of the frozen features
     out = onnxbn.finetune(bn, (x, y), epochs=1, lr=1e-3, batch_size=32, optimizer="sgd").model
-    h = exposed(model, "h1", x).astype(np.float64)
+    h = exposed(model, ["h1"], x)[0].astype(np.float64)
     np.testing.assert_allclose(init(out, bn_node.input[3]), 0.9 * old_mean + 0.1 * h.mean(0), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(init(out, bn_node.input[4]), 0.9 * old_var + 0.1 * h.var(0, ddof=1), rtol=1e-5, atol=1e-6)
 
@@ -138,7 +133,7 @@ def test_finetune_full_vgg16(vgg16, tmp_path):
     assert result.log["cache"]["train"]["shape"] == [512, 7, 7]
     assert result.log["write_back_check"]["checked"] is True
     first_bn = next(n for n in bn.graph.node if n.op_type == "BatchNormalization")
-    h = exposed(model, first_bn.output[0], x).astype(np.float64)
+    h = exposed(model, [first_bn.output[0]], x)[0].astype(np.float64)
     np.testing.assert_allclose(init(out, first_bn.input[3]), 0.9 * init(bn, first_bn.input[3]) + 0.1 * h.mean(0),
                                rtol=1e-4, atol=1e-6)
 
@@ -385,3 +380,25 @@ def test_a_failing_conversion_stops_the_caching_pass_after_its_batch(monkeypatch
         onnxbn.finetune(small_cnn(), (x, y), epochs=1, batch_size=4, cache=tmp_path / "cache")
     assert runs == [4]  # one batch of 10
     assert list((tmp_path / "cache").iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- moved from test_graph_core.py
+
+def test_finetune_merges_a_last_batch_of_one():
+    from onnxbn.training import _batch_bounds
+
+    assert _batch_bounds(17, 16) == [0, 17]
+    assert _batch_bounds(24, 16) == [0, 16, 24]
+    assert _batch_bounds(39, 16) == [0, 16, 39]
+    assert _batch_bounds(40, 16) == [0, 16, 32, 40]
+    assert _batch_bounds(32, 16) == [0, 16, 32]
+    with pytest.raises(UserError, match="at least 2 training samples"):
+        _batch_bounds(1, 16)
+    from conftest import small_cnn
+
+    model = small_cnn()
+    x = np.random.default_rng(0).standard_normal((17, 3, 8, 8)).astype(np.float32)
+    stats = onnxbn.collect_stats(model, x, after="dense", device="cpu", workers=0)
+    result = onnxbn.finetune(onnxbn.insert_bn(model, stats), (x, np.arange(17) % 10), epochs=1, batch_size=16,
+                             device="cpu", lr=1e-3)  # a batch of 1 would raise in BatchNorm1d
+    assert len(result.log["history"]) == 1

@@ -157,27 +157,6 @@ def write_jpegs(folder: Path, n: int, size: tuple[int, int], seed: int = 0) -> P
     return folder
 
 
-def expose(model, names: list[str]):
-    """A copy of `model` with `names` added as graph outputs (what calibrators do)."""
-    import onnx
-    from onnx import helper
-
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    have = {o.name for o in out.graph.output}
-    out.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names if n not in have)
-    return out
-
-
-def numpy_moments(t: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
-    """(count per channel, mean, M2) of an (N, C, ...) array, reduced in numpy (float64)."""
-    axes = tuple(i for i in range(t.ndim) if i != 1)
-    count = t.size // t.shape[1]
-    mean = t.mean(axis=axes, dtype=np.float64)
-    var = t.var(axis=axes, dtype=np.float64)
-    return count, mean, var * count
-
-
 def quiet_session(model):
     """A CPU session whose intra-op threads block instead of spinning when idle.
 

@@ -20,6 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent.parent
+if str(ROOT) not in sys.path:  # run from a checkout without installing: this checkout's onnxbn first
+    sys.path.insert(0, str(ROOT))
+# The model zoo (tests/models.py) and the independent judges (tests/oracles.py) are the tests' own, shared
+# with the tools from there: test code stays out of the wheel, and the tools run from a checkout anyway.
+if str(ROOT / "tests") not in sys.path:
+    sys.path.append(str(ROOT / "tests"))
 
 
 def now() -> float:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -155,8 +154,7 @@ def _recovery_rows(p: Profile) -> dict:
     """Accuracy recovery measured on seeded Conv-BN-ReLU CNNs (depthwise in the middle) whose BN statistics are
     those of the calibration data (onnxbn.recalibrate first, as in a trained model): per recovery, the mean over
     seeds of top-1 agreement and cosine with the float model on held-out inputs."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from models import Net  # pyright: ignore[reportAttributeAccessIssue]  (tests/models.py, put on the path above)
+    from models import Net  # tests/models.py, on the path through harness
     from onnxbn.quantization import quantize_with_report
     from onnxbn.recalibration import recalibrate
 
