@@ -552,7 +552,7 @@ RECALIBRATE_DATA = InputData(required=True, workers="pool", data_help="data to r
              help="the old statistics count as this many samples against the n new images (mean and variance of "
                   "the mixture), a number or a multiple of n (default 2n: keeps a narrow in-domain set from "
                   "hurting; 0: the new statistics only, to adapt to a shift). BNs whose old mean/var are computed "
-                  "at run time keep the new ones. auto (needs --eval): the best of 0, n/4, n, 4n, 16n on --eval"),
+                  "at run time keep the new ones. auto (needs --eval): the best of 0, n/4, n, 2n, 4n, 16n on --eval"),
          arg("--eval", dest="eval_data", metavar="DATA",
              help="labelled data (class folders or .npz with x, y): top-1 and loss before and after are reported, "
                   "and nothing is written when top-1 drops by more than --max-drop"),

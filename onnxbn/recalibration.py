@@ -1,8 +1,16 @@
 """Recalibrate: re-estimate the mean/var of a model's BatchNormalization nodes on new data.
 
 An inference-mode BN computes y = scale * (x - mean) / sqrt(var + eps) + B per channel
-(axis 1). `recalibrate` sets mean and var of every selected BN node (default: all) to
-the statistics of its input x on the given data, and keeps scale and B (AdaBN).
+(axis 1). `recalibrate` measures the statistics of every selected BN node's (default: all)
+input x on the given data (below: exact or batch), keeps scale and B, and stores
+
+    mean = (N mu_old + n mu_new)/(N+n),   var = (N (var_old + (mu_old-mu)^2) + n (var_new + (mu_new-mu)^2))/(N+n)
+
+(`blend`: the old statistics count as N = `prior` samples against the n new images; default
+N = 2n; N = 0 stores the measurement, AdaBN), with a variance floor: a channel whose var falls
+below var_floor x var_old (default 0.01; 0 = off) keeps var_floor x var_old. With labelled
+eval_data a guard scores the model before and after and refuses a drop of more than max_drop
+top-1 points; prior "auto" picks N from AUTO_GRID x n on that data.
 Nothing else changes: nodes, names, opset and metadata survive, and a metadata entry
 `onnxbn.recalibrate` records the nodes, the data, the mode and the passes.
 
@@ -114,7 +122,7 @@ DEFAULT_CACHE_MB = 1024.0
 DEFAULT_PRIOR = "2n"
 DEFAULT_VAR_FLOOR = 0.01
 DEFAULT_MAX_DROP = 0.5  # points of top-1, with eval_data
-AUTO_GRID = (0.0, 0.25, 1.0, 4.0, 16.0)  # prior "auto": these multiples of n
+AUTO_GRID = (0.0, 0.25, 1.0, 2.0, 4.0, 16.0)  # prior "auto": these multiples of n
 MEAN, VAR = 3, 4  # BatchNormalization input slots
 
 

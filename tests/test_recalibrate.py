@@ -914,7 +914,7 @@ def test_guard_passes_a_helpful_recalibration_and_prior_auto(tmp_path, capsys):
     assert top1(written, x, y) == 1.0
     assert main(["recalibrate", *argv, "--prior", "auto", "--force"]) == 0
     out = capsys.readouterr().out
-    assert "--prior auto" in out and "chose 0" in out and out.count("  prior ") == 5
+    assert "--prior auto" in out and "chose 0" in out and out.count("  prior ") == 6
     for node in bn_nodes(model):  # prior 0 won: the written statistics are the measured ones
         np.testing.assert_allclose(stored(onnx.load(tmp_path / "out.onnx"), node.input[4]), stored(good, node.input[4]),
                                    rtol=1e-6)
@@ -928,3 +928,104 @@ def test_prior_auto_needs_eval(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--eval" in err[0]
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_floored_channels_are_listed_in_the_report_and_the_metadata():
+    model = bn_net()
+    w = next(t for t in model.graph.initializer if t.name == "conv1.W")
+    weights = numpy_helper.to_array(w).copy()
+    weights[[0, 4]] = 0  # conv1 channels 0 and 4 are constant on any data
+    w.CopyFrom(numpy_helper.from_array(weights, "conv1.W"))
+    x = data(n=12, size=8, seed=9)
+    p0 = onnxbn.recalibrate(model, x, batch_size=4, prior=0, var_floor=0)
+    want = {}
+    for node in bn_nodes(model):  # numpy: the channels whose measured variance is below 0.01 x the old one
+        low = np.flatnonzero(stored(p0, node.input[4]) < 0.01 * stored(model, node.input[4]))
+        if low.size:
+            want[node.name] = [int(c) for c in low]
+    assert want.get("bn1") == [0, 4]
+    out, report = recalibrate_with_report(model, x, batch_size=4, prior=0, var_floor=0.01)
+    assert report.floored_channels == want and report.floored == {k: len(v) for k, v in want.items()}
+    assert "bn1 (2 channels) [0, 4]" in report.table()
+    meta = json.loads({p.key: p.value for p in out.metadata_props}["onnxbn.recalibrate"])
+    assert meta["floored_channels"] == want and meta["floored"] == {k: len(v) for k, v in want.items()}
+
+
+def test_prior_2n_is_twice_the_number_of_images(vgg):
+    _, model = vgg
+    x = data(n=24, seed=5)
+    plain = onnxbn.recalibrate(model, x, batch_size=8, prior=0, var_floor=0)
+    blended, report = recalibrate_with_report(model, x, batch_size=8, prior="2n", var_floor=0)
+    assert report.prior == 48 and report.prior_requested == "2n"
+    for node in bn_nodes(model):
+        mean, var = numpy_blend(stored(model, node.input[3]), stored(model, node.input[4]),
+                                stored(plain, node.input[3]), stored(plain, node.input[4]), 48, 24)
+        np.testing.assert_allclose(stored(blended, node.input[3]), mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(stored(blended, node.input[4]), var, rtol=1e-5, atol=1e-6)
+    meta = json.loads({p.key: p.value for p in blended.metadata_props}["onnxbn.recalibrate"])
+    assert meta["prior"] == 48 and meta["prior_requested"] == "2n"
+
+
+def with_statistics(model, values: dict) -> onnx.ModelProto:
+    """A copy of `model` whose initializers `values` names hold those values (numpy, float32)."""
+    out = copy.deepcopy(model)
+    for t in out.graph.initializer:
+        if t.name in values:
+            t.CopyFrom(numpy_helper.from_array(np.asarray(values[t.name], np.float32), t.name))
+    return out
+
+
+def top1_and_loss(model, x, y) -> tuple[float, float]:
+    """Top-1 and mean cross-entropy of the logits (numpy log-softmax) on onnxruntime's outputs."""
+    logits = session(model).run(None, {feed(model): x})[0].astype(np.float64)
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    logp = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    return float((logits.argmax(axis=1) == y).mean()), float(-logp[np.arange(len(y)), y].mean())
+
+
+def test_prior_auto_picks_the_grids_best_as_judged_independently():
+    model = bn_net(seed=3)
+    x_eval = data(n=40, size=8, seed=10, shift=0.0, gain=1.0)
+    y = session(model).run(None, {feed(model): x_eval})[0].argmax(axis=1)
+    x_recal = data(n=20, size=8, seed=11, shift=1.5, gain=3.0)
+    plain = onnxbn.recalibrate(model, x_recal, prior=0, var_floor=0)
+    n, judged = len(x_recal), []
+    for k in (0.0, 0.25, 1.0, 2.0, 4.0, 16.0):
+        values = {}
+        for node in bn_nodes(model):
+            values[node.input[3]], values[node.input[4]] = numpy_blend(
+                stored(model, node.input[3]), stored(model, node.input[4]), stored(plain, node.input[3]),
+                stored(plain, node.input[4]), k * n, n)
+        judged.append((k * n, *top1_and_loss(with_statistics(model, values), x_eval, y)))
+    best = max(judged, key=lambda j: (j[1], -j[2]))
+    chosen, report = recalibrate_with_report(model, x_recal, prior="auto", var_floor=0, eval_data=(x_eval, y),
+                                             max_drop=100)
+    assert [g["prior"] for g in report.prior_grid] == [j[0] for j in judged]
+    assert [g["top1"] for g in report.prior_grid] == pytest.approx([j[1] for j in judged], abs=1e-12)
+    assert [g["loss"] for g in report.prior_grid] == pytest.approx([j[2] for j in judged], rel=1e-4)
+    assert report.prior == best[0]
+    assert top1_and_loss(chosen, x_eval, y)[0] == best[1]
+
+
+def test_guard_through_the_python_api():
+    from onnxbn.recalibration import RecalibrationRefused
+
+    model = bn_net(seed=3)
+    x_eval = data(n=40, size=8, seed=10, shift=0.0, gain=1.0)
+    y = session(model).run(None, {feed(model): x_eval})[0].argmax(axis=1)  # the original: 100% here
+    x_bad = data(n=40, size=8, seed=11, shift=3.0, gain=6.0)
+    after = top1(onnxbn.recalibrate(model, x_bad, prior=0), x_eval, y)
+    assert after < 0.95  # numpy judge: a harmful recalibration
+    untouched = model.SerializeToString()
+    with pytest.raises(RecalibrationRefused) as refused:
+        onnxbn.recalibrate(model, x_bad, prior=0, eval_data=(x_eval, y))
+    e = refused.value.report.eval
+    assert e["refused"] and e["before"]["top1"] == 1.0 and e["after"]["top1"] == pytest.approx(after)
+    assert e["drop"] == pytest.approx(100 * (1 - after)) and model.SerializeToString() == untouched
+    helpful = bn_net(seed=4)
+    x = data(n=40, size=8, seed=12, shift=2.0, gain=3.0)
+    good = onnxbn.recalibrate(helpful, x, prior=0)
+    y = session(good).run(None, {feed(good): x})[0].argmax(axis=1)
+    out, report = recalibrate_with_report(helpful, x, prior=0, eval_data=(x, y))
+    assert not report.eval["refused"] and report.eval["after"]["top1"] == top1(out, x, y) == 1.0
+    assert report.eval["before"]["top1"] == pytest.approx(top1(helpful, x, y))
