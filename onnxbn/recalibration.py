@@ -92,7 +92,6 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -103,8 +102,7 @@ from onnxbn.errors import UserError
 from onnxbn.feeding import check_batch_shape, fit_batch_size, model_input, open_model_data, progress, run_batches
 from onnxbn.graph import GraphIndex, graph_inputs, reads, require_opset, tensor_shape, value_types
 from onnxbn.io.copies import detach_weights, empty_like, set_metadata
-from onnxbn.io.load import load_own, load_structure
-from onnxbn.io.tensors import IN_MEMORY, materialize
+from onnxbn.io.model import Model
 from onnxbn.points import Point
 from onnxbn.runtimes.ort_backend import make_session, session_provider
 from onnxbn.stats import ChannelMoments, augment_for_stats
@@ -347,10 +345,9 @@ def _channels(index: GraphIndex, node: onnx.NodeProto) -> int:
                     "count is unknown; recalibrate needs constant BN parameters")
 
 
-def _prepare(model: onnx.ModelProto, selected: list[onnx.NodeProto], types: dict, folder) -> list[BNRecord]:
-    """Convert training-mode BNs, give each selected BN mean/var tensors of its own; record the old values
-    (`folder`: where the model's external data lies)."""
-    index = GraphIndex(model, folder=folder)
+def _prepare(model: Model, selected: list[onnx.NodeProto], types: dict) -> list[BNRecord]:
+    """Convert training-mode BNs, give each selected BN mean/var tensors of its own; record the old values."""
+    index = GraphIndex(model.proto, model.arrays, model.folder)
     reads_before = dict(index.read_count)
     records = []
     for node in selected:
@@ -369,12 +366,10 @@ def _prepare(model: onnx.ModelProto, selected: list[onnx.NodeProto], types: dict
     return records
 
 
-def _write_stats(model: onnx.ModelProto, weights: dict | None, bn: BNRecord, mean: np.ndarray,
-                 var: np.ndarray) -> None:
-    """Store mean/var in the BN's own tensors (prepared by `_own_slot`), in their dtype.
-
-    A detached initializer (`io.copies.detach_weights`) is updated in `weights`, its stub left as it is."""
-    index = GraphIndex(model)
+def _write_stats(model: Model, bn: BNRecord, mean: np.ndarray, var: np.ndarray) -> None:
+    """Store mean/var in the BN's own tensors (prepared by `_own_slot`), in their dtype: an initializer
+    through `Model.set_array`, a Constant node's value in place."""
+    index = GraphIndex(model.proto)
     node = index.producers[bn.key]
     for slot, value in ((MEAN, mean), (VAR, var)):
         name = node.input[slot]
@@ -387,8 +382,8 @@ def _write_stats(model: onnx.ModelProto, weights: dict | None, bn: BNRecord, mea
                             f"{onnx.TensorProto.DataType.Name(target.data_type)} (max |value| "
                             f"{np.abs(value).max():.3g}); nothing written")
         cast = cast.reshape(tuple(target.dims))
-        if weights is not None and name in weights and any(e.value == IN_MEMORY for e in target.external_data):
-            weights[name] = cast
+        if tensor is not None:
+            model.set_array(name, cast)
         else:
             target.CopyFrom(numpy_helper.from_array(cast, target.name))
 
@@ -569,21 +564,20 @@ def _run_pass(p: _Pass, dataset, model, batch_size: int, workers: int, strict: b
     return moments, kept, samples
 
 
-def _exact(out: onnx.ModelProto, bns: list[BNRecord], dataset, batch_size: int, *, workers: int, strict: bool,
-           device: str, cache_mb: float, folder=None) -> tuple[list[dict], int, str]:
-    """Level by level (module docstring): write each level's statistics into `out`. Returns (passes, samples, provider).
-
-    `folder`: where the external data of `out` (a `load_structure` model) lies; onnxruntime then reads
-    the weights from that file. Without it, they reach onnxruntime as arrays (`detach_weights`, uncopied)."""
-    work, weights = (out, {}) if folder is not None else detach_weights(out)
-    index = GraphIndex(work)
-    types = value_types(work)
+def _exact(work: Model, bns: list[BNRecord], dataset, batch_size: int, *, workers: int, strict: bool,
+           device: str, cache_mb: float) -> tuple[list[dict], int, str]:
+    """Level by level (module docstring): write each level's statistics into `work`. Returns (passes, samples,
+    provider). onnxruntime gets the weights where `work` holds them: its arrays as they are, the rest read
+    from its files."""
+    out = work.proto
+    index = GraphIndex(out)
+    types = value_types(out)
     up = _levels(index, bns)
-    dyn = _dynamic(index, work)
+    dyn = _dynamic(index, out)
     budget = int(cache_mb * 2**20)
     levels = max(b.level for b in bns) + 1
     _check_rereadable(dataset, levels)
-    input_name = model_input(work)[0]
+    input_name = model_input(out)[0]
     base: _Cut | None = None
     passes, samples, provider = [], 0, "cpu"
     for k in range(levels):
@@ -592,19 +586,19 @@ def _exact(out: onnx.ModelProto, bns: list[BNRecord], dataset, batch_size: int, 
         points = [_point(t, index, types) for t in dict.fromkeys(b.input for b in level_bns)]
         keep = _choose_cut(index, bns, k, levels, up, dyn, types, base, input_name, dataset.total, budget)
         sample = base.batches[0] if base is not None and base.batches else {}
-        stage, fed, n_nodes = _stage_model(work, index, points, keep, base.names if base is not None else None,
+        stage, fed, n_nodes = _stage_model(out, index, points, keep, base.names if base is not None else None,
                                            types, sample)
-        session = make_session(stage, device, weights=weights, folder=folder)
+        session = make_session(stage, device, weights=work.arrays, folder=work.folder)
         provider = session_provider(session)
         p = _Pass(session, [o.name for o in stage.graph.output], points, fed, base, keep, budget)
-        moments, kept, samples = _run_pass(p, dataset, work, batch_size, workers, strict,
+        moments, kept, samples = _run_pass(p, dataset, out, batch_size, workers, strict,
                                            f"recalibrate pass {k + 1}/{levels}")
         if samples == 0:
             raise UserError(f"{dataset.description}: no sample could be read; nothing to recalibrate on")
         for b in level_bns:
             m = moments[b.input]
             b.new_mean, b.new_var = m.mean, m.var
-            _write_stats(work, weights, b, b.new_mean, b.new_var)
+            _write_stats(work, b, b.new_mean, b.new_var)
         passes.append({"pass": k + 1, "bns": [b.node for b in level_bns], "nodes": n_nodes,
                        "source": "data" if base is None else "kept activations", "kept": keep if kept else [],
                        "cached_mib": round(kept.nbytes / 2**20, 3) if kept else 0.0,
@@ -612,9 +606,6 @@ def _exact(out: onnx.ModelProto, bns: list[BNRecord], dataset, batch_size: int, 
         if kept is not None:
             base = kept
         del session, p
-    if work is not out:
-        for b in bns:
-            _write_stats(out, None, b, b.new_mean, b.new_var)
     return passes, samples, provider
 
 
@@ -655,15 +646,15 @@ def _check_rereadable(dataset, levels: int) -> None:
 
 # ----------------------------------------------------------------------------- batch mode
 
-def _batch(out: onnx.ModelProto, bns: list[BNRecord], dataset, batch_size: int, *, workers: int, strict: bool,
+def _batch(work: Model, bns: list[BNRecord], dataset, batch_size: int, *, workers: int, strict: bool,
            device: str) -> tuple[list[dict], int, str]:
-    """One training-mode pass in torch, update_bn's convention (module docstring); writes into `out`."""
+    """One training-mode pass in torch, update_bn's convention (module docstring); writes into `work`."""
     import torch
 
     from onnxbn.torch_import import to_torch
 
     started = time.perf_counter()
-    imported = _with_constant_parameters(out, bns)
+    imported = _with_constant_parameters(work.copy().to_proto(), bns)
     module = to_torch(imported)
     modules = _bn_modules(module, imported, bns)
     dev = torch.device("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
@@ -674,7 +665,7 @@ def _batch(out: onnx.ModelProto, bns: list[BNRecord], dataset, batch_size: int, 
         bn.reset_running_stats()
         bn.momentum = None
         bn.train()
-    _, dtype, shape = model_input(out)
+    _, dtype, shape = model_input(work.proto)
     samples = 0
     with torch.no_grad(), progress(dataset.total, "recalibrate (batch)") as bar:
         for x, _ in dataset.batches(batch_size, workers, strict=strict, dtype=dtype):
@@ -692,8 +683,8 @@ def _batch(out: onnx.ModelProto, bns: list[BNRecord], dataset, batch_size: int, 
         if not (np.isfinite(b.new_mean).all() and np.isfinite(b.new_var).all()):
             raise UserError(f"BN {b.node!r}: its batch statistics have NaN or Inf values (an overflow in the model on "
                             "this data?); nothing written")
-        _write_stats(out, None, b, b.new_mean, b.new_var)
-    passes = [{"pass": 1, "bns": [b.node for b in bns], "nodes": len(out.graph.node), "source": "data (torch)",
+        _write_stats(work, b, b.new_mean, b.new_var)
+    passes = [{"pass": 1, "bns": [b.node for b in bns], "nodes": len(work.proto.graph.node), "source": "data (torch)",
                "kept": [], "cached_mib": 0.0, "seconds": round(time.perf_counter() - started, 3)}]
     return passes, samples, dev.type
 
@@ -701,8 +692,7 @@ def _batch(out: onnx.ModelProto, bns: list[BNRecord], dataset, batch_size: int, 
 def _with_constant_parameters(model: onnx.ModelProto, bns: list[BNRecord]) -> onnx.ModelProto:
     """`model`, or a copy in which each selected BN's parameters that are not initializers (reached through
     Identity nodes, as torch's exporter writes a parameter equal to another, or Constant nodes) are, so that
-    to_torch makes the BN a torch BatchNorm module. Only the module is built from the copy; the statistics
-    go into `model`."""
+    to_torch makes the BN a torch BatchNorm module. Only the module is built from the copy."""
     index = GraphIndex(model)
     slots = [(b.key, slot) for b in bns for slot in (1, 2, MEAN, VAR)
              if index.producers[b.key].input[slot] not in index.initializers]
@@ -755,7 +745,7 @@ def blend(old_mean: np.ndarray, old_var: np.ndarray, new_mean: np.ndarray, new_v
     return mean, var
 
 
-def _apply_prior(out: onnx.ModelProto, bns: list[BNRecord], prior: float, samples: int,
+def _apply_prior(out: Model, bns: list[BNRecord], prior: float, samples: int,
                  var_floor: float = 0.0) -> tuple[list[str], dict[str, list[int]]]:
     """Blend each BN's measured statistics with its old ones (`blend`, n = the number of images), then floor
     the variance (a channel whose new variance is below var_floor * its old one keeps var_floor * old), and
@@ -776,7 +766,7 @@ def _apply_prior(out: onnx.ModelProto, bns: list[BNRecord], prior: float, sample
         if prior <= 0 and var_floor <= 0:
             if b.new_mean is not mean:
                 b.new_mean, b.new_var = mean, var
-                _write_stats(out, None, b, mean, var)
+                _write_stats(out, b, mean, var)
             continue
         if prior > 0:
             mean, var = blend(b.old_mean, b.old_var, mean, var, prior, samples)
@@ -788,7 +778,7 @@ def _apply_prior(out: onnx.ModelProto, bns: list[BNRecord], prior: float, sample
                 floored[b.node] = [int(c) for c in np.flatnonzero(low)]
         if prior > 0 or b.node in floored or b.new_mean is not b.measured_mean:
             b.new_mean, b.new_var = mean, var
-            _write_stats(out, None, b, b.new_mean, b.new_var)
+            _write_stats(out, b, b.new_mean, b.new_var)
     return unblended, floored
 
 
@@ -814,7 +804,7 @@ def _parse_prior(prior, eval_data) -> tuple[float, bool] | str:
     return float(prior), relative
 
 
-def _choose_and_guard(out, folder, bns: list[BNRecord], samples: int, prior, var_floor: float, original,
+def _choose_and_guard(out: Model, bns: list[BNRecord], samples: int, prior, var_floor: float, original: Model,
                       eval_data, max_drop: float, evaluate_options: dict) -> tuple:
     """Blend and floor the measured statistics into `out` (`_apply_prior`); with eval_data, score the original
     and the result on it (`training.evaluate`: top-1, loss). prior "auto": blend at each of AUTO_GRID x n
@@ -824,9 +814,7 @@ def _choose_and_guard(out, folder, bns: list[BNRecord], samples: int, prior, var
         from onnxbn.training import evaluate
 
         applied = _apply_prior(out, bns, p, samples, var_floor)
-        copy = onnx.ModelProto()
-        copy.CopyFrom(out)
-        r = evaluate(materialize(copy, folder=folder), eval_data, **evaluate_options)
+        r = evaluate(out.copy().to_proto(), eval_data, **evaluate_options)
         return {"prior": p, "top1": r["top1"], "loss": r["loss"], "samples": r["samples"], "applied": applied}
 
     if prior != "auto":
@@ -835,7 +823,7 @@ def _choose_and_guard(out, folder, bns: list[BNRecord], samples: int, prior, var
         return prior, [], None, _apply_prior(out, bns, prior, samples, var_floor)
     from onnxbn.training import evaluate
 
-    r = evaluate(original, eval_data, **evaluate_options)
+    r = evaluate(original.copy().to_proto(), eval_data, **evaluate_options)
     before = {"top1": r["top1"], "loss": r["loss"], "samples": r["samples"]}
     if prior == "auto":
         grid = [score(k * samples) for k in AUTO_GRID]
@@ -854,42 +842,38 @@ def _choose_and_guard(out, folder, bns: list[BNRecord], samples: int, prior, var
 # ----------------------------------------------------------------------------- the API
 
 def recalibrate(model, data, mode: str = "exact", nodes=None, **options) -> onnx.ModelProto:
-    """A copy of `model` whose selected BN nodes (default: all) hold the mean/var of their inputs on `data`.
+    """A copy of `model` (path or ModelProto) whose selected BN nodes hold their recalibrated statistics:
+    `recalibrate_model` on `Model.open(model)` (see there for the options), as a ModelProto."""
+    return recalibrate_model(Model.open(model), data, mode, nodes, **options)[0].to_proto()
 
-    `model`: path or ModelProto; `data`: image folder, .npz, array or (x, y), as `collect_stats` takes;
-    `mode`: "exact" or "batch"; `nodes`: BN node names (list or comma separated). Keyword options:
-    batch_size, limit, seed, preset, workers, strict, device, cache_mb;
-    prior: the old statistics count as this many samples against the n new images (`blend`; default
-    DEFAULT_PRIOR), or "auto" (needs eval_data: the best of AUTO_GRID x n on it);
+
+def recalibrate_with_report(model, data, mode: str = "exact", nodes=None,
+                            **options) -> tuple[onnx.ModelProto, RecalibrationReport]:
+    """(`recalibrate`'s result, the RecalibrationReport); see `recalibrate_model`."""
+    result, report = recalibrate_model(Model.open(model), data, mode, nodes, **options)
+    return result.to_proto(), report
+
+
+def recalibrate_model(model: Model, data, mode: str = "exact", nodes=None, *, batch_size: int = 32,
+                      limit: int | None = None, seed: int = 0, preset: str | None = None, workers: int | None = 0,
+                      strict: bool = False, device: str = "auto", cache_mb: float = DEFAULT_CACHE_MB,
+                      prior: float | str = DEFAULT_PRIOR, var_floor: float = DEFAULT_VAR_FLOOR, eval_data=None,
+                      max_drop: float = DEFAULT_MAX_DROP) -> tuple[Model, RecalibrationReport]:
+    """(`model` whose selected BN nodes (default: all) hold their recalibrated statistics, the report);
+    `model` is left as it is. The weights recalibration leaves alone stay where they are (a Model opened
+    from a path keeps them in its file; onnxruntime reads them from there), the new statistics are
+    arrays of the result (see `onnxbn.io.model`).
+
+    `data`: image folder, .npz, array or (x, y), as `collect_stats` takes; `mode`: "exact" or "batch";
+    `nodes`: BN node names (list or comma separated); batch_size, limit, seed, preset, workers, strict
+    and device as `collect_stats` takes them; cache_mb: exact mode's activation cache;
+    prior: the old statistics count as this many samples against the n new images (`blend`), a number,
+    a multiple of n ("2n", the default) or "auto" (needs eval_data: the best of AUTO_GRID x n on it);
     var_floor: a new variance below var_floor x the old one keeps that (default DEFAULT_VAR_FLOOR; 0 = off);
-    eval_data: labelled data (as `evaluate` takes): top-1 and loss before and after go into the report, and
-    `RecalibrationRefused` is raised (nothing returned) when top-1 drops by more than max_drop points
-    (default 0.5). See the module docstring (math, passes and cost, the insert + recalibrate recipe);
-    `recalibrate_with_report` also returns the report.
+    eval_data: labelled data (as `evaluate` takes): top-1 and loss before and after go into the report,
+    and `RecalibrationRefused` (holding the report) is raised when top-1 drops by more than max_drop
+    points (default 0.5). See the module docstring (math, passes and cost, the insert + recalibrate recipe).
     """
-    return recalibrate_with_report(model, data, mode=mode, nodes=nodes, **options)[0]
-
-
-def recalibrate_with_report(model, data, mode: str = "exact", nodes=None, **options) -> tuple[onnx.ModelProto,
-                                                                                            RecalibrationReport]:
-    """(recalibrated copy of `model`, RecalibrationReport); see `recalibrate` (raises RecalibrationRefused
-    when the guard refuses)."""
-    out, folder, report = recalibrate_lazily(model, data, mode=mode, nodes=nodes, **options)
-    if report.eval is not None and report.eval["refused"]:
-        raise RecalibrationRefused(report)
-    return materialize(out, folder=folder), report
-
-
-def recalibrate_lazily(model, data, mode: str = "exact", nodes=None, *, batch_size: int = 32,
-                       limit: int | None = None, seed: int = 0, preset: str | None = None, workers: int | None = 0,
-                       strict: bool = False, device: str = "auto", cache_mb: float = DEFAULT_CACHE_MB,
-                       prior: float | str = DEFAULT_PRIOR, var_floor: float = DEFAULT_VAR_FLOOR, eval_data=None,
-                       max_drop: float = DEFAULT_MAX_DROP) -> tuple[onnx.ModelProto, Path | None, RecalibrationReport]:
-    """(model, folder, report): `recalibrate_with_report` without gathering the weights, and without raising
-    when the guard refuses (report.eval["refused"] says so; the command line then writes nothing and exits 1).
-    In exact mode a path is read as its structure (`io.load.load_structure`): the weights stay in the file
-    (external data in `folder`, the file's folder), onnxruntime reads them from there, and
-    `io.save.save_model(model, path, folder=folder)` writes the result; otherwise folder is None."""
     if mode not in MODES:
         raise UserError(f"unknown mode {mode!r}: use exact or batch")
     if cache_mb < 0:
@@ -901,24 +885,23 @@ def recalibrate_lazily(model, data, mode: str = "exact", nodes=None, *, batch_si
     if not np.isfinite(max_drop):
         raise UserError(f"--max-drop must be a finite number of top-1 points (got {max_drop})")
     started = time.perf_counter()
-    if mode == "exact" and isinstance(model, (str, os.PathLike)):
-        out, folder = load_structure(model)
-    else:  # batch mode imports the whole model into torch
-        out, folder = load_own(model), None  # a caller's proto is copied
+    light, arrays = detach_weights(model.proto)  # a light copy: large inline weights reach onnxruntime as arrays
+    result = Model(light, {**model.arrays, **arrays}, model.folder)
+    out = result.proto
     require_opset(out)
     selected = _select(out, nodes)
-    bns = _prepare(out, selected, value_types(out), folder)
+    bns = _prepare(result, selected, value_types(out))
     dataset = open_model_data(out, data, preset=preset, limit=limit, seed=seed)
     batch_size = fit_batch_size(model_input(out)[2], batch_size, dataset.total)
     workers = default_workers() if workers is None else workers
     if mode == "exact":
-        passes, samples, provider = _exact(out, bns, dataset, batch_size, workers=workers, strict=strict,
-                                           device=device, cache_mb=cache_mb, folder=folder)
+        passes, samples, provider = _exact(result, bns, dataset, batch_size, workers=workers, strict=strict,
+                                           device=device, cache_mb=cache_mb)
     else:
-        passes, samples, provider = _batch(out, bns, dataset, batch_size, workers=workers, strict=strict,
+        passes, samples, provider = _batch(result, bns, dataset, batch_size, workers=workers, strict=strict,
                                            device=device)
     used, grid, guard, (unblended, floored) = _choose_and_guard(
-        out, folder, bns, samples, parsed, var_floor, model, eval_data, max_drop,
+        result, bns, samples, parsed, var_floor, model, eval_data, max_drop,
         {"batch_size": batch_size, "device": device, "preset": preset, "strict": strict})
     if used <= 0:
         unblended = []
@@ -928,6 +911,8 @@ def recalibrate_lazily(model, data, mode: str = "exact", nodes=None, *, batch_si
                                  prior_not_applied=unblended, var_floor=var_floor,
                                  floored={k: len(v) for k, v in floored.items()}, floored_channels=floored,
                                  prior_grid=grid, eval=guard)
+    if guard is not None and guard["refused"]:
+        raise RecalibrationRefused(report)
     set_metadata(out, {META_KEY: json.dumps({
         "mode": mode, "nodes": [b.node for b in bns], "passes": len(passes), "samples": samples,
         "batch_size": batch_size, "data": dataset.description, "data_source": dataset.source, "limit": limit,
@@ -938,4 +923,4 @@ def recalibrate_lazily(model, data, mode: str = "exact", nodes=None, *, batch_si
         **({"prior_grid": grid} if grid else {}),
         **({"eval": {k: guard[k] for k in ("data", "before", "after", "drop", "max_drop")}} if guard else {}),
     }, separators=(",", ":"))})
-    return out, folder, report
+    return result, report
