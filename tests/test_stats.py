@@ -51,7 +51,7 @@ def test_stats_match_numpy(opset, selector, cnn_inputs):
     model = small_cnn(opset)
     stats = onnxbn.collect_stats(model, cnn_inputs, after=selector, batch_size=5)
     values = exposed_values(model, stats.tensors, cnn_inputs)
-    for name, v in zip(stats.tensors, values):
+    for name, v in zip(stats.tensors, values, strict=True):
         v = v.astype(np.float64)
         axes = (0,) + tuple(range(2, v.ndim))
         np.testing.assert_allclose(stats.mean(name), v.mean(axis=axes), rtol=1e-6, atol=1e-7)
@@ -72,13 +72,23 @@ def test_selectors_pick_the_documented_tensors(cnn):
 
 def test_augmented_graph_fetches_only_channel_vectors(cnn):
     points = select_points(cnn, "dense")
-    augmented = augment_for_stats(cnn, points)
+    graph = augment_for_stats(cnn, points)
+    augmented = graph.model
     outputs = [o.name for o in augmented.graph.output]
     assert "logits" not in outputs and len(outputs) == 3 * len(points)
+    assert list(graph.outputs) == [p.tensor for p in points] and graph.fetch == outputs
     assert "fc3" not in {n.name for n in augmented.graph.node}  # the classifier is pruned away
     x = np.random.default_rng(0).standard_normal((6, 3, 8, 8)).astype(np.float32)
     values = make_session(augmented, "cpu").run(None, {"input": x})
     assert all(v.size <= 16 for v in values)
+    batch = graph.batch_moments(dict(zip(graph.fetch, values, strict=True)))
+    assert list(batch) == [p.tensor for p in points]
+    for name, v in zip(batch, exposed_values(cnn, list(batch), x), strict=True):  # numpy on the exposed tensors
+        v = np.moveaxis(v.astype(np.float64), 1, 0).reshape(v.shape[1], -1)
+        mean, m2, count = batch[name]
+        assert count == v.shape[1]
+        np.testing.assert_allclose(mean, v.mean(axis=1), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(m2, ((v - v.mean(axis=1, keepdims=True)) ** 2).sum(axis=1), rtol=1e-6, atol=1e-6)
 
 
 def test_shards_merge_to_a_single_run(cnn, cnn_inputs, tmp_path):

@@ -64,7 +64,7 @@ from onnxbn.recalibration.plan import (
 )
 from onnxbn.recalibration.report import BNRecord
 from onnxbn.runtimes.ort_backend import make_session, session_provider
-from onnxbn.stats import ChannelMoments, augment_for_stats
+from onnxbn.stats import ChannelMoments, StatsGraph, augment_for_stats
 
 DEFAULT_CACHE_MB = 1024.0
 
@@ -78,10 +78,11 @@ def _value_info(name: str, types: dict, array: np.ndarray | None = None) -> onnx
 
 
 def _stage_model(work: onnx.ModelProto, index: GraphIndex, points: list[Point], cut: list[str],
-                 base: list[str] | None, types: dict, sample: dict) -> tuple[onnx.ModelProto, list[str], int]:
+                 base: list[str] | None, types: dict, sample: dict) -> tuple[StatsGraph, list[str], int]:
     """The model of one pass: from the fed tensors (the previous cut, or the model's inputs) to the
     reductions of `points` (per point mean, m2, count) and the tensors of the next `cut`.
-    Returns (model, fed names, number of nodes taken from the original graph)."""
+    Returns (the stats graph, its model also computing the cut; fed names; number of nodes taken from the
+    original graph)."""
     fed_base = list(base) if base is not None else [i.name for i in graph_inputs(work)]
     targets = [p.tensor for p in points] + [t for t in cut if t not in fed_base]
     nodes, fed = graph_slice(index, targets, fed_base)
@@ -93,7 +94,8 @@ def _stage_model(work: onnx.ModelProto, index: GraphIndex, points: list[Point], 
     inits = {t.name for t in sub.graph.initializer}
     sub.graph.input.extend(_value_info(t, types, sample.get(t)) for t in fed)
     sub.graph.input.extend(i for i in work.graph.input if i.name in inits)  # IR < 4 lists initializers as inputs
-    augmented = augment_for_stats(sub, points)
+    graph = augment_for_stats(sub, points)
+    augmented = graph.model
     own = {o for n in nodes for o in n.output}
     stage = empty_like(work)
     stage.graph.node.extend(nodes)
@@ -105,7 +107,7 @@ def _stage_model(work: onnx.ModelProto, index: GraphIndex, points: list[Point], 
     stage.graph.input.extend(i for i in augmented.graph.input if i.name not in names)
     stage.graph.output.extend(augmented.graph.output)
     stage.graph.output.extend(_value_info(t, types) for t in cut if t not in fed_base)
-    return stage, fed, len(nodes)
+    return StatsGraph(stage, graph.outputs), fed, len(nodes)
 
 
 @dataclass
@@ -125,11 +127,12 @@ class _Cut:
 
 @dataclass
 class _Pass:
-    """One pass: its session and fetch list, the points it reduces, where its batches come from."""
+    """One pass: its session and stats graph (whose model also computes the next cut), where its batches
+    come from."""
 
     session: object
-    fetch: list[str]
-    points: list[Point]
+    graph: StatsGraph
+    fetch: list[str]          # every output of graph.model
     fed: list[str]
     base: _Cut | None
     keep: list[str]           # the next cut's tensors (computed or carried), empty when none is kept
@@ -157,19 +160,13 @@ def _run_pass(p: _Pass, dataset, model, batch_size: int, workers: int, strict: b
               desc: str) -> tuple[dict[str, ChannelMoments], _Cut | None, int]:
     """Stream the batches through the pass: merge each batch's moments (Chan, float64), keep the next cut
     while it fits in the budget. Returns (moments per point, the kept cut or None, samples)."""
-    moments = {pt.tensor: ChannelMoments() for pt in p.points}
+    moments = {tensor: ChannelMoments() for tensor in p.graph.outputs}
     kept = _Cut(p.keep) if p.keep else None
-    computed = p.fetch[3 * len(p.points):]
     samples = 0
     for feeds, values, n_batch in _batches(p, dataset, model, batch_size, workers, strict, desc):
-        for i, pt in enumerate(p.points):
-            mean, m2, n = values[3 * i: 3 * i + 3]
-            if not (np.isfinite(mean).all() and np.isfinite(m2).all()):
-                raise UserError(f"tensor {pt.tensor!r} has NaN or Inf values in the batch of samples {samples}.. "
-                                "(an overflow in the model on this data?); nothing written")
-            moments[pt.tensor].merge(int(n) // mean.size, mean.reshape(-1), m2.reshape(-1))
+        out = dict(zip(p.fetch, values, strict=True))
+        p.graph.merge(moments, out, samples, n_batch)
         if kept is not None:
-            out = dict(zip(computed, values[3 * len(p.points):], strict=True))
             kept.add({t: out[t] if t in out else feeds[t] for t in p.keep}, n_batch)
             if kept.nbytes > p.budget:
                 kept = None  # it does not fit after all: the next pass starts from the current base
@@ -201,9 +198,9 @@ def run_exact(work: Model, bns: list[BNRecord], dataset, batch_size: int, *, wor
         sample = base.batches[0] if base is not None and base.batches else {}
         stage, fed, n_nodes = _stage_model(out, index, points, keep, base.names if base is not None else None,
                                            types, sample)
-        session = make_session(stage, device, weights=work.arrays, folder=work.folder)
+        session = make_session(stage.model, device, weights=work.arrays, folder=work.folder)
         provider = session_provider(session)
-        p = _Pass(session, [o.name for o in stage.graph.output], points, fed, base, keep, budget)
+        p = _Pass(session, stage, [o.name for o in stage.model.graph.output], fed, base, keep, budget)
         moments, kept, samples = _run_pass(p, dataset, out, batch_size, workers, strict,
                                            f"recalibrate pass {k + 1}/{levels}")
         if samples == 0:
