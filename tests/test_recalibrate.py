@@ -83,6 +83,7 @@ def stale_bn(module: nn.Module, seed: int = 1) -> nn.Module:
     g = torch.Generator().manual_seed(seed)
     for m in module.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            assert m.running_mean is not None and m.running_var is not None
             with torch.no_grad():
                 m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.5)
                 m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
@@ -96,7 +97,8 @@ def export(module: nn.Module, size: int = 16, opset: int = 17, training: bool = 
     f = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, torch.randn(2, 3, size, size), f, dynamo=False, do_constant_folding=False,
+        torch.onnx.export(module, (torch.randn(2, 3, size, size),), f,  # pyright: ignore[reportArgumentType]
+                          dynamo=False, do_constant_folding=False,
                           training=torch.onnx.TrainingMode.TRAINING if training else torch.onnx.TrainingMode.EVAL,
                           input_names=["input"], output_names=["logits"],
                           dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}}, opset_version=opset)
@@ -120,8 +122,8 @@ def data(n: int = 40, size: int = 16, seed: int = 0, shift: float = 0.5, gain: f
     return (np.random.default_rng(seed).standard_normal((n, 3, size, size)) * gain + shift).astype(np.float32)
 
 
-def bn_net(opset: int = 13, dtype=np.float32, batch="N", ir_version=None, inits_as_inputs=False, seed=0,
-           shared=False, constants=False) -> onnx.ModelProto:
+def bn_net(opset: int = 13, dtype: type[np.floating] = np.float32, batch: str | int = "N", ir_version=None,
+           inits_as_inputs=False, seed=0, shared=False, constants=False) -> onnx.ModelProto:
     """conv-BN-relu-pool-conv-BN-relu-flatten-gemm-BN(N, C)-relu-gemm, built with onnx.helper."""
     n = Net(seed, dtype)
     y = n.bn(n.conv("input", 3, 6, "conv1"), 6, "bn1")
@@ -154,6 +156,11 @@ def session(model: onnx.ModelProto, level=None):
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
+def predict(model, x) -> np.ndarray:
+    """The model's first output on x (plain onnxruntime)."""
+    return np.asarray(session(model).run(None, {feed(model): x})[0])
+
+
 def feed(model):
     inits = {t.name for t in model.graph.initializer}
     return next(i.name for i in model.graph.input if i.name not in inits)
@@ -184,7 +191,7 @@ def exposed(model, x, names, level=None) -> list[np.ndarray]:
     del probe.graph.output[:]
     for name in names:
         probe.graph.output.append(helper.make_tensor_value_info(name, elem, None))
-    return session(probe, level).run(names, {feed(model): x})
+    return [np.asarray(v) for v in session(probe, level).run(names, {feed(model): x})]
 
 
 def moments(t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -206,7 +213,7 @@ def fixed_point_errors(model, x, level=None, reference=None) -> dict[str, float]
     names = [n.input[0] for n in bns]
     other = exposed(reference, x, names) if reference is not None else None
     errors = {}
-    for i, (node, value) in enumerate(zip(bns, exposed(model, x, names, level))):
+    for i, (node, value) in enumerate(zip(bns, exposed(model, x, names, level), strict=True)):
         mean, var = moments(value)
         ref_mean, ref_var = moments(other[i]) if other is not None else (stored(model, node.input[3]),
                                                                           stored(model, node.input[4]))
@@ -228,7 +235,7 @@ def test_exact_is_a_fixed_point_at_every_depth(request, which, cache_mb):
     assert len(errors) == len(bn_nodes(model)) and max(errors.values()) <= 1e-6, errors
     # one pass per level: the longest chain of BNs (ResNet: stem + 2 per block; VGG: 5 in a row)
     assert len(report.passes) == {"resnet": 7, "vgg": 5, "vgg_default_affine": 5}[which]
-    assert {b.node: b.level for b in report.bns} == {n.name: i for n, i in zip(bn_nodes(model), levels(which))}
+    assert {b.node: b.level for b in report.bns} == {n.name: i for n, i in zip(bn_nodes(model), levels(which), strict=True)}
     sources = {p["source"] for p in report.passes[1:]}
     assert sources == ({"kept activations"} if cache_mb else {"data"})
 
@@ -243,14 +250,14 @@ def test_cache_runs_each_node_once_and_gives_the_same_statistics(resnet):
     x = data(n=24)
     _, r1 = recalibrate_with_report(model, x, batch_size=8, prior=0)
     _, r0 = recalibrate_with_report(model, x, batch_size=8, cache_mb=0, prior=0)
-    for a, b in zip(r1.bns, r0.bns):
+    for a, b in zip(r1.bns, r0.bns, strict=True):
         assert rel(b.new_mean, a.new_mean) < 1e-6 and rel(b.new_var, a.new_var) < 1e-6
     total = sum(p["nodes"] for p in r1.passes)
     assert total <= len(model.graph.node) < sum(p["nodes"] for p in r0.passes)
     # a budget too small for any cut: every pass reads the data again, same statistics
     _, small = recalibrate_with_report(model, x, batch_size=8, cache_mb=1e-3, prior=0)
     assert {p["source"] for p in small.passes} == {"data"}
-    assert all(rel(b.new_var, a.new_var) < 1e-6 for a, b in zip(r1.bns, small.bns))
+    assert all(rel(b.new_var, a.new_var) < 1e-6 for a, b in zip(r1.bns, small.bns, strict=True))
 
 
 class ShapeFromInput(nn.Module):
@@ -357,7 +364,7 @@ def test_batch_equals_torch_update_bn(request, which):
     torch.optim.swa_utils.update_bn(batches_of(x, 8), reference)
     torch_bns = [m for m in reference.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     assert len(torch_bns) == len(bn_nodes(out))  # in the same order: the modules run in definition order
-    for m, node in zip(torch_bns, bn_nodes(out)):
+    for m, node in zip(torch_bns, bn_nodes(out), strict=True):
         assert rel(m.running_mean, stored(out, node.input[3])) <= 1e-5, node.name
         assert rel(m.running_var, stored(out, node.input[4])) <= 1e-5, node.name
     # on the to_torch import of the same model
@@ -395,7 +402,7 @@ def test_training_mode_bn_becomes_inference_mode(opset):
     assert all(len(n.output) > 1 for n in bns)
     x = data(n=16)
     out, report = recalibrate_with_report(model, x, batch_size=8, prior=0)
-    for before, after in zip(bns, bn_nodes(out)):
+    for before, after in zip(bns, bn_nodes(out), strict=True):
         assert list(after.output) == [before.output[0]]
         assert all(a.name != "training_mode" for a in after.attribute)
     assert all(b.training_mode for b in report.bns)
@@ -484,7 +491,8 @@ def test_external_data(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "model.onnx.data").is_file()
     x = data(n=16, size=8)
     np.savez(tmp_path / "x.npz", x=x)
-    code, _, err = run(capsys, "recalibrate", "--prior", "0", path, "--data", tmp_path / "x.npz", "-o", tmp_path / "out.onnx")
+    code, _, err = run(capsys, "recalibrate", "--prior", "0", path, "--data", tmp_path / "x.npz", "-o",
+                       tmp_path / "out.onnx")
     assert code == 0, err
     assert (tmp_path / "out.onnx.data").is_file()
     out = onnxbn.io.load.load_model(tmp_path / "out.onnx")
@@ -533,13 +541,13 @@ def files(tmp_path, vgg):
 
 def test_cli_writes_the_model_and_reports(files, capsys):
     out = files / "out.onnx"
-    code, stdout, err = run(capsys, "recalibrate", "--prior", "0", files / "model.onnx", "--data", files / "x.npz", "-o", out,
-                            "--batch-size", "8")
+    code, stdout, err = run(capsys, "recalibrate", "--prior", "0", files / "model.onnx", "--data", files / "x.npz",
+                            "-o", out, "--batch-size", "8")
     assert code == 0, err
     assert "mean change" in stdout and "pass 5:" in stdout and "exact: 5 BN nodes" in stdout
     assert max(fixed_point_errors(onnx.load(str(out)), data(n=16)).values()) <= 1e-6
-    code, stdout, err = run(capsys, "recalibrate", "--prior", "0", files / "model.onnx", "--data", files / "x.npz", "-o", out,
-                            "--mode", "batch", "--json")
+    code, stdout, err = run(capsys, "recalibrate", "--prior", "0", files / "model.onnx", "--data", files / "x.npz",
+                            "-o", out, "--mode", "batch", "--json")
     assert code == 0, err
     report = json.loads(stdout)
     assert report["mode"] == "batch" and len(report["nodes"]) == 5 and len(report["passes"]) == 1
@@ -621,8 +629,8 @@ def test_vgg16_bn_fixed_point_and_update_bn():
         if item == "M":
             layers.append(nn.MaxPool2d(2, 2))
         else:
-            layers += [nn.Conv2d(cin, item, 3, padding=1), nn.BatchNorm2d(item), nn.ReLU(inplace=True)]
-            cin = item
+            layers += [nn.Conv2d(cin, int(item), 3, padding=1), nn.BatchNorm2d(int(item)), nn.ReLU(inplace=True)]
+            cin = int(item)
     torch.manual_seed(0)
     module = nn.Sequential(nn.Sequential(*layers), nn.AdaptiveAvgPool2d(7), nn.Flatten(),
                            nn.Linear(512 * 7 * 7, 256), nn.ReLU(), nn.Linear(256, 10))
@@ -693,8 +701,8 @@ def test_cli_warns_when_recalibration_makes_channels_constant(tmp_path, capsys):
     x = np.random.default_rng(0).standard_normal((8, 2, 4, 4)).astype(np.float32)
     x[:, 0] = -np.abs(x[:, 0])
     np.savez(tmp_path / "new.npz", x=x)
-    code = main([str(a) for a in ("recalibrate", "--prior", "0", "--var-floor", "0", tmp_path / "m.onnx", "--data", tmp_path / "new.npz",
-                                  "-o", tmp_path / "out.onnx")])
+    code = main([str(a) for a in ("recalibrate", "--prior", "0", "--var-floor", "0", tmp_path / "m.onnx", "--data",
+                                  tmp_path / "new.npz", "-o", tmp_path / "out.onnx")])
     err = capsys.readouterr().err
     assert code == 0 and "1 channel(s) are constant on this data but were not before" in err
     var = next(numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "out.onnx")).graph.initializer if t.name == "v")
@@ -718,7 +726,8 @@ def test_cli_recalibrates_a_bn_whose_variance_is_computed_at_run_time(tmp_path, 
     x[:, 0] = -np.abs(x[:, 0])  # channel 0 is constant (0) after the Relu
     np.savez(tmp_path / "new.npz", x=x)
     out = tmp_path / "out.onnx"
-    code, stdout, err = run(capsys, "recalibrate", "--prior", "0", tmp_path / "m.onnx", "--data", tmp_path / "new.npz", "-o", out)
+    code, stdout, err = run(capsys, "recalibrate", "--prior", "0", tmp_path / "m.onnx", "--data", tmp_path / "new.npz",
+                            "-o", out)
     assert code == 0, err
     assert "constant on this data" not in err and err.strip().endswith(f"wrote {out}")
     written = onnx.load(str(out))
@@ -737,7 +746,8 @@ def test_cli_failure_after_recalibrating_writes_nothing_as_it_says(files, capsys
 
     monkeypatch.setattr(RecalibrationReport, "table", broken)
     out = files / "out.onnx"
-    code, stdout, err = run(capsys, "recalibrate", "--prior", "0", files / "model.onnx", "--data", files / "x.npz", "-o", out)
+    code, stdout, err = run(capsys, "recalibrate", "--prior", "0", files / "model.onnx", "--data", files / "x.npz",
+                            "-o", out)
     assert code == 2 and stdout == ""
     assert "failed unexpectedly (RuntimeError: simulated report bug); no output was written" in err
     assert not out.exists() and sorted(p.name for p in files.iterdir()) == ["model.onnx", "x.npz"]
@@ -873,7 +883,7 @@ def test_variance_floor_keeps_a_fraction_of_the_old_variance(tmp_path, capsys):
 
 
 def top1(model, x, y) -> float:
-    out = session(model).run(None, {feed(model): x})[0]
+    out = predict(model, x)
     return float((out.argmax(axis=1) == y).mean())
 
 
@@ -888,7 +898,7 @@ def guard_files(tmp_path, model, x_recal, x_eval, y_eval):
 def test_guard_refuses_a_harmful_recalibration(tmp_path, capsys):
     model = bn_net(seed=3)
     x_eval = data(n=40, size=8, seed=10, shift=0.0, gain=1.0)
-    y = session(model).run(None, {feed(model): x_eval})[0].argmax(axis=1)  # the original is right on every image
+    y = predict(model, x_eval).argmax(axis=1)  # the original is right on every image
     x_recal = data(n=40, size=8, seed=11, shift=3.0, gain=6.0)
     assert top1(onnxbn.recalibrate(model, x_recal, prior=0), x_eval, y) < 0.95  # numpy judge: it does hurt
     argv = guard_files(tmp_path, model, x_recal, x_eval, y)
@@ -903,7 +913,7 @@ def test_guard_passes_a_helpful_recalibration_and_prior_auto(tmp_path, capsys):
     model = bn_net(seed=4)
     x = data(n=40, size=8, seed=12, shift=2.0, gain=3.0)
     good = onnxbn.recalibrate(model, x, prior=0)
-    y = session(good).run(None, {feed(good): x})[0].argmax(axis=1)
+    y = predict(good, x).argmax(axis=1)
     before = top1(model, x, y)
     assert before < 0.9
     argv = guard_files(tmp_path, model, x, x, y)
@@ -977,7 +987,7 @@ def with_statistics(model, values: dict) -> onnx.ModelProto:
 
 def top1_and_loss(model, x, y) -> tuple[float, float]:
     """Top-1 and mean cross-entropy of the logits (numpy log-softmax) on onnxruntime's outputs."""
-    logits = session(model).run(None, {feed(model): x})[0].astype(np.float64)
+    logits = predict(model, x).astype(np.float64)
     shifted = logits - logits.max(axis=1, keepdims=True)
     logp = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
     return float((logits.argmax(axis=1) == y).mean()), float(-logp[np.arange(len(y)), y].mean())
@@ -986,7 +996,7 @@ def top1_and_loss(model, x, y) -> tuple[float, float]:
 def test_prior_auto_picks_the_grids_best_as_judged_independently():
     model = bn_net(seed=3)
     x_eval = data(n=40, size=8, seed=10, shift=0.0, gain=1.0)
-    y = session(model).run(None, {feed(model): x_eval})[0].argmax(axis=1)
+    y = predict(model, x_eval).argmax(axis=1)
     x_recal = data(n=20, size=8, seed=11, shift=1.5, gain=3.0)
     plain = onnxbn.recalibrate(model, x_recal, prior=0, var_floor=0)
     n, judged = len(x_recal), []
@@ -1012,7 +1022,7 @@ def test_guard_through_the_python_api():
 
     model = bn_net(seed=3)
     x_eval = data(n=40, size=8, seed=10, shift=0.0, gain=1.0)
-    y = session(model).run(None, {feed(model): x_eval})[0].argmax(axis=1)  # the original: 100% here
+    y = predict(model, x_eval).argmax(axis=1)  # the original: 100% here
     x_bad = data(n=40, size=8, seed=11, shift=3.0, gain=6.0)
     after = top1(onnxbn.recalibrate(model, x_bad, prior=0), x_eval, y)
     assert after < 0.95  # numpy judge: a harmful recalibration
@@ -1020,12 +1030,13 @@ def test_guard_through_the_python_api():
     with pytest.raises(RecalibrationRefused) as refused:
         onnxbn.recalibrate(model, x_bad, prior=0, eval_data=(x_eval, y))
     e = refused.value.report.eval
-    assert e["refused"] and e["before"]["top1"] == 1.0 and e["after"]["top1"] == pytest.approx(after)
+    assert e is not None and e["refused"] and e["before"]["top1"] == 1.0 and e["after"]["top1"] == pytest.approx(after)
     assert e["drop"] == pytest.approx(100 * (1 - after)) and model.SerializeToString() == untouched
     helpful = bn_net(seed=4)
     x = data(n=40, size=8, seed=12, shift=2.0, gain=3.0)
     good = onnxbn.recalibrate(helpful, x, prior=0)
-    y = session(good).run(None, {feed(good): x})[0].argmax(axis=1)
+    y = predict(good, x).argmax(axis=1)
     out, report = recalibrate_with_report(helpful, x, prior=0, eval_data=(x, y))
-    assert not report.eval["refused"] and report.eval["after"]["top1"] == top1(out, x, y) == 1.0
-    assert report.eval["before"]["top1"] == pytest.approx(top1(helpful, x, y))
+    guard = report.eval
+    assert guard is not None and not guard["refused"] and guard["after"]["top1"] == top1(out, x, y) == 1.0
+    assert guard["before"]["top1"] == pytest.approx(top1(helpful, x, y))

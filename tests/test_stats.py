@@ -13,7 +13,7 @@ from onnx import helper
 import onnxbn
 from models import small_cnn
 from onnxbn.data.images import preprocess
-from onnxbn.data.sources import balanced_sample, open_data
+from onnxbn.data.sources import Dataset, balanced_sample, open_data
 from onnxbn.points import select_points
 from onnxbn.runtimes.ort_backend import make_session
 from onnxbn.stats import ChannelMoments, augment_for_stats, load_stats, merge_stats
@@ -24,7 +24,7 @@ def exposed_values(model, names, x):
     m.CopyFrom(model)
     for name in names:
         m.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    return make_session(m, "cpu").run(names, {"input": x})
+    return [np.asarray(v) for v in make_session(m, "cpu").run(names, {"input": x})]
 
 
 @given(data=st.lists(st.floats(-1e3, 1e3, allow_nan=False, width=64), min_size=2, max_size=60),
@@ -40,7 +40,7 @@ def test_chan_merge_equals_single_pass(data, cuts, order_seed):
         p = parts[i]
         if len(p):
             acc.merge(len(p), p.mean(axis=0), ((p - p.mean(axis=0)) ** 2).sum(axis=0))
-    assert acc.count == len(x)
+    assert acc.count == len(x) and acc.mean is not None
     np.testing.assert_allclose(acc.mean, x.mean(axis=0), rtol=1e-12, atol=1e-9)
     np.testing.assert_allclose(acc.var, x.var(axis=0), rtol=1e-10, atol=1e-7)
 
@@ -79,7 +79,7 @@ def test_augmented_graph_fetches_only_channel_vectors(cnn):
     assert list(graph.outputs) == [p.tensor for p in points] and graph.fetch == outputs
     assert "fc3" not in {n.name for n in augmented.graph.node}  # the classifier is pruned away
     x = np.random.default_rng(0).standard_normal((6, 3, 8, 8)).astype(np.float32)
-    values = make_session(augmented, "cpu").run(None, {"input": x})
+    values = [np.asarray(v) for v in make_session(augmented, "cpu").run(None, {"input": x})]
     assert all(v.size <= 16 for v in values)
     batch = graph.batch_moments(dict(zip(graph.fetch, values, strict=True)))
     assert list(batch) == [p.tensor for p in points]
@@ -129,6 +129,7 @@ def test_limit_is_seeded_and_class_balanced():
 def test_image_folder_limit_spans_classes(tmp_path):
     write_images(tmp_path, n_per_class=5, classes=("a", "b", "c", "d"), fmt="PNG")
     data = open_data(tmp_path, preset="imagenet", size=16, limit=4, seed=0)
+    assert isinstance(data, Dataset) and data.labels is not None
     assert sorted(data.labels.tolist()) == [0, 1, 2, 3]
     assert data.classes == ["a", "b", "c", "d"]
     x, y = next(data.batches(8, workers=0))
@@ -183,10 +184,12 @@ def test_uncompressed_npz_is_memory_mapped(tmp_path):
     x = np.random.default_rng(0).standard_normal((10, 3, 4, 4)).astype(np.float32)
     np.savez(tmp_path / "d.npz", x=x, y=np.arange(10))
     data = open_data(tmp_path / "d.npz")
-    assert isinstance(data.array, np.memmap)
+    assert isinstance(data, Dataset) and isinstance(data.array, np.memmap)
     np.testing.assert_array_equal(np.concatenate([b for b, _ in data.batches(3)]), x)
     np.savez_compressed(tmp_path / "c.npz", x=x)
-    np.testing.assert_array_equal(open_data(tmp_path / "c.npz").array, x)
+    compressed = open_data(tmp_path / "c.npz")
+    assert isinstance(compressed, Dataset)
+    np.testing.assert_array_equal(compressed.array, x)
 
 
 def _stats_cmd(model, data, out, *extra):

@@ -30,7 +30,7 @@ from onnxbn.recalibration.report import BNRecord
 
 
 def run_batch(work: Model, bns: list[BNRecord], dataset, batch_size: int, *, workers: int, strict: bool,
-           device: str) -> tuple[list[dict], int, str]:
+              device: str) -> tuple[list[dict], int, str]:
     """One training-mode pass in torch, update_bn's convention (module docstring); writes into `work`."""
     import torch
 
@@ -61,12 +61,13 @@ def run_batch(work: Model, bns: list[BNRecord], dataset, batch_size: int, *, wor
         raise UserError(f"{dataset.description}: no sample could be read; nothing to recalibrate on")
     for b in bns:
         bn = modules[b.key]
-        b.new_mean = bn.running_mean.detach().double().cpu().numpy()
-        b.new_var = bn.running_var.detach().double().cpu().numpy()
-        if not (np.isfinite(b.new_mean).all() and np.isfinite(b.new_var).all()):
+        mean = bn.running_mean.detach().double().cpu().numpy()
+        var = bn.running_var.detach().double().cpu().numpy()
+        if not (np.isfinite(mean).all() and np.isfinite(var).all()):
             raise UserError(f"BN {b.node!r}: its batch statistics have NaN or Inf values (an overflow in the model on "
                             "this data?); nothing written")
-        write_stats(work, b, b.new_mean, b.new_var)
+        b.new_mean, b.new_var = mean, var
+        write_stats(work, b, mean, var)
     passes = [{"pass": 1, "bns": [b.node for b in bns], "nodes": len(work.proto.graph.node), "source": "data (torch)",
                "kept": [], "cached_mib": 0.0, "seconds": round(time.perf_counter() - started, 3)}]
     return passes, samples, dev.type

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
@@ -130,7 +131,7 @@ class _Pass:
     """One pass: its session and stats graph (whose model also computes the next cut), where its batches
     come from."""
 
-    session: object
+    session: Any              # an onnxruntime InferenceSession
     graph: StatsGraph
     fetch: list[str]          # every output of graph.model
     fed: list[str]
@@ -175,7 +176,7 @@ def _run_pass(p: _Pass, dataset, model, batch_size: int, workers: int, strict: b
 
 
 def run_exact(work: Model, bns: list[BNRecord], dataset, batch_size: int, *, workers: int, strict: bool,
-           device: str, cache_mb: float) -> tuple[list[dict], int, str]:
+              device: str, cache_mb: float) -> tuple[list[dict], int, str]:
     """Level by level (module docstring): write each level's statistics into `work`. Returns (passes, samples,
     provider). onnxruntime gets the weights where `work` holds them: its arrays as they are, the rest read
     from its files."""
@@ -207,8 +208,10 @@ def run_exact(work: Model, bns: list[BNRecord], dataset, batch_size: int, *, wor
             raise UserError(f"{dataset.description}: no sample could be read; nothing to recalibrate on")
         for b in level_bns:
             m = moments[b.input]
-            b.new_mean, b.new_var = m.mean, m.var
-            write_stats(work, b, b.new_mean, b.new_var)
+            mean, var = m.mean, m.var
+            assert mean is not None, "samples were read"
+            b.new_mean, b.new_var = mean, var
+            write_stats(work, b, mean, var)
         passes.append({"pass": k + 1, "bns": [b.node for b in level_bns], "nodes": n_nodes,
                        "source": "data" if base is None else "kept activations", "kept": keep if kept else [],
                        "cached_mib": round(kept.nbytes / 2**20, 3) if kept else 0.0,

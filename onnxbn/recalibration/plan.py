@@ -147,8 +147,9 @@ def write_stats(model: Model, bn: BNRecord, mean: np.ndarray, var: np.ndarray) -
     for slot, value in ((MEAN, mean), (VAR, var)):
         name = node.input[slot]
         tensor = index.initializers.get(name)
-        target = tensor if tensor is not None else next(a.t for a in _constant_node(index, name).attribute
-                                                        if a.name == "value")
+        constant = _constant_node(index, name) if tensor is None else None
+        target = tensor if constant is None else next(a.t for a in constant.attribute if a.name == "value")
+        assert target is not None, "own_slot gave the BN an initializer or a Constant of its own"
         cast = np.asarray(value, np.float64).astype(helper.tensor_dtype_to_np_dtype(target.data_type))
         if not np.isfinite(cast).all():
             raise UserError(f"BN {bn.node!r}: the new {'mean' if slot == MEAN else 'var'} does not fit its type "
@@ -212,10 +213,11 @@ def bytes_per_sample(names: list[str], types: dict) -> int | None:
     total = 0
     for name in names:
         shape = tensor_shape(types.get(name))
-        if shape is None or not all(isinstance(d, int) and d > 0 for d in shape[1:]):
+        dims = [d for d in (shape or [None])[1:] if isinstance(d, int) and d > 0]
+        if shape is None or len(dims) != len(shape) - 1:
             return None
         itemsize = helper.tensor_dtype_to_np_dtype(types[name].tensor_type.elem_type).itemsize
-        total += int(np.prod(shape[1:], dtype=np.int64)) * itemsize
+        total += int(np.prod(dims, dtype=np.int64)) * itemsize
     return total
 
 

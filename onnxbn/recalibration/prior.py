@@ -58,28 +58,30 @@ def apply_prior(out: Model, bns: list[BNRecord], prior: float, samples: int,
     floored; {BN: the indices of its floored channels})."""
     unblended, floored = [], {}
     for b in bns:
-        if b.old_mean is None or b.old_var is None:
+        old_mean, old_var = b.old_mean, b.old_var
+        if old_mean is None or old_var is None:
             unblended.append(b.node)
             continue
         if b.measured_mean is None:
             b.measured_mean, b.measured_var = b.new_mean, b.new_var
         mean, var = b.measured_mean, b.measured_var  # called again (--prior auto): always from the measurement
+        assert mean is not None and var is not None, "every BN is measured before the prior"
         if prior <= 0 and var_floor <= 0:
             if b.new_mean is not mean:
                 b.new_mean, b.new_var = mean, var
                 write_stats(out, b, mean, var)
             continue
         if prior > 0:
-            mean, var = blend(b.old_mean, b.old_var, mean, var, prior, samples)
+            mean, var = blend(old_mean, old_var, mean, var, prior, samples)
         if var_floor > 0:
-            floor = var_floor * b.old_var
+            floor = var_floor * old_var
             low = var < floor
             if low.any():
                 var = np.where(low, floor, var)
                 floored[b.node] = [int(c) for c in np.flatnonzero(low)]
         if prior > 0 or b.node in floored or b.new_mean is not b.measured_mean:
             b.new_mean, b.new_var = mean, var
-            write_stats(out, b, b.new_mean, b.new_var)
+            write_stats(out, b, mean, var)
     return unblended, floored
 
 
@@ -103,8 +105,8 @@ def parse_prior(prior, eval_data) -> tuple[float, bool] | str:
     return float(prior), relative
 
 
-def choose_and_guard(out: Model, bns: list[BNRecord], samples: int, prior, var_floor: float, original: Model,
-                      eval_data, max_drop: float, evaluate_options: dict) -> tuple:
+def choose_and_guard(out: Model, bns: list[BNRecord], samples: int, prior: tuple[float, bool] | str, var_floor: float,
+                     original: Model, eval_data, max_drop: float, evaluate_options: dict) -> tuple:
     """Blend and floor the measured statistics into `out` (`apply_prior`); with eval_data, score the original
     and the result on it (`training.evaluate`: top-1, loss). prior "auto": blend at each of AUTO_GRID x n
     (cheap: the measurement does not depend on the prior) and keep the best top-1, then the lowest loss.
@@ -116,20 +118,20 @@ def choose_and_guard(out: Model, bns: list[BNRecord], samples: int, prior, var_f
         r = evaluate(out.copy().to_proto(), eval_data, **evaluate_options)
         return {"prior": p, "top1": r["top1"], "loss": r["loss"], "samples": r["samples"], "applied": applied}
 
-    if prior != "auto":
-        prior = prior[0] * samples if prior[1] else prior[0]
+    fixed = None if isinstance(prior, str) else prior[0] * samples if prior[1] else prior[0]  # str: "auto"
     if eval_data is None:
-        return prior, [], None, apply_prior(out, bns, prior, samples, var_floor)
+        assert fixed is not None, "parse_prior refuses auto without eval_data"
+        return fixed, [], None, apply_prior(out, bns, fixed, samples, var_floor)
     from onnxbn.training import evaluate
 
     r = evaluate(original.copy().to_proto(), eval_data, **evaluate_options)
     before = {"top1": r["top1"], "loss": r["loss"], "samples": r["samples"]}
-    if prior == "auto":
+    if fixed is None:
         grid = [score(k * samples) for k in AUTO_GRID]
         after = max(grid, key=lambda g: (g["top1"], -g["loss"]))
         applied = apply_prior(out, bns, after["prior"], samples, var_floor)  # the last grid point is in `out`
     else:
-        grid, after = [], score(prior)
+        grid, after = [], score(fixed)
         applied = after["applied"]
     drop = 100 * (before["top1"] - after["top1"])
     data = str(eval_data) if isinstance(eval_data, (str, os.PathLike)) else type(eval_data).__name__

@@ -29,6 +29,7 @@ class BNRecord:
     measured_var: np.ndarray | None = None
 
     def to_dict(self) -> dict:
+        assert self.new_mean is not None and self.new_var is not None, "a reported BN is recalibrated"
         return {"node": self.node, "input": self.input, "channels": self.channels, "pass": self.level + 1,
                 "mean_change": change(self.old_mean, self.new_mean), "var_change": change(self.old_var, self.new_var),
                 "dead_channels": int(np.count_nonzero(self.new_var <= 0)), "training_mode": self.training_mode,
@@ -128,6 +129,7 @@ class RecalibrationRefused(UserError):
 
     def __init__(self, report: "RecalibrationReport"):
         e = report.eval
+        assert e is not None, "refused by the guard, which has its numbers"
         super().__init__(f"recalibrated top-1 {100 * e['after']['top1']:.2f}% is {e['drop']:.2f} points below the "
                          f"original {100 * e['before']['top1']:.2f}% on {e['data']} (--max-drop {e['max_drop']:g}); "
                          "nothing written")
