@@ -520,7 +520,7 @@ RECALIBRATE_DATA = InputData(required=True, workers="pool", data_help="data to r
              help="the old statistics count as this many samples against the n new images (mean and variance of "
                   "the mixture), a number or a multiple of n (default 2n: keeps a narrow in-domain set from "
                   "hurting; 0: the new statistics only, to adapt to a shift). BNs whose old mean/var are computed "
-                  "at run time keep the new ones. auto (needs --eval): the best of 0, n/4, n, 4n, 16n on --eval"),
+                  "at run time keep the new ones. auto (needs --eval): the best of 0, n/4, n, 2n, 4n, 16n on --eval"),
          arg("--eval", dest="eval_data", metavar="DATA",
              help="labelled data (class folders or .npz with x, y): top-1 and loss before and after are reported, "
                   "and nothing is written when top-1 drops by more than --max-drop"),
@@ -543,27 +543,26 @@ def cmd_recalibrate(args) -> int:
     |new-old| / max(|old|,|new|)), dead channels and the pass; --json prints it as JSON."""
     import numpy as np
 
-    from onnxbn.io.save import refuse_overwrite, save_model
-    from onnxbn.recalibration import recalibrate_lazily
+    from onnxbn.io.model import Model
+    from onnxbn.io.save import refuse_overwrite
+    from onnxbn.recalibration import RecalibrationRefused, recalibrate_model
 
     refuse_overwrite(args.output, [args.model, args.data], args.force)
-    model, folder, report = recalibrate_lazily(args.model, mode=args.mode, nodes=args.nodes, device=args.device,
-                                               cache_mb=args.cache_mb, prior=args.prior, var_floor=args.var_floor,
-                                               eval_data=args.eval_data, max_drop=args.max_drop,
-                                               **RECALIBRATE_DATA.options(args))
+    try:
+        model, report = recalibrate_model(Model.open(args.model), mode=args.mode, nodes=args.nodes,
+                                          device=args.device, cache_mb=args.cache_mb, prior=args.prior,
+                                          var_floor=args.var_floor, eval_data=args.eval_data,
+                                          max_drop=args.max_drop, **RECALIBRATE_DATA.options(args))
+    except RecalibrationRefused as refused:
+        print(json.dumps(refused.report.to_dict(), indent=2) if args.json else refused.report.table())
+        log.error("%s", refused)
+        return 1
     # Everything that reads the report is computed before the file is written, so a failure leaves no output.
     table = json.dumps(report.to_dict(), indent=2) if args.json else report.table()
     newly_dead = sum(int(np.count_nonzero((b.old_var > 0) & (b.new_var <= 0))) for b in report.bns
                      if b.old_var is not None)  # None: the variance was computed at run time, no old value
-    if report.eval is not None and report.eval["refused"]:
-        print(table)
-        e = report.eval
-        log.error("recalibrated top-1 %.2f%% is %.2f points below the original %.2f%% on %s (--max-drop %g); "
-                  "nothing written", 100 * e["after"]["top1"], e["drop"], 100 * e["before"]["top1"], args.eval_data,
-                  args.max_drop)
-        return 1
-    save_model(model, args.output, inputs=[args.model, args.data, args.eval_data] if args.eval_data
-               else [args.model, args.data], force=args.force, folder=folder)
+    model.save(args.output, inputs=[args.model, args.data, args.eval_data] if args.eval_data
+               else [args.model, args.data], force=args.force)
     print(table)
     log.info("recalibrated %d BatchNormalization nodes (%s, %d passes, %d samples); wrote %s", len(report.bns),
              report.mode, len(report.passes), report.samples, args.output)

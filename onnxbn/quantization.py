@@ -364,15 +364,13 @@ def _moments(model: onnx.ModelProto, tensors: list[str], open_dataset, batch_siz
             shape = [d.dim_value or None for d in tt.tensor_type.shape.dim]
         points.append(Point(t, "", "", None, shape, "float"))
     light, weights = detach_weights(model)
-    augmented = augment_for_stats(light, points)
-    session = make_session(augmented, device, weights=weights, arena=False)
-    fetch = [o.name for o in augmented.graph.output]
+    graph = augment_for_stats(light, points)
+    session = make_session(graph.model, device, weights=weights, arena=False)
     moments = {t: ChannelMoments() for t in tensors}
-    for _, _, values in run_batches(session, open_dataset(), fetch, model, batch_size, workers=workers, strict=strict,
-                                    desc=desc):
-        for i, t in enumerate(tensors):
-            mean, m2, n = values[3 * i: 3 * i + 3]
-            moments[t].merge(int(n) // mean.size, mean.reshape(-1), m2.reshape(-1))
+    for _, _, values in run_batches(session, open_dataset(), graph.fetch, model, batch_size, workers=workers,
+                                    strict=strict, desc=desc):
+        for t, (mean, m2, count) in graph.batch_moments(dict(zip(graph.fetch, values, strict=True))).items():
+            moments[t].merge(count, mean, m2)
     return moments
 
 

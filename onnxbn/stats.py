@@ -180,14 +180,44 @@ def _reduce(index: GraphIndex, op: str, x: str, axes: list[int], keepdims: int, 
     return helper.make_node(op, [x], [out], name=out, axes=axes, keepdims=keepdims)
 
 
-def augment_for_stats(model: onnx.ModelProto, points: list[Point]) -> onnx.ModelProto:
-    """A copy of `model` whose only outputs are, per point i, `onnxbn_stats/i/{mean,m2,count}`.
+@dataclass
+class StatsGraph:
+    """`augment_for_stats`'s model and, per point tensor, the names of its (mean, m2, count) outputs:
+    mean (1, C, 1) and m2 (C,) float64 per-batch moments over every axis but 1 (see the module
+    docstring), count the number of elements of the tensor."""
 
-    mean (1, C, 1) and m2 (C,) are float64 per-batch moments over every axis but 1
-    (see the module docstring); count is the number of elements of the tensor, so
-    each channel's count is count / C. Nodes the stats do not need (the classifier
-    head, the model outputs) are left out. Row reductions run in float32, or in float64
-    for a float64 tensor.
+    model: onnx.ModelProto
+    outputs: dict[str, tuple[str, str, str]]
+
+    @property
+    def fetch(self) -> list[str]:
+        """Every output name (the model's outputs, in order)."""
+        return [name for names in self.outputs.values() for name in names]
+
+    def batch_moments(self, values: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
+        """{tensor: (mean (C,), m2 (C,), samples per channel)} of one batch, from the fetched outputs by name."""
+        found = {}
+        for tensor, (mean, m2, count) in self.outputs.items():
+            mean_c = values[mean].reshape(-1)
+            found[tensor] = (mean_c, values[m2].reshape(-1), int(values[count]) // mean_c.size)
+        return found
+
+    def merge(self, moments: dict[str, ChannelMoments], values: dict[str, np.ndarray], first: int, size: int) -> None:
+        """Merge one batch (`values`: the fetched outputs by name; samples first..first+size-1) into `moments`
+        (Chan, float64); NaN or Inf in a tensor's moments is a UserError naming the tensor and the samples."""
+        for tensor, (mean, m2, count) in self.batch_moments(values).items():
+            if not (np.isfinite(mean).all() and np.isfinite(m2).all()):
+                raise UserError(f"tensor {tensor!r} has NaN or Inf values in the batch of samples {first}.."
+                                f"{first + size - 1} (bad inputs, or an overflow in the model on this data?); "
+                                "nothing written")
+            moments[tensor].merge(count, mean, m2)
+
+
+def augment_for_stats(model: onnx.ModelProto, points: list[Point]) -> StatsGraph:
+    """A copy of `model` whose only outputs are, per point, the reductions `StatsGraph` names.
+
+    Nodes the stats do not need (the classifier head, the model outputs) are left out. Row
+    reductions run in float32, or in float64 for a float64 tensor.
     """
     opset = require_opset(model)
     out = pruned_copy(model, {p.tensor for p in points})
@@ -218,6 +248,7 @@ def augment_for_stats(model: onnx.ModelProto, points: list[Point]) -> onnx.Model
         return shapes[base]
 
     del graph.output[:]
+    outputs = {}
     for i, point in enumerate(points):
         p = f"{i}"
         x = point.tensor
@@ -248,11 +279,12 @@ def augment_for_stats(model: onnx.ModelProto, points: list[Point]) -> onnx.Model
         row_len = node("Cast", [node("Div", [count, node("Size", [row_mean], f"{p}/rows_count")], f"{p}/row_len")],
                        f"{p}/row_len64", to=TensorProto.DOUBLE)
         m2 = node("Add", [within, node("Mul", [between, row_len], f"{p}/between_w")], f"{p}/m2")
+        outputs[point.tensor] = (mean, m2, count)
         graph.output.extend([helper.make_tensor_value_info(mean, TensorProto.DOUBLE, None),
                              helper.make_tensor_value_info(m2, TensorProto.DOUBLE, None),
                              helper.make_tensor_value_info(count, TensorProto.INT64, None)])
     graph.node.extend(nodes)
-    return out
+    return StatsGraph(out, outputs)
 
 
 # ----------------------------------------------------------------------------- runner
@@ -286,19 +318,15 @@ class Checkpoint:
         self.last_saved = time.perf_counter()
 
 
-def accumulate(session, fetch: list[str], points: list[Point], dataset, model: onnx.ModelProto, batch_size: int,
+def accumulate(session, graph: StatsGraph, dataset, model: onnx.ModelProto, batch_size: int,
                moments: dict[str, ChannelMoments], *, workers: int, strict: bool = False, start: int = 0,
                seen: int = 0, checkpoint: Checkpoint | None = None) -> int:
-    """Run the stats graph over `dataset` and merge each batch's moments into `moments`; return the
-    number of samples seen. `fetch` lists, per point, the mean, m2 and count outputs."""
+    """Run the stats graph (`session` of `graph.model`) over `dataset` and merge each batch's moments into
+    `moments`; return the number of samples seen."""
+    fetch = graph.fetch
     for x, _, values in run_batches(session, dataset, fetch, model, batch_size, workers=workers, strict=strict,
                                     start=start, desc="stats"):
-        for i, p in enumerate(points):
-            mean, m2, n = values[3 * i: 3 * i + 3]
-            if not (np.isfinite(mean).all() and np.isfinite(m2).all()):
-                raise UserError(f"tensor {p.tensor!r} has NaN or Inf values in the batch of samples "
-                                f"{seen}..{seen + len(x) - 1}; check the inputs; no stats written")
-            moments[p.tensor].merge(int(n) // mean.size, mean.reshape(-1), m2.reshape(-1))
+        graph.merge(moments, dict(zip(fetch, values, strict=True)), seen, len(x))
         seen += len(x)
         if checkpoint is not None:
             checkpoint.save_if_due(moments, dataset.consumed, seen, dataset.skipped)
@@ -345,12 +373,11 @@ def collect_stats(model, data, after="dense", batch_size: int = 32, limit: int |
     points: list[Point] = select_points(proto, after)
     dataset = open_model_data(proto, data, preset=preset, limit=limit, seed=seed, shard=shard)
     light, weights = detach_weights(proto)  # in-memory weights reach onnxruntime as arrays, uncopied
-    augmented = augment_for_stats(light, points)
+    graph = augment_for_stats(light, points)
     # No CPU arena: the reduction chains hold one more activation-sized tensor than plain
     # inference, and the arena kept what it grew to (VGG16 relu, 16 images: peak 1611 -> 1249 MB,
     # plain inference 1142 MB; the time did not change measurably)
-    session = make_session(augmented, device, weights=weights, folder=folder, arena=False)
-    fetch = [o.name for o in augmented.graph.output]  # per point: mean, m2, count
+    session = make_session(graph.model, device, weights=weights, folder=folder, arena=False)
     batch_size = fit_batch_size(model_input(proto)[2], batch_size, dataset.total)
     index, count = parse_shard(shard)
     selector = after if isinstance(after, str) else ",".join(after)
@@ -368,7 +395,7 @@ def collect_stats(model, data, after="dense", batch_size: int = 32, limit: int |
     moments = moments or {p.tensor: ChannelMoments() for p in points}
     dataset.skipped.extend(skipped)
     started = time.perf_counter()
-    seen = accumulate(session, fetch, points, dataset, proto, batch_size, moments,
+    seen = accumulate(session, graph, dataset, proto, batch_size, moments,
                       workers=default_workers() if workers is None else workers, strict=strict, start=start,
                       seen=seen, checkpoint=saving)
     moments, seen, skipped_all = merge_ranks(moments, seen, dataset.skipped)

@@ -81,12 +81,18 @@ class TinyVGG(nn.Module):
         return self.classifier(torch.flatten(self.features(x), 1))
 
 
+def predict(model, x) -> np.ndarray:
+    """The model's first output on x (plain onnxruntime)."""
+    return np.asarray(session(model).run(None, {feed(model): x})[0])
+
+
 def stale_bn(module: nn.Module, seed: int = 1) -> nn.Module:
     """Seeded weights and BN statistics far from any data's (so recalibration has work to do)."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     for m in module.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            assert m.running_mean is not None and m.running_var is not None
             with torch.no_grad():
                 m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.5)
                 m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
@@ -100,7 +106,8 @@ def export(module: nn.Module, size: int = 16, opset: int = 17, training: bool = 
     f = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, torch.randn(2, 3, size, size), f, dynamo=False, do_constant_folding=False,
+        torch.onnx.export(module, (torch.randn(2, 3, size, size),), f,  # pyright: ignore[reportArgumentType]
+                          dynamo=False, do_constant_folding=False,
                           training=torch.onnx.TrainingMode.TRAINING if training else torch.onnx.TrainingMode.EVAL,
                           input_names=["input"], output_names=["logits"],
                           dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}}, opset_version=opset)
@@ -124,8 +131,8 @@ def data(n: int = 40, size: int = 16, seed: int = 0, shift: float = 0.5, gain: f
     return (np.random.default_rng(seed).standard_normal((n, 3, size, size)) * gain + shift).astype(np.float32)
 
 
-def bn_net(opset: int = 13, dtype=np.float32, batch="N", ir_version=None, inits_as_inputs=False, seed=0,
-           shared=False, constants=False) -> onnx.ModelProto:
+def bn_net(opset: int = 13, dtype: type[np.floating] = np.float32, batch: str | int = "N", ir_version=None,
+           inits_as_inputs=False, seed=0, shared=False, constants=False) -> onnx.ModelProto:
     """conv-BN-relu-pool-conv-BN-relu-flatten-gemm-BN(N, C)-relu-gemm, built with onnx.helper."""
     n = Net(seed, dtype)
     y = n.bn(n.conv("input", 3, 6, "conv1"), 6, "bn1")
@@ -181,7 +188,7 @@ def fixed_point_errors(model, x, level=None, reference=None) -> dict[str, float]
     names = [n.input[0] for n in bns]
     other = exposed(reference, x, names) if reference is not None else None
     errors = {}
-    for i, (node, value) in enumerate(zip(bns, exposed(model, x, names, level))):
+    for i, (node, value) in enumerate(zip(bns, exposed(model, x, names, level), strict=True)):
         mean, var = moments(value)
         ref_mean, ref_var = moments(other[i]) if other is not None else (stored(model, node.input[3]),
                                                                           stored(model, node.input[4]))
@@ -203,7 +210,7 @@ def test_exact_is_a_fixed_point_at_every_depth(request, which, cache_mb):
     assert len(errors) == len(bn_nodes(model)) and max(errors.values()) <= 1e-6, errors
     # one pass per level: the longest chain of BNs (ResNet: stem + 2 per block; VGG: 5 in a row)
     assert len(report.passes) == {"resnet": 7, "vgg": 5, "vgg_default_affine": 5}[which]
-    assert {b.node: b.level for b in report.bns} == {n.name: i for n, i in zip(bn_nodes(model), levels(which))}
+    assert {b.node: b.level for b in report.bns} == {n.name: i for n, i in zip(bn_nodes(model), levels(which), strict=True)}
     sources = {p["source"] for p in report.passes[1:]}
     assert sources == ({"kept activations"} if cache_mb else {"data"})
 
@@ -218,14 +225,14 @@ def test_cache_runs_each_node_once_and_gives_the_same_statistics(resnet):
     x = data(n=24)
     _, r1 = recalibrate_with_report(model, x, batch_size=8, prior=0)
     _, r0 = recalibrate_with_report(model, x, batch_size=8, cache_mb=0, prior=0)
-    for a, b in zip(r1.bns, r0.bns):
+    for a, b in zip(r1.bns, r0.bns, strict=True):
         assert rel(b.new_mean, a.new_mean) < 1e-6 and rel(b.new_var, a.new_var) < 1e-6
     total = sum(p["nodes"] for p in r1.passes)
     assert total <= len(model.graph.node) < sum(p["nodes"] for p in r0.passes)
     # a budget too small for any cut: every pass reads the data again, same statistics
     _, small = recalibrate_with_report(model, x, batch_size=8, cache_mb=1e-3, prior=0)
     assert {p["source"] for p in small.passes} == {"data"}
-    assert all(rel(b.new_var, a.new_var) < 1e-6 for a, b in zip(r1.bns, small.bns))
+    assert all(rel(b.new_var, a.new_var) < 1e-6 for a, b in zip(r1.bns, small.bns, strict=True))
 
 
 class ShapeFromInput(nn.Module):
@@ -332,7 +339,7 @@ def test_batch_equals_torch_update_bn(request, which):
     torch.optim.swa_utils.update_bn(batches_of(x, 8), reference)
     torch_bns = [m for m in reference.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     assert len(torch_bns) == len(bn_nodes(out))  # in the same order: the modules run in definition order
-    for m, node in zip(torch_bns, bn_nodes(out)):
+    for m, node in zip(torch_bns, bn_nodes(out), strict=True):
         assert rel(m.running_mean, stored(out, node.input[3])) <= 1e-5, node.name
         assert rel(m.running_var, stored(out, node.input[4])) <= 1e-5, node.name
     # on the to_torch import of the same model
@@ -370,7 +377,7 @@ def test_training_mode_bn_becomes_inference_mode(opset):
     assert all(len(n.output) > 1 for n in bns)
     x = data(n=16)
     out, report = recalibrate_with_report(model, x, batch_size=8, prior=0)
-    for before, after in zip(bns, bn_nodes(out)):
+    for before, after in zip(bns, bn_nodes(out), strict=True):
         assert list(after.output) == [before.output[0]]
         assert all(a.name != "training_mode" for a in after.attribute)
     assert all(b.training_mode for b in report.bns)
@@ -590,8 +597,8 @@ def test_vgg16_bn_fixed_point_and_update_bn():
         if item == "M":
             layers.append(nn.MaxPool2d(2, 2))
         else:
-            layers += [nn.Conv2d(cin, item, 3, padding=1), nn.BatchNorm2d(item), nn.ReLU(inplace=True)]
-            cin = item
+            layers += [nn.Conv2d(cin, int(item), 3, padding=1), nn.BatchNorm2d(int(item)), nn.ReLU(inplace=True)]
+            cin = int(item)
     torch.manual_seed(0)
     module = nn.Sequential(nn.Sequential(*layers), nn.AdaptiveAvgPool2d(7), nn.Flatten(),
                            nn.Linear(512 * 7 * 7, 256), nn.ReLU(), nn.Linear(256, 10))
@@ -662,8 +669,8 @@ def test_cli_warns_when_recalibration_makes_channels_constant(tmp_path, capsys):
     x = np.random.default_rng(0).standard_normal((8, 2, 4, 4)).astype(np.float32)
     x[:, 0] = -np.abs(x[:, 0])
     np.savez(tmp_path / "new.npz", x=x)
-    code = main([str(a) for a in ("recalibrate", "--prior", "0", "--var-floor", "0", tmp_path / "m.onnx", "--data", tmp_path / "new.npz",
-                                  "-o", tmp_path / "out.onnx")])
+    code = main([str(a) for a in ("recalibrate", "--prior", "0", "--var-floor", "0", tmp_path / "m.onnx", "--data",
+                                  tmp_path / "new.npz", "-o", tmp_path / "out.onnx")])
     err = capsys.readouterr().err
     assert code == 0 and "1 channel(s) are constant on this data but were not before" in err
     var = next(numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "out.onnx")).graph.initializer if t.name == "v")
@@ -842,7 +849,7 @@ def test_variance_floor_keeps_a_fraction_of_the_old_variance(tmp_path, capsys):
 
 
 def top1(model, x, y) -> float:
-    out = session(model).run(None, {feed(model): x})[0]
+    out = predict(model, x)
     return float((out.argmax(axis=1) == y).mean())
 
 
@@ -857,7 +864,7 @@ def guard_files(tmp_path, model, x_recal, x_eval, y_eval):
 def test_guard_refuses_a_harmful_recalibration(tmp_path, capsys):
     model = bn_net(seed=3)
     x_eval = data(n=40, size=8, seed=10, shift=0.0, gain=1.0)
-    y = session(model).run(None, {feed(model): x_eval})[0].argmax(axis=1)  # the original is right on every image
+    y = predict(model, x_eval).argmax(axis=1)  # the original is right on every image
     x_recal = data(n=40, size=8, seed=11, shift=3.0, gain=6.0)
     assert top1(onnxbn.recalibrate(model, x_recal, prior=0), x_eval, y) < 0.95  # numpy judge: it does hurt
     argv = guard_files(tmp_path, model, x_recal, x_eval, y)
@@ -872,7 +879,7 @@ def test_guard_passes_a_helpful_recalibration_and_prior_auto(tmp_path, capsys):
     model = bn_net(seed=4)
     x = data(n=40, size=8, seed=12, shift=2.0, gain=3.0)
     good = onnxbn.recalibrate(model, x, prior=0)
-    y = session(good).run(None, {feed(good): x})[0].argmax(axis=1)
+    y = predict(good, x).argmax(axis=1)
     before = top1(model, x, y)
     assert before < 0.9
     argv = guard_files(tmp_path, model, x, x, y)
@@ -883,7 +890,7 @@ def test_guard_passes_a_helpful_recalibration_and_prior_auto(tmp_path, capsys):
     assert top1(written, x, y) == 1.0
     assert main(["recalibrate", *argv, "--prior", "auto", "--force"]) == 0
     out = capsys.readouterr().out
-    assert "--prior auto" in out and "chose 0" in out and out.count("  prior ") == 5
+    assert "--prior auto" in out and "chose 0" in out and out.count("  prior ") == 6
     for node in bn_nodes(model):  # prior 0 won: the written statistics are the measured ones
         np.testing.assert_allclose(stored(onnx.load(tmp_path / "out.onnx"), node.input[4]), stored(good, node.input[4]),
                                    rtol=1e-6)
@@ -897,3 +904,105 @@ def test_prior_auto_needs_eval(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--eval" in err[0]
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_floored_channels_are_listed_in_the_report_and_the_metadata():
+    model = bn_net()
+    w = next(t for t in model.graph.initializer if t.name == "conv1.W")
+    weights = numpy_helper.to_array(w).copy()
+    weights[[0, 4]] = 0  # conv1 channels 0 and 4 are constant on any data
+    w.CopyFrom(numpy_helper.from_array(weights, "conv1.W"))
+    x = data(n=12, size=8, seed=9)
+    p0 = onnxbn.recalibrate(model, x, batch_size=4, prior=0, var_floor=0)
+    want = {}
+    for node in bn_nodes(model):  # numpy: the channels whose measured variance is below 0.01 x the old one
+        low = np.flatnonzero(stored(p0, node.input[4]) < 0.01 * stored(model, node.input[4]))
+        if low.size:
+            want[node.name] = [int(c) for c in low]
+    assert want.get("bn1") == [0, 4]
+    out, report = recalibrate_with_report(model, x, batch_size=4, prior=0, var_floor=0.01)
+    assert report.floored_channels == want and report.floored == {k: len(v) for k, v in want.items()}
+    assert "bn1 (2 channels) [0, 4]" in report.table()
+    meta = json.loads({p.key: p.value for p in out.metadata_props}["onnxbn.recalibrate"])
+    assert meta["floored_channels"] == want and meta["floored"] == {k: len(v) for k, v in want.items()}
+
+
+def test_prior_2n_is_twice_the_number_of_images(vgg):
+    _, model = vgg
+    x = data(n=24, seed=5)
+    plain = onnxbn.recalibrate(model, x, batch_size=8, prior=0, var_floor=0)
+    blended, report = recalibrate_with_report(model, x, batch_size=8, prior="2n", var_floor=0)
+    assert report.prior == 48 and report.prior_requested == "2n"
+    for node in bn_nodes(model):
+        mean, var = numpy_blend(stored(model, node.input[3]), stored(model, node.input[4]),
+                                stored(plain, node.input[3]), stored(plain, node.input[4]), 48, 24)
+        np.testing.assert_allclose(stored(blended, node.input[3]), mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(stored(blended, node.input[4]), var, rtol=1e-5, atol=1e-6)
+    meta = json.loads({p.key: p.value for p in blended.metadata_props}["onnxbn.recalibrate"])
+    assert meta["prior"] == 48 and meta["prior_requested"] == "2n"
+
+
+def with_statistics(model, values: dict) -> onnx.ModelProto:
+    """A copy of `model` whose initializers `values` names hold those values (numpy, float32)."""
+    out = copy.deepcopy(model)
+    for t in out.graph.initializer:
+        if t.name in values:
+            t.CopyFrom(numpy_helper.from_array(np.asarray(values[t.name], np.float32), t.name))
+    return out
+
+
+def top1_and_loss(model, x, y) -> tuple[float, float]:
+    """Top-1 and mean cross-entropy of the logits (numpy log-softmax) on onnxruntime's outputs."""
+    logits = predict(model, x).astype(np.float64)
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    logp = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    return float((logits.argmax(axis=1) == y).mean()), float(-logp[np.arange(len(y)), y].mean())
+
+
+def test_prior_auto_picks_the_grids_best_as_judged_independently():
+    model = bn_net(seed=3)
+    x_eval = data(n=40, size=8, seed=10, shift=0.0, gain=1.0)
+    y = predict(model, x_eval).argmax(axis=1)
+    x_recal = data(n=20, size=8, seed=11, shift=1.5, gain=3.0)
+    plain = onnxbn.recalibrate(model, x_recal, prior=0, var_floor=0)
+    n, judged = len(x_recal), []
+    for k in (0.0, 0.25, 1.0, 2.0, 4.0, 16.0):
+        values = {}
+        for node in bn_nodes(model):
+            values[node.input[3]], values[node.input[4]] = numpy_blend(
+                stored(model, node.input[3]), stored(model, node.input[4]), stored(plain, node.input[3]),
+                stored(plain, node.input[4]), k * n, n)
+        judged.append((k * n, *top1_and_loss(with_statistics(model, values), x_eval, y)))
+    best = max(judged, key=lambda j: (j[1], -j[2]))
+    chosen, report = recalibrate_with_report(model, x_recal, prior="auto", var_floor=0, eval_data=(x_eval, y),
+                                             max_drop=100)
+    assert [g["prior"] for g in report.prior_grid] == [j[0] for j in judged]
+    assert [g["top1"] for g in report.prior_grid] == pytest.approx([j[1] for j in judged], abs=1e-12)
+    assert [g["loss"] for g in report.prior_grid] == pytest.approx([j[2] for j in judged], rel=1e-4)
+    assert report.prior == best[0]
+    assert top1_and_loss(chosen, x_eval, y)[0] == best[1]
+
+
+def test_guard_through_the_python_api():
+    from onnxbn.recalibration import RecalibrationRefused
+
+    model = bn_net(seed=3)
+    x_eval = data(n=40, size=8, seed=10, shift=0.0, gain=1.0)
+    y = predict(model, x_eval).argmax(axis=1)  # the original: 100% here
+    x_bad = data(n=40, size=8, seed=11, shift=3.0, gain=6.0)
+    after = top1(onnxbn.recalibrate(model, x_bad, prior=0), x_eval, y)
+    assert after < 0.95  # numpy judge: a harmful recalibration
+    untouched = model.SerializeToString()
+    with pytest.raises(RecalibrationRefused) as refused:
+        onnxbn.recalibrate(model, x_bad, prior=0, eval_data=(x_eval, y))
+    e = refused.value.report.eval
+    assert e is not None and e["refused"] and e["before"]["top1"] == 1.0 and e["after"]["top1"] == pytest.approx(after)
+    assert e["drop"] == pytest.approx(100 * (1 - after)) and model.SerializeToString() == untouched
+    helpful = bn_net(seed=4)
+    x = data(n=40, size=8, seed=12, shift=2.0, gain=3.0)
+    good = onnxbn.recalibrate(helpful, x, prior=0)
+    y = predict(good, x).argmax(axis=1)
+    out, report = recalibrate_with_report(helpful, x, prior=0, eval_data=(x, y))
+    guard = report.eval
+    assert guard is not None and not guard["refused"] and guard["after"]["top1"] == top1(out, x, y) == 1.0
+    assert guard["before"]["top1"] == pytest.approx(top1(helpful, x, y))

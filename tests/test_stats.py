@@ -14,7 +14,7 @@ from oracles import exposed
 import onnxbn
 from models import small_cnn
 from onnxbn.data.images import preprocess
-from onnxbn.data.sources import balanced_sample, open_data
+from onnxbn.data.sources import Dataset, balanced_sample, open_data
 from onnxbn.points import select_points
 from onnxbn.runtimes.ort_backend import make_session
 from onnxbn.stats import ChannelMoments, augment_for_stats, load_stats, merge_stats
@@ -33,7 +33,7 @@ def test_chan_merge_equals_single_pass(data, cuts, order_seed):
         p = parts[i]
         if len(p):
             acc.merge(len(p), p.mean(axis=0), ((p - p.mean(axis=0)) ** 2).sum(axis=0))
-    assert acc.count == len(x)
+    assert acc.count == len(x) and acc.mean is not None
     np.testing.assert_allclose(acc.mean, x.mean(axis=0), rtol=1e-12, atol=1e-9)
     np.testing.assert_allclose(acc.var, x.var(axis=0), rtol=1e-10, atol=1e-7)
 
@@ -44,7 +44,7 @@ def test_stats_match_numpy(opset, selector, cnn_inputs):
     model = small_cnn(opset)
     stats = onnxbn.collect_stats(model, cnn_inputs, after=selector, batch_size=5)
     values = exposed(model, stats.tensors, cnn_inputs)
-    for name, v in zip(stats.tensors, values):
+    for name, v in zip(stats.tensors, values, strict=True):
         v = v.astype(np.float64)
         axes = (0,) + tuple(range(2, v.ndim))
         np.testing.assert_allclose(stats.mean(name), v.mean(axis=axes), rtol=1e-6, atol=1e-7)
@@ -65,13 +65,23 @@ def test_selectors_pick_the_documented_tensors(cnn):
 
 def test_augmented_graph_fetches_only_channel_vectors(cnn):
     points = select_points(cnn, "dense")
-    augmented = augment_for_stats(cnn, points)
+    graph = augment_for_stats(cnn, points)
+    augmented = graph.model
     outputs = [o.name for o in augmented.graph.output]
     assert "logits" not in outputs and len(outputs) == 3 * len(points)
+    assert list(graph.outputs) == [p.tensor for p in points] and graph.fetch == outputs
     assert "fc3" not in {n.name for n in augmented.graph.node}  # the classifier is pruned away
     x = np.random.default_rng(0).standard_normal((6, 3, 8, 8)).astype(np.float32)
-    values = make_session(augmented, "cpu").run(None, {"input": x})
+    values = [np.asarray(v) for v in make_session(augmented, "cpu").run(None, {"input": x})]
     assert all(v.size <= 16 for v in values)
+    batch = graph.batch_moments(dict(zip(graph.fetch, values, strict=True)))
+    assert list(batch) == [p.tensor for p in points]
+    for name, v in zip(batch, exposed(cnn, list(batch), x), strict=True):  # numpy on the exposed tensors
+        v = np.moveaxis(v.astype(np.float64), 1, 0).reshape(v.shape[1], -1)
+        mean, m2, count = batch[name]
+        assert count == v.shape[1]
+        np.testing.assert_allclose(mean, v.mean(axis=1), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(m2, ((v - v.mean(axis=1, keepdims=True)) ** 2).sum(axis=1), rtol=1e-6, atol=1e-6)
 
 
 def test_shards_merge_to_a_single_run(cnn, cnn_inputs, tmp_path):
@@ -112,6 +122,7 @@ def test_limit_is_seeded_and_class_balanced():
 def test_image_folder_limit_spans_classes(tmp_path):
     write_images(tmp_path, n_per_class=5, classes=("a", "b", "c", "d"), fmt="PNG")
     data = open_data(tmp_path, preset="imagenet", size=16, limit=4, seed=0)
+    assert isinstance(data, Dataset) and data.labels is not None
     assert sorted(data.labels.tolist()) == [0, 1, 2, 3]
     assert data.classes == ["a", "b", "c", "d"]
     x, y = next(data.batches(8, workers=0))
@@ -166,10 +177,12 @@ def test_uncompressed_npz_is_memory_mapped(tmp_path):
     x = np.random.default_rng(0).standard_normal((10, 3, 4, 4)).astype(np.float32)
     np.savez(tmp_path / "d.npz", x=x, y=np.arange(10))
     data = open_data(tmp_path / "d.npz")
-    assert isinstance(data.array, np.memmap)
+    assert isinstance(data, Dataset) and isinstance(data.array, np.memmap)
     np.testing.assert_array_equal(np.concatenate([b for b, _ in data.batches(3)]), x)
     np.savez_compressed(tmp_path / "c.npz", x=x)
-    np.testing.assert_array_equal(open_data(tmp_path / "c.npz").array, x)
+    compressed = open_data(tmp_path / "c.npz")
+    assert isinstance(compressed, Dataset)
+    np.testing.assert_array_equal(compressed.array, x)
 
 
 def _stats_cmd(model, data, out, *extra):

@@ -77,7 +77,8 @@ def vgg_bn(width_div: int = 1, hidden: int = 4096, classes: int = 1000, size: in
             self.features = nn.Sequential(*layers)
             side = size // 32
             self.avgpool = nn.AdaptiveAvgPool2d((7, 7)) if size >= 224 else nn.Identity()
-            self.classifier = nn.Sequential(nn.Linear(cin * (49 if size >= 224 else side * side), hidden), nn.ReLU(True), nn.Dropout(),
+            self.classifier = nn.Sequential(nn.Linear(cin * (49 if size >= 224 else side * side), hidden), nn.ReLU(True),
+                                            nn.Dropout(),
                                             nn.Linear(hidden, hidden), nn.ReLU(True), nn.Dropout(),
                                             nn.Linear(hidden, classes))
 
@@ -199,8 +200,9 @@ def bench_cost(sizes: dict) -> dict:
         rows = {}
         rows["onnxruntime forward"] = {"seconds": plain_forward(model, x, batch), "passes": 1}
         rows["torch eval forward"] = {"seconds": torch_forward(module, x, batch), "passes": 1}
-        for name, options in (("exact (cache)", {}), ("exact (no cache)", {"cache_mb": 0}),
-                              ("batch", {"mode": "batch"})):
+        cases: tuple[tuple[str, dict], ...] = (("exact (cache)", {}), ("exact (no cache)", {"cache_mb": 0}),
+                                               ("batch", {"mode": "batch"}))
+        for name, options in cases:
             started = time.perf_counter()
             _, report = recalibrate_with_report(model, x, batch_size=batch, device="cpu", **options)
             rows[name] = {"seconds": time.perf_counter() - started, "passes": len(report.passes),
@@ -302,7 +304,10 @@ def shift(images: np.ndarray, kind: str) -> np.ndarray:
         k = np.array([1, 4, 6, 4, 1], np.float32) / 16  # separable 5x5 binomial blur
         for axis in (1, 2):
             padded = np.pad(x, [(0, 0)] + [(2, 2) if a == axis else (0, 0) for a in (1, 2)] + [(0, 0)], mode="edge")
-            x = sum(k[i] * np.take(padded, range(i, i + x.shape[axis]), axis=axis) for i in range(5))
+            blurred = np.zeros_like(x)
+            for i in range(5):
+                blurred += k[i] * np.take(padded, range(i, i + x.shape[axis]), axis=axis)
+            x = blurred
     return np.clip(np.rint(x), 0, 255).astype(np.uint8)
 
 
@@ -479,7 +484,7 @@ def run_one(name: str, profile: str, workdir: Path, out: Path) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("names", nargs="*", choices=[[], *BENCHMARKS], help="benchmarks (default: all)")
     parser.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run)")
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
