@@ -92,15 +92,14 @@ class _Graph(GraphIndex):
         if name in self.initializers or self.producers.get(name) is None or \
                 self.producers[name].op_type not in _COMPUTED:
             return
-        node.input[slot] = self.add_initializer(self.constant(name), name)
+        self.set_input(node, slot, self.add_initializer(self.constant(name), name))
         todo, freed = [name], set()
         while todo:
-            self.refresh()
             producer = self.producers.get(todo.pop())
             if producer is None or producer.op_type not in _COMPUTED | {"Constant"} or \
                     any(self.read_count.get(o) or o in self.outputs for o in producer.output):
                 continue
-            self.graph.node.remove(producer)
+            self.remove_node(producer)
             todo.extend(i for i in producer.input if i)
             freed.update(producer.input)
         self.prune(freed)  # the chain's initializers nothing else reads
@@ -114,14 +113,12 @@ class _Graph(GraphIndex):
         name = node.input[slot] if slot < len(node.input) else ""
         current = self.initializers.get(name)
         if current is not None and self.read_count.get(name) == 1 and list(current.dims) == list(value.shape):
-            current.CopyFrom(memory_stub(name, data_type, value.shape))
+            self.set_initializer(name, memory_stub(name, data_type, value.shape))
             self.weights[name] = value
             return
         new_name = self.add_initializer(memory_stub("", data_type, value.shape), f"{name or base}_folded")
         self.weights[new_name] = value
-        while len(node.input) <= slot:
-            node.input.append("")
-        node.input[slot] = new_name
+        self.set_input(node, slot, new_name)
         self.touched.add(name)
 
     def drop_value_info(self, name: str) -> None:
@@ -456,28 +453,28 @@ def _remove_bn(g: _Graph, bn: onnx.NodeProto, plan: _Plan) -> None:
     BN's shift computes other values now: its output becomes `<name>/bn_folded`. Graph output
     names never change."""
     x, y = bn.input[0], bn.output[0]
+    g.touched.update(bn.input[1:])
+    g.remove_node(bn)  # first, so that `y` has one writer at every step
     if plan.direction == "backward":
         producer = g.producers[x]
-        producer.output[list(producer.output).index(x)] = y
+        g.set_output(producer, list(producer.output).index(x), y)
         g.drop_value_info(x)
     else:
         tensor = y
         while (node := next(n for n in g.consumers[tensor] if n.op_type not in SHAPE_ONLY)) is not plan.layer:
+            _rename_output(g, node, g.unique_name(f"{node.output[0]}/pre_bn"))
             tensor = node.output[0]
-            _rename_output(g, node, g.unique_name(f"{tensor}/pre_bn"))
         g.replace_uses(y, x)
         g.drop_value_info(y)
     if plan.layer is not plan.bias_node:  # a MatMul before its bias Add: it computes other values now
         _rename_output(g, plan.layer, g.unique_name(f"{plan.layer.output[0]}/bn_folded"))
-    g.graph.node.remove(bn)
-    g.touched.update(bn.input[1:])
 
 
 def _rename_output(g: _Graph, node: onnx.NodeProto, name: str) -> None:
     """`node`'s first output (not a graph output) and its reads become `name`."""
     old = node.output[0]
     g.replace_uses(old, name)
-    node.output[0] = name
+    g.set_output(node, 0, name)
     g.drop_value_info(old)
 
 
@@ -514,7 +511,6 @@ def fold(model: Model) -> tuple[Model, FoldReport]:
     g = _Graph(out, value_types(out), result.arrays, result.folder)
     report = []
     for bn in [n for n in out.graph.node if n.op_type == "BatchNormalization" and n.domain in ("", "ai.onnx")]:
-        g.refresh()
         plan = _plan(g, bn)
         entry = {"bn": _label(bn), "action": "kept", "into": None, "direction": None, "reason": plan}
         if isinstance(plan, _Plan):
