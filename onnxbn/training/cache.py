@@ -63,7 +63,7 @@ def _run_prefix(prefix, dataset, folder: Path, batch_size: int, device, workers:
                 raise UserError(f"{dataset.description}: {len(x)} samples left for a model whose batch size is fixed "
                                 f"at {fixed}; give a multiple of {fixed} samples (--limit)")
             out = np.asarray(session.run([cut], {name: x})[0], dtype=np.float32)
-            if features is None:
+            if features is None or labels is None:
                 features = np.lib.format.open_memmap(folder / "features.npy", mode="w+", dtype=np.float32,
                                                      shape=(n, *out.shape[1:]))
                 labels = np.lib.format.open_memmap(folder / "labels.npy", mode="w+", dtype=np.int64, shape=(n,))
@@ -71,7 +71,7 @@ def _run_prefix(prefix, dataset, folder: Path, batch_size: int, device, workers:
             labels[written:written + len(out)] = y
             written += len(out)
             bar.update(len(x))
-    if features is None:
+    if features is None or labels is None:
         raise UserError(f"{dataset.description}: no sample could be read")
     features.flush()
     labels.flush()

@@ -26,7 +26,7 @@ class WriteBackProbe:
 
     def check(self, open_session) -> dict:
         """Run the written model (`open_session()` makes its session); a RuntimeError past 1e-5."""
-        if self.reason is not None:
+        if self.reason is not None or self.x is None or self.expected is None:
             return {"checked": False, "reason": self.reason}
         got = open_session().run(None, {self.name: self.x})[0].astype(np.float32)
         error = rel_error(self.expected, got)
@@ -48,13 +48,14 @@ def make_probe(prefix, module, device, input_shape, proto, seen: list[int] | Non
     dims = [d if isinstance(d, int) and d > 0 else None for d in input_shape[1:]]
     if seen is not None and len(seen) == len(dims):
         dims = [s if d is None else d for d, s in zip(dims, seen, strict=True)]
-    if any(d is None for d in dims):
+    fixed = [d for d in dims if d is not None]
+    if len(fixed) != len(dims):
         return WriteBackProbe(reason="input shape is not fixed")
     session, name, cut = prefix
     dtype = model_input(proto)[1]
     if isinstance(input_shape[0], int) and input_shape[0] > 0:
         samples = input_shape[0]  # a fixed batch axis
-    x = np.random.default_rng(0).standard_normal((samples, *dims)).astype(dtype)
+    x = np.random.default_rng(0).standard_normal((samples, *fixed)).astype(dtype)
     features = np.asarray(session.run([cut], {name: x})[0], dtype=np.float32)
     with torch.no_grad():
         expected = module(torch.from_numpy(features).to(device))

@@ -92,10 +92,9 @@ def train_epochs(suffix, trainable, sets, *, epochs, lr, batch_size, seed, devic
 
         model = DistributedDataParallel(suffix, device_ids=[device.index] if device.type == "cuda" else None)
     # fused: one kernel per step instead of per-tensor temporaries (about 2x faster on
-    # VGG16's 123M dense parameters on a CPU). None for --epochs 0 (building the torch
-    # optimizer imports torch._dynamo: 1.3 s).
-    opt = None if not epochs else (torch.optim.Adam(trainable, lr=lr, fused=True) if optimizer == "adam"
-                                   else torch.optim.SGD(trainable, lr=lr, momentum=0.9, fused=True))
+    # VGG16's 123M dense parameters on a CPU). Built as the first epoch starts: none for --epochs 0
+    # (building the torch optimizer imports torch._dynamo: 1.3 s).
+    opt: torch.optim.Optimizer | None = None
     generator = np.random.default_rng([seed, rank])
     bounds = batch_bounds(len(train.y), batch_size)
     steps = min(distributed.gather(len(bounds) - 1))  # every rank takes the same number of steps
@@ -104,6 +103,9 @@ def train_epochs(suffix, trainable, sets, *, epochs, lr, batch_size, seed, devic
     autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16
                 else contextlib.nullcontext())
     for epoch in range(1, epochs + 1):
+        if opt is None:
+            opt = (torch.optim.Adam(trainable, lr=lr, fused=True) if optimizer == "adam"
+                   else torch.optim.SGD(trainable, lr=lr, momentum=0.9, fused=True))
         model.train()
         order = generator.permutation(len(train.y))
         total = correct = seen = 0.0
