@@ -81,11 +81,10 @@ def _materialize_shared_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
     index = GraphIndex(out)
     shared = set()
     for node in [n for n in out.graph.node if n.op_type == "Identity" and n.input[0] in index.initializers]:
-        copy = out.graph.initializer.add()
-        copy.CopyFrom(index.initializers[node.input[0]])
-        copy.name = node.output[0]
-        out.graph.node.remove(node)
-        shared.add(node.input[0])
+        source, name = node.input[0], node.output[0]
+        index.remove_node(node)
+        index.set_initializer(name, index.initializers[source])
+        shared.add(source)
     index.prune(shared)
     return out
 

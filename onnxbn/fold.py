@@ -21,7 +21,7 @@ for a MatMul folded with its bias Add), so `check --layerwise` compares like wit
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import onnx
@@ -52,8 +52,15 @@ class _Graph(GraphIndex):
         self.touched: set[str] = set()
         super().__init__(model, weights, folder)
 
+    def fixed(self, name: str) -> onnx.TensorProto:
+        """`constant(name)` of a tensor that planning found fixed."""
+        tensor = self.constant(name)
+        if tensor is None:
+            raise AssertionError(f"{name!r} was planned as a constant but is not one")
+        return tensor
+
     def array(self, name: str) -> np.ndarray:
-        return self.constant_array(name).astype(np.float64)
+        return self.tensor_array(self.fixed(name)).astype(np.float64)
 
     def constant(self, name: str) -> onnx.TensorProto | None:
         """GraphIndex.constant, and also what Shape, Expand and CastLike compute from fixed tensors:
@@ -92,15 +99,14 @@ class _Graph(GraphIndex):
         if name in self.initializers or self.producers.get(name) is None or \
                 self.producers[name].op_type not in _COMPUTED:
             return
-        node.input[slot] = self.add_initializer(self.constant(name), name)
+        self.set_input(node, slot, self.add_initializer(self.fixed(name), name))
         todo, freed = [name], set()
         while todo:
-            self.refresh()
             producer = self.producers.get(todo.pop())
             if producer is None or producer.op_type not in _COMPUTED | {"Constant"} or \
                     any(self.read_count.get(o) or o in self.outputs for o in producer.output):
                 continue
-            self.graph.node.remove(producer)
+            self.remove_node(producer)
             todo.extend(i for i in producer.input if i)
             freed.update(producer.input)
         self.prune(freed)  # the chain's initializers nothing else reads
@@ -114,14 +120,12 @@ class _Graph(GraphIndex):
         name = node.input[slot] if slot < len(node.input) else ""
         current = self.initializers.get(name)
         if current is not None and self.read_count.get(name) == 1 and list(current.dims) == list(value.shape):
-            current.CopyFrom(memory_stub(name, data_type, value.shape))
+            self.set_initializer(name, memory_stub(name, data_type, value.shape))
             self.weights[name] = value
             return
         new_name = self.add_initializer(memory_stub("", data_type, value.shape), f"{name or base}_folded")
         self.weights[new_name] = value
-        while len(node.input) <= slot:
-            node.input.append("")
-        node.input[slot] = new_name
+        self.set_input(node, slot, new_name)
         self.touched.add(name)
 
     def drop_value_info(self, name: str) -> None:
@@ -132,7 +136,7 @@ class _Graph(GraphIndex):
 
 # ----------------------------------------------------------------------------- weight layout
 
-def _attr(node: onnx.NodeProto, name: str, default=None):
+def _attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
     for a in node.attribute:
         if a.name == name:
             return onnx.helper.get_attribute_value(a)
@@ -228,7 +232,7 @@ def _layer_problem(g: _Graph, layer: onnx.NodeProto, bias_node: onnx.NodeProto, 
     bias = bias_node.input[bias_slot] if bias_slot < len(bias_node.input) else ""
     if bias and (problem := _constant_problem(g, bias, f"{op} bias")):
         return problem
-    shape = tuple(g.constant(layer.input[1]).dims)
+    shape = tuple(g.fixed(layer.input[1]).dims)
     if op in ("Gemm", "MatMul") and len(shape) != 2:
         return f"{op} weight has rank {len(shape)}, not 2"
     layout = _layout(layer, shape)
@@ -291,7 +295,7 @@ def _pass_problem(g: _Graph, node: onnx.NodeProto, tensor: str) -> str | None:
         if any(name and name in g.read_count for name in node.output[1:]):
             return f"the mask of Dropout {_label(node)!r} is used"
         training = node.input[2] if len(node.input) > 2 else ""
-        if training and (g.constant(training) is None or g.constant_array(training).any()):
+        if training and ((flag := g.constant(training)) is None or g.tensor_array(flag).any()):
             return f"Dropout {_label(node)!r} may run in training mode"
     return None
 
@@ -373,7 +377,7 @@ def _plan(g: _Graph, bn: onnx.NodeProto) -> _Plan | str:
     """How `bn` folds, or why it stays: backward into its producer if possible, else forward."""
     if problem := _bn_problem(g, bn):
         return problem
-    channels = int(np.prod(g.constant(bn.input[1]).dims))
+    channels = int(np.prod(g.fixed(bn.input[1]).dims))
     backward = _plan_backward(g, bn, channels)
     if isinstance(backward, _Plan):
         return backward
@@ -414,7 +418,7 @@ def _apply(g: _Graph, bn: onnx.NodeProto, plan: _Plan) -> None:
     layer = plan.layer
     if plan.bias_slot < len(plan.bias_node.input) and plan.bias_node.input[plan.bias_slot]:
         g.own_bias(plan.bias_node, plan.bias_slot)
-    weight = g.constant(layer.input[1])
+    weight = g.fixed(layer.input[1])
     layout = _layout(layer, tuple(weight.dims))
     bias_name = plan.bias_node.input[plan.bias_slot] if plan.bias_slot < len(plan.bias_node.input) else ""
     alpha, beta = (_attr(layer, "alpha", 1.0), _attr(layer, "beta", 1.0)) if layer.op_type == "Gemm" else (1.0, 1.0)
@@ -422,7 +426,7 @@ def _apply(g: _Graph, bn: onnx.NodeProto, plan: _Plan) -> None:
     s, t = _bn_affine(g, bn)
     if plan.direction == "forward":
         s, t = np.repeat(s, plan.repeat), np.repeat(t, plan.repeat)
-    w = g.constant_array(layer.input[1])  # stored type; scaled in float64 a chunk of output channels at a time
+    w = g.tensor_array(weight)  # stored type; scaled in float64 a chunk of output channels at a time
     new_w, shift = np.empty(w.shape, onnx.helper.tensor_dtype_to_np_dtype(weight.data_type)), np.zeros(layout.outputs)
     for where, outputs in _chunks(w.shape, layout):
         part = w[where].astype(np.float64)
@@ -437,7 +441,7 @@ def _apply(g: _Graph, bn: onnx.NodeProto, plan: _Plan) -> None:
         new_w[where] = part
     del w
     new_b = b * s + t if plan.direction == "backward" else b + shift
-    bias_type = g.constant(bias_name).data_type if bias_name else weight.data_type
+    bias_type = g.fixed(bias_name).data_type if bias_name else weight.data_type
     g.write(layer, 1, new_w, weight.data_type, _label(layer) + "_weight")
     g.write(plan.bias_node, plan.bias_slot, new_b.astype(onnx.helper.tensor_dtype_to_np_dtype(bias_type)), bias_type,
             _label(layer) + "_bias")
@@ -456,28 +460,28 @@ def _remove_bn(g: _Graph, bn: onnx.NodeProto, plan: _Plan) -> None:
     BN's shift computes other values now: its output becomes `<name>/bn_folded`. Graph output
     names never change."""
     x, y = bn.input[0], bn.output[0]
+    g.touched.update(bn.input[1:])
+    g.remove_node(bn)  # first, so that `y` has one writer at every step
     if plan.direction == "backward":
         producer = g.producers[x]
-        producer.output[list(producer.output).index(x)] = y
+        g.set_output(producer, list(producer.output).index(x), y)
         g.drop_value_info(x)
     else:
         tensor = y
         while (node := next(n for n in g.consumers[tensor] if n.op_type not in SHAPE_ONLY)) is not plan.layer:
+            _rename_output(g, node, g.unique_name(f"{node.output[0]}/pre_bn"))
             tensor = node.output[0]
-            _rename_output(g, node, g.unique_name(f"{tensor}/pre_bn"))
         g.replace_uses(y, x)
         g.drop_value_info(y)
     if plan.layer is not plan.bias_node:  # a MatMul before its bias Add: it computes other values now
         _rename_output(g, plan.layer, g.unique_name(f"{plan.layer.output[0]}/bn_folded"))
-    g.graph.node.remove(bn)
-    g.touched.update(bn.input[1:])
 
 
 def _rename_output(g: _Graph, node: onnx.NodeProto, name: str) -> None:
     """`node`'s first output (not a graph output) and its reads become `name`."""
     old = node.output[0]
     g.replace_uses(old, name)
-    node.output[0] = name
+    g.set_output(node, 0, name)
     g.drop_value_info(old)
 
 
@@ -514,7 +518,6 @@ def fold(model: Model) -> tuple[Model, FoldReport]:
     g = _Graph(out, value_types(out), result.arrays, result.folder)
     report = []
     for bn in [n for n in out.graph.node if n.op_type == "BatchNormalization" and n.domain in ("", "ai.onnx")]:
-        g.refresh()
         plan = _plan(g, bn)
         entry = {"bn": _label(bn), "action": "kept", "into": None, "direction": None, "reason": plan}
         if isinstance(plan, _Plan):

@@ -12,9 +12,8 @@ edits the graph the way ONNX requires: `add_initializer` lists a new initializer
 graph input too when the model's IR version is below 4; `replace_uses` rewires reads
 (subgraphs included, graph outputs never); `prune` drops initializers and Constant
 nodes nobody reads; `ancestors` lists the nodes a set of tensors needs, in order;
-`sort` puts the nodes in topological order.
-
-The index is a snapshot: after a transform edits the graph it calls `refresh()`.
+`sort` puts the nodes in topological order. Every edit keeps the index exact (see `GraphIndex`),
+so a transform never rebuilds it.
 """
 
 from __future__ import annotations
@@ -128,23 +127,28 @@ def _names_in(graph: onnx.GraphProto) -> Iterator[str]:
         yield from (v.name for v in field)
     yield from (t.name for t in graph.initializer)
     for node in graph.node:
-        yield node.name
-        yield from node.input
-        yield from node.output
-        for sub in subgraphs(node):
-            yield from _names_in(sub)
+        yield from _node_names(node)
 
 
-def _replace_reads(graph: onnx.GraphProto, old: str, new: str) -> None:
-    for node in graph.node:
-        for i, name in enumerate(node.input):
-            if name == old:
-                node.input[i] = new
-        for sub in subgraphs(node):
-            _replace_reads(sub, old, new)
-            for out in sub.output:
-                if out.name == old:  # a body that returns an outer value directly
-                    out.name = new
+def _node_names(node: onnx.NodeProto) -> Iterator[str]:
+    yield node.name
+    yield from node.input
+    yield from node.output
+    for sub in subgraphs(node):
+        yield from _names_in(sub)
+
+
+def _replace_reads(node: onnx.NodeProto, old: str, new: str) -> None:
+    """`node` reads `new` wherever it read `old`, in its subgraphs too."""
+    for i, name in enumerate(node.input):
+        if name == old:
+            node.input[i] = new
+    for sub in subgraphs(node):
+        for inner in sub.node:
+            _replace_reads(inner, old, new)
+        for out in sub.output:
+            if out.name == old:  # a body that returns an outer value directly
+                out.name = new
 
 
 # ----------------------------------------------------------------------------- the index
@@ -152,9 +156,16 @@ def _replace_reads(graph: onnx.GraphProto, old: str, new: str) -> None:
 class GraphIndex:
     """Producers, consumers, read counts, constants and taken names of `model`'s top-level graph.
 
-    Edits go to `model` itself (the index never copies); see the module docstring. Values of tensors
-    held outside the proto come from `weights` (IN_MEMORY stubs) and from files in `folder`
-    (external data, e.g. of a `io.load.load_structure` model): see `io.tensors.tensor_array`.
+    Edits go to `model` itself (the index never copies) through the editing methods below
+    (`add_node`, `remove_node`, `set_input`, `set_output`, `replace_uses`, `add_initializer`,
+    `set_initializer`, `remove_initializer`, `prune`, `reorder`, `sort`), and each one keeps every
+    lookup exact, the way onnx-ir's `Value.uses()` stays exact: after any sequence of them, the
+    lookups equal those of a fresh `GraphIndex` of the graph as it is then (`consumers[name]` as a
+    set: an edited node moves to the end of its lists). `taken` only grows, so a name once used is
+    never handed out again. A caller that edits the proto itself calls `refresh()` afterwards.
+
+    Values of tensors held outside the proto come from `weights` (IN_MEMORY stubs) and from files in
+    `folder` (external data, e.g. of a `io.load.load_structure` model): see `io.tensors.tensor_array`.
     """
 
     def __init__(self, model: onnx.ModelProto, weights: dict[str, np.ndarray] | None = None,
@@ -166,20 +177,13 @@ class GraphIndex:
         self.refresh()
 
     def refresh(self) -> None:
-        """Rebuild every lookup from the graph as it is now."""
+        """Rebuild every lookup from the graph as it is now (for callers that edit the proto directly)."""
         graph = self.graph
         self.producers: dict[str, onnx.NodeProto] = {}
         self.consumers: dict[str, list[onnx.NodeProto]] = {}
         self.read_count: dict[str, int] = {}
         for node in graph.node:
-            for out in node.output:
-                if out:
-                    self.producers[out] = node
-            node_reads = reads(node)
-            for name in dict.fromkeys(node_reads):
-                self.consumers.setdefault(name, []).append(node)
-            for name in node_reads:
-                self.read_count[name] = self.read_count.get(name, 0) + 1
+            self._enter(node)
         self.outputs = {o.name for o in graph.output}
         for name in self.outputs:
             self.read_count[name] = self.read_count.get(name, 0) + 1
@@ -188,6 +192,34 @@ class GraphIndex:
         # From IR 4 on, an initializer also listed as a graph input is a default the caller may override.
         self.overridable = self.inputs & set(self.initializers) if self.model.ir_version >= 4 else set()
         self.taken = {n for n in _names_in(graph) if n}
+
+    def _enter(self, node: onnx.NodeProto) -> None:
+        """Count `node` (an element of the graph) in producers, consumers and read_count."""
+        for out in node.output:
+            if out:
+                self.producers[out] = node
+        node_reads = reads(node)
+        for name in dict.fromkeys(node_reads):
+            self.consumers.setdefault(name, []).append(node)
+        for name in node_reads:
+            self.read_count[name] = self.read_count.get(name, 0) + 1
+
+    def _leave(self, node: onnx.NodeProto) -> None:
+        """Undo `_enter(node)`: the node is about to change or go."""
+        for out in node.output:
+            if out and self.producers.get(out) is node:
+                del self.producers[out]
+        node_reads = reads(node)
+        for name in dict.fromkeys(node_reads):
+            users = [n for n in self.consumers[name] if n is not node]
+            if users:
+                self.consumers[name] = users
+            else:
+                del self.consumers[name]
+        for name in node_reads:
+            self.read_count[name] -= 1
+            if not self.read_count[name]:
+                del self.read_count[name]
 
     # -- names
 
@@ -232,7 +264,57 @@ class GraphIndex:
         """The values of `tensor`, wherever they are held (see the class docstring)."""
         return tensor_array(tensor, self.weights, self.folder)
 
-    # -- edits
+    # -- node edits
+
+    def add_node(self, node: onnx.NodeProto) -> onnx.NodeProto:
+        """Append a copy of `node` to the graph (`reorder` places it); return the copy, the graph's own."""
+        self.graph.node.append(node)
+        added = self.graph.node[-1]
+        self._enter(added)
+        self.taken.update(n for n in _node_names(added) if n)
+        return added
+
+    def remove_node(self, node: onnx.NodeProto) -> None:
+        """Take `node` (the graph's own object) out of the graph."""
+        position = next(i for i, n in enumerate(self.graph.node) if n is node)
+        self._leave(node)
+        del self.graph.node[position]
+
+    def set_input(self, node: onnx.NodeProto, slot: int, name: str) -> None:
+        """`node` reads `name` in input `slot` (missing optional inputs before it become "")."""
+        self._leave(node)
+        while len(node.input) <= slot:
+            node.input.append("")
+        node.input[slot] = name
+        self._enter(node)
+        self.taken.add(name)
+
+    def set_output(self, node: onnx.NodeProto, slot: int, name: str) -> None:
+        """`node` writes `name` in output `slot`; its readers are not rewired (see `replace_uses`)."""
+        self._leave(node)
+        node.output[slot] = name
+        self._enter(node)
+        self.taken.add(name)
+
+    def replace_uses(self, old: str, new: str) -> None:
+        """Every node that reads `old` (subgraphs included) reads `new` instead; graph outputs keep their names."""
+        for node in list(self.consumers.get(old, [])):
+            self._leave(node)
+            _replace_reads(node, old, new)
+            self._enter(node)
+        self.taken.add(new)
+
+    def reorder(self, nodes: list[onnx.NodeProto]) -> None:
+        """Put the graph's nodes (all of them, the graph's own objects) in the order of `nodes`."""
+        if len(nodes) != len(self.graph.node):
+            raise ValueError("reorder needs every node of the graph exactly once")
+        del self.graph.node[:]
+        self.graph.node.extend(nodes)  # copies: the index now points at the graph's new objects
+        moved = {id(old): new for old, new in zip(nodes, self.graph.node, strict=True)}
+        self.producers = {name: moved[id(node)] for name, node in self.producers.items()}
+        self.consumers = {name: [moved[id(n)] for n in users] for name, users in self.consumers.items()}
+
+    # -- initializer edits
 
     def add_initializer(self, value: np.ndarray | onnx.TensorProto, base: str) -> str:
         """Add `value` as an initializer under a fresh name made from `base`; return the name.
@@ -240,36 +322,56 @@ class GraphIndex:
         IR < 4 requires every initializer to be a graph input as well: it is listed there too.
         """
         tensor = numpy_helper.from_array(value) if isinstance(value, np.ndarray) else value
-        tensor.name = self.unique_name(base)
-        self.graph.initializer.append(tensor)
-        self.initializers[tensor.name] = self.graph.initializer[-1]
-        if self.model.ir_version < 4:
-            self.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
-            self.inputs.add(tensor.name)
-        return tensor.name
+        name = self.unique_name(base)
+        self.set_initializer(name, tensor)
+        return name
 
-    def replace_uses(self, old: str, new: str) -> None:
-        """Every node that reads `old` (subgraphs included) reads `new` instead; graph outputs keep their names."""
-        _replace_reads(self.graph, old, new)
+    def set_initializer(self, name: str, tensor: onnx.TensorProto) -> None:
+        """Make initializer `name` hold `tensor` (a copy, renamed `name`): in place when it exists, else a
+        new one (IR < 4: listed as a graph input too)."""
+        current = self.initializers.get(name)
+        if current is not None:
+            current.CopyFrom(tensor)
+            current.name = name
+            return
+        self.graph.initializer.append(tensor)
+        added = self.graph.initializer[-1]
+        added.name = name
+        self.initializers[name] = added
+        self.taken.add(name)
+        if self.model.ir_version < 4:
+            self.graph.input.append(onnx.helper.make_tensor_value_info(name, added.data_type, list(added.dims)))
+            self.inputs.add(name)
+        elif name in self.inputs:
+            self.overridable.add(name)
+
+    def remove_initializer(self, name: str) -> None:
+        """Drop initializer `name`, and its graph input and value_info (unless it is a graph output)."""
+        self._drop_entries(self.graph.initializer, {name})
+        self.initializers.pop(name, None)
+        if name not in self.outputs:
+            self._drop_entries(self.graph.input, {name})
+            self._drop_entries(self.graph.value_info, {name})
+            self.inputs.discard(name)
+        self.overridable.discard(name)
+
+    @staticmethod
+    def _drop_entries(field, names: set[str]) -> None:
+        """Delete the entries of a repeated initializer/ValueInfo field named in `names` (others stay put)."""
+        for i in reversed(range(len(field))):
+            if field[i].name in names:
+                del field[i]
 
     def prune(self, candidates: Iterable[str]) -> None:
         """Remove those of `candidates` that nothing reads any more: initializers (and their graph
         inputs and value_info), and the Constant/ConstantOfShape nodes that write them, transitively."""
-        self.refresh()
         dead = {n for n in candidates if n and not self.read_count.get(n)}
         while dead:
-            graph = self.graph
-            kept = [t for t in graph.initializer if t.name not in dead]
-            del graph.initializer[:]
-            graph.initializer.extend(kept)
-            for field in (graph.input, graph.value_info):
-                kept_info = [v for v in field if v.name not in dead or v.name in self.outputs]
-                del field[:]
-                field.extend(kept_info)
-            gone = [n for n in graph.node if n.op_type in ("Constant", "ConstantOfShape") and n.output[0] in dead]
+            for name in sorted(dead):
+                self.remove_initializer(name)
+            gone = [n for n in self.graph.node if n.op_type in ("Constant", "ConstantOfShape") and n.output[0] in dead]
             for node in gone:
-                graph.node.remove(node)
-            self.refresh()
+                self.remove_node(node)
             dead = {i for node in gone for i in node.input if i and not self.read_count.get(i)}
 
     def ancestors(self, wanted: Iterable[str], stop: Iterable[str] = ()) -> list[onnx.NodeProto]:
@@ -303,8 +405,7 @@ class GraphIndex:
             if len(rest) == len(pending):
                 raise UserError(f"the graph has a cycle through node {rest[0].name or rest[0].op_type!r}")
             pending = rest
-        del graph.node[:]
-        graph.node.extend(ordered)
+        self.reorder(ordered)
 
 
 def pruned_copy(model: onnx.ModelProto, wanted: set[str]) -> onnx.ModelProto:

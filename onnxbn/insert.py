@@ -122,8 +122,8 @@ def insert(model: Model, stats, eps: float = 1e-5) -> Model:
     require_opset(out)
     types = value_types(out)
     _check_stats_match(out, stats, types)
-    graph = out.graph
     index = GraphIndex(out)
+    original = list(out.graph.node)
     new_nodes: dict[int, list[onnx.NodeProto]] = {}  # BN nodes to put after a producer (by id)
     leading: list[onnx.NodeProto] = []          # BN nodes on graph inputs
     widened = 0
@@ -137,19 +137,19 @@ def insert(model: Model, stats, eps: float = 1e-5) -> Model:
             index.replace_uses(tensor, y)
         else:
             x, y = index.unique_name(f"{tensor}/pre_bn"), tensor
-            producer.output[:] = [x if o == tensor else o for o in producer.output]
-        nodes = _identity_bn_nodes(index, x, y, node_name, stats.mean(tensor), stats.var(tensor), eps, elem)
+            index.set_output(producer, list(producer.output).index(tensor), x)
+        nodes = [index.add_node(n) for n in
+                 _identity_bn_nodes(index, x, y, node_name, stats.mean(tensor), stats.var(tensor), eps, elem)]
         widened += len(nodes) > 1
         if producer is None:
             leading.extend(nodes)
         else:
             new_nodes.setdefault(id(producer), []).extend(nodes)
     ordered = list(leading)
-    for node in graph.node:
+    for node in original:
         ordered.append(node)
         ordered.extend(new_nodes.get(id(node), []))
-    del graph.node[:]
-    graph.node.extend(ordered)
+    index.reorder(ordered)
     _check_provenance(stats, digest)  # the hash ran alongside the work above
     dead = dead_channels(stats)
     set_metadata(out, {"onnxbn.insert": json.dumps({

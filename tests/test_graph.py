@@ -81,7 +81,7 @@ def test_constants_from_constant_and_constant_of_shape_nodes():
     assert index.constant("x") is None
     index.prune(["fill"])  # still read by Add: stays
     assert len(model.graph.node) == 4
-    model.graph.node[3].input[1] = "x"
+    index.set_input(model.graph.node[3], 1, "x")  # edits go through the index, which stays exact
     index.prune(["fill"])  # ConstantOfShape and the Constant feeding it go, transitively
     assert [n.output[0] for n in model.graph.node] == ["f", "y"]
 

@@ -385,7 +385,7 @@ def test_a_failing_conversion_stops_the_caching_pass_after_its_batch(monkeypatch
 # ----------------------------------------------------------------------------- moved from test_graph_core.py
 
 def test_finetune_merges_a_last_batch_of_one():
-    from onnxbn.training import _batch_bounds
+    from onnxbn.training.loop import batch_bounds as _batch_bounds
 
     assert _batch_bounds(17, 16) == [0, 17]
     assert _batch_bounds(24, 16) == [0, 16, 24]

@@ -52,7 +52,7 @@ def _load_npz(path: Path, input_name: str | None = None) -> tuple[np.ndarray, np
     try:
         with np.load(path, allow_pickle=False) as npz:
             keys = set(npz.files)
-            key = "x" if "x" in keys or input_name not in keys else input_name
+            key = input_name if input_name is not None and input_name in keys and "x" not in keys else "x"
             if key not in keys:
                 raise UserError(f"{path}: no array 'x' in the .npz (found: {', '.join(sorted(keys)) or 'nothing'}); "
                                 "store inputs as x=(N,C,H,W) float32")

@@ -82,7 +82,7 @@ class Session:
     def _select(self, fetch, values: list[np.ndarray]) -> list[np.ndarray]:
         if fetch is None:
             return values
-        by_name = dict(zip(self.outputs, values))
+        by_name = dict(zip(self.outputs, values, strict=True))
         return [by_name[n] for n in fetch]
 
     def _run_error(self, exc: Exception) -> UserError:

@@ -25,7 +25,7 @@ PRECISIONS = ("default", "f32", "bf16", "f16")
 TOLERANCES = {"f64": (1e-5, 1e-5, 0.0), "f32": (1e-5, 1e-5, 0.0), "tf32": (1e-5, 4e-3, 4e-3),
               "f16": (1e-5, 4e-3, 4e-3), "bf16": (1e-5, 3e-2, 3e-2)}
 _RANK = {"f64": 3, "f32": 2, "tf32": 1, "f16": 1, "bf16": 0}
-_ELEM = {onnx.TensorProto.FLOAT: "f32", onnx.TensorProto.DOUBLE: "f64", onnx.TensorProto.FLOAT16: "f16",
+_ELEM: dict[int, str] = {onnx.TensorProto.FLOAT: "f32", onnx.TensorProto.DOUBLE: "f64", onnx.TensorProto.FLOAT16: "f16",
          onnx.TensorProto.BFLOAT16: "bf16"}
 
 
@@ -105,5 +105,5 @@ def model_precision(model: onnx.ModelProto) -> str:
         if t.data_type in _ELEM:
             weights[t.data_type] = weights.get(t.data_type, 0) + math.prod(t.dims)
     if weights:
-        types.append(max(weights, key=weights.get))
+        types.append(max(weights, key=lambda t: weights[t]))
     return min((_ELEM[t] for t in types if t in _ELEM), key=lambda p: _RANK[p], default="f32")

@@ -36,17 +36,19 @@ class TractSession(Session):
     """`runnable` for a model whose inputs are all fixed; otherwise `build(facts)` makes one per set of
     feed shapes (tract needs every input's shape determined: the data gives it)."""
 
-    def __init__(self, model, info, runnable, feed_order, build=None):
+    def __init__(self, model, info, runnable, feed_order, build=None, workdir=None):
         super().__init__(model, info)
         self.runnable = runnable
         self.feed_order = feed_order
         self._build = build
         self._by_shapes: dict = {}
+        self._workdir = workdir  # the model file the builds read: kept until the session goes
 
     def run(self, fetch, feeds):
         arrays = [np.ascontiguousarray(feeds[n]) for n in self.feed_order]
         runnable = self.runnable
         if runnable is None:
+            assert self._build is not None  # a session without a runnable is given `build`
             key = tuple((a.shape, a.dtype.str) for a in arrays)
             if key not in self._by_shapes:
                 self._by_shapes = {key: self._build([tract_fact(a) for a in arrays])}  # one shape set held
@@ -84,7 +86,5 @@ def open_tract(model, device, requested, threads):
         workdir.cleanup()
     info = RuntimeInfo("tract", runtime_version("tract"), "cpu", model_precision(model), requested,
                        model_precision(model), provider="CPU (default runtime, one thread)")
-    session = TractSession(model, info, runnable, [i.name for i in graph_inputs(model)],
-                           None if runnable is not None else build)
-    session._workdir = workdir  # the model file the builds read: kept until the session goes
-    return session
+    return TractSession(model, info, runnable, [i.name for i in graph_inputs(model)],
+                        None if runnable is not None else build, workdir)

@@ -75,7 +75,7 @@ def _spatial_attrs(ctx: ConvertContext, a: dict, nd: int):
 def _static_pads(ctx: ConvertContext, x_name: str, kernel, strides, dilations, pads, auto_pad):
     """(begins, ends) at import, or None when SAME padding depends on an unknown input size."""
     nd = len(kernel)
-    eff = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]
+    eff = [(k - 1) * d + 1 for k, d in zip(kernel, dilations, strict=True)]
     if auto_pad == "VALID":
         return [0] * nd, [0] * nd
     if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
@@ -105,7 +105,7 @@ def _conv_op(ctx: ConvertContext, a: dict):
         static = _static_pads(ctx, node.input[0], kernel, strides, dilations, pads, auto_pad)
         padding = [0] * nd
         if static is None:
-            eff = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]
+            eff = [(k - 1) * d + 1 for k, d in zip(kernel, dilations, strict=True)]
             x = ctx.call(_pad_same, x, eff, strides, auto_pad == "SAME_UPPER")
         elif static[0] == static[1]:
             padding = static[0]
@@ -145,9 +145,9 @@ def _pool_op(ctx: ConvertContext, a: dict, kind: str):
     if static is not None and static[0] == static[1]:
         pad = static[0]
         same = auto_pad in ("SAME_UPPER", "SAME_LOWER")
-        if kind == "max" and all(2 * p <= k for p, k in zip(pad, kernel)) and not (same and ceil_mode):
+        if kind == "max" and all(2 * p <= k for p, k in zip(pad, kernel, strict=True)) and not (same and ceil_mode):
             return ctx.call(_MAXPOOL_FN[nd], x, kernel, strides, pad, dilations, bool(ceil_mode))
-        if kind == "avg" and all(d == 1 for d in dilations) and all(2 * p <= k for p, k in zip(pad, kernel)) \
+        if kind == "avg" and all(d == 1 for d in dilations) and all(2 * p <= k for p, k in zip(pad, kernel, strict=True)) \
                 and not (same and ceil_mode) and (cip or not any(pad) or not same):
             return ctx.call(_AVGPOOL_FN[nd], x, kernel, strides, pad, bool(ceil_mode), bool(cip))
     return ctx.call(_pool, x, kind, kernel, strides, pads, dilations, ceil_mode, cip, auto_pad)
@@ -403,7 +403,8 @@ def _bn_op(ctx: ConvertContext, a: dict):
     if all(ctx.is_weight(n) for n in names):
         scale, bias = ctx.param(names[0]), ctx.param(names[1])
         rank = ctx.rank(node.input[0])
-        cls = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}.get(rank, _BatchNormAnyD)
+        known = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
+        cls = known[rank] if rank in known else _BatchNormAnyD  # rank None: unknown
         mod = cls(scale.shape[0], eps=eps, momentum=float(f"{1.0 - momentum:.7g}"), device="meta")
         mod.weight, mod.bias = scale, bias
         mod.running_mean = ctx.init_tensor(names[2])

@@ -49,7 +49,7 @@ def _slice(x, starts, ends, axes=None, steps=None):
     starts, ends = _ints(starts), _ints(ends)
     axes = list(range(len(starts))) if axes is None else _ints(axes)
     steps = [1] * len(starts) if steps is None else _ints(steps)
-    for s, e, a, st in zip(starts, ends, axes, steps):
+    for s, e, a, st in zip(starts, ends, axes, steps, strict=True):
         a = a + x.dim() if a < 0 else a
         n = int(x.shape[a])
         s = s + n if s < 0 else s

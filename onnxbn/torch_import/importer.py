@@ -16,12 +16,14 @@ import inspect
 import keyword
 import os
 import re
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import onnx
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.fx import graph_module
+from torch.fx.node import map_aggregate
 
 from onnxbn.errors import UserError
 from onnxbn.graph import (
@@ -87,7 +89,7 @@ def _invalid_attribute(node: onnx.NodeProto, opset: int) -> str | None:
     for attr in node.attribute:
         if attr.name not in schema.attributes:
             return f"{attr.name!r} is not an attribute of {node.op_type} at this opset"
-        expected = schema.attributes[attr.name].type
+        expected = cast(int, schema.attributes[attr.name].type)  # an int enum: onnx's stub leaves its value out
         if attr.type not in (expected, onnx.AttributeProto.UNDEFINED):
             return (f"attribute {attr.name!r} is of type {onnx.AttributeProto.AttributeType.Name(attr.type)}, "
                     f"{node.op_type} takes {onnx.AttributeProto.AttributeType.Name(expected)}")
@@ -122,7 +124,7 @@ class _Importer:
         self.aliases: dict[str, str] = {}  # Identity output -> the initializer it passes on
         self.types = value_types(model)
         self.producers = GraphIndex(model).producers  # tensor name -> the node that produces it
-        self.node: onnx.NodeProto | None = None
+        self.node = onnx.NodeProto()  # the node being converted (none yet)
 
     # ------------------------------------------------------------------ values
     def fail(self, why: str):
@@ -171,7 +173,7 @@ class _Importer:
             self.const_nodes[key] = self.graph.get_attr(f"{_CONSTANTS}.{name}")
         return self.const_nodes[key]
 
-    def _lift(self, a):
+    def _lift(self, a: Any) -> Any:
         if isinstance(a, torch.Tensor):
             hint = next((n for n, v in self.init_values.items() if v is a), "c")
             return self.tensor_node(a, hint)
@@ -188,7 +190,7 @@ class _Importer:
             if isinstance(a, fx.Node):
                 found = True
             return a
-        fx.node.map_aggregate(args, visit)
+        map_aggregate(args, visit)
         return found
 
     def call(self, fn: Callable, *args, **kwargs):
@@ -242,8 +244,9 @@ class _Importer:
                 kind = "not a tensor" if elem is None else f"element type {onnx.TensorProto.DataType.Name(elem)}"
                 raise UserError(f"cannot import graph input {vi.name!r} (opset {self.opset}): {kind} is not "
                                 "supported by onnxbn's torch importer")
-            ph = self.graph.placeholder(unique_name(_sanitize(vi.name, "input"), arg_names | self.taken))
-            arg_names.add(ph.target)
+            arg = unique_name(_sanitize(vi.name, "input"), arg_names | self.taken)
+            ph = self.graph.placeholder(arg)
+            arg_names.add(arg)
             self.env[vi.name] = ph if elem not in UNSIGNED_WIDE else \
                 self.graph.call_function(_cast, (ph, torch.int64))
             inputs.append(vi.name)
@@ -321,7 +324,7 @@ class _OnnxTracer(fx.Tracer):
         super().__init__(*args, **kwargs)
 
 
-_PRESERVED = getattr(fx.graph_module, "_USER_PRESERVED_ATTRIBUTES_KEY", "_user_preserved_attributes")
+_PRESERVED = getattr(graph_module, "_USER_PRESERVED_ATTRIBUTES_KEY", "_user_preserved_attributes")
 
 
 SUPPORTED_OPS = frozenset(CONVERTERS)  # every converter module is imported above

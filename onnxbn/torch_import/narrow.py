@@ -20,11 +20,11 @@ import onnx
 import torch
 
 # ONNX element type -> the torch dtype that carries its values
-NARROW = {onnx.TensorProto.INT4: torch.int8, onnx.TensorProto.INT2: torch.int8,
+NARROW: dict[int, torch.dtype] = {onnx.TensorProto.INT4: torch.int8, onnx.TensorProto.INT2: torch.int8,
           onnx.TensorProto.UINT4: torch.uint8, onnx.TensorProto.UINT2: torch.uint8,
           onnx.TensorProto.FLOAT4E2M1: torch.float32, onnx.TensorProto.FLOAT8E8M0: torch.float32}
 # sub-byte integers: (bits, signed)
-_INTS = {onnx.TensorProto.INT4: (4, True), onnx.TensorProto.INT2: (2, True),
+_INTS: dict[int, tuple[int, bool]] = {onnx.TensorProto.INT4: (4, True), onnx.TensorProto.INT2: (2, True),
          onnx.TensorProto.UINT4: (4, False), onnx.TensorProto.UINT2: (2, False)}
 
 

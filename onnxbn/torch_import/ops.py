@@ -27,17 +27,18 @@ from onnxbn.torch_import.narrow import NARROW
 # importer runs (others are refused at import). uint16/32/64, which torch computes little with,
 # are held as int64 (exact for uint16/32; uint64 arithmetic is modular, comparisons and
 # division of values >= 2**63 are not) and cast back to their type at graph outputs.
-UNSIGNED_WIDE = {onnx.TensorProto.UINT16: torch.uint16, onnx.TensorProto.UINT32: torch.uint32,
+UNSIGNED_WIDE: dict[int, torch.dtype] = {onnx.TensorProto.UINT16: torch.uint16, onnx.TensorProto.UINT32: torch.uint32,
                  onnx.TensorProto.UINT64: torch.uint64}
-DTYPES = {
+DTYPES: dict[int, torch.dtype] = {
     onnx.TensorProto.FLOAT: torch.float32, onnx.TensorProto.DOUBLE: torch.float64,
     onnx.TensorProto.FLOAT16: torch.float16, onnx.TensorProto.BFLOAT16: torch.bfloat16,
     onnx.TensorProto.INT8: torch.int8, onnx.TensorProto.INT16: torch.int16, onnx.TensorProto.INT32: torch.int32,
     onnx.TensorProto.INT64: torch.int64, onnx.TensorProto.UINT8: torch.uint8, onnx.TensorProto.BOOL: torch.bool,
 } | {t: torch.int64 for t in UNSIGNED_WIDE}
 # 8-bit floats: torch's own dtypes; ONNX lets only data-movement ops (Cast, Reshape, ...) take them
-FLOAT8 = {onnx.TensorProto.FLOAT8E4M3FN: torch.float8_e4m3fn, onnx.TensorProto.FLOAT8E4M3FNUZ: torch.float8_e4m3fnuz,
-          onnx.TensorProto.FLOAT8E5M2: torch.float8_e5m2, onnx.TensorProto.FLOAT8E5M2FNUZ: torch.float8_e5m2fnuz}
+FLOAT8: dict[int, torch.dtype] = {
+    onnx.TensorProto.FLOAT8E4M3FN: torch.float8_e4m3fn, onnx.TensorProto.FLOAT8E4M3FNUZ: torch.float8_e4m3fnuz,
+    onnx.TensorProto.FLOAT8E5M2: torch.float8_e5m2, onnx.TensorProto.FLOAT8E5M2FNUZ: torch.float8_e5m2fnuz}
 DTYPES |= FLOAT8
 DTYPES |= NARROW  # 4/2-bit integers and floats, FLOAT8E8M0: carried in a wider dtype (see narrow.py)
 
@@ -178,7 +179,7 @@ def _ints(v) -> list[int]:
 
 def _same_pads(spatial, eff_kernel, strides, upper: bool) -> tuple[list[int], list[int]]:
     begins, ends = [], []
-    for n, k, s in zip(spatial, eff_kernel, strides):
+    for n, k, s in zip(spatial, eff_kernel, strides, strict=True):
         out = -(-int(n) // s)
         total = max((out - 1) * s + k - int(n), 0)
         small, big = total // 2, total - total // 2
@@ -190,7 +191,7 @@ def _same_pads(spatial, eff_kernel, strides, upper: bool) -> tuple[list[int], li
 def _torch_pad_list(begins, ends) -> list[int]:
     """F.pad's order (last dim first) for pads on the trailing len(begins) dims."""
     out: list[int] = []
-    for b, e in zip(reversed(list(begins)), reversed(list(ends))):
+    for b, e in zip(reversed(list(begins)), reversed(list(ends)), strict=True):
         out += [int(b), int(e)]
     return out
 
@@ -213,7 +214,7 @@ _AVGPOOL_FN = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
 
 def _resolve_pads(x, kernel, strides, pads, dilations, auto_pad):
     nd = len(kernel)
-    eff = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]
+    eff = [(k - 1) * d + 1 for k, d in zip(kernel, dilations, strict=True)]
     if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
         return _same_pads(x.shape[2:], eff, strides, auto_pad == "SAME_UPPER")
     if auto_pad == "VALID" or not pads:
@@ -245,18 +246,18 @@ def _conv_transpose(x, w, b, strides, dilations, group, pads=None, output_paddin
     kernel = list(w.shape[2:])
     spatial = [int(n) for n in x.shape[2:]]
     output_padding = list(output_padding or [0] * nd)
-    full = [s * (n - 1) + (k - 1) * d + 1 for s, n, k, d in zip(strides, spatial, kernel, dilations)]
+    full = [s * (n - 1) + (k - 1) * d + 1 for s, n, k, d in zip(strides, spatial, kernel, dilations, strict=True)]
     if output_shape or auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        out = list(output_shape)[-nd:] if output_shape else [n * s for n, s in zip(spatial, strides)]
-        total = [f + p - o for f, p, o in zip(full, output_padding, out)]
+        out = list(output_shape)[-nd:] if output_shape else [n * s for n, s in zip(spatial, strides, strict=True)]
+        total = [f + p - o for f, p, o in zip(full, output_padding, out, strict=True)]
         begins = [t // 2 if auto_pad == "SAME_UPPER" else t - t // 2 for t in total]
     else:
         pads = list(pads or [0] * (2 * nd)) if auto_pad != "VALID" else [0] * (2 * nd)
         begins = pads[:nd]
-        out = [f + p - b_ - e for f, p, b_, e in zip(full, output_padding, pads[:nd], pads[nd:])]
+        out = [f + p - b_ - e for f, p, b_, e in zip(full, output_padding, pads[:nd], pads[nd:], strict=True)]
     y = _CONV_T_FN[nd](x, w, None, strides, 0, 0, group, dilations)
     flat: list[int] = []
-    for f, b_, o in reversed(list(zip(full, begins, out))):
+    for f, b_, o in reversed(list(zip(full, begins, out, strict=True))):
         flat += [-b_, o + b_ - f]
     if any(flat):
         y = F.pad(y, flat)
@@ -268,10 +269,10 @@ def _conv_transpose(x, w, b, strides, dilations, group, pads=None, output_paddin
 def _pool_geometry(x, kernel, strides, pads, dilations, ceil_mode, auto_pad):
     """(begin pads, end pads, output sizes, extra end padding that completes the last window) per axis."""
     begins, ends = _resolve_pads(x, kernel, strides, pads, dilations, auto_pad)
-    eff = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]
+    eff = [(k - 1) * d + 1 for k, d in zip(kernel, dilations, strict=True)]
     ceil_mode = bool(ceil_mode) and auto_pad not in ("SAME_UPPER", "SAME_LOWER")
     outs, extra = [], []
-    for n, b, e, k, s in zip((int(n) for n in x.shape[2:]), begins, ends, eff, strides):
+    for n, b, e, k, s in zip((int(n) for n in x.shape[2:]), begins, ends, eff, strides, strict=True):
         span = n + b + e - k
         out = (-(-span // s) if ceil_mode else span // s) + 1
         if ceil_mode and (out - 1) * s >= n + b:
@@ -293,7 +294,7 @@ def _max_pool_indices(x, kernel, strides, pads, dilations, ceil_mode, auto_pad="
     spatial = [int(n) for n in x.shape[2:]]
     begins, ends, outs, extra = _pool_geometry(x, kernel, strides, pads, dilations, ceil_mode, auto_pad)
     low = float("-inf") if x.is_floating_point() else torch.iinfo(x.dtype).min
-    padded = _pad_spatial(x, begins, [e + x_ for e, x_ in zip(ends, extra)], low)
+    padded = _pad_spatial(x, begins, [e + x_ for e, x_ in zip(ends, extra, strict=True)], low)
     y, where = _MAXPOOL_FN[nd](padded, kernel, strides, 0, dilations, return_indices=True)
     for axis, out in enumerate(outs):
         y, where = y.narrow(2 + axis, 0, out), where.narrow(2 + axis, 0, out)
@@ -319,7 +320,7 @@ def _pool(x, kind, kernel, strides, pads, dilations, ceil_mode, count_include_pa
     nd = len(kernel)
     spatial = [int(n) for n in x.shape[2:]]
     begins, ends, outs, extra = _pool_geometry(x, kernel, strides, pads, dilations, ceil_mode, auto_pad)
-    ends_x = [e + x_ for e, x_ in zip(ends, extra)]
+    ends_x = [e + x_ for e, x_ in zip(ends, extra, strict=True)]
     if kind == "max":
         low = float("-inf") if x.is_floating_point() else torch.iinfo(x.dtype).min
         y = _MAXPOOL_FN[nd](_pad_spatial(x, begins, ends_x, low), kernel, strides, 0, dilations)
@@ -424,8 +425,8 @@ def _pad(x, pads, mode="constant", value=None, axes=None):
     rank = x.dim()
     axes = list(range(rank)) if axes is None else [a + rank if a < 0 else a for a in _ints(axes)]
     k = len(axes)
-    begins = dict(zip(axes, pads[:k]))
-    ends = dict(zip(axes, pads[k:]))
+    begins = dict(zip(axes, pads[:k], strict=True))
+    ends = dict(zip(axes, pads[k:], strict=True))
     if mode == "constant":
         flat: list[int] = []
         for d in range(rank - 1, -1, -1):

@@ -19,6 +19,7 @@ Integer inputs are rounded and clamped to their type's range.
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -126,9 +127,11 @@ def _resize(x, scales=None, sizes=None, roi=None, axes=None, mode="nearest", coo
             s = min(scale) if policy == "not_larger" else max(scale)
             scale = [s] * len(axes)
             sizes = [int(s * shape[a] + 0.5) for a in axes]
-    else:
+    elif scales is not None:
         scale = [float(v) for v in (scales.reshape(-1).tolist() if isinstance(scales, torch.Tensor) else scales)]
-        sizes = [int(s * shape[a]) for s, a in zip(scale, axes)]
+        sizes = [int(s * shape[a]) for s, a in zip(scale, axes, strict=True)]
+    else:
+        raise ValueError("Resize needs scales or sizes")  # the converters refuse such a node at import
     if roi is not None:
         roi = [float(v) for v in (roi.reshape(-1).tolist() if isinstance(roi, torch.Tensor) else roi)]
         k = len(roi) // 2
@@ -151,7 +154,8 @@ def _resize(x, scales=None, sizes=None, roi=None, axes=None, mode="nearest", coo
         else:
             idx, w = _taps(mode, src, s, n, cubic_a, antialias, exclude_outside)
             w = w.to(y.dtype).reshape((m, idx.shape[1]) + (1,) * (rank - a - 1))
-            y = sum(_take(y, a, idx[:, j]) * w[:, j] for j in range(idx.shape[1]))
+            # a sum of tensors (at least one tap) is a tensor, where Python's sum is typed int | tensor
+            y = cast(torch.Tensor, sum(_take(y, a, idx[:, j]) * w[:, j] for j in range(idx.shape[1])))
         if outside is not None and bool(outside.any()):
             fill = torch.tensor(extrapolation, dtype=y.dtype, device=y.device)
             y = torch.where(outside.reshape((m,) + (1,) * (rank - a - 1)), fill, y)
@@ -176,13 +180,13 @@ def _interpolate(x, shape, axes, scale, sizes, mode, coord, cubic_a, exclude_out
             mode == "cubic" and (cubic_a != -0.75 or exclude_outside):
         return None
     full_scale, full_size = [1.0] * x.dim(), list(shape)
-    for a, s, m in zip(axes, scale, sizes):
+    for a, s, m in zip(axes, scale, sizes, strict=True):
         full_scale[a], full_size[a] = s, m
     if full_size[:2] != shape[:2] or full_scale[:2] != [1.0, 1.0]:
         return None
     spatial_scale, spatial_size = full_scale[2:], full_size[2:]
     if coord == "align_corners":
-        if any(abs(n * s - m) > 1e-6 * m for m, n, s in zip(spatial_size, shape[2:], spatial_scale)):
+        if any(abs(n * s - m) > 1e-6 * m for m, n, s in zip(spatial_size, shape[2:], spatial_scale, strict=True)):
             return None
         return F.interpolate(x, size=spatial_size, mode=torch_mode, align_corners=True)
     if coord == "half_pixel" or coord == "pytorch_half_pixel" and min(spatial_size) > 1:

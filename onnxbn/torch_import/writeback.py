@@ -46,7 +46,8 @@ def write_into(model: Model, module: fx.GraphModule) -> Model:
         raise UserError("this module was not made by onnxbn.to_torch (no onnx_tensors map); import the model with to_torch")
     key = getattr(module, "onnx_structure", None)
     if key is not None and key != _structure_key(model.proto):
-        raise UserError("the module was imported from a different model (nodes differ); write back into the model it came from")
+        raise UserError("the module was imported from a different model (nodes differ); "
+                        "write back into the model it came from")
     result = model.copy()
     by_name = {t.name: t for t in result.proto.graph.initializer}
     written, changed = 0, 0
