@@ -11,9 +11,10 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from oracles import ort_outputs, rel_error
 
 import onnxbn
-from models import ort_outputs, rel_error, small_cnn
+from models import small_cnn
 from onnxbn.export import _materialize_shared_initializers
 from onnxbn.graph import GraphIndex
 
