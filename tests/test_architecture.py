@@ -33,7 +33,8 @@ LAYERS = [
     ("training", ["onnxbn.training", "onnxbn.recalibration"]),
     ("check", ["onnxbn.tolerances", "onnxbn.activations", "onnxbn.golden", "onnxbn.check", "onnxbn.reduction"]),
     ("workflows", ["onnxbn.quantization"]),
-    ("front", ["onnxbn.demo", "onnxbn.demo_data", "onnxbn.cli", "onnxbn.testing", "onnxbn.__main__", "onnxbn"]),
+    ("demo", ["onnxbn.demo", "onnxbn.demo_data"]),
+    ("front", ["onnxbn.cli", "onnxbn.testing", "onnxbn.__main__", "onnxbn"]),
 ]
 
 

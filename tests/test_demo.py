@@ -10,18 +10,11 @@ import numpy as np
 import pytest
 
 from onnxbn.cli import main
-from onnxbn.demo import (
-    BUNDLED,
-    DEPLOY_RUNTIMES,
-    VARIANTS,
-    _plot_sweep,
-    cell_seed,
-    lr_key,
-    run_cell,
-    run_demo,
-    summarize_cells,
-    sweep_verdict,
-)
+from onnxbn.demo.deploy import DEPLOY_RUNTIMES
+from onnxbn.demo.plots import plot_sweep
+from onnxbn.demo.run import BUNDLED, run_demo
+from onnxbn.demo.sweep import VARIANTS, cell_seed, lr_key, run_cell, summarize_cells
+from onnxbn.demo.verdict import sweep_verdict
 from onnxbn.io.load import load_model
 from onnxbn.runtimes.base import available
 
@@ -146,7 +139,7 @@ def test_a_diverged_cell_is_recorded_not_dropped(tiny):
     entry = summarize_cells([record], 1)
     assert entry["diverged"] == 1 and entry["finished"] == 0 and entry["cells"] == [record]
     assert entry["val_loss_mean"] is None and entry["epochs_to_target_median"] is None
-    _plot_sweep(out / "diverged.png", {"nobn": {"1e+30": entry}}, {"loss": 1.0, "accuracy": 0.5}, 0.6)
+    plot_sweep(out / "diverged.png", {"nobn": {"1e+30": entry}}, {"loss": 1.0, "accuracy": 0.5}, 0.6)
     assert (out / "diverged.png").stat().st_size > 0
 
 
