@@ -90,6 +90,7 @@ def report_md(report: dict, pictures: bool) -> str:
     ]
     lines += _recalibrate_md(report["recalibrate"])
     lines += _deploy_md(report["deploy"], report["deploy_info"])
+    lines += _quantize_md(report["quantize"])
     return "\n".join(lines)
 
 
@@ -140,4 +141,37 @@ def _deploy_md(rows: dict, info: dict) -> list[str]:
     if info["skipped"]:
         lines += ["", "Not installed, not checked: " + ", ".join(info["skipped"]) + "."]
     lines += ["", "**What it shows.** " + info["text"], ""]
+    return lines
+
+
+def _quantize_md(q: dict) -> list[str]:
+    models = q["models"]
+    int8 = [row for name, row in models.items() if name != "float"]
+    runtimes = list(dict.fromkeys(r for row in int8 for r in row["checks"]))
+    first = int8[0]
+    lines = [
+        "## 7. INT8 for deployment", "",
+        (f"`onnxbn.quantize` of the folded model: QDQ, weights int8 "
+         f"{'per channel' if first['per_channel'] else 'per tensor'}, activations {first['activations']} per tensor, "
+         f"ranges {first['method']} from onnxbn's streaming pass over {q['samples']} {q['calibration']}; recovery "
+         "none and the default. Loss / top-1 (`onnxbn.evaluate`) on the clean and the shifted validation images; "
+         "each INT8 model checked against the float model (`onnxbn.compare`, clean validation images) on every "
+         f"installed runtime, gate: cosine >= {first['min_cosine']:g} and top-1 agreement >= {first['min_top1']:.0%}."),
+        "",
+        "| model | clean | shifted | " + " | ".join(f"check on {r}" for r in runtimes) + " |",
+        "|---|---|---|" + "---|" * len(runtimes),
+    ]
+    for name, row in models.items():
+        label = "float (folded)" if name == "float" else f"INT8, recovery {','.join(row['recover']) or 'none'}"
+        cells = [f"{row[w]['loss']:.4f} / {row[w]['accuracy']:.2%}" for w in ("clean", "shifted")]
+        for r in runtimes:
+            c = row.get("checks", {}).get(r)
+            if c is None:
+                cells.append("-")
+                continue
+            metrics = "; ".join(f"cosine {o['cosine_similarity']:.4f}, top-1 {o.get('top1_agreement', float('nan')):.2%}"
+                                for o in c["outputs"].values())
+            cells.append(f"{metrics} (runtime precision {c['precision']}): {'PASS' if c['passed'] else 'FAIL'}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "**What it shows:**", "", *[f"- {line}" for line in q["lines"]], ""]
     return lines

@@ -1,7 +1,9 @@
 """`onnxbn demo`: the stages in order, each writing into the output folder, then report.json and report.md.
 
-run_demo calls one function per stage (data, insert, sweep, curves, fold, recalibrate, deploy, pictures); each
-returns its part of the report, so report.json's keys are the stages' outputs side by side.
+run_demo calls one function per stage (data, insert, sweep, curves, fold, recalibrate, deploy, quantize,
+pictures); each
+returns its part of the report, so report.json's keys are the stages' outputs side by side. The deploy and
+quantize stages start from the folded model.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from onnx import numpy_helper
 from onnxbn.demo.data import write_npz
 from onnxbn.demo.deploy import deploy_rows, deploy_text
 from onnxbn.demo.plots import plot_activations, plot_curves, plot_sweep
+from onnxbn.demo.quantize import quantize_lines, quantize_rows
 from onnxbn.demo.recalibration import recalibration_lines, recalibration_rows
 from onnxbn.demo.report import report_md
 from onnxbn.demo.shift import SHIFT, write_shifted_npz
@@ -219,12 +222,13 @@ def run_demo(out: str | Path = "demo-out", *, model: str | Path | None = None, s
              train_samples: int = 2000, val_samples: int = 1000, epochs: int = 6, batch_size: int = 64,
              boost: float = 30.0, selector: str = "dense", seed: int = 0, pictures: bool = True,
              lrs=SWEEP_LRS, seeds: int = SWEEP_SEEDS, target_accuracy: float = TARGET_ACCURACY,
-             shift_samples: int = 1000, deploy_samples: int = 256, latency_runs: int = 20) -> dict:
+             shift_samples: int = 1000, deploy_samples: int = 256, latency_runs: int = 20,
+             quantize_samples: int = 512) -> dict:
     """Run the whole procedure into `out` and return report.json's content.
 
     `lrs` x `seeds` x (no BN, BN) sweep cells of `epochs` each; `shift_samples` unlabelled and as many
     labelled shifted images for recalibration; `deploy_samples` validation images per runtime check and
-    `latency_runs` timed runs per runtime.
+    `latency_runs` timed runs per runtime; `quantize_samples` clean training images calibrate the INT8 models.
     """
     laps = _Laps()
     out = Path(out)
@@ -272,6 +276,12 @@ def run_demo(out: str | Path = "demo-out", *, model: str | Path | None = None, s
     laps.lap("deploy")
     deploy_info = {"reference": "unfolded model on onnxruntime, f32", "samples": min(deploy_samples, val_samples),
                    "latency_runs": latency_runs, "skipped": skipped, "text": deploy_text(deploy, skipped)}
+    quantized = quantize_rows(folded, data["train"], data["val"], data["shifted_eval"], out, samples=quantize_samples,
+                              seed=seed)
+    laps.lap("quantize")
+    lines = quantize_lines(quantized)
+    quantize = {"calibration": "clean target training images", "samples": min(quantize_samples, train_samples),
+                "models": quantized, "lines": lines, "text": " ".join(lines)}
 
     torch_device = next((c["device"] for per in sweep.values() for v in per.values() for c in v["cells"]
                          if c.get("device")), "cpu")
@@ -284,7 +294,7 @@ def run_demo(out: str | Path = "demo-out", *, model: str | Path | None = None, s
         "budget": {"epochs": epochs, "batch_size": batch_size, "optimizer": "adam",
                    "lrs": [NOTEBOOK_LR, NOTEBOOK_LR * boost], "sweep_lrs": lrs, "sweep_seeds": seeds},
         "finetune": variants, "sweep": sweep, "sweep_info": sweep_info, "fold": fold_part,
-        "recalibrate": recalibration, "deploy": deploy, "deploy_info": deploy_info,
+        "recalibrate": recalibration, "deploy": deploy, "deploy_info": deploy_info, "quantize": quantize,
         "finetune_summary": summary_line(variants),
     }
     drawn = pictures and _pictures(out, sweep, sweep_info["start"], target_accuracy, variants,
