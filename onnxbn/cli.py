@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from onnxbn.activations import LAYERWISE_SAMPLES, MAX_MARKED
+from onnxbn.check.activations import LAYERWISE_SAMPLES, MAX_MARKED
 from onnxbn.data.images import PRESETS
 from onnxbn.errors import UserError
 from onnxbn.runtimes.ort_backend import DEVICES, quiet_onnxruntime
@@ -69,7 +69,8 @@ class InputData:
         self.arguments += [
             arg("--batch-size", type=int, default=batch_size, help=f"samples per batch (default: {batch_size})"),
             arg("--limit", type=int, help="use a seeded, class-balanced random sample of N items"),
-            arg("--seed", type=int, default=0, help="seed for --limit" + (" and --random" if random else "") + " (default: 0)"),
+            arg("--seed", type=int, default=0,
+                help="seed for --limit" + (" and --random" if random else "") + " (default: 0)"),
             arg("--preset", choices=PRESETS, help="image preprocessing (default: from the model's metadata, else imagenet)"),
             arg("--workers", type=int, help="image decoding processes (default: the core count, at most 8; 0 = in-process)"
                 if workers == "pool" else "image decoding processes (default: 0: decode in-process, "
@@ -137,7 +138,7 @@ def cmd_points(args) -> int:
              for p in points]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
     return 0
 
 
@@ -160,24 +161,21 @@ def cmd_stats(args) -> int:
     and gives the same result. Under torchrun, every rank takes a shard of the data
     and rank 0 writes the merged file."""
     from onnxbn import distributed
+    from onnxbn.checkpoints import checkpointed
     from onnxbn.insert import dead_channels
     from onnxbn.io.save import refuse_overwrite
     from onnxbn.stats import collect_stats
 
     rank, ranks = distributed.world()
     refuse_overwrite(args.output, [args.model, args.data], args.force)
-    checkpoint = Path(args.output + ".checkpoint.npz" if ranks == 1 else f"{args.output}.checkpoint.rank{rank}.npz")
-    if args.resume and not checkpoint.is_file():
-        raise UserError(f"--resume: no checkpoint {checkpoint} to continue from; run without --resume")
-    if not args.resume and checkpoint.is_file():
-        raise UserError(f"{checkpoint} exists from an interrupted run: add --resume to continue it, or delete it")
-    if args.ranges:
-        return _stats_ranges(args, ranks, checkpoint)
-    stats = collect_stats(args.model, after=args.after, device=args.device, shard=args.shard, checkpoint=checkpoint,
-                          resume=args.resume, checkpoint_every=args.checkpoint_every, **STATS_DATA.options(args))
-    if rank == 0:
-        stats.save(args.output, inputs=[args.model, args.data], force=args.force)
-    checkpoint.unlink(missing_ok=True)
+    with checkpointed(args.output, args.resume) as checkpoint:
+        if args.ranges:
+            return _stats_ranges(args, ranks, checkpoint)
+        stats = collect_stats(args.model, after=args.after, device=args.device, shard=args.shard,
+                              checkpoint=checkpoint, resume=args.resume, checkpoint_every=args.checkpoint_every,
+                              **STATS_DATA.options(args))
+        if rank == 0:
+            stats.save(args.output, inputs=[args.model, args.data], force=args.force)
     if rank != 0:
         return 0
     meta, dead = stats.meta, dead_channels(stats)
@@ -196,7 +194,6 @@ def _stats_ranges(args, ranks: int, checkpoint: Path) -> int:
     ranges = collect_ranges(args.model, device=args.device, shard=args.shard, checkpoint=checkpoint,
                             resume=args.resume, checkpoint_every=args.checkpoint_every, **STATS_DATA.options(args))
     ranges.save(args.output, inputs=[args.model, args.data], force=args.force)
-    checkpoint.unlink(missing_ok=True)
     log.info("ranges of %d tensors, %d samples in %.1fs on %s; wrote %s", len(ranges.tensors), ranges.meta["samples"],
              ranges.meta["seconds"], ranges.meta["provider"], args.output)
     return 0
@@ -244,10 +241,9 @@ RUNTIME_HELP = "onnxruntime (default), openvino, tract or reference; NAME:DEVICE
 PRECISION_CHOICES = ["default", "f32", "bf16", "f16"]
 # check and fold: tolerances default to the precisions the two sides ran at (onnxbn.runtimes.precision.TOLERANCES)
 RUNTIME_TOLERANCE = [
-    arg("--atol", type=float, help="absolute tolerance (default: 1e-5; for a float16/bfloat16 model, or where a runtime computes in bf16, "
-        "f16 or tf32, "
-        "looser defaults that also scale with each sample's largest value: see the README; giving --atol or --rtol "
-        "applies the plain rule |a-b| <= atol + rtol*|a|)"),
+    arg("--atol", type=float, help="absolute tolerance (default: 1e-5; for a float16/bfloat16 model, or where a "
+        "runtime computes in bf16, f16 or tf32, looser defaults that also scale with each sample's largest value: "
+        "see the README; giving --atol or --rtol applies the plain rule |a-b| <= atol + rtol*|a|)"),
     arg("--rtol", type=float, help="relative tolerance (default: 1e-5; 3e-2 at bf16, 4e-3 at f16/tf32)")]
 PRECISION = arg("--precision", choices=PRECISION_CHOICES,
                 help="the candidate runtime's arithmetic: default (the runtime's own choice, reported), f32, "
@@ -296,8 +292,8 @@ def cmd_check(args) -> int:
     `onnxbn check --reference-outputs golden.npz CAND --data X` compares a candidate with them (exit
     2 when the data is not the data they were made from). A folder in ONNX's test-data layout
     works as either."""
-    from onnxbn.check import compare, save_outputs
-    from onnxbn.golden import load_outputs
+    from onnxbn.check.comparison import compare, save_outputs
+    from onnxbn.check.golden import load_outputs
     from onnxbn.io.save import atomic_path, refuse_overwrite
 
     options = CHECK_DATA.options(args)
@@ -329,7 +325,8 @@ def cmd_check(args) -> int:
         return 0
     reference = load_outputs(args.reference_outputs) if args.reference_outputs else args.models[0]
     report = compare(reference, args.models[-1], atol=args.atol, rtol=args.rtol, device=args.device,
-                     layerwise=args.layerwise, max_marked=args.max_marked, runtime=args.runtime, reference_runtime=args.reference_runtime,
+                     layerwise=args.layerwise, max_marked=args.max_marked, runtime=args.runtime,
+                     reference_runtime=args.reference_runtime,
                      candidate_runtime=args.candidate_runtime, precision=args.precision,
                      reference_precision=args.reference_precision, tolerances=args.tolerances,
                      save_outputs=args.save_outputs, **options)
@@ -376,14 +373,14 @@ def cmd_reduce(args) -> int:
     sample the reference's own value of that tensor, and grows the cut until the failure stays.
     Writes ref.onnx, cand.onnx and inputs.npz (keyed by the subgraph input's name) to the folder
     and prints the `onnxbn check` line that replays it."""
-    from onnxbn.reduction import reduce
+    from onnxbn.check.reduction import reduce
 
     result = reduce(args.reference, args.candidate, args.data, args.repro, atol=args.atol, rtol=args.rtol,
                     samples=args.samples, preset=args.preset, device=args.device, runtime=args.runtime,
                     reference_runtime=args.reference_runtime, candidate_runtime=args.candidate_runtime,
                     precision=args.precision, max_marked=args.max_marked)
     print(result.summary())
-    if not result.failing:
+    if result.report is None:  # nothing fails
         return 0
     print(result.report.table())
     print(f"reproduce: {result.command}")
@@ -485,55 +482,26 @@ def cmd_fold(args) -> int:
     also runs the folded model there against the unfolded one on onnxruntime
     (--precision: the arithmetic asked of the runtimes that take one, e.g. openvino);
     the model is written only when every check passes."""
-    from onnxbn.check import compare
-    from onnxbn.fold import fold
-    from onnxbn.io.model import Model
-    from onnxbn.io.save import refuse_overwrite
-    from onnxbn.runtimes.base import check_runtime, parse_runtime
-    from onnxbn.runtimes.precision import supports_precision
+    from onnxbn.deploy import fold_verified
 
-    options = FOLD_DATA.options(args)
-    refuse_overwrite(args.output, [args.model, args.data], args.force)
-    verify = list(dict.fromkeys(args.verify_on or []))
-    names = [parse_runtime(r, args.device)[0] for r in verify]
-    if args.precision not in (None, "default") and not any(supports_precision(n, args.precision) for n in names):
-        raise UserError(f"--precision {args.precision} applies to --verify-on openvino; "
-                        f"{', '.join(verify) or 'onnxruntime alone'} run(s) the model in its own types")
-    for spec in verify:  # an unknown or missing runtime fails before any work
-        check_runtime(spec, args.device)
-    folded, fold_report = fold(Model.open(args.model))
-    decisions = fold_report.decisions
-    # The folded model is staged next to the output (its unchanged weights copied from the input file, never
-    # held) and the new weights are dropped, so onnxruntime reads both models' weights from disk.
-    with folded.stage(args.output, [args.model, args.data], args.force) as staged:
-        del folded
-        report = compare(args.model, staged.candidate, atol=args.atol, rtol=args.rtol, device=args.device, **options)
-        checks = {}
-        for spec, name in zip(verify, names):
-            precision = args.precision if supports_precision(name, args.precision) else None
-            checks[spec] = compare(args.model, staged.candidate, atol=args.atol, rtol=args.rtol, device=args.device,
-                                   reference_runtime="onnxruntime", candidate_runtime=spec, precision=precision,
-                                   **options)
-        if args.json:
-            print(json.dumps({"decisions": decisions, "check": report.to_dict(),
-                              **({"verify_on": {k: r.to_dict() for k, r in checks.items()}} if checks else {})},
-                             indent=2))
-        else:
-            for d in decisions:
-                print(f"{d['bn']}: " + (f"folded into {d['into']} ({d['direction']})" if d["action"] == "folded"
-                                        else f"kept: {d['reason']}"))
-            print(report.table())
-            for spec, r in checks.items():
-                print(f"\nverify on {spec}:\n{r.table()}")
-        failed = [k for k, r in {"onnxruntime": report, **checks}.items() if not r.passed]
-        if failed:
-            log.error("the folded model differs from the input beyond tolerance on %s; nothing written",
-                      ", ".join(failed))
-            return 1
-        staged.commit()
-    kept = sum(d["action"] == "kept" for d in decisions)
-    log.info("folded %d of %d BatchNormalization nodes (%d kept); wrote %s", len(decisions) - kept, len(decisions),
-             kept, args.output)
+    result = fold_verified(args.model, args.output, verify_on=args.verify_on or [], atol=args.atol, rtol=args.rtol,
+                           precision=args.precision, device=args.device, force=args.force, **FOLD_DATA.options(args))
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        for d in result.decisions:
+            print(f"{d['bn']}: " + (f"folded into {d['into']} ({d['direction']})" if d["action"] == "folded"
+                                    else f"kept: {d['reason']}"))
+        print(result.check.table())
+        for spec, r in result.verify_on.items():
+            print(f"\nverify on {spec}:\n{r.table()}")
+    if not result.written:
+        log.error("the folded model differs from the input beyond tolerance on %s; nothing written",
+                  ", ".join(result.failed))
+        return 1
+    kept = sum(d["action"] == "kept" for d in result.decisions)
+    log.info("folded %d of %d BatchNormalization nodes (%d kept); wrote %s", len(result.decisions) - kept,
+             len(result.decisions), kept, args.output)
     return 0
 
 
@@ -669,7 +637,8 @@ def cmd_demo(args) -> int:
             continue
         print(f"fine-tune {name:>12}: val loss {v['val_loss_before']:.4f} -> {v['val_loss']:.4f}, "
               f"accuracy {v['val_accuracy_before']:.2%} -> {v['val_accuracy']:.2%}")
-    print(f"fold {fold['model']}: {fold['bn_before']} BN -> {fold['bn_remaining']}, max rel error {fold['max_rel_error']:.3g}")
+    print(f"fold {fold['model']}: {fold['bn_before']} BN -> {fold['bn_remaining']}, "
+          f"max rel error {fold['max_rel_error']:.3g}")
     print(f"report: {Path(args.out) / 'report.md'} ({report['seconds']:.0f} s)")
     return 0 if ident["passed"] and fold["passed"] else 1
 
@@ -677,7 +646,7 @@ def cmd_demo(args) -> int:
 # ----------------------------------------------------------------------------- entry point
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="onnxbn", description=__doc__.splitlines()[0].rstrip("."),
+    parser = argparse.ArgumentParser(prog="onnxbn", description=(__doc__ or "").splitlines()[0].rstrip("."),
                                      epilog="Run `onnxbn COMMAND --help` for a command's options.")
     parser.add_argument("--version", action="version", version=f"onnxbn {__import__('onnxbn').__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")

@@ -11,7 +11,8 @@ when `layerwise=True`; bad input still raises `onnxbn.UserError`.
 
 from __future__ import annotations
 
-from onnxbn.check import Report, compare
+from onnxbn.check.comparison import compare
+from onnxbn.check.report import Report
 
 
 def assert_equivalent(reference, candidate, data=None, random: int = 8, atol: float = 1e-5, rtol: float = 1e-5,

@@ -26,8 +26,11 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -41,6 +44,9 @@ from onnxbn.io.copies import empty_like, metadata, set_metadata
 from onnxbn.io.load import load_structure
 from onnxbn.io.model import Model
 from onnxbn.points import ACTIVATIONS
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("onnxbn")
 DENSE_OPS = {"Gemm", "MatMul"}
@@ -168,8 +174,10 @@ class Features:
     input_shape: list[int] | None = None  # one input sample's shape (None: an entry of an earlier release)
 
 
-def _run_prefix(prefix, dataset, folder: Path, batch_size: int, device, workers: int, desc: str, shape):
-    """Run the prefix (`(session, input name, cut)` of onnxruntime) over `dataset` into `folder`'s memory maps."""
+def _run_prefix(prefix, dataset, folder: Path, batch_size: int, workers: int, desc: str, shape,
+                poll: Callable[[], None]):
+    """Run the prefix (`(session, input name, cut)` of onnxruntime) over `dataset` into `folder`'s memory maps;
+    `poll()` after each batch may raise to abandon the pass."""
     session, name, cut = prefix
     n = len(dataset)
     features = labels = None
@@ -190,6 +198,7 @@ def _run_prefix(prefix, dataset, folder: Path, batch_size: int, device, workers:
             labels[written:written + len(out)] = y
             written += len(out)
             bar.update(len(x))
+            poll()
     if features is None:
         raise UserError(f"{dataset.description}: no sample could be read")
     features.flush()
@@ -200,17 +209,17 @@ def _run_prefix(prefix, dataset, folder: Path, batch_size: int, device, workers:
     return written
 
 
-def cached_features(prefix, dataset, key: str, cache_dir: Path, batch_size: int, device, workers: int,
-                    desc: str, shape) -> Features:
+def cached_features(prefix, dataset, key: str, cache_dir: Path, batch_size: int, workers: int,
+                    desc: str, shape, poll: Callable[[], None] = lambda: None) -> Features:
     """The prefix's outputs over `dataset` (`prefix`: onnxruntime's `(session, input name, cut tensor)`),
-    from `cache_dir/key` or computed into it."""
+    from `cache_dir/key` or computed into it (`poll()` after each batch may raise to abandon the pass)."""
     entry = cache_dir / key
     started = time.perf_counter()
     if not (entry / "meta.json").is_file():
         cache_dir.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{key[:12]}.", dir=cache_dir))
         try:
-            _run_prefix(prefix, dataset, staging, batch_size, device, workers, desc, shape)
+            _run_prefix(prefix, dataset, staging, batch_size, workers, desc, shape, poll)
             try:
                 os.replace(staging, entry)
             except OSError:  # another run finished the same entry first
@@ -369,6 +378,43 @@ class FinetuneReport:
         self.log["write_back_check"] = self.probe.check(lambda: make_session(written, "cpu", prepack=False))
 
 
+@dataclass
+class _Suffix:
+    """The trained part in torch: the module on `device`, its parameters, and the seconds `to_torch` took."""
+
+    module: torch.nn.Module
+    device: torch.device
+    trainable: list[torch.nn.Parameter]
+    seconds: float
+
+
+def _import_suffix(suffix: Model, node: str, device: str, dropout: float | None, sync_bn: bool) -> _Suffix:
+    """`suffix` (the layers after `node`) imported into torch on the chosen device, ready to train."""
+    import torch
+
+    from onnxbn.torch_import import to_torch
+
+    dev = _torch_device(device)
+    started = time.perf_counter()
+    try:
+        module = to_torch(suffix).to(dev)  # only the trained part: the prefix runs in onnxruntime
+    except UserError as exc:
+        raise UserError(f"{exc}; the layers after --freeze-through {node!r} are trained in torch: freeze through "
+                        "that node (--freeze-through NODE) to run it in onnxruntime instead") from None
+    seconds = time.perf_counter() - started
+    if dropout is not None:
+        for m in module.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = dropout
+    if sync_bn:
+        distributed.convert_sync_batchnorm(module)
+    trainable = list(module.parameters())
+    if not trainable:
+        raise UserError(f"no trainable weights after {node!r}: the layers there hold no weights "
+                        "(Conv, Gemm, BN, ...); choose an earlier --freeze-through")
+    return _Suffix(module, dev, trainable, seconds)
+
+
 def finetune_model(model: Model, train, val=None, *, epochs: int = 1, lr: float = 1e-5, batch_size: int = 64,
                    freeze_through: str = "auto", cache: str | os.PathLike | None = None, device: str = "auto",
                    seed: int = 0, optimizer: str = "adam", bf16: bool = False, workers: int = 0,
@@ -378,10 +424,7 @@ def finetune_model(model: Model, train, val=None, *, epochs: int = 1, lr: float 
     (`report.gate(written)`, once the result is written where it will be read). Each weight goes from
     where it lives (the model's file, for one opened from a path) into its torch tensor once; the result's
     trained tensors are arrays that share the module's memory, and the others stay where they were."""
-    import torch
-
     from onnxbn.runtimes.ort_backend import make_session
-    from onnxbn.torch_import import to_torch
 
     if epochs < 0 or batch_size < 1 or not lr > 0:
         raise UserError("--epochs must be >= 0, --batch-size >= 1 and --lr > 0")
@@ -399,36 +442,14 @@ def finetune_model(model: Model, train, val=None, *, epochs: int = 1, lr: float 
         raise UserError(f"--batch-size {batch_size} (the global batch) must be a multiple of the {ranks} ranks")
     if dropout is not None and not 0 <= dropout < 1:
         raise UserError(f"--dropout must be in [0, 1) (got {dropout})")
-    dev = _torch_device(device)
-    torch.manual_seed(seed + rank)
     node = default_freeze_node(proto) if freeze_through == "auto" else freeze_through
     if node not in {n.name for n in proto.graph.node}:
         raise UserError(f"--freeze-through {node!r}: no ONNX node has that name")
     prefix_model, suffix_model, cut = split_model(proto, node)
-    imported = time.perf_counter()
-    try:
-        module = to_torch(Model(suffix_model, model.arrays, folder)).to(dev)  # only the trained part: the prefix runs in onnxruntime
-    except UserError as exc:
-        raise UserError(f"{exc}; the layers after --freeze-through {node!r} are trained in torch: freeze through "
-                        "that node (--freeze-through NODE) to run it in onnxruntime instead") from None
-    imported = time.perf_counter() - imported
-    if dropout is not None:
-        for m in module.modules():
-            if isinstance(m, torch.nn.Dropout):
-                m.p = dropout
-    if sync_bn:
-        distributed.convert_sync_batchnorm(module)
-    trainable = list(module.parameters())
-    if not trainable:
-        raise UserError(f"no trainable weights after {node!r}: the layers there hold no weights "
-                        "(Conv, Gemm, BN, ...); choose an earlier --freeze-through")
-    suffix = module
     name = model_input(proto)[0]
-    prefix = (make_session(prefix_model, device, weights=model.arrays, folder=folder, arena=False), name, cut)  # freed with each tensor
     _, _, input_shape = model_input(proto)
     classes = tensor_shape(proto.graph.output[0].type)
     classes = classes[1] if classes and len(classes) == 2 and isinstance(classes[1], int) else None
-
     digest = _prefix_fingerprint(Model(prefix_model, model.arrays, folder))
     temp = None
     if cache is None:
@@ -436,36 +457,52 @@ def finetune_model(model: Model, train, val=None, *, epochs: int = 1, lr: float 
         cache_dir = Path(temp.name)
     else:
         cache_dir = Path(cache)
-    try:
-        sets = {}
-        for split, data in (("train", train), ("val", val)):
-            if data is None:
-                continue
-            dataset = open_model_data(proto, data, limit=limit if split == "train" else None, seed=seed,
-                                      shard=(rank, ranks) if ranks > 1 else None)
-            if not dataset.has_labels():
-                raise UserError(f"{dataset.description}: {split} data needs labels (class folders, y in the .npz, "
-                                "or (x, y) items)")
-            key = hashlib.sha256(f"{digest}\0{node}\0{dataset.fingerprint()}".encode()).hexdigest()[:32]
-            sets[split] = cached_features(prefix, dataset, key, cache_dir, batch_size, dev, workers,
-                                          f"features ({split})", input_shape)
-            if classes:
-                _check_labels(sets[split].y, classes, dataset.description)
-                if split == "train":
-                    _warn_unused_outputs(sets[split].y, classes, dataset.description)
-        kind, how = _suffix_output_kind(proto, suffix, sets["train"], batch_size // ranks, dev)
-        result_log = _train(suffix, trainable, sets, epochs=epochs, lr=lr, batch_size=batch_size // ranks,
-                            seed=seed, device=dev, kind=kind, optimizer=optimizer, bf16=bf16)
-    finally:
-        if temp is not None:
-            temp.cleanup()
+    # torch's import (~1.5 s on 2 cores) and the suffix's conversion run beside the caching pass, which is
+    # onnxruntime's work; a conversion that fails stops the pass after its current batch.
+    with ThreadPoolExecutor(1, thread_name_prefix="onnxbn-to-torch") as pool:
+        pending: Future[_Suffix] = pool.submit(_import_suffix, Model(suffix_model, model.arrays, folder), node,
+                                               device, dropout, sync_bn)
+
+        def poll() -> None:
+            if pending.done():
+                pending.result()  # raises the conversion's error
+
+        prefix = (make_session(prefix_model, device, weights=model.arrays, folder=folder, arena=False), name, cut)
+        try:
+            sets = {}
+            for split, data in (("train", train), ("val", val)):
+                if data is None:
+                    continue
+                dataset = open_model_data(proto, data, limit=limit if split == "train" else None, seed=seed,
+                                          shard=(rank, ranks) if ranks > 1 else None)
+                if not dataset.has_labels():
+                    raise UserError(f"{dataset.description}: {split} data needs labels (class folders, y in the .npz, "
+                                    "or (x, y) items)")
+                key = hashlib.sha256(f"{digest}\0{node}\0{dataset.fingerprint()}".encode()).hexdigest()[:32]
+                sets[split] = cached_features(prefix, dataset, key, cache_dir, batch_size, workers,
+                                              f"features ({split})", input_shape, poll)
+                if classes:
+                    _check_labels(sets[split].y, classes, dataset.description)
+                    if split == "train":
+                        _warn_unused_outputs(sets[split].y, classes, dataset.description)
+            suffix = pending.result()
+            module, dev, trainable = suffix.module, suffix.device, suffix.trainable
+            import torch  # loaded by now, in the conversion's thread
+
+            torch.manual_seed(seed + rank)  # here, so that dropout's masks depend on the seed alone
+            kind, how = _suffix_output_kind(proto, module, sets["train"], batch_size // ranks, dev)
+            result_log = _train(module, trainable, sets, epochs=epochs, lr=lr, batch_size=batch_size // ranks,
+                                seed=seed, device=dev, kind=kind, optimizer=optimizer, bf16=bf16)
+        finally:
+            if temp is not None:
+                temp.cleanup()
     module.eval()
     written = _write_back_suffix(module, Model(suffix_model, model.arrays, folder), model)
     probe = _probe(prefix, module, dev, input_shape, proto, sets["train"].input_shape) if rank == 0 else \
         WriteBackProbe(reason="rank > 0")
     result_log.update({
         "freeze_through": node, "output": kind, "output_read_by": how,
-        "import_seconds": round(imported, 3),
+        "import_seconds": round(suffix.seconds, 3),
         "trainable_parameters": int(sum(p.numel() for p in trainable)),
         "cache": {k: {"hit": f.hit, "samples": int(len(f.y)), "shape": list(f.x.shape[1:]), "seconds": f.seconds}
                   for k, f in sets.items()},

@@ -15,6 +15,7 @@ seeded inputs; `ort_outputs`, `rel_error` and `bn_count` are the checks tests sh
 from __future__ import annotations
 
 import numpy as np
+import numpy.typing as npt
 import onnx
 from onnx import helper, numpy_helper
 
@@ -30,7 +31,7 @@ class Net:
     and the order of the calls that built it.
     """
 
-    def __init__(self, seed: int = 0, dtype=np.float32, *, gain: float = 2.0, bn: dict = BN_NARROW):
+    def __init__(self, seed: int = 0, dtype: npt.DTypeLike = np.float32, *, gain: float = 2.0, bn: dict = BN_NARROW):
         self.rng = np.random.default_rng(seed)
         self.dtype = np.dtype(dtype)
         self.gain = gain
@@ -133,7 +134,7 @@ class Net:
 
 # ----------------------------------------------------------------------------- ready-made models
 
-def small_cnn(opset: int = 17, seed: int = 0, size: int = 8, batch="N") -> onnx.ModelProto:
+def small_cnn(opset: int = 17, seed: int = 0, size: int = 8, batch: str | int = "N") -> onnx.ModelProto:
     """Conv-Relu-MaxPool-Conv-Relu-Flatten-Gemm-Relu-Gemm-Relu-Gemm, VGG in miniature.
 
     Tensors: c1 r1 p1 c2 r2 flat g1 h1 g2 h2 logits (10 classes); weights c1.w, c1.b, ... f3.w,
@@ -156,7 +157,8 @@ def small_cnn(opset: int = 17, seed: int = 0, size: int = 8, batch="N") -> onnx.
                    graph_name="small_cnn")
 
 
-def small_net(opset: int, batch="N", dtype=np.float32, seed: int = 0, size: int = 8) -> onnx.ModelProto:
+def small_net(opset: int, batch: str | int = "N", dtype: npt.DTypeLike = np.float32, seed: int = 0,
+              size: int = 8) -> onnx.ModelProto:
     """conv/relu/pool/flatten/gemm: Conv-Relu-MaxPool-Conv-Relu-Flatten-Gemm-Relu-Gemm (5 classes)."""
     n = Net(seed, dtype)
     y = n.node("Relu", [n.conv("input", 3, 4, "conv1")], "relu1")

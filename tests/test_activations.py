@@ -15,15 +15,15 @@ import pytest
 from onnx import helper, numpy_helper
 
 import onnxbn
-from onnxbn.activations import activation_names
+from onnxbn.check.activations import activation_names
 
 DEPTH, SHAPE = 40, (4, 16, 32, 32)  # 80 activations of 256 KiB each (4 samples)
 
 
 def deep_model(shift: float = 0.0) -> onnx.ModelProto:
     """x -> (Mul by k, Add c) x DEPTH; k from a Constant node, c = Constant * Constant (constants only)."""
-    nodes = [helper.make_node("Constant", [], ["k"], value=numpy_helper.from_array(np.float32(1.01), "k")),
-             helper.make_node("Constant", [], ["c0"], value=numpy_helper.from_array(np.float32(0.5), "c0")),
+    nodes = [helper.make_node("Constant", [], ["k"], value=numpy_helper.from_array(np.array(1.01, np.float32), "k")),
+             helper.make_node("Constant", [], ["c0"], value=numpy_helper.from_array(np.array(0.5, np.float32), "c0")),
              helper.make_node("Mul", ["c0", "half"], ["c"])]  # computed from constants alone
     y = "x"
     for i in range(DEPTH):
@@ -31,7 +31,8 @@ def deep_model(shift: float = 0.0) -> onnx.ModelProto:
         nodes.append(helper.make_node("Add", [f"m{i}", "c" if i != DEPTH - 1 else "c_last"], [f"a{i}"]))
         y = f"a{i}"
     nodes.append(helper.make_node("Identity", [y], ["y"]))
-    inits = [numpy_helper.from_array(np.float32(0.5), "half"), numpy_helper.from_array(np.float32(0.25 + shift), "c_last")]
+    inits = [numpy_helper.from_array(np.array(0.5, np.float32), "half"),
+             numpy_helper.from_array(np.array(0.25 + shift, np.float32), "c_last")]
     graph = helper.make_graph(nodes, "deep", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 16, 32, 32])],
                               [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 16, 32, 32])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)

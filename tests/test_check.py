@@ -1,4 +1,4 @@
-"""check.py: --random inputs within a memory budget, tolerances by the model's float type,
+"""onnxbn.check: --random inputs within a memory budget, tolerances by the model's float type,
 non-numeric outputs compared exactly."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import pytest
 from onnx import TensorProto, helper
 
 import onnxbn
-import onnxbn.check
+import onnxbn.check.inputs
 from models import Net, ort_outputs, small_net
-from onnxbn.check import RANDOM_BATCH_BYTES, random_inputs
+from onnxbn.check.inputs import RANDOM_BATCH_BYTES, random_inputs
 from onnxbn.cli import main
 
 
@@ -64,7 +64,7 @@ def test_random_inputs_are_one_seeded_stream_made_a_batch_at_a_time(dtype):
 
 def test_random_batch_shrinks_to_the_budget_and_compares_the_same(monkeypatch):
     sample = 3 * 8 * 8 * 4
-    monkeypatch.setattr(onnxbn.check, "RANDOM_BATCH_BYTES", 5 * sample)
+    monkeypatch.setattr(onnxbn.check.inputs, "RANDOM_BATCH_BYTES", 5 * sample)
     model = small_net(13)
     dataset, batch = random_inputs(model, 12, batch_size=32)
     assert batch == 5
@@ -74,7 +74,7 @@ def test_random_batch_shrinks_to_the_budget_and_compares_the_same(monkeypatch):
 
 
 def test_random_refuses_a_fixed_batch_over_the_budget(monkeypatch):
-    monkeypatch.setattr(onnxbn.check, "RANDOM_BATCH_BYTES", 3 * 3 * 8 * 8 * 4)
+    monkeypatch.setattr(onnxbn.check.inputs, "RANDOM_BATCH_BYTES", 3 * 3 * 8 * 8 * 4)
     with pytest.raises(onnxbn.UserError, match=r"input \(4, 3, 8, 8\) float32 takes 0.0 GiB per batch"):
         random_inputs(small_net(13, batch=4), 8)
     assert random_inputs(small_net(13, batch=3), 9)[1] == 3  # exactly at the budget: accepted

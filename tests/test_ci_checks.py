@@ -14,7 +14,7 @@ import pytest
 from conftest import small_cnn, write_images
 
 import onnxbn
-from onnxbn.check import OutputMetrics
+from onnxbn.check.metrics import OutputMetrics
 from onnxbn.cli import main
 from onnxbn.errors import UserError
 
@@ -84,12 +84,12 @@ def test_compare_api_refuses_zero_samples(tmp_path):
 # ----------------------------------------------------------------------------- exit codes
 
 def test_unexpected_failure_is_exit_2_with_a_log_file(two_models, capsys, monkeypatch):
-    import onnxbn.check
+    import onnxbn.check.comparison
 
     def broken(*args, **kwargs):
         raise RuntimeError("simulated onnxruntime crash\nsecond line")
 
-    monkeypatch.setattr(onnxbn.check, "compare", broken)
+    monkeypatch.setattr(onnxbn.check.comparison, "compare", broken)
     a, b = two_models
     code, out, err = run(capsys, "check", a, b, "--random", "2")
     assert code == 2 and out == ""
@@ -199,7 +199,7 @@ def numpy_metrics(a: np.ndarray, b: np.ndarray) -> dict:
     if a.ndim == 2:
         out["top1_agreement"] = float(np.mean(a.argmax(1) == b.argmax(1)))
         top5 = lambda v: [set(np.argsort(-row, kind="stable")[:5]) for row in v]  # noqa: E731
-        out["top5_agreement"] = float(np.mean([sa == sb for sa, sb in zip(top5(a), top5(b))]))
+        out["top5_agreement"] = float(np.mean([sa == sb for sa, sb in zip(top5(a), top5(b), strict=True)]))
     return out
 
 

@@ -100,8 +100,8 @@ def test_node_data_matches_model_explorers_format_and_numpy(pair, capsys):
     def exposed(path):
         m = onnx.load(str(path))
         m.graph.output.append(helper.make_tensor_value_info(bn.output[0], onnx.TensorProto.FLOAT, None))
-        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(
-            [bn.output[0]], {"input": X[:4]})[0].astype(np.float64)
+        return np.asarray(ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+            [bn.output[0]], {"input": X[:4]})[0], np.float64)
     a, b = exposed(t / "a.onnx"), exposed(t / "b.onnx")
     assert data["results"][bn.output[0]]["value"] == pytest.approx(np.abs(a - b).max() / np.abs(a).max(), rel=1e-9)
     assert data["results"]["c1"]["value"] == 0.0

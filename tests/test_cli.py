@@ -114,7 +114,8 @@ def bad_inputs(tmp):
         ("merge across models", ["merge", tmp / "other_stats.npz", tmp / "model_stats.npz", "-o", tmp / "m.npz"],
          "differs"),
         ("check with different inputs", ["check", model, tmp / "nodense.onnx", "--random", "2"], "output"),
-        ("missing weights", ["export", "vgg11", "--weights", tmp / "none.pth", "-o", tmp / "v.onnx"], "no such weights file"),
+        ("missing weights", ["export", "vgg11", "--weights", tmp / "none.pth", "-o", tmp / "v.onnx"],
+         "no such weights file"),
     ]
 
 
@@ -261,11 +262,11 @@ def test_inputs_too_large_for_memory_are_user_errors(failure, message, tmp_path,
     --random itself refuses a declared shape over its budget first, see test_check.py) are one line, no crash log."""
     from onnx import helper
 
-    import onnxbn.check
+    import onnxbn.check.comparison
 
     def fail(*args, **kwargs):
         raise failure
-    monkeypatch.setattr(onnxbn.check, "compare", fail)
+    monkeypatch.setattr(onnxbn.check.comparison, "compare", fail)
     onnx.save(graph_model([helper.make_node("Relu", ["x"], ["y"])]), str(tmp_path / "m.onnx"))
     code, out, err = run(capsys, "check", tmp_path / "m.onnx", tmp_path / "m.onnx", "--random", "2")
     assert code == 2 and out == "" and err == f"onnxbn: error: {message}\n"

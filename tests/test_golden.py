@@ -118,7 +118,8 @@ def test_data_other_than_the_golden_inputs_is_exit_2_with_nothing_written(models
     assert run(capsys, "check", t / "a.onnx", "--data", t / "x.npz", "--save-outputs", t / "g.npz")[0] == 0
     changed = x.copy()
     changed[13, 0, 0, 0] += 1e-6
-    for name, data in (("reordered", x[::-1]), ("one_value", changed), ("fewer", x[:19]), ("more", np.concatenate([x, x[:1]]))):
+    for name, data in (("reordered", x[::-1]), ("one_value", changed), ("fewer", x[:19]),
+                       ("more", np.concatenate([x, x[:1]]))):
         np.savez(t / f"{name}.npz", x=data)
         code, _, err = run(capsys, "check", "--reference-outputs", t / "g.npz", t / "a.onnx", "--data",
                            t / f"{name}.npz", "--report", t / "r.json")
@@ -157,7 +158,7 @@ def test_saving_and_comparing_stream_a_batch_at_a_time(tmp_path):
             np.testing.assert_array_equal(g["output_0"], np.maximum(x, 0))
         peaks.append((saving, comparing))
     small, large = peaks[1], peaks[2]  # (saving, comparing) at 800 and 4000 samples
-    assert max(*small, *large) < 2**20 and all(b < a + 2**17 for a, b in zip(small, large)), peaks
+    assert max(*small, *large) < 2**20 and all(b < a + 2**17 for a, b in zip(small, large, strict=True)), peaks
 
 
 def backend_case(tmp_path):
@@ -176,7 +177,7 @@ def backend_case(tmp_path):
     (root / "model.onnx").write_bytes(case.model.SerializeToString())
     (inputs, outputs), = case.data_sets
     for kind, arrays, values in (("input", inputs, case.model.graph.input), ("output", outputs, case.model.graph.output)):
-        for j, (array, info) in enumerate(zip(arrays, values)):
+        for j, (array, info) in enumerate(zip(arrays, values, strict=True)):
             (root / "test_data_set_0" / f"{kind}_{j}.pb").write_bytes(
                 numpy_helper.from_array(array, info.name).SerializeToString())
     return root, case.model, x
@@ -279,7 +280,7 @@ def numpy_gates(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
             "cosine": float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum())),
             "psnr": 10 * math.log10(np.abs(a).max() ** 2 / (d ** 2).mean()),
             "top1": float(np.mean(a.argmax(1) == b.argmax(1))),
-            "top5": float(np.mean([set(p) == set(q) for p, q in zip(ta, tb)]))}
+            "top5": float(np.mean([set(p) == set(q) for p, q in zip(ta, tb, strict=True)]))}
 
 
 @pytest.fixture
@@ -359,7 +360,8 @@ def test_first_matching_key_decides_and_unmatched_outputs_keep_the_defaults(tmp_
     assert outputs["boxes"]["rule"]["rtol"] == 1e-5 and outputs["boxes"]["rule"]["scaled"] == 0
     assert out.splitlines()[2].split()[-2:] == ["box*", "PASS"] and "rule `box*`" in (tmp_path / "s.md").read_text()
     case = ET.parse(tmp_path / "j.xml").getroot().find("testcase[@name='boxes']")
-    assert case.find("properties/property[@name='rule']").get("value") == "box*"
+    rule = case.find("properties/property[@name='rule']") if case is not None else None
+    assert rule is not None and rule.get("value") == "box*"
     # the exact name first: boxes now fails on its own 1e-3 error (numpy: every element)
     code, _, outputs = check({"boxes": {"atol": 0, "rtol": 0}, "box*": {"atol": 1e-2}})
     assert code == 1 and outputs["boxes"]["rule"]["key"] == "boxes"

@@ -347,17 +347,17 @@ def test_onnxbn_runs_without_openvino_and_tract():
 # ----------------------------------------------------------------------------- layerwise where it cannot
 
 def test_layerwise_says_so_where_a_runtime_cannot_expose_tensors(models, monkeypatch, capsys):
-    from onnxbn import check
+    from onnxbn.check import layerwise
 
     unfolded, folded, data = models["resnet"]
-    real = check.open_session
+    real = layerwise.open_session
 
     def picky(model, runtime="onnxruntime", **kw):  # loads the graphs as given, refuses extra outputs
         if len(model.graph.output) > 1:
             raise UserError("fake cannot load the model: it has no implementation of operator Identity")
         return real(model, runtime, **kw)
 
-    monkeypatch.setattr(check, "open_session", picky)
+    monkeypatch.setattr(layerwise, "open_session", picky)
     code, out, _ = run(capsys, "check", unfolded, folded, *data, "--layerwise")
     assert code == 0
     assert out.splitlines()[-1].startswith("layerwise: not available: onnxruntime cannot return this graph's "

@@ -349,3 +349,39 @@ def test_dynamo_batch_size_and_dynamic_hw_pass_the_write_back_gate():
     written = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}
     assert not np.array_equal(written["w2"], numpy_helper.to_array(inits[1]))  # trained past the cut
     assert [n.input for n in result.model.graph.node] == [n.input for n in model.graph.node]  # graph unchanged
+
+
+def test_a_failing_conversion_stops_the_caching_pass_after_its_batch(monkeypatch, tmp_path):
+    """torch's import and the trained part's conversion run beside the caching pass; when the conversion
+    fails, the pass stops after the batch it is running (not after the whole data) with the conversion's
+    error, and leaves no cache entry."""
+    import threading
+
+    import onnxbn.runtimes.ort_backend as ort_backend
+    import onnxbn.torch_import as torch_import
+
+    failed = threading.Event()
+
+    def refuse(model):
+        failed.set()
+        raise onnxbn.errors.UserError("cannot import node 'x' (Foo, opset 17): op not supported")
+
+    runs = []
+    real = ort_backend.make_session
+
+    class Counting:
+        def __init__(self, session):
+            self.session = session
+
+        def run(self, names, feed):
+            assert failed.wait(30)  # the conversion has failed before the first batch ends
+            runs.append(len(next(iter(feed.values()))))
+            return self.session.run(names, feed)
+
+    monkeypatch.setattr(torch_import, "to_torch", refuse)
+    monkeypatch.setattr(ort_backend, "make_session", lambda *a, **k: Counting(real(*a, **k)))
+    x, y = labelled(n=40)
+    with pytest.raises(onnxbn.errors.UserError, match="op not supported; the layers after --freeze-through"):
+        onnxbn.finetune(small_cnn(), (x, y), epochs=1, batch_size=4, cache=tmp_path / "cache")
+    assert runs == [4]  # one batch of 10
+    assert list((tmp_path / "cache").iterdir()) == []

@@ -44,54 +44,20 @@ Stats: `onnxbn.collect_stats` on two seeded random images, `after="dense"` (and 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
-import platform
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
+from benchmarks.harness import ROOT, alternate, machine_info, median, now, proc_status
 
-ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
-now = time.perf_counter
-
-
 # ----------------------------------------------------------------------------- helpers
-
-def proc_status() -> dict[str, float]:
-    """VmRSS and VmHWM of this process, MiB."""
-    out = {}
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                key, value = line.split(":", 1)
-                out[key] = int(value.split()[0]) / 1024.0
-    return out
-
-
-def alternate(contenders: dict, reps: int) -> dict[str, list[float]]:
-    """Run every contender `reps` times, order reversed on every other round; seconds per run."""
-    raw: dict[str, list[float]] = {k: [] for k in contenders}
-    names = list(contenders)
-    for r in range(reps):
-        for name in (names if r % 2 == 0 else names[::-1]):
-            gc.collect()
-            raw[name].append(contenders[name]())
-    gc.collect()
-    return raw
-
-
-def median(xs):
-    return statistics.median(xs) if xs else float("nan")
-
 
 def available(module: str) -> str | None:
     """The installed version of `module`, or None."""
@@ -402,7 +368,7 @@ def section_insert(rep: Report, label: str, src: Path, stats_by_sel: dict, work:
             contenders[names["proto"]] = timed(names["proto"], own_insert_proto_api, src, plain, o["own-proto"])
         if have_ir:
             contenders[names["ir"]] = timed(names["ir"], ir_insert_bn, src, plain, o["ir"])
-        raw = alternate(contenders, reps)
+        raw = alternate(contenders, reps, warmup=False, collect=True)
         section = f"a. load+insert+save [{sel}, {len(stats.moments)} BN]"
         for name, values in raw.items():
             rep.add(section, label, name, values, "s", reference=names["own"])
@@ -444,7 +410,7 @@ def section_session(rep: Report, label: str, bn_path: Path, reps: int, have_ir: 
             return elapsed
         return run
 
-    raw = alternate({k: timed(v) for k, v in contenders.items()}, reps)
+    raw = alternate({k: timed(v) for k, v in contenders.items()}, reps, warmup=False, collect=True)
     for name, values in raw.items():
         rep.add("b. session creation (BN model)", label, name, values, "s", reference="onnxbn make_session(proto)")
 
@@ -464,7 +430,7 @@ def section_memory(rep: Report, label: str, src: Path, stats_path: Path, work: P
             return info["hwm_mb"]
         return run
 
-    raw = alternate({m: measure(m) for m in modes}, reps)
+    raw = alternate({m: measure(m) for m in modes}, reps, warmup=False, collect=True)
     for m in modes:
         rep.add("c. peak RSS (VmHWM), fresh process", label, names[m], raw[m], "MiB", reference=names["own-nohash"])
     for m in modes:
@@ -503,7 +469,7 @@ def section_gs(rep: Report, label: str, src: Path, reps: int, have_ir: bool, hav
             return elapsed
         return run
 
-    raw = alternate({k: timed(v) for k, v in contenders.items()}, reps)
+    raw = alternate({k: timed(v) for k, v in contenders.items()}, reps, warmup=False, collect=True)
     for name, values in raw.items():
         rep.add("d. in-memory round trip", label, name, values, "s", reference="ModelProto.CopyFrom (one full copy)")
     facts = {"original": header_facts(proto)}
@@ -534,16 +500,6 @@ def section_gs(rep: Report, label: str, src: Path, reps: int, have_ir: bool, hav
 
 
 # ----------------------------------------------------------------------------- main
-
-def machine() -> dict:
-    cpu = "?"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "loadavg_start": os.getloadavg(), "python": platform.python_version()}
-
 
 def versions() -> dict:
     out = {}
@@ -601,7 +557,7 @@ def main(argv=None) -> int:
 
     t_start = now()
     have_ir, have_gs = available("onnx_ir") is not None, available("onnx_graphsurgeon") is not None
-    info = {"machine": machine(), "versions": versions(), "have_onnx_ir": have_ir, "have_gs": have_gs}
+    info = {"machine": machine_info(), "versions": versions(), "have_onnx_ir": have_ir, "have_gs": have_gs}
     print("versions:", json.dumps(info["versions"]), flush=True)
     cleanup = None
     if args.workdir:

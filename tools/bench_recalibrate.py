@@ -30,7 +30,6 @@ import argparse
 import io
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -39,8 +38,8 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from benchmarks.harness import ROOT, machine_info
 
-ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
@@ -493,12 +492,7 @@ def main(argv=None) -> int:
         return 0
     names = args.names or list(BENCHMARKS)
     profile = "tiny" if args.tiny else "quick" if args.quick else "full"
-    import onnxruntime
-    import torch
-
-    report = {"profile": profile, "machine": {"cpu": platform.processor() or platform.machine(),
-                                              "cores": os.cpu_count(), "onnxruntime": onnxruntime.__version__,
-                                              "torch": torch.__version__}, "benchmarks": {}}
+    report = {"profile": profile, "machine": machine_info(), "benchmarks": {}}
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(args.workdir or tmp)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import numpy.typing as npt
 
 from onnxbn.data.images import IMAGE_EXTENSIONS, PRESETS, decode_in_order, list_images
 from onnxbn.data.streams import Stream, as_numpy, open_stream, parse_shard
@@ -103,7 +104,7 @@ class Dataset:
         return self.labels is not None
 
     def batches(self, batch_size: int, workers: int = 0, strict: bool = False, start: int = 0,
-                dtype=np.float32) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+                dtype: npt.DTypeLike = np.float32) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
         """(x of `dtype`, y or None) batches in order, from item `start` on (arrays are converted
         straight from their own type, so a float64 array fed as float64 loses nothing); unreadable images
         are skipped and recorded in `self.skipped` (or fail with `strict`). After each

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import numpy as np
+import numpy.typing as npt
 
 from onnxbn.errors import UserError
 
@@ -92,7 +93,7 @@ class Stream:
         return uuid.uuid4().hex
 
     def batches(self, batch_size: int, workers: int = 0, strict: bool = False, start: int = 0,
-                dtype=np.float32) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+                dtype: npt.DTypeLike = np.float32) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
         if batch_size < 1:
             raise UserError(f"--batch-size must be at least 1 (got {batch_size})")
         self.consumed = start

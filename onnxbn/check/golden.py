@@ -22,7 +22,8 @@ output_<k> is the model's k-th output, and its inputs are the data to compare on
 
 A sample's digest is sha256(dtype + shape past the first axis + its bytes in C order), so the
 data's digest does not depend on how it was batched; a candidate is compared only on inputs
-whose digests equal the stored ones.
+whose digests equal the stored ones (`checked_batches`); `recorded_runtime` reads back the
+runtime and precision that made the outputs, which set the tolerance defaults.
 """
 
 from __future__ import annotations
@@ -41,8 +42,11 @@ from onnx import numpy_helper
 
 from onnxbn.data.sources import _mmap_npz, concat_sets, read_tensors, read_test_inputs, test_data_sets
 from onnxbn.errors import UserError
+from onnxbn.feeding import run_batches
+from onnxbn.io.copies import model_sha256
 from onnxbn.io.save import atomic_path, refuse_overwrite
 from onnxbn.io.tensors import FileRange, file_chunks
+from onnxbn.runtimes.precision import RuntimeInfo, model_precision
 
 FORMAT = "onnxbn-golden/1"
 META_FILE = "onnxbn.json"  # the meta beside the sets of a test-data folder onnxbn wrote
@@ -91,7 +95,7 @@ class GoldenWriter:
         self.layout: dict[str, tuple[np.dtype, tuple]] = {}  # name -> (dtype, shape past the first axis)
 
     def add(self, x: np.ndarray, outputs: list[np.ndarray]) -> None:
-        for key, value in zip(["input", *self.names], [x, *outputs]):
+        for key, value in zip(["input", *self.names], [x, *outputs], strict=True):
             value = np.asarray(value)
             if value.dtype.kind in "OSUV" or value.ndim == 0:
                 raise UserError(f"golden outputs hold numeric tensors with a batch axis; {key!r} is "
@@ -106,13 +110,13 @@ class GoldenWriter:
         if self.npz:
             for k, value in enumerate([digests, *outputs]):
                 with open(self.stage / f"{k}.raw", "ab") as fh:
-                    fh.write(np.ascontiguousarray(value).reshape(-1).view(np.uint8))
+                    fh.write(np.ascontiguousarray(value).reshape(-1).view(np.uint8).data)
         else:
             folder = self.stage / f"test_data_set_{self.sets}"
             folder.mkdir()
             (folder / "input_0.pb").write_bytes(numpy_helper.from_array(np.asarray(x), self.input_name)
                                                 .SerializeToString())
-            for k, (name, out) in enumerate(zip(self.names, outputs)):
+            for k, (name, out) in enumerate(zip(self.names, outputs, strict=True)):
                 (folder / f"output_{k}.pb").write_bytes(numpy_helper.from_array(np.asarray(out), name)
                                                         .SerializeToString())
         self.samples += len(x)
@@ -165,7 +169,8 @@ class GoldenOutputs:
         else:
             self._read_npz()
         self.samples = len(self.digests)
-        self.input_dtype = np.dtype(self.meta["input"]["dtype"]) if self.meta else self.inputs.dtype
+        self.input_dtype = np.dtype(self.meta["input"]["dtype"]) if self.meta or self.inputs is None \
+            else self.inputs.dtype
 
     def _read_npz(self) -> None:
         try:
@@ -174,11 +179,11 @@ class GoldenOutputs:
                 if self.meta.get("format") != FORMAT:
                     raise UserError(f"{self.path}: not onnxbn golden outputs (format {self.meta.get('format')!r}); "
                                     "write them with `onnxbn check REF --data X --save-outputs FILE.npz`")
-                self.digests = _mmap_npz(self.path, "input_sha256")
-                self.digests = npz["input_sha256"] if self.digests is None else self.digests
+                digests = _mmap_npz(self.path, "input_sha256")
+                self.digests = npz["input_sha256"] if digests is None else digests
                 self.names = list(self.meta["outputs"])
-                self._arrays = [_mmap_npz(self.path, f"output_{k}") for k in range(len(self.names))]
-                self._arrays = [npz[f"output_{k}"] if a is None else a for k, a in enumerate(self._arrays)]
+                arrays = [_mmap_npz(self.path, f"output_{k}") for k in range(len(self.names))]
+                self._arrays = [npz[f"output_{k}"] if a is None else a for k, a in enumerate(arrays)]
         except UserError:
             raise
         except Exception as exc:
@@ -222,19 +227,59 @@ class GoldenOutputs:
         """The golden outputs' names: stored ones, or the model's first outputs by position (a folder without
         onnxbn's meta); a UserError when the model lacks one or the counts differ."""
         model_names = [o.name for o in model.graph.output]
-        if None in self.names:
+        stored = [n for n in self.names if n is not None]
+        if len(stored) != len(self.names):
             if len(model_names) != len(self.names):
                 raise UserError(f"{self.path}: holds {len(self.names)} outputs per set, the candidate has "
                                 f"{len(model_names)}; output_<k>.pb is compared with the model's k-th output")
             return model_names
-        missing = [n for n in self.names if n not in model_names]
+        missing = [n for n in stored if n not in model_names]
         if missing:
             raise UserError(f"the candidate has no output {missing[0]!r}; the golden outputs hold "
-                            f"{', '.join(self.names)}")
-        return self.names
+                            f"{', '.join(stored)}")
+        return stored
 
 
 def load_outputs(path: str | os.PathLike) -> GoldenOutputs:
     """Golden outputs from a `.npz` written by `save_outputs` (or `onnxbn check --save-outputs`), or from a
     folder in ONNX's test-data layout; pass the result to `onnxbn.compare` as the reference."""
     return GoldenOutputs(path)
+
+
+def golden_meta(reference, proto: onnx.ModelProto, folder, info: RuntimeInfo, description: str, dataset) -> dict:
+    """What golden outputs record about where they came from (onnxbn.check.golden)."""
+    return {"model": str(reference) if isinstance(reference, (str, os.PathLike)) else "<model>",
+            "model_sha256": model_sha256(proto, folder=folder), "runtime": info.to_dict(), "data": description,
+            "skipped": len(dataset.skipped)}
+
+
+def recorded_runtime(golden: GoldenOutputs, candidate: onnx.ModelProto) -> RuntimeInfo:
+    """The runtime that made golden outputs, from their meta; for ONNX test data, which does not record
+    it, an f32 reference of unknown runtime."""
+    stored = golden.meta.get("runtime")
+    if stored:
+        return RuntimeInfo(**{k: stored[k] for k in RuntimeInfo.__dataclass_fields__ if k in stored})
+    return RuntimeInfo("unrecorded", "", "unrecorded", "f32", "default", model_precision(candidate),
+                       note=f"{golden.path} does not record the runtime that made its outputs")
+
+
+def checked_batches(golden: GoldenOutputs, session, dataset, names: list[str], model: onnx.ModelProto,
+                    batch_size: int, workers: int, strict: bool):
+    """(x, golden outputs, candidate outputs) batch by batch; a UserError as soon as a sample's digest
+    differs from the stored one or the data runs past the stored samples."""
+    seen = 0
+    made_from = f"{golden.meta.get('data') or golden.path}, {golden.samples} samples"
+    for x, _, outputs in run_batches(session, dataset, names, model, batch_size, workers=workers, strict=strict,
+                                     desc="check"):
+        end = seen + len(x)
+        if end > golden.samples:
+            raise UserError(f"{dataset.description}: holds more samples than the {golden.samples} the golden outputs "
+                            f"{golden.path} were made from ({made_from}); give the same data")
+        differ = np.flatnonzero((sample_digests(x) != golden.digests[seen:end]).any(axis=1))
+        if len(differ):
+            raise UserError(f"{dataset.description}: sample {seen + int(differ[0])} differs from the input the golden "
+                            f"outputs {golden.path} were made from ({made_from}; inputs sha256 "
+                            f"{golden.meta.get('inputs_sha256', 'of its inputs')[:16]}); give the same data "
+                            "(and --limit, --seed, --preset)")
+        yield x, golden.rows(seen, end), outputs
+        seen = end

@@ -33,13 +33,15 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 from onnx import helper
 
-from onnxbn.activations import LAYERWISE_SAMPLES, MAX_MARKED, activation_names
-from onnxbn.check import Report, compare
+from onnxbn.check.activations import LAYERWISE_SAMPLES, MAX_MARKED, activation_names
+from onnxbn.check.comparison import compare
+from onnxbn.check.report import Report
 from onnxbn.errors import UserError
 from onnxbn.feeding import check_batch_shape, model_input, open_model_data
 from onnxbn.graph import GraphIndex, graph_inputs, reads, value_types
@@ -125,7 +127,8 @@ def write_temporary(folder: Path, ref: onnx.ModelProto, cand: onnx.ModelProto, c
     try:
         onnx.save(ref, str(tmp / "ref.onnx"))
         onnx.save(cand, str(tmp / "cand.onnx"))
-        np.savez(tmp / "inputs.npz", **{cut: values})
+        arrays: dict[str, Any] = {cut: values}
+        np.savez(tmp / "inputs.npz", **arrays)
         if folder.exists():
             folder.rmdir()
         os.replace(tmp, folder)
@@ -157,7 +160,7 @@ def reduce(reference, candidate, data, output=None, *, atol: float | None = None
     (ref.onnx, cand.onnx, inputs.npz). Tolerances and runtimes as in `compare`."""
     ref, cand = load_model(reference), load_model(candidate)
     x = _first_samples(ref, data, samples, preset)
-    options = dict(atol=atol, rtol=rtol, device=device, runtime=runtime, reference_runtime=reference_runtime,
+    options: dict[str, Any] = dict(atol=atol, rtol=rtol, device=device, runtime=runtime, reference_runtime=reference_runtime,
                    candidate_runtime=candidate_runtime, precision=precision)
     report = compare(ref, cand, x, batch_size=len(x), layerwise=True, max_marked=max_marked, **options)
     result = ReduceResult(failing=not report.passed, samples=len(x))
@@ -172,7 +175,8 @@ def reduce(reference, candidate, data, output=None, *, atol: float | None = None
     cand_activations = set(activation_names(cand))
     order = [o for o in activation_names(ref) if o in cand_activations]  # shared, in the reference's node order
     cuts = [c for c in reversed(order[:order.index(target)] if target in order else order) if c != target] + [feed]
-    ref_side = {"runtime": reference_runtime or runtime or "onnxruntime", "device": device, "precision": "f32"}
+    ref_side: dict[str, Any] = {"runtime": reference_runtime or runtime or "onnxruntime", "device": device,
+                                "precision": "f32"}
     for cut in cuts:
         if cut not in ref_types or cut not in cand_types:
             continue

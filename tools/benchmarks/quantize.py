@@ -1,0 +1,196 @@
+"""Quantization: onnxbn's calibration vs onnxruntime's calibrators, and accuracy recovery."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .context import Context, Profile, quiet_session
+from .harness import ROOT, Result, alternate, median, row, run_child
+
+# ----------------------------------------------------------------------------- quantize (by name only)
+
+QUANT_CHILD = r"""
+import json, logging, sys, threading, time
+sys.path.insert(0, {root!r})
+import numpy as np
+contender, model, data, out, batch = {args!r}
+peak = [0]
+def rss_anon():
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1])
+    return 0
+def sample():
+    while True:
+        peak[0] = max(peak[0], rss_anon())
+        time.sleep(0.005)
+x = np.load(data)["x"]
+import onnx, onnxruntime
+from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+import onnxbn.quantization, onnxbn.ranges, onnxbn.fold, onnxbn.stats  # imports outside the timing
+base = rss_anon()
+threading.Thread(target=sample, daemon=True).start()
+t = time.perf_counter()
+if contender.startswith("onnxbn"):
+    from onnxbn.quantization import quantize_with_report
+    from onnxbn.io.save import save_model
+    method, _, recover = contender.split()[1].partition("+")
+    q, report = quantize_with_report(model, x, method=method, recover=recover or "none", batch_size=batch, device="cpu",
+                                     verify=False)
+    seconds = time.perf_counter() - t
+    onnx.save(q, out)
+else:
+    name = onnx.load(model, load_external_data=False).graph.input[0].name
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.i = 0
+        def get_next(self):
+            if self.i >= len(x):
+                return None
+            self.i += batch
+            return {{name: x[self.i - batch:self.i]}}
+    method = {{"ort-minmax": CalibrationMethod.MinMax, "ort-percentile": CalibrationMethod.Percentile,
+               "ort-entropy": CalibrationMethod.Entropy}}[contender]
+    logging.disable(logging.WARNING)
+    quantize_static(model, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=method,
+                    extra_options={{"ActivationSymmetric": False, "WeightSymmetric": True, "CalibPercentile": 99.99}})
+    seconds = time.perf_counter() - t
+time.sleep(0.02)
+print(json.dumps({{"seconds": seconds, "peak_anon_kb": peak[0], "base_anon_kb": base}}))
+"""
+
+QUANT_CONTENDERS = ("onnxbn minmax", "onnxbn percentile", "onnxbn entropy", "onnxbn mse", "onnxbn minmax+cle,bias",
+                    "ort-minmax", "ort-percentile", "ort-entropy")
+
+
+def _quant_child(contender: str, model: Path, data: Path, out: Path, batch: int) -> dict:
+    code = QUANT_CHILD.format(root=str(ROOT), args=(contender, str(model), str(data), str(out), batch))
+    return run_child(code, f"quantize child ({contender})")[0]
+
+
+def _agreement(reference: Path, candidate: Path, x: np.ndarray, batch: int) -> tuple[float, float]:
+    """(top-1 agreement, cosine similarity) of the candidate's outputs with the reference's on `x`."""
+    import onnx
+
+    a_s, b_s = quiet_session(onnx.load(str(reference))), quiet_session(onnx.load(str(candidate)))
+    name = a_s.get_inputs()[0].name
+    a = np.concatenate([np.asarray(a_s.run(None, {name: x[i:i + batch]})[0])
+                        for i in range(0, len(x), batch)]).astype(np.float64)
+    b = np.concatenate([np.asarray(b_s.run(None, {name: x[i:i + batch]})[0])
+                        for i in range(0, len(x), batch)]).astype(np.float64)
+    return float(np.mean(a.argmax(1) == b.argmax(1))), float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum()))
+
+
+def bench_quantize(ctx: Context) -> Result:
+    """onnxbn's calibration (in-graph ranges + histograms) vs onnxruntime's calibrators, at N and 4N samples."""
+    p = ctx.profile
+    n = {"tiny": 8, "quick": 32, "full": 128}[p.name]
+    model = ctx.model_path
+    held_out = ctx.arrays({"tiny": 16, "quick": 256, "full": 512}[p.name], seed=99)
+    sizes = {"N": n, "4N": 4 * n}
+    data = {}
+    for label, count in sizes.items():
+        data[label] = ctx.workdir / f"quant-{p.name}-{count}.npz"
+        np.savez(data[label], x=ctx.arrays(count, seed=7))
+    details: dict[str, dict] = {}
+
+    def measure(contender, label):
+        def fn():
+            out = ctx.workdir / f"quant-{p.name}-{label}-{contender.replace(' ', '_')}.onnx"
+            info = _quant_child(contender, model, data[label], out, p.batch)
+            info["top1_agreement"], info["cosine"] = _agreement(model, out, held_out, p.batch)
+            details.setdefault(f"{contender} {label}", {"runs": []})["runs"].append(info)
+            return info["seconds"]
+        return fn
+
+    contenders = {f"{c} [{label}]": measure(c, label) for label in sizes for c in QUANT_CONTENDERS}
+    raw = alternate(contenders, max(1, ctx.reps - 1), warmup=False)
+    rows = []
+    for label in sizes:
+        base = median(raw[f"ort-minmax [{label}]"])
+        for c in QUANT_CONTENDERS:
+            key = f"{c} [{label}]"
+            runs = details[f"{c} {label}"]["runs"]
+            mem = [(r["peak_anon_kb"] - r["base_anon_kb"]) / 1024 for r in runs]
+            rows.append(row(f"[{label}={sizes[label]}] {c}: time", raw[key], "s", median(raw[key]) / base,
+                            role="reference" if c == "ort-minmax" else "subject" if c == "onnxbn minmax" else ""))
+            rows.append(row(f"[{label}={sizes[label]}] {c}: peak RssAnon growth", mem, "MiB", None))
+            rows.append(row(f"[{label}={sizes[label]}] {c}: top-1 agreement", [r["top1_agreement"] * 100 for r in runs],
+                            "%", None))
+            rows.append(row(f"[{label}={sizes[label]}] {c}: cosine", [r["cosine"] for r in runs], "cos", None))
+    recovery = _recovery_rows(p)
+    rows += recovery["rows"]
+    grow = {c: median([(r["peak_anon_kb"] - r["base_anon_kb"]) for r in details[f"{c} 4N"]["runs"]]) /
+            max(1.0, median([(r["peak_anon_kb"] - r["base_anon_kb"]) for r in details[f"{c} N"]["runs"]]))
+            for c in QUANT_CONTENDERS}
+    added = {c: (median([r["peak_anon_kb"] for r in details[f"{c} 4N"]["runs"]]) -
+                 median([r["peak_anon_kb"] for r in details[f"{c} N"]["runs"]])) / 1024 for c in QUANT_CONTENDERS}
+    worst = max(grow[c] for c in QUANT_CONTENDERS if c.startswith("onnxbn"))
+    worst_added = max(added[c] for c in QUANT_CONTENDERS if c.startswith("onnxbn"))
+    return Result("quantize", "onnxbn's calibration peak RssAnon N -> 4N: at most 16 MiB more (ratio: growth)", rows,
+                  worst, worst_added <= 16.0,
+                  [f"{p.description}; calibration N={n} and 4N={4 * n} seeded N(0,1) inputs, batch {p.batch}; "
+                   f"accuracy vs the float model on {len(held_out)} other seeded inputs",
+                   "time: calibration + Q/DQ placement in a fresh child (imports excluded); onnxbn minmax+cle,bias (the "
+                   "default) adds cross-layer equalization and bias correction (one pass per layer level); ratio = "
+                   "time / ort-minmax at the same N",
+                   "peak RssAnon growth: the child's anonymous memory above its level after imports and data load, "
+                   "sampled every 5 ms",
+                   "all: QDQ, per-channel int8 weights, uint8 per-tensor activations; percentile 99.99 on both sides",
+                   "memory growth N -> 4N: " + ", ".join(f"{c} {g:.2f}x ({added[c]:+.1f} MiB)"
+                                                           for c, g in grow.items()),
+                   recovery["note"]],
+                  {"details": details, "growth": grow, "added_mib": added, "recovery": recovery["raw"]})
+
+
+RECOVERIES = ("none", "bias", "bn", "bn,bias", "cle", "cle,bias", "per-tensor none", "per-tensor bias",
+              "per-tensor cle", "per-tensor cle,bias")
+
+
+def _recovery_rows(p: Profile) -> dict:
+    """Accuracy recovery measured on seeded Conv-BN-ReLU CNNs (depthwise in the middle) whose BN statistics are
+    those of the calibration data (onnxbn.recalibrate first, as in a trained model): per recovery, the mean over
+    seeds of top-1 agreement and cosine with the float model on held-out inputs."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from models import Net  # pyright: ignore[reportAttributeAccessIssue]  (tests/models.py, put on the path above)
+    from onnxbn.quantization import quantize_with_report
+    from onnxbn.recalibration import recalibrate
+
+    seeds = {"tiny": 1, "quick": 3, "full": 5}[p.name]
+    calibration, held = {"tiny": (32, 64), "quick": (128, 512), "full": (256, 1024)}[p.name]
+    raw: dict[str, dict[str, list[float]]] = {r: {"top1": [], "cosine": []} for r in RECOVERIES}
+    for seed in range(seeds):
+        n, w = Net(seed, bn={"scale": (1.0, 0.5), "B": (0.0, 0.5), "mean": (0.0, 1.0), "var": (0.2, 3.0)}), 16
+        y = n.node("Relu", [n.bn(n.conv("input", 3, w, "conv1", bias=False), w, "bn1")], "r1")
+        y = n.node("Relu", [n.bn(n.conv(y, w, w, "conv2", bias=False, group=w), w, "bn2")], "r2")
+        y = n.node("Relu", [n.bn(n.conv(y, w, 2 * w, "conv3", bias=False, k=1, pad=0), 2 * w, "bn3")], "r3")
+        y = n.node("MaxPool", [y], "p1", kernel_shape=[2, 2], strides=[2, 2])
+        y = n.node("Relu", [n.bn(n.conv(y, 2 * w, 2 * w, "conv4", bias=False, group=2 * w), 2 * w, "bn4")], "r4")
+        y = n.node("Flatten", [n.node("GlobalAveragePool", [y], "gap")], "flat")
+        n.gemm(y, 2 * w, 10, "fc", out="logits")
+        model = n.model({"input": ["N", 3, 16, 16]}, {"logits": ["N", 10]}, 13)
+        rng = np.random.default_rng(100 + seed)
+        x = rng.standard_normal((calibration, 3, 16, 16)).astype(np.float32)
+        x_held = rng.standard_normal((held, 3, 16, 16)).astype(np.float32)
+        model = recalibrate(model, x, device="cpu")
+        for r in RECOVERIES:
+            _, report = quantize_with_report(model, x, recover=r.split()[-1], per_channel=not r.startswith("per-tensor"),
+                                             verify_data=x_held, device="cpu", min_cosine=0, min_top1=0)
+            out = report.check["outputs"]["logits"]
+            raw[r]["top1"].append(out["top1_agreement"] * 100)
+            raw[r]["cosine"].append(out["cosine_similarity"])
+    rows = []
+    for r in RECOVERIES:
+        rows.append(row(f"[recovery] {r}: top-1 agreement (mean of {seeds})", [float(np.mean(raw[r]["top1"]))], "%",
+                        None))
+        rows.append(row(f"[recovery] {r}: cosine (mean of {seeds})", [float(np.mean(raw[r]["cosine"]))], "cos", None))
+    note = (f"recovery: {seeds} seeded Conv-BN-ReLU CNNs (depthwise layers; BN recalibrated on the {calibration} "
+            f"calibration inputs), minmax ranges, per-channel weights unless per-tensor, top-1 agreement and cosine "
+            f"vs the float model on {held} held-out "
+            "inputs: " + "; ".join(f"{r} {np.mean(raw[r]['top1']):.2f}% / {np.mean(raw[r]['cosine']):.5f}"
+                                    for r in RECOVERIES))
+    return {"rows": rows, "raw": raw, "note": note}
