@@ -31,7 +31,7 @@ def _latency_ms(session, x: np.ndarray, feed: str, runs: int) -> float:
 
 
 def deploy_rows(unfolded: onnx.ModelProto, folded: onnx.ModelProto, val: Path, samples: int,
-                  latency_runs: int) -> tuple[dict, list[str]]:
+                latency_runs: int) -> tuple[dict, list[str]]:
     """The folded model on every installed runtime vs the unfolded one on onnxruntime (f32): max abs/rel error,
     top-1 agreement, the precision the runtime reports, and the folded model's median latency at batch 1 and 8."""
     from onnxbn.check import compare
@@ -71,6 +71,7 @@ def deploy_rows(unfolded: onnx.ModelProto, folded: onnx.ModelProto, val: Path, s
 
 
 def deploy_text(rows: dict, skipped: list[str]) -> str:
+    """What the deploy rows show (passes, the largest f32 error, the runs below f32, the fastest), from their numbers."""
     if not rows:
         return "No runtime was checked."
     failed = [k for k, r in rows.items() if not r["passed"]]

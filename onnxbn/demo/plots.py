@@ -1,5 +1,4 @@
-"""The demo report's pictures (matplotlib, Agg): the sweep, the per-epoch curves, the inserted BN statistics.
-"""
+"""The demo report's pictures (matplotlib, Agg): the sweep, the per-epoch curves, the inserted BN statistics."""
 
 from __future__ import annotations
 
@@ -12,6 +11,7 @@ from onnxbn.io.save import atomic_path
 
 
 def plot_curves(path: Path, variants: dict) -> None:
+    """Validation loss and accuracy per epoch (epoch 0: before fine-tuning) of each curve variant."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -104,6 +104,7 @@ def plot_sweep(path: Path, sweep: dict, start: dict, target_accuracy: float) -> 
 
 
 def plot_activations(path: Path, stats) -> None:
+    """Per-channel mean and std of each tensor the inserted BN layers normalise, dead channels marked."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -16,7 +16,7 @@ log = logging.getLogger("onnxbn")
 
 
 def recalibration_rows(models: dict, clean_val: Path, shifted_eval: Path, shifted_unlabelled: Path,
-                         seed: int, full: tuple = ()) -> dict:
+                       seed: int, full: tuple = ()) -> dict:
     """Each model on clean and shifted validation images, before and after recalibrating its BN statistics on
     unlabelled shifted images (exact and batch mode), with recalibrate's default prior and variance floor,
     except the models named in `full`: prior 0 (the insert + recalibrate recipe, whose identity BNs hold the
@@ -47,6 +47,7 @@ def recalibration_rows(models: dict, clean_val: Path, shifted_eval: Path, shifte
 
 
 def eval_row(model, data) -> dict:
+    """`onnxbn.evaluate` of `model` on a labelled .npz: {loss (mean cross-entropy), accuracy (top-1), samples}."""
     from onnxbn.training import evaluate
 
     r = evaluate(model, str(data), batch_size=256)
@@ -54,6 +55,7 @@ def eval_row(model, data) -> dict:
 
 
 def recalibration_lines(models: dict, labels: dict) -> list[str]:
+    """One sentence per row of `recalibration_rows`, every number and direction read from the row."""
     parts = []
     for name, row in models.items():
         clean, before = row["clean"], row["shifted_before"]

@@ -1,5 +1,4 @@
-"""report.md from report.json's content: one section per stage, every number taken from the report dict.
-"""
+"""report.md from report.json's content: one section per stage, every number taken from the report dict."""
 
 from __future__ import annotations
 

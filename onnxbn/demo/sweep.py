@@ -105,6 +105,7 @@ class _QuietTraining(logging.Filter):
 
 @contextlib.contextmanager
 def quiet_training():
+    """Within the block, the training module's log lines are dropped (see _QuietTraining)."""
     quiet = _QuietTraining()
     log.addFilter(quiet)
     try:

@@ -140,12 +140,14 @@ def sweep_verdict(sweep: dict, target_accuracy: float) -> dict:
 
 
 def pm(mean: float | None, std: float | None, fmt: str = ".4f") -> str:
+    """"mean ± std" ("-" without a mean, the mean alone without a std)."""
     if mean is None:
         return "-"
     return f"{mean:{fmt}}" + ("" if std is None else f" ± {std:{fmt}}")
 
 
 def summary_line(variants: dict) -> str:
+    """The curves' one-seed comparison at each lr: both val losses and accuracies, and which loss is lower."""
     parts = []
     for lr_name in sorted({k.split("_", 1)[1] for k in variants}):
         plain, bn = variants.get(f"nobn_{lr_name}"), variants.get(f"bn_{lr_name}")
