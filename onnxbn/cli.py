@@ -624,7 +624,7 @@ def cmd_quantize(args) -> int:
          arg("--seed", type=int, default=0, help="seed for data, initialisation and shuffling (default: 0)"))
 def cmd_demo(args) -> int:
     """Run the whole procedure on the bundled model and write a report (report.md, report.json, pictures)."""
-    from onnxbn.demo import run_demo
+    from onnxbn.demo.run import run_demo
 
     report = run_demo(args.out, model=args.model, epochs=args.epochs, seed=args.seed)
     ident, fold = report["identity"], report["fold"]

@@ -35,7 +35,8 @@ LAYERS = [
                "onnxbn.check.inputs", "onnxbn.check.golden", "onnxbn.check.layerwise"]),
     ("compare", ["onnxbn.check.comparison", "onnxbn.check.reduction", "onnxbn.check"]),
     ("workflows", ["onnxbn.quantization", "onnxbn.deploy"]),
-    ("front", ["onnxbn.demo", "onnxbn.demo_data", "onnxbn.cli", "onnxbn.testing", "onnxbn.__main__", "onnxbn"]),
+    ("demo", ["onnxbn.demo", "onnxbn.demo_data"]),
+    ("front", ["onnxbn.cli", "onnxbn.testing", "onnxbn.__main__", "onnxbn"]),
 ]
 
 

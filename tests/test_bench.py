@@ -47,3 +47,32 @@ def test_bench_quick_tiny_writes_every_benchmark(tmp_path):
     # the table names every benchmark
     for name in EXPECTED:
         assert name in proc.stdout
+
+
+def test_bench_quantize_shift_accuracy_tiny(tmp_path):
+    """The shifted-domain rows of `bench.py quantize`: each contender's INT8 model and the float model scored with
+    labels on clean and shifted demo images; the float numbers equal onnxruntime + numpy computed here."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    sys.path.insert(0, str(BENCH.parent))
+    from benchmarks.context import PROFILES, Context  # pyright: ignore[reportMissingImports]  (tools/, on the path above)
+    from benchmarks.quantize import SHIFT_SIZES, shift_accuracy  # pyright: ignore[reportMissingImports]
+
+    from onnxbn.demo.data import make_task, to_model_input
+    from onnxbn.demo.run import BUNDLED
+    from onnxbn.demo.shift import shift_images
+
+    ctx = Context(PROFILES["tiny"], tmp_path, 1)
+    result = shift_accuracy(ctx, contenders=("onnxbn minmax", "ort-minmax"))
+    assert set(result["raw"]) == {"float", "onnxbn minmax", "ort-minmax"}
+    assert len(result["rows"]) == 6 and all(0 <= r["median"] <= 100 for r in result["rows"])
+    images, y = make_task("source", SHIFT_SIZES["tiny"][1], 12)
+    session = ort.InferenceSession(str(BUNDLED), providers=["CPUExecutionProvider"])
+    for domain, x in (("clean", to_model_input(images)), ("shifted", to_model_input(shift_images(images)))):
+        logits = np.asarray(session.run(None, {session.get_inputs()[0].name: x})[0])
+        assert result["raw"]["float"][domain] == float(np.mean(logits.argmax(1) == y)), domain
+    for c in ("onnxbn minmax", "ort-minmax"):
+        ops = {n.op_type for n in onnx.load(str(tmp_path / f"shift-16-{c.replace(' ', '_')}.onnx")).graph.node}
+        assert "QuantizeLinear" in ops and "DequantizeLinear" in ops, c

@@ -7,21 +7,15 @@ import json
 import math
 
 import numpy as np
+import onnx
 import pytest
 
 from onnxbn.cli import main
-from onnxbn.demo import (
-    BUNDLED,
-    DEPLOY_RUNTIMES,
-    VARIANTS,
-    _plot_sweep,
-    cell_seed,
-    lr_key,
-    run_cell,
-    run_demo,
-    summarize_cells,
-    sweep_verdict,
-)
+from onnxbn.demo.deploy import DEPLOY_RUNTIMES
+from onnxbn.demo.plots import plot_sweep
+from onnxbn.demo.run import BUNDLED, run_demo
+from onnxbn.demo.sweep import VARIANTS, cell_seed, lr_key, run_cell, summarize_cells
+from onnxbn.demo.verdict import sweep_verdict
 from onnxbn.io.load import load_model
 from onnxbn.runtimes.base import available
 
@@ -146,7 +140,7 @@ def test_a_diverged_cell_is_recorded_not_dropped(tiny):
     entry = summarize_cells([record], 1)
     assert entry["diverged"] == 1 and entry["finished"] == 0 and entry["cells"] == [record]
     assert entry["val_loss_mean"] is None and entry["epochs_to_target_median"] is None
-    _plot_sweep(out / "diverged.png", {"nobn": {"1e+30": entry}}, {"loss": 1.0, "accuracy": 0.5}, 0.6)
+    plot_sweep(out / "diverged.png", {"nobn": {"1e+30": entry}}, {"loss": 1.0, "accuracy": 0.5}, 0.6)
     assert (out / "diverged.png").stat().st_size > 0
 
 
@@ -176,3 +170,42 @@ def test_the_verdict_follows_the_numbers():
 def test_demo_refuses_a_missing_model(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path), "--model", str(tmp_path / "none.onnx")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_demo_int8_rows_match_onnxruntime_and_numpy(tiny):
+    """report['quantize']: each model's top-1 on clean and shifted images and each INT8 model's cosine / top-1
+    agreement with the float model, recomputed here from onnxruntime outputs with numpy."""
+    ort = pytest.importorskip("onnxruntime")
+    out, report = tiny
+    q = report["quantize"]
+    assert set(q["models"]) == {"float", "int8_none", "int8_default"} and len(q["lines"]) == 2
+    assert q["models"]["int8_none"]["recover"] == [] and q["models"]["int8_default"]["recover"]
+
+    def logits(path, npz):
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        with np.load(npz) as data:
+            return session.run(None, {session.get_inputs()[0].name: data["x"]})[0].astype(np.float64), data["y"]
+
+    files = {"float": out / "deploy.onnx", "int8_none": out / "deploy_int8_none.onnx",
+             "int8_default": out / "deploy_int8_default.onnx"}
+    val, shifted = out / "data" / "target_val.npz", out / "data" / "shifted_val.npz"
+    ref, _ = logits(files["float"], val)
+    for name, path in files.items():
+        ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+        assert ("QuantizeLinear" in ops) == (name != "float"), name
+        row = q["models"][name]
+        for where, npz in (("clean", val), ("shifted", shifted)):
+            z, y = logits(path, npz)
+            assert row[where]["accuracy"] == pytest.approx(float(np.mean(z.argmax(1) == y)), abs=1e-12), (name, where)
+        if name == "float":
+            continue
+        z, _ = logits(path, val)
+        cosine = float((ref * z).sum() / (np.linalg.norm(ref) * np.linalg.norm(z)))
+        agreement = float(np.mean(ref.argmax(1) == z.argmax(1)))
+        check = row["checks"]["onnxruntime"]
+        (metrics,) = check["outputs"].values()
+        assert metrics["cosine_similarity"] == pytest.approx(cosine, rel=1e-6)
+        assert metrics["top1_agreement"] == pytest.approx(agreement, abs=1e-12)
+        assert check["passed"] == (cosine >= row["min_cosine"] and agreement >= row["min_top1"])
+        assert set(row["checks"]) == {r for r in ("onnxruntime", "openvino") if available(r)}
+    assert "INT8 for deployment" in (out / "report.md").read_text()

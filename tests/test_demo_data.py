@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from onnxbn import demo_data
-from onnxbn.demo_data import CLASSES, make_task, to_model_input, write_image_folder, write_npz
+from onnxbn.demo import data as demo_data
+from onnxbn.demo.data import CLASSES, make_task, to_model_input, write_image_folder, write_npz
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "demo_vgg.onnx"
 
@@ -133,6 +134,10 @@ def test_bundled_model_metadata(session):
     assert meta["onnxbn.preset"] == "imagenet-squash"
     assert meta["onnxbn.weights"] == "demo"
     assert json.loads(meta["onnxbn.classes"]) == CLASSES["source"]
+    # the "module:task" reference resolves (onnxbn.demo_data: the alias of onnxbn.demo.data this value names)
+    module, task = meta["onnxbn.source_task"].split(":")
+    named = importlib.import_module(module)
+    assert task in named.CLASSES and named.make_task is make_task
     (inp,) = session.get_inputs()
     (out,) = session.get_outputs()
     assert inp.name == "input" and inp.shape[1:] == [3, 32, 32] and isinstance(inp.shape[0], str)

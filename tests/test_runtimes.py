@@ -51,7 +51,7 @@ def resnet_style(seed: int = 11) -> onnx.ModelProto:
 def models(tmp_path_factory):
     """{name: (unfolded path, folded path, data args)}: the demo model with identity BN after every
     Conv/Gemm (on its own kind of images), and the ResNet-style block (random inputs)."""
-    from onnxbn.demo_data import make_task, to_model_input
+    from onnxbn.demo.data import make_task, to_model_input
 
     root = tmp_path_factory.mktemp("runtimes")
     demo = onnx.load(str(ROOT / "models" / "demo_vgg.onnx"))

@@ -11,7 +11,7 @@ cost          passes and wall time of exact (with the activation cache, and with
 memory        peak RSS (a fresh process per run) of exact (cache off, default cache) and batch on
               N and 4N images: streaming means the peak does not grow with N (the default cache
               grows until its budget, --cache-mb, and no further).
-domain-shift  a small BN CNN trained in torch on onnxbn.demo_data's "source" task, exported, and
+domain-shift  a small BN CNN trained in torch on onnxbn.demo.data's "source" task, exported, and
               evaluated on shifted images (contrast, colour, blur, all three) before and after
               recalibrate (exact and batch; prior 0, no floor) on other, unlabelled, shifted images:
               accuracy and loss.
@@ -331,7 +331,7 @@ def train(module, x: np.ndarray, y: np.ndarray, epochs: int, seed: int = 0) -> f
 
 def bench_domain_shift(sizes: dict) -> dict:
     import onnxbn
-    from onnxbn.demo_data import make_task, to_model_input
+    from onnxbn.demo.data import make_task, to_model_input
 
     n_train, n_cal, n_val, epochs = sizes["domain-shift"]
     torch, _ = _torch()
@@ -395,7 +395,7 @@ def bench_prior(sizes: dict, workdir: Path) -> dict:
     import onnx
 
     import onnxbn
-    from onnxbn.demo_data import make_task, to_model_input
+    from onnxbn.demo.data import make_task, to_model_input
 
     n_train, cal_sizes, n_val, epochs, seeds = sizes["prior"]
     priors, floors = (PRIORS[:4], FLOORS) if sizes.get("profile") == "tiny" else (PRIORS, FLOORS)

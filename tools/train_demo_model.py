@@ -7,7 +7,7 @@ The network stands in for the 2017 notebook's ImageNet VGG16: three VGG blocks
 (two 3x3 conv + ReLU each, then 2x2 max pool; 32-64-128 channels), flatten, two
 hidden dense layers (256-256, ReLU + Dropout 0.5) and a 10-way classifier, all
 without batch norm. It is trained on the procedural ``source`` task of
-``onnxbn.demo_data`` (no downloads), seeded and single-process on 2 CPU threads,
+``onnxbn.demo.data`` (no downloads), seeded and single-process on 2 CPU threads,
 so a rerun on the same machine reproduces the file.
 
 After export the script checks onnxruntime against torch (<= 1e-5 relative) and
@@ -31,7 +31,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from onnxbn import demo_data  # noqa: E402
+from onnxbn.demo import data as demo_data  # noqa: E402
 
 # Seeds of the splits. The demo and the tests use other seeds for their own data.
 TRAIN_SEED, VAL_SEED = 1000, 1001
@@ -149,6 +149,7 @@ def export(model: DemoVGG, path: Path, val_top1: float) -> dict:
     m = export_module(model, (3, demo_data.IMAGE_SIZE, demo_data.IMAGE_SIZE), opset=17, metadata={
         "onnxbn.preset": "imagenet-squash",
         "onnxbn.weights": "demo",
+        # the bundled model's value, kept so a retrain gives its bytes; onnxbn/demo_data.py resolves it
         "onnxbn.source_task": "onnxbn.demo_data:source",
         "onnxbn.classes": json.dumps(demo_data.CLASSES["source"]),
         "onnxbn.input_size": str(demo_data.IMAGE_SIZE),

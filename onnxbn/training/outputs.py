@@ -67,5 +67,5 @@ def warn_unused_outputs(y: np.ndarray, classes: int, source: str) -> None:
     if classes >= 10 and used <= classes // 10:
         log.warning(
             "%s: labels use %d of the model's %d outputs; training keeps all %d (the others are pushed down): "
-            "for a new task give the model a new classifier first (onnxbn.demo.new_classifier)",
+            "for a new task give the model a new classifier first (onnxbn.demo.sweep.new_classifier)",
             source, used, classes, classes)

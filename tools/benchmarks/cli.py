@@ -7,7 +7,9 @@ data-pipeline deploy-latency; by name only: deploy-runtimes (latency and error o
 vs folded model on onnxruntime, openvino and tract), fixed-cost (each command as a whole
 process vs plain onnxruntime doing the same inference: wall time and peak RSS) and quantize
 (onnxbn's calibration vs onnxruntime's MinMax/Percentile/Entropy calibrators at N and 4N samples:
-time, peak RssAnon, top-1 agreement and cosine of each INT8 model with the float one). Every
+time, peak RssAnon, top-1 agreement and cosine of each INT8 model with the float one, on the
+profile's model and, except --tiny, a larger one; top-1 with labels of the bundled demo model
+under the demo's domain shift; accuracy recovery per mode). Every
 benchmark alternates its contenders (A B A B ...) in one process and run, and reports the median of each and the ratio to the
 reference contender, so the numbers stay comparable on a busy machine. A table goes
 to stdout; `--json OUT` writes every raw timing plus the machine (CPU model, cores,

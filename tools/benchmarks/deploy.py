@@ -65,7 +65,7 @@ def bench_deploy_runtimes(ctx: Context) -> Result:
 
     import onnxbn
     from onnxbn.check import OutputMetrics
-    from onnxbn.demo_data import make_task, to_model_input
+    from onnxbn.demo.data import make_task, to_model_input
     from onnxbn.runtimes.base import available, runtime_version
     from onnxbn.runtimes.ort_backend import OrtSession
     from onnxbn.runtimes.precision import RuntimeInfo, default_tolerance

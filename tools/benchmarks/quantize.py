@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .context import Context, Profile, quiet_session
+from .context import Context, Profile, export_small, quiet_session
 from .harness import ROOT, Result, alternate, median, row, run_child
 
 # ----------------------------------------------------------------------------- quantize (by name only)
@@ -84,24 +84,44 @@ def _agreement(reference: Path, candidate: Path, x: np.ndarray, batch: int) -> t
     return float(np.mean(a.argmax(1) == b.argmax(1))), float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum()))
 
 
-def bench_quantize(ctx: Context) -> Result:
-    """onnxbn's calibration (in-graph ranges + histograms) vs onnxruntime's calibrators, at N and 4N samples."""
+# the larger model: a VGG11 shape at half the channels (4x the quick model's convolution work), random weights
+LARGER = Profile("larger", "VGG11-shaped, channels/2, 64x64, 512-unit dense layers, random weights", "vgg11", 64,
+                 width_div=2, hidden=512, classes=100, batch=4)
+SIZES = {"tiny": 8, "quick": 32, "full": 128}  # N of the calibration sets (and 4N)
+HELD_OUT = {"tiny": 16, "quick": 256, "full": 512}
+
+
+def _larger_model(ctx: Context) -> Path:
+    """LARGER exported once into the work folder."""
+    from onnxbn.io.save import save_model
+
+    path = ctx.workdir / f"{LARGER.name}-{LARGER.arch}-{LARGER.image_size}-w{LARGER.width_div}.onnx"
+    if not path.is_file():
+        print(f"building {LARGER.description} -> {path}", file=sys.stderr, flush=True)
+        save_model(export_small(LARGER), path, force=True)
+    return path
+
+
+def _calibration_cost(ctx: Context, tag: str, model: Path, image_size: int, batch: int) -> dict:
+    """Every contender on `model` at N and 4N seeded N(0,1) inputs, alternated, each run in a fresh child: time,
+    peak RssAnon growth, and top-1 agreement / cosine of its INT8 model with the float one on held-out inputs."""
     p = ctx.profile
-    n = {"tiny": 8, "quick": 32, "full": 128}[p.name]
-    model = ctx.model_path
-    held_out = ctx.arrays({"tiny": 16, "quick": 256, "full": 512}[p.name], seed=99)
+    n = SIZES[p.name]
+    rng = np.random.default_rng(99)
+    held_out = rng.standard_normal((HELD_OUT[p.name], 3, image_size, image_size)).astype(np.float32)
     sizes = {"N": n, "4N": 4 * n}
     data = {}
     for label, count in sizes.items():
-        data[label] = ctx.workdir / f"quant-{p.name}-{count}.npz"
-        np.savez(data[label], x=ctx.arrays(count, seed=7))
+        data[label] = ctx.workdir / f"quant-{tag or p.name}-{image_size}-{count}.npz"
+        x = np.random.default_rng(7).standard_normal((count, 3, image_size, image_size)).astype(np.float32)
+        np.savez(data[label], x=x)
     details: dict[str, dict] = {}
 
     def measure(contender, label):
         def fn():
-            out = ctx.workdir / f"quant-{p.name}-{label}-{contender.replace(' ', '_')}.onnx"
-            info = _quant_child(contender, model, data[label], out, p.batch)
-            info["top1_agreement"], info["cosine"] = _agreement(model, out, held_out, p.batch)
+            out = ctx.workdir / f"quant-{tag or p.name}-{label}-{contender.replace(' ', '_')}.onnx"
+            info = _quant_child(contender, model, data[label], out, batch)
+            info["top1_agreement"], info["cosine"] = _agreement(model, out, held_out, batch)
             details.setdefault(f"{contender} {label}", {"runs": []})["runs"].append(info)
             return info["seconds"]
         return fn
@@ -109,41 +129,102 @@ def bench_quantize(ctx: Context) -> Result:
     contenders = {f"{c} [{label}]": measure(c, label) for label in sizes for c in QUANT_CONTENDERS}
     raw = alternate(contenders, max(1, ctx.reps - 1), warmup=False)
     rows = []
+    prefix = f"{tag} " if tag else ""
     for label in sizes:
         base = median(raw[f"ort-minmax [{label}]"])
         for c in QUANT_CONTENDERS:
-            key = f"{c} [{label}]"
+            key, name = f"{c} [{label}]", f"[{prefix}{label}={sizes[label]}] {c}"
             runs = details[f"{c} {label}"]["runs"]
             mem = [(r["peak_anon_kb"] - r["base_anon_kb"]) / 1024 for r in runs]
-            rows.append(row(f"[{label}={sizes[label]}] {c}: time", raw[key], "s", median(raw[key]) / base,
+            rows.append(row(f"{name}: time", raw[key], "s", median(raw[key]) / base,
                             role="reference" if c == "ort-minmax" else "subject" if c == "onnxbn minmax" else ""))
-            rows.append(row(f"[{label}={sizes[label]}] {c}: peak RssAnon growth", mem, "MiB", None))
-            rows.append(row(f"[{label}={sizes[label]}] {c}: top-1 agreement", [r["top1_agreement"] * 100 for r in runs],
-                            "%", None))
-            rows.append(row(f"[{label}={sizes[label]}] {c}: cosine", [r["cosine"] for r in runs], "cos", None))
-    recovery = _recovery_rows(p)
-    rows += recovery["rows"]
+            rows.append(row(f"{name}: peak RssAnon growth", mem, "MiB", None))
+            rows.append(row(f"{name}: top-1 agreement", [r["top1_agreement"] * 100 for r in runs], "%", None))
+            rows.append(row(f"{name}: cosine", [r["cosine"] for r in runs], "cos", None))
     grow = {c: median([(r["peak_anon_kb"] - r["base_anon_kb"]) for r in details[f"{c} 4N"]["runs"]]) /
             max(1.0, median([(r["peak_anon_kb"] - r["base_anon_kb"]) for r in details[f"{c} N"]["runs"]]))
             for c in QUANT_CONTENDERS}
     added = {c: (median([r["peak_anon_kb"] for r in details[f"{c} 4N"]["runs"]]) -
                  median([r["peak_anon_kb"] for r in details[f"{c} N"]["runs"]])) / 1024 for c in QUANT_CONTENDERS}
-    worst = max(grow[c] for c in QUANT_CONTENDERS if c.startswith("onnxbn"))
-    worst_added = max(added[c] for c in QUANT_CONTENDERS if c.startswith("onnxbn"))
+    note = (f"{prefix or 'model: '}calibration N={n} and 4N={4 * n} seeded N(0,1) inputs, batch {batch}; accuracy vs "
+            f"the float model on {len(held_out)} other seeded inputs; memory growth N -> 4N: "
+            + ", ".join(f"{c} {g:.2f}x ({added[c]:+.1f} MiB)" for c, g in grow.items()))
+    return {"rows": rows, "details": details, "growth": grow, "added_mib": added, "note": note}
+
+
+def bench_quantize(ctx: Context) -> Result:
+    """onnxbn's calibration (in-graph ranges + histograms) vs onnxruntime's calibrators, at N and 4N samples, on the
+    profile's model and (not in the tiny profile) a larger one; top-1 under a domain shift; recovery per mode."""
+    p = ctx.profile
+    costs = {"": _calibration_cost(ctx, "", ctx.model_path, p.image_size, p.batch)}
+    if p.name != "tiny":
+        costs["larger"] = _calibration_cost(ctx, "larger", _larger_model(ctx), LARGER.image_size, LARGER.batch)
+    shift = shift_accuracy(ctx)
+    recovery = _recovery_rows(p)
+    rows = [r for cost in costs.values() for r in cost["rows"]] + shift["rows"] + recovery["rows"]
+    onnxbn = [c for c in QUANT_CONTENDERS if c.startswith("onnxbn")]
+    worst = max(cost["growth"][c] for cost in costs.values() for c in onnxbn)
+    worst_added = max(cost["added_mib"][c] for cost in costs.values() for c in onnxbn)
     return Result("quantize", "onnxbn's calibration peak RssAnon N -> 4N: at most 16 MiB more (ratio: growth)", rows,
                   worst, worst_added <= 16.0,
-                  [f"{p.description}; calibration N={n} and 4N={4 * n} seeded N(0,1) inputs, batch {p.batch}; "
-                   f"accuracy vs the float model on {len(held_out)} other seeded inputs",
+                  [f"{p.description}" + (f"; larger: {LARGER.description}" if "larger" in costs else ""),
+                   *[cost["note"] for cost in costs.values()],
                    "time: calibration + Q/DQ placement in a fresh child (imports excluded); onnxbn minmax+cle,bias (the "
                    "default) adds cross-layer equalization and bias correction (one pass per layer level); ratio = "
                    "time / ort-minmax at the same N",
                    "peak RssAnon growth: the child's anonymous memory above its level after imports and data load, "
                    "sampled every 5 ms",
                    "all: QDQ, per-channel int8 weights, uint8 per-tensor activations; percentile 99.99 on both sides",
-                   "memory growth N -> 4N: " + ", ".join(f"{c} {g:.2f}x ({added[c]:+.1f} MiB)"
-                                                           for c, g in grow.items()),
-                   recovery["note"]],
-                  {"details": details, "growth": grow, "added_mib": added, "recovery": recovery["raw"]})
+                   shift["note"], recovery["note"]],
+                  {"details": {tag or "model": cost["details"] for tag, cost in costs.items()},
+                   "growth": {tag or "model": cost["growth"] for tag, cost in costs.items()},
+                   "added_mib": {tag or "model": cost["added_mib"] for tag, cost in costs.items()},
+                   "shift": shift["raw"], "recovery": recovery["raw"]})
+
+
+SHIFT_SIZES = {"tiny": (16, 32), "quick": (256, 2000), "full": (512, 4000)}  # calibration, held-out images
+SHIFT_BATCH = 16  # divides every calibration size: onnxruntime's Percentile/Entropy fail on a short last batch
+
+
+def _top1(model: Path, x: np.ndarray, y: np.ndarray, batch: int) -> float:
+    import onnx
+
+    session = quiet_session(onnx.load(str(model)))
+    name = session.get_inputs()[0].name
+    logits = np.concatenate([np.asarray(session.run(None, {name: x[i:i + batch]})[0])
+                             for i in range(0, len(x), batch)])
+    return float(np.mean(logits.argmax(1) == y))
+
+
+def shift_accuracy(ctx: Context, contenders=QUANT_CONTENDERS) -> dict:
+    """Top-1 under a domain shift: the bundled demo model (trained on the demo's "source" task) quantized by each
+    contender from clean source-task images, then evaluated with labels on held-out clean images and on the same
+    images through the demo's domain shift (onnxbn.demo.shift: lower contrast, colour cast, brighter, blurred);
+    the float model's top-1 beside them. Target: onnxbn's default at least onnxruntime's default (MinMax)."""
+    from onnxbn.demo.data import make_task, to_model_input
+    from onnxbn.demo.run import BUNDLED
+    from onnxbn.demo.shift import shift_images
+
+    n_cal, n_held = SHIFT_SIZES[ctx.profile.name]
+    cal_images, _ = make_task("source", n_cal, 11)
+    cal = ctx.workdir / f"shift-calibration-{n_cal}.npz"
+    np.savez(cal, x=to_model_input(cal_images))
+    images, y = make_task("source", n_held, 12)
+    sets = {"clean": to_model_input(images), "shifted": to_model_input(shift_images(images))}
+    raw = {"float": {d: _top1(BUNDLED, x, y, SHIFT_BATCH) for d, x in sets.items()}}
+    for c in contenders:
+        out = ctx.workdir / f"shift-{n_cal}-{c.replace(' ', '_')}.onnx"
+        info = _quant_child(c, BUNDLED, cal, out, SHIFT_BATCH)
+        raw[c] = {**{d: _top1(out, x, y, SHIFT_BATCH) for d, x in sets.items()}, "seconds": info["seconds"]}
+    rows = [row(f"[shift] {c}: top-1 {d}", [100 * raw[c][d]], "%", None) for c in raw for d in sets]
+    default, ort = raw.get("onnxbn minmax+cle,bias"), raw.get("ort-minmax")
+    verdict = ("" if default is None or ort is None else
+               f"; under the shift onnxbn's default {100 * default['shifted']:.2f}% vs onnxruntime's MinMax "
+               f"{100 * ort['shifted']:.2f}%: target {'met' if default['shifted'] >= ort['shifted'] else 'MISSED'}")
+    note = (f"shift: the bundled demo model (10 source classes, 32x32), calibrated on {n_cal} clean source images "
+            f"(batch {SHIFT_BATCH}), top-1 on {n_held} held-out images clean / shifted: "
+            + "; ".join(f"{c} {100 * v['clean']:.2f}% / {100 * v['shifted']:.2f}%" for c, v in raw.items()) + verdict)
+    return {"rows": rows, "raw": raw, "note": note}
 
 
 RECOVERIES = ("none", "bias", "bn", "bn,bias", "cle", "cle,bias", "per-tensor none", "per-tensor bias",
