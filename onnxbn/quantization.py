@@ -57,7 +57,7 @@ from onnx import TensorProto, numpy_helper
 from onnxbn.errors import UserError
 from onnxbn.graph import GraphIndex, graph_inputs, opset_version, reads, value_types
 from onnxbn.points import Point
-from onnxbn.ranges import METHODS, activation_tensors, collect_ranges, load_ranges, tensor_range
+from onnxbn.ranges import METHODS, activation_tensors, choose_ranges, collect_ranges, load_ranges
 
 log = logging.getLogger("onnxbn")
 
@@ -512,9 +512,7 @@ def quantize_with_report(model, data, *, method: str = "minmax", percentile: flo
                             "model as quantized (BN folded: `onnxbn fold`, then `onnxbn stats --ranges`)")
     report.ranges = {"samples": found.meta.get("samples"), "seconds": found.meta.get("seconds"),
                      "tensors": len(wanted), "bins": found.meta.get("bins")}
-    # the model's outputs keep their whole range: clipping logits would flatten the top classes
-    outputs = {o.name for o in proto.graph.output}
-    chosen = {t: tensor_range(found.tensors[t], "minmax" if t in outputs else method, percentile) for t in wanted}
+    chosen = choose_ranges(found, wanted, method, percentile, outputs=[o.name for o in proto.graph.output])
     qdq = place_qdq(proto, chosen, per_channel=per_channel, activations=activations, exclude=exclude)
     if modes:
         if data is None:

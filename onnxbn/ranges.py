@@ -27,7 +27,7 @@ counts come from Unique + ScatterElements, about 10x slower.
 
 Ranges file (`.npz`, readable with numpy alone): `tensors` (names, in order), for the i-th
 tensor `count_i`, `min_i`, `max_i`, `exp_i`, `hist_i` (int64, BINS), plus `meta` (JSON:
-format onnxbn-ranges/1, model_sha256, samples, shard, data, ...).
+format onnxbn-ranges/1, model_sha256, samples, shard, data, outputs (the model's), ...).
 """
 
 from __future__ import annotations
@@ -336,6 +336,7 @@ def collect_ranges(model, data, batch_size: int = 32, limit: int | None = None, 
     meta = {"format": FORMAT, "model_sha256": model_sha256(proto, weights, folder), "samples": seen,
             "data": dataset.source, "limit": limit, "seed": seed, "shard": f"{index}/{total}",
             "preset": dataset.preset if dataset.is_images else "array", "bins": BINS if histograms else 0,
+            "outputs": [o.name for o in proto.graph.output],
             "provider": session_provider(session), "seconds": round(time.perf_counter() - started, 3),
             "onnxbn": __import__("onnxbn").__version__}
     return Ranges(out, meta)
@@ -434,3 +435,11 @@ def tensor_range(r: TensorRange, method: str = "minmax", percentile: float = 99.
     else:
         raise UserError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
     return min(lo, 0.0), max(hi, 0.0)
+
+
+def choose_ranges(ranges: Ranges, names: list[str], method: str = "minmax", percentile: float = 99.99,
+                  outputs=None) -> dict[str, tuple[float, float]]:
+    """(lo, hi) of each of `names` by `method` (`tensor_range`); the model's outputs (`outputs`, by default
+    the ones the ranges file records) keep their min/max: clipping logits would flatten the top classes."""
+    keep = set(ranges.meta.get("outputs", []) if outputs is None else outputs)
+    return {t: tensor_range(ranges.tensors[t], "minmax" if t in keep else method, percentile) for t in names}
