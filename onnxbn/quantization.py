@@ -58,6 +58,7 @@ from onnxbn.errors import UserError
 from onnxbn.graph import GraphIndex, graph_inputs, opset_version, reads, value_types
 from onnxbn.points import Point
 from onnxbn.ranges import METHODS, activation_tensors, choose_ranges, collect_ranges, load_ranges
+from onnxbn.tolerances import INT8_GATES
 
 log = logging.getLogger("onnxbn")
 
@@ -66,8 +67,8 @@ DEFAULT_RECOVER = ("cle", "bias")  # the best of none/bias/bn/bn,bias/cle/cle,bi
 QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "ConvInteger", "MatMulInteger",
                  "QGemm", "QAttention", "DynamicQuantizeMatMul", "MatMulNBits"}
 LAYERS = ("Conv", "Gemm")
-DEFAULT_MIN_COSINE = 0.99
-DEFAULT_MIN_TOP1 = 0.9
+DEFAULT_MIN_COSINE = INT8_GATES["cosine"]  # check's int8 rule
+DEFAULT_MIN_TOP1 = INT8_GATES["top1"]
 
 
 @dataclass
