@@ -7,7 +7,8 @@ Steps (`quantize`):
    kept for `recover="bn"`.
 2. Opset: per-channel Q/DQ needs opset 13 (per tensor: 11, for the ranges pass); an older model
    is converted with onnx.version_converter (a UserError when that fails).
-3. Ranges: every float activation tensor's min/max and histogram from one streaming in-graph
+3. Ranges: the min/max and histogram of every float activation tensor whose range onnxruntime's
+   Q/DQ placement reads (`quantized_tensors`) from one streaming in-graph
    pass (`onnxbn.ranges`, memory flat in the data size), or a ranges file from
    `onnxbn stats --ranges` (of the BN-folded model). `method` turns them into each tensor's
    range: minmax, percentile (99.99 by default), entropy (TensorRT's KL threshold), mse (the
@@ -308,6 +309,26 @@ def place_qdq(model: onnx.ModelProto, tensor_ranges: dict[str, tuple[float, floa
         return onnx.load(str(out))
 
 
+UNREAD_RANGE = (-1.0, 1.0)  # handed to onnxruntime for the tensors whose ranges it does not read
+
+
+def quantized_tensors(model: onnx.ModelProto, tensors: list[str], *, activations: str = "uint8",
+                      exclude: list[str] = ()) -> list[str]:
+    """The tensors of `tensors` whose ranges onnxruntime's QDQ placement reads: those its QuantizeLinear
+    scales are made from ("<tensor>_scale"), found by placing Q/DQ once with UNREAD_RANGE everywhere.
+
+    The others need no ranges pass: a Conv output whose ReLU onnxruntime removes (uint8 activations: the
+    ReLU's output range is used), the outputs of MaxPool, Flatten, Reshape, ... (their input's scale).
+    Not observing them also lets onnxruntime keep Conv+ReLU fused and its blocked layout, which exposing
+    a Conv output breaks. All of `tensors` when a scale name maps to none of them (another naming)."""
+    # where activations are quantized does not depend on per-channel weights: the per-tensor placement is quicker
+    placed = place_qdq(model, dict.fromkeys(tensors, UNREAD_RANGE), per_channel=False, activations=activations,
+                       exclude=exclude)
+    scales = {n.input[1] for n in placed.graph.node if n.op_type == "QuantizeLinear"}
+    used = [t for t in tensors if f"{t}_scale" in scales]
+    return used if len(used) == len(scales) else list(tensors)
+
+
 # ----------------------------------------------------------------------------- recovery
 
 @dataclass
@@ -502,7 +523,9 @@ def quantize_with_report(model, data, *, method: str = "minmax", percentile: flo
         _ensure_bias(proto)
     options = dict(batch_size=batch_size, limit=limit, seed=seed, preset=preset, workers=workers, strict=strict,
                    device=device)
-    wanted = activation_tensors(proto)
+    placement = dict(per_channel=per_channel, activations=activations, exclude=exclude)
+    floats = activation_tensors(proto)
+    wanted = quantized_tensors(proto, floats, activations=activations, exclude=exclude)
     if ranges is None:
         found = collect_ranges(proto, data, tensors=wanted, histograms=method != "minmax", **options)
     else:
@@ -514,7 +537,7 @@ def quantize_with_report(model, data, *, method: str = "minmax", percentile: flo
     report.ranges = {"samples": found.meta.get("samples"), "seconds": found.meta.get("seconds"),
                      "tensors": len(wanted), "bins": found.meta.get("bins")}
     chosen = choose_ranges(found, wanted, method, percentile, outputs=[o.name for o in proto.graph.output])
-    qdq = place_qdq(proto, chosen, per_channel=per_channel, activations=activations, exclude=exclude)
+    qdq = place_qdq(proto, {t: chosen.get(t, UNREAD_RANGE) for t in floats}, **placement)
     if modes:
         if data is None:
             raise UserError("--recover needs --data (calibration data)")
