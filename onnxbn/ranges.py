@@ -38,7 +38,6 @@ format onnxbn-ranges/1, model_sha256, samples, shard, data, outputs (the model's
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -83,8 +82,8 @@ class TensorRange:
         j = np.arange(BINS, dtype=np.int64) - HALF
         return np.bincount(np.floor_divide(j, 1 << shift) + HALF, weights=hist, minlength=BINS).astype(np.int64)
 
-    def merge(self, count: int, lo: float, hi: float, exp: int, hist: np.ndarray) -> None:
-        if count == 0:
+    def merge(self, count: int, lo: float, hi: float, exp: int | None, hist: np.ndarray) -> None:
+        if count == 0 or exp is None:
             return
         self.count += int(count)
         self.min, self.max = min(self.min, float(lo)), max(self.max, float(hi))
@@ -98,7 +97,7 @@ class TensorRange:
 
     @property
     def width(self) -> float:
-        return 2.0 ** self.exp / HALF
+        return 2.0 ** (self.exp or 0) / HALF
 
     def abs_hist(self) -> np.ndarray:
         """Counts of |x| over HALF bins of `width` from 0."""
@@ -144,7 +143,7 @@ def merge_ranges(parts: list) -> Ranges:
     if not loaded:
         raise UserError("no ranges files to merge")
     first = loaded[0]
-    for other, source in zip(loaded[1:], parts[1:]):
+    for other, source in zip(loaded[1:], parts[1:], strict=True):
         for key in MERGE_KEYS:
             if other.meta.get(key) != first.meta.get(key):
                 raise UserError(f"{source}: its {key} ({other.meta.get(key)!r}) differs from {parts[0]}'s "
@@ -197,7 +196,7 @@ def augment_for_ranges(model: onnx.ModelProto, tensors: list[str], histograms: b
     out.CopyFrom(model)
     graph = out.graph
     index = GraphIndex(out)
-    types = value_types(model)
+    types = value_types(model) if histograms else {}
     const: dict[str, str] = {}
 
     def c(value, base: str) -> str:
@@ -316,8 +315,8 @@ def collect_ranges(model, data, batch_size: int = 32, limit: int | None = None, 
             else:
                 (lo, hi, count), exp, hist = values[per * i: per * i + per], 0, np.zeros(BINS, np.int64)
             if not (np.isfinite(lo) and np.isfinite(hi)):
-                raise UserError(f"tensor {name!r} has NaN or Inf values in the batch of samples {seen}..{seen + len(x) - 1}; "
-                                "check the inputs; no ranges written")
+                raise UserError(f"tensor {name!r} has NaN or Inf values in the batch of samples "
+                                f"{seen}..{seen + len(x) - 1}; check the inputs; no ranges written")
             if histograms:
                 hist = bin_counts(j)
             out[name].merge(int(count), float(lo), float(hi), int(exp), hist)

@@ -87,7 +87,7 @@ class QuantileGate:
         if count < d.size:
             self.above_min = min(self.above_min, float(d[~inside].min()))
         keys, counts = np.unique(d.view(np.uint64) >> np.uint64(_BUCKET_SHIFT), return_counts=True)
-        for key, c in zip(keys.tolist(), counts.tolist()):
+        for key, c in zip(keys.tolist(), counts.tolist(), strict=True):
             self.buckets[key] = self.buckets.get(key, 0) + c
 
     def _estimate(self, rank: int) -> float:

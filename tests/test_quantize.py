@@ -89,7 +89,7 @@ def test_histogram_merge_of_halves_equals_one_pass(tmp_path):
     for i, h in enumerate(halves):
         h.save(tmp_path / f"r{i}.npz")
     merged = merge_ranges([tmp_path / "r0.npz", tmp_path / "r1.npz"])
-    assert any(a.exp != b.exp for a, b in zip(*(h.tensors.values() for h in halves)))
+    assert any(a.exp != b.exp for a, b in zip(*(h.tensors.values() for h in halves), strict=True))
     for name, r in one.tensors.items():
         m = merged.tensors[name]
         assert (m.count, m.min, m.max, m.exp) == (r.count, r.min, r.max, r.exp), name
