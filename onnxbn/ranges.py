@@ -28,7 +28,7 @@ Cost: min/max alone (`histograms=False`, what --method minmax uses) is two reduc
 a histogram adds a multiply, a floor and a cast per value in the graph and np.bincount outside
 it (about 5 ns per value of a ReLU output on one core, half of whose values are zeros counted into
 one bin); the float64 copy and ScatterElements add this replaced cost twice as much (histograms of
-every tensor of a VGG11-shaped CNN at 64x64: 18.5x -> 9.2x the CPU time of plain inference).
+every tensor of a VGG11-shaped CNN at 64x64: 12.8x -> 7.4x the CPU time of plain inference).
 Observing a tensor can cost more than its reductions: a Conv output read by anything but its ReLU
 keeps onnxruntime from fusing the two and from keeping its blocked (NCHWc) layout, which is why
 `onnxbn quantize` observes only the tensors whose ranges its Q/DQ placement reads.
