@@ -152,6 +152,12 @@ STATS_DATA = InputData(required=True, workers="pool")
              help="save the accumulated state this often (default: 60; 0 = every batch)"),
          arg("--ranges", action="store_true", help="write min/max and histograms of every float activation (for "
              "`onnxbn quantize --ranges`) instead of BN moments; --after is not used"),
+         arg("--export-table", choices=["ort", "tensorrt"], help="with --ranges: write a calibration table instead "
+             "of the ranges file: ort (-o a folder: onnxruntime's calibration.json/.flatbuffers/.cache) or tensorrt "
+             "(-o a TensorRT INT8 calibration cache)"),
+         arg("--method", choices=["minmax", "percentile", "entropy", "mse"], default="minmax",
+             help="with --export-table: the tensors' ranges (default: minmax)"),
+         arg("--percentile", type=float, default=99.99, help="with --method percentile (default: 99.99)"),
          OUTPUT)
 def cmd_stats(args) -> int:
     """Gather per-channel mean and variance of the selected tensors over a calibration set.
@@ -171,6 +177,8 @@ def cmd_stats(args) -> int:
     with checkpointed(args.output, args.resume) as checkpoint:
         if args.ranges:
             return _stats_ranges(args, ranks, checkpoint)
+        if args.export_table:
+            raise UserError("--export-table writes a table of activation ranges: add --ranges")
         stats = collect_stats(args.model, after=args.after, device=args.device, shard=args.shard,
                               checkpoint=checkpoint, resume=args.resume, checkpoint_every=args.checkpoint_every,
                               **STATS_DATA.options(args))
@@ -191,9 +199,19 @@ def _stats_ranges(args, ranks: int, checkpoint: Path) -> int:
 
     if ranks > 1:
         raise UserError("--ranges runs in one process: split the data with --shard I/N and `onnxbn merge` the files")
+    if args.export_table is None and args.method != "minmax":
+        raise UserError("--method chooses the ranges of --export-table; a ranges file keeps the histograms (give "
+                        "--method to `onnxbn quantize`)")
     ranges = collect_ranges(args.model, device=args.device, shard=args.shard, checkpoint=checkpoint,
-                            resume=args.resume, checkpoint_every=args.checkpoint_every, **STATS_DATA.options(args))
-    ranges.save(args.output, inputs=[args.model, args.data], force=args.force)
+                            resume=args.resume, checkpoint_every=args.checkpoint_every,
+                            histograms=args.export_table is None or args.method != "minmax", **STATS_DATA.options(args))
+    if args.export_table:
+        from onnxbn.calibration_tables import export_table
+
+        export_table(ranges, args.export_table, args.output, method=args.method, percentile=args.percentile,
+                     inputs=[args.model, args.data], force=args.force)
+    else:
+        ranges.save(args.output, inputs=[args.model, args.data], force=args.force)
     log.info("ranges of %d tensors, %d samples in %.1fs on %s; wrote %s", len(ranges.tensors), ranges.meta["samples"],
              ranges.meta["seconds"], ranges.meta["provider"], args.output)
     return 0

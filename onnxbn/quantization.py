@@ -7,7 +7,8 @@ Steps (`quantize`):
    kept for `recover="bn"`.
 2. Opset: per-channel Q/DQ needs opset 13 (per tensor: 11, for the ranges pass); an older model
    is converted with onnx.version_converter (a UserError when that fails).
-3. Ranges: every float activation tensor's min/max and histogram from one streaming in-graph
+3. Ranges: the min/max and histogram of every float activation tensor whose range onnxruntime's
+   Q/DQ placement reads (`quantized_tensors`) from one streaming in-graph
    pass (`onnxbn.ranges`, memory flat in the data size), or a ranges file from
    `onnxbn stats --ranges` (of the BN-folded model). `method` turns them into each tensor's
    range: minmax, percentile (99.99 by default), entropy (TensorRT's KL threshold), mse (the
@@ -47,6 +48,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,7 +59,8 @@ from onnx import TensorProto, numpy_helper
 from onnxbn.errors import UserError
 from onnxbn.graph import GraphIndex, graph_inputs, opset_version, reads, value_types
 from onnxbn.points import Point
-from onnxbn.ranges import METHODS, activation_tensors, collect_ranges, load_ranges, tensor_range
+from onnxbn.ranges import METHODS, activation_tensors, choose_ranges, collect_ranges, load_ranges
+from onnxbn.tolerances import INT8_GATES
 
 log = logging.getLogger("onnxbn")
 
@@ -66,8 +69,8 @@ DEFAULT_RECOVER = ("cle", "bias")  # the best of none/bias/bn/bn,bias/cle/cle,bi
 QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "ConvInteger", "MatMulInteger",
                  "QGemm", "QAttention", "DynamicQuantizeMatMul", "MatMulNBits"}
 LAYERS = ("Conv", "Gemm")
-DEFAULT_MIN_COSINE = 0.99
-DEFAULT_MIN_TOP1 = 0.9
+DEFAULT_MIN_COSINE = INT8_GATES["cosine"]  # check's int8 rule
+DEFAULT_MIN_TOP1 = INT8_GATES["top1"]
 
 
 @dataclass
@@ -278,7 +281,7 @@ def equalize(model: onnx.ModelProto, iterations: int = 8) -> dict[str, np.ndarra
 # ----------------------------------------------------------------------------- Q/DQ placement
 
 def place_qdq(model: onnx.ModelProto, tensor_ranges: dict[str, tuple[float, float]], *, per_channel: bool = True,
-              activations: str = "uint8", exclude: list[str] = ()) -> onnx.ModelProto:
+              activations: str = "uint8", exclude: Sequence[str] = ()) -> onnx.ModelProto:
     """onnxruntime's QDQ quantizer on `model` with these (lo, hi) activation ranges (no calibration run)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
@@ -305,6 +308,26 @@ def place_qdq(model: onnx.ModelProto, tensor_ranges: dict[str, tuple[float, floa
         finally:
             logging.disable(previous)
         return onnx.load(str(out))
+
+
+UNREAD_RANGE = (-1.0, 1.0)  # handed to onnxruntime for the tensors whose ranges it does not read
+
+
+def quantized_tensors(model: onnx.ModelProto, tensors: list[str], *, activations: str = "uint8",
+                      exclude: Sequence[str] = ()) -> list[str]:
+    """The tensors of `tensors` whose ranges onnxruntime's QDQ placement reads: those its QuantizeLinear
+    scales are made from ("<tensor>_scale"), found by placing Q/DQ once with UNREAD_RANGE everywhere.
+
+    The others need no ranges pass: a Conv output whose ReLU onnxruntime removes (uint8 activations: the
+    ReLU's output range is used), the outputs of MaxPool, Flatten, Reshape, ... (their input's scale).
+    Not observing them also lets onnxruntime keep Conv+ReLU fused and its blocked layout, which exposing
+    a Conv output breaks. All of `tensors` when a scale name maps to none of them (another naming)."""
+    # where activations are quantized does not depend on per-channel weights: the per-tensor placement is quicker
+    placed = place_qdq(model, dict.fromkeys(tensors, UNREAD_RANGE), per_channel=False, activations=activations,
+                       exclude=exclude)
+    scales = {n.input[1] for n in placed.graph.node if n.op_type == "QuantizeLinear"}
+    used = [t for t in tensors if f"{t}_scale" in scales]
+    return used if len(used) == len(scales) else list(tensors)
 
 
 # ----------------------------------------------------------------------------- recovery
@@ -392,40 +415,41 @@ def recover_accuracy(qdq: onnx.ModelProto, float_model: onnx.ModelProto, bn_into
     for layer in layers:
         layer.bn = bn_into.get(layer.node)
     index = GraphIndex(qdq)
-    float_stats = _moments(float_model, [l.f_out for l in layers], open_dataset, batch_size, workers, strict, device,
-                           "float stats") if "bias" in modes else {}
+    float_stats = _moments(float_model, [layer.f_out for layer in layers], open_dataset, batch_size, workers, strict,
+                           device, "float stats") if "bias" in modes else {}
     passes = 1 if float_stats else 0
     entries = []
-    for level in sorted({l.level for l in layers}):
-        group = [l for l in layers if l.level == level]
-        q_stats = _moments(qdq, [l.q_out for l in group], open_dataset, batch_size, workers, strict, device,
+    for level in sorted({layer.level for layer in layers}):
+        group = [layer for layer in layers if layer.level == level]
+        q_stats = _moments(qdq, [layer.q_out for layer in group], open_dataset, batch_size, workers, strict, device,
                            f"recover level {level}")
         passes += 1
-        for l in group:
-            m_q, v_q = q_stats[l.q_out].mean, q_stats[l.q_out].var
-            w_scale = _array(index, l.w_scale).astype(np.float64)
-            b_scale = _array(index, l.b_scale).astype(np.float64)
-            b_int = _array(index, l.b_q)
+        for layer in group:
+            m_q, v_q = q_stats[layer.q_out].mean, q_stats[layer.q_out].var
+            w_scale = _array(index, layer.w_scale).astype(np.float64)
+            b_scale = _array(index, layer.b_scale).astype(np.float64)
+            b_int = _array(index, layer.b_q)
             bias = b_int.astype(np.float64) * b_scale
             k = np.ones_like(m_q)
             target = m_q.copy()
-            entry = {"node": l.node, "level": level, "tensor": l.q_out}
-            if "bn" in modes and l.bn is not None and w_scale.size == m_q.size:
+            entry = {"node": layer.node, "level": level, "tensor": layer.q_out}
+            if "bn" in modes and layer.bn is not None and w_scale.size == m_q.size:
                 live = v_q > 0
-                k = np.where(live, l.bn["gamma"] / np.sqrt(np.where(live, v_q, 1.0) + l.bn["a2"] * l.bn["eps"]), 1.0)
-                target = l.bn["beta"].copy()
+                bn = layer.bn
+                k = np.where(live, bn["gamma"] / np.sqrt(np.where(live, v_q, 1.0) + bn["a2"] * bn["eps"]), 1.0)
+                target = layer.bn["beta"].copy()
                 entry["bn_scale"] = [float(k.min()), float(k.max())]
             if "bias" in modes:
-                target = float_stats[l.f_out].mean
+                target = float_stats[layer.f_out].mean
                 entry["mean_error_before"] = float(np.abs(m_q - target).max())
             new_bias = k * (bias - m_q) + target
             new_b_scale = b_scale * k
             if w_scale.size == k.size:
-                _set(index, l.w_scale, (w_scale * k).astype(_array(index, l.w_scale).dtype))
-            _set(index, l.b_scale, new_b_scale.astype(_array(index, l.b_scale).dtype))
+                _set(index, layer.w_scale, (w_scale * k).astype(_array(index, layer.w_scale).dtype))
+            _set(index, layer.b_scale, new_b_scale.astype(_array(index, layer.b_scale).dtype))
             info = np.iinfo(b_int.dtype)
             scale32 = new_b_scale.astype(np.float32).astype(np.float64)
-            _set(index, l.b_q, np.clip(np.round(new_bias / scale32), info.min, info.max).astype(b_int.dtype))
+            _set(index, layer.b_q, np.clip(np.round(new_bias / scale32), info.min, info.max).astype(b_int.dtype))
             entries.append(entry)
     return entries, passes
 
@@ -497,11 +521,11 @@ def quantize_with_report(model, data, *, method: str = "minmax", percentile: flo
                 bn_into[name] = dict(bn, gamma=bn["gamma"] / scale, beta=bn["beta"] / scale, a2=bn["a2"] / scale ** 2)
     if modes:
         _ensure_bias(proto)
-    options = dict(batch_size=batch_size, limit=limit, seed=seed, preset=preset, workers=workers, strict=strict,
-                   device=device)
-    wanted = activation_tensors(proto)
+    floats = activation_tensors(proto)
+    wanted = quantized_tensors(proto, floats, activations=activations, exclude=exclude)
     if ranges is None:
-        found = collect_ranges(proto, data, tensors=wanted, histograms=method != "minmax", **options)
+        found = collect_ranges(proto, data, tensors=wanted, histograms=method != "minmax", batch_size=batch_size,
+                               limit=limit, seed=seed, preset=preset, workers=workers, strict=strict, device=device)
     else:
         found = load_ranges(ranges)
         missing = [t for t in wanted if t not in found.tensors]
@@ -510,10 +534,9 @@ def quantize_with_report(model, data, *, method: str = "minmax", percentile: flo
                             "model as quantized (BN folded: `onnxbn fold`, then `onnxbn stats --ranges`)")
     report.ranges = {"samples": found.meta.get("samples"), "seconds": found.meta.get("seconds"),
                      "tensors": len(wanted), "bins": found.meta.get("bins")}
-    # the model's outputs keep their whole range: clipping logits would flatten the top classes
-    outputs = {o.name for o in proto.graph.output}
-    chosen = {t: tensor_range(found.tensors[t], "minmax" if t in outputs else method, percentile) for t in wanted}
-    qdq = place_qdq(proto, chosen, per_channel=per_channel, activations=activations, exclude=exclude)
+    chosen = choose_ranges(found, wanted, method, percentile, outputs=[o.name for o in proto.graph.output])
+    qdq = place_qdq(proto, {t: chosen.get(t, UNREAD_RANGE) for t in floats}, per_channel=per_channel,
+                    activations=activations, exclude=exclude)
     if modes:
         if data is None:
             raise UserError("--recover needs --data (calibration data)")

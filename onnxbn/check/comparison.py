@@ -29,7 +29,7 @@ from onnxbn.io.load import load_model, load_structure
 from onnxbn.runtimes.base import check_runtime, parse_runtime
 from onnxbn.runtimes.precision import TOLERANCES, tolerance_choice
 from onnxbn.runtimes.sessions import open_session
-from onnxbn.tolerances import load_tolerances
+from onnxbn.tolerances import INT8_WHY, holds_qdq, int8_rule, load_tolerances
 
 
 def _side_model(model, side: dict) -> tuple[onnx.ModelProto, Path | None]:
@@ -127,11 +127,16 @@ def compare(reference, candidate, data=None, atol: float | None = None, rtol: fl
         tolerance, reason, scaled = "given", " and ".join(given) + " given", 0.0
         if len(given) == 1:
             reason += f"; {'rtol' if given == ['atol'] else 'atol'} the {precision} default ({why})"
+    int8 = atol is None and rtol is None and holds_qdq(cand)  # an INT8 candidate: gates, not elements
+    if int8:
+        tolerance, reason = "int8", INT8_WHY
     atol = d_atol if atol is None else atol
     rtol = d_rtol if rtol is None else rtol
     metrics = {}
     for n in out_names:
         rule = rules.rule_for(n, atol, rtol, scaled) if rules is not None else None
+        if int8 and (rule is None or rule.key == "default"):
+            rule = int8_rule(atol, rtol, scaled)
         metrics[n] = OutputMetrics(name=n, rule=rule, quantiles=rule.quantile_gates() if rule else {})
     samples, first_batch = 0, None
     if golden is not None:
@@ -164,7 +169,8 @@ def compare(reference, candidate, data=None, atol: float | None = None, rtol: fl
                     candidate=str(candidate) if not isinstance(candidate, onnx.ModelProto) else "<model>",
                     skipped_inputs=dataset.skipped, reference_runtime=ref_info.to_dict(),
                     candidate_runtime=s_cand.info.to_dict(), tolerance=tolerance, scaled_atol=scaled,
-                    tolerance_reason=reason, tolerances=rules.source if rules is not None else None,
+                    tolerance_reason=reason,
+                    tolerances=rules.source if rules is not None else "the int8 rule" if int8 else None,
                     golden=golden.summary() if golden is not None else None)
     if layerwise and first_batch is not None:
         report.layerwise = compare_layerwise(ref, cand, first_batch[:LAYERWISE_SAMPLES], feed_name, atol, rtol,

@@ -96,7 +96,7 @@ class Report:
         lines.insert(1, "  ".join("-" * w for w in widths))
         verdict = "PASS" if self.passed else "FAIL"
         skipped = f", {len(self.skipped_inputs)} unreadable skipped" if self.skipped_inputs else ""
-        tolerance = "" if self.tolerance in ("given", "f32", "f64") else f" (default for {self.tolerance})"
+        tolerance = "" if self.tolerance in ("given", "f32", "f64", "int8") else f" (default for {self.tolerance})"
         scale = f" + {self.scaled_atol:g}*max|a(sample)|" if self.scaled_atol else ""
         rules = f" (default; per-output rules from {self.tolerances})" if self.tolerances is not None else ""
         lines.append(f"{verdict}: {self.samples} samples compared ({self.inputs}{skipped}), "
