@@ -8,8 +8,9 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from oracles import ort_outputs, rel_error
 
-from models import BN_WIDE, Net, bn_count, inputs_for, ort_outputs, rel_error
+from models import BN_WIDE, Net, bn_count, inputs_for
 from onnxbn.deploy import fold_verified
 from onnxbn.errors import UserError
 from onnxbn.io.model import Model
