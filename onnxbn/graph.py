@@ -289,6 +289,12 @@ class GraphIndex:
         self._enter(node)
         self.taken.add(name)
 
+    def keep_outputs(self, node: onnx.NodeProto, count: int) -> None:
+        """`node` writes only its first `count` outputs (the others are no longer produced)."""
+        self._leave(node)
+        del node.output[count:]
+        self._enter(node)
+
     def set_output(self, node: onnx.NodeProto, slot: int, name: str) -> None:
         """`node` writes `name` in output `slot`; its readers are not rewired (see `replace_uses`)."""
         self._leave(node)

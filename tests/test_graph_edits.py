@@ -19,7 +19,7 @@ from onnxbn.export import _materialize_shared_initializers
 from onnxbn.graph import GraphIndex
 
 EDITS = ("add_node", "remove_node", "set_input", "set_output", "replace_uses", "add_initializer", "set_initializer",
-         "remove_initializer", "prune", "reorder")
+         "remove_initializer", "prune", "reorder", "keep_outputs")
 
 
 def lookups(index: GraphIndex) -> dict:
@@ -42,7 +42,7 @@ def assert_exact(index: GraphIndex) -> None:
 
 def edit_model(ir_version: int) -> onnx.ModelProto:
     """Relu, a Constant -> ConstantOfShape chain, an If whose branches read `w` (an initializer read only
-    inside subgraphs), an initializer `d` that is also a graph input, two outputs."""
+    inside subgraphs), an initializer `d` that is also a graph input, a Split writing two tensors, two outputs."""
     then = helper.make_graph([helper.make_node("Add", ["r", "w"], ["t"], name="then_add")], "then", [],
                              [helper.make_tensor_value_info("t", TensorProto.FLOAT, None)])
     other = helper.make_graph([helper.make_node("Mul", ["r", "w"], ["e"], name="else_mul")], "else", [],
@@ -53,7 +53,8 @@ def edit_model(ir_version: int) -> onnx.ModelProto:
              helper.make_node("Constant", [], ["cond"], name="cond", value=numpy_helper.from_array(np.array(True))),
              helper.make_node("If", ["cond"], ["y"], name="branch", then_branch=then, else_branch=other),
              helper.make_node("Add", ["y", "fill"], ["z"], name="add"),
-             helper.make_node("Mul", ["z", "d"], ["out"], name="mul")]
+             helper.make_node("Mul", ["z", "d"], ["out"], name="mul"),
+             helper.make_node("Split", ["fill"], ["half0", "half1"], name="split", axis=0)]
     inits = [numpy_helper.from_array(np.full((2, 3), 2.0, np.float32), "w"),
              numpy_helper.from_array(np.ones(3, np.float32), "d"),
              numpy_helper.from_array(np.zeros(3, np.float32), "unused")]
@@ -85,6 +86,10 @@ def random_edit(index: GraphIndex, rng: np.random.Generator) -> None:
         node = pick([n for n in nodes if n.output] or nodes)
         if node.output:
             index.set_output(node, int(rng.integers(len(node.output))), index.unique_name("o"))
+    elif edit == "keep_outputs":
+        node = pick([n for n in nodes if len(n.output) > 1] or nodes)
+        if node.output:
+            index.keep_outputs(node, int(rng.integers(1, len(node.output) + 1)))
     elif edit == "replace_uses":
         index.replace_uses(pick(sorted(index.read_count)), pick(names + [index.unique_name("fresh")]))
     elif edit == "add_initializer":

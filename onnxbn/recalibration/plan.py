@@ -65,7 +65,7 @@ def _to_inference(index: GraphIndex, node: onnx.NodeProto) -> None:
             raise UserError(f"BatchNormalization {bn_label(node)!r} is in training mode and its statistics output "
                             f"{extra!r} is read by the graph; recalibrate converts the node to inference mode, which "
                             "has no such output: remove that use first")
-    del node.output[1:]
+    index.keep_outputs(node, 1)
     kept = [a for a in node.attribute if a.name != "training_mode"]
     del node.attribute[:]
     node.attribute.extend(kept)
@@ -89,7 +89,7 @@ def _own_slot(index: GraphIndex, node: onnx.NodeProto, slot: int, elem: int,
     dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type if tensor is not None else elem)
     size = int(old.size) if old is not None else _channels(index, node)
     value = (old if old is not None else np.zeros(size)).astype(dtype)
-    node.input[slot] = index.add_initializer(value, f"{bn_label(node)}.{'mean' if slot == MEAN else 'var'}")
+    index.set_input(node, slot, index.add_initializer(value, f"{bn_label(node)}.{'mean' if slot == MEAN else 'var'}"))
     return old, True
 
 
@@ -127,11 +127,9 @@ def prepare(model: Model, selected: list[onnx.NodeProto], types: dict) -> list[B
         training = _in_training_mode(node)
         if training:
             _to_inference(index, node)
-            index.refresh()
         elem = types[node.input[0]].tensor_type.elem_type if node.input[0] in types else onnx.TensorProto.FLOAT
         old_mean, fresh_mean = _own_slot(index, node, MEAN, elem, reads_before)
         old_var, fresh_var = _own_slot(index, node, VAR, elem, reads_before)
-        index.refresh()
         records.append(BNRecord(node=bn_label(node), key=node.output[0], input=node.input[0],
                                 channels=_channels(index, node), training_mode=training,
                                 fresh=[s for s, f in (("mean", fresh_mean), ("var", fresh_var)) if f],
