@@ -8,7 +8,7 @@ ORT    ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/n
 TORCH  ?= torch==2.13.0
 OUT    ?= demo-out
 
-.PHONY: demo test env clean
+.PHONY: demo test lint env clean
 
 $(VENV)/.installed-$(ORT): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,7 +24,11 @@ env: $(VENV)/.installed-$(ORT)
 demo: env
 	$(VENV)/bin/onnxbn demo --out $(OUT)
 
-test: env
+lint: env
+	$(PY) -m ruff check onnxbn tests tools
+	PYRIGHT_PYTHON_IGNORE_WARNINGS=1 $(VENV)/bin/pyright --pythonpath $(PY)
+
+test: lint
 	$(PY) -m pytest -q
 
 clean:

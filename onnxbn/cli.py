@@ -578,7 +578,7 @@ def cmd_recalibrate(args) -> int:
     # Everything that reads the report is computed before the file is written, so a failure leaves no output.
     table = json.dumps(report.to_dict(), indent=2) if args.json else report.table()
     newly_dead = sum(int(np.count_nonzero((b.old_var > 0) & (b.new_var <= 0))) for b in report.bns
-                     if b.old_var is not None)  # None: the variance was computed at run time, no old value
+                     if b.old_var is not None and b.new_var is not None)  # None: computed at run time, no old value
     model.save(args.output, inputs=[args.model, args.data, args.eval_data] if args.eval_data
                else [args.model, args.data], force=args.force)
     print(table)

@@ -64,7 +64,7 @@ def check_fold(model: onnx.ModelProto, bn_left: int, bound: float = FLOAT32_BOUN
     assert folded.opset_import == model.opset_import
     assert {p.key: p.value for p in folded.metadata_props}["source"] == "test"
     feeds = feeds_for(model)
-    error = max(rel_error(a, b) for a, b in zip(run(model, feeds), run(folded, feeds)))
+    error = max(rel_error(a, b) for a, b in zip(run(model, feeds), run(folded, feeds), strict=True))
     assert error <= bound, error
     return folded, error
 
@@ -415,7 +415,7 @@ def test_folded_tensor_names_keep_their_values_so_layerwise_finds_no_divergence(
         m2.CopyFrom(m)
         names = [o for n in m2.graph.node for o in n.output if o not in {v.name for v in m2.graph.output}]
         m2.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names)
-        return dict(zip([o.name for o in m2.graph.output], run(m2, {"input": x})))
+        return dict(zip([o.name for o in m2.graph.output], run(m2, {"input": x}), strict=True))
 
     before, after = all_values(model), all_values(folded)
     shared = sorted(set(before) & set(after))

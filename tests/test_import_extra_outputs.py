@@ -59,5 +59,5 @@ def test_batchnorm_training_mode(shape, outputs):
     got = to_torch(m)(*[torch.from_numpy(feeds[k]) for k in "xsbmv"])
     got = got if isinstance(got, tuple) else (got,)
     assert len(got) == outputs
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g.numpy(), w, rtol=1e-5, atol=1e-6)

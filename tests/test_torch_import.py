@@ -67,7 +67,7 @@ def _check(model, feeds, tol=RTOL):
     ref = _ort(model, feeds)
     got = _torch(module, feeds, order)
     assert len(ref) == len(got)
-    for r, g in zip(ref, got):
+    for r, g in zip(ref, got, strict=True):
         assert r.dtype == g.dtype
         assert _rel(g, r) <= tol, _rel(g, r)
     return module
@@ -337,7 +337,8 @@ def test_squeeze_unsqueeze(opset):
                  helper.make_node("Squeeze", ["u"], ["all"])]
         inits = {"au": np.array(axes_u, np.int64), "as": np.array(axes_s, np.int64)}
     else:
-        nodes = [helper.make_node("Unsqueeze", ["x"], ["u"], axes=axes_u), helper.make_node("Squeeze", ["u"], ["s"], axes=axes_s),
+        nodes = [helper.make_node("Unsqueeze", ["x"], ["u"], axes=axes_u),
+                 helper.make_node("Squeeze", ["u"], ["s"], axes=axes_s),
                  helper.make_node("Squeeze", ["u"], ["all"])]
         inits = {}
     _check(_model(nodes, [("x", [1, 3, 4])], ["u", "s", "all"], inits, opset), {"x": _rand(1, 3, 4)})
@@ -475,7 +476,8 @@ def _vgg_like(opset=13, seed=0, ir=None, inits_as_inputs=False):
         return (rng.standard_normal(s) * scale).astype(np.float32)
     inits = {
         "c1.w": r(8, 3, 3, 3), "c1.b": r(8), "c2.w": r(8, 8, 3, 3), "c2.b": r(8),
-        "bn.scale": (1 + r(8)).astype(np.float32), "bn.B": r(8), "bn.mean": r(8), "bn.var": (np.abs(r(8)) + 0.5).astype(np.float32),
+        "bn.scale": (1 + r(8)).astype(np.float32), "bn.B": r(8), "bn.mean": r(8),
+        "bn.var": (np.abs(r(8)) + 0.5).astype(np.float32),
         "c3.w": r(16, 8, 3, 3),
         "fc1.w": r(32, 16 * 4 * 4, scale=0.05), "fc1.b": r(32), "fc2.w": r(10, 32), "fc2.b": r(10),
         "fc3.w": r(32, 10) if opset >= 11 else r(10, 32), "shape": np.array([0, -1], np.int64),
@@ -525,7 +527,7 @@ def test_vgg_like_matches_onnxruntime_dynamic_batch(opset):
         x = _rand(batch, 3, 16, 16, seed=batch)
         ref = _ort(model, {"x": x})
         got = _torch(module, {"x": x}, ["x"])
-        assert [_rel(g, r) <= RTOL for g, r in zip(got, ref)] == [True, True]
+        assert [_rel(g, r) <= RTOL for g, r in zip(got, ref, strict=True)] == [True, True]
     assert module.onnx_names["features_conv1"] == "features/conv1"
     assert module.onnx_names["classifier_fc2"] == "classifier/fc2"
     assert isinstance(module.features_bn2, nn.BatchNorm2d) and module.features_bn2.momentum == pytest.approx(0.1)
@@ -546,7 +548,7 @@ def test_ir3_initializers_listed_as_inputs():
     x = _rand(3, 3, 16, 16)
     ref = _ort(model, {"x": x})
     got = _torch(module, {"x": x}, ["x"])
-    assert all(_rel(g, r) <= RTOL for g, r in zip(got, ref))
+    assert all(_rel(g, r) <= RTOL for g, r in zip(got, ref, strict=True))
 
 
 def test_names_sanitised_unique_deterministic():
@@ -600,7 +602,7 @@ def test_write_back_round_trip(opset, tmp_path):
     x = _rand(4, 3, 16, 16, seed=7)
     got = _torch(module, {"x": x}, ["x"])
     ref = _ort(out, {"x": x})
-    assert all(_rel(g, r) <= RTOL for g, r in zip(got, ref))
+    assert all(_rel(g, r) <= RTOL for g, r in zip(got, ref, strict=True))
     before = _ort(model, {"x": x})
     assert _rel(before[0], ref[0]) > 1e-3  # the weights really changed
     # same nodes, names, opset, metadata (plus provenance), same initializer set and dtypes
@@ -626,7 +628,7 @@ def test_write_back_untrained_is_identity_and_checks_shapes():
     model = _vgg_like(13)
     module = to_torch(model)
     out = write_back(module, model)
-    for a, b in zip(model.graph.initializer, out.graph.initializer):
+    for a, b in zip(model.graph.initializer, out.graph.initializer, strict=True):
         np.testing.assert_array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))
     assert json.loads({p.key: p.value for p in out.metadata_props}["onnxbn.write_back"]) == {"tensors": 14, "changed": 0}
     module.classifier_fc1.bias = nn.Parameter(torch.zeros(31))
@@ -643,7 +645,7 @@ def test_write_back_ir3_and_float16_dtype():
     _sgd_step(module)
     out = write_back(module, model)
     x = _rand(2, 3, 16, 16)
-    assert all(_rel(g, r) <= RTOL for g, r in zip(_torch(module, {"x": x}, ["x"]), _ort(out, {"x": x})))
+    assert all(_rel(g, r) <= RTOL for g, r in zip(_torch(module, {"x": x}, ["x"]), _ort(out, {"x": x}), strict=True))
     # a float16 initializer keeps its dtype
     w = _rand(4, 6).astype(np.float16)
     node = helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")
@@ -771,7 +773,7 @@ def _check_any(nodes, feeds, outputs, inits=(), opset=13, tol=RTOL):
     model = _typed(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=_ir(opset)))
     ref = _ort(model, feeds)
     got = _torch(to_torch(model), feeds, list(feeds))
-    for r, g in zip(ref, got):
+    for r, g in zip(ref, got, strict=True):
         assert g.dtype == r.dtype and g.shape == r.shape, (g.dtype, r.dtype, g.shape, r.shape)
         if r.dtype.kind == "f":
             assert _rel(g, r) <= tol, _rel(g, r)
