@@ -86,6 +86,7 @@ def fold_batchnorm(model: onnx.ModelProto, report: QuantizeReport) -> tuple[onnx
 
 
 def raise_opset(model: onnx.ModelProto, target: int = 13) -> onnx.ModelProto:
+    """`model` converted to opset `target` by onnx.version_converter and checked; a UserError when that fails."""
     from onnx import version_converter
 
     try:
