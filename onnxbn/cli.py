@@ -428,31 +428,20 @@ def cmd_finetune(args) -> int:
     Writes the model and, next to it, OUTPUT.log.json with per-epoch train/val loss and accuracy.
     Under `torchrun --nproc_per_node K`, trains with DistributedDataParallel (gloo on
     CPU, nccl on GPU); --batch-size is the global batch; rank 0 writes the files."""
-    import gc
-
     from onnxbn import distributed
-    from onnxbn.io.model import Model
     from onnxbn.io.save import refuse_overwrite
-    from onnxbn.training import finetune_model
+    from onnxbn.training import finetune_to_file
 
     log_path = args.output + ".log.json"
     inputs = [args.model, args.train, args.val]
-    refuse_overwrite(args.output, inputs, args.force)
     refuse_overwrite(log_path, inputs, args.force)
-    model, report = finetune_model(
-        Model.open(args.model), args.train, args.val, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-        freeze_through=args.freeze_through, cache=args.cache, device=args.device, seed=args.seed,
-        optimizer=args.optimizer, bf16=args.bf16, workers=args.workers, limit=args.limit, dropout=args.dropout,
-        sync_bn=args.sync_bn)
+    result_log = finetune_to_file(
+        args.model, args.output, args.train, args.val, force=args.force, epochs=args.epochs, lr=args.lr,
+        batch_size=args.batch_size, freeze_through=args.freeze_through, cache=args.cache, device=args.device,
+        seed=args.seed, optimizer=args.optimizer, bf16=args.bf16, workers=args.workers, limit=args.limit,
+        dropout=args.dropout, sync_bn=args.sync_bn)
     if not distributed.is_main():
         return 0
-    # The gate runs the staged file: onnxruntime reads its weights from disk once the module's are dropped.
-    with model.stage(args.output, inputs, args.force) as staged:
-        del model
-        gc.collect()  # frees the torch module (its fx graph holds reference cycles) before onnxruntime loads
-        report.gate(staged.candidate)
-        staged.commit()
-    result_log = report.log
     _write_json(log_path, result_log, inputs)
     before, after = result_log["val_before"], result_log["val_after"]
     if before and after:

@@ -177,6 +177,34 @@ def test_finetune_command_gates_the_staged_file_and_leaves_nothing_when_it_fails
     assert log["write_back_check"]["checked"] and log["write_back_check"]["max_rel_error"] <= 1e-5
 
 
+def test_finetune_to_file_gates_the_staged_file_and_leaves_nothing_when_it_fails(monkeypatch, tmp_path):
+    """The Python API of the command: a drifted write-back raises with the reason and leaves neither the
+    output nor a staged file; without the drift the written file's outputs are the fine-tuned model's
+    (`finetune` in memory, same seed: the judge is onnxruntime on both)."""
+    import onnxbn.torch_import.writeback
+    from onnxbn.training import finetune_to_file
+
+    x, y = labelled()
+    onnx.save(small_cnn(), str(tmp_path / "m.onnx"))
+    options = dict(epochs=1, lr=1e-3, batch_size=16, device="cpu")
+    with monkeypatch.context() as patch:
+        patch.setattr(onnxbn.torch_import.writeback, "write_into", drifting_write_back)
+        with pytest.raises(RuntimeError, match="write-back check failed"):
+            finetune_to_file(tmp_path / "m.onnx", tmp_path / "out.onnx", (x, y), **options)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+    log = finetune_to_file(tmp_path / "m.onnx", tmp_path / "out.onnx", (x, y), **options)
+    assert log["write_back_check"]["checked"] and log["write_back_check"]["max_rel_error"] <= 1e-5
+    expected = onnxbn.finetune(str(tmp_path / "m.onnx"), (x, y), **options).model
+    got = onnx.load(str(tmp_path / "out.onnx"))
+    feed = {"input": x[:8]}
+    np.testing.assert_allclose(make_session(got, "cpu").run(None, feed)[0],
+                               make_session(expected, "cpu").run(None, feed)[0], rtol=1e-6, atol=1e-6)
+    before = (tmp_path / "m.onnx").read_bytes()
+    with pytest.raises(onnxbn.errors.UserError, match="is also an input"):
+        finetune_to_file(tmp_path / "m.onnx", tmp_path / "m.onnx", (x, y), **options)
+    assert (tmp_path / "m.onnx").read_bytes() == before
+
+
 def with_shrink_after(model: onnx.ModelProto, tensor: str) -> onnx.ModelProto:
     """`model` with a Shrink (lambd = bias = 0: the identity but at 0; an op onnxruntime runs and the
     torch importer does not know) between `tensor` and its readers."""

@@ -11,7 +11,7 @@ against the prefix in onnxruntime + the torch suffix in eval mode (<= 1e-5 relat
 
 One job per module: `split` (where the model is cut), `cache` (the feature cache), `outputs` (how
 the output is read: probabilities, log-probabilities or logits), `loop` (the epochs), `gate` (write-back
-and its check), `tuning` (`finetune`, `finetune_model`), `evaluation` (`evaluate`).
+and its check), `tuning` (`finetune`, `finetune_model`, `finetune_to_file`), `evaluation` (`evaluate`).
 """
 
 from onnxbn.training.cache import Features, cached_features
@@ -19,7 +19,8 @@ from onnxbn.training.evaluation import evaluate
 from onnxbn.training.gate import WriteBackProbe
 from onnxbn.training.outputs import are_probabilities, output_kind
 from onnxbn.training.split import default_freeze_node, split_model
-from onnxbn.training.tuning import FinetuneReport, FinetuneResult, finetune, finetune_model
+from onnxbn.training.tuning import FinetuneReport, FinetuneResult, finetune, finetune_model, finetune_to_file
 
 __all__ = ["Features", "FinetuneReport", "FinetuneResult", "WriteBackProbe", "are_probabilities", "cached_features",
-           "default_freeze_node", "evaluate", "finetune", "finetune_model", "output_kind", "split_model"]
+           "default_freeze_node", "evaluate", "finetune", "finetune_model", "finetune_to_file", "output_kind",
+           "split_model"]

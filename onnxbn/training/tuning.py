@@ -62,6 +62,29 @@ def finetune(model, train, val=None, *, epochs: int = 1, lr: float = 1e-5, batch
     return FinetuneResult(written, report.log)
 
 
+def finetune_to_file(model: str | os.PathLike, output: str | os.PathLike, train, val=None, *, force: bool = False,
+                     **options) -> dict:
+    """`finetune_model` of the model file `model`, its result written to `output` through a staged file that
+    the write-back gate runs on first (onnxruntime reads the weights as written, from disk, once the torch
+    module's memory is freed): when the gate fails nothing is left at `output`. `output` is refused, before
+    any work, when it is one of the inputs (unless `force`). Under torchrun, rank 0 writes. Returns the
+    run's log (`FinetuneReport.log`, with the gate's result)."""
+    import gc
+
+    from onnxbn.io.save import refuse_overwrite
+
+    inputs = [model, train, val]
+    refuse_overwrite(output, inputs, force)
+    written, report = finetune_model(Model.open(model), train, val, **options)
+    if distributed.is_main():
+        with written.stage(output, inputs, force) as staged:
+            del written
+            gc.collect()  # frees the torch module (its fx graph holds reference cycles) before onnxruntime loads
+            report.gate(staged.candidate)
+            staged.commit()
+    return report.log
+
+
 @dataclass
 class FinetuneReport:
     """A fine-tuning run's log (per-epoch metrics, cache use, timings) and its write-back gate, still to run
