@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 from numpy.typing import DTypeLike
-from onnx import helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 # (mean, standard deviation) of scale, B and mean; (low, high) of the uniform variance.
 BN_NARROW: dict[str, tuple[float, float]] = {"scale": (1.0, 0.3), "B": (0.0, 0.3), "mean": (0.0, 0.3), "var": (0.5, 2.0)}
@@ -218,3 +218,27 @@ def weight_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     values.update({n.output[0]: numpy_helper.to_array(a.t) for n in model.graph.node if n.op_type == "Constant"
                    for a in n.attribute if a.name == "value"})
     return values
+
+
+def dynamo_bias_model(input_name: str = "input") -> onnx.ModelProto:
+    """Conv whose zero bias is Expand(CastLike(0, x), Expand(Shape(W, end=1), [1])) (as torch's dynamo exporter
+    writes it without its optimizer), then BN and Relu; the input is `input_name` (N, 3, 8, 8)."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.array([1], np.int64), "one"),
+             numpy_helper.from_array(rng.uniform(0.5, 1.5, 4).astype(np.float32), "scale"),
+             numpy_helper.from_array(rng.normal(0, 0.3, 4).astype(np.float32), "shift"),
+             numpy_helper.from_array(rng.normal(0, 0.3, 4).astype(np.float32), "mean"),
+             numpy_helper.from_array(rng.uniform(0.5, 2.0, 4).astype(np.float32), "var")]
+    nodes = [helper.make_node("Shape", ["w"], ["cout"], start=0, end=1),
+             helper.make_node("Expand", ["cout", "one"], ["bias_shape"]),
+             helper.make_node("Constant", [], ["zero"], value=numpy_helper.from_array(np.array(0.0, np.float32))),
+             helper.make_node("CastLike", ["zero", input_name], ["zero_like"]),
+             helper.make_node("Expand", ["zero_like", "bias_shape"], ["bias"]),
+             helper.make_node("Conv", [input_name, "w", "bias"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c", "scale", "shift", "mean", "var"], ["b"], name="bn"),
+             helper.make_node("Relu", ["b"], ["y"])]
+    return helper.make_model(
+        helper.make_graph(nodes, "g", [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, ["N", 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])], inits),
+        opset_imports=[helper.make_opsetid("", 20)])

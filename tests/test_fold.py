@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 from oracles import rel_error
 
 import onnxbn
-from models import BN_WIDE, Net, bn_count
+from models import BN_WIDE, Net, bn_count, dynamo_bias_model
 from onnxbn.fold import explain_fold, fold_bn
 from onnxbn.runtimes.ort_backend import make_session
 
@@ -432,25 +432,7 @@ def test_bias_computed_as_dynamo_writes_it_folds():
     """torch's dynamo exporter without its optimizer writes a Conv's zero bias as
     Expand(CastLike(0, x), Expand(Shape(W, end=1), [1])): the BN folds (it was kept: "Conv bias is not an
     initializer"), the chain goes, and the weight is written in place (one copy, not two)."""
-    rng = np.random.default_rng(0)
-    inits = [numpy_helper.from_array(rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32), "w"),
-             numpy_helper.from_array(np.array([1], np.int64), "one"),
-             numpy_helper.from_array(rng.uniform(0.5, 1.5, 4).astype(np.float32), "scale"),
-             numpy_helper.from_array(rng.normal(0, 0.3, 4).astype(np.float32), "shift"),
-             numpy_helper.from_array(rng.normal(0, 0.3, 4).astype(np.float32), "mean"),
-             numpy_helper.from_array(rng.uniform(0.5, 2.0, 4).astype(np.float32), "var")]
-    nodes = [helper.make_node("Shape", ["w"], ["cout"], start=0, end=1),
-             helper.make_node("Expand", ["cout", "one"], ["bias_shape"]),
-             helper.make_node("Constant", [], ["zero"], value=numpy_helper.from_array(np.array(0.0, np.float32))),
-             helper.make_node("CastLike", ["zero", "x"], ["zero_like"]),
-             helper.make_node("Expand", ["zero_like", "bias_shape"], ["bias"]),
-             helper.make_node("Conv", ["x", "w", "bias"], ["c"], name="conv", pads=[1, 1, 1, 1]),
-             helper.make_node("BatchNormalization", ["c", "scale", "shift", "mean", "var"], ["b"], name="bn"),
-             helper.make_node("Relu", ["b"], ["y"])]
-    model = helper.make_model(
-        helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])], inits),
-        opset_imports=[helper.make_opsetid("", 20)])
+    model = dynamo_bias_model("x")
     folded = fold_bn(model)
     onnx.checker.check_model(folded)
     assert [n.op_type for n in folded.graph.node] == ["Conv", "Relu"]

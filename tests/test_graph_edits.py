@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 from oracles import ort_outputs, rel_error
 
 import onnxbn
-from models import small_cnn
+from models import dynamo_bias_model, small_cnn
 from onnxbn.export import _materialize_shared_initializers
 from onnxbn.graph import GraphIndex
 
@@ -149,29 +149,6 @@ def checked(monkeypatch, refresh: bool) -> None:
             return result
 
         monkeypatch.setattr(GraphIndex, name, edit)
-
-
-def dynamo_bias_model() -> onnx.ModelProto:
-    """Conv whose zero bias is Expand(CastLike(0, x), Expand(Shape(W, end=1), [1])), then BN and Relu."""
-    rng = np.random.default_rng(0)
-    inits = [numpy_helper.from_array(rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32), "w"),
-             numpy_helper.from_array(np.array([1], np.int64), "one"),
-             numpy_helper.from_array(rng.uniform(0.5, 1.5, 4).astype(np.float32), "scale"),
-             numpy_helper.from_array(rng.normal(0, 0.3, 4).astype(np.float32), "shift"),
-             numpy_helper.from_array(rng.normal(0, 0.3, 4).astype(np.float32), "mean"),
-             numpy_helper.from_array(rng.uniform(0.5, 2.0, 4).astype(np.float32), "var")]
-    nodes = [helper.make_node("Shape", ["w"], ["cout"], start=0, end=1),
-             helper.make_node("Expand", ["cout", "one"], ["bias_shape"]),
-             helper.make_node("Constant", [], ["zero"], value=numpy_helper.from_array(np.array(0.0, np.float32))),
-             helper.make_node("CastLike", ["zero", "input"], ["zero_like"]),
-             helper.make_node("Expand", ["zero_like", "bias_shape"], ["bias"]),
-             helper.make_node("Conv", ["input", "w", "bias"], ["c"], name="conv", pads=[1, 1, 1, 1]),
-             helper.make_node("BatchNormalization", ["c", "scale", "shift", "mean", "var"], ["b"], name="bn"),
-             helper.make_node("Relu", ["b"], ["y"])]
-    return helper.make_model(
-        helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 8, 8])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])], inits),
-        opset_imports=[helper.make_opsetid("", 20)])
 
 
 X = np.random.default_rng(1).standard_normal((8, 3, 8, 8)).astype(np.float32)
