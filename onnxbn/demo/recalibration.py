@@ -1,5 +1,6 @@
 """The demo's recalibration step: each model on clean and shifted images, before and after re-estimating its
-BN statistics on unlabelled shifted images (exact and batch mode), and the sentences that describe the rows.
+BN statistics on unlabelled shifted images (exact and batch mode), and the sentences that describe the rows;
+and the prior table: top-1 after recalibrating with prior N = k x n on n random images (issue 25).
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ from pathlib import Path
 import numpy as np
 
 log = logging.getLogger("onnxbn")
-
-
+PRIOR_MULTIPLES = (0, 1, 2, 16)  # the prior table's N = k x n (2n is recalibrate's default), fixed before any run
+PRIOR_SIZES = (32, 128)  # the prior table's calibration sizes n
+PRIOR_SEEDS = 3
 
 
 def recalibration_rows(models: dict, clean_val: Path, shifted_eval: Path, shifted_unlabelled: Path,
@@ -44,6 +46,55 @@ def recalibration_rows(models: dict, clean_val: Path, shifted_eval: Path, shifte
                 row[f"clean_{mode}"] = eval_row(new, clean_val)
         rows[name] = row
     return rows
+
+
+def prior_label(k: float) -> str:
+    """N = k x n written as recalibrate's --prior takes it: 0, n, 2n, 16n."""
+    return "0" if k == 0 else "n" if k == 1 else f"{k:g}n"
+
+
+def calibration_draw(pool_size: int, n: int, seed: int, domain: int, index: int) -> np.ndarray:
+    """The prior table's calibration subset: n of `pool_size` images, without replacement, sorted; seeded by
+    (demo seed, domain 0 in-domain / 1 shifted, n, seed index) alone."""
+    rng = np.random.default_rng([seed, domain, n, index])
+    return np.sort(rng.choice(pool_size, size=n, replace=False))
+
+
+def prior_table(model, pools: dict[str, Path], clean_val: Path, shifted_eval: Path, seed: int,
+                sizes=PRIOR_SIZES, seeds: int = PRIOR_SEEDS, multiples=PRIOR_MULTIPLES) -> dict:
+    """Top-1 on held-out clean and shifted images after recalibrating `model` (exact mode, default variance
+    floor) with prior N = k x n on n images drawn by `calibration_draw` from each pool ("in-domain": clean
+    target training images, "shifted": the unlabelled shifted images); mean and std (ddof 1) over the seeds."""
+    from onnxbn.recalibration import recalibrate
+
+    started = time.perf_counter()
+    rows = []
+    for domain, (calibration, pool_path) in enumerate(pools.items()):
+        with np.load(pool_path) as npz:
+            pool = npz["x"]
+        for n in sizes:
+            cells = {k: [] for k in multiples}
+            for index in range(seeds):
+                x = pool[calibration_draw(len(pool), n, seed, domain, index)]
+                for k in multiples:
+                    new = recalibrate(model, x, mode="exact", batch_size=64, prior=float(k * n))
+                    cells[k].append({"seed_index": index, "clean": eval_row(new, clean_val)["accuracy"],
+                                     "shifted": eval_row(new, shifted_eval)["accuracy"]})
+            for k, draws in cells.items():
+                row = {"calibration": calibration, "n": n, "prior": prior_label(k), "prior_samples": k * n,
+                       "draws": draws}
+                for where in ("clean", "shifted"):
+                    values = [d[where] for d in draws]
+                    row[f"{where}_mean"] = float(np.mean(values))
+                    row[f"{where}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else None
+                rows.append(row)
+    seconds = time.perf_counter() - started
+    log.info("demo: prior table (%d cells x %d seeds) in %.1f s", len(rows), seeds, seconds)
+    return {"calibration": {name: str(path.name) for name, path in pools.items()}, "sizes": list(sizes),
+            "seeds": seeds, "priors": [prior_label(k) for k in multiples], "multiples": list(multiples),
+            "mode": "exact", "rows": rows, "seconds": round(seconds, 3),
+            "draw_rule": "numpy default_rng([demo seed, domain (0 in-domain, 1 shifted), n, seed index]).choice("
+                         "pool size, n, replace=False), sorted"}
 
 
 def eval_row(model, data) -> dict:
