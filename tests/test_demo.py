@@ -26,7 +26,7 @@ TINY_LRS = (1e-5, 1e-2)
 TINY_SEEDS = 2
 TINY = {"source_samples": 64, "train_samples": 64, "val_samples": 32, "epochs": 1, "batch_size": 32, "lrs": TINY_LRS,
         "seeds": TINY_SEEDS, "shift_samples": 32, "deploy_samples": 16, "latency_runs": 2, "prior_sizes": (8,),
-        "prior_seeds": 2}
+        "prior_seeds": 2, "prior_eval_samples": 24}
 
 
 @pytest.fixture(scope="module")
@@ -225,7 +225,7 @@ def test_demo_prior_table_matches_onnxruntime_and_numpy(tiny):
     out, report = tiny
     table = report["recalibrate"]["prior_table"]
     assert table["sizes"] == [8] and table["seeds"] == 2 and table["priors"] == ["0", "n", "2n", "16n"]
-    assert table["model"] == report["fold"]["model"]
+    assert table["model"] == report["fold"]["model"] and table["eval_samples"] == {"clean": 24, "shifted": 24}
     rows = {(r["calibration"], r["n"], r["prior"]): r for r in table["rows"]}
     assert set(rows) == {(c, 8, p) for c in ("in-domain", "shifted") for p in table["priors"]}
     for row in rows.values():
@@ -242,9 +242,10 @@ def test_demo_prior_table_matches_onnxruntime_and_numpy(tiny):
 
     def top1(proto, npz):
         session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        k = table["eval_samples"]["clean" if npz == val else "shifted"]
         with np.load(npz) as data:
-            z = session.run(None, {session.get_inputs()[0].name: data["x"]})[0]
-            return float(np.mean(z.argmax(1) == data["y"]))
+            z = session.run(None, {session.get_inputs()[0].name: data["x"][:k]})[0]
+            return float(np.mean(z.argmax(1) == data["y"][:k]))
 
     def bn_stats(proto):
         inits = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in proto.graph.initializer}

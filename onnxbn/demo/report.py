@@ -129,7 +129,8 @@ def _prior_md(table: dict) -> list[str]:
         (f"`{table['model']}` recalibrated (exact mode, default variance floor) on n images drawn at random from the "
          f"clean target training images (in-domain) or from the unlabelled shifted images, with the old statistics "
          f"counted as N samples against the n new ones (`--prior N`; 2n is the default); top-1 on the held-out clean "
-         f"and shifted validation images, mean ± std over {seeds} draws ({table['seconds']:.0f} s)."), "",
+         f"and shifted validation images (the first {table['eval_samples']['clean']} and "
+         f"{table['eval_samples']['shifted']}), mean ± std over {seeds} draws ({table['seconds']:.0f} s)."), "",
         "| calibration | n | evaluated on | as trained | " + " | ".join(
             f"N = {p}" + (" (default)" if p == "2n" else "") for p in table["priors"]) + " |",
         "|---|---|---|---|" + "---|" * len(table["priors"]),
