@@ -235,8 +235,14 @@ def test_demo_prior_table_matches_onnxruntime_and_numpy(tiny):
             values = [d[where] for d in row["draws"]]
             assert row[f"{where}_mean"] == pytest.approx(np.mean(values), abs=1e-12)
             assert row[f"{where}_std"] == pytest.approx(np.std(values, ddof=1), abs=1e-12)
+    for calibration, line in zip(("in-domain", "shifted"), table["lines"], strict=True):
+        r = rows[(calibration, 8, "0")]
+        trained = table["as_trained"]
+        assert line.startswith(calibration) and (
+            f"N = 0: clean {100 * (r['clean_mean'] - trained['clean']):+.1f}, "
+            f"shifted {100 * (r['shifted_mean'] - trained['shifted']):+.1f}") in line
     md = (out / "report.md").read_text()
-    assert "N x calibration size n" in md and "N = 2n (default)" in md
+    assert table["lines"][0] in md and "N x calibration size n" in md and "N = 2n (default)" in md
 
     model = load_model(out / "model_ft.onnx")
 
@@ -259,6 +265,8 @@ def test_demo_prior_table_matches_onnxruntime_and_numpy(tiny):
             pool = npz["x"]
         rng = np.random.default_rng([report["data"]["seed"], domain, 8, 1])  # the stated rule, seed index 1
         x = pool[np.sort(rng.choice(len(pool), size=8, replace=False))]
+        assert table["as_trained"] == {"clean": pytest.approx(top1(model, val), abs=1e-12),
+                                       "shifted": pytest.approx(top1(model, shifted), abs=1e-12)}
         new = recalibrate(model, x, prior=16.0 * 8)
         draw = rows[(calibration, 8, "16n")]["draws"][1]
         assert draw["clean"] == pytest.approx(top1(new, val), abs=1e-12)

@@ -67,7 +67,7 @@ def prior_table(model, pools: dict[str, Path], clean_val: Path, shifted_eval: Pa
     """Top-1 on the first `eval_samples` held-out clean and shifted images after recalibrating `model` (exact
     mode, default variance floor) with prior N = k x n on n images drawn by `calibration_draw` from each pool
     ("in-domain": clean target training images, "shifted": the unlabelled shifted images); mean and std
-    (ddof 1) over the seeds."""
+    (ddof 1) over the seeds; and `model`'s own top-1 on them ("as_trained")."""
     from onnxbn.recalibration import recalibrate
     from onnxbn.training import evaluate
 
@@ -76,6 +76,7 @@ def prior_table(model, pools: dict[str, Path], clean_val: Path, shifted_eval: Pa
     for where, path in (("clean", clean_val), ("shifted", shifted_eval)):
         with np.load(path) as npz:
             held_out[where] = (npz["x"][:eval_samples], npz["y"][:eval_samples])
+    as_trained = {where: evaluate(model, xy, batch_size=256)["top1"] for where, xy in held_out.items()}
     rows = []
     for domain, (calibration, pool_path) in enumerate(pools.items()):
         with np.load(pool_path) as npz:
@@ -100,10 +101,30 @@ def prior_table(model, pools: dict[str, Path], clean_val: Path, shifted_eval: Pa
     log.info("demo: prior table (%d cells x %d seeds) in %.1f s", len(rows), seeds, seconds)
     return {"calibration": {name: str(path.name) for name, path in pools.items()}, "sizes": list(sizes),
             "seeds": seeds, "priors": [prior_label(k) for k in multiples], "multiples": list(multiples),
-            "mode": "exact", "eval_samples": {where: len(xy[1]) for where, xy in held_out.items()}, "rows": rows,
+            "mode": "exact", "eval_samples": {where: len(xy[1]) for where, xy in held_out.items()},
+            "as_trained": as_trained, "rows": rows,
             "seconds": round(seconds, 3),
             "draw_rule": "numpy default_rng([demo seed, domain (0 in-domain, 1 shifted), n, seed index]).choice("
                          "pool size, n, replace=False), sorted"}
+
+
+def prior_lines(table: dict) -> list[str]:
+    """One sentence per calibration set of `prior_table`: each prior's change in
+    mean top-1 from the model as trained, in points, on clean and shifted images, per n."""
+    trained = table["as_trained"]
+    lines = []
+    for calibration in table["calibration"]:
+        parts = []
+        for prior in table["priors"]:
+            rows = [r for r in table["rows"] if r["calibration"] == calibration and r["prior"] == prior]
+            change = {where: "/".join(f"{100 * (r[f'{where}_mean'] - trained[where]):+.1f}" for r in rows)
+                      for where in ("clean", "shifted")}
+            parts.append(f"N = {prior}{' (default)' if prior == '2n' else ''}: clean {change['clean']}, "
+                         f"shifted {change['shifted']}")
+        sizes = "/".join(str(n) for n in table["sizes"])
+        lines.append(f"{calibration} calibration (n = {sizes}), points of mean top-1 against the model as trained: "
+                     + "; ".join(parts) + ".")
+    return lines
 
 
 def eval_row(model, data) -> dict:

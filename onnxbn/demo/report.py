@@ -144,7 +144,7 @@ def _prior_md(table: dict) -> list[str]:
                 pm(100 * by_prior[p][f"{where}_mean"],
                    None if by_prior[p][f"{where}_std"] is None else 100 * by_prior[p][f"{where}_std"], ".1f") + "%"
                 for p in table["priors"]) + " |")
-    return lines + [""]
+    return lines + ["", *[f"- {line}" for line in table["lines"]], ""]
 
 
 def _deploy_md(rows: dict, info: dict) -> list[str]:

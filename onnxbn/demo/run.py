@@ -28,6 +28,7 @@ from onnxbn.demo.recalibration import (
     PRIOR_EVAL_SAMPLES,
     PRIOR_SEEDS,
     PRIOR_SIZES,
+    prior_lines,
     prior_table,
     recalibration_lines,
     recalibration_rows,
@@ -212,8 +213,7 @@ def _recalibrate(model_ft: onnx.ModelProto, best_bn: str, nobn: tuple[str, onnx.
     table = prior_table(model_ft, {"in-domain": data["train"], "shifted": data["shifted_unlabelled"]}, data["val"],
                         data["shifted_eval"], seed, **prior)
     table["model"] = best_bn
-    table["as_trained"] = {"clean": rows[best_bn]["clean"]["accuracy"],
-                           "shifted": rows[best_bn]["shifted_before"]["accuracy"]}
+    table["lines"] = prior_lines(table)
     return {"prior_table": table, "shift": {k: list(v) if isinstance(v, tuple) else v for k, v in SHIFT.items()},
             "shift_text": shift_text, "unlabelled_samples": shift_samples, "eval_samples": shift_samples,
             "models": rows, "labels": labels, "lines": lines, "text": " ".join(lines)}
