@@ -17,6 +17,7 @@ from onnxbn.demo.recalibration import PRIOR_MULTIPLES
 from onnxbn.demo.run import BUNDLED, run_demo
 from onnxbn.demo.sweep import VARIANTS, cell_seed, lr_key, run_cell, summarize_cells
 from onnxbn.demo.verdict import sweep_verdict
+from onnxbn.errors import UserError
 from onnxbn.io.load import load_model
 from onnxbn.runtimes.base import available
 
@@ -167,6 +168,12 @@ def test_the_verdict_follows_the_numbers():
         assert verdict["trains_up_to"]["accuracy"] == {"nobn": "0.001", "bn": "0.1"}
         assert verdict["higher_lr"]["accuracy"] == "bn"
         assert "no BN at lr 0.1 (2 of 3 seeds)" in verdict["text"]
+
+
+def test_demo_refuses_a_prior_table_larger_than_its_data(tmp_path):
+    with pytest.raises(UserError, match="prior table"):
+        run_demo(tmp_path, **{**TINY, "prior_sizes": (8, 33)})  # 33 > the 32 shifted images
+    assert not (tmp_path / "data").exists()
 
 
 def test_demo_refuses_a_missing_model(tmp_path, capsys):

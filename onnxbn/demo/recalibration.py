@@ -15,7 +15,7 @@ log = logging.getLogger("onnxbn")
 PRIOR_MULTIPLES = (0, 1, 2, 16)  # the prior table's N = k x n (2n is recalibrate's default), fixed before any run
 PRIOR_SIZES = (32, 128)  # the prior table's calibration sizes n
 PRIOR_SEEDS = 3
-PRIOR_EVAL_SAMPLES = 500  # the first 500 held-out clean and shifted images: the table costs 96 evaluations
+PRIOR_EVAL_SAMPLES = 500  # the first 500 held-out clean and shifted images each (the table runs 2 x 49 evaluations)
 
 
 def recalibration_rows(models: dict, clean_val: Path, shifted_eval: Path, shifted_unlabelled: Path,
@@ -109,8 +109,8 @@ def prior_table(model, pools: dict[str, Path], clean_val: Path, shifted_eval: Pa
 
 
 def prior_lines(table: dict) -> list[str]:
-    """One sentence per calibration set of `prior_table`: each prior's change in
-    mean top-1 from the model as trained, in points, on clean and shifted images, per n."""
+    """One sentence per calibration set of `prior_table`: each prior's change in mean top-1 from the model as
+    trained, in points, on clean and shifted images, per n."""
     trained = table["as_trained"]
     lines = []
     for calibration in table["calibration"]:
