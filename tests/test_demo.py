@@ -13,9 +13,11 @@ import pytest
 from onnxbn.cli import main
 from onnxbn.demo.deploy import DEPLOY_RUNTIMES
 from onnxbn.demo.plots import plot_sweep
+from onnxbn.demo.recalibration import PRIOR_MULTIPLES
 from onnxbn.demo.run import BUNDLED, run_demo
 from onnxbn.demo.sweep import VARIANTS, cell_seed, lr_key, run_cell, summarize_cells
 from onnxbn.demo.verdict import sweep_verdict
+from onnxbn.errors import UserError
 from onnxbn.io.load import load_model
 from onnxbn.runtimes.base import available
 
@@ -24,7 +26,8 @@ pytestmark = pytest.mark.skipif(not BUNDLED.is_file(), reason="bundled demo mode
 TINY_LRS = (1e-5, 1e-2)
 TINY_SEEDS = 2
 TINY = {"source_samples": 64, "train_samples": 64, "val_samples": 32, "epochs": 1, "batch_size": 32, "lrs": TINY_LRS,
-        "seeds": TINY_SEEDS, "shift_samples": 32, "deploy_samples": 16, "latency_runs": 2}
+        "seeds": TINY_SEEDS, "shift_samples": 32, "deploy_samples": 16, "latency_runs": 2, "prior_sizes": (8,),
+        "prior_seeds": 2, "prior_eval_samples": 24}
 
 
 @pytest.fixture(scope="module")
@@ -167,6 +170,12 @@ def test_the_verdict_follows_the_numbers():
         assert "no BN at lr 0.1 (2 of 3 seeds)" in verdict["text"]
 
 
+def test_demo_refuses_a_prior_table_larger_than_its_data(tmp_path):
+    with pytest.raises(UserError, match="prior table"):
+        run_demo(tmp_path, **{**TINY, "prior_sizes": (8, 33)})  # 33 > the 32 shifted images
+    assert not (tmp_path / "data").exists()
+
+
 def test_demo_refuses_a_missing_model(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path), "--model", str(tmp_path / "none.onnx")]) == 2
     assert "not found" in capsys.readouterr().err
@@ -209,3 +218,72 @@ def test_demo_int8_rows_match_onnxruntime_and_numpy(tiny):
         assert check["passed"] == (cosine >= row["min_cosine"] and agreement >= row["min_top1"])
         assert set(row["checks"]) == {r for r in ("onnxruntime", "openvino") if available(r)}
     assert "INT8 for deployment" in (out / "report.md").read_text()
+
+
+def test_demo_prior_table_matches_onnxruntime_and_numpy(tiny):
+    """report['recalibrate']['prior_table']: every (calibration, n, prior) cell, mean/std = numpy over its draws;
+    one cell per calibration set re-created here: the subset drawn by the stated rule, recalibrated, top-1 from
+    onnxruntime logits with numpy; and its BN statistics = the numpy blend of the old and the prior-0 ones."""
+    ort = pytest.importorskip("onnxruntime")
+    from onnx import numpy_helper
+
+    from onnxbn.recalibration import recalibrate
+
+    out, report = tiny
+    table = report["recalibrate"]["prior_table"]
+    assert table["sizes"] == [8] and table["seeds"] == 2 and table["priors"] == ["0", "n", "2n", "16n"]
+    assert table["model"] == report["fold"]["model"] and table["eval_samples"] == {"clean": 24, "shifted": 24}
+    rows = {(r["calibration"], r["n"], r["prior"]): r for r in table["rows"]}
+    assert set(rows) == {(c, 8, p) for c in ("in-domain", "shifted") for p in table["priors"]}
+    for row in rows.values():
+        assert [d["seed_index"] for d in row["draws"]] == [0, 1]
+        assert row["prior_samples"] == PRIOR_MULTIPLES[table["priors"].index(row["prior"])] * 8
+        for where in ("clean", "shifted"):
+            values = [d[where] for d in row["draws"]]
+            assert row[f"{where}_mean"] == pytest.approx(np.mean(values), abs=1e-12)
+            assert row[f"{where}_std"] == pytest.approx(np.std(values, ddof=1), abs=1e-12)
+    for calibration, line in zip(("in-domain", "shifted"), table["lines"], strict=True):
+        r = rows[(calibration, 8, "0")]
+        trained = table["as_trained"]
+        assert line.startswith(calibration) and (
+            f"N = 0: clean {100 * (r['clean_mean'] - trained['clean']):+.1f}, "
+            f"shifted {100 * (r['shifted_mean'] - trained['shifted']):+.1f}") in line
+    md = (out / "report.md").read_text()
+    assert table["lines"][0] in md and "N x calibration size n" in md and "N = 2n (default)" in md
+
+    model = load_model(out / "model_ft.onnx")
+
+    def top1(proto, npz):
+        session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        k = table["eval_samples"]["clean" if npz == val else "shifted"]
+        with np.load(npz) as data:
+            z = session.run(None, {session.get_inputs()[0].name: data["x"][:k]})[0]
+            return float(np.mean(z.argmax(1) == data["y"][:k]))
+
+    def bn_stats(proto):
+        inits = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in proto.graph.initializer}
+        return {n.name: (inits[n.input[3]], inits[n.input[4]]) for n in proto.graph.node
+                if n.op_type == "BatchNormalization"}
+
+    val, shifted = out / "data" / "target_val.npz", out / "data" / "shifted_val.npz"
+    pools = {"in-domain": out / "data" / "target_train.npz", "shifted": out / "data" / "shifted_unlabelled.npz"}
+    for domain, (calibration, pool_path) in enumerate(pools.items()):
+        with np.load(pool_path) as npz:
+            pool = npz["x"]
+        rng = np.random.default_rng([report["data"]["seed"], domain, 8, 1])  # the stated rule, seed index 1
+        x = pool[np.sort(rng.choice(len(pool), size=8, replace=False))]
+        assert table["as_trained"] == {"clean": pytest.approx(top1(model, val), abs=1e-12),
+                                       "shifted": pytest.approx(top1(model, shifted), abs=1e-12)}
+        new = recalibrate(model, x, prior=16.0 * 8)
+        draw = rows[(calibration, 8, "16n")]["draws"][1]
+        assert draw["clean"] == pytest.approx(top1(new, val), abs=1e-12)
+        assert draw["shifted"] == pytest.approx(top1(new, shifted), abs=1e-12)
+        old, measured, blended = bn_stats(model), bn_stats(recalibrate(model, x, prior=0.0, var_floor=0.0)), bn_stats(new)
+        assert old and set(old) == set(blended)
+        for name, (mu_old, var_old) in old.items():
+            mu_new, var_new = measured[name]
+            w = 16 * 8 / (16 * 8 + 8)
+            mu = w * mu_old + (1 - w) * mu_new
+            var = w * (var_old + (mu_old - mu) ** 2) + (1 - w) * (var_new + (mu_new - mu) ** 2)
+            np.testing.assert_allclose(blended[name][0], mu, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(blended[name][1], np.maximum(var, 0.01 * var_old), rtol=1e-5, atol=1e-6)

@@ -1,5 +1,6 @@
 """The demo's recalibration step: each model on clean and shifted images, before and after re-estimating its
-BN statistics on unlabelled shifted images (exact and batch mode), and the sentences that describe the rows.
+BN statistics on unlabelled shifted images (exact and batch mode), and the sentences that describe the rows;
+and the prior table: top-1 after recalibrating with prior N = k x n on n random images (issue 25).
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ from pathlib import Path
 import numpy as np
 
 log = logging.getLogger("onnxbn")
-
-
+PRIOR_MULTIPLES = (0, 1, 2, 16)  # the prior table's N = k x n (2n is recalibrate's default), fixed before any run
+PRIOR_SIZES = (32, 128)  # the prior table's calibration sizes n
+PRIOR_SEEDS = 3
+PRIOR_EVAL_SAMPLES = 500  # the first 500 held-out clean and shifted images each (the table runs 2 x 49 evaluations)
 
 
 def recalibration_rows(models: dict, clean_val: Path, shifted_eval: Path, shifted_unlabelled: Path,
@@ -44,6 +47,84 @@ def recalibration_rows(models: dict, clean_val: Path, shifted_eval: Path, shifte
                 row[f"clean_{mode}"] = eval_row(new, clean_val)
         rows[name] = row
     return rows
+
+
+def prior_label(k: float) -> str:
+    """N = k x n written as recalibrate's --prior takes it: 0, n, 2n, 16n."""
+    return "0" if k == 0 else "n" if k == 1 else f"{k:g}n"
+
+
+def calibration_draw(pool_size: int, n: int, seed: int, domain: int, index: int) -> np.ndarray:
+    """The prior table's calibration subset: n of `pool_size` images, without replacement, sorted; seeded by
+    (demo seed, domain 0 in-domain / 1 shifted, n, seed index) alone."""
+    rng = np.random.default_rng([seed, domain, n, index])
+    return np.sort(rng.choice(pool_size, size=n, replace=False))
+
+
+def prior_table(model, pools: dict[str, Path], clean_val: Path, shifted_eval: Path, seed: int,
+                sizes=PRIOR_SIZES, seeds: int = PRIOR_SEEDS, multiples=PRIOR_MULTIPLES,
+                eval_samples: int = PRIOR_EVAL_SAMPLES) -> dict:
+    """Top-1 on the first `eval_samples` held-out clean and shifted images after recalibrating `model` (exact
+    mode, default variance floor) with prior N = k x n on n images drawn by `calibration_draw` from each pool
+    ("in-domain": clean target training images, "shifted": the unlabelled shifted images); mean and std
+    (ddof 1) over the seeds; and `model`'s own top-1 on them ("as_trained")."""
+    from onnxbn.recalibration import recalibrate
+    from onnxbn.training import evaluate
+
+    started = time.perf_counter()
+    held_out = {}
+    for where, path in (("clean", clean_val), ("shifted", shifted_eval)):
+        with np.load(path) as npz:
+            held_out[where] = (npz["x"][:eval_samples], npz["y"][:eval_samples])
+    as_trained = {where: evaluate(model, xy, batch_size=256)["top1"] for where, xy in held_out.items()}
+    rows = []
+    for domain, (calibration, pool_path) in enumerate(pools.items()):
+        with np.load(pool_path) as npz:
+            pool = npz["x"]
+        for n in sizes:
+            cells = {k: [] for k in multiples}
+            for index in range(seeds):
+                x = pool[calibration_draw(len(pool), n, seed, domain, index)]
+                for k in multiples:
+                    new = recalibrate(model, x, mode="exact", batch_size=64, prior=float(k * n))
+                    cells[k].append({"seed_index": index, **{
+                        where: evaluate(new, xy, batch_size=256)["top1"] for where, xy in held_out.items()}})
+            for k, draws in cells.items():
+                row = {"calibration": calibration, "n": n, "prior": prior_label(k), "prior_samples": k * n,
+                       "draws": draws}
+                for where in ("clean", "shifted"):
+                    values = [d[where] for d in draws]
+                    row[f"{where}_mean"] = float(np.mean(values))
+                    row[f"{where}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else None
+                rows.append(row)
+    seconds = time.perf_counter() - started
+    log.info("demo: prior table (%d cells x %d seeds) in %.1f s", len(rows), seeds, seconds)
+    return {"calibration": {name: str(path.name) for name, path in pools.items()}, "sizes": list(sizes),
+            "seeds": seeds, "priors": [prior_label(k) for k in multiples], "multiples": list(multiples),
+            "mode": "exact", "eval_samples": {where: len(xy[1]) for where, xy in held_out.items()},
+            "as_trained": as_trained, "rows": rows,
+            "seconds": round(seconds, 3),
+            "draw_rule": "numpy default_rng([demo seed, domain (0 in-domain, 1 shifted), n, seed index]).choice("
+                         "pool size, n, replace=False), sorted"}
+
+
+def prior_lines(table: dict) -> list[str]:
+    """One sentence per calibration set of `prior_table`: each prior's change in mean top-1 from the model as
+    trained, in points, on clean and shifted images, per n."""
+    trained = table["as_trained"]
+    lines = []
+    for calibration in table["calibration"]:
+        parts = []
+        for prior in table["priors"]:
+            rows = [r for r in table["rows"] if r["calibration"] == calibration and r["prior"] == prior]
+            change = {where: "/".join(f"{100 * (r[f'{where}_mean'] - trained[where]):+.1f}" for r in rows)
+                      for where in ("clean", "shifted")}
+            parts.append(f"N = {prior}{' (default)' if prior == '2n' else ''}: clean {change['clean']}, "
+                         f"shifted {change['shifted']}")
+        sizes = "/".join(str(n) for n in table["sizes"])
+        lines.append(f"{calibration} calibration (n = {sizes}), points of mean top-1 against the model as trained: "
+                     + "; ".join(parts) + ".")
+    return lines
 
 
 def eval_row(model, data) -> dict:

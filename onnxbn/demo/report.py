@@ -118,7 +118,33 @@ def _recalibrate_md(rec: dict) -> list[str]:
             cell(row, key) for key in ("clean", "shifted_before", "shifted_exact", "shifted_batch", "clean_exact"))
             + " |")
     lines += ["", "**What it shows:**", "", *[f"- {line}" for line in rec["lines"]], ""]
-    return lines
+    return lines + _prior_md(rec["prior_table"])
+
+
+def _prior_md(table: dict) -> list[str]:
+    """The prior table: one row per (calibration set, n, evaluated on), one column per prior N."""
+    seeds = table["seeds"]
+    lines = [
+        "### Recalibrate's prior: N x calibration size n", "",
+        (f"`{table['model']}` recalibrated (exact mode, default variance floor) on n images drawn at random from the "
+         f"clean target training images (in-domain) or from the unlabelled shifted images, with the old statistics "
+         f"counted as N samples against the n new ones (`--prior N`; 2n is the default); top-1 on the held-out clean "
+         f"and shifted validation images (the first {table['eval_samples']['clean']} and "
+         f"{table['eval_samples']['shifted']}), mean ± std over {seeds} draws ({table['seconds']:.0f} s)."), "",
+        "| calibration | n | evaluated on | as trained | " + " | ".join(
+            f"N = {p}" + (" (default)" if p == "2n" else "") for p in table["priors"]) + " |",
+        "|---|---|---|---|" + "---|" * len(table["priors"]),
+    ]
+    cells: dict = {}
+    for row in table["rows"]:
+        cells.setdefault((row["calibration"], row["n"]), {})[row["prior"]] = row
+    for (calibration, n), by_prior in cells.items():
+        for where in ("clean", "shifted"):
+            lines.append(f"| {calibration} | {n} | {where} | {100 * table['as_trained'][where]:.1f}% | " + " | ".join(
+                pm(100 * by_prior[p][f"{where}_mean"],
+                   None if by_prior[p][f"{where}_std"] is None else 100 * by_prior[p][f"{where}_std"], ".1f") + "%"
+                for p in table["priors"]) + " |")
+    return lines + ["", *[f"- {line}" for line in table["lines"]], ""]
 
 
 def _deploy_md(rows: dict, info: dict) -> list[str]:

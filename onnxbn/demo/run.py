@@ -24,7 +24,15 @@ from onnxbn.demo.data import write_npz
 from onnxbn.demo.deploy import deploy_rows, deploy_text
 from onnxbn.demo.plots import plot_activations, plot_curves, plot_sweep
 from onnxbn.demo.quantize import quantize_lines, quantize_rows
-from onnxbn.demo.recalibration import recalibration_lines, recalibration_rows
+from onnxbn.demo.recalibration import (
+    PRIOR_EVAL_SAMPLES,
+    PRIOR_SEEDS,
+    PRIOR_SIZES,
+    prior_lines,
+    prior_table,
+    recalibration_lines,
+    recalibration_rows,
+)
 from onnxbn.demo.report import report_md
 from onnxbn.demo.shift import SHIFT, write_shifted_npz
 from onnxbn.demo.sweep import TARGET_ACCURACY, lr_key, quiet_training, run_cell, run_sweep
@@ -179,9 +187,10 @@ def _fold(model_ft: onnx.ModelProto, name: str, val: Path, out: Path) -> tuple[o
 
 
 def _recalibrate(model_ft: onnx.ModelProto, best_bn: str, nobn: tuple[str, onnx.ModelProto] | None,
-                 data: dict[str, Path], seed: int, shift_samples: int) -> dict:
+                 data: dict[str, Path], seed: int, shift_samples: int, prior: dict) -> dict:
     """report['recalibrate']: the deployed BN model, the same with identity BN after every conv too (stats on the
-    clean target training images, so it starts as the same function), and no BN at its best lr."""
+    clean target training images, so it starts as the same function), and no BN at its best lr; and the prior
+    table of the deployed BN model (calibration on clean training or unlabelled shifted images)."""
     from onnxbn.insert import insert_bn
     from onnxbn.stats import collect_stats
 
@@ -201,7 +210,11 @@ def _recalibrate(model_ft: onnx.ModelProto, best_bn: str, nobn: tuple[str, onnx.
                   f"brightness +{SHIFT['brightness']}, {SHIFT['blur']}x{SHIFT['blur']} box blur (target-task images "
                   "drawn with their own seeds)")
     lines = recalibration_lines(rows, labels)
-    return {"shift": {k: list(v) if isinstance(v, tuple) else v for k, v in SHIFT.items()},
+    table = prior_table(model_ft, {"in-domain": data["train"], "shifted": data["shifted_unlabelled"]}, data["val"],
+                        data["shifted_eval"], seed, **prior)
+    table["model"] = best_bn
+    table["lines"] = prior_lines(table)
+    return {"prior_table": table, "shift": {k: list(v) if isinstance(v, tuple) else v for k, v in SHIFT.items()},
             "shift_text": shift_text, "unlabelled_samples": shift_samples, "eval_samples": shift_samples,
             "models": rows, "labels": labels, "lines": lines, "text": " ".join(lines)}
 
@@ -223,12 +236,15 @@ def run_demo(out: str | Path = "demo-out", *, model: str | Path | None = None, s
              boost: float = 30.0, selector: str = "dense", seed: int = 0, pictures: bool = True,
              lrs=SWEEP_LRS, seeds: int = SWEEP_SEEDS, target_accuracy: float = TARGET_ACCURACY,
              shift_samples: int = 1000, deploy_samples: int = 256, latency_runs: int = 20,
-             quantize_samples: int = 512) -> dict:
+             quantize_samples: int = 512, prior_sizes=PRIOR_SIZES, prior_seeds: int = PRIOR_SEEDS,
+             prior_eval_samples: int = PRIOR_EVAL_SAMPLES) -> dict:
     """Run the whole procedure into `out` and return report.json's content.
 
     `lrs` x `seeds` x (no BN, BN) sweep cells of `epochs` each; `shift_samples` unlabelled and as many
     labelled shifted images for recalibration; `deploy_samples` validation images per runtime check and
-    `latency_runs` timed runs per runtime; `quantize_samples` clean training images calibrate the INT8 models.
+    `latency_runs` timed runs per runtime; `quantize_samples` clean training images calibrate the INT8 models;
+    the prior table recalibrates on `prior_sizes` images, `prior_seeds` draws each, and evaluates on the first
+    `prior_eval_samples` clean and shifted validation images.
     """
     laps = _Laps()
     out = Path(out)
@@ -238,6 +254,11 @@ def run_demo(out: str | Path = "demo-out", *, model: str | Path | None = None, s
         raise UserError(f"{model_path}: bundled demo model not found; run from a source checkout or pass --model")
     if seeds < 1 or not lrs:
         raise UserError("the sweep needs at least one learning rate and one seed")
+    if (prior_seeds < 1 or prior_eval_samples < 1 or not prior_sizes
+            or not all(0 < n <= min(train_samples, shift_samples) for n in prior_sizes)):
+        raise UserError(f"the prior table needs at least one seed, one evaluation image and sizes between 1 and "
+                        f"{min(train_samples, shift_samples)} images (the training and shifted images; got "
+                        f"{list(prior_sizes)})")
     original = load_model(model_path)
     lrs = sorted(float(lr) for lr in lrs)
     data = _data(out, seed, source_samples, train_samples, val_samples, shift_samples)
@@ -268,7 +289,8 @@ def run_demo(out: str | Path = "demo-out", *, model: str | Path | None = None, s
 
     nobn = ((f"nobn_lr{best['nobn']}_seed0", finetuned[("nobn", best["nobn"])])
             if ("nobn", best["nobn"]) in finetuned else None)
-    recalibration = _recalibrate(model_ft, best_bn, nobn, data, seed, shift_samples)
+    recalibration = _recalibrate(model_ft, best_bn, nobn, data, seed, shift_samples,
+                                 {"sizes": prior_sizes, "seeds": prior_seeds, "eval_samples": prior_eval_samples})
     laps.lap("recalibrate")
 
     log.info("demo: deploy check of %s on every installed runtime", best_bn)
