@@ -96,7 +96,7 @@ def compare(reference, candidate, data=None, atol: float | None = None, rtol: fl
             raise UserError(f"the candidate takes {np.dtype(model_input(cand)[1]).name} inputs; the golden outputs "
                             f"{golden.path} were made from {golden.input_dtype.name} inputs")
     else:
-        # onnxruntime reads a model file's weights itself: Python holds only the graph (load_structure)
+        # onnxruntime reads a model file's weights itself: Python holds only the graph (Model.open)
         ref_model, cand_model = (_side_model(m, side) for m, side in ((reference, ref_side), (candidate, cand_side)))
         ref, cand = ref_model.proto, cand_model.proto
         out_names = [o.name for o in ref.graph.output]

@@ -127,6 +127,13 @@ class Model:
         """The provenance hash of graph and weights (`io.copies.model_sha256`), files read in 1 MiB pieces."""
         return model_sha256(self.proto, self.arrays, self.folder)
 
+    def whole(self) -> onnx.ModelProto:
+        """A ModelProto with every initializer's data inside it, this Model left as it is: its own proto
+        when that holds them all already, else a filled-in copy (`to_proto` of `copy`)."""
+        if not self.arrays and self.folder is None:
+            return self.proto
+        return self.copy().to_proto()
+
     def to_proto(self) -> onnx.ModelProto:
         """The ModelProto with every initializer's data inside it. The Model's own proto is filled in and
         returned (no copy), and the Model keeps pointing at it."""

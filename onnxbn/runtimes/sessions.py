@@ -28,8 +28,6 @@ def open_session(model: Model | onnx.ModelProto | str | os.PathLike, runtime: st
     name, dev, requested = check_runtime(runtime, device, precision)
     if name == "onnxruntime":
         return open_onnxruntime(Model.open(model), dev, requested, threads)
-    if isinstance(model, Model):  # a copy filled in: the caller's Model keeps its weights where they are
-        model = model.copy().to_proto() if model.arrays or model.folder is not None else model.proto
-    proto = load_model(model)
+    proto = model.whole() if isinstance(model, Model) else load_model(model)
     opener = {"openvino": open_openvino, "tract": open_tract, "reference": open_reference}[name]
     return opener(proto, dev, requested, threads)
