@@ -44,13 +44,13 @@ BIAS_SLOT = 2  # Conv, ConvTranspose and Gemm keep their bias (C) in input 2
 
 class _Graph(GraphIndex):
     """The working copy's graph index plus what folding needs: inferred types, float64 constants,
-    weight writes (new values go to `weights`, behind IN_MEMORY stubs), and the tensors that may
+    weight writes (new values become arrays of the Model, `store`), and the tensors that may
     have lost their last reader (`touched`)."""
 
-    def __init__(self, model: onnx.ModelProto, types: dict[str, onnx.TypeProto], weights: dict, folder):
+    def __init__(self, model: Model, types: dict[str, onnx.TypeProto]):
         self.types = types
         self.touched: set[str] = set()
-        super().__init__(model, weights, folder)
+        super().__init__(model)
 
     def fixed(self, name: str) -> onnx.TensorProto:
         """`constant(name)` of a tensor that planning found fixed."""
@@ -121,10 +121,10 @@ class _Graph(GraphIndex):
         current = self.initializers.get(name)
         if current is not None and self.read_count.get(name) == 1 and list(current.dims) == list(value.shape):
             self.set_initializer(name, memory_stub(name, data_type, value.shape))
-            self.weights[name] = value
+            self.store.arrays[name] = value
             return
         new_name = self.add_initializer(memory_stub("", data_type, value.shape), f"{name or base}_folded")
-        self.weights[new_name] = value
+        self.store.arrays[new_name] = value
         self.set_input(node, slot, new_name)
         self.touched.add(name)
 
@@ -515,7 +515,7 @@ def fold(model: Model) -> tuple[Model, FoldReport]:
     result = model.copy()
     out = result.proto
     require_opset(out)
-    g = _Graph(out, value_types(out), result.arrays, result.folder)
+    g = _Graph(result, value_types(out))
     report = []
     for bn in [n for n in out.graph.node if n.op_type == "BatchNormalization" and n.domain in ("", "ai.onnx")]:
         plan = _plan(g, bn)

@@ -18,7 +18,6 @@ so a transform never rebuilds it.
 
 from __future__ import annotations
 
-import os
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -27,7 +26,7 @@ from onnx import numpy_helper
 
 from onnxbn.errors import UserError
 from onnxbn.io.copies import empty_like, skeleton
-from onnxbn.io.tensors import tensor_array
+from onnxbn.io.model import Model
 
 FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
                          onnx.TensorProto.BFLOAT16})
@@ -164,16 +163,14 @@ class GraphIndex:
     set: an edited node moves to the end of its lists). `taken` only grows, so a name once used is
     never handed out again. A caller that edits the proto itself calls `refresh()` afterwards.
 
-    Values of tensors held outside the proto come from `weights` (IN_MEMORY stubs) and from files in
-    `folder` (external data, e.g. of a `io.load.load_structure` model): see `io.tensors.tensor_array`.
+    `model` is a ModelProto or a `Model` (`onnxbn.io.model`), whose proto is indexed and whose weights held
+    outside the proto (arrays, files) `tensor_array` reads; `self.model` is the proto, `self.store` the Model.
     """
 
-    def __init__(self, model: onnx.ModelProto, weights: dict[str, np.ndarray] | None = None,
-                 folder: str | os.PathLike | None = None):
-        self.model = model
-        self.graph = model.graph
-        self.weights = {} if weights is None else weights
-        self.folder = folder
+    def __init__(self, model: onnx.ModelProto | Model):
+        self.store = Model.open(model)
+        self.model = self.store.proto
+        self.graph = self.model.graph
         self.refresh()
 
     def refresh(self) -> None:
@@ -262,7 +259,7 @@ class GraphIndex:
 
     def tensor_array(self, tensor: onnx.TensorProto) -> np.ndarray:
         """The values of `tensor`, wherever they are held (see the class docstring)."""
-        return tensor_array(tensor, self.weights, self.folder)
+        return self.store.tensor_array(tensor)
 
     # -- node edits
 

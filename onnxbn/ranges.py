@@ -52,8 +52,7 @@ from onnx import TensorProto, helper
 from onnxbn.errors import UserError
 from onnxbn.feeding import fit_batch_size, model_input, open_model_data, run_batches
 from onnxbn.graph import GraphIndex, opset_version, value_types
-from onnxbn.io.copies import detach_weights, model_sha256
-from onnxbn.io.load import load_structure
+from onnxbn.io.model import Model
 from onnxbn.io.npzfile import format_of, read_rows, write_rows
 from onnxbn.runtimes.ort_backend import make_session, session_provider
 
@@ -282,14 +281,15 @@ def collect_ranges(model, data, batch_size: int = 32, limit: int | None = None, 
     from onnxbn.data.images import default_workers
     from onnxbn.data.streams import parse_shard
 
-    proto, folder = load_structure(model) if isinstance(model, (str, os.PathLike)) else (model, None)
+    base = Model.open(model)  # a model file as its structure: onnxruntime reads its weights from the file
+    proto = base.proto
     names = activation_tensors(proto) if tensors is None else list(tensors)
     if not names:
         raise UserError("the model has no float activation tensors to gather ranges of")
     dataset = open_model_data(proto, data, preset=preset, limit=limit, seed=seed, shard=shard)
-    light, weights = detach_weights(proto)
-    augmented = augment_for_ranges(light, names, histograms)
-    session = make_session(augmented, device, weights=weights, folder=folder, arena=False)
+    light = base.detached()
+    augmented = augment_for_ranges(light.proto, names, histograms)
+    session = make_session(light.with_graph(augmented), device, arena=False)
     fetch = [o.name for o in augmented.graph.output]
     batch_size = fit_batch_size(model_input(proto)[2], batch_size, dataset.total)
     out = {n: TensorRange() for n in names}
@@ -298,7 +298,7 @@ def collect_ranges(model, data, batch_size: int = 32, limit: int | None = None, 
     provenance = None
     if checkpoint is not None:
         checkpoint = Path(checkpoint)
-        provenance = {"model_sha256": model_sha256(proto, weights, folder), "tensors": names,
+        provenance = {"model_sha256": base.sha256(), "tensors": names,
                       "data": dataset.fingerprint(), "batch_size": batch_size, "limit": limit, "seed": seed,
                       "shard": str(shard), "histograms": histograms}
         if resume and checkpoint.is_file():
@@ -330,7 +330,7 @@ def collect_ranges(model, data, batch_size: int = 32, limit: int | None = None, 
     if seen == 0:
         raise UserError(f"{dataset.description}: no sample could be read; nothing to gather ranges from")
     index, total = parse_shard(shard)
-    meta = {"format": FORMAT, "model_sha256": model_sha256(proto, weights, folder), "samples": seen,
+    meta = {"format": FORMAT, "model_sha256": base.sha256(), "samples": seen,
             "data": dataset.source, "limit": limit, "seed": seed, "shard": f"{index}/{total}",
             "preset": dataset.preset if dataset.is_images else "array", "bins": BINS if histograms else 0,
             "outputs": [o.name for o in proto.graph.output],

@@ -42,8 +42,7 @@ from onnxbn.data.streams import parse_shard
 from onnxbn.errors import UserError
 from onnxbn.feeding import fit_batch_size, model_input, open_model_data, run_batches
 from onnxbn.graph import GraphIndex, pruned_copy, require_opset
-from onnxbn.io.copies import detach_weights, model_sha256
-from onnxbn.io.load import load_structure
+from onnxbn.io.model import Model
 from onnxbn.io.npzfile import read_rows, write_rows
 from onnxbn.points import Point, select_points
 from onnxbn.runtimes.ort_backend import make_session, session_provider
@@ -369,15 +368,16 @@ def collect_stats(model, data, after="dense", batch_size: int = 32, limit: int |
             raise UserError("use either --shard or torchrun, not both: under torchrun each rank is a shard")
         shard = (rank, ranks)
     # A model file is read as structure only: onnxruntime reads its weights from the file itself.
-    proto, folder = load_structure(model) if isinstance(model, (str, os.PathLike)) else (model, None)
+    base = Model.open(model)
+    proto = base.proto
     points: list[Point] = select_points(proto, after)
     dataset = open_model_data(proto, data, preset=preset, limit=limit, seed=seed, shard=shard)
-    light, weights = detach_weights(proto)  # in-memory weights reach onnxruntime as arrays, uncopied
-    graph = augment_for_stats(light, points)
+    light = base.detached()  # in-memory weights reach onnxruntime as arrays, uncopied
+    graph = augment_for_stats(light.proto, points)
     # No CPU arena: the reduction chains hold one more activation-sized tensor than plain
     # inference, and the arena kept what it grew to (VGG16 relu, 16 images: peak 1611 -> 1249 MB,
     # plain inference 1142 MB; the time did not change measurably)
-    session = make_session(graph.model, device, weights=weights, folder=folder, arena=False)
+    session = make_session(light.with_graph(graph.model), device, arena=False)
     batch_size = fit_batch_size(model_input(proto)[2], batch_size, dataset.total)
     index, count = parse_shard(shard)
     selector = after if isinstance(after, str) else ",".join(after)
@@ -386,7 +386,7 @@ def collect_stats(model, data, after="dense", batch_size: int = 32, limit: int |
     # or when a checkpoint is written or resumed.
     hashing = concurrent.futures.ThreadPoolExecutor(1)
     provenance = hashing.submit(lambda: {
-        "model_sha256": model_sha256(proto, weights, folder), "selector": selector, "tensors": [p.tensor for p in points],
+        "model_sha256": base.sha256(), "selector": selector, "tensors": [p.tensor for p in points],
         "data": dataset.fingerprint() if checkpoint else None, "batch_size": batch_size, "limit": limit,
         "seed": seed, "shard": f"{index}/{count}"})
     hashing.shutdown(wait=False)

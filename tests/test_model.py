@@ -128,3 +128,32 @@ def test_transforms_leave_their_input_as_it_was(model_file, tmp_path):
     for result in (with_bn, folded, written):
         got = ort_outputs(result.copy().to_proto(), x)[0]
         assert rel_error(expected, got) <= 1e-5
+
+
+def test_sessions_read_a_models_weights_wherever_they_live(model_file):
+    """make_session and open_session (onnxruntime and the reference runtime) of a Model with weights in
+    its file, in an array and inline, and of its detached copy, compute what numpy-set weights in
+    onnx.load's proto compute (onnxruntime, 1e-6); the Model is left as it was."""
+    from onnxbn.runtimes.ort_backend import make_session
+    from onnxbn.runtimes.sessions import open_session
+
+    full = onnx.load(str(model_file))
+    model = Model.open(model_file)
+    name = next(t.name for t in model.proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL)
+    changed = numpy_helper.to_array(next(t for t in full.graph.initializer if t.name == name)) * 0.5
+    model.set_array(name, changed)
+    next(t for t in full.graph.initializer if t.name == name).CopyFrom(numpy_helper.from_array(changed, name))
+    x = inputs_for((3, 16, 16), count=4)
+    expected = ort_outputs(full, x)[0]
+    proto_before, arrays_before = model.proto.SerializeToString(), dict(model.arrays)
+    detached = model.detached()
+    assert set(detached.arrays) >= set(model.arrays) and detached.folder == model.folder
+    runs = [make_session(model, "cpu").run(None, {"input": x})[0],
+            make_session(detached, "cpu").run(None, {"input": x})[0],
+            open_session(model).run(None, {"input": x})[0],
+            open_session(model, "reference").run(None, {"input": x})[0]]
+    for got in runs:
+        assert rel_error(expected, got) <= 1e-6
+    assert model.proto.SerializeToString() == proto_before
+    assert model.arrays.keys() == arrays_before.keys() and all(model.arrays[k] is v for k, v in arrays_before.items())
+    assert model.folder is not None

@@ -347,8 +347,8 @@ def test_layerwise_says_so_where_a_runtime_cannot_expose_tensors(models, monkeyp
     unfolded, folded, data = models["resnet"]
     real = layerwise.open_session
 
-    def picky(model, runtime="onnxruntime", **kw):  # loads the graphs as given, refuses extra outputs
-        if len(model.graph.output) > 1:
+    def picky(model, runtime="onnxruntime", **kw):  # loads the graphs as given (a Model), refuses extra outputs
+        if len(model.proto.graph.output) > 1:
             raise UserError("fake cannot load the model: it has no implementation of operator Identity")
         return real(model, runtime, **kw)
 

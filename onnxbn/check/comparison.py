@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -25,19 +24,20 @@ from onnxbn.check.report import Report
 from onnxbn.errors import UserError
 from onnxbn.feeding import model_input, run_batches
 from onnxbn.graph import graph_inputs
-from onnxbn.io.load import load_model, load_structure
+from onnxbn.io.load import load_model
+from onnxbn.io.model import Model
 from onnxbn.runtimes.base import check_runtime, parse_runtime
 from onnxbn.runtimes.precision import TOLERANCES, tolerance_choice
 from onnxbn.runtimes.sessions import open_session
 from onnxbn.tolerances import INT8_WHY, holds_qdq, int8_rule, load_tolerances
 
 
-def _side_model(model, side: dict) -> tuple[onnx.ModelProto, Path | None]:
-    """(proto, folder) for one side: a file for onnxruntime as its structure (the weights stay in
-    the file, read by onnxruntime from `folder`); anything else loaded whole."""
+def _side_model(model, side: dict) -> Model:
+    """The Model of one side: a file for onnxruntime as its structure (the weights stay in the file, read
+    by onnxruntime from there); anything else loaded whole."""
     if isinstance(model, (str, os.PathLike)) and parse_runtime(side["runtime"])[0] == "onnxruntime":
-        return load_structure(model)
-    return load_model(model), None
+        return Model.open(model)
+    return Model(load_model(model))
 
 
 def compare(reference, candidate, data=None, atol: float | None = None, rtol: float | None = None,
@@ -87,7 +87,8 @@ def compare(reference, candidate, data=None, atol: float | None = None, rtol: fl
         if layerwise or save_outputs is not None:
             raise UserError(f"{'--layerwise' if layerwise else '--save-outputs'} needs the reference model; golden "
                             "outputs hold only its outputs")
-        ref, ref_folder = cand, cand_folder = _side_model(candidate, cand_side)
+        ref_model = cand_model = _side_model(candidate, cand_side)
+        ref = cand = cand_model.proto
         out_names = golden.output_names(cand)
         if data is None and golden.inputs is not None:
             data = golden.inputs
@@ -95,9 +96,9 @@ def compare(reference, candidate, data=None, atol: float | None = None, rtol: fl
             raise UserError(f"the candidate takes {np.dtype(model_input(cand)[1]).name} inputs; the golden outputs "
                             f"{golden.path} were made from {golden.input_dtype.name} inputs")
     else:
-        # onnxruntime reads a model file's weights itself: Python holds only the graph (load_structure)
-        (ref, ref_folder), (cand, cand_folder) = (_side_model(m, side) for m, side in ((reference, ref_side),
-                                                                                       (candidate, cand_side)))
+        # onnxruntime reads a model file's weights itself: Python holds only the graph (Model.open)
+        ref_model, cand_model = (_side_model(m, side) for m, side in ((reference, ref_side), (candidate, cand_side)))
+        ref, cand = ref_model.proto, cand_model.proto
         out_names = [o.name for o in ref.graph.output]
         missing = [n for n in out_names if n not in {o.name for o in cand.graph.output}]
         if missing:
@@ -113,11 +114,11 @@ def compare(reference, candidate, data=None, atol: float | None = None, rtol: fl
     if golden is not None and data is golden.inputs:
         description = str(golden.path)
     if golden is None:
-        s_ref = open_session(ref, folder=ref_folder, **ref_side)
+        s_ref = open_session(ref_model, **ref_side)
         ref_info = s_ref.info
     else:
         s_ref, ref_info = None, recorded_runtime(golden, cand)
-    s_cand = open_session(cand, folder=cand_folder, **cand_side)
+    s_cand = open_session(cand_model, **cand_side)
     precision, why = tolerance_choice(ref_info, s_cand.info)
     d_atol, d_rtol, d_scaled = TOLERANCES.get(precision, TOLERANCES["f32"])
     if atol is None and rtol is None:
@@ -162,7 +163,7 @@ def compare(reference, candidate, data=None, atol: float | None = None, rtol: fl
         for m in metrics.values():
             m.finish()
         if writer is not None:
-            writer.commit(golden_meta(reference, ref, ref_folder, ref_info, description, dataset))
+            writer.commit(golden_meta(reference, ref_model, ref_info, description, dataset))
     report = Report(metrics, atol, rtol, samples, description, s_cand.info.device,
                     reference=str(golden.path) if golden is not None else str(reference)
                     if not isinstance(reference, onnx.ModelProto) else "<model>",
@@ -173,9 +174,8 @@ def compare(reference, candidate, data=None, atol: float | None = None, rtol: fl
                     tolerances=rules.source if rules is not None else "the int8 rule" if int8 else None,
                     golden=golden.summary() if golden is not None else None)
     if layerwise and first_batch is not None:
-        report.layerwise = compare_layerwise(ref, cand, first_batch[:LAYERWISE_SAMPLES], feed_name, atol, rtol,
-                                      dict(ref_side, folder=ref_folder), dict(cand_side, folder=cand_folder), scaled,
-                                      max_marked)
+        report.layerwise = compare_layerwise(ref_model, cand_model, first_batch[:LAYERWISE_SAMPLES], feed_name, atol,
+                                             rtol, ref_side, cand_side, scaled, max_marked)
     return report
 
 
@@ -191,11 +191,12 @@ def save_outputs(reference, path, data=None, *, random: int | None = None, seed:
     """
     side = {"runtime": runtime or "onnxruntime", "device": device, "precision": precision}
     check_runtime(**side)
-    proto, folder = _side_model(reference, side)
+    model = _side_model(reference, side)
+    proto = model.proto
     feed_name, _, _ = model_input(proto)
     names = [o.name for o in proto.graph.output]
     dataset, description, batch_size = open_inputs(proto, data, random, seed, limit, preset, batch_size)
-    session = open_session(proto, folder=folder, **side)
+    session = open_session(model, **side)
     inputs = [m for m in (reference, data) if isinstance(m, (str, os.PathLike))]
     with GoldenWriter(path, names, feed_name, inputs, force) as writer:
         samples = 0
@@ -204,4 +205,4 @@ def save_outputs(reference, path, data=None, *, random: int | None = None, seed:
             writer.add(x, outputs)
             samples += len(x)
         require_samples(dataset, samples, min_samples)
-        return writer.commit(golden_meta(reference, proto, folder, session.info, description, dataset))
+        return writer.commit(golden_meta(reference, model, session.info, description, dataset))

@@ -43,7 +43,7 @@ from onnx import numpy_helper
 from onnxbn.data.sources import _mmap_npz, concat_sets, read_tensors, read_test_inputs, test_data_sets
 from onnxbn.errors import UserError
 from onnxbn.feeding import run_batches
-from onnxbn.io.copies import model_sha256
+from onnxbn.io.model import Model
 from onnxbn.io.save import atomic_path, refuse_overwrite
 from onnxbn.io.tensors import FileRange, file_chunks
 from onnxbn.runtimes.precision import RuntimeInfo, model_precision
@@ -246,10 +246,10 @@ def load_outputs(path: str | os.PathLike) -> GoldenOutputs:
     return GoldenOutputs(path)
 
 
-def golden_meta(reference, proto: onnx.ModelProto, folder, info: RuntimeInfo, description: str, dataset) -> dict:
+def golden_meta(reference, model: Model, info: RuntimeInfo, description: str, dataset) -> dict:
     """What golden outputs record about where they came from (onnxbn.check.golden)."""
     return {"model": str(reference) if isinstance(reference, (str, os.PathLike)) else "<model>",
-            "model_sha256": model_sha256(proto, folder=folder), "runtime": info.to_dict(), "data": description,
+            "model_sha256": model.sha256(), "runtime": info.to_dict(), "data": description,
             "skipped": len(dataset.skipped)}
 
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import onnx
 
 from onnxbn.check.activations import MAX_MARKED, activation_names, chunks
 from onnxbn.check.metrics import OutputMetrics
 from onnxbn.errors import UserError
 from onnxbn.graph import FLOAT_TYPES, value_types
+from onnxbn.io.model import Model
 from onnxbn.runtimes.base import expose
 from onnxbn.runtimes.sessions import open_session
 from onnxbn.tolerances import QuantileGate
@@ -23,8 +23,8 @@ from onnxbn.tolerances import QuantileGate
 LAYERWISE_STATS = ("max_abs_error", "mean_abs_error", "p99_abs_error", "max_rel_error")
 
 
-def compare_layerwise(ref: onnx.ModelProto, cand: onnx.ModelProto, x: np.ndarray, feed_name: str, atol, rtol,
-               ref_side: dict, cand_side: dict, scaled: float = 0.0, max_marked: int = MAX_MARKED):
+def compare_layerwise(ref: Model, cand: Model, x: np.ndarray, feed_name: str, atol, rtol,
+                      ref_side: dict, cand_side: dict, scaled: float = 0.0, max_marked: int = MAX_MARKED):
     """Every float activation the two graphs share (onnxbn.check.activations: not initializers, Constant
     outputs or what is computed from them alone), compared on the first inputs under the same rule,
     at most `max_marked` exposed per session (one run of both sides per group of tensors).
@@ -36,9 +36,9 @@ def compare_layerwise(ref: onnx.ModelProto, cand: onnx.ModelProto, x: np.ndarray
     """
     if max_marked < 1:
         raise UserError(f"--max-marked must be at least 1 (got {max_marked})")
-    ref_types, cand_types = value_types(ref), value_types(cand)
-    cand_names = set(activation_names(cand))
-    names = [o for o in activation_names(ref)  # in the reference's node order
+    ref_types, cand_types = value_types(ref.proto), value_types(cand.proto)
+    cand_names = set(activation_names(cand.proto))
+    names = [o for o in activation_names(ref.proto)  # in the reference's node order
              if o in cand_names and o in ref_types and o in cand_types
              and ref_types[o].tensor_type.elem_type in FLOAT_TYPES]
     tensors, first = [], None
@@ -46,7 +46,8 @@ def compare_layerwise(ref: onnx.ModelProto, cand: onnx.ModelProto, x: np.ndarray
         values = []
         for model, types, side in ((ref, ref_types, ref_side), (cand, cand_types, cand_side)):
             try:
-                values.append(open_session(expose(model, group, types), **side).run(group, {feed_name: x}))
+                session = open_session(model.with_graph(expose(model.proto, group, types)), **side)
+                values.append(session.run(group, {feed_name: x}))
             except UserError as exc:
                 return {"available": False, "compared": 0, "first_divergence": None, "tensors": [],
                         "reason": f"{side['runtime']} cannot return this graph's intermediate tensors ({exc})"}

@@ -24,10 +24,10 @@ from typing import Iterable
 import numpy as np
 import onnx
 
-from onnxbn.io.copies import model_sha256
+from onnxbn.io.copies import detach_weights, model_sha256
 from onnxbn.io.load import load_structure
 from onnxbn.io.save import StagedOutput, save_model
-from onnxbn.io.tensors import FileRange, data_source, materialize, memory_stub, tensor_array
+from onnxbn.io.tensors import IN_MEMORY, FileRange, data_source, materialize, memory_stub, tensor_array
 
 
 class Model:
@@ -61,6 +61,22 @@ class Model:
         proto = onnx.ModelProto()
         proto.CopyFrom(self.proto)
         return Model(proto, dict(self.arrays), self.folder)
+
+    def with_graph(self, proto: onnx.ModelProto) -> Model:
+        """`proto` (a graph cut from or built on this model's) reading its weights where this model holds
+        them: the same array map (shared, not copied) and folder."""
+        return Model(proto, self.arrays, self.folder)
+
+    def detached(self) -> Model:
+        """A light copy whose large inline weights are arrays too (`io.copies.detach_weights`): onnxruntime
+        takes arrays as they are, so a VGG16 is neither serialised nor parsed again to build a session."""
+        light, arrays = detach_weights(self.proto)
+        return Model(light, {**self.arrays, **arrays}, self.folder)
+
+    def held_arrays(self) -> dict[str, np.ndarray]:
+        """The arrays of the initializers held as arrays (their stubs' location IN_MEMORY), in graph order."""
+        return {t.name: self.arrays[t.name] for t in self.proto.graph.initializer
+                if any(e.key == "location" and e.value == IN_MEMORY for e in t.external_data)}
 
     # -- weights
 
@@ -110,6 +126,13 @@ class Model:
     def sha256(self) -> str:
         """The provenance hash of graph and weights (`io.copies.model_sha256`), files read in 1 MiB pieces."""
         return model_sha256(self.proto, self.arrays, self.folder)
+
+    def whole(self) -> onnx.ModelProto:
+        """A ModelProto with every initializer's data inside it, this Model left as it is: its own proto
+        when that holds them all already, else a filled-in copy (`to_proto` of `copy`)."""
+        if not self.arrays and self.folder is None:
+            return self.proto
+        return self.copy().to_proto()
 
     def to_proto(self) -> onnx.ModelProto:
         """The ModelProto with every initializer's data inside it. The Model's own proto is filled in and

@@ -149,7 +149,7 @@ def _moments(model: onnx.ModelProto, tensors: list[str], open_dataset, batch_siz
              device: str, desc: str) -> dict:
     """Per-channel (count, mean, M2) of `tensors` over the data, reduced in the graph (onnxbn.stats)."""
     from onnxbn.feeding import run_batches
-    from onnxbn.io.copies import detach_weights
+    from onnxbn.io.model import Model
     from onnxbn.runtimes.ort_backend import make_session
     from onnxbn.stats import ChannelMoments, augment_for_stats
 
@@ -161,9 +161,9 @@ def _moments(model: onnx.ModelProto, tensors: list[str], open_dataset, batch_siz
         if tt is not None and tt.HasField("tensor_type") and tt.tensor_type.HasField("shape"):
             shape = [d.dim_value or None for d in tt.tensor_type.shape.dim]
         points.append(Point(t, "", "", None, shape, "float"))
-    light, weights = detach_weights(model)
-    graph = augment_for_stats(light, points)
-    session = make_session(graph.model, device, weights=weights, arena=False)
+    light = Model(model).detached()
+    graph = augment_for_stats(light.proto, points)
+    session = make_session(light.with_graph(graph.model), device, arena=False)
     moments = {t: ChannelMoments() for t in tensors}
     for _, _, values in run_batches(session, open_dataset(), graph.fetch, model, batch_size, workers=workers,
                                     strict=strict, desc=desc):

@@ -41,7 +41,7 @@ from onnxbn.data.images import default_workers
 from onnxbn.errors import UserError
 from onnxbn.feeding import fit_batch_size, model_input, open_model_data
 from onnxbn.graph import require_opset, value_types
-from onnxbn.io.copies import detach_weights, set_metadata
+from onnxbn.io.copies import set_metadata
 from onnxbn.io.model import Model
 from onnxbn.recalibration.batch import run_batch
 from onnxbn.recalibration.exact import DEFAULT_CACHE_MB, run_exact
@@ -100,8 +100,7 @@ def recalibrate_model(model: Model, data, mode: str = "exact", nodes=None, *, ba
     if not np.isfinite(max_drop):
         raise UserError(f"--max-drop must be a finite number of top-1 points (got {max_drop})")
     started = time.perf_counter()
-    light, arrays = detach_weights(model.proto)  # a light copy: large inline weights reach onnxruntime as arrays
-    result = Model(light, {**model.arrays, **arrays}, model.folder)
+    result = model.detached()  # a light copy: large inline weights reach onnxruntime as arrays
     out = result.proto
     require_opset(out)
     selected = select_bns(out, nodes)

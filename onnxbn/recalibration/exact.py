@@ -199,7 +199,7 @@ def run_exact(work: Model, bns: list[BNRecord], dataset, batch_size: int, *, wor
         sample = base.batches[0] if base is not None and base.batches else {}
         stage, fed, n_nodes = _stage_model(out, index, points, keep, base.names if base is not None else None,
                                            types, sample)
-        session = make_session(stage.model, device, weights=work.arrays, folder=work.folder)
+        session = make_session(work.with_graph(stage.model), device)
         provider = session_provider(session)
         p = _Pass(session, stage, [o.name for o in stage.model.graph.output], fed, base, keep, budget)
         moments, kept, samples = _run_pass(p, dataset, out, batch_size, workers, strict,

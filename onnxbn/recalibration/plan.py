@@ -120,7 +120,7 @@ def _channels(index: GraphIndex, node: onnx.NodeProto) -> int:
 
 def prepare(model: Model, selected: list[onnx.NodeProto], types: dict) -> list[BNRecord]:
     """Convert training-mode BNs, give each selected BN mean/var tensors of its own; record the old values."""
-    index = GraphIndex(model.proto, model.arrays, model.folder)
+    index = GraphIndex(model)
     reads_before = dict(index.read_count)
     records = []
     for node in selected:

@@ -15,9 +15,7 @@ import numpy as np
 import onnx
 
 from onnxbn.errors import UserError
-from onnxbn.io.copies import detach_weights
-from onnxbn.io.load import load_structure
-from onnxbn.io.tensors import IN_MEMORY
+from onnxbn.io.model import Model
 from onnxbn.runtimes.base import Session, runtime_version
 from onnxbn.runtimes.precision import RuntimeInfo, model_precision
 
@@ -31,10 +29,10 @@ class OrtSession(Session):
         return self.session.run(fetch, feeds)
 
 
-def open_onnxruntime(model, device, requested, threads, folder=None):
+def open_onnxruntime(model: Model, device, requested, threads):
 
-    own = model_precision(model)
-    session = make_session(model, device, threads, tf32=None if requested == "default" else False, folder=folder)
+    own = model_precision(model.proto)
+    session = make_session(model, device, threads, tf32=None if requested == "default" else False)
     provider = session_provider(session)
     precision = own
     if provider == "cuda" and own == "f32":
@@ -43,7 +41,7 @@ def open_onnxruntime(model, device, requested, threads, folder=None):
             precision = "tf32"
     info = RuntimeInfo("onnxruntime", runtime_version("onnxruntime"), provider, precision, requested, own,
                        provider=session.get_providers()[0])
-    return OrtSession(model, info, session)
+    return OrtSession(model.proto, info, session)
 
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -103,18 +101,15 @@ def cuda_available() -> bool:
             and _cuda_provider_loads(ort))
 
 
-def make_session(model: onnx.ModelProto | bytes | str, device: str = "auto", threads: int = 0,
-                 weights: dict | None = None, tf32: bool | None = None, folder: str | os.PathLike | None = None,
-                 arena: bool = True, prepack: bool = True):
+def make_session(model: Model | onnx.ModelProto | bytes | str | os.PathLike, device: str = "auto", threads: int = 0,
+                 tf32: bool | None = None, arena: bool = True, prepack: bool = True):
     """An InferenceSession for `model` on `device` ('auto', 'cpu' or 'cuda').
 
     'cuda' fails with a UserError when CUDA does not load; 'auto' falls back to the
-    CPU silently. `threads` > 0 caps onnxruntime's intra-op threads. A ModelProto's
-    large weights go to onnxruntime as arrays (see graph.detach_weights); `weights`
-    supplies them for a model that is already detached. A path is read as its structure
-    (`io.load.load_structure`): onnxruntime reads its weights from the file. `folder`: where the model's external
-    data files lie (a `io.load.load_structure` model points into its own file there, so
-    onnxruntime reads the weights from disk and Python never holds them). `arena=False`
+    CPU silently. `threads` > 0 caps onnxruntime's intra-op threads. A Model's (`onnxbn.io.model`)
+    arrays and its large inline weights go to onnxruntime as arrays (`Model.detached`), and the
+    weights in its files are read by onnxruntime from its folder (Python never holds them); a path
+    or ModelProto is opened as a Model (`Model.open`: a path as its structure). `arena=False`
     turns onnxruntime's CPU memory arena off: every tensor is freed when its last reader
     is done, instead of the arena keeping (and growing to) its high-water mark. `prepack=False`
     keeps onnxruntime from repacking Conv/Gemm weights into copies laid out for speed at load
@@ -135,23 +130,20 @@ def make_session(model: onnx.ModelProto | bytes | str, device: str = "auto", thr
         options.add_session_config_entry("session.disable_prepacking", "1")
     if threads:
         options.intra_op_num_threads = threads
-    if folder is not None:
-        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
-    arrays: list = []
-    if isinstance(model, (str, os.PathLike)):  # read as its structure: onnxruntime takes the weights from the file
-        model, folder = load_structure(model)
-        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
-    if isinstance(model, onnx.ModelProto):
-        if weights is None:
-            model, weights = detach_weights(model)
-        names = [t.name for t in model.graph.initializer
-                 if any(e.key == "location" and e.value == IN_MEMORY for e in t.external_data)]
-        arrays = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(weights[n])) for n in names]
-        if names:
-            options.add_external_initializers(names, arrays)
-        payload = model.SerializeToString()
-    else:
+    arrays: list = []  # the OrtValues live as long as the session is being made
+    proto = None
+    if isinstance(model, bytes):
         payload = model
+    else:
+        light = Model.open(model).detached()
+        if light.folder is not None:
+            options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(light.folder))
+        held = light.held_arrays()
+        arrays = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for a in held.values()]
+        if held:
+            options.add_external_initializers(list(held), arrays)
+        proto = light.proto
+        payload = proto.SerializeToString()
     want_cuda = device == "cuda" or (device == "auto" and cuda_available())
     if device == "cuda" and not cuda_available():
         raise UserError("--device cuda: onnxruntime has no usable CUDA provider here; use --device cpu or auto")
@@ -166,10 +158,10 @@ def make_session(model: onnx.ModelProto | bytes | str, device: str = "auto", thr
             session = ort.InferenceSession(payload, options, providers=providers)
     except Exception as exc:
         status = _onnxruntime_status(exc)
-        if status == "NOT_IMPLEMENTED" and isinstance(model, onnx.ModelProto):
+        if status == "NOT_IMPLEMENTED" and proto is not None:
             from onnxbn.runtimes.errors import load_error
 
-            error = load_error("onnxruntime", exc, model)
+            error = load_error("onnxruntime", exc, proto)
             if "no implementation of operator" in str(error):
                 raise error from exc
         if status in MODEL_ERRORS:

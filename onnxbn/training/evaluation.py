@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 from onnxbn.errors import UserError
 from onnxbn.feeding import open_model_data, run_batches
-from onnxbn.io.load import load_structure
+from onnxbn.io.model import Model
 from onnxbn.training.outputs import are_probabilities, check_labels, output_kind
 
 
@@ -23,11 +21,12 @@ def evaluate(model, data, batch_size: int = 32, device: str = "auto", limit: int
     from onnxbn.runtimes.ort_backend import make_session, session_provider
 
     # a model file is read as structure only: onnxruntime reads its weights from the file itself
-    proto, folder = load_structure(model) if isinstance(model, (str, os.PathLike)) else (model, None)
+    opened = Model.open(model)
+    proto = opened.proto
     dataset = open_model_data(proto, data, preset=preset, limit=limit, seed=seed)
     if not dataset.has_labels():
         raise UserError(f"{dataset.description}: evaluation needs labels (class folders, y in the .npz, or (x, y) items)")
-    session = make_session(proto, device, folder=folder)
+    session = make_session(opened, device)
     out_name = proto.graph.output[0].name
     graph_kind = output_kind(proto)[0]
     nll = {"probs": 0.0, "logprobs": 0.0, "logits": 0.0}  # summed -log p of the labels under each reading

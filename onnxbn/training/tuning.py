@@ -155,7 +155,7 @@ def finetune_model(model: Model, train, val=None, *, epochs: int = 1, lr: float 
     if optimizer not in ("adam", "sgd"):
         raise UserError(f"unknown optimizer {optimizer!r}: use adam or sgd")
     started = time.perf_counter()
-    proto, folder = model.proto, model.folder
+    proto = model.proto
     require_opset(proto)
     input_type = model_input(proto)[1]
     if input_type != np.float32:
@@ -174,7 +174,7 @@ def finetune_model(model: Model, train, val=None, *, epochs: int = 1, lr: float 
     _, _, input_shape = model_input(proto)
     classes = tensor_shape(proto.graph.output[0].type)
     classes = classes[1] if classes and len(classes) == 2 and isinstance(classes[1], int) else None
-    digest = prefix_fingerprint(Model(prefix_model, model.arrays, folder))
+    digest = prefix_fingerprint(model.with_graph(prefix_model))
     temp = None
     if cache is None:
         temp = tempfile.TemporaryDirectory(prefix="onnxbn-features-")
@@ -184,7 +184,7 @@ def finetune_model(model: Model, train, val=None, *, epochs: int = 1, lr: float 
     # torch's import (~1.5 s on 2 cores) and the suffix's conversion run beside the caching pass, which is
     # onnxruntime's work; a conversion that fails stops the pass after its current batch.
     with ThreadPoolExecutor(1, thread_name_prefix="onnxbn-to-torch") as pool:
-        pending: Future[_Suffix] = pool.submit(_import_suffix, Model(suffix_model, model.arrays, folder), node,
+        pending: Future[_Suffix] = pool.submit(_import_suffix, model.with_graph(suffix_model), node,
                                                device, dropout, sync_bn)
 
         def poll() -> None:
@@ -192,7 +192,7 @@ def finetune_model(model: Model, train, val=None, *, epochs: int = 1, lr: float 
                 pending.result()  # raises the conversion's error
 
         # arena=False: memory freed with each tensor
-        prefix = (make_session(prefix_model, device, weights=model.arrays, folder=folder, arena=False), name, cut)
+        prefix = (make_session(model.with_graph(prefix_model), device, arena=False), name, cut)
         try:
             sets = {}
             for split, data in (("train", train), ("val", val)):
@@ -222,7 +222,7 @@ def finetune_model(model: Model, train, val=None, *, epochs: int = 1, lr: float 
             if temp is not None:
                 temp.cleanup()
     module.eval()
-    written = write_back_suffix(module, Model(suffix_model, model.arrays, folder), model)
+    written = write_back_suffix(module, model.with_graph(suffix_model), model)
     probe = make_probe(prefix, module, dev, input_shape, proto, sets["train"].input_shape) if rank == 0 else \
         WriteBackProbe(reason="rank > 0")
     result_log.update({
