@@ -86,6 +86,12 @@ def predict(model, x) -> np.ndarray:
     return np.asarray(session(model).run(None, {feed(model): x})[0])
 
 
+def seeded(build, seed: int = 0) -> nn.Module:
+    """`build()` under torch's seed `seed`: its initial weights do not depend on the tests run before."""
+    torch.manual_seed(seed)
+    return build()
+
+
 def stale_bn(module: nn.Module, seed: int = 1) -> nn.Module:
     """Seeded weights and BN statistics far from any data's (so recalibration has work to do)."""
     torch.manual_seed(seed)
@@ -117,13 +123,13 @@ def export(module: nn.Module, size: int = 16, opset: int = 17, training: bool = 
 
 @pytest.fixture(scope="module")
 def resnet():
-    module = stale_bn(TinyResNet())
+    module = stale_bn(seeded(TinyResNet))
     return module, export(module)
 
 
 @pytest.fixture(scope="module")
 def vgg():
-    module = stale_bn(TinyVGG())
+    module = stale_bn(seeded(TinyVGG))
     return module, export(module)
 
 
@@ -205,7 +211,7 @@ def test_exact_is_a_fixed_point_at_every_depth(request, which, cache_mb):
     x = data()
     before = fixed_point_errors(model, x)
     assert max(before.values()) > 0.1  # stale statistics to begin with
-    out, report = recalibrate_with_report(model, x, batch_size=8, cache_mb=cache_mb, prior=0)
+    out, report = recalibrate_with_report(model, x, batch_size=8, cache_mb=cache_mb, prior=0, var_floor=0)
     errors = fixed_point_errors(out, x)
     assert len(errors) == len(bn_nodes(model)) and max(errors.values()) <= 1e-6, errors
     # one pass per level: the longest chain of BNs (ResNet: stem + 2 per block; VGG: 5 in a row)
@@ -303,7 +309,7 @@ def test_selected_nodes_only(resnet):
     x = data(n=16)
     names = [n.name for n in bn_nodes(model)]
     picked = [names[1], names[4]]
-    out = onnxbn.recalibrate(model, x, nodes=",".join(picked), batch_size=8, prior=0)
+    out = onnxbn.recalibrate(model, x, nodes=",".join(picked), batch_size=8, prior=0, var_floor=0)
     errors = fixed_point_errors(out, x)
     for node in bn_nodes(model):
         if node.name in picked:
@@ -322,7 +328,7 @@ def batches_of(x, size):
 @pytest.fixture(scope="module")
 def vgg_default_affine():
     """BN scale 1 and B 0 everywhere: torch's exporter writes the repeated ones through Identity nodes."""
-    module = TinyVGG().eval()
+    module = seeded(TinyVGG).eval()
     model = export(module)
     assert any(n.op_type == "Identity" for n in model.graph.node)
     return module, model
@@ -371,7 +377,7 @@ def test_batch_differs_from_exact_as_the_math_says(vgg):
 
 @pytest.mark.parametrize("opset", [12, 15])
 def test_training_mode_bn_becomes_inference_mode(opset):
-    module = stale_bn(TinyResNet())
+    module = stale_bn(seeded(TinyResNet))
     model = export(module, opset=opset, training=True)
     bns = bn_nodes(model)
     assert all(len(n.output) > 1 for n in bns)
@@ -388,7 +394,7 @@ def test_training_mode_bn_becomes_inference_mode(opset):
 
 
 def test_training_outputs_in_use_are_refused():
-    model = export(stale_bn(TinyResNet()), opset=15, training=True)
+    model = export(stale_bn(seeded(TinyResNet)), opset=15, training=True)
     node = bn_nodes(model)[0]
     model.graph.output.append(helper.make_tensor_value_info(node.output[1], TensorProto.FLOAT, None))
     with pytest.raises(UserError, match="training mode.*remove that use"):
