@@ -26,7 +26,7 @@ demo: env
 
 lint: env
 	$(PY) -m ruff check onnxbn tests tools
-	PYRIGHT_PYTHON_IGNORE_WARNINGS=1 $(VENV)/bin/pyright --pythonpath $(PY)
+	PYRIGHT_PYTHON_IGNORE_WARNINGS=1 $(VENV)/bin/pyright -p pyproject.toml --pythonpath $(PY)
 
 test: lint
 	$(PY) -m pytest -q

@@ -1,12 +1,13 @@
 """torch.distributed, when onnxbn runs under `torchrun`; a single process otherwise.
 
 torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; `world()` reads them and starts the
-process group on first use (gloo on CPU, nccl when every rank has a GPU). Rank 0
-alone writes outputs and logs.
+process group on first use (gloo on CPU, nccl when every rank has a GPU) and destroys it at exit.
+Rank 0 alone writes outputs and logs.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 
 
@@ -25,6 +26,9 @@ def world() -> tuple[int, int]:
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend)
+        # the group's threads are joined before the interpreter's teardown (left running, a rank could end
+        # with "terminate called without an active exception")
+        atexit.register(dist.destroy_process_group)
     return dist.get_rank(), dist.get_world_size()
 
 
