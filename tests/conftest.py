@@ -60,6 +60,25 @@ def cli(capsys):
 
 
 @pytest.fixture
+def skewed_fold(monkeypatch):
+    """`skew(weight)` makes `onnxbn.fold.fold` return a model whose `weight` is 1% off: a fold whose
+    outputs differ from the model's, for the checks that must refuse to write it."""
+    import onnxbn.fold
+
+    real = onnxbn.fold.fold
+
+    def skew(weight: str) -> None:
+        def skewed(model):
+            folded, report = real(model)
+            folded.set_array(weight, (folded.array(weight) * 1.01).astype(np.float32))
+            return folded, report
+
+        monkeypatch.setattr(onnxbn.fold, "fold", skewed)
+
+    return skew
+
+
+@pytest.fixture
 def cnn():
     return small_cnn()
 

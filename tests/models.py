@@ -220,6 +220,17 @@ def weight_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return values
 
 
+def changed_weights(before: onnx.ModelProto, after: onnx.ModelProto) -> list[str]:
+    """The weights (`weight_values`) whose values differ from `before` to `after`, after asserting that
+    `after` is `before`'s graph (the same nodes reading the same tensors) with the same weight names:
+    what a write-back may change and what it may not."""
+    assert [(n.op_type, list(n.input)) for n in after.graph.node] == \
+        [(n.op_type, list(n.input)) for n in before.graph.node]
+    old, new = weight_values(before), weight_values(after)
+    assert new.keys() == old.keys()
+    return [k for k in old if not np.array_equal(old[k], new[k])]
+
+
 def dynamo_bias_model(input_name: str = "input") -> onnx.ModelProto:
     """Conv whose zero bias is Expand(CastLike(0, x), Expand(Shape(W, end=1), [1])) (as torch's dynamo exporter
     writes it without its optimizer), then BN and Relu; the input is `input_name` (N, 3, 8, 8)."""
