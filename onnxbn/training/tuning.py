@@ -157,7 +157,7 @@ def finetune_model(model: Model, train, val=None, *, epochs: int = 1, lr: float 
     started = time.perf_counter()
     proto = model.proto
     require_opset(proto)
-    input_type = model_input(proto)[1]
+    name, input_type, input_shape = model_input(proto)
     if input_type != np.float32:
         raise UserError(f"the model computes in {input_type}; fine-tuning needs a float32 model (train in float32, "
                         "then convert, e.g. with onnxconverter-common's float16 converter)")
@@ -170,8 +170,6 @@ def finetune_model(model: Model, train, val=None, *, epochs: int = 1, lr: float 
     if node not in {n.name for n in proto.graph.node}:
         raise UserError(f"--freeze-through {node!r}: no ONNX node has that name")
     prefix_model, suffix_model, cut = split_model(proto, node)
-    name = model_input(proto)[0]
-    _, _, input_shape = model_input(proto)
     classes = tensor_shape(proto.graph.output[0].type)
     classes = classes[1] if classes and len(classes) == 2 and isinstance(classes[1], int) else None
     digest = prefix_fingerprint(model.with_graph(prefix_model))
