@@ -548,7 +548,6 @@ def cmd_recalibrate(args) -> int:
     statistics (torch's update_bn convention; depends on --batch-size). Training-mode BN nodes
     become inference-mode nodes. The report lists, per BN, the change of mean and var (max
     |new-old| / max(|old|,|new|)), dead channels and the pass; --json prints it as JSON."""
-    import numpy as np
 
     from onnxbn.io.model import Model
     from onnxbn.io.save import refuse_overwrite
@@ -566,8 +565,7 @@ def cmd_recalibrate(args) -> int:
         return 1
     # Everything that reads the report is computed before the file is written, so a failure leaves no output.
     table = json.dumps(report.to_dict(), indent=2) if args.json else report.table()
-    newly_dead = sum(int(np.count_nonzero((b.old_var > 0) & (b.new_var <= 0))) for b in report.bns
-                     if b.old_var is not None and b.new_var is not None)  # None: computed at run time, no old value
+    newly_dead = report.newly_dead_channels()
     model.save(args.output, inputs=[args.model, args.data, args.eval_data] if args.eval_data
                else [args.model, args.data], force=args.force)
     print(table)

@@ -38,8 +38,7 @@ def recalibration_rows(models: dict, clean_val: Path, shifted_eval: Path, shifte
                 info = {"bn_nodes": len(rep.bns), "passes": len(rep.passes), "samples": rep.samples,
                         "prior": rep.prior, "var_floor": rep.var_floor,
                         "floored_channels": int(sum(rep.floored.values())),
-                        "newly_dead_channels": int(sum(np.count_nonzero((b.old_var > 0) & (b.new_var <= 0))
-                                                       for b in rep.bns if b.old_var is not None and b.new_var is not None)),
+                        "newly_dead_channels": rep.newly_dead_channels(),
                         "max_mean_change": max((b.to_dict()["mean_change"] or 0.0 for b in rep.bns), default=0.0),
                         "max_var_change": max((b.to_dict()["var_change"] or 0.0 for b in rep.bns), default=0.0)}
                 info["seconds"] = round(time.perf_counter() - started, 3)

@@ -67,6 +67,13 @@ class RecalibrationReport:
     prior_grid: list = field(default_factory=list)         # prior auto: {"prior", "top1", "loss"} per grid point
     eval: dict | None = None                               # the guard: eval_data, before, after, drop, max_drop, refused
 
+    def newly_dead_channels(self) -> int:
+        """Channels whose variance was > 0 before and is 0 now: constant on the new data, so inputs that vary
+        there (the old domain) are divided by sqrt(eps). BNs whose statistics are computed at run time (no
+        old value) do not count."""
+        return sum(int(np.count_nonzero((b.old_var > 0) & (b.new_var <= 0))) for b in self.bns
+                   if b.old_var is not None and b.new_var is not None)
+
     def to_dict(self) -> dict:
         return {"mode": self.mode, "samples": self.samples, "batch_size": self.batch_size, "data": self.data,
                 "provider": self.provider, "seconds": round(self.seconds, 3), "cache_mb": self.cache_mb,
