@@ -107,8 +107,8 @@ def vgg16_images(tmp_path_factory):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `gpu` run where onnxruntime's CUDA provider loads and torch sees a GPU; elsewhere
-    they are skipped, saying so (CI has no GPU)."""
+    """Tests marked `gpu` run where torch sees a GPU, and those marked `ort_gpu` where onnxruntime's
+    CUDA provider loads too; elsewhere they are skipped, saying so (CI has no GPU)."""
     from onnxbn.runtimes.ort_backend import cuda_available
 
     try:
@@ -117,9 +117,11 @@ def pytest_collection_modifyitems(config, items):
         torch_cuda = torch.cuda.is_available()
     except ImportError:
         torch_cuda = False
-    if cuda_available() and torch_cuda:
-        return
-    skip = pytest.mark.skip(reason="needs CUDA (onnxruntime-gpu with a loadable CUDA provider, and torch with a GPU)")
+    ort_cuda = torch_cuda and cuda_available()
+    skip_torch = pytest.mark.skip(reason="needs CUDA (torch with a GPU)")
+    skip_ort = pytest.mark.skip(reason="needs CUDA (onnxruntime-gpu with a loadable CUDA provider, and torch with a GPU)")
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if "ort_gpu" in item.keywords and not ort_cuda:
+            item.add_marker(skip_ort)
+        elif "gpu" in item.keywords and not torch_cuda:
+            item.add_marker(skip_torch)
