@@ -1,7 +1,9 @@
 """torch.distributed, when onnxbn runs under `torchrun`; a single process otherwise.
 
 torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; `world()` reads them and starts the
-process group on first use (gloo on CPU, nccl when every rank has a GPU) and destroys it at exit.
+process group on first use and destroys it at exit: gloo, and nccl for CUDA tensors too when every
+rank on the machine has a GPU of its own (`cpu:gloo,cuda:nccl`: a run on the CPU, `--device cpu` on a
+GPU machine, and the object gathers of statistics stay on gloo).
 Rank 0 alone writes outputs and logs.
 """
 
@@ -21,15 +23,22 @@ def world() -> tuple[int, int]:
     if not dist.is_initialized():
         import torch
 
-        backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= 1 \
-            and os.environ.get("ONNXBN_BACKEND", "") != "gloo" else "gloo"
-        if backend == "nccl":
+        backend = "gloo"
+        if gpu_per_rank() and os.environ.get("ONNXBN_BACKEND", "") != "gloo":
+            backend = "cpu:gloo,cuda:nccl"
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend)
         # the group's threads are joined before the interpreter's teardown (left running, a rank could end
         # with "terminate called without an active exception")
         atexit.register(dist.destroy_process_group)
     return dist.get_rank(), dist.get_world_size()
+
+
+def gpu_per_rank() -> bool:
+    """True when torch sees a GPU for each of this machine's ranks (torchrun's LOCAL_WORLD_SIZE; one outside it)."""
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.device_count() >= int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
 def is_main() -> bool:

@@ -92,3 +92,30 @@ def test_without_sync_bn_ranks_normalise_with_their_own_half(tmp_path):
     a = {t.name: numpy_helper.to_array(t) for t in single.model.graph.initializer}
     b = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "ddp.onnx")).graph.initializer}
     assert not np.allclose(b["f2.w"], a["f2.w"], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("gpus, backend, device", [(0, "gloo", None), (1, "gloo", None), (2, "cpu:gloo,cuda:nccl", 1)])
+def test_nccl_only_when_every_rank_on_the_machine_has_a_gpu_of_its_own(monkeypatch, gpus, backend, device):
+    """Two ranks: gloo on a CPU machine and where they would share one GPU (nccl refuses that); with a GPU
+    each, nccl for CUDA tensors and gloo for the CPU's (object gathers, --device cpu)."""
+    import torch
+    import torch.distributed as dist
+
+    from onnxbn import distributed
+
+    started, chosen = {}, []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.delenv("ONNXBN_BACKEND", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(dist, "is_initialized", lambda: bool(started))
+    monkeypatch.setattr(dist, "init_process_group", lambda name: started.setdefault("backend", name))
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(distributed.atexit, "register", lambda fn: None)
+    assert distributed.world() == (1, 2)
+    assert started["backend"] == backend
+    assert chosen == ([] if device is None else [device])

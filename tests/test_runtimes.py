@@ -390,3 +390,24 @@ def test_make_session_leaves_onnxruntimes_logger_alone(capfd):
     finally:
         ort.set_default_logger_severity(2)
     assert verbose.strip() != ""  # still verbose after onnxbn made its session
+
+
+@pytest.mark.parametrize("tf32, option", [(False, {"use_tf32": "0"}), (None, None), (True, {"use_tf32": "1"})])
+def test_onnxbns_cuda_sessions_compute_float32_as_float32_unless_asked(monkeypatch, tf32, option):
+    """make_session's default on CUDA is use_tf32=0 (statistics, caches, checks); None keeps onnxruntime's."""
+    from onnxbn.runtimes import ort_backend
+
+    asked = {}
+    real = ort.InferenceSession
+
+    def recording(payload, options, providers):
+        asked["providers"] = providers
+        return real(payload, options, providers=["CPUExecutionProvider"])
+
+    monkeypatch.setattr(ort_backend, "cuda_available", lambda: True)
+    monkeypatch.setattr(ort, "InferenceSession", recording)
+    kwargs = {} if tf32 is False else {"tf32": tf32}
+    ort_backend.make_session(small_net(17), "auto", **kwargs)
+    cuda = asked["providers"][0]
+    assert asked["providers"][1] == "CPUExecutionProvider"
+    assert cuda == ("CUDAExecutionProvider", option) if option else cuda == "CUDAExecutionProvider"

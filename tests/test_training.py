@@ -430,3 +430,43 @@ def test_finetune_merges_a_last_batch_of_one():
     result = onnxbn.finetune(onnxbn.insert_bn(model, stats), (x, np.arange(17) % 10), epochs=1, batch_size=16,
                              device="cpu", lr=1e-3)  # a batch of 1 would raise in BatchNorm1d
     assert len(result.log["history"]) == 1
+
+
+@pytest.mark.parametrize("gpus, ranks, rank, asked, expected", [
+    (0, 1, 0, "auto", "cpu"), (1, 1, 0, "auto", "cuda:0"), (1, 1, 0, "cpu", "cpu"),
+    (2, 2, 1, "auto", "cuda:1"), (2, 2, 1, "cuda", "cuda:1"),
+    (1, 2, 1, "auto", "cpu"),  # two ranks and one GPU: both on the CPU (nccl refuses two ranks on one GPU)
+    (1, 2, 1, "cuda", "--nproc-per-node"), (0, 1, 0, "cuda", "torch sees no CUDA device"),
+])
+def test_each_rank_gets_a_gpu_of_its_own_or_the_cpu(monkeypatch, gpus, ranks, rank, asked, expected):
+    import torch
+
+    from onnxbn.training.loop import torch_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(ranks))
+    monkeypatch.setenv("LOCAL_RANK", str(rank))
+    if expected.startswith(("cpu", "cuda")):
+        assert str(torch_device(asked)) == expected
+    else:
+        with pytest.raises(UserError, match=expected):
+            torch_device(asked)
+
+
+def test_float32_work_in_torch_runs_with_tf32_off_and_restores_the_flags():
+    import torch
+
+    from onnxbn.torch_import.precision import ieee_float32
+
+    def flags():
+        return torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision
+
+    before = flags()
+    assert before[0] == "tf32"  # torch's default for cuDNN convolutions: the reason for ieee_float32
+    with ieee_float32():
+        assert flags() == ("ieee", "ieee")
+    assert flags() == before
+    with pytest.raises(RuntimeError), ieee_float32():
+        raise RuntimeError("a failing pass")
+    assert flags() == before

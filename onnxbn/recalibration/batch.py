@@ -35,6 +35,7 @@ def run_batch(work: Model, bns: list[BNRecord], dataset, batch_size: int, *, wor
     import torch
 
     from onnxbn.torch_import import to_torch
+    from onnxbn.torch_import.precision import ieee_float32
 
     started = time.perf_counter()
     imported = _with_constant_parameters(work.copy().to_proto(), bns)
@@ -50,7 +51,7 @@ def run_batch(work: Model, bns: list[BNRecord], dataset, batch_size: int, *, wor
         bn.train()
     _, dtype, shape = model_input(work.proto)
     samples = 0
-    with torch.no_grad(), progress(dataset.total, "recalibrate (batch)") as bar:
+    with torch.no_grad(), ieee_float32(), progress(dataset.total, "recalibrate (batch)") as bar:
         for x, _ in dataset.batches(batch_size, workers, strict=strict, dtype=dtype):
             check_batch_shape(x, shape, dataset.description)
             check_finite_input(x, samples)

@@ -102,7 +102,7 @@ def cuda_available() -> bool:
 
 
 def make_session(model: Model | onnx.ModelProto | bytes | str | os.PathLike, device: str = "auto", threads: int = 0,
-                 tf32: bool | None = None, arena: bool = True, prepack: bool = True):
+                 tf32: bool | None = False, arena: bool = True, prepack: bool = True):
     """An InferenceSession for `model` on `device` ('auto', 'cpu' or 'cuda').
 
     'cuda' fails with a UserError when CUDA does not load; 'auto' falls back to the
@@ -114,7 +114,8 @@ def make_session(model: Model | onnx.ModelProto | bytes | str | os.PathLike, dev
     is done, instead of the arena keeping (and growing to) its high-water mark. `prepack=False`
     keeps onnxruntime from repacking Conv/Gemm weights into copies laid out for speed at load
     (VGG16: ~0.5 s and 70 MiB less to open, for a session that runs once). `tf32`
-    sets the CUDA provider's `use_tf32` (None: onnxruntime's default). A model onnxruntime
+    sets the CUDA provider's `use_tf32`: off by default, so that float32 statistics, caches and
+    checks on CUDA are float32 (TF32 keeps 10 mantissa bits); None leaves onnxruntime's default. A model onnxruntime
     cannot load is a UserError naming the operator it lacks (see runtimes.errors.load_error); any other
     model onnxruntime refuses (status FAIL, INVALID_ARGUMENT, INVALID_GRAPH, INVALID_PROTOBUF or
     NOT_IMPLEMENTED: a damaged or invalid model) is a UserError quoting onnxruntime's first line.

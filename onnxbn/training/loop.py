@@ -21,15 +21,20 @@ log = logging.getLogger("onnxbn")
 
 
 def torch_device(device: str):
-    """cuda (this rank's GPU under torchrun) when asked for or available, else cpu."""
+    """cuda (this rank's GPU under torchrun) when asked for or available, else cpu; 'auto' takes the
+    CPU where this machine's ranks outnumber its GPUs (one GPU per rank: `distributed.gpu_per_rank`)."""
     import torch
 
     if device not in ("auto", "cpu", "cuda"):
         raise UserError(f"unknown device {device!r}: use auto, cpu or cuda")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: torch sees no CUDA device here; use --device cpu or auto")
-    if device == "cpu" or not torch.cuda.is_available():
+    if device == "cpu" or (device == "auto" and not distributed.gpu_per_rank()):
         return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise UserError("--device cuda: torch sees no CUDA device here; use --device cpu or auto")
+    if not distributed.gpu_per_rank():
+        raise UserError(f"--device cuda: torchrun runs {os.environ.get('LOCAL_WORLD_SIZE')} ranks on this machine "
+                        f"and torch sees {torch.cuda.device_count()} GPU(s): start one rank per GPU "
+                        "(--nproc-per-node) or use --device cpu")
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 

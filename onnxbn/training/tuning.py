@@ -212,17 +212,22 @@ def finetune_model(model: Model, train, val=None, *, epochs: int = 1, lr: float 
             module, dev, trainable = suffix.module, suffix.device, suffix.trainable
             import torch  # loaded by now, in the conversion's thread
 
+            from onnxbn.torch_import.precision import ieee_float32
+
             torch.manual_seed(seed + rank)  # here, so that dropout's masks depend on the seed alone
-            kind, how = suffix_output_kind(proto, module, sets["train"], batch_size // ranks, dev)
-            result_log = train_epochs(module, trainable, sets, epochs=epochs, lr=lr, batch_size=batch_size // ranks,
-                                      seed=seed, device=dev, kind=kind, optimizer=optimizer, bf16=bf16)
+            with ieee_float32():
+                kind, how = suffix_output_kind(proto, module, sets["train"], batch_size // ranks, dev)
+                result_log = train_epochs(module, trainable, sets, epochs=epochs, lr=lr,
+                                          batch_size=batch_size // ranks, seed=seed, device=dev, kind=kind,
+                                          optimizer=optimizer, bf16=bf16)
         finally:
             if temp is not None:
                 temp.cleanup()
     module.eval()
     written = write_back_suffix(module, model.with_graph(suffix_model), model)
-    probe = make_probe(prefix, module, dev, input_shape, proto, sets["train"].input_shape) if rank == 0 else \
-        WriteBackProbe(reason="rank > 0")
+    with ieee_float32():
+        probe = make_probe(prefix, module, dev, input_shape, proto, sets["train"].input_shape) if rank == 0 else \
+            WriteBackProbe(reason="rank > 0")
     result_log.update({
         "freeze_through": node, "output": kind, "output_read_by": how,
         "import_seconds": round(suffix.seconds, 3),
