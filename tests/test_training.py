@@ -48,6 +48,7 @@ def test_finetune_small_model(tmp_path):
     again = onnxbn.finetune(bn, (x, y), (x[:16], y[:16]), epochs=1, lr=1e-3, batch_size=16, cache=tmp_path)
     assert again.log["cache"]["train"]["hit"] is True and again.log["cache"]["val"]["hit"] is True
     assert again.log["cache"]["train"]["seconds"] == 0  # nothing was computed
+    assert again.log["write_back_check"]["checked"] is True  # the gate's inputs come from the cache entry too
     # the model without BN has the same frozen part (the BN sit after the cut): same features
     plain = onnxbn.finetune(model, (x, y), epochs=1, lr=1e-3, batch_size=16, cache=tmp_path)
     assert plain.log["cache"]["train"]["hit"] is True
@@ -234,6 +235,10 @@ def test_the_frozen_part_runs_in_onnxruntime_and_its_features_equal_the_torch_pr
         expected = prefix(torch.from_numpy(x)).numpy()
     assert cached.shape == expected.shape
     assert float(np.abs(cached - expected).max() / np.abs(expected).max()) <= 1e-5
+    # the write-back gate's input: the first sample, whose features are the first row
+    np.testing.assert_array_equal(np.load(entry / "probe.npy"), x[:1])
+    (relu2,) = exposed(model, ["r2"], x[:1])
+    np.testing.assert_allclose(cached[:1], relu2, rtol=1e-6, atol=1e-7)
 
     foreign = with_shrink_after(model, "r1")  # in the frozen part
     with pytest.raises(onnxbn.errors.UserError, match="Shrink"):

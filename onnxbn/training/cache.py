@@ -1,6 +1,7 @@
 """The feature cache: the frozen prefix's outputs over a data set, computed once in onnxruntime.
 
-Layout: `CACHE/<key>/{features.npy, labels.npy, meta.json}`, where the key hashes the frozen part
+Layout: `CACHE/<key>/{features.npy, labels.npy, probe.npy, meta.json}` (probe.npy: the inputs of the
+first rows, one or the model's fixed batch, for the write-back gate), where the key hashes the frozen part
 (its ONNX graph and weights, so models that differ only after the cut share features; versioned by
 `_CACHE_FORMAT`), the data (file names, sizes and times, or array bytes) and the preprocessing; a
 finished entry is renamed into place atomically, so a killed run never leaves a half cache that a
@@ -30,7 +31,8 @@ log = logging.getLogger("onnxbn")
 
 # Version of what a cache entry holds: the frozen prefix's outputs as onnxruntime computes them on the
 # ONNX graph (entries of earlier releases, computed by the torch import, are never read: other keys).
-_CACHE_FORMAT = "onnxruntime-prefix-1"
+# 2: probe.npy added.
+_CACHE_FORMAT = "onnxruntime-prefix-2"
 
 
 
@@ -41,13 +43,19 @@ def prefix_fingerprint(prefix: Model) -> str:
 
 @dataclass
 class Features:
-    """Cached prefix outputs (memory-mapped) and their labels; `seconds` it took to compute them (0 on a hit)."""
+    """Cached prefix outputs (memory-mapped) and their labels; `seconds` it took to compute them (0 on a hit);
+    `probe`: the inputs whose outputs are the first rows of `x` (one, or the model's fixed batch)."""
 
     x: np.ndarray
     y: np.ndarray
     hit: bool
+    probe: np.ndarray
     seconds: float = 0.0
-    input_shape: list[int] | None = None  # one input sample's shape (None: an entry of an earlier release)
+
+    @property
+    def input_shape(self) -> list[int]:
+        """One input sample's shape."""
+        return list(self.probe.shape[1:])
 
 
 def _run_prefix(prefix, dataset, folder: Path, batch_size: int, workers: int, desc: str, shape,
@@ -70,6 +78,8 @@ def _run_prefix(prefix, dataset, folder: Path, batch_size: int, workers: int, de
                 features = np.lib.format.open_memmap(folder / "features.npy", mode="w+", dtype=np.float32,
                                                      shape=(n, *out.shape[1:]))
                 labels = np.lib.format.open_memmap(folder / "labels.npy", mode="w+", dtype=np.int64, shape=(n,))
+            if written == 0:
+                np.save(folder / "probe.npy", x[:fixed or 1])
             features[written:written + len(out)] = out
             labels[written:written + len(out)] = y
             written += len(out)
@@ -80,7 +90,6 @@ def _run_prefix(prefix, dataset, folder: Path, batch_size: int, workers: int, de
     features.flush()
     labels.flush()
     (folder / "meta.json").write_text(json.dumps({"samples": written, "shape": list(features.shape[1:]),
-                                                  "input_shape": list(x.shape[1:]),
                                                   "skipped": dataset.skipped[:20]}))
     return written
 
@@ -110,5 +119,5 @@ def cached_features(prefix, dataset, key: str, cache_dir: Path, batch_size: int,
     meta = json.loads((entry / "meta.json").read_text())
     x = np.load(entry / "features.npy", mmap_mode="r")[:meta["samples"]]
     y = np.load(entry / "labels.npy", mmap_mode="r")[:meta["samples"]]
-    return Features(x, np.asarray(y), hit, 0.0 if hit else round(time.perf_counter() - started, 3),
-                    meta.get("input_shape"))
+    return Features(x, np.asarray(y), hit, np.load(entry / "probe.npy"),
+                    0.0 if hit else round(time.perf_counter() - started, 3))

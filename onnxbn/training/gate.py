@@ -9,9 +9,10 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxbn.feeding import model_input, rel_error
+from onnxbn.feeding import rel_error
 from onnxbn.io.copies import metadata, set_metadata
 from onnxbn.io.model import Model
+from onnxbn.training.cache import Features
 
 
 @dataclass
@@ -36,29 +37,18 @@ class WriteBackProbe:
         return {"checked": True, "max_rel_error": error}
 
 
-def make_probe(prefix, module, device, input_shape, proto, seen: list[int] | None, samples: int = 1) -> WriteBackProbe:
-    """The model's outputs on `samples` seeded random inputs as fine-tuning computes them (the prefix in
-    onnxruntime, `prefix` = (session, input name, cut), then the trained torch `module`), for the
-    write-back gate. A dimension the model leaves open (dynamic H and W) takes the size of the
-    training inputs (`seen`: one sample's shape). One input: in eval mode no output depends on the batch,
-    so a write-back error shows in one row as in many, and each more sample adds two forward passes to
-    the gate (VGG16 on 2 cores: ~0.4 s each, against ~6 s for a caching pass over 16 inputs)."""
+def make_probe(module, device, name: str, features: Features) -> WriteBackProbe:
+    """The model's outputs on the first cached inputs (`features.probe`: one, or the model's fixed batch) as
+    fine-tuning computes them: the frozen prefix's outputs from the caching pass (the first rows of
+    `features.x`), then the trained torch `module` in eval mode, for the write-back gate (inputs fed as
+    `name`). One input is enough: in eval mode no output depends on the batch, so a write-back error shows
+    in one row as in many; the prefix's outputs come from the cache, so the gate costs one forward pass
+    of the written model in onnxruntime and one of `module`."""
     import torch
 
-    dims = [d if isinstance(d, int) and d > 0 else None for d in input_shape[1:]]
-    if seen is not None and len(seen) == len(dims):
-        dims = [s if d is None else d for d, s in zip(dims, seen, strict=True)]
-    fixed = [d for d in dims if d is not None]
-    if len(fixed) != len(dims):
-        return WriteBackProbe(reason="input shape is not fixed")
-    session, name, cut = prefix
-    dtype = model_input(proto)[1]
-    if isinstance(input_shape[0], int) and input_shape[0] > 0:
-        samples = input_shape[0]  # a fixed batch axis
-    x = np.random.default_rng(0).standard_normal((samples, *fixed)).astype(dtype)
-    features = np.asarray(session.run([cut], {name: x})[0], dtype=np.float32)
+    x = features.probe
     with torch.no_grad():
-        expected = module(torch.from_numpy(features).to(device))
+        expected = module(torch.from_numpy(np.ascontiguousarray(features.x[:len(x)])).to(device))
         expected = (expected[0] if isinstance(expected, tuple) else expected).float().cpu().numpy()
     return WriteBackProbe(name, x, expected)
 

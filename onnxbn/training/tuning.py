@@ -226,8 +226,7 @@ def finetune_model(model: Model, train, val=None, *, epochs: int = 1, lr: float 
     module.eval()
     written = write_back_suffix(module, model.with_graph(suffix_model), model)
     with ieee_float32():
-        probe = make_probe(prefix, module, dev, input_shape, proto, sets["train"].input_shape) if rank == 0 else \
-            WriteBackProbe(reason="rank > 0")
+        probe = make_probe(module, dev, name, sets["train"]) if rank == 0 else WriteBackProbe(reason="rank > 0")
     result_log.update({
         "freeze_through": node, "output": kind, "output_read_by": how,
         "import_seconds": round(suffix.seconds, 3),
