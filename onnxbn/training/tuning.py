@@ -189,8 +189,7 @@ def finetune_model(model: Model, train, val=None, *, epochs: int = 1, lr: float 
             if pending.done():
                 pending.result()  # raises the conversion's error
 
-        # arena=False: memory freed with each tensor
-        prefix = (make_session(model.with_graph(prefix_model), device, arena=False), name, cut)
+        prefix = (make_session(model.with_graph(prefix_model), device), name, cut)
         try:
             sets = {}
             for split, data in (("train", train), ("val", val)):
@@ -208,6 +207,7 @@ def finetune_model(model: Model, train, val=None, *, epochs: int = 1, lr: float 
                     check_labels(sets[split].y, classes, dataset.description)
                     if split == "train":
                         warn_unused_outputs(sets[split].y, classes, dataset.description)
+            del prefix  # the session and its arena go before training and the gate
             suffix = pending.result()
             module, dev, trainable = suffix.module, suffix.device, suffix.trainable
             import torch  # loaded by now, in the conversion's thread
