@@ -84,7 +84,8 @@ def bad_inputs(tmp):
     no_dense = onnx.helper.make_model(onnx.helper.make_graph(
         [onnx.helper.make_node("Relu", ["input"], ["y"], name="r")], "g",
         [onnx.helper.make_tensor_value_info("input", 1, ["N", 3, 8, 8])],
-        [onnx.helper.make_tensor_value_info("y", 1, ["N", 3, 8, 8])]), opset_imports=[onnx.helper.make_opsetid("", 17)])
+        [onnx.helper.make_tensor_value_info("y", 1, ["N", 3, 8, 8])]), opset_imports=[onnx.helper.make_opsetid("", 17)],
+        ir_version=8)
     onnx.save(no_dense, str(tmp / "nodense.onnx"))
     data = str(tmp / "data.npz")
     return [
@@ -162,7 +163,7 @@ def graph_model(nodes, inits=(), input_shape=("N", 3, 4, 4)):
 
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(input_shape))],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], list(inits))
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
 def out_of_bounds_gather_model():
