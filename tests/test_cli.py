@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -214,6 +215,22 @@ def test_models_onnxruntime_refuses_are_user_errors(case, tmp_path, capfd, crash
     assert code == 2 and out == ""
     assert err.startswith("onnxbn: error: onnxruntime cannot run this model: [ONNXRuntimeError] : ") and words in err
     assert err.count("\n") == 1  # nothing from onnxruntime's own loggers
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"] and list(crash_logs.iterdir()) == []
+
+
+def test_a_model_newer_than_onnxruntime_reads_is_one_line_saying_to_upgrade(tmp_path, capfd, crash_logs):
+    """onnx 1.23 writes IR version 14 by default, which onnxruntime 1.30 does not read (up to 13)."""
+    import onnxruntime
+
+    model = graph_model([onnx.helper.make_node("Relu", ["x"], ["y"])])
+    model.ir_version = 99
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    code = main(["check", str(tmp_path / "m.onnx"), str(tmp_path / "m.onnx"), "--random", "2"])
+    out, err = capfd.readouterr()
+    assert code == 2 and out == "" and err.count("\n") == 1
+    version = re.escape(onnxruntime.__version__)
+    assert re.fullmatch(rf"onnxbn: error: the model is ONNX IR version 99 and onnxruntime {version} reads IR versions "
+                        r"up to \d+: upgrade onnxruntime \(pip install -U onnxruntime, or onnxruntime-gpu\)\n", err), err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"] and list(crash_logs.iterdir()) == []
 
 
