@@ -11,6 +11,10 @@ The ready-made models: `small_cnn` (VGG in miniature, the conftest fixture's mod
 `small_net` (the same shape with `Net`'s layer names, any dtype). `inputs_for` gives
 seeded inputs; `bn_count` and `weight_values` read a model back. The judges that run a model
 (onnxruntime, numpy moments, rel_error) are in oracles.py.
+
+Every model a test builds names its ir_version (here: the oldest its opset allows): helper.make_model's
+default is the newest the installed onnx knows (14 with onnx 1.23), which an older onnxruntime that
+onnxbn supports refuses to load (1.30 reads up to 13).
 """
 
 from __future__ import annotations
@@ -252,4 +256,4 @@ def dynamo_bias_model(input_name: str = "input") -> onnx.ModelProto:
     return helper.make_model(
         helper.make_graph(nodes, "g", [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, ["N", 3, 8, 8])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])], inits),
-        opset_imports=[helper.make_opsetid("", 20)])
+        opset_imports=[helper.make_opsetid("", 20)], ir_version=9)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -84,7 +85,8 @@ def bad_inputs(tmp):
     no_dense = onnx.helper.make_model(onnx.helper.make_graph(
         [onnx.helper.make_node("Relu", ["input"], ["y"], name="r")], "g",
         [onnx.helper.make_tensor_value_info("input", 1, ["N", 3, 8, 8])],
-        [onnx.helper.make_tensor_value_info("y", 1, ["N", 3, 8, 8])]), opset_imports=[onnx.helper.make_opsetid("", 17)])
+        [onnx.helper.make_tensor_value_info("y", 1, ["N", 3, 8, 8])]), opset_imports=[onnx.helper.make_opsetid("", 17)],
+        ir_version=8)
     onnx.save(no_dense, str(tmp / "nodense.onnx"))
     data = str(tmp / "data.npz")
     return [
@@ -162,7 +164,7 @@ def graph_model(nodes, inits=(), input_shape=("N", 3, 4, 4)):
 
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(input_shape))],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], list(inits))
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
 def out_of_bounds_gather_model():
@@ -213,6 +215,22 @@ def test_models_onnxruntime_refuses_are_user_errors(case, tmp_path, capfd, crash
     assert code == 2 and out == ""
     assert err.startswith("onnxbn: error: onnxruntime cannot run this model: [ONNXRuntimeError] : ") and words in err
     assert err.count("\n") == 1  # nothing from onnxruntime's own loggers
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"] and list(crash_logs.iterdir()) == []
+
+
+def test_a_model_newer_than_onnxruntime_reads_is_one_line_saying_to_upgrade(tmp_path, capfd, crash_logs):
+    """onnx 1.23 writes IR version 14 by default, which onnxruntime 1.30 does not read (up to 13)."""
+    import onnxruntime
+
+    model = graph_model([onnx.helper.make_node("Relu", ["x"], ["y"])])
+    model.ir_version = 99
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    code = main(["check", str(tmp_path / "m.onnx"), str(tmp_path / "m.onnx"), "--random", "2"])
+    out, err = capfd.readouterr()
+    assert code == 2 and out == "" and err.count("\n") == 1
+    version = re.escape(onnxruntime.__version__)
+    assert re.fullmatch(rf"onnxbn: error: the model is ONNX IR version 99 and onnxruntime {version} reads IR versions "
+                        r"up to \d+: upgrade onnxruntime \(pip install -U onnxruntime, or onnxruntime-gpu\)\n", err), err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"] and list(crash_logs.iterdir()) == []
 
 

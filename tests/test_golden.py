@@ -132,7 +132,7 @@ def test_saving_and_comparing_stream_a_batch_at_a_time(tmp_path):
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 16, 16])])
     model = str(tmp_path / "m.onnx")
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), model)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), model)
     peaks = []
     for n in (8, 800, 4000):  # the first run only imports what the others use
         x = np.random.default_rng(n).standard_normal((n, 3, 16, 16)).astype(np.float32)
@@ -248,7 +248,7 @@ def identity_model(names: list[str], shape: list) -> onnx.ModelProto:
     nodes = [helper.make_node("Identity", ["x"], [n], name=n) for n in names]
     graph = helper.make_graph(nodes, "identity", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", *shape])],
                               [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", *shape]) for n in names])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
 
 
 def golden_folder(root, x: np.ndarray, outputs: list[np.ndarray]):

@@ -103,7 +103,7 @@ def test_histograms_past_two_to_the_twelve_keep_tiny_negatives_below_zero():
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6])
     model = helper.make_model(helper.make_graph([helper.make_node("Identity", ["x"], ["y"], name="id")], "g", [x], [y]),
-                              opset_imports=[helper.make_opsetid("", 13)])
+                              opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
     tiny = np.float32(-1.4e-45)  # the smallest negative subnormal
     data = np.array([[5000.0, -3000.5, tiny, 0.0, 1e-3, -7.25]] * 4, np.float32)
     assert np.float32(tiny) * np.float32(0.25) == 0  # what float32 alone would have binned at 0
@@ -379,14 +379,16 @@ def int_model():
     x = helper.make_tensor_value_info("x", TensorProto.INT64, ["N", 4])
     y = helper.make_tensor_value_info("y", TensorProto.INT64, ["N", 4])
     node = helper.make_node("Add", ["x", "x"], ["y"], name="add")
-    return helper.make_model(helper.make_graph([node], "g", [x], [y]), opset_imports=[helper.make_opsetid("", 13)])
+    return helper.make_model(helper.make_graph([node], "g", [x], [y]), opset_imports=[helper.make_opsetid("", 13)],
+                             ir_version=8)
 
 
 def softmax_model():
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])
     node = helper.make_node("Softmax", ["x"], ["y"], name="softmax")
-    return helper.make_model(helper.make_graph([node], "g", [x], [y]), opset_imports=[helper.make_opsetid("", 13)])
+    return helper.make_model(helper.make_graph([node], "g", [x], [y]), opset_imports=[helper.make_opsetid("", 13)],
+                             ir_version=8)
 
 
 @pytest.mark.parametrize("case", ["quantized", "no-float", "nothing-to-quantize", "exclude", "recover", "opset"])

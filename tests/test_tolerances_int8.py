@@ -1,5 +1,6 @@
 """The int8 rule of `check` (onnxbn.tolerances.int8_rule): chosen because the candidate holds Q/DQ nodes, whatever
-precision its runtime reports; cosine and top-1 decide, judged here against numpy on both runtimes' outputs."""
+precision its runtime reports; cosine and top-1 decide, judged here against numpy on both runtimes' outputs
+(OpenVINO's cases skip, naming the pip command, where it is not installed)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 from test_quantize import bn_cnn, session
+from test_runtimes import needs
 
 from models import inputs_for
 from onnxbn.cli import main
@@ -38,7 +40,7 @@ def models(tmp_path_factory):
 def numpy_judges(folder, candidate: str) -> tuple[float, float]:
     """(cosine, top-1 agreement) of the candidate's logits with the float model's, on onnxruntime, by numpy."""
     x = np.load(folder / "held.npz")["x"]
-    a, b = (session(onnx.load(str(folder / f"{m}.onnx"))).run(None, {"input": x})[0].astype(np.float64)
+    a, b = (np.asarray(session(onnx.load(str(folder / f"{m}.onnx"))).run(None, {"input": x})[0], np.float64)
             for m in ("float", candidate))
     cosine = float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum()))
     return cosine, float(np.mean(a.argmax(1) == b.argmax(1)))
@@ -52,7 +54,7 @@ def check(folder, capsys, candidate: str, runtime: str, *extra) -> tuple[int, di
     return code, json.loads((folder / "r.json").read_text())
 
 
-@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+@pytest.mark.parametrize("runtime", ["onnxruntime", pytest.param("openvino", marks=needs["openvino"])])
 def test_int8_model_passes_check_on_cosine_and_top1(models, capsys, runtime):
     code, report = check(models, capsys, "int8", runtime)
     logits = report["outputs"]["logits"]
@@ -68,7 +70,7 @@ def test_int8_model_passes_check_on_cosine_and_top1(models, capsys, runtime):
         assert report["runtimes"]["candidate"]["precision"] == "f32"
 
 
-@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+@pytest.mark.parametrize("runtime", ["onnxruntime", pytest.param("openvino", marks=needs["openvino"])])
 def test_broken_int8_model_fails_the_cosine_gate(models, capsys, runtime):
     code, report = check(models, capsys, "broken", runtime)
     gates = {g["gate"]: g for g in report["outputs"]["logits"]["gates"]}

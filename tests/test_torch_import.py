@@ -1373,7 +1373,7 @@ def test_parameter_passed_on_by_identity_is_one_tied_parameter():
     model = helper.make_model(
         helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
                           [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", 8])], inits),
-        opset_imports=[helper.make_opsetid("", 17)])
+        opset_imports=[helper.make_opsetid("", 17)], ir_version=_ir(17))
     module = to_torch(model)
     assert sorted(p.numel() for p in module.parameters()) == [8, 8]  # one scale, one bias: shared
     with torch.no_grad():

@@ -368,7 +368,7 @@ def test_dynamo_batch_size_and_dynamic_hw_pass_the_write_back_gate():
     model = helper.make_model(
         helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])],
                           [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])], inits),
-        opset_imports=[helper.make_opsetid("", 17)])
+        opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     x = rng.standard_normal((8, 3, 12, 12)).astype(np.float32)
     y = rng.integers(0, 3, 8)
     result = onnxbn.finetune(model, (x, y), epochs=1, lr=1e-2, batch_size=4, device="cpu", freeze_through="stem")

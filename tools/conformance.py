@@ -94,6 +94,23 @@ _NARROW = {np.dtype(ml_dtypes.int4): np.int8, np.dtype(ml_dtypes.int2): np.int8,
            np.dtype(ml_dtypes.float4_e2m1fn): np.float32, np.dtype(ml_dtypes.float8_e8m0fnu): np.float32}
 
 
+# ONNX Cast leaves a float outside an integer type's range undefined. onnx's cases compute their expected outputs
+# with the installed ml_dtypes, which writes 0 there for INT4/UINT4/INT2/UINT2 from 0.7 on (as onnxbn does:
+# onnxbn/torch_import/narrow.py) and wrapped the truncated value before: with an older ml_dtypes those elements
+# of these cases are not compared (the spec decides no value to compare with).
+_CAST_TO_SUB_BYTE_INT = re.compile(r"test_cast(like)?_FLOAT(16)?_to_U?INT[24](_expanded)?")
+_ML_DTYPES_WRAPS = tuple(int(p) for p in ml_dtypes.__version__.split(".")[:2]) < (0, 7)
+
+
+def _spec_defined(case, inputs, expected) -> np.ndarray | None:
+    """The elements of the outputs the ONNX spec defines, or None for all (see _CAST_TO_SUB_BYTE_INT)."""
+    if not (_ML_DTYPES_WRAPS and _CAST_TO_SUB_BYTE_INT.fullmatch(case.name)):
+        return None
+    info = ml_dtypes.iinfo(_array(expected[0]).dtype)
+    t = np.trunc(_array(inputs[0]).astype(np.float64))
+    return (t >= info.min) & (t <= info.max)  # False for NaN
+
+
 def _tensor(v) -> torch.Tensor:
     a = _array(v)
     if a.dtype in _NARROW:
@@ -105,7 +122,8 @@ def _tensor(v) -> torch.Tensor:
     return torch.from_numpy(np.array(a, copy=True))
 
 
-def _compare(got, expected, case) -> str | None:
+def _compare(got, expected, case, defined: np.ndarray | None = None) -> str | None:
+    """Why `got` is not the case's `expected` outputs (None when it is), on the elements `defined` (all by default)."""
     got = list(got) if isinstance(got, (tuple, list)) else [got]
     if len(got) != len(expected):
         return f"{len(got)} outputs, expected {len(expected)}"
@@ -124,6 +142,8 @@ def _compare(got, expected, case) -> str | None:
             return f"output {i} dtype {g.dtype} != {e.dtype}"
         if g.shape != e.shape:
             return f"output {i} shape {g.shape} != {e.shape}"
+        if defined is not None:
+            g, e = g[defined], e[defined]
         if e.dtype.kind in "fc":
             if not np.allclose(g, e, rtol=case.rtol, atol=case.atol, equal_nan=True):
                 return f"output {i} values differ (max abs {np.nanmax(np.abs(g.astype(np.float64) - e)):.3g})"
@@ -161,7 +181,7 @@ def run_case(case, convert=to_torch, refusal: type[Exception] = UserError) -> st
                 got = module(*args)
         except Exception as exc:  # noqa: BLE001
             return f"fail: run raised {type(exc).__name__}: {str(exc)[:150]}"
-        why = _compare(got, expected, case)
+        why = _compare(got, expected, case, _spec_defined(case, inputs, expected))
         if why:
             return f"fail: {why}"
     return "pass"

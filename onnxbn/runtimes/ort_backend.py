@@ -116,7 +116,8 @@ def make_session(model: Model | onnx.ModelProto | bytes | str | os.PathLike, dev
     (VGG16: ~0.5 s and 70 MiB less to open, for a session that runs once). `tf32`
     sets the CUDA provider's `use_tf32`: off by default, so that float32 statistics, caches and
     checks on CUDA are float32 (TF32 keeps 10 mantissa bits); None leaves onnxruntime's default. A model onnxruntime
-    cannot load is a UserError naming the operator it lacks (see runtimes.errors.load_error); any other
+    cannot load is a UserError naming the operator it lacks (see runtimes.errors.load_error); one whose IR
+    version is newer than onnxruntime reads is a UserError saying to upgrade onnxruntime; any other
     model onnxruntime refuses (status FAIL, INVALID_ARGUMENT, INVALID_GRAPH, INVALID_PROTOBUF or
     NOT_IMPLEMENTED: a damaged or invalid model) is a UserError quoting onnxruntime's first line.
     The session logs only FATAL messages (see the module docstring).
@@ -159,6 +160,11 @@ def make_session(model: Model | onnx.ModelProto | bytes | str | os.PathLike, dev
             session = ort.InferenceSession(payload, options, providers=providers)
     except Exception as exc:
         status = _onnxruntime_status(exc)
+        too_new = re.search(r"Unsupported model IR version: (\d+), max supported IR version: (\d+)", str(exc))
+        if too_new:  # e.g. onnx 1.23's helper.make_model writes IR 14, onnxruntime 1.30 reads up to 13
+            raise UserError(f"the model is ONNX IR version {too_new[1]} and onnxruntime {ort.__version__} reads IR "
+                            f"versions up to {too_new[2]}: upgrade onnxruntime (pip install -U onnxruntime, "
+                            f"or onnxruntime-gpu)") from exc
         if status == "NOT_IMPLEMENTED" and proto is not None:
             from onnxbn.runtimes.errors import load_error
 

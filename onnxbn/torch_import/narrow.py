@@ -5,7 +5,8 @@ type exactly). A graph input of such a type takes the carrier tensor, a graph ou
 Only Cast and CastLike produce new values of these types (ONNX lets data-movement ops alone take them),
 so `_cast_narrow` is where the narrowing happens, as onnx's reference Cast (ml_dtypes' conversions):
   to a sub-byte integer of range [lo, hi]: an integer wraps (its low bits, two's complement);
-    a float truncates toward zero, and one outside [lo, hi] (NaN too) becomes 0;
+    a float truncates toward zero, and one outside [lo, hi] (NaN too) becomes 0 (the ONNX spec leaves
+    it undefined; ml_dtypes writes 0 from 0.7 on and wrapped the truncated value before);
   to FLOAT4E2M1 (values 0, 0.5, 1, 1.5, 2, 3, 4, 6 and their negatives): rounded to nearest, ties to
     even, saturated at +-6 (+-inf too); NaN becomes -0;
   to FLOAT8E8M0 (2**e for e in [-127, 127], and NaN): e is float32's exponent field of x (sign ignored;
