@@ -187,7 +187,8 @@ def bench_quantize(ctx: Context) -> Result:
                    *[cost["note"] for cost in costs.values()],
                    "time: calibration + Q/DQ placement in a fresh child (imports excluded); onnxbn minmax+cle,bias (the "
                    "default) adds cross-layer equalization and bias correction (one pass per layer level); ratio = "
-                   "time / ort-minmax at the same N",
+                   "time / ort-minmax at the same N; plain inference: a float session created and run over the same "
+                   "inputs in the same batches, also in a fresh child",
                    "peak RssAnon growth: the child's anonymous memory above its level after imports and data load, "
                    "sampled every 5 ms",
                    "all: QDQ, per-channel int8 weights, uint8 per-tensor activations; percentile 99.99 on both sides",
