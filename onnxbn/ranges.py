@@ -20,8 +20,8 @@ HISTOGRAM_VALUES = 2048 of them (s = 1, every value, below 3 * 2048 values per s
 not known). The positions depend on the sample alone, not on the batch it is in, so the
 histogram of a run is that of a fixed subsample of the data; odd s walks through every column,
 row and channel of power-of-two planes. min, max and count stay over every value. Why: counting
-costs ~2 ns per value outside the graph plus ~1.5 ns in it, more than a small CNN spends per
-activation value on inference (counting every value made `quantize --method percentile` 3.4-3.8x
+costs ~2 ns per value outside the graph plus ~1.5 ns in it, as much as a small CNN spends per
+activation value on inference (counting every value made `quantize --method percentile` 3.8-4.5x
 plain inference; `tools/bench.py quantize` and the README's quantize section have the numbers),
 while the ranges chosen from 2048 values per sample and tensor moved the INT8 models' cosine with
 the float ones by under 1e-5 (percentile, mse) and 1e-4 (entropy) against exact counts.
