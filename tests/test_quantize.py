@@ -48,7 +48,8 @@ def float_tensors(model: onnx.ModelProto) -> list[str]:
 
 # ----------------------------------------------------------------------------- ranges
 
-def numpy_hist(values: np.ndarray, exp: int) -> np.ndarray:
+def numpy_hist(values: np.ndarray, exp: int | None) -> np.ndarray:
+    assert exp is not None, "no histogram"
     j = np.floor(values.astype(np.float64).reshape(-1) * (HALF / 2.0 ** exp))
     return np.bincount(np.clip(j, -HALF, HALF - 1).astype(np.int64) + HALF, minlength=BINS)
 
@@ -63,7 +64,7 @@ def test_ranges_min_max_and_histogram_equal_numpy():
         v = values[name].astype(np.float64)
         amax = np.abs(v).max()
         assert (r.min, r.max, r.count) == (v.min(), v.max(), v.size), name
-        assert r.exp == int(np.floor(np.log2(amax))) + 2 and 2.0 ** r.exp > amax
+        assert r.exp is not None and r.exp == int(np.floor(np.log2(amax))) + 2 and 2.0 ** r.exp > amax
         assert np.array_equal(r.hist, numpy_hist(v, r.exp)), name
 
 
@@ -87,9 +88,67 @@ def test_histogram_merge_of_halves_equals_one_pass(tmp_path):
     assert merged.meta["samples"] == 48
 
 
+def numpy_stride(per_sample: int, keep: int) -> int:
+    """The largest odd s <= max(1, per_sample / keep), by search."""
+    return max(s for s in range(1, per_sample + 1, 2) if s == 1 or s * keep <= per_sample)
+
+
+def test_sampled_histograms_equal_numpy_of_every_stride_th_value(monkeypatch):
+    """Past 3 * HISTOGRAM_VALUES values per sample, the histogram counts every s-th value of each sample
+    (flat C order from 0); min, max and count stay those of every value."""
+    import onnxbn.ranges as ranges_module
+
+    monkeypatch.setattr(ranges_module, "HISTOGRAM_VALUES", 16)
+    model, x = small_cnn(), inputs_for([3, 8, 8], 40, seed=5)
+    ranges = collect_ranges(model, x, batch_size=16, device="cpu")
+    values = exposed(model, list(ranges.tensors), x)
+    assert ranges.meta["histogram_values"] == 16
+    strides = {}
+    for name, r in ranges.tensors.items():
+        v = values[name].astype(np.float64).reshape(len(x), -1)
+        strides[name] = stride = numpy_stride(v.shape[1], 16)
+        assert (r.stride, r.count, r.min, r.max) == (stride, v.size, v.min(), v.max()), name
+        assert r.exp == int(np.floor(np.log2(np.abs(v).max()))) + 2
+        assert np.array_equal(r.hist, numpy_hist(v[:, ::stride], r.exp)), name
+    assert strides["input"] == 11 and strides["c1"] == 15 and strides["g1"] == 1  # 192, 256 and 16 per sample
+
+
+def test_sampled_histogram_merge_of_halves_equals_one_pass(tmp_path, monkeypatch):
+    """The subsample depends on the sample alone: shards in other batch sizes merge to the one-pass histogram."""
+    import onnxbn.ranges as ranges_module
+
+    monkeypatch.setattr(ranges_module, "HISTOGRAM_VALUES", 8)
+    model = small_cnn()
+    x = inputs_for([3, 8, 8], 48, seed=6)
+    x[24:] *= 8
+    one = collect_ranges(model, x, batch_size=48, device="cpu")
+    for i, b in ((0, 5), (1, 7)):
+        collect_ranges(model, x, batch_size=b, device="cpu", shard=f"{i}/2").save(tmp_path / f"r{i}.npz")
+    merged = merge_ranges([tmp_path / "r0.npz", tmp_path / "r1.npz"])
+    assert one.tensors["c2"].stride == 15  # 128 values per sample
+    for name, r in one.tensors.items():
+        m = merged.tensors[name]
+        assert (m.stride, m.count, m.min, m.max, m.exp) == (r.stride, r.count, r.min, r.max, r.exp), name
+        assert np.array_equal(m.hist, r.hist), name
+    c2 = exposed(model, ["c2"], x)["c2"].reshape(len(x), -1)
+    assert np.array_equal(one.tensors["c2"].hist, numpy_hist(c2[:, ::15], one.tensors["c2"].exp))
+
+
+def test_merging_ranges_of_other_subsamples_is_refused(tmp_path, monkeypatch):
+    import onnxbn.ranges as ranges_module
+    from onnxbn.errors import UserError
+
+    model, x = small_cnn(), inputs_for([3, 8, 8], 8, seed=7)
+    collect_ranges(model, x, device="cpu", shard="0/2").save(tmp_path / "r0.npz")
+    monkeypatch.setattr(ranges_module, "HISTOGRAM_VALUES", 8)
+    collect_ranges(model, x, device="cpu", shard="1/2").save(tmp_path / "r1.npz")
+    with pytest.raises(UserError, match="histogram_values"):
+        merge_ranges([tmp_path / "r0.npz", tmp_path / "r1.npz"])
+
+
 @pytest.mark.parametrize("opset", [11, 13])
 def test_histograms_of_an_older_opset_equal_numpy(opset):
-    """The histogram graph (Mul, Floor, Cast, If) runs at any opset from 11: the model is not converted."""
+    """The histogram graph (Flatten, Slice, Cast, Mul, Floor) runs at any opset from 11: the model is not converted."""
     model, x = small_cnn(opset=opset), inputs_for([3, 8, 8], 24, seed=13)
     ranges = collect_ranges(model, x, batch_size=8, device="cpu", tensors=["c1", "g2"])
     values = exposed(model, ["c1", "g2"], x, batch=8)
@@ -99,7 +158,7 @@ def test_histograms_of_an_older_opset_equal_numpy(opset):
 
 def test_histograms_past_two_to_the_twelve_keep_tiny_negatives_below_zero():
     """R = 2^14 > 2^12: float32's x * (4096 / R) underflows to -0 for the smallest negative subnormal (bin 0
-    instead of -1); the exact float64 branch puts it below zero as numpy does."""
+    instead of -1); the float64 product puts it below zero as numpy does."""
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6])
     model = helper.make_model(helper.make_graph([helper.make_node("Identity", ["x"], ["y"], name="id")], "g", [x], [y]),
@@ -261,7 +320,7 @@ def test_quantized_cnn_agrees_with_float_on_held_out_data():
     check = report.check["outputs"]["logits"]
     assert report.passed and report.check["samples"] == 512
     assert check["top1_agreement"] >= 0.95 and check["cosine_similarity"] >= 0.999
-    a, b = session(model).run(None, {"input": held_out})[0], session(qdq).run(None, {"input": held_out})[0]
+    a, b = (np.asarray(session(m).run(None, {"input": held_out})[0]) for m in (model, qdq))
     assert np.mean(a.argmax(1) == b.argmax(1)) == check["top1_agreement"]  # the report says what numpy sees
     ops = {n.op_type for n in qdq.graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops and "BatchNormalization" not in ops
@@ -334,10 +393,10 @@ def test_cross_layer_equalization_keeps_the_function_and_balances_ranges():
     from onnxbn.quantization import equalize
 
     model, x = fold_bn(bn_cnn(w=8)), inputs_for([3, 8, 8], 16, seed=15)
-    before = session(model).run(None, {"input": x})[0]
+    before = np.asarray(session(model).run(None, {"input": x})[0])
     scales = equalize(model)
     assert set(scales) == {"conv1", "conv2"}  # conv1 -> relu -> depthwise conv2; conv2 -> relu -> pool -> conv3
-    after = session(model).run(None, {"input": x})[0]
+    after = np.asarray(session(model).run(None, {"input": x})[0])
     np.testing.assert_allclose(after, before, atol=1e-5 * np.abs(before).max())
     w = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
     conv = {n.name: n for n in model.graph.node}
@@ -372,7 +431,7 @@ def test_cli_quantize_stats_ranges_and_merge(files, cli):
     assert code == 0 and "PASS" in out
     q = onnx.load(str(files / "q.onnx"))
     assert max(o.version for o in q.opset_import if o.domain in ("", "ai.onnx")) == 13  # raised from 11
-    assert session(q).run(None, {"input": inputs_for([3, 8, 8], 2)})[0].shape == (2, 10)
+    assert np.asarray(session(q).run(None, {"input": inputs_for([3, 8, 8], 2)})[0]).shape == (2, 10)
 
 
 def int_model():

@@ -124,7 +124,8 @@ def quantize_with_report(model, data, *, method: str = "minmax", percentile: flo
             raise UserError(f"the ranges file has no tensor {missing[0]!r} of this model; gather the ranges of the "
                             "model as quantized (BN folded: `onnxbn fold`, then `onnxbn stats --ranges`)")
     report.ranges = {"samples": found.meta.get("samples"), "seconds": found.meta.get("seconds"),
-                     "tensors": len(wanted), "bins": found.meta.get("bins")}
+                     "tensors": len(wanted), "bins": found.meta.get("bins"),
+                     "histogram_values": found.meta.get("histogram_values")}
     chosen = choose_ranges(found, wanted, method, percentile, outputs=[o.name for o in proto.graph.output])
     qdq = place_qdq(proto, {t: chosen.get(t, UNREAD_RANGE) for t in floats}, per_channel=per_channel,
                     activations=activations, exclude=exclude)

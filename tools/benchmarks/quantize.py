@@ -34,7 +34,13 @@ import onnxbn.quantization, onnxbn.ranges, onnxbn.fold, onnxbn.stats  # imports 
 base = rss_anon()
 threading.Thread(target=sample, daemon=True).start()
 t = time.perf_counter()
-if contender.startswith("onnxbn"):
+if contender == "plain inference":  # the yardstick: one float inference of the same data in the same batches
+    session = onnxruntime.InferenceSession(model, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    for i in range(0, len(x), batch):
+        session.run(None, {{name: x[i:i + batch]}})
+    seconds = time.perf_counter() - t
+elif contender.startswith("onnxbn"):
     from onnxbn.quantization import quantize_with_report
     from onnxbn.io.save import save_model
     method, _, recover = contender.split()[1].partition("+")
@@ -65,6 +71,7 @@ print(json.dumps({{"seconds": seconds, "peak_anon_kb": peak[0], "base_anon_kb": 
 
 QUANT_CONTENDERS = ("onnxbn minmax", "onnxbn percentile", "onnxbn entropy", "onnxbn mse", "onnxbn minmax+cle,bias",
                     "ort-minmax", "ort-percentile", "ort-entropy")
+PLAIN = "plain inference"  # timed beside them: the yardstick (calibration <= 1.1x plain inference)
 
 
 def _quant_child(contender: str, model: Path, data: Path, out: Path, batch: int) -> dict:
@@ -122,17 +129,20 @@ def _calibration_cost(ctx: Context, tag: str, model: Path, image_size: int, batc
         def fn():
             out = ctx.workdir / f"quant-{tag or p.name}-{label}-{contender.replace(' ', '_')}.onnx"
             info = _quant_child(contender, model, data[label], out, batch)
-            info["top1_agreement"], info["cosine"] = _agreement(model, out, held_out, batch)
+            if contender != PLAIN:
+                info["top1_agreement"], info["cosine"] = _agreement(model, out, held_out, batch)
             details.setdefault(f"{contender} {label}", {"runs": []})["runs"].append(info)
             return info["seconds"]
         return fn
 
-    contenders = {f"{c} [{label}]": measure(c, label) for label in sizes for c in QUANT_CONTENDERS}
+    contenders = {f"{c} [{label}]": measure(c, label) for label in sizes for c in (PLAIN, *QUANT_CONTENDERS)}
     raw = alternate(contenders, max(1, ctx.reps - 1), warmup=False)
     rows = []
     prefix = f"{tag} " if tag else ""
     for label in sizes:
-        base = median(raw[f"ort-minmax [{label}]"])
+        base, plain = median(raw[f"ort-minmax [{label}]"]), median(raw[f"{PLAIN} [{label}]"])
+        rows.append(row(f"[{prefix}{label}={sizes[label]}] {PLAIN}: time", raw[f"{PLAIN} [{label}]"], "s",
+                        plain / base))
         for c in QUANT_CONTENDERS:
             key, name = f"{c} [{label}]", f"[{prefix}{label}={sizes[label]}] {c}"
             runs = details[f"{c} {label}"]["runs"]
@@ -142,15 +152,20 @@ def _calibration_cost(ctx: Context, tag: str, model: Path, image_size: int, batc
             rows.append(row(f"{name}: peak RssAnon growth", mem, "MiB", None))
             rows.append(row(f"{name}: top-1 agreement", [r["top1_agreement"] * 100 for r in runs], "%", None))
             rows.append(row(f"{name}: cosine", [r["cosine"] for r in runs], "cos", None))
+            rows.append(row(f"{name}: time / plain inference", [median(raw[key]) / plain], "x", None))
     grow = {c: median([(r["peak_anon_kb"] - r["base_anon_kb"]) for r in details[f"{c} 4N"]["runs"]]) /
             max(1.0, median([(r["peak_anon_kb"] - r["base_anon_kb"]) for r in details[f"{c} N"]["runs"]]))
             for c in QUANT_CONTENDERS}
     added = {c: (median([r["peak_anon_kb"] for r in details[f"{c} 4N"]["runs"]]) -
                  median([r["peak_anon_kb"] for r in details[f"{c} N"]["runs"]])) / 1024 for c in QUANT_CONTENDERS}
+    times = {label: {c: median(raw[f"{c} [{label}]"]) / median(raw[f"{PLAIN} [{label}]"]) for c in QUANT_CONTENDERS}
+             for label in sizes}
     note = (f"{prefix or 'model: '}calibration N={n} and 4N={4 * n} seeded N(0,1) inputs, batch {batch}; accuracy vs "
             f"the float model on {len(held_out)} other seeded inputs; memory growth N -> 4N: "
-            + ", ".join(f"{c} {g:.2f}x ({added[c]:+.1f} MiB)" for c, g in grow.items()))
-    return {"rows": rows, "details": details, "growth": grow, "added_mib": added, "note": note}
+            + ", ".join(f"{c} {g:.2f}x ({added[c]:+.1f} MiB)" for c, g in grow.items())
+            + "; time / plain inference at N, 4N: "
+            + ", ".join(f"{c} {times['N'][c]:.2f}x, {times['4N'][c]:.2f}x" for c in QUANT_CONTENDERS))
+    return {"rows": rows, "details": details, "growth": grow, "added_mib": added, "times": times, "note": note}
 
 
 def bench_quantize(ctx: Context) -> Result:
@@ -172,7 +187,8 @@ def bench_quantize(ctx: Context) -> Result:
                    *[cost["note"] for cost in costs.values()],
                    "time: calibration + Q/DQ placement in a fresh child (imports excluded); onnxbn minmax+cle,bias (the "
                    "default) adds cross-layer equalization and bias correction (one pass per layer level); ratio = "
-                   "time / ort-minmax at the same N",
+                   "time / ort-minmax at the same N; plain inference: a float session created and run over the same "
+                   "inputs in the same batches, also in a fresh child",
                    "peak RssAnon growth: the child's anonymous memory above its level after imports and data load, "
                    "sampled every 5 ms",
                    "all: QDQ, per-channel int8 weights, uint8 per-tensor activations; percentile 99.99 on both sides",
@@ -180,6 +196,7 @@ def bench_quantize(ctx: Context) -> Result:
                   {"details": {tag or "model": cost["details"] for tag, cost in costs.items()},
                    "growth": {tag or "model": cost["growth"] for tag, cost in costs.items()},
                    "added_mib": {tag or "model": cost["added_mib"] for tag, cost in costs.items()},
+                   "time_vs_plain_inference": {tag or "model": cost["times"] for tag, cost in costs.items()},
                    "shift": shift["raw"], "recovery": recovery["raw"]})
 
 
@@ -256,7 +273,7 @@ def _recovery_rows(p: Profile) -> dict:
         rng = np.random.default_rng(100 + seed)
         x = rng.standard_normal((calibration, 3, 16, 16)).astype(np.float32)
         x_held = rng.standard_normal((held, 3, 16, 16)).astype(np.float32)
-        model = recalibrate(model, x, device="cpu")
+        model = recalibrate(model, x, device="cpu", prior=0)  # the BN statistics become those of x alone
         for r in RECOVERIES:
             _, report = quantize_with_report(model, x, recover=r.split()[-1], per_channel=not r.startswith("per-tensor"),
                                              verify_data=x_held, device="cpu", min_cosine=0, min_top1=0)
