@@ -3,7 +3,7 @@
 For each float activation tensor x (every float graph input and node output, or those asked for)
 the model is augmented so that per batch only these leave the runtime:
 
-    lo, hi = ReduceMin(x), ReduceMax(x)                       in x's type (exact, every value), sent as float64
+    lo, hi = min(ReduceMin(x, axes 1..)), max(ReduceMax(...))  in x's type (exact, every value)
     k      = floor(log2(max(|lo|, |hi|, 2^-126))) + 2          so R = 2^k > max|x| always
     v      = every s-th value of each sample of x              Slice(Flatten(x, 1), step s); s = `sample_stride`
     j      = floor(v * (B/2) / R)                              in float64, then int16 in [-B/2, B/2)
@@ -36,6 +36,12 @@ anonymous memory still rises over its first few batches and then stays: glibc ke
 onnxruntime buffers in its heap once its dynamic mmap threshold has grown;
 MALLOC_MMAP_THRESHOLD_=131072 in the environment removes that rise, for plain inference too.)
 
+min and max leave the runtime per sample (one value per sample: the reduction over every axis but
+the first, when x's rank is known and at least 2; else one value) and numpy takes their min/max:
+exact in any order, and onnxruntime runs a reduction that keeps the batch axis on all its threads,
+one to a scalar on one (the min/max pass on a 2-core CPU: its reductions took half the time,
+the pass 5-12% less; `tools/bench.py quantize` has the measurements).
+
 Cost: min/max alone (`histograms=False`, what --method minmax uses) is two reductions per tensor
 (plus, for a Conv+ReLU output, onnxruntime's reorder out of its blocked layout); a histogram adds
 a strided Slice of x and, per sampled value, a cast, a multiply, a floor and a cast in the graph
@@ -67,6 +73,7 @@ from onnxbn.graph import GraphIndex, opset_version, tensor_shape, value_types
 from onnxbn.io.model import Model
 from onnxbn.io.npzfile import format_of, read_rows, write_rows
 from onnxbn.runtimes.ort_backend import make_session, session_provider
+from onnxbn.stats import _reduce as reduce_node
 
 FORMAT = "onnxbn-ranges/1"
 PREFIX = "onnxbn_ranges"
@@ -233,7 +240,7 @@ def augment_for_ranges(model: onnx.ModelProto, tensors: list[str], histograms: b
     out.CopyFrom(model)
     graph = out.graph
     index = GraphIndex(out)
-    types = value_types(model) if histograms else {}
+    types = value_types(model)
     const: dict[str, str] = {}
     strides: dict[str, int] = {}
 
@@ -249,16 +256,29 @@ def augment_for_ranges(model: onnx.ModelProto, tensors: list[str], histograms: b
         nodes.append(helper.make_node(op, inputs, [name], name=name, **attrs))
         return name
 
+    def node_reduce(op: str, x: str, axes: list[int], base: str) -> str:
+        name = index.unique_name(f"{PREFIX}/{base}")
+        nodes.append(reduce_node(index, op, x, axes, 0, name, opset))
+        return name
+
     del graph.output[:]
     for i, x in enumerate(tensors):
         p = str(i)
-        # min and max are exact in the tensor's own type; Size counts its elements
-        lo = node("Cast", [node("ReduceMin", [x], f"{p}/min32", keepdims=0)], f"{p}/min", to=TensorProto.DOUBLE)
-        hi = node("Cast", [node("ReduceMax", [x], f"{p}/max32", keepdims=0)], f"{p}/max", to=TensorProto.DOUBLE)
+        # min and max per sample, exact in the tensor's own type; Size counts its elements
+        x_type = types[x].tensor_type.elem_type if x in types else TensorProto.UNDEFINED  # undefined: not declared
+        rank = len(tensor_shape(types.get(x)) or [])
+        if rank >= 2:
+            axes = list(range(1, rank))
+            lo = node_reduce("ReduceMin", x, axes, f"{p}/min")
+            hi = node_reduce("ReduceMax", x, axes, f"{p}/max")
+        else:
+            lo, hi = node("ReduceMin", [x], f"{p}/min", keepdims=0), node("ReduceMax", [x], f"{p}/max", keepdims=0)
         count = node("Size", [x], f"{p}/count")
-        outputs = [(lo, TensorProto.DOUBLE), (hi, TensorProto.DOUBLE)]
+        outputs = [(lo, x_type), (hi, x_type)]
         if histograms:
-            amax = node("Max", [node("Abs", [lo], f"{p}/abs_min"), node("Abs", [hi], f"{p}/abs_max"),
+            lo64 = node("Cast", [node("ReduceMin", [lo], f"{p}/min_all", keepdims=0)], f"{p}/min64", to=TensorProto.DOUBLE)
+            hi64 = node("Cast", [node("ReduceMax", [hi], f"{p}/max_all", keepdims=0)], f"{p}/max64", to=TensorProto.DOUBLE)
+            amax = node("Max", [node("Abs", [lo64], f"{p}/abs_min"), node("Abs", [hi64], f"{p}/abs_max"),
                                 c(np.float64(2.0 ** -126), "tiny")], f"{p}/amax")
             exp = node("Add", [node("Floor", [node("Div", [node("Log", [amax], f"{p}/log"), c(np.log(2.0), "ln2")],
                                                    f"{p}/log2")], f"{p}/floor"), c(np.float64(2.0), "two")], f"{p}/exp")
@@ -275,7 +295,8 @@ def augment_for_ranges(model: onnx.ModelProto, tensors: list[str], histograms: b
                      f"{p}/j", to=TensorProto.INT16)
             outputs += [(exp, TensorProto.DOUBLE), (j, TensorProto.INT16)]
         outputs.append((count, TensorProto.INT64))
-        graph.output.extend(helper.make_tensor_value_info(n, t, None) for n, t in outputs)
+        graph.output.extend(helper.make_tensor_value_info(n, t, None) if t else helper.make_empty_tensor_value_info(n)
+                            for n, t in outputs)
     graph.node.extend(nodes)
     return out, strides
 
@@ -342,6 +363,7 @@ def collect_ranges(model, data, batch_size: int = 32, limit: int | None = None, 
                 lo, hi, exp, j, count = values[per * i: per * i + per]
             else:
                 (lo, hi, count), exp, hist = values[per * i: per * i + per], 0, np.zeros(BINS, np.int64)
+            lo, hi = np.min(lo), np.max(hi)  # per sample (see augment_for_ranges)
             if not (np.isfinite(lo) and np.isfinite(hi)):
                 raise UserError(f"tensor {name!r} has NaN or Inf values in the batch of samples "
                                 f"{seen}..{seen + len(x) - 1}; check the inputs; no ranges written")

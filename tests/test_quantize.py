@@ -479,3 +479,31 @@ def test_cli_refusals_exit_2_one_line_nothing_written(files, cli, monkeypatch, c
     assert code == 2 and out == ""
     assert len(err.strip().splitlines()) == 1 and err.startswith("onnxbn: error: ")
     assert not (files / "out.onnx").exists()
+
+
+@pytest.mark.parametrize("opset", [11, 13, 18, 22])
+@pytest.mark.parametrize("histograms", [False, True])
+def test_ranges_of_every_rank_and_type_equal_numpy_across_batches(opset, histograms):
+    """min/max leave the runtime per sample for ranks >= 2 (Reduce* axes as attribute before opset 18, as input
+    from 18) and as one value below: on tensors of ranks 0-5, float32 and float16, batch/H/W dynamic, over
+    batches of 3 (the last short), min/max/count equal numpy's over each batch's values, batch by batch."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])
+    shape = {"r5": [0, 0, 1, 0, -1], "r4": [0, 3, 1, -1], "r1": [-1]}
+    nodes = [helper.make_node("Reshape", ["x", f"{k}_shape"], [k], name=k) for k in shape]
+    nodes += [helper.make_node("Flatten", ["x"], ["r2"], name="r2", axis=1),
+              helper.make_node("ReduceMax", ["x"], ["r0"], name="r0", keepdims=0),
+              helper.make_node("Cast", ["x"], ["h4"], name="h4", to=TensorProto.FLOAT16)]
+    inits = [numpy_helper.from_array(np.array(v, np.int64), f"{k}_shape") for k, v in shape.items()]
+    names = ["x", "r5", "r4", "r2", "r1", "r0", "h4"]
+    outputs = [helper.make_empty_tensor_value_info(n) for n in names[1:]]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], outputs, inits),
+                              opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+    data = np.random.default_rng(21).standard_normal((10, 3, 5, 7)).astype(np.float32) * 3
+    ranges = collect_ranges(model, data, batch_size=3, device="cpu", tensors=names, histograms=histograms)
+    probe = session(oracles.expose(model, names))
+    per_batch = [probe.run(names, {"x": data[i:i + 3]}) for i in range(0, len(data), 3)]
+    for k, name in enumerate(names):
+        r = ranges.tensors[name]
+        values = [np.asarray(b[k]) for b in per_batch]
+        assert r.min == min(v.min() for v in values) and r.max == max(v.max() for v in values), name
+        assert r.count == sum(v.size for v in values), name
