@@ -40,8 +40,8 @@ min and max leave the runtime per sample (one value per sample: the reduction ov
 the first, when x's rank is known and at least 2; else one value) and numpy takes their min/max:
 exact in any order, and onnxruntime runs a reduction that keeps the batch axis on all its threads,
 one to a scalar on one. On a 2-core CPU (the quick and larger models of `tools/bench.py quantize`,
-batch 4 and 32) the reductions took half the time (profiler) and the min/max session 5-7% less,
-paired median over 21 alternated runs, than with ReduceMin/ReduceMax to a scalar.
+batch 4 and 32) the reductions took half the time (profiler) and the min/max session 3-7% less,
+paired medians over 15-21 alternated runs, than with ReduceMin/ReduceMax to a scalar.
 
 Cost: min/max alone (`histograms=False`, what --method minmax uses) is two reductions per tensor
 (plus, for a Conv+ReLU output, onnxruntime's reorder out of its blocked layout); a histogram adds
