@@ -74,7 +74,7 @@ from onnxbn.graph import GraphIndex, opset_version, tensor_shape, value_types
 from onnxbn.io.model import Model
 from onnxbn.io.npzfile import format_of, read_rows, write_rows
 from onnxbn.runtimes.ort_backend import make_session, session_provider
-from onnxbn.stats import _reduce as reduce_node
+from onnxbn.stats import reduce_node
 
 FORMAT = "onnxbn-ranges/1"
 PREFIX = "onnxbn_ranges"

@@ -171,7 +171,7 @@ def merge_stats(parts: list[str | os.PathLike | Stats]) -> Stats:
 
 # ----------------------------------------------------------------------------- graph augmentation
 
-def _reduce(index: GraphIndex, op: str, x: str, axes: list[int], keepdims: int, out: str, opset: int) -> onnx.NodeProto:
+def reduce_node(index: GraphIndex, op: str, x: str, axes: list[int], keepdims: int, out: str, opset: int) -> onnx.NodeProto:
     """A Reduce* node, with axes as attribute or input depending on the opset."""
     if opset >= 18 or (op == "ReduceSum" and opset >= 13):
         axes_name = index.add_initializer(np.array(axes, dtype=np.int64), f"{out}/axes")
@@ -235,7 +235,7 @@ def augment_for_stats(model: onnx.ModelProto, points: list[Point]) -> StatsGraph
 
     def reduce(op: str, x: str, axes: list[int], keepdims: int, base: str) -> str:
         output = name(base)
-        nodes.append(_reduce(index, op, x, axes, keepdims, output, opset))
+        nodes.append(reduce_node(index, op, x, axes, keepdims, output, opset))
         return output
 
     shapes: dict[str, str] = {}

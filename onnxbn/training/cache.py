@@ -52,11 +52,6 @@ class Features:
     probe: np.ndarray
     seconds: float = 0.0
 
-    @property
-    def input_shape(self) -> list[int]:
-        """One input sample's shape."""
-        return list(self.probe.shape[1:])
-
 
 def _run_prefix(prefix, dataset, folder: Path, batch_size: int, workers: int, desc: str, shape,
                 poll: Callable[[], None]):

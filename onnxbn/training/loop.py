@@ -27,11 +27,12 @@ def torch_device(device: str):
 
     if device not in ("auto", "cpu", "cuda"):
         raise UserError(f"unknown device {device!r}: use auto, cpu or cuda")
-    if device == "cpu" or (device == "auto" and not distributed.gpu_per_rank()):
+    own_gpu = device != "cpu" and distributed.gpu_per_rank()
+    if device == "cpu" or (device == "auto" and not own_gpu):
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise UserError("--device cuda: torch sees no CUDA device here; use --device cpu or auto")
-    if not distributed.gpu_per_rank():
+    if not own_gpu:
         raise UserError(f"--device cuda: torchrun runs {os.environ.get('LOCAL_WORLD_SIZE')} ranks on this machine "
                         f"and torch sees {torch.cuda.device_count()} GPU(s): start one rank per GPU "
                         "(--nproc-per-node) or use --device cpu")

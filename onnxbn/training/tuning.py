@@ -220,13 +220,13 @@ def finetune_model(model: Model, train, val=None, *, epochs: int = 1, lr: float 
                 result_log = train_epochs(module, trainable, sets, epochs=epochs, lr=lr,
                                           batch_size=batch_size // ranks, seed=seed, device=dev, kind=kind,
                                           optimizer=optimizer, bf16=bf16)
+                module.eval()
+                # while the cache entry (a temporary folder without --cache) still holds the first rows
+                probe = make_probe(module, dev, name, sets["train"]) if rank == 0 else WriteBackProbe(reason="rank > 0")
         finally:
             if temp is not None:
                 temp.cleanup()
-    module.eval()
     written = write_back_suffix(module, model.with_graph(suffix_model), model)
-    with ieee_float32():
-        probe = make_probe(module, dev, name, sets["train"]) if rank == 0 else WriteBackProbe(reason="rank > 0")
     result_log.update({
         "freeze_through": node, "output": kind, "output_read_by": how,
         "import_seconds": round(suffix.seconds, 3),
