@@ -273,6 +273,159 @@ def test_int8_activations_are_symmetric():
     assert report.passed
 
 
+# ----------------------------------------------------------------------------- placement in memory
+
+def quantize_static_placement(model, ranges, per_channel, activations):
+    """The judge: onnxruntime's public entry point, quantize_static with the ranges as a calibration cache,
+    through its files."""
+    import logging
+    import tempfile
+    from pathlib import Path
+
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
+
+    data = TensorsData(CalibrationMethod.MinMax, {n: TensorData(lowest=np.array(lo, np.float32),
+                                                                highest=np.array(hi, np.float32))
+                                                  for n, (lo, hi) in ranges.items()})
+    with tempfile.TemporaryDirectory() as tmp:
+        cache, out = Path(tmp) / "ranges.json", Path(tmp) / "int8.onnx"
+        save_tensors_data(data, cache)
+        logging.disable(logging.WARNING)
+        try:
+            quantize_static(model, out, None, quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                            activation_type=QuantType.QUInt8 if activations == "uint8" else QuantType.QInt8,
+                            weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+                            calibration_cache_path=cache,
+                            extra_options={"ActivationSymmetric": activations == "int8", "WeightSymmetric": True})
+        finally:
+            logging.disable(logging.NOTSET)
+        return onnx.load(str(out))
+
+
+def placement_models():
+    """small_cnn, and modern CNNs as the TorchScript exporter writes them (BN folded, opset 13, as quantize
+    places them): depthwise + squeeze-excite + hardswish, grouped residual, LayerNorm written out."""
+    from test_matrix_modern import model_of
+
+    from onnxbn.graph import opset_version
+    from onnxbn.quantization.prepare import fold_batchnorm, raise_opset
+    from onnxbn.quantization.report import QuantizeReport
+
+    yield "small_cnn", small_cnn(opset=13)
+    for arch in ("mobilenetv3", "resnext", "convnext"):
+        model, _ = fold_batchnorm(model_of(arch, "ts11"), QuantizeReport("minmax", True, "uint8", [], (11, 11)))
+        yield arch, raise_opset(model, 13) if opset_version(model) < 13 else model
+
+
+@pytest.mark.parametrize(("per_channel", "activations"), [(True, "uint8"), (False, "int8")])
+def test_in_memory_placement_equals_quantize_static(per_channel, activations):
+    """place_qdq calls onnxruntime's QDQ quantizer in memory; quantize_static (files, reloads) on the same
+    ranges writes the same model: nodes, initializers (values and types), inputs, outputs, opsets. The
+    discovery with one-element stand-in weights names the tensors the placement with the real ones reads."""
+    from onnxbn.quantization.placement import UNREAD_RANGE, constant_ranges, place_qdq, quantized_tensors, read_ranges
+    from onnxbn.ranges import activation_tensors
+
+    rng = np.random.default_rng(3)
+    for name, model in placement_models():
+        floats, fixed = activation_tensors(model), constant_ranges(model)
+        ranges = {**fixed, **{t: (-float(rng.uniform(0, 2)), float(rng.uniform(0.1, 3))) for t in floats}}
+        ours = place_qdq(model, ranges, per_channel=per_channel, activations=activations)
+        judge = quantize_static_placement(model, ranges, per_channel, activations)
+        assert [n.SerializeToString() for n in ours.graph.node] == [n.SerializeToString() for n in judge.graph.node]
+        a = {t.name: numpy_helper.to_array(t) for t in ours.graph.initializer}
+        b = {t.name: numpy_helper.to_array(t) for t in judge.graph.initializer}
+        assert a.keys() == b.keys(), name
+        assert all(a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]) for k in a), name
+        assert (list(ours.graph.input), list(ours.graph.output)) == (list(judge.graph.input), list(judge.graph.output))
+        assert list(ours.opset_import) == list(judge.opset_import)
+        placed = quantize_static_placement(model, {**fixed, **dict.fromkeys(floats, UNREAD_RANGE)}, per_channel,
+                                           activations)
+        stand_in = quantized_tensors(model, floats, fixed, per_channel=per_channel, activations=activations)
+        assert stand_in == read_ranges(placed, floats, fixed), name
+        assert 0 < len(stand_in) < len(floats), name
+
+
+def test_float_constants_are_quantized_from_their_values():
+    """A float Constant read by an op onnxruntime quantizes (a written-out LayerNorm's epsilon, here a Mul's
+    factor) gets the range of its values: numpy's uint8 scale and zero point over [min(c, 0), max(c, 0)]."""
+    n = Net(4)
+    y = n.node("Relu", [n.conv("input", 3, 4, "conv1")], "r1")
+    k = np.array([0.5, -0.25, 2.0, 1.0], np.float32).reshape(1, 4, 1, 1)
+    y = n.node("Mul", [y, n.const("k", k)], "scaled")
+    y = n.node("Flatten", [n.node("GlobalAveragePool", [y], "gap")], "flat")
+    n.gemm(y, 4, 3, "fc", out="logits")
+    model = n.model({"input": ["N", 3, 8, 8]}, {"logits": ["N", 3]}, 13)
+    qdq, _ = quantize_with_report(model, inputs_for([3, 8, 8], 16), recover="none", device="cpu", verify=False)
+    inits = {t.name: numpy_helper.to_array(t) for t in qdq.graph.initializer}
+    lo, hi = min(float(k.min()), 0.0), max(float(k.max()), 0.0)
+    np.testing.assert_allclose(inits["k_scale"], (hi - lo) / 255, rtol=1e-6)
+    assert int(inits["k_zero_point"]) == round(-lo / ((hi - lo) / 255))
+
+
+def test_nonnegative_tensors_hold_no_negative_value():
+    """The tensors nonnegative_tensors names are those the graph makes >= 0 whatever the input; numpy checks
+    each on data that drives every other tensor below 0."""
+    from onnxbn.ranges import nonnegative_tensors
+
+    n = Net(5)
+    r = n.node("Relu", [n.conv("input", 3, 4, "conv1")], "r")
+    c = n.conv("input", 3, 4, "conv2")
+    zero, neg = n.const("zero", np.float32(0.0)), n.const("minus1", np.float32(-1.0))
+    n.node("Clip", [c, zero], "clip0")
+    n.node("Clip", [c, neg], "clip_neg")
+    p = n.node("MaxPool", [r], "pool", kernel_shape=[2, 2], strides=[2, 2])
+    n.node("Concat", [r, n.node("Sigmoid", [c], "sig")], "cat_pos", axis=1)
+    n.node("Concat", [r, c], "cat_mixed", axis=1)
+    n.node("Reshape", [p, n.const("shape", np.array([0, -1], np.int64))], "flat")
+    n.node("Add", [r, r], "sum")  # >= 0, but not an op the analysis follows
+    names = ["r", "clip0", "clip_neg", "pool", "sig", "cat_pos", "cat_mixed", "flat", "sum"]
+    outs = dict.fromkeys(names)
+    model = n.model({"input": ["N", 3, 8, 8]}, outs, 13, check=False)
+    found = nonnegative_tensors(model)
+    assert found & set(names) == {"r", "clip0", "pool", "sig", "cat_pos", "flat"}
+    values = exposed(model, names + [c], inputs_for([3, 8, 8], 16, seed=2))
+    assert all(values[name].min() >= 0 for name in found & set(names))
+    assert values[c].min() < 0 and values["clip_neg"].min() < 0 and values["cat_mixed"].min() < 0
+
+
+def test_min_left_unmeasured_on_nonnegative_tensors_changes_no_int8_model(monkeypatch):
+    """quantize does not measure the min of tensors that cannot go below 0 (recorded 0, the bound a range
+    takes anyway): the INT8 model is the one measuring every min gives, byte for byte; the ranges pass's
+    max stays numpy's."""
+    import onnxbn.quantization.api as api
+    from onnxbn.ranges import nonnegative_tensors
+
+    model, x = bn_cnn(seed=2), inputs_for([3, 8, 8], 24, seed=6)
+    for method in ("minmax", "percentile"):
+        skipped, _ = quantize_with_report(model, x, method=method, recover="none", device="cpu", verify=False)
+        with monkeypatch.context() as m:
+            m.setattr(api, "nonnegative_tensors", lambda _model: set())
+            measured, _ = quantize_with_report(model, x, method=method, recover="none", device="cpu", verify=False)
+        assert skipped.SerializeToString() == measured.SerializeToString(), method
+    names = float_tensors(model)
+    nonneg = nonnegative_tensors(model) & set(names)
+    assert {"r1", "r2", "p1"} <= nonneg
+    ranges = collect_ranges(model, x, batch_size=8, device="cpu", tensors=names, histograms=False, nonnegative=nonneg)
+    values = exposed(model, names, x)
+    for name in names:
+        want_min = 0.0 if name in nonneg else values[name].min()
+        assert (ranges.tensors[name].min, ranges.tensors[name].max) == (want_min, values[name].max()), name
+
+
+def test_a_range_the_discovery_missed_is_gathered_and_placed(monkeypatch):
+    """Should the stand-in discovery ever miss a tensor the real placement reads, quantize gathers its range
+    in a second pass and places again: the same model as when the discovery names it."""
+    import onnxbn.quantization.api as api
+    from onnxbn.quantization.placement import quantized_tensors
+
+    model, x = bn_cnn(seed=1), inputs_for([3, 8, 8], 16, seed=4)
+    want, _ = quantize_with_report(model, x, recover="none", device="cpu", verify=False)
+    monkeypatch.setattr(api, "quantized_tensors", lambda *a, **k: quantized_tensors(*a, **k)[1:])
+    got, _ = quantize_with_report(model, x, recover="none", device="cpu", verify=False)
+    assert got.SerializeToString() == want.SerializeToString()
+
+
 # ----------------------------------------------------------------------------- recovery
 
 def mean_errors(qdq, model, x, convs):

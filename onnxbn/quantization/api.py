@@ -9,14 +9,16 @@ Steps (`quantize_with_report`):
 2. Opset: per-channel Q/DQ needs opset 13 (per tensor: 11, for the ranges pass); an older model
    is converted with onnx.version_converter (a UserError when that fails; `prepare`).
 3. Ranges: the min/max and histogram of every float activation tensor whose range onnxruntime's
-   Q/DQ placement reads (`placement.quantized_tensors`) from one streaming in-graph
-   pass (`onnxbn.ranges`, memory flat in the data size), or a ranges file from
-   `onnxbn stats --ranges` (of the BN-folded model). `method` turns them into each tensor's
-   range: minmax, percentile (99.99 by default), entropy (TensorRT's KL threshold), mse (the
-   threshold minimising the expected quantization error); see onnxbn.ranges. The model's own
-   outputs always keep their min/max range (clipped logits lose their order).
-4. Q/DQ placement: onnxruntime.quantization.quantize_static in QDQ format with those ranges
-   handed over as a calibration cache (`placement.place_qdq`).
+   Q/DQ placement reads (`placement.quantized_tensors`, found on the graph with stand-in weights)
+   from one streaming in-graph pass (`onnxbn.ranges`, memory flat in the data size; the min of a
+   tensor that cannot go below 0 is not measured), or a ranges file from `onnxbn stats --ranges`
+   (of the BN-folded model). `method` turns them into each tensor's range: minmax, percentile
+   (99.99 by default), entropy (TensorRT's KL threshold), mse (the threshold minimising the
+   expected quantization error); see onnxbn.ranges. The model's own outputs always keep their
+   min/max range (clipped logits lose their order). Float Constants take their values' range.
+4. Q/DQ placement: onnxruntime's QDQ quantizer (what quantize_static runs), in memory, with those
+   ranges (`placement.place_qdq`). Should it read a range the discovery did not name, that range
+   is gathered too and the placement repeated.
 5. Recovery, each selectable (`recover`; default cle,bias, the best of the combinations measured by
    `tools/bench.py quantize`): cle (cross-layer equalization, before the ranges are gathered),
    bias (bias correction) and bn (BN re-estimation through the Q/DQ nodes); the math is in `recovery`.
@@ -37,11 +39,19 @@ import onnx
 
 from onnxbn.errors import UserError
 from onnxbn.graph import GraphIndex, opset_version
-from onnxbn.quantization.placement import UNREAD_RANGE, place_qdq, quantized_tensors
+from onnxbn.quantization.placement import UNREAD_RANGE, constant_ranges, place_qdq, quantized_tensors, read_ranges
 from onnxbn.quantization.prepare import fold_batchnorm, raise_opset, refuse_unquantizable
 from onnxbn.quantization.recovery import ensure_bias, equalize, recover_accuracy
 from onnxbn.quantization.report import DEFAULT_MIN_COSINE, DEFAULT_MIN_TOP1, QuantizeReport
-from onnxbn.ranges import METHODS, activation_tensors, choose_ranges, collect_ranges, load_ranges
+from onnxbn.ranges import (
+    METHODS,
+    Ranges,
+    activation_tensors,
+    choose_ranges,
+    collect_ranges,
+    load_ranges,
+    nonnegative_tensors,
+)
 
 RECOVERIES = ("bias", "bn", "cle")
 DEFAULT_RECOVER = ("cle", "bias")  # the best of none/bias/bn/bn,bias/cle/cle,bias measured: see tools/bench.py quantize
@@ -113,22 +123,33 @@ def quantize_with_report(model, data, *, method: str = "minmax", percentile: flo
     if modes:
         ensure_bias(proto)
     floats = activation_tensors(proto)
-    wanted = quantized_tensors(proto, floats, activations=activations, exclude=exclude)
-    if ranges is None:
-        found = collect_ranges(proto, data, tensors=wanted, histograms=method != "minmax", batch_size=batch_size,
-                               limit=limit, seed=seed, preset=preset, workers=workers, strict=strict, device=device)
-    else:
+    fixed = constant_ranges(proto)
+    placement = {"per_channel": per_channel, "activations": activations, "exclude": exclude}
+    wanted = quantized_tensors(proto, floats, fixed, **placement)
+
+    def gather(tensors: list[str]) -> Ranges:
+        if ranges is None:
+            return collect_ranges(proto, data, tensors=tensors, histograms=method != "minmax",
+                                  nonnegative=nonnegative_tensors(proto), fingerprint=False, batch_size=batch_size,
+                                  limit=limit, seed=seed, preset=preset, workers=workers, strict=strict, device=device)
         found = load_ranges(ranges)
-        missing = [t for t in wanted if t not in found.tensors]
+        missing = [t for t in tensors if t not in found.tensors]
         if missing:
             raise UserError(f"the ranges file has no tensor {missing[0]!r} of this model; gather the ranges of the "
                             "model as quantized (BN folded: `onnxbn fold`, then `onnxbn stats --ranges`)")
+        return found
+
+    found = gather(wanted)
     report.ranges = {"samples": found.meta.get("samples"), "seconds": found.meta.get("seconds"),
                      "tensors": len(wanted), "bins": found.meta.get("bins"),
                      "histogram_values": found.meta.get("histogram_values")}
-    chosen = choose_ranges(found, wanted, method, percentile, outputs=[o.name for o in proto.graph.output])
-    qdq = place_qdq(proto, {t: chosen.get(t, UNREAD_RANGE) for t in floats}, per_channel=per_channel,
-                    activations=activations, exclude=exclude)
+    outputs = [o.name for o in proto.graph.output]
+    chosen = choose_ranges(found, wanted, method, percentile, outputs=outputs)
+    qdq = place_qdq(proto, {**fixed, **{t: chosen.get(t, UNREAD_RANGE) for t in floats}}, **placement)
+    unread = [t for t in read_ranges(qdq, floats, fixed) if t not in chosen]
+    if unread:  # the placement read a range the discovery did not name: gather those too, and place again
+        chosen |= choose_ranges(gather(unread), unread, method, percentile, outputs=outputs)
+        qdq = place_qdq(proto, {**fixed, **{t: chosen.get(t, UNREAD_RANGE) for t in floats}}, **placement)
     if modes:
         if data is None:
             raise UserError("--recover needs --data (calibration data)")
