@@ -660,3 +660,35 @@ def test_ranges_of_every_rank_and_type_equal_numpy_across_batches(opset, histogr
         values = [np.asarray(b[k]) for b in per_batch]
         assert r.min == min(v.min() for v in values) and r.max == max(v.max() for v in values), name
         assert r.count == sum(v.size for v in values), name
+
+
+def test_staged_recovery_equals_recovery_from_the_data_each_level(monkeypatch):
+    """Bias correction runs its levels from the activations kept on disk between passes (the integer tensors
+    before each DequantizeLinear); with no room to keep them, every level's pass runs from the data: the same
+    INT8 model, byte for byte, and the kept activations' files are gone afterwards."""
+    import tempfile
+    from pathlib import Path
+
+    import onnxbn.quantization.recovery as recovery
+    from onnxbn.recalibration import exact
+
+    model, x = bn_cnn(seed=3), inputs_for([3, 8, 8], 40, seed=8)
+    kept = []
+    add = exact._Cut.add
+    monkeypatch.setattr(exact._Cut, "add", lambda cut, values, n: (kept.append(values), add(cut, values, n))[1])
+    folders = []
+    real = tempfile.TemporaryDirectory
+
+    def recorded(*args, **kwargs):
+        folder = real(*args, **kwargs)
+        folders.append(Path(folder.name))
+        return folder
+    monkeypatch.setattr(tempfile, "TemporaryDirectory", recorded)
+    staged, report = quantize_with_report(model, x, recover="bias", batch_size=16, device="cpu", verify=False)
+    assert report.passes == 1 + max(entry["level"] for entry in report.layers) > 2
+    assert folders and not any(f.exists() for f in folders)
+    assert kept and all(v.dtype == np.uint8 for values in kept for v in values.values())  # quantized activations
+    kept.clear()
+    monkeypatch.setattr(recovery, "CACHE_MB", 0.0)
+    fresh, _ = quantize_with_report(model, x, recover="bias", batch_size=16, device="cpu", verify=False)
+    assert not kept and staged.SerializeToString() == fresh.SerializeToString()

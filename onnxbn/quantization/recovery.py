@@ -18,16 +18,20 @@ With both bias and bn, bn's scale is applied and bias's mean wins (the float mod
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxbn.graph import GraphIndex, reads, value_types
+from onnxbn.graph import GraphIndex, value_types
+from onnxbn.io.model import Model
 from onnxbn.points import Point
+from onnxbn.recalibration.exact import run_levels
 
 LAYERS = ("Conv", "Gemm")
+CACHE_MB = 1024.0  # activations kept between the levels' passes, on disk (recalibration's exact-mode default)
 
 
 def ensure_bias(model: onnx.ModelProto) -> None:
@@ -109,6 +113,8 @@ def equalize(model: onnx.ModelProto, iterations: int = 8) -> dict[str, np.ndarra
 
 @dataclass
 class _Layer:
+    """A quantized layer to correct; `exact.run_levels` measures its output (`input`, `key`: q_out) at its level."""
+
     node: str
     q_out: str
     f_out: str
@@ -118,17 +124,22 @@ class _Layer:
     level: int = 0
     bn: dict | None = None
 
+    @property
+    def key(self) -> str:
+        return self.q_out
+
+    @property
+    def input(self) -> str:
+        return self.q_out
+
 
 def quantized_layers(qdq: onnx.ModelProto, float_model: onnx.ModelProto) -> list[_Layer]:
     """Conv/Gemm nodes of `qdq` whose weight and bias come from DequantizeLinear of initializers (owned by
-    that node alone), with the level of each (1 + the most quantized layers on any path above it)."""
+    that node alone)."""
     qi = GraphIndex(qdq)
     float_nodes = {n.name: n for n in float_model.graph.node if n.name}
-    level: dict[str, int] = {}
     layers = []
     for node in qdq.graph.node:
-        above = max((level.get(t, 0) for t in reads(node)), default=0)
-        found = None
         if node.op_type in LAYERS and node.name in float_nodes and len(node.input) > 2:
             w_dq, b_dq = qi.producers.get(node.input[1]), qi.producers.get(node.input[2])
             alpha_beta = [a.f for a in node.attribute if a.name in ("alpha", "beta")]
@@ -137,11 +148,8 @@ def quantized_layers(qdq: onnx.ModelProto, float_model: onnx.ModelProto) -> list
                     and all(n in qi.initializers and len(qi.consumers.get(n, [])) == 1
                             for n in (w_dq.input[1], b_dq.input[0], b_dq.input[1]))
                     and len(qi.consumers.get(node.input[1], [])) == 1 and len(qi.consumers.get(node.input[2], [])) == 1):
-                found = _Layer(node.name, node.output[0], float_nodes[node.name].output[0], w_dq.input[1], b_dq.input[0],
-                               b_dq.input[1], above + 1)
-                layers.append(found)
-        for o in node.output:
-            level[o] = found.level if found else above
+                layers.append(_Layer(node.name, node.output[0], float_nodes[node.name].output[0], w_dq.input[1],
+                                     b_dq.input[0], b_dq.input[1]))
     return layers
 
 
@@ -149,7 +157,6 @@ def _moments(model: onnx.ModelProto, tensors: list[str], open_dataset, batch_siz
              device: str, desc: str) -> dict:
     """Per-channel (count, mean, M2) of `tensors` over the data, reduced in the graph (onnxbn.stats)."""
     from onnxbn.feeding import run_batches
-    from onnxbn.io.model import Model
     from onnxbn.runtimes.ort_backend import make_session
     from onnxbn.stats import ChannelMoments, augment_for_stats
 
@@ -183,7 +190,12 @@ def _set(index: GraphIndex, name: str, value: np.ndarray) -> None:
 def recover_accuracy(qdq: onnx.ModelProto, float_model: onnx.ModelProto, bn_into: dict[str, dict], modes: list[str],
             open_dataset, *, batch_size: int, workers, strict: bool, device: str) -> tuple[list[dict], int]:
     """Apply bias correction and/or BN re-estimation to `qdq` in place (see the module docstring);
-    return (one entry per corrected layer, passes over the data)."""
+    return (one entry per corrected layer, passes over the data).
+
+    The levels run as recalibration's exact mode runs its BN levels (`exact.run_levels`): pass k starts
+    from the activations the earlier passes kept that no longer change (in .npy files of a temporary
+    folder, up to CACHE_MB; anonymous memory stays flat), so all passes together cost about one forward
+    pass of the INT8 model instead of one per level."""
     layers = quantized_layers(qdq, float_model)
     if not layers or not modes:
         return [], 0
@@ -192,13 +204,9 @@ def recover_accuracy(qdq: onnx.ModelProto, float_model: onnx.ModelProto, bn_into
     index = GraphIndex(qdq)
     float_stats = _moments(float_model, [layer.f_out for layer in layers], open_dataset, batch_size, workers, strict,
                            device, "float stats") if "bias" in modes else {}
-    passes = 1 if float_stats else 0
     entries = []
-    for level in sorted({layer.level for layer in layers}):
-        group = [layer for layer in layers if layer.level == level]
-        q_stats = _moments(qdq, [layer.q_out for layer in group], open_dataset, batch_size, workers, strict, device,
-                           f"recover level {level}")
-        passes += 1
+
+    def correct(group: list[_Layer], q_stats: dict) -> None:
         for layer in group:
             m_q, v_q = q_stats[layer.q_out].mean, q_stats[layer.q_out].var
             w_scale = _array(index, layer.w_scale).astype(np.float64)
@@ -207,7 +215,7 @@ def recover_accuracy(qdq: onnx.ModelProto, float_model: onnx.ModelProto, bn_into
             bias = b_int.astype(np.float64) * b_scale
             k = np.ones_like(m_q)
             target = m_q.copy()
-            entry = {"node": layer.node, "level": level, "tensor": layer.q_out}
+            entry = {"node": layer.node, "level": layer.level + 1, "tensor": layer.q_out}
             if "bn" in modes and layer.bn is not None and w_scale.size == m_q.size:
                 live = v_q > 0
                 bn = layer.bn
@@ -226,4 +234,8 @@ def recover_accuracy(qdq: onnx.ModelProto, float_model: onnx.ModelProto, bn_into
             scale32 = new_b_scale.astype(np.float32).astype(np.float64)
             _set(index, layer.b_q, np.clip(np.round(new_bias / scale32), info.min, info.max).astype(b_int.dtype))
             entries.append(entry)
-    return entries, passes
+
+    with tempfile.TemporaryDirectory(prefix="onnxbn-recover-") as spill:
+        passes, _, _ = run_levels(Model(qdq), layers, open_dataset(), batch_size, apply=correct, desc="recover level",
+                                  workers=workers, strict=strict, device=device, cache_mb=CACHE_MB, spill=spill)
+    return entries, len(passes) + (1 if float_stats else 0)

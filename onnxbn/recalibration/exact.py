@@ -41,8 +41,11 @@ train-mode forward pass).
 
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -56,6 +59,7 @@ from onnxbn.io.copies import empty_like
 from onnxbn.io.model import Model
 from onnxbn.points import Point
 from onnxbn.recalibration.plan import (
+    Staged,
     assign_levels,
     check_finite_input,
     choose_cut,
@@ -113,17 +117,33 @@ def _stage_model(work: onnx.ModelProto, index: GraphIndex, points: list[Point], 
 
 @dataclass
 class _Cut:
-    """Boundary activations kept between passes: `names`, and per batch a dict name -> array."""
+    """Boundary activations kept between passes: `names`, and per batch a dict name -> array; in memory, or
+    with `spill` in .npy files of that folder read back memory-mapped (page cache, not anonymous memory)."""
 
     names: list[str]
+    spill: Path | None = None
     batches: list[dict] = field(default_factory=list)
     sizes: list[int] = field(default_factory=list)  # samples per batch
     nbytes: int = 0
 
     def add(self, values: dict, samples: int) -> None:
+        if self.spill is not None:
+            stored = {}
+            for i, (name, value) in enumerate(values.items()):
+                path = self.spill / f"{id(self)}-{len(self.batches)}-{i}.npy"
+                np.save(path, value)
+                stored[name] = np.load(path, mmap_mode="r")
+            values = stored
         self.batches.append(values)
         self.sizes.append(samples)
         self.nbytes += sum(v.nbytes for v in values.values())
+
+    def drop(self) -> None:
+        """Forget the kept activations (and remove their files)."""
+        if self.spill is not None:
+            for path in self.spill.glob(f"{id(self)}-*.npy"):
+                path.unlink()
+        self.batches.clear()
 
 
 @dataclass
@@ -138,6 +158,7 @@ class _Pass:
     base: _Cut | None
     keep: list[str]           # the next cut's tensors (computed or carried), empty when none is kept
     budget: int
+    spill: Path | None = None  # see _Cut
 
 
 def _batches(p: _Pass, dataset, model: onnx.ModelProto, batch_size: int, workers: int, strict: bool, desc: str):
@@ -162,7 +183,7 @@ def _run_pass(p: _Pass, dataset, model, batch_size: int, workers: int, strict: b
     """Stream the batches through the pass: merge each batch's moments (Chan, float64), keep the next cut
     while it fits in the budget. Returns (moments per point, the kept cut or None, samples)."""
     moments = {tensor: ChannelMoments() for tensor in p.graph.outputs}
-    kept = _Cut(p.keep) if p.keep else None
+    kept = _Cut(p.keep, p.spill) if p.keep else None
     samples = 0
     for feeds, values, n_batch in _batches(p, dataset, model, batch_size, workers, strict, desc):
         out = dict(zip(p.fetch, values, strict=True))
@@ -170,56 +191,78 @@ def _run_pass(p: _Pass, dataset, model, batch_size: int, workers: int, strict: b
         if kept is not None:
             kept.add({t: out[t] if t in out else feeds[t] for t in p.keep}, n_batch)
             if kept.nbytes > p.budget:
+                kept.drop()
                 kept = None  # it does not fit after all: the next pass starts from the current base
         samples += n_batch
     return moments, kept, samples
 
 
-def run_exact(work: Model, bns: list[BNRecord], dataset, batch_size: int, *, workers: int, strict: bool,
-              device: str, cache_mb: float) -> tuple[list[dict], int, str]:
-    """Level by level (module docstring): write each level's statistics into `work`. Returns (passes, samples,
-    provider). onnxruntime gets the weights where `work` holds them: its arrays as they are, the rest read
-    from its files."""
+def run_levels(work: Model, items: Sequence[Staged], dataset, batch_size: int, *,
+               apply: Callable[[list, dict[str, ChannelMoments]], None], desc: str, workers: int, strict: bool,
+               device: str, cache_mb: float, spill: str | os.PathLike | None = None) -> tuple[list[dict], int, str]:
+    """Level by level (module docstring): pass k measures the per-channel moments of the level-k items' `input`
+    tensors, then `apply(level-k items, moments)` writes their new parameters into `work` before pass k+1.
+    Returns (passes, samples, provider). onnxruntime gets the weights where `work` holds them: its arrays as
+    they are, the rest read from its files (pass k reads `work.proto`'s initializers as `apply` left them).
+    `spill`: a folder the kept activations go to as .npy files (see _Cut), so that anonymous memory does not
+    grow with the data (up to `cache_mb` of them on disk)."""
     out = work.proto
     index = GraphIndex(out)
     types = value_types(out)
-    up = assign_levels(index, bns)
+    up = assign_levels(index, items)
     dyn = dynamic_tensors(index, out)
     budget = int(cache_mb * 2**20)
-    levels = max(b.level for b in bns) + 1
-    _check_rereadable(dataset, levels)
+    levels = max(b.level for b in items) + 1
     input_name = model_input(out)[0]
     base: _Cut | None = None
     passes, samples, provider = [], 0, "cpu"
     for k in range(levels):
         started = time.perf_counter()
-        level_bns = [b for b in bns if b.level == k]
-        points = [_point(t, index, types) for t in dict.fromkeys(b.input for b in level_bns)]
-        keep = choose_cut(index, bns, k, levels, up, dyn, types, base, input_name, dataset.total, budget)
+        level_items = [b for b in items if b.level == k]
+        points = [_point(t, index, types) for t in dict.fromkeys(b.input for b in level_items)]
+        keep = choose_cut(index, items, k, levels, up, dyn, types, base, input_name, dataset.total, budget)
         sample = base.batches[0] if base is not None and base.batches else {}
         stage, fed, n_nodes = _stage_model(out, index, points, keep, base.names if base is not None else None,
                                            types, sample)
         session = make_session(work.with_graph(stage.model), device)
         provider = session_provider(session)
-        p = _Pass(session, stage, [o.name for o in stage.model.graph.output], fed, base, keep, budget)
-        moments, kept, samples = _run_pass(p, dataset, out, batch_size, workers, strict,
-                                           f"recalibrate pass {k + 1}/{levels}")
+        p = _Pass(session, stage, [o.name for o in stage.model.graph.output], fed, base, keep, budget,
+                  None if spill is None else Path(spill))
+        moments, kept, samples = _run_pass(p, dataset, out, batch_size, workers, strict, f"{desc} {k + 1}/{levels}")
         if samples == 0:
-            raise UserError(f"{dataset.description}: no sample could be read; nothing to recalibrate on")
+            raise UserError(f"{dataset.description}: no sample could be read; nothing to measure")
+        apply(level_items, moments)
+        passes.append({"pass": k + 1, "items": [b.node for b in level_items], "nodes": n_nodes,
+                       "source": "data" if base is None else "kept activations", "kept": keep if kept else [],
+                       "cached_mib": round(kept.nbytes / 2**20, 3) if kept else 0.0,
+                       "seconds": round(time.perf_counter() - started, 3)})
+        if kept is not None:
+            if base is not None:
+                base.drop()
+            base = kept
+        del session, p
+    if base is not None:
+        base.drop()
+    return passes, samples, provider
+
+
+def run_exact(work: Model, bns: list[BNRecord], dataset, batch_size: int, *, workers: int, strict: bool,
+              device: str, cache_mb: float) -> tuple[list[dict], int, str]:
+    """Exact-mode recalibration: `run_levels` with each level's new mean/var written into its BNs."""
+    assign_levels(GraphIndex(work.proto), bns)
+    _check_rereadable(dataset, max(b.level for b in bns) + 1)
+
+    def write(level_bns: list[BNRecord], moments: dict[str, ChannelMoments]) -> None:
         for b in level_bns:
             m = moments[b.input]
             mean, var = m.mean, m.var
             assert mean is not None, "samples were read"
             b.new_mean, b.new_var = mean, var
             write_stats(work, b, mean, var)
-        passes.append({"pass": k + 1, "bns": [b.node for b in level_bns], "nodes": n_nodes,
-                       "source": "data" if base is None else "kept activations", "kept": keep if kept else [],
-                       "cached_mib": round(kept.nbytes / 2**20, 3) if kept else 0.0,
-                       "seconds": round(time.perf_counter() - started, 3)})
-        if kept is not None:
-            base = kept
-        del session, p
-    return passes, samples, provider
+
+    passes, samples, provider = run_levels(work, bns, dataset, batch_size, apply=write, desc="recalibrate pass",
+                                           workers=workers, strict=strict, device=device, cache_mb=cache_mb)
+    return [{("bns" if key == "items" else key): value for key, value in p.items()} for p in passes], samples, provider
 
 
 def _point(tensor: str, index: GraphIndex, types: dict) -> Point:

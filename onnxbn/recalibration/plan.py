@@ -13,6 +13,9 @@ longer change (`cut_after`), kept between passes while they fit in the cache (`c
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Protocol
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
@@ -23,6 +26,20 @@ from onnxbn.io.model import Model
 from onnxbn.recalibration.report import BNRecord
 
 MEAN, VAR = 3, 4  # BatchNormalization input slots
+
+
+class Staged(Protocol):
+    """What the level-by-level passes (`exact.run_levels`) need of an item: a BN to recalibrate (BNRecord), a
+    quantized layer to correct (quantization.recovery). Its level's pass measures `input`; after it, the
+    parameters of the node whose first output is `key` change."""
+
+    @property
+    def node(self) -> str: ...
+    @property
+    def key(self) -> str: ...
+    @property
+    def input(self) -> str: ...
+    level: int
 
 
 def bn_label(node: onnx.NodeProto) -> str:
@@ -160,14 +177,14 @@ def write_stats(model: Model, bn: BNRecord, mean: np.ndarray, var: np.ndarray) -
             target.CopyFrom(numpy_helper.from_array(cast, target.name))
 
 
-def assign_levels(index: GraphIndex, bns: list[BNRecord]) -> dict[str, int]:
-    """Set each BN's level; return up[t] = the highest level of the selected BNs upstream of tensor t
-    (the BN itself included for its output; -1: none)."""
+def assign_levels(index: GraphIndex, bns: Sequence[Staged]) -> dict[str, int]:
+    """Set each item's level; return up[t] = the highest level of the items upstream of tensor t
+    (the item's node itself included for its output; -1: none)."""
     by_key = {b.key: b for b in bns}
     up: dict[str, int] = {}
     for node in index.graph.node:
         level = max((up.get(t, -1) for t in reads(node)), default=-1)
-        bn = by_key.get(node.output[0]) if node.op_type == "BatchNormalization" and node.output else None
+        bn = by_key.get(node.output[0]) if node.output else None
         if bn is not None:
             bn.level = level = level + 1
         for out in node.output:
@@ -184,14 +201,24 @@ def dynamic_tensors(index: GraphIndex, model: onnx.ModelProto) -> set[str]:
     return dyn
 
 
-def cut_after(index: GraphIndex, bns: list[BNRecord], k: int, up: dict[str, int], dyn: set[str]) -> list[str]:
+def cut_after(index: GraphIndex, bns: Sequence[Staged], k: int, up: dict[str, int], dyn: set[str]) -> list[str]:
     """The tensors later passes need that are final after pass k: read by a node that still changes
-    (downstream of a BN of level >= k) and needed after pass k, written by one that does not."""
+    (downstream of an item of level >= k, or its own node) and needed after pass k, written by one that does not."""
     later = [b.input for b in bns if b.level > k]
     changing = [n for n in index.ancestors(later) if max(up.get(o, -1) for o in n.output) >= k]
     written = {o for n in changing for o in n.output}
     cut = dict.fromkeys(t for n in changing for t in reads(n) if t not in written and t in dyn)
-    return list(cut)
+    return list(dict.fromkeys(_quantized_source(index, t, dyn) for t in cut))
+
+
+def _quantized_source(index: GraphIndex, tensor: str, dyn: set[str]) -> str:
+    """The integer tensor a DequantizeLinear of an activation makes `tensor` from (kept instead: a quarter of
+    the bytes, and the next pass runs DequantizeLinear -> Conv -> QuantizeLinear, which onnxruntime fuses into
+    its integer kernels as in the deployed model), else `tensor`."""
+    node = index.producers.get(tensor)
+    if node is not None and node.op_type == "DequantizeLinear" and node.input[0] in dyn:
+        return node.input[0]
+    return tensor
 
 
 def graph_slice(index: GraphIndex, targets: list[str], fed: list[str]) -> tuple[list[onnx.NodeProto], list[str]]:
