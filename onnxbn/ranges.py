@@ -85,7 +85,7 @@ from onnxbn.graph import GraphIndex, opset_version, tensor_shape, value_types
 from onnxbn.io.model import Model
 from onnxbn.io.npzfile import format_of, read_rows, write_rows
 from onnxbn.runtimes.ort_backend import make_session, session_provider
-from onnxbn.stats import reduce_node
+from onnxbn.stats import ChannelMoments, augment_for_stats, reduce_node, tensor_points
 
 FORMAT = "onnxbn-ranges/1"
 PREFIX = "onnxbn_ranges"
@@ -140,10 +140,12 @@ class TensorRange:
 
 @dataclass
 class Ranges:
-    """Ranges and histograms of named tensors, with provenance."""
+    """Ranges and histograms of named tensors, with provenance; `moments`: per-channel moments gathered in
+    the same pass (`collect_ranges(moments=...)`), not saved."""
 
     tensors: dict[str, TensorRange]
     meta: dict = field(default_factory=dict)
+    moments: dict[str, ChannelMoments] = field(default_factory=dict)
 
     def save(self, path: str | os.PathLike, inputs=(), force: bool = False) -> Path:
         rows = {name: {"count": np.array(r.count, np.int64), "min": np.array(r.min), "max": np.array(r.max),
@@ -362,8 +364,8 @@ def collect_ranges(model, data, batch_size: int = 32, limit: int | None = None, 
                    workers: int | None = 0, seed: int = 0, shard=None, preset: str | None = None,
                    strict: bool = False, tensors: list[str] | None = None, histograms: bool = True,
                    checkpoint: str | os.PathLike | None = None, resume: bool = False,
-                   checkpoint_every: float = 60.0, nonnegative: Collection[str] = (), fingerprint: bool = True
-                   ) -> Ranges:
+                   checkpoint_every: float = 60.0, nonnegative: Collection[str] = (), fingerprint: bool = True,
+                   moments: list[str] | None = None) -> Ranges:
     """min, max and histogram of every float activation tensor (or of `tensors`) over `data`.
 
     `histograms=False`: min and max only (the cost of two reductions per tensor; what `minmax` needs).
@@ -372,6 +374,9 @@ def collect_ranges(model, data, batch_size: int = 32, limit: int | None = None, 
     not for a ranges file, whose min is the data's.
     `fingerprint=False`: meta's model_sha256 is None (hashing VGG16's weights takes 0.7 s; for ranges kept in
     memory, never merged or resumed).
+    `moments`: tensors whose per-channel mean and variance (`onnxbn.stats`, exact as `onnxbn stats` computes
+    them) the same pass gathers into the result's `moments` (quantize's bias correction reads the float
+    model's; no checkpoints then).
     `checkpoint`: the state so far is saved there every `checkpoint_every` seconds; `resume` continues
     from it (only a run with the same model, tensors, data, batch size, limit, seed and shard may), with
     the result of one uninterrupted pass (the merge is exact).
@@ -390,8 +395,15 @@ def collect_ranges(model, data, batch_size: int = 32, limit: int | None = None, 
     dataset = open_model_data(proto, data, preset=preset, limit=limit, seed=seed, shard=shard)
     light = base.detached()
     augmented, strides = augment_for_ranges(light.proto, names, histograms, nonnegative)
-    session = make_session(light.with_graph(augmented), device, arena=False)
     fetch = [o.name for o in augmented.graph.output]
+    stats = None
+    if moments:
+        if checkpoint is not None:
+            raise UserError("per-channel moments are not checkpointed; gather them without a checkpoint")
+        stats = augment_for_stats(augmented, tensor_points(value_types(light.proto), moments), keep=fetch)
+        augmented = stats.model
+    session = make_session(light.with_graph(augmented), device, arena=False)
+    channel_moments = {t: ChannelMoments() for t in moments or ()}
     batch_size = fit_batch_size(model_input(proto)[2], batch_size, dataset.total)
     out = {n: TensorRange(stride=strides.get(n, 1)) for n in names}
     seen, start, started = 0, 0, time.perf_counter()
@@ -412,9 +424,11 @@ def collect_ranges(model, data, batch_size: int = 32, limit: int | None = None, 
                 raise UserError(f"{checkpoint}: this checkpoint is from a run with other settings (model, data, "
                                 "batch size, limit or shard); delete it or drop --resume")
             out, start, seen = state.tensors, int(state.meta["consumed"]), int(state.meta["samples"])
-    for x, _, values in run_batches(session, dataset, fetch, proto, batch_size,
+    for x, _, values in run_batches(session, dataset, fetch + (stats.fetch if stats else []), proto, batch_size,
                                     workers=default_workers() if workers is None else workers, strict=strict,
                                     start=start, desc="ranges"):
+        if stats is not None:
+            stats.merge(channel_moments, dict(zip(stats.fetch, values[len(fetch):], strict=True)), seen, len(x))
         per = 5 if histograms else 3
         for i, name in enumerate(names):
             if histograms:
@@ -443,7 +457,7 @@ def collect_ranges(model, data, batch_size: int = 32, limit: int | None = None, 
             "outputs": [o.name for o in proto.graph.output],
             "provider": session_provider(session), "seconds": round(time.perf_counter() - started, 3),
             "onnxbn": __import__("onnxbn").__version__}
-    return Ranges(out, meta)
+    return Ranges(out, meta, channel_moments)
 
 
 # ----------------------------------------------------------------------------- ranges from histograms

@@ -41,7 +41,7 @@ from onnx import TensorProto, helper
 from onnxbn.data.streams import parse_shard
 from onnxbn.errors import UserError
 from onnxbn.feeding import fit_batch_size, model_input, open_model_data, run_batches
-from onnxbn.graph import GraphIndex, pruned_copy, require_opset
+from onnxbn.graph import GraphIndex, pruned_copy, require_opset, tensor_shape
 from onnxbn.io.model import Model
 from onnxbn.io.npzfile import read_rows, write_rows
 from onnxbn.points import Point, select_points
@@ -212,14 +212,26 @@ class StatsGraph:
             moments[tensor].merge(count, mean, m2)
 
 
-def augment_for_stats(model: onnx.ModelProto, points: list[Point]) -> StatsGraph:
-    """A copy of `model` whose only outputs are, per point, the reductions `StatsGraph` names.
+def tensor_points(types: dict, tensors: list[str]) -> list[Point]:
+    """Points for the per-channel moments of named tensors (`types`: graph.value_types of their model)."""
+    points = []
+    for tensor in tensors:
+        t = types.get(tensor)
+        elem = t.tensor_type.elem_type if t is not None and t.HasField("tensor_type") else TensorProto.FLOAT
+        points.append(Point(tensor, "", "", None, tensor_shape(t), TensorProto.DataType.Name(elem).lower()))
+    return points
+
+
+def augment_for_stats(model: onnx.ModelProto, points: list[Point], keep: list[str] | None = None) -> StatsGraph:
+    """A copy of `model` whose only outputs are, per point, the reductions `StatsGraph` names (after the
+    outputs named in `keep`, kept as they are: another pass's, sharing this one's forward pass).
 
     Nodes the stats do not need (the classifier head, the model outputs) are left out. Row
     reductions run in float32, or in float64 for a float64 tensor.
     """
     opset = require_opset(model)
-    out = pruned_copy(model, {p.tensor for p in points})
+    kept = [o for o in model.graph.output if o.name in set(keep or ())]
+    out = pruned_copy(model, {p.tensor for p in points} | {o.name for o in kept})
     graph = out.graph
     index = GraphIndex(out)
     index.taken |= GraphIndex(model).taken  # the copy's new names must not collide with dropped ones
@@ -247,6 +259,7 @@ def augment_for_stats(model: onnx.ModelProto, points: list[Point]) -> StatsGraph
         return shapes[base]
 
     del graph.output[:]
+    graph.output.extend(kept)
     outputs = {}
     for i, point in enumerate(points):
         p = f"{i}"

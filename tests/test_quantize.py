@@ -68,6 +68,26 @@ def test_ranges_min_max_and_histogram_equal_numpy():
         assert np.array_equal(r.hist, numpy_hist(v, r.exp)), name
 
 
+def test_moments_gathered_in_the_ranges_pass_equal_numpy():
+    """collect_ranges(moments=...) adds per-channel moments to the same pass (quantize's bias correction reads
+    the float model's there): numpy's mean and population variance per channel, over batches; the ranges
+    themselves unchanged."""
+    model, x = small_cnn(), inputs_for([3, 8, 8], 40, seed=3)
+    names = float_tensors(model)
+    alone = collect_ranges(model, x, batch_size=16, device="cpu")
+    both = collect_ranges(model, x, batch_size=16, device="cpu", moments=names[1:4])
+    values = exposed(model, names, x)
+    assert list(both.moments) == names[1:4]
+    for name, m in both.moments.items():
+        v = np.moveaxis(values[name].astype(np.float64), 1, 0).reshape(values[name].shape[1], -1)
+        scale = np.abs(v).max()  # row sums run in float32 in the graph (onnxbn.stats): float32 rounding
+        np.testing.assert_allclose(m.mean, v.mean(axis=1), rtol=1e-6, atol=1e-6 * scale)
+        np.testing.assert_allclose(m.var, v.var(axis=1), rtol=1e-6, atol=1e-6 * scale ** 2)
+    for name, r in alone.tensors.items():
+        s = both.tensors[name]
+        assert (s.min, s.max, s.count, s.exp) == (r.min, r.max, r.count, r.exp) and np.array_equal(s.hist, r.hist)
+
+
 def test_histogram_merge_of_halves_equals_one_pass(tmp_path):
     model = small_cnn()
     x = inputs_for([3, 8, 8], 48, seed=4)
@@ -444,7 +464,7 @@ def test_bias_correction_zeroes_the_mean_error_per_channel():
     model, x = bn_cnn(), inputs_for([3, 8, 8], 64, seed=6)
     plain, _ = quantize_with_report(model, x, recover="none", device="cpu")
     fixed, report = quantize_with_report(model, x, recover="bias", device="cpu")
-    assert report.bn_folded == ["bn1", "bn2", "bn3"] and report.passes == 1 + 4  # float stats + 4 levels
+    assert report.bn_folded == ["bn1", "bn2", "bn3"] and report.passes == 4  # 4 levels (float means: the ranges pass)
     before, after = mean_errors(plain, model, x, CONV_TO_BN), mean_errors(fixed, model, x, CONV_TO_BN)
     assert max(before.values()) > 1e-3  # the judge can see the error bias correction removes
     assert max(after.values()) < 1e-4, after
@@ -685,7 +705,7 @@ def test_staged_recovery_equals_recovery_from_the_data_each_level(monkeypatch):
         return folder
     monkeypatch.setattr(tempfile, "TemporaryDirectory", recorded)
     staged, report = quantize_with_report(model, x, recover="bias", batch_size=16, device="cpu", verify=False)
-    assert report.passes == 1 + max(entry["level"] for entry in report.layers) > 2
+    assert report.passes == max(entry["level"] for entry in report.layers) > 2  # one pass per level
     assert folders and not any(f.exists() for f in folders)
     assert kept and all(v.dtype == np.uint8 for values in kept for v in values.values())  # quantized activations
     kept.clear()

@@ -41,7 +41,7 @@ from onnxbn.errors import UserError
 from onnxbn.graph import GraphIndex, opset_version
 from onnxbn.quantization.placement import UNREAD_RANGE, constant_ranges, place_qdq, quantized_tensors, read_ranges
 from onnxbn.quantization.prepare import fold_batchnorm, raise_opset, refuse_unquantizable
-from onnxbn.quantization.recovery import ensure_bias, equalize, recover_accuracy
+from onnxbn.quantization.recovery import ensure_bias, equalize, float_layer_outputs, recover_accuracy
 from onnxbn.quantization.report import DEFAULT_MIN_COSINE, DEFAULT_MIN_TOP1, QuantizeReport
 from onnxbn.ranges import (
     METHODS,
@@ -127,11 +127,12 @@ def quantize_with_report(model, data, *, method: str = "minmax", percentile: flo
     placement = {"per_channel": per_channel, "activations": activations, "exclude": exclude}
     wanted = quantized_tensors(proto, floats, fixed, **placement)
 
-    def gather(tensors: list[str]) -> Ranges:
+    def gather(tensors: list[str], moments: list[str] | None = None) -> Ranges:
         if ranges is None:
             return collect_ranges(proto, data, tensors=tensors, histograms=method != "minmax",
-                                  nonnegative=nonnegative_tensors(proto), fingerprint=False, batch_size=batch_size,
-                                  limit=limit, seed=seed, preset=preset, workers=workers, strict=strict, device=device)
+                                  nonnegative=nonnegative_tensors(proto), fingerprint=False, moments=moments,
+                                  batch_size=batch_size, limit=limit, seed=seed, preset=preset, workers=workers,
+                                  strict=strict, device=device)
         found = load_ranges(ranges)
         missing = [t for t in tensors if t not in found.tensors]
         if missing:
@@ -139,7 +140,7 @@ def quantize_with_report(model, data, *, method: str = "minmax", percentile: flo
                             "model as quantized (BN folded: `onnxbn fold`, then `onnxbn stats --ranges`)")
         return found
 
-    found = gather(wanted)
+    found = gather(wanted, float_layer_outputs(proto) if "bias" in modes else None)  # bias: the float means too
     report.ranges = {"samples": found.meta.get("samples"), "seconds": found.meta.get("seconds"),
                      "tensors": len(wanted), "bins": found.meta.get("bins"),
                      "histogram_values": found.meta.get("histogram_values")}
@@ -160,7 +161,7 @@ def quantize_with_report(model, data, *, method: str = "minmax", percentile: flo
         report.layers, report.passes = recover_accuracy(qdq, proto, bn_into, [m for m in modes if m != "cle"],
                                                         open_dataset, batch_size=batch_size,
                                                         workers=workers if workers is not None else 0, strict=strict,
-                                                        device=device)
+                                                        device=device, float_stats=found.moments or None)
     if not verify:
         report.seconds = time.perf_counter() - started
         return qdq, report

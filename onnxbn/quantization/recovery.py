@@ -27,8 +27,8 @@ from onnx import numpy_helper
 
 from onnxbn.graph import GraphIndex, value_types
 from onnxbn.io.model import Model
-from onnxbn.points import Point
 from onnxbn.recalibration.exact import run_levels
+from onnxbn.stats import ChannelMoments
 
 LAYERS = ("Conv", "Gemm")
 CACHE_MB = 1024.0  # activations kept between the levels' passes, on disk (recalibration's exact-mode default)
@@ -154,22 +154,14 @@ def quantized_layers(qdq: onnx.ModelProto, float_model: onnx.ModelProto) -> list
 
 
 def _moments(model: onnx.ModelProto, tensors: list[str], open_dataset, batch_size: int, workers, strict: bool,
-             device: str, desc: str) -> dict:
+             device: str, desc: str) -> dict[str, ChannelMoments]:
     """Per-channel (count, mean, M2) of `tensors` over the data, reduced in the graph (onnxbn.stats)."""
     from onnxbn.feeding import run_batches
     from onnxbn.runtimes.ort_backend import make_session
-    from onnxbn.stats import ChannelMoments, augment_for_stats
+    from onnxbn.stats import augment_for_stats, tensor_points
 
-    types = value_types(model)
-    points = []
-    for t in tensors:
-        shape = None
-        tt = types.get(t)
-        if tt is not None and tt.HasField("tensor_type") and tt.tensor_type.HasField("shape"):
-            shape = [d.dim_value or None for d in tt.tensor_type.shape.dim]
-        points.append(Point(t, "", "", None, shape, "float"))
     light = Model(model).detached()
-    graph = augment_for_stats(light.proto, points)
+    graph = augment_for_stats(light.proto, tensor_points(value_types(model), tensors))
     session = make_session(light.with_graph(graph.model), device, arena=False)
     moments = {t: ChannelMoments() for t in tensors}
     for _, _, values in run_batches(session, open_dataset(), graph.fetch, model, batch_size, workers=workers,
@@ -177,6 +169,11 @@ def _moments(model: onnx.ModelProto, tensors: list[str], open_dataset, batch_siz
         for t, (mean, m2, count) in graph.batch_moments(dict(zip(graph.fetch, values, strict=True))).items():
             moments[t].merge(count, mean, m2)
     return moments
+
+
+def float_layer_outputs(model: onnx.ModelProto) -> list[str]:
+    """The outputs of the model's Conv/Gemm nodes: where bias correction reads the float model's means."""
+    return [node.output[0] for node in model.graph.node if node.op_type in LAYERS]
 
 
 def _array(index: GraphIndex, name: str) -> np.ndarray:
@@ -188,9 +185,12 @@ def _set(index: GraphIndex, name: str, value: np.ndarray) -> None:
 
 
 def recover_accuracy(qdq: onnx.ModelProto, float_model: onnx.ModelProto, bn_into: dict[str, dict], modes: list[str],
-            open_dataset, *, batch_size: int, workers, strict: bool, device: str) -> tuple[list[dict], int]:
+            open_dataset, *, batch_size: int, workers, strict: bool, device: str,
+            float_stats: dict[str, ChannelMoments] | None = None) -> tuple[list[dict], int]:
     """Apply bias correction and/or BN re-estimation to `qdq` in place (see the module docstring);
-    return (one entry per corrected layer, passes over the data).
+    return (one entry per corrected layer, passes over the data). `float_stats`: the float model's
+    per-channel moments of its layer outputs (`float_layer_outputs`), gathered by the caller (quantize's
+    ranges pass); else bias correction runs a pass of the float model for them.
 
     The levels run as recalibration's exact mode runs its BN levels (`exact.run_levels`): pass k starts
     from the activations the earlier passes kept that no longer change (in .npy files of a temporary
@@ -202,8 +202,13 @@ def recover_accuracy(qdq: onnx.ModelProto, float_model: onnx.ModelProto, bn_into
     for layer in layers:
         layer.bn = bn_into.get(layer.node)
     index = GraphIndex(qdq)
-    float_stats = _moments(float_model, [layer.f_out for layer in layers], open_dataset, batch_size, workers, strict,
-                           device, "float stats") if "bias" in modes else {}
+    passes = 0
+    if "bias" not in modes:
+        float_stats = {}
+    elif float_stats is None or any(layer.f_out not in float_stats for layer in layers):
+        float_stats = _moments(float_model, [layer.f_out for layer in layers], open_dataset, batch_size, workers,
+                               strict, device, "float stats")
+        passes = 1
     entries = []
 
     def correct(group: list[_Layer], q_stats: dict) -> None:
@@ -236,6 +241,6 @@ def recover_accuracy(qdq: onnx.ModelProto, float_model: onnx.ModelProto, bn_into
             entries.append(entry)
 
     with tempfile.TemporaryDirectory(prefix="onnxbn-recover-") as spill:
-        passes, _, _ = run_levels(Model(qdq), layers, open_dataset(), batch_size, apply=correct, desc="recover level",
+        levels, _, _ = run_levels(Model(qdq), layers, open_dataset(), batch_size, apply=correct, desc="recover level",
                                   workers=workers, strict=strict, device=device, cache_mb=CACHE_MB, spill=spill)
-    return entries, len(passes) + (1 if float_stats else 0)
+    return entries, passes + len(levels)
