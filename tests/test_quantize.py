@@ -81,6 +81,7 @@ def test_moments_gathered_in_the_ranges_pass_equal_numpy():
     for name, m in both.moments.items():
         v = np.moveaxis(values[name].astype(np.float64), 1, 0).reshape(values[name].shape[1], -1)
         scale = np.abs(v).max()  # row sums run in float32 in the graph (onnxbn.stats): float32 rounding
+        assert m.mean is not None
         np.testing.assert_allclose(m.mean, v.mean(axis=1), rtol=1e-6, atol=1e-6 * scale)
         np.testing.assert_allclose(m.var, v.var(axis=1), rtol=1e-6, atol=1e-6 * scale ** 2)
     for name, r in alone.tensors.items():
