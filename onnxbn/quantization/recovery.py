@@ -210,13 +210,14 @@ def recover_accuracy(qdq: onnx.ModelProto, float_model: onnx.ModelProto, bn_into
                                strict, device, "float stats")
         passes = 1
     entries = []
+    work = Model(qdq).detached()  # the passes read large weights as arrays; corrections go to `work`, then to qdq
 
     def correct(group: list[_Layer], q_stats: dict) -> None:
         for layer in group:
             m_q, v_q = q_stats[layer.q_out].mean, q_stats[layer.q_out].var
-            w_scale = _array(index, layer.w_scale).astype(np.float64)
-            b_scale = _array(index, layer.b_scale).astype(np.float64)
-            b_int = _array(index, layer.b_q)
+            w_scale = work.array(layer.w_scale).astype(np.float64)
+            b_scale = work.array(layer.b_scale).astype(np.float64)
+            b_int = work.array(layer.b_q)
             bias = b_int.astype(np.float64) * b_scale
             k = np.ones_like(m_q)
             target = m_q.copy()
@@ -233,14 +234,17 @@ def recover_accuracy(qdq: onnx.ModelProto, float_model: onnx.ModelProto, bn_into
             new_bias = k * (bias - m_q) + target
             new_b_scale = b_scale * k
             if w_scale.size == k.size:
-                _set(index, layer.w_scale, (w_scale * k).astype(_array(index, layer.w_scale).dtype))
-            _set(index, layer.b_scale, new_b_scale.astype(_array(index, layer.b_scale).dtype))
+                work.set_array(layer.w_scale, (w_scale * k).astype(work.array(layer.w_scale).dtype))
+            work.set_array(layer.b_scale, new_b_scale.astype(work.array(layer.b_scale).dtype))
             info = np.iinfo(b_int.dtype)
             scale32 = new_b_scale.astype(np.float32).astype(np.float64)
-            _set(index, layer.b_q, np.clip(np.round(new_bias / scale32), info.min, info.max).astype(b_int.dtype))
+            work.set_array(layer.b_q, np.clip(np.round(new_bias / scale32), info.min, info.max).astype(b_int.dtype))
             entries.append(entry)
 
     with tempfile.TemporaryDirectory(prefix="onnxbn-recover-") as spill:
-        levels, _, _ = run_levels(Model(qdq), layers, open_dataset(), batch_size, apply=correct, desc="recover level",
+        levels, _, _ = run_levels(work, layers, open_dataset(), batch_size, apply=correct, desc="recover level",
                                   workers=workers, strict=strict, device=device, cache_mb=CACHE_MB, spill=spill)
+    for layer in layers:
+        for name in (layer.w_scale, layer.b_scale, layer.b_q):
+            _set(index, name, work.array(name))
     return entries, passes + len(levels)
