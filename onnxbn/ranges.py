@@ -32,13 +32,14 @@ on the coarser grid, bin j of the finer one going to floor(j / 2^(kb - ka)); sin
 floor(floor(x s) / f) = floor(x s / f) for integer f, this is the histogram a single pass would
 have computed at R = 2^kb (and a single pass's R is the largest batch R: k grows with max|x|),
 over the same subsample. min/max merge as min/max. Memory is flat in the data size: per tensor,
-two scalars and B counts are kept; per batch, j holds 2 bytes per sampled value. The session
-keeps onnxruntime's memory arena, which holds one batch's high-water mark whatever the number of
-batches. Without it, every intermediate buffer goes back to glibc, which keeps freed buffers in
-its heap once its dynamic mmap threshold has grown, so the process's anonymous memory rose over
-the first batches, more the more batches (the larger bench model with --recover cle,bias, whose
-float means this pass also gathers: 210-246 MiB at 32 inputs, 271 at 128; with the arena 217-223
-at both; MALLOC_MMAP_THRESHOLD_=131072 in the environment also removes the rise).
+two scalars and B counts are kept; per batch, j holds 2 bytes per sampled value. (The process's
+anonymous memory still rises over its first few batches and then stays: glibc keeps freed
+onnxruntime buffers in its heap once its dynamic mmap threshold has grown;
+MALLOC_MMAP_THRESHOLD_=131072 in the environment removes that rise, for plain inference too. The
+session runs without onnxruntime's memory arena: with it that rise goes (the larger bench model
+with quantize's default, whose float means this pass also gathers: 210-246 MiB at 32 inputs and
+271 at 128 without, 217-223 at both with it), but VGG16's peak grows by 300-400 MiB for minmax
+and 850 MiB for the default, the arena keeping its high-water mark of whole activations.)
 
 min and max leave the runtime per sample (one value per sample: the reduction over every axis but
 the first, when x's rank is known and at least 2; else one value) and numpy takes their min/max:
@@ -405,7 +406,7 @@ def collect_ranges(model, data, batch_size: int = 32, limit: int | None = None, 
             raise UserError("per-channel moments are not checkpointed; gather them without a checkpoint")
         stats = augment_for_stats(augmented, tensor_points(value_types(light.proto), moments), keep=fetch)
         augmented = stats.model
-    session = make_session(light.with_graph(augmented), device)  # the arena: see the module docstring
+    session = make_session(light.with_graph(augmented), device, arena=False)
     channel_moments = {t: ChannelMoments() for t in moments or ()}
     batch_size = fit_batch_size(model_input(proto)[2], batch_size, dataset.total)
     out = {n: TensorRange(stride=strides.get(n, 1)) for n in names}
