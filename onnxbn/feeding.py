@@ -69,6 +69,14 @@ def check_batch_shape(x: np.ndarray, shape: list, source: str) -> None:
                         f"{tuple(e if isinstance(e, int) and e > 0 else '?' for e in expected)}")
 
 
+def check_finite_input(x: np.ndarray, seen: int) -> None:
+    """A UserError when a float batch (samples seen..) holds NaN or Inf: caught here, in numpy, because
+    onnxruntime's ReduceMin/ReduceMax and max pooling skip a NaN that is not first in its block."""
+    if x.dtype.kind == "f" and not np.isfinite(x).all():
+        raise UserError(f"the data has NaN or Inf values in samples {seen}..{seen + len(x) - 1}; clean or drop "
+                        "them; nothing written")
+
+
 def open_model_data(model: onnx.ModelProto, data, *, preset=None, limit=None, seed=0, shard=None):
     """open_data with the preset and image size taken from the model when not given, and a .npz's
     inputs found under `x` or the model's input name."""

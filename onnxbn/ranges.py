@@ -84,7 +84,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from onnxbn.errors import UserError
-from onnxbn.feeding import fit_batch_size, model_input, open_model_data, run_batches
+from onnxbn.feeding import check_finite_input, fit_batch_size, model_input, open_model_data, run_batches
 from onnxbn.graph import GraphIndex, opset_version, tensor_shape, value_types
 from onnxbn.io.model import Model
 from onnxbn.io.npzfile import format_of, read_rows, write_rows
@@ -431,6 +431,7 @@ def collect_ranges(model, data, batch_size: int = 32, limit: int | None = None, 
     for x, _, values in run_batches(session, dataset, fetch + (stats.fetch if stats else []), proto, batch_size,
                                     workers=default_workers() if workers is None else workers, strict=strict,
                                     start=start, desc="ranges"):
+        check_finite_input(x, seen)  # onnxruntime's reductions would skip a NaN
         if stats is not None:
             stats.merge(channel_moments, dict(zip(stats.fetch, values[len(fetch):], strict=True)), seen, len(x))
         per = 5 if histograms else 3

@@ -22,10 +22,10 @@ import onnx
 from onnx import numpy_helper
 
 from onnxbn.errors import UserError
-from onnxbn.feeding import check_batch_shape, model_input, progress
+from onnxbn.feeding import check_batch_shape, check_finite_input, model_input, progress
 from onnxbn.graph import GraphIndex
 from onnxbn.io.model import Model
-from onnxbn.recalibration.plan import MEAN, VAR, check_finite_input, resolve_constant, write_stats
+from onnxbn.recalibration.plan import MEAN, VAR, resolve_constant, write_stats
 from onnxbn.recalibration.report import BNRecord
 
 

@@ -53,7 +53,7 @@ import onnx
 from onnx import helper
 
 from onnxbn.errors import UserError
-from onnxbn.feeding import model_input, progress, run_batches
+from onnxbn.feeding import check_finite_input, model_input, progress, run_batches
 from onnxbn.graph import GraphIndex, graph_inputs, reads, tensor_shape, value_types
 from onnxbn.io.copies import empty_like
 from onnxbn.io.model import Model
@@ -61,7 +61,6 @@ from onnxbn.points import Point
 from onnxbn.recalibration.plan import (
     Staged,
     assign_levels,
-    check_finite_input,
     choose_cut,
     dynamic_tensors,
     graph_slice,

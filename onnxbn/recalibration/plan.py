@@ -246,12 +246,6 @@ def bytes_per_sample(names: list[str], types: dict) -> int | None:
     return total
 
 
-def check_finite_input(x: np.ndarray, seen: int) -> None:
-    if x.dtype.kind == "f" and not np.isfinite(x).all():
-        raise UserError(f"the data has NaN or Inf values in samples {seen}..{seen + len(x) - 1}; clean or drop "
-                        "them; nothing written")
-
-
 def choose_cut(index, bns, k, levels, up, dyn, types, base, input_name, n_samples, budget) -> list[str]:
     """The tensors to keep after pass k: the cut when it fits in the budget (or its size is unknown: then
     it is kept while it fits), else the model input when the data is read from disk and that fits, else none."""
