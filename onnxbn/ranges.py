@@ -58,7 +58,8 @@ reorder happens anyway, so tensors whose min is measured keep ReduceMin/ReduceMa
 `tools/bench.py quantize` at batch 32 1.147x -> 1.104x, VGG16 at 224, batch 8, 1.060x -> 1.054x.
 
 Cost: min/max alone (`histograms=False`, what --method minmax uses) is two reductions per tensor
-(plus, for a Conv+ReLU output, onnxruntime's reorder out of its blocked layout); a histogram adds
+(one for a tensor known >= 0; plus, where a min is measured on a Conv+ReLU output, onnxruntime's
+reorder out of its blocked layout); a histogram adds
 a strided Slice of x and, per sampled value, a cast, a multiply, a floor and a cast in the graph
 and np.bincount outside it. `onnxbn quantize` observes only the tensors whose ranges its Q/DQ
 placement reads: a Conv output read by anything but its ReLU would keep onnxruntime from fusing
@@ -310,6 +311,10 @@ def augment_for_ranges(model: onnx.ModelProto, tensors: list[str], histograms: b
         nodes.append(reduce_node(index, op, x, axes, 0, name, opset))
         return name
 
+    def per_sample(op: str, x: str, rank: int, base: str) -> str:
+        """`op` over every axis but the batch (one value per sample), or to one value when the rank is < 2."""
+        return node_reduce(op, x, list(range(1, rank)), base) if rank >= 2 else node(op, [x], base, keepdims=0)
+
     del graph.output[:]
     for i, x in enumerate(tensors):
         p = str(i)
@@ -320,14 +325,9 @@ def augment_for_ranges(model: onnx.ModelProto, tensors: list[str], histograms: b
             zero = c(np.zeros(1, helper.tensor_dtype_to_np_dtype(x_type or TensorProto.FLOAT)), f"zero{x_type}")
             lo = node("Identity", [zero], f"{p}/min")
             hi = (node("GlobalMaxPool", [x], f"{p}/max") if rank >= 3 and x_type == TensorProto.FLOAT  # per channel
-                  else node_reduce("ReduceMax", x, list(range(1, rank)), f"{p}/max") if rank >= 2
-                  else node("ReduceMax", [x], f"{p}/max", keepdims=0))
-        elif rank >= 2:
-            axes = list(range(1, rank))
-            lo = node_reduce("ReduceMin", x, axes, f"{p}/min")
-            hi = node_reduce("ReduceMax", x, axes, f"{p}/max")
+                  else per_sample("ReduceMax", x, rank, f"{p}/max"))
         else:
-            lo, hi = node("ReduceMin", [x], f"{p}/min", keepdims=0), node("ReduceMax", [x], f"{p}/max", keepdims=0)
+            lo, hi = per_sample("ReduceMin", x, rank, f"{p}/min"), per_sample("ReduceMax", x, rank, f"{p}/max")
         count = node("Size", [x], f"{p}/count")
         outputs = [(lo, x_type), (hi, x_type)]
         if histograms:

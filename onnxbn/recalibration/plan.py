@@ -207,8 +207,8 @@ def cut_after(index: GraphIndex, bns: Sequence[Staged], k: int, up: dict[str, in
     later = [b.input for b in bns if b.level > k]
     changing = [n for n in index.ancestors(later) if max(up.get(o, -1) for o in n.output) >= k]
     written = {o for n in changing for o in n.output}
-    cut = dict.fromkeys(t for n in changing for t in reads(n) if t not in written and t in dyn)
-    return list(dict.fromkeys(_quantized_source(index, t, dyn) for t in cut))
+    return list(dict.fromkeys(_quantized_source(index, t, dyn) for n in changing for t in reads(n)
+                              if t not in written and t in dyn))
 
 
 def _quantized_source(index: GraphIndex, tensor: str, dyn: set[str]) -> str:
