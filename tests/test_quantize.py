@@ -312,7 +312,7 @@ def test_int8_activations_are_symmetric():
 
 # ----------------------------------------------------------------------------- placement in memory
 
-def quantize_static_placement(model, ranges, per_channel, activations):
+def quantize_static_placement(model, ranges, per_channel, activations, exclude=()):
     """The judge: onnxruntime's public entry point, quantize_static with the ranges as a calibration cache,
     through its files."""
     import logging
@@ -333,7 +333,7 @@ def quantize_static_placement(model, ranges, per_channel, activations):
             quantize_static(model, out, None, quant_format=QuantFormat.QDQ, per_channel=per_channel,
                             activation_type=QuantType.QUInt8 if activations == "uint8" else QuantType.QInt8,
                             weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
-                            calibration_cache_path=cache,
+                            calibration_cache_path=cache, nodes_to_exclude=list(exclude),
                             extra_options={"ActivationSymmetric": activations == "int8", "WeightSymmetric": True})
         finally:
             logging.disable(logging.NOTSET)
@@ -355,32 +355,121 @@ def placement_models():
         yield arch, raise_opset(model, 13) if opset_version(model) < 13 else model
 
 
+def same_placement(ours, judge, name=""):
+    """Nodes (serialized), initializers (values and types), inputs, outputs and opsets are the same."""
+    assert [n.SerializeToString() for n in ours.graph.node] == [n.SerializeToString() for n in judge.graph.node], name
+    a = {t.name: numpy_helper.to_array(t) for t in ours.graph.initializer}
+    b = {t.name: numpy_helper.to_array(t) for t in judge.graph.initializer}
+    assert a.keys() == b.keys(), name
+    assert all(a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and np.array_equal(a[k], b[k]) for k in a), name
+    assert (list(ours.graph.input), list(ours.graph.output)) == (list(judge.graph.input), list(judge.graph.output))
+    assert list(ours.opset_import) == list(judge.opset_import)
+
+
+def spied_fill(monkeypatch) -> list[bool]:
+    """What each fill_weights call of place_qdq returned (False: it placed again with the real weights)."""
+    import onnxbn.quantization.placement as placement
+
+    calls, real = [], placement.fill_weights
+    monkeypatch.setattr(placement, "fill_weights", lambda *a: calls.append(real(*a)) or calls[-1])
+    return calls
+
+
+@pytest.mark.parametrize("stub_elements", [8, 1024])
 @pytest.mark.parametrize(("per_channel", "activations"), [(True, "uint8"), (False, "int8")])
-def test_in_memory_placement_equals_quantize_static(per_channel, activations):
-    """place_qdq calls onnxruntime's QDQ quantizer in memory; quantize_static (files, reloads) on the same
-    ranges writes the same model: nodes, initializers (values and types), inputs, outputs, opsets. The
-    discovery with one-element stand-in weights names the tensors the placement with the real ones reads."""
+def test_in_memory_placement_equals_quantize_static(per_channel, activations, stub_elements, monkeypatch):
+    """place_qdq calls onnxruntime's QDQ quantizer in memory on stand-in weights and computes the weights'
+    integers in numpy; quantize_static (files, reloads, its own integers) on the same ranges writes the same
+    model: nodes, initializers (values and types), inputs, outputs, opsets. With 8, every weight and bias of
+    these models is a stand-in (computed by fill_weights); with 1024 (the default) few are. The discovery with
+    stand-in weights names the tensors the placement with the real ones reads."""
+    import onnxbn.quantization.placement as placement
     from onnxbn.quantization.placement import UNREAD_RANGE, constant_ranges, place_qdq, quantized_tensors, read_ranges
     from onnxbn.ranges import activation_tensors
 
+    monkeypatch.setattr(placement, "STUB_ELEMENTS", stub_elements)
+    filled = spied_fill(monkeypatch)
     rng = np.random.default_rng(3)
     for name, model in placement_models():
         floats, fixed = activation_tensors(model), constant_ranges(model)
         ranges = {**fixed, **{t: (-float(rng.uniform(0, 2)), float(rng.uniform(0.1, 3))) for t in floats}}
         ours = place_qdq(model, ranges, per_channel=per_channel, activations=activations)
-        judge = quantize_static_placement(model, ranges, per_channel, activations)
-        assert [n.SerializeToString() for n in ours.graph.node] == [n.SerializeToString() for n in judge.graph.node]
-        a = {t.name: numpy_helper.to_array(t) for t in ours.graph.initializer}
-        b = {t.name: numpy_helper.to_array(t) for t in judge.graph.initializer}
-        assert a.keys() == b.keys(), name
-        assert all(a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]) for k in a), name
-        assert (list(ours.graph.input), list(ours.graph.output)) == (list(judge.graph.input), list(judge.graph.output))
-        assert list(ours.opset_import) == list(judge.opset_import)
+        assert filled[-1], name  # no second placement
+        same_placement(ours, quantize_static_placement(model, ranges, per_channel, activations), name)
         placed = quantize_static_placement(model, {**fixed, **dict.fromkeys(floats, UNREAD_RANGE)}, per_channel,
                                            activations)
         stand_in = quantized_tensors(model, floats, fixed, per_channel=per_channel, activations=activations)
         assert stand_in == read_ranges(placed, floats, fixed), name
         assert 0 < len(stand_in) < len(floats), name
+
+
+def edge_weights_model():
+    """Weights that take onnxruntime's other branches: an all-zero output channel (scale 1), a channel of tiny
+    weights under a large bias (its weight scale is raised so the int32 bias does not overflow), a
+    ConvTranspose (channel axis 1), a Gemm with transB=0 (axis 1) and beta 0.5, a large float initializer added
+    to an activation (quantized as an activation, asymmetric uint8), and an excluded Gemm (kept in float)."""
+    n = Net(11)
+    w = n.random((6, 3, 3, 3))
+    w[0] = 0.0
+    w[1] *= 1e-9
+    b = np.array([0.3, 40.0, -0.2, 0.1, 0.0, -0.5], np.float32)
+    y = n.node("Conv", ["input", n.init("c1.W", w), n.init("c1.b", b)], "c1", pads=[1] * 4, kernel_shape=[3, 3])
+    y = n.node("Relu", [y], "r1")
+    y = n.linear("ConvTranspose", y, (6, 4, 3, 3), "ct", bias=4, bias_scale=0.2, pads=[1] * 4, kernel_shape=[3, 3])
+    y = n.node("Add", [y, n.weight("shift", (1, 4, 8, 8), 0.5)], "shifted")
+    y = n.node("Flatten", [n.node("Relu", [y], "r2")], "flat")
+    y = n.node("Gemm", [y, n.weight("fc.W", (256, 10)), n.weight("fc.b", (10,), 0.1)], "fc", beta=0.5)
+    n.node("Gemm", [y, n.weight("head.W", (5, 10)), n.weight("head.b", (5,), 0.1)], "logits", name="head",
+           transB=1)
+    return n.model({"input": ["N", 3, 8, 8]}, {"logits": ["N", 5]}, 13)
+
+
+@pytest.mark.parametrize(("per_channel", "activations"), [(True, "uint8"), (True, "int8"), (False, "uint8")])
+def test_weight_integers_equal_onnxruntimes_on_its_edge_cases(per_channel, activations, monkeypatch):
+    """fill_weights on onnxruntime's other branches (edge_weights_model, every initializer a stand-in) gives
+    quantize_static's model; the zero channel's scale is 1 and the tiny channel's int32 bias fits (numpy)."""
+    import onnxbn.quantization.placement as placement
+    from onnxbn.quantization.placement import place_qdq
+    from onnxbn.ranges import activation_tensors
+
+    monkeypatch.setattr(placement, "STUB_ELEMENTS", 0)
+    filled = spied_fill(monkeypatch)
+    model = edge_weights_model()
+    rng = np.random.default_rng(5)
+    ranges = {t: (-float(rng.uniform(0, 2)), float(rng.uniform(0.1, 3))) for t in activation_tensors(model)}
+    ours = place_qdq(model, ranges, per_channel=per_channel, activations=activations, exclude=["head"])
+    assert filled == [True]
+    same_placement(ours, quantize_static_placement(model, ranges, per_channel, activations, exclude=["head"]))
+    inits = {t.name: numpy_helper.to_array(t) for t in ours.graph.initializer}
+    assert inits["head.W"].dtype == np.float32  # the excluded Gemm's weight is back, in float
+    np.testing.assert_array_equal(inits["head.W"], numpy_helper.to_array(
+        next(t for t in model.graph.initializer if t.name == "head.W")))
+    if per_channel:
+        assert inits["c1.W_scale"][0] == 1.0 and not inits["c1.W_quantized"][0].any()
+        bias = inits["c1.b_quantized"].astype(np.float64) * inits["c1.b_quantized_scale"].astype(np.float64)
+        np.testing.assert_allclose(bias[1], 40.0, rtol=1e-6)  # not clipped at 2^31 steps
+        assert abs(int(inits["c1.b_quantized"][1])) < 2 ** 31 - 1
+        assert inits["ct.W_scale"].shape == (4,) and inits["fc.W_scale"].shape == (10,)
+
+
+def test_weights_shared_by_two_layers_are_placed_by_onnxruntime(monkeypatch):
+    """A weight and bias read by two Convs (onnxruntime copies the bias for the second): fill_weights declines
+    and place_qdq places again with the real weights, which is quantize_static's model."""
+    import onnxbn.quantization.placement as placement
+    from onnxbn.quantization.placement import place_qdq
+    from onnxbn.ranges import activation_tensors
+
+    monkeypatch.setattr(placement, "STUB_ELEMENTS", 0)
+    filled = spied_fill(monkeypatch)
+    n = Net(12)
+    w, b = n.weight("c.W", (3, 3, 3, 3)), n.weight("c.b", (3,), 0.1)
+    y = n.node("Relu", [n.node("Conv", ["input", w, b], "c1", pads=[1] * 4, kernel_shape=[3, 3])], "r1")
+    n.node("Conv", [y, w, b], "out", name="c2", pads=[1] * 4, kernel_shape=[3, 3])
+    model = n.model({"input": ["N", 3, 8, 8]}, {"out": ["N", 3, 8, 8]}, 13)
+    ranges = {t: (-1.0, 2.0) for t in activation_tensors(model)}
+    ours = place_qdq(model, ranges)
+    assert filled == [False]
+    same_placement(ours, quantize_static_placement(model, ranges, True, "uint8"))
 
 
 def test_float_constants_are_quantized_from_their_values():
