@@ -346,12 +346,14 @@ def placement_models():
     from test_matrix_modern import model_of
 
     from onnxbn.graph import opset_version
+    from onnxbn.io.model import Model
     from onnxbn.quantization.prepare import fold_batchnorm, raise_opset
     from onnxbn.quantization.report import QuantizeReport
 
     yield "small_cnn", small_cnn(opset=13)
     for arch in ("mobilenetv3", "resnext", "convnext"):
-        model, _ = fold_batchnorm(model_of(arch, "ts11"), QuantizeReport("minmax", True, "uint8", [], (11, 11)))
+        folded, _ = fold_batchnorm(Model(model_of(arch, "ts11")), QuantizeReport("minmax", True, "uint8", [], (11, 11)))
+        model = folded.whole()
         yield arch, raise_opset(model, 13) if opset_version(model) < 13 else model
 
 
@@ -537,6 +539,27 @@ def test_min_left_unmeasured_on_nonnegative_tensors_changes_no_int8_model(monkey
     for name in names:
         want_min = 0.0 if name in nonneg else values[name].min()
         assert (ranges.tensors[name].min, ranges.tensors[name].max) == (want_min, values[name].max()), name
+
+
+@pytest.mark.parametrize(("recover", "opset"), [("none", 13), ("cle,bias", 13), ("none", 11)])
+def test_a_model_file_is_quantized_as_its_proto_is(tmp_path, recover, opset):
+    """quantize reads a model file as its structure (large weights stay in the file, inline or as external
+    data; BN-folded ones become arrays): the INT8 model is the one the whole ModelProto gives, byte for byte,
+    and the files are left as they were."""
+    model, x = bn_cnn(seed=3, w=32, opset=opset), inputs_for([3, 8, 8], 16, seed=2)
+    assert any(int(np.prod(t.dims)) > 1024 for t in model.graph.initializer)  # conv3: read from the file
+    inline, external = tmp_path / "m.onnx", tmp_path / "ext" / "m.onnx"
+    onnx.save(model, inline)
+    external.parent.mkdir()
+    onnx.save(onnx.load_from_string(model.SerializeToString()), external, save_as_external_data=True,
+              location="m.data", size_threshold=0)  # (onnx.save moves the data of the proto it is given)
+    files = {p: p.read_bytes() for p in (inline, external, external.with_name("m.data"))}
+    want, _ = quantize_with_report(model, x, recover=recover, device="cpu", verify=False)
+    for path in (inline, external):
+        got, report = quantize_with_report(path, x, recover=recover, device="cpu", verify=True)
+        assert got.SerializeToString() == want.SerializeToString(), path
+        assert report.passed and report.check["samples"] == len(x)
+    assert all(p.read_bytes() == data for p, data in files.items())
 
 
 def test_a_range_the_discovery_missed_is_gathered_and_placed(monkeypatch):

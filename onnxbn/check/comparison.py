@@ -13,7 +13,6 @@ import contextlib
 import os
 
 import numpy as np
-import onnx
 
 from onnxbn.check.activations import LAYERWISE_SAMPLES, MAX_MARKED
 from onnxbn.check.golden import GoldenOutputs, GoldenWriter, checked_batches, golden_meta, recorded_runtime
@@ -34,10 +33,10 @@ from onnxbn.tolerances import INT8_WHY, holds_qdq, int8_rule, load_tolerances
 
 def _side_model(model, side: dict) -> Model:
     """The Model of one side: a file for onnxruntime as its structure (the weights stay in the file, read
-    by onnxruntime from there); anything else loaded whole."""
-    if isinstance(model, (str, os.PathLike)) and parse_runtime(side["runtime"])[0] == "onnxruntime":
+    by onnxruntime from there), a Model as it is; anything else loaded whole."""
+    if isinstance(model, (str, os.PathLike, Model)) and parse_runtime(side["runtime"])[0] == "onnxruntime":
         return Model.open(model)
-    return Model(load_model(model))
+    return Model(model.whole() if isinstance(model, Model) else load_model(model))
 
 
 def compare(reference, candidate, data=None, atol: float | None = None, rtol: float | None = None,
@@ -166,8 +165,8 @@ def compare(reference, candidate, data=None, atol: float | None = None, rtol: fl
             writer.commit(golden_meta(reference, ref_model, ref_info, description, dataset))
     report = Report(metrics, atol, rtol, samples, description, s_cand.info.device,
                     reference=str(golden.path) if golden is not None else str(reference)
-                    if not isinstance(reference, onnx.ModelProto) else "<model>",
-                    candidate=str(candidate) if not isinstance(candidate, onnx.ModelProto) else "<model>",
+                    if isinstance(reference, (str, os.PathLike)) else "<model>",
+                    candidate=str(candidate) if isinstance(candidate, (str, os.PathLike)) else "<model>",
                     skipped_inputs=dataset.skipped, reference_runtime=ref_info.to_dict(),
                     candidate_runtime=s_cand.info.to_dict(), tolerance=tolerance, scaled_atol=scaled,
                     tolerance_reason=reason,

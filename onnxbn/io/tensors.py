@@ -150,12 +150,13 @@ def tensor_header(tensor: onnx.TensorProto) -> onnx.TensorProto:
 
 
 def materialize(model: onnx.ModelProto, weights: dict[str, np.ndarray] | None = None,
-                folder: str | os.PathLike | None = None) -> onnx.ModelProto:
+                folder: str | os.PathLike | None = None, largest: int | None = None) -> onnx.ModelProto:
     """`model` (edited in place) with the data of every top-level initializer inside the proto: IN_MEMORY
-    stubs from `weights`, external data of `folder` read from its file (`save_model` streams instead)."""
+    stubs from `weights`, external data of `folder` read from its file (`save_model` streams instead).
+    `largest`: only those of at most that many elements."""
     for t in model.graph.initializer:
         source = data_source(t, weights or {}, folder)
-        if source is None:
+        if source is None or (largest is not None and element_count(t) > largest):
             continue
         raw = source.tobytes() if isinstance(source, np.ndarray) else b"".join(file_chunks(source, size=source.length))
         for name in ("external_data", "data_location"):

@@ -33,13 +33,21 @@ method, activation type or recovery, --recover bn with per-tensor weights, --ran
 
 from __future__ import annotations
 
+import os
 import time
 
 import onnx
 
 from onnxbn.errors import UserError
 from onnxbn.graph import GraphIndex, opset_version
-from onnxbn.quantization.placement import UNREAD_RANGE, constant_ranges, place_qdq, quantized_tensors, read_ranges
+from onnxbn.quantization.placement import (
+    STUB_ELEMENTS,
+    UNREAD_RANGE,
+    constant_ranges,
+    place_qdq,
+    quantized_tensors,
+    read_ranges,
+)
 from onnxbn.quantization.prepare import fold_batchnorm, raise_opset, refuse_unquantizable
 from onnxbn.quantization.recovery import ensure_bias, equalize, float_layer_outputs, recover_accuracy
 from onnxbn.quantization.report import DEFAULT_MIN_COSINE, DEFAULT_MIN_TOP1, QuantizeReport
@@ -85,7 +93,8 @@ def quantize_with_report(model, data, *, method: str = "minmax", percentile: flo
     float model (the report's `check` stays empty and `passed` is False)."""
     from onnxbn.check import compare
     from onnxbn.feeding import open_model_data
-    from onnxbn.io.load import load_own
+    from onnxbn.io.model import Model
+    from onnxbn.io.tensors import materialize
 
     started = time.perf_counter()
     if method not in METHODS:
@@ -99,7 +108,10 @@ def quantize_with_report(model, data, *, method: str = "minmax", percentile: flo
     if ranges is not None and "cle" in modes:
         raise UserError("--ranges with --recover cle: equalization rescales activations after the ranges were "
                         "gathered; drop cle from --recover (e.g. --recover bias) or let quantize gather the ranges")
-    proto = load_own(model)
+    # a model file as its structure: its large weights stay in the file (or arrays once folded), read by
+    # onnxruntime for the ranges pass and by fill_weights for their integers
+    work = Model.open(model) if isinstance(model, (str, os.PathLike)) else Model.open(model).copy()
+    proto = work.proto
     refuse_unquantizable(proto, exclude)
     index = GraphIndex(proto)
     for node in proto.graph.node:  # recovery finds layers by name in the float and the INT8 graphs
@@ -108,10 +120,12 @@ def quantize_with_report(model, data, *, method: str = "minmax", percentile: flo
     before = opset_version(proto)
     report = QuantizeReport(method, per_channel, activations, modes, (before, before), excluded=exclude,
                             min_cosine=min_cosine, min_top1=min_top1)
-    proto, bn_into = fold_batchnorm(proto, report)
+    work, bn_into = fold_batchnorm(work, report)
     needed = 13 if per_channel else 11  # per-channel DequantizeLinear: 13; the ranges pass: 11
-    if opset_version(proto) < needed:
-        proto = raise_opset(proto, needed)
+    if opset_version(work.proto) < needed or modes:  # conversion and recovery edit a whole ModelProto
+        whole = work.whole()
+        work = Model(raise_opset(whole, needed) if opset_version(whole) < needed else whole)
+    proto = materialize(work.proto, work.arrays, work.folder, largest=STUB_ELEMENTS)  # the placement reads these
     report.opset = (before, opset_version(proto))
     if "cle" in modes:
         scales = equalize(proto)
@@ -129,7 +143,7 @@ def quantize_with_report(model, data, *, method: str = "minmax", percentile: flo
 
     def gather(tensors: list[str], moments: list[str] | None = None) -> Ranges:
         if ranges is None:
-            return collect_ranges(proto, data, tensors=tensors, histograms=method != "minmax",
+            return collect_ranges(work, data, tensors=tensors, histograms=method != "minmax",
                                   nonnegative=nonnegative_tensors(proto), fingerprint=False, moments=moments,
                                   batch_size=batch_size, limit=limit, seed=seed, preset=preset, workers=workers,
                                   strict=strict, device=device)
@@ -146,11 +160,11 @@ def quantize_with_report(model, data, *, method: str = "minmax", percentile: flo
                      "histogram_values": found.meta.get("histogram_values")}
     outputs = [o.name for o in proto.graph.output]
     chosen = choose_ranges(found, wanted, method, percentile, outputs=outputs)
-    qdq = place_qdq(proto, {**fixed, **{t: chosen.get(t, UNREAD_RANGE) for t in floats}}, **placement)
+    qdq = place_qdq(work, {**fixed, **{t: chosen.get(t, UNREAD_RANGE) for t in floats}}, **placement)
     unread = [t for t in read_ranges(qdq, floats, fixed) if t not in chosen]
     if unread:  # the placement read a range the discovery did not name: gather those too, and place again
         chosen |= choose_ranges(gather(unread), unread, method, percentile, outputs=outputs)
-        qdq = place_qdq(proto, {**fixed, **{t: chosen.get(t, UNREAD_RANGE) for t in floats}}, **placement)
+        qdq = place_qdq(work, {**fixed, **{t: chosen.get(t, UNREAD_RANGE) for t in floats}}, **placement)
     if modes:
         if data is None:
             raise UserError("--recover needs --data (calibration data)")
@@ -166,7 +180,7 @@ def quantize_with_report(model, data, *, method: str = "minmax", percentile: flo
         report.seconds = time.perf_counter() - started
         return qdq, report
     check_data = verify_data if verify_data is not None else data
-    result = compare(proto, qdq, data=check_data, atol=float("inf"), rtol=0.0, batch_size=batch_size,
+    result = compare(work, qdq, data=check_data, atol=float("inf"), rtol=0.0, batch_size=batch_size,
                      device=device, limit=limit, seed=seed, preset=preset, strict=strict, workers=workers or 0)
     check = result.to_dict()
     report.check = {"samples": check.get("samples"), "data": "verify" if verify_data is not None else "calibration",

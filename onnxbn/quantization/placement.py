@@ -30,6 +30,8 @@ import onnx
 from onnxbn.errors import UserError
 from onnxbn.graph import GraphIndex
 from onnxbn.io.copies import skeleton
+from onnxbn.io.model import Model
+from onnxbn.io.tensors import element_count
 from onnxbn.quantization.weights import fill_weights
 
 log = logging.getLogger("onnxbn")
@@ -51,7 +53,7 @@ def _quantizer_input(model: onnx.ModelProto, stub_weights: bool) -> onnx.ModelPr
     out = light if stub_weights else onnx.ModelProto()
     if stub_weights:
         for tensor in out.graph.initializer:
-            if int(np.prod(tensor.dims)) > STUB_ELEMENTS:
+            if element_count(tensor) > STUB_ELEMENTS:
                 ones = np.ones([1] * len(tensor.dims), onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
                 tensor.CopyFrom(onnx.numpy_helper.from_array(ones, tensor.name))
     else:
@@ -91,10 +93,11 @@ def _quantizer(model: onnx.ModelProto, tensor_ranges: dict[str, tuple[float, flo
         logging.disable(previous)
 
 
-def place_qdq(model: onnx.ModelProto, tensor_ranges: dict[str, tuple[float, float]], *, per_channel: bool = True,
+def place_qdq(model: onnx.ModelProto | Model, tensor_ranges: dict[str, tuple[float, float]], *, per_channel: bool = True,
               activations: str = "uint8", exclude: Sequence[str] = (), stub_weights: bool = False) -> onnx.ModelProto:
     """onnxruntime's QDQ quantizer on `model` with these (lo, hi) activation ranges (no calibration run); a new
-    model, `model` left as it is.
+    model, `model` (a ModelProto or a Model, whose initializers of up to STUB_ELEMENTS elements are inline)
+    left as it is.
 
     The quantizer places the Q/DQ nodes on the model with one-element stand-ins for the initializers of more
     than STUB_ELEMENTS elements; `weights.fill_weights` then writes the real weights' and biases' integers with
@@ -103,12 +106,13 @@ def place_qdq(model: onnx.ModelProto, tensor_ranges: dict[str, tuple[float, floa
     weights. `stub_weights`: the stand-ins are left in (the Q/DQ nodes of activations are where they would be;
     the weights' scales and quantized values are not)."""
     options = {"per_channel": per_channel, "activations": activations, "exclude": exclude}
-    placed = _quantizer(model, tensor_ranges, stub_weights=True, **options)
-    stubbed = {t.name for t in model.graph.initializer if int(np.prod(t.dims)) > STUB_ELEMENTS}
-    if stub_weights or fill_weights(placed, model, stubbed):
+    source = Model.open(model)
+    placed = _quantizer(source.proto, tensor_ranges, stub_weights=True, **options)
+    stubbed = {t.name for t in source.proto.graph.initializer if element_count(t) > STUB_ELEMENTS}
+    if stub_weights or fill_weights(placed, source, stubbed):
         return placed
     log.debug("placement: the stand-in placement holds what fill_weights does not account for; real weights")
-    return _quantizer(model, tensor_ranges, stub_weights=False, **options)
+    return _quantizer(source.whole(), tensor_ranges, stub_weights=False, **options)
 
 
 def constant_ranges(model: onnx.ModelProto) -> dict[str, tuple[float, float]]:

@@ -15,6 +15,7 @@ from onnx import TensorProto
 
 from onnxbn.errors import UserError
 from onnxbn.graph import GraphIndex, graph_inputs, opset_version
+from onnxbn.io.model import Model
 from onnxbn.quantization.report import QuantizeReport
 
 QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "ConvInteger", "MatMulInteger",
@@ -48,11 +49,11 @@ def refuse_unquantizable(model: onnx.ModelProto, exclude: list[str]) -> None:
                         "it quantizes Conv, ConvTranspose, Gemm, MatMul, ...); nothing to do")
 
 
-def _bn_parameters(model: onnx.ModelProto) -> dict[str, dict]:
+def _bn_parameters(model: Model) -> dict[str, dict]:
     """Per BN label: |gamma|, beta, a^2 = (gamma / sqrt(var + eps))^2 and eps, in float64."""
     index = GraphIndex(model)
     out = {}
-    for bn in model.graph.node:
+    for bn in model.proto.graph.node:
         if bn.op_type != "BatchNormalization":
             continue
         values = [index.constant_array(n) for n in bn.input[1:5]]
@@ -64,16 +65,15 @@ def _bn_parameters(model: onnx.ModelProto) -> dict[str, dict]:
     return out
 
 
-def fold_batchnorm(model: onnx.ModelProto, report: QuantizeReport) -> tuple[onnx.ModelProto, dict[str, dict]]:
+def fold_batchnorm(model: Model, report: QuantizeReport) -> tuple[Model, dict[str, dict]]:
     """(model with its BN folded, per folded layer's node name the BN parameters of `_bn_parameters`)."""
-    if not any(n.op_type == "BatchNormalization" for n in model.graph.node):
+    if not any(n.op_type == "BatchNormalization" for n in model.proto.graph.node):
         return model, {}
     from onnxbn.fold import fold
-    from onnxbn.io.model import Model
 
     params = _bn_parameters(model)
-    folded_model, fold_report = fold(Model.open(model))
-    folded, decisions = folded_model.to_proto(), fold_report.decisions
+    folded, fold_report = fold(model)
+    decisions = fold_report.decisions
     into = {}
     for d in decisions:
         if d["action"] == "folded":

@@ -30,6 +30,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from onnxbn.io.model import Model
+
 QUANTIZED = "_quantized"  # onnxruntime's names: "<weight>_quantized", "<weight>_scale", "<bias>_quantized_scale"
 BLOCK_ELEMENTS = 1 << 22  # elements per numpy step: temporaries of 16 MB, not the size of a VGG16 fc6
 INT32_RANGE = float(np.iinfo(np.int32).max) - float(np.iinfo(np.int32).min + 1)
@@ -145,14 +147,15 @@ def _put(inits: dict[str, onnx.TensorProto], tensor: onnx.TensorProto) -> None:
     inits[tensor.name].CopyFrom(tensor)
 
 
-def fill_weights(placed: onnx.ModelProto, model: onnx.ModelProto, stubbed: set[str]) -> bool:
+def fill_weights(placed: onnx.ModelProto, model: Model, stubbed: set[str]) -> bool:
     """Write into `placed` (onnxruntime's QDQ placement of `model` in which the initializers `stubbed` were
-    one-element stand-ins) the quantized values of the real weights and biases, and put back the stand-ins it
-    left in float. False when the placement holds something this does not account for (a quantized
+    one-element stand-ins) the quantized values of the real weights and biases (read where `model` holds
+    them: a model file's weights from the file), and put back, with their data, the stand-ins it left in
+    float. False when the placement holds something this does not account for (a quantized
     initializer of another name, a weight shared by biases, a type other than int8/uint8 weights and int32
     biases): then `placed` is half written, and the caller places again with the real weights."""
-    source = {t.name: t for t in model.graph.initializer}
-    nodes = {n.name: n for n in model.graph.node}
+    source = {t.name: t for t in model.proto.graph.initializer}
+    nodes = {n.name: n for n in model.proto.graph.node}
     inits = {t.name: t for t in placed.graph.initializer}
     producer = {o: n for n in placed.graph.node for o in n.output}
     readers: dict[str, list[onnx.NodeProto]] = {}
@@ -197,7 +200,7 @@ def fill_weights(placed: onnx.ModelProto, model: onnx.ModelProto, stubbed: set[s
         if qtype not in TYPES or source[name].data_type != onnx.TensorProto.FLOAT:
             return False
         axis = next((a.i for a in dq.attribute if a.name == "axis"), None)
-        values = numpy_helper.to_array(source[name])
+        values = model.array(name)
         weights[name] = _Weight(values, qtype, None if axis is None else axis % values.ndim)
 
     for bias, (name, input_scale, beta) in pairs.items():
@@ -205,7 +208,7 @@ def fill_weights(placed: onnx.ModelProto, model: onnx.ModelProto, stubbed: set[s
             continue
         if source[bias].data_type != onnx.TensorProto.FLOAT:
             return False
-        values = numpy_helper.to_array(source[bias])
+        values = model.array(bias)
         _raise_for_bias(weights[name], input_scale, values)
         q, scale = _bias_integers(values, input_scale, weights[name].scale, beta)
         dq = biases[bias]
@@ -225,5 +228,5 @@ def fill_weights(placed: onnx.ModelProto, model: onnx.ModelProto, stubbed: set[s
         _put(inits, onnx.helper.make_tensor(dq.input[1], onnx.TensorProto.FLOAT, weight.scale.shape,
                                             weight.scale.ravel().tolist()))
     for name in stubbed & inits.keys():  # left in float by the placement (an excluded node's weight, ...)
-        inits[name].CopyFrom(source[name])
+        inits[name].CopyFrom(numpy_helper.from_array(model.array(name), name))
     return True
