@@ -108,7 +108,8 @@ def _integers(weight: _Weight) -> np.ndarray:
     scale = weight.scale.reshape(1, -1, 1)
     shift = weight.zero_point.astype(np.float32).reshape(1, -1, 1)
     for rows, cols in _blocks(view):
-        q = np.rint(view[rows, cols] / scale[:, cols])
+        q = np.divide(view[rows, cols], scale[:, cols])
+        np.rint(q, out=q)
         if not TYPES[weight.qtype][2]:  # symmetric: the zero point is 0
             q += shift[:, cols]
         out[rows, cols] = np.clip(q, low, high, out=q)
@@ -145,6 +146,15 @@ def _bias_integers(bias: np.ndarray, input_scale: np.ndarray, weight_scale: np.n
 
 def _put(inits: dict[str, onnx.TensorProto], tensor: onnx.TensorProto) -> None:
     inits[tensor.name].CopyFrom(tensor)
+
+
+def _put_array(inits: dict[str, onnx.TensorProto], name: str, values: np.ndarray) -> None:
+    """Initializer `name` holds `values` as raw data, as numpy_helper.from_array writes it (one copy less)."""
+    tensor = inits[name]
+    tensor.Clear()
+    tensor.name, tensor.data_type = name, onnx.helper.np_dtype_to_tensor_dtype(values.dtype)
+    tensor.dims.extend(values.shape)
+    tensor.raw_data = values.tobytes()
 
 
 def fill_weights(placed: onnx.ModelProto, model: Model, stubbed: set[str]) -> bool:
@@ -222,7 +232,7 @@ def fill_weights(placed: onnx.ModelProto, model: Model, stubbed: set[str]) -> bo
 
     for name, weight in weights.items():
         dq = quantized[name]
-        _put(inits, numpy_helper.from_array(_integers(weight), dq.input[0]))
+        _put_array(inits, dq.input[0], _integers(weight))
         _put(inits, onnx.helper.make_tensor(dq.input[2], weight.qtype, weight.zero_point.shape,
                                             weight.zero_point.ravel().tolist()))
         _put(inits, onnx.helper.make_tensor(dq.input[1], onnx.TensorProto.FLOAT, weight.scale.shape,
