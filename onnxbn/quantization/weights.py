@@ -30,6 +30,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from onnxbn.graph import GraphIndex
 from onnxbn.io.model import Model
 
 QUANTIZED = "_quantized"  # onnxruntime's names: "<weight>_quantized", "<weight>_scale", "<bias>_quantized_scale"
@@ -166,12 +167,8 @@ def fill_weights(placed: onnx.ModelProto, model: Model, stubbed: set[str]) -> bo
     biases): then `placed` is half written, and the caller places again with the real weights."""
     source = {t.name: t for t in model.proto.graph.initializer}
     nodes = {n.name: n for n in model.proto.graph.node}
-    inits = {t.name: t for t in placed.graph.initializer}
-    producer = {o: n for n in placed.graph.node for o in n.output}
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in placed.graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    index = GraphIndex(placed)
+    inits, producer, readers = index.initializers, index.producers, index.consumers
 
     quantized: dict[str, onnx.NodeProto] = {}  # float initializer -> the DequantizeLinear of its integers
     for node in placed.graph.node:
