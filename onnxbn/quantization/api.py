@@ -17,8 +17,14 @@ Steps (`quantize_with_report`):
    expected quantization error); see onnxbn.ranges. The model's own outputs always keep their
    min/max range (clipped logits lose their order). Float Constants take their values' range.
 4. Q/DQ placement: onnxruntime's QDQ quantizer (what quantize_static runs), in memory, with those
-   ranges (`placement.place_qdq`). Should it read a range the discovery did not name, that range
-   is gathered too and the placement repeated.
+   ranges, on stand-in weights; the weights' and biases' integers are computed in numpy with its
+   formulas (`placement.place_qdq`, `weights.fill_weights`). Should it read a range the discovery
+   did not name, that range is gathered too and the placement repeated.
+
+A model file is read as its structure (`io.model.Model.open`): its large weights stay in the file,
+read by onnxruntime for the ranges pass and by fill_weights for their integers, and BN-folded weights
+are arrays; the whole model is loaded only where a step edits a whole ModelProto (an opset
+conversion, recovery).
 5. Recovery, each selectable (`recover`; default cle,bias, the best of the combinations measured by
    `tools/bench.py quantize`): cle (cross-layer equalization, before the ranges are gathered),
    bias (bias correction) and bn (BN re-estimation through the Q/DQ nodes); the math is in `recovery`.
