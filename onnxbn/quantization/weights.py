@@ -165,6 +165,8 @@ def fill_weights(placed: onnx.ModelProto, model: Model, stubbed: set[str]) -> bo
     float. False when the placement holds something this does not account for (a quantized
     initializer of another name, a weight shared by biases, a type other than int8/uint8 weights and int32
     biases): then `placed` is half written, and the caller places again with the real weights."""
+    if not stubbed:  # onnxruntime computed every value from the real tensors
+        return True
     source = {t.name: t for t in model.proto.graph.initializer}
     nodes = {n.name: n for n in model.proto.graph.node}
     index = GraphIndex(placed)
