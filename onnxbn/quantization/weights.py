@@ -181,7 +181,7 @@ def fill_weights(placed: onnx.ModelProto, model: Model, stubbed: set[str]) -> bo
             quantized[original] = node
     biases = {name: dq for name, dq in quantized.items() if inits[dq.input[0]].data_type == onnx.TensorProto.INT32}
 
-    pairs = {}  # bias -> (weight, input scale, beta, reader node)
+    pairs = {}  # bias -> (its layer's weight, the scale of the layer's input, Gemm's beta)
     for bias, dq in biases.items():
         users = readers.get(dq.output[0], [])
         if len(users) != 1 or len(users[0].input) < 2:
