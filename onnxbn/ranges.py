@@ -32,14 +32,17 @@ on the coarser grid, bin j of the finer one going to floor(j / 2^(kb - ka)); sin
 floor(floor(x s) / f) = floor(x s / f) for integer f, this is the histogram a single pass would
 have computed at R = 2^kb (and a single pass's R is the largest batch R: k grows with max|x|),
 over the same subsample. min/max merge as min/max. Memory is flat in the data size: per tensor,
-two scalars and B counts are kept; per batch, j holds 2 bytes per sampled value. (The process's
-anonymous memory still rises over its first few batches and then stays: glibc keeps freed
-onnxruntime buffers in its heap once its dynamic mmap threshold has grown;
-MALLOC_MMAP_THRESHOLD_=131072 in the environment removes that rise, for plain inference too. The
-session runs without onnxruntime's memory arena: with it that rise goes (the larger bench model
-with quantize's default, whose float means this pass also gathers: 210-246 MiB at 32 inputs and
-271 at 128 without, 217-223 at both with it), but VGG16's peak grows by 300-400 MiB for minmax
-and 850 MiB for the default, the arena keeping its high-water mark of whole activations.)
+two scalars and B counts are kept; per batch, j holds 2 bytes per sampled value.
+
+The session keeps onnxruntime's memory arena, which holds one batch's high-water mark whatever the
+number of batches, except when it also gathers per-channel moments. On VGG16 (batch 8) a batch took
+1.08x plain inference with the arena and 1.22x without (malloc and page faults for every whole
+activation); minmax over 128 images 1.04x against 1.15x, for 290 MiB more peak memory (1.43 GiB,
+the same at 32 and 128 images). With moments (quantize's bias correction) the arena saved no time
+and added 870 MiB, so that pass runs without it; there the process's anonymous memory rises over
+the first batches and then stays (glibc keeps freed buffers in its heap once its dynamic mmap
+threshold has grown; the larger bench model: 210-246 MiB at 32 inputs, 271 at 128;
+MALLOC_MMAP_THRESHOLD_=131072 in the environment removes the rise).
 
 min and max leave the runtime per sample (one value per sample: the reduction over every axis but
 the first, when x's rank is known and at least 2; else one value) and numpy takes their min/max:
@@ -406,7 +409,7 @@ def collect_ranges(model, data, batch_size: int = 32, limit: int | None = None, 
             raise UserError("per-channel moments are not checkpointed; gather them without a checkpoint")
         stats = augment_for_stats(augmented, tensor_points(value_types(light.proto), moments), keep=fetch)
         augmented = stats.model
-    session = make_session(light.with_graph(augmented), device, arena=False)
+    session = make_session(light.with_graph(augmented), device, arena=not moments)  # see the module docstring
     channel_moments = {t: ChannelMoments() for t in moments or ()}
     batch_size = fit_batch_size(model_input(proto)[2], batch_size, dataset.total)
     out = {n: TensorRange(stride=strides.get(n, 1)) for n in names}
