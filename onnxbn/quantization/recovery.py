@@ -89,9 +89,16 @@ def equalize(model: onnx.ModelProto, iterations: int = 8) -> dict[str, np.ndarra
              if all(n in index.initializers and len(index.consumers.get(n, [])) == 1
                     for n in [a.input[1], b.input[1]] + ([a.input[2]] if len(a.input) > 2 and a.input[2] else []))]
     total: dict[str, np.ndarray] = {}
+    held: dict[str, np.ndarray] = {}  # the tensors as they are after each step, in their own dtype
+
+    def array(name: str) -> np.ndarray:
+        if name not in held:
+            held[name] = _array(index, name)
+        return held[name]
+
     for _ in range(iterations):
         for a, b in pairs:
-            w1, w2 = (numpy_helper.to_array(index.initializers[n]).astype(np.float64) for n in (a.input[1], b.input[1]))
+            w1, w2 = (array(n).astype(np.float64) for n in (a.input[1], b.input[1]))
             channels = w1.shape[0]
             group = next((x.i for x in b.attribute if x.name == "group"), 1)
             depthwise = group == channels and w2.shape[0] == channels and w2.shape[1] == 1
@@ -102,12 +109,14 @@ def equalize(model: onnx.ModelProto, iterations: int = 8) -> dict[str, np.ndarra
                   ).max(axis=1)
             scale = np.where((r1 > 0) & (r2 > 0), np.sqrt(r1 / np.where(r2 > 0, r2, 1.0)), 1.0)
             shape2 = (channels,) + (1,) * (w2.ndim - 1) if depthwise else (1, channels) + (1,) * (w2.ndim - 2)
-            dtype = numpy_helper.to_array(index.initializers[a.input[1]]).dtype
-            _set(index, a.input[1], (w1 / scale.reshape((channels,) + (1,) * (w1.ndim - 1))).astype(dtype))
-            _set(index, b.input[1], (w2 * scale.reshape(shape2)).astype(dtype))
+            dtype = array(a.input[1]).dtype
+            held[a.input[1]] = (w1 / scale.reshape((channels,) + (1,) * (w1.ndim - 1))).astype(dtype)
+            held[b.input[1]] = (w2 * scale.reshape(shape2)).astype(dtype)
             if len(a.input) > 2 and a.input[2]:
-                _set(index, a.input[2], (_array(index, a.input[2]).astype(np.float64) / scale).astype(dtype))
+                held[a.input[2]] = (array(a.input[2]).astype(np.float64) / scale).astype(dtype)
             total[a.name] = total.get(a.name, 1.0) * scale
+    for name, value in held.items():
+        _set(index, name, value)
     return total
 
 
