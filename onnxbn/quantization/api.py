@@ -20,16 +20,16 @@ Steps (`quantize_with_report`):
    ranges, on stand-in weights; the weights' and biases' integers are computed in numpy with its
    formulas (`placement.place_qdq`, `weights.fill_weights`). Should it read a range the discovery
    did not name, that range is gathered too and the placement repeated.
-
-A model file is read as its structure (`io.model.Model.open`): its large weights stay in the file,
-read by onnxruntime for the ranges pass and by fill_weights for their integers, and BN-folded weights
-are arrays; the whole model is loaded only where a step edits a whole ModelProto (an opset
-conversion, recovery).
 5. Recovery, each selectable (`recover`; default cle,bias, the best of the combinations measured by
    `tools/bench.py quantize`): cle (cross-layer equalization, before the ranges are gathered),
    bias (bias correction) and bn (BN re-estimation through the Q/DQ nodes); the math is in `recovery`.
 6. Verification: `onnxbn.check.compare` of the float (folded) model and the INT8 model on
    onnxruntime; the gate is top-1 agreement and cosine similarity, not element-wise atol (`report`).
+
+A model file is read as its structure (`io.model.Model.open`): its large weights stay in the file,
+read by onnxruntime for the ranges pass and by fill_weights for their integers, and BN-folded weights
+are arrays; the whole model is loaded only where a step edits a whole ModelProto (an opset
+conversion, recovery).
 
 Refused with a UserError (one line): a model already quantized (QuantizeLinear,
 DequantizeLinear, QLinear*, *Integer ops), no float input, no operator onnxruntime quantizes,

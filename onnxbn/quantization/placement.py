@@ -12,7 +12,7 @@ temporary folder, reloads it for shape inference and writes its result to a file
 VGG16, 553 MB, 4.3-5.1 s a placement). It places the Q/DQ nodes on the model with one-element stand-ins for
 its large initializers, and `weights.fill_weights` computes the weights' integers with onnxruntime's formulas
 a whole tensor at a time (onnxruntime loops over output channels in Python): on VGG16 a placement takes
-0.95 s that way against 2.4 s with onnxruntime's own weight quantization. The quantizer gets the model with
+0.5-0.6 s that way against 2.4 s with onnxruntime's own weight quantization. The quantizer gets the model with
 `value_info` from onnx shape inference on its skeleton (the graph, weights reduced to types and dims; what
 quantize_static's reload infers), marked as inferred as quantize_static marks it, so its result is the same
 model (test: node for node and tensor for tensor against quantize_static, with weights computed either way;
