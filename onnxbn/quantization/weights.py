@@ -6,13 +6,14 @@ stand-ins for its large initializers (where Q/DQ nodes go depends on the graph, 
 formulas of onnxruntime's quantizer (quant_utils.compute_scale_zp and quantize_nparray,
 qdq_quantizer._adjust_weight_scale_for_int32_bias, base_quantizer.quantize_bias_static_impl; onnxruntime
 1.20 to 1.32 agree on float32 weights), which computes them one output channel at a time in Python: on VGG16
-(138 M weights) 2.4 s there against about 0.4 s here. The result is the model quantize_static writes (test).
+(138 M weights) 2.4 s there against about 0.45 s here. The result is the model quantize_static writes (test).
 
 Weights, per output channel c along the DequantizeLinear's axis (or per tensor), from the range
 [lo, hi] = [min(min w, 0), max(max w, 0)]:
 
     int8, symmetric:   a = max(-lo, hi),  s = float32(2a / 254),  z = 0          (q in [-127, 127])
-    uint8, asymmetric: s = float32((hi - lo) / 255),  z = round(-lo / s)       (s in float64 there)
+    uint8, asymmetric (one range per tensor, through onnxruntime's own compute_scale_zp):
+                       s = float32((hi - lo) / 255),  z = round(-lo / s)
     s = 1, z = 0 where the float64 scale is below float32's smallest normal number (a channel of zeros)
     q = clip(round_half_even(w / s) + z)  (float32 arithmetic; clip to the type's range)
 
@@ -71,8 +72,10 @@ def _blocks(view: np.ndarray) -> Iterator[tuple[slice, slice]]:
 
 
 def _scale_zero_point(values: np.ndarray, qtype: int, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """Per channel (shape [C]) or per tensor (shape []) scale (float32) and zero point (the type's dtype)."""
-    qmin, qmax, symmetric = TYPES[qtype]
+    """Per channel (shape [C], symmetric int8) or per tensor (shape []) scale (float32) and zero point (the
+    type's dtype). A tensor's one range goes through onnxruntime's own compute_scale_zp, whose float
+    arithmetic for an asymmetric range changed between releases (1.32 subtracts in float64); the channels'
+    symmetric ranges, where the releases agree (2a is exact in float32), are computed together."""
     view = _channels(values, axis)
     lo = np.full(view.shape[1], np.inf, np.float32)
     hi = np.full(view.shape[1], -np.inf, np.float32)
@@ -80,23 +83,18 @@ def _scale_zero_point(values: np.ndarray, qtype: int, axis: int | None) -> tuple
         block = view[rows, cols]
         lo[cols] = np.minimum(lo[cols], block.min(axis=(0, 2)))
         hi[cols] = np.maximum(hi[cols], block.max(axis=(0, 2)))
-    lo, hi = np.minimum(lo, np.float32(0)), np.maximum(hi, np.float32(0))
-    if symmetric:
-        hi = np.maximum(np.abs(lo), np.abs(hi))
-        lo = -hi
-    scale = (hi.astype(np.float64) - lo.astype(np.float64)) / (float(qmax) - float(qmin))
-    degenerate = scale < np.finfo(np.float32).tiny
-    dtype = onnx.helper.tensor_dtype_to_np_dtype(qtype)
-    if symmetric:
-        zero_point = np.full(scale.shape, round((qmin + qmax) / 2.0), dtype)
-    else:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            zero_point = np.round(qmin - lo / scale)
-        zero_point = np.where(degenerate, 0, zero_point).astype(dtype)
-    scale = np.where(degenerate, np.float32(1.0), scale.astype(np.float32))
+    qmin, qmax, symmetric = TYPES[qtype]
     if axis is None:
-        return scale.reshape(()), zero_point.reshape(())
-    return scale, zero_point
+        from onnxruntime.quantization.quant_utils import compute_scale_zp, get_qmin_qmax_for_qType
+
+        low, high = get_qmin_qmax_for_qType(qtype, symmetric=symmetric)
+        zero_point, scale = compute_scale_zp(lo.reshape(()), hi.reshape(()), low, high, symmetric)
+        return np.asarray(scale, np.float32).reshape(()), np.asarray(zero_point).reshape(())
+    hi = np.maximum(np.abs(np.minimum(lo, np.float32(0))), np.abs(np.maximum(hi, np.float32(0))))
+    scale = (hi.astype(np.float64) * 2.0) / (float(qmax) - float(qmin))
+    degenerate = scale < np.finfo(np.float32).tiny
+    zero_point = np.zeros(scale.shape, onnx.helper.tensor_dtype_to_np_dtype(qtype))
+    return np.where(degenerate, np.float32(1.0), scale.astype(np.float32)), zero_point
 
 
 def _integers(weight: _Weight) -> np.ndarray:
@@ -209,6 +207,8 @@ def fill_weights(placed: onnx.ModelProto, model: Model, stubbed: set[str]) -> bo
         if qtype not in TYPES or source[name].data_type != onnx.TensorProto.FLOAT:
             return False
         axis = next((a.i for a in dq.attribute if a.name == "axis"), None)
+        if axis is not None and qtype != onnx.TensorProto.INT8:  # onnxruntime's channels are symmetric int8
+            return False
         values = model.array(name)
         weights[name] = _Weight(values, qtype, None if axis is None else axis % values.ndim)
 
