@@ -40,6 +40,11 @@ UNREAD_RANGE = (-1.0, 1.0)  # handed to onnxruntime for the tensors whose ranges
 STUB_ELEMENTS = 1024  # quantized_tensors: initializers larger than this become one-element stand-ins
 
 
+def _stand_ins(model: onnx.ModelProto) -> set[str]:
+    """The initializers the placement replaces by one-element stand-ins: those of more than STUB_ELEMENTS."""
+    return {t.name for t in model.graph.initializer if element_count(t) > STUB_ELEMENTS}
+
+
 def _quantizer_input(model: onnx.ModelProto, stub_weights: bool) -> onnx.ModelProto:
     """A copy of `model` as onnxruntime's quantizer takes it: every tensor's type and shape in value_info (onnx
     shape inference on the skeleton, as quantize_static infers them) and the metadata saying so. With
@@ -52,8 +57,9 @@ def _quantizer_input(model: onnx.ModelProto, stub_weights: bool) -> onnx.ModelPr
     inferred = onnx.shape_inference.infer_shapes(light)
     out = light if stub_weights else onnx.ModelProto()
     if stub_weights:
+        stubbed = _stand_ins(model)
         for tensor in out.graph.initializer:
-            if element_count(tensor) > STUB_ELEMENTS:
+            if tensor.name in stubbed:
                 ones = np.ones([1] * len(tensor.dims), onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
                 tensor.CopyFrom(onnx.numpy_helper.from_array(ones, tensor.name))
     else:
@@ -108,8 +114,7 @@ def place_qdq(model: onnx.ModelProto | Model, tensor_ranges: dict[str, tuple[flo
     options = {"per_channel": per_channel, "activations": activations, "exclude": exclude}
     source = Model.open(model)
     placed = _quantizer(source.proto, tensor_ranges, stub_weights=True, **options)
-    stubbed = {t.name for t in source.proto.graph.initializer if element_count(t) > STUB_ELEMENTS}
-    if stub_weights or fill_weights(placed, source, stubbed):
+    if stub_weights or fill_weights(placed, source, _stand_ins(source.proto)):
         return placed
     log.debug("placement: the stand-in placement holds what fill_weights does not account for; real weights")
     return _quantizer(source.whole(), tensor_ranges, stub_weights=False, **options)

@@ -224,8 +224,8 @@ def recover_accuracy(qdq: onnx.ModelProto, float_model: onnx.ModelProto, bn_into
     def correct(group: list[_Layer], q_stats: dict) -> None:
         for layer in group:
             m_q, v_q = q_stats[layer.q_out].mean, q_stats[layer.q_out].var
-            w_scale = work.array(layer.w_scale).astype(np.float64)
-            b_scale = work.array(layer.b_scale).astype(np.float64)
+            w_stored, b_stored = work.array(layer.w_scale), work.array(layer.b_scale)
+            w_scale, b_scale = w_stored.astype(np.float64), b_stored.astype(np.float64)
             b_int = work.array(layer.b_q)
             bias = b_int.astype(np.float64) * b_scale
             k = np.ones_like(m_q)
@@ -243,8 +243,8 @@ def recover_accuracy(qdq: onnx.ModelProto, float_model: onnx.ModelProto, bn_into
             new_bias = k * (bias - m_q) + target
             new_b_scale = b_scale * k
             if w_scale.size == k.size:
-                work.set_array(layer.w_scale, (w_scale * k).astype(work.array(layer.w_scale).dtype))
-            work.set_array(layer.b_scale, new_b_scale.astype(work.array(layer.b_scale).dtype))
+                work.set_array(layer.w_scale, (w_scale * k).astype(w_stored.dtype))
+            work.set_array(layer.b_scale, new_b_scale.astype(b_stored.dtype))
             info = np.iinfo(b_int.dtype)
             scale32 = new_b_scale.astype(np.float32).astype(np.float64)
             work.set_array(layer.b_q, np.clip(np.round(new_bias / scale32), info.min, info.max).astype(b_int.dtype))

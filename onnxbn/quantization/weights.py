@@ -25,6 +25,7 @@ Bias b of a node whose input has scale s_x and whose weight has scale s_w (Gemm:
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 
 import numpy as np
@@ -37,9 +38,9 @@ from onnxbn.io.model import Model
 QUANTIZED = "_quantized"  # onnxruntime's names: "<weight>_quantized", "<weight>_scale", "<bias>_quantized_scale"
 BLOCK_ELEMENTS = 1 << 22  # elements per numpy step: temporaries of 16 MB, not the size of a VGG16 fc6
 INT32_RANGE = float(np.iinfo(np.int32).max) - float(np.iinfo(np.int32).min + 1)
-# (qmin, qmax, symmetric) of the weight types this computes; onnxbn asks for symmetric int8 and asymmetric uint8
-TYPES: dict[int, tuple[int, int, bool]] = {int(onnx.TensorProto.INT8): (-127, 127, True),
-                                           int(onnx.TensorProto.UINT8): (0, 255, False)}
+# whether a type's range is symmetric: onnxbn asks onnxruntime for symmetric int8 and asymmetric uint8
+SYMMETRIC = {int(onnx.TensorProto.INT8): True, int(onnx.TensorProto.UINT8): False}
+INT8_STEPS = 254.0  # symmetric int8: q in [-127, 127]
 
 
 class _Weight:
@@ -83,15 +84,14 @@ def _scale_zero_point(values: np.ndarray, qtype: int, axis: int | None) -> tuple
         block = view[rows, cols]
         lo[cols] = np.minimum(lo[cols], block.min(axis=(0, 2)))
         hi[cols] = np.maximum(hi[cols], block.max(axis=(0, 2)))
-    qmin, qmax, symmetric = TYPES[qtype]
     if axis is None:
         from onnxruntime.quantization.quant_utils import compute_scale_zp, get_qmin_qmax_for_qType
 
-        low, high = get_qmin_qmax_for_qType(qtype, symmetric=symmetric)
-        zero_point, scale = compute_scale_zp(lo.reshape(()), hi.reshape(()), low, high, symmetric)
+        low, high = get_qmin_qmax_for_qType(qtype, symmetric=SYMMETRIC[qtype])
+        zero_point, scale = compute_scale_zp(lo.reshape(()), hi.reshape(()), low, high, SYMMETRIC[qtype])
         return np.asarray(scale, np.float32).reshape(()), np.asarray(zero_point).reshape(())
     hi = np.maximum(np.abs(np.minimum(lo, np.float32(0))), np.abs(np.maximum(hi, np.float32(0))))
-    scale = (hi.astype(np.float64) * 2.0) / (float(qmax) - float(qmin))
+    scale = (hi.astype(np.float64) * 2.0) / INT8_STEPS
     degenerate = scale < np.finfo(np.float32).tiny
     zero_point = np.zeros(scale.shape, onnx.helper.tensor_dtype_to_np_dtype(qtype))
     return np.where(degenerate, np.float32(1.0), scale.astype(np.float32)), zero_point
@@ -109,7 +109,7 @@ def _integers(weight: _Weight) -> np.ndarray:
     for rows, cols in _blocks(view):
         q = np.divide(view[rows, cols], scale[:, cols])
         np.rint(q, out=q)
-        if not TYPES[weight.qtype][2]:  # symmetric: the zero point is 0
+        if weight.zero_point.any():  # a zero point of 0 (symmetric) adds nothing
             q += shift[:, cols]
         out[rows, cols] = np.clip(q, low, high, out=q)
     return out.reshape(weight.values.shape)
@@ -197,14 +197,14 @@ def fill_weights(placed: onnx.ModelProto, model: Model, stubbed: set[str]) -> bo
 
     redo = {w for w in quantized if w in stubbed and w not in biases}
     redo |= {w for b, (w, _, _) in pairs.items() if b in stubbed}
-    counts = [w for w, _, _ in pairs.values()]
-    if any(counts.count(w) > 1 for w in redo):
+    biases_per_weight = Counter(w for w, _, _ in pairs.values())
+    if any(biases_per_weight[w] > 1 for w in redo):
         return False
     weights = {}
     for name in redo:
         dq = quantized[name]
         qtype = inits[dq.input[0]].data_type
-        if qtype not in TYPES or source[name].data_type != onnx.TensorProto.FLOAT:
+        if qtype not in SYMMETRIC or source[name].data_type != onnx.TensorProto.FLOAT:
             return False
         axis = next((a.i for a in dq.attribute if a.name == "axis"), None)
         if axis is not None and qtype != onnx.TensorProto.INT8:  # onnxruntime's channels are symmetric int8
@@ -221,10 +221,12 @@ def fill_weights(placed: onnx.ModelProto, model: Model, stubbed: set[str]) -> bo
         _raise_for_bias(weights[name], input_scale, values)
         q, scale = _bias_integers(values, input_scale, weights[name].scale, beta)
         dq = biases[bias]
-        _put(inits, numpy_helper.from_array(q, dq.input[0]))
-        _put(inits, numpy_helper.from_array(scale, dq.input[1]))
-        _put(inits, numpy_helper.from_array(np.zeros(scale.shape, np.int32), dq.input[2]) if scale.size > 1
-             else onnx.helper.make_tensor(dq.input[2], onnx.TensorProto.INT32, [], [0]))
+        _put_array(inits, dq.input[0], q)
+        _put_array(inits, dq.input[1], scale)
+        if scale.size > 1:
+            _put_array(inits, dq.input[2], np.zeros(scale.shape, np.int32))
+        else:
+            _put(inits, onnx.helper.make_tensor(dq.input[2], onnx.TensorProto.INT32, [], [0]))
         del dq.attribute[:]
         if scale.size > 1:
             dq.attribute.append(onnx.helper.make_attribute("axis", 0))
